@@ -1,0 +1,167 @@
+// The op interface: everything the model and the optimizers compute goes through these calls, so
+// the GPT-MoE is written once and each backend (cpu/: the fp32/fp64 reference, cuda/: kernels)
+// only implements ops. Every op is deterministic for a fixed backend and thread count.
+//
+// Conventions (all tensors contiguous, row-major):
+// - "matrix view": leading dims flattened into rows, the last dim is columns.
+// - Linear weights are [out, in] as in PyTorch/nanochat: y = x W^T.
+// - Index tensors (tokens, targets, top-k choices, plans) are i32 on the backend's device.
+// - Scalars produced on the device (loss sums, balance loss) are f32 tensors of shape [1], so a
+//   step never has to read them back to the host until its end (no host sync inside a step).
+// - "act" dtype (act_dtype()) is what activations and matmul operands use (f32/f64 on the CPU,
+//   bf16 on CUDA); "master" dtype is what weights, gradients and optimizer state use (f32, or f64
+//   in the CPU's gradient checks). Router logits/probs, losses, rstd and lse are always f32 (f64
+//   when the master dtype is f64).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/tensor.hpp"
+
+namespace moelab {
+
+// One AdamW update (decoupled weight decay, bias-corrected moments).
+struct AdamWStep {
+  float lr = 0, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0;
+  int64_t step = 1;  // 1-based, for bias correction
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  // --- identity and memory -------------------------------------------------------------------
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;  // e.g. "cpu (2 threads)" or "NVIDIA H100 80GB HBM3"
+  virtual DType act_dtype() const = 0;
+  virtual DType master_dtype() const = 0;
+  // Uninitialized memory of the given shape and type on this backend's device.
+  virtual Tensor alloc(const Shape& shape, DType dtype) = 0;
+  // Most device bytes held at once since start (or since reset_peak_memory()).
+  virtual size_t peak_memory_bytes() const = 0;
+  virtual void reset_peak_memory() = 0;
+  // Wait for all queued work (no-op on the CPU).
+  virtual void synchronize() = 0;
+
+  // --- host transfer (converting to/from the tensor's dtype) ---------------------------------
+  virtual void write(Tensor& dst, const std::vector<float>& values) = 0;
+  virtual void write_i32(Tensor& dst, const std::vector<int32_t>& values) = 0;
+  virtual std::vector<float> read(const Tensor& src) = 0;
+  virtual std::vector<int32_t> read_i32(const Tensor& src) = 0;
+
+  // --- elementwise ------------------------------------------------------------------------------
+  virtual void fill(Tensor& t, float value) = 0;
+  // dst = src, converting dtype (same element count).
+  virtual void copy(const Tensor& src, Tensor& dst) = 0;
+  // y = a * x + b * y (same element count; any float dtypes).
+  virtual void axpby(float a, const Tensor& x, float b, Tensor& y) = 0;
+  // out[0] (+)= sum of all elements of x (out is f32/f64 [1]).
+  virtual void sum(const Tensor& x, Tensor& out, bool accumulate) = 0;
+
+  // --- dense linear algebra -------------------------------------------------------------------
+  // C = alpha * op(A) @ op(B) + beta * C on matrix views. op(A) is [M, K] (A is [K, M] when
+  // trans_a), op(B) is [K, N] (B is [N, K] when trans_b), C is [M, N]. With beta == 0, C's old
+  // contents are ignored (NaN included).
+  virtual void matmul(const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, Tensor& C,
+                      float alpha = 1.0f, float beta = 0.0f) = 0;
+
+  // --- embedding --------------------------------------------------------------------------------
+  // out[t] = wte[tokens[t]]; out is [N, D] in act dtype.
+  virtual void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) = 0;
+  // dwte[tokens[t]] += dout[t] (dwte in master dtype).
+  virtual void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) = 0;
+
+  // --- parameter-free RMSNorm over the last dim: y = x * rstd, rstd = 1/sqrt(mean(x^2) + eps) -----
+  static constexpr float kNormEps = 1e-6f;
+  virtual void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd) = 0;
+  // dx (+)= d/dx given dy; accumulate adds into dx (residual stream) instead of overwriting.
+  virtual void rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dx,
+                           bool accumulate) = 0;
+
+  // --- rotary embedding then per-head RMSNorm (QK-norm), on x [B, T, H, hd] ---------------------
+  // cos, sin: [max_seq, hd/2] f32 tables; position of x[b, t] is t. Rotation pairs (i, i + hd/2):
+  // y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos; then y = rmsnorm(y) per (b, t, h).
+  virtual void rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& y,
+                             Tensor& rstd) = 0;
+  virtual void rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor& sin,
+                             const Tensor& rstd, const Tensor& dy, Tensor& dx) = 0;
+
+  // --- causal self-attention, softmax scale 1/sqrt(hd) ------------------------------------------
+  // q [B, T, Hq, hd]; k, v [B, T, Hkv, hd] with Hq % Hkv == 0 (grouped-query: query head h reads
+  // kv head h / (Hq / Hkv)); out [B, T, Hq, hd]; lse [B, Hq, T] f32 (log-sum-exp of scores).
+  virtual void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                             Tensor& lse) = 0;
+  virtual void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                             const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
+                             Tensor& dv) = 0;
+
+  // --- ReLU^2 ------------------------------------------------------------------------------------
+  virtual void relu2_fwd(const Tensor& h, Tensor& a) = 0;
+  virtual void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) = 0;
+
+  // --- logit softcap + cross-entropy, in f32 -----------------------------------------------------
+  // logits [N, V]; z = cap * tanh(logits / cap); losses[n] = logsumexp(z) - z[target] (0 where
+  // target < 0, i.e. ignored); dlogits = grad_scale * d losses[n] / d logits (0 for ignored rows).
+  // dlogits may alias logits.
+  virtual void softcap_xent(const Tensor& logits, const Tensor& targets, float cap,
+                            float grad_scale, Tensor& losses, Tensor& dlogits) = 0;
+
+  // --- MoE routing -------------------------------------------------------------------------------
+  // logits [T, E] f32 -> probs = softmax (f32 [T, E]); topk_idx [T, k] i32, experts by descending
+  // probability (ties: lower expert index first); gates [T, k] f32 = chosen probs / their sum.
+  virtual void router_topk(const Tensor& logits, int k, Tensor& probs, Tensor& topk_idx,
+                           Tensor& gates) = 0;
+
+  // Dispatch plan from the top-k choices, computed on the device.
+  //   routed [E] i32: assignments per expert before any drop;
+  //   counts [E] i32: assignments kept; offsets [E+1] i32: exclusive prefix sum of counts;
+  //   slot [T*k] i32: row of assignment (t, j) in the permuted buffer, or -1 if dropped;
+  //   row_token [R] i32 (R >= T*k rows allocated): token of each permuted row < offsets[E].
+  // Order within an expert: by choice rank j first, then token t (all first choices before any
+  // second choice). capacity <= 0 means dropless; otherwise an expert keeps the first `capacity`
+  // assignments in that order and drops the rest (GShard's priority rule).
+  virtual void moe_plan(const Tensor& topk_idx, int experts, int capacity, Tensor& routed,
+                        Tensor& counts, Tensor& offsets, Tensor& slot, Tensor& row_token) = 0;
+
+  // Switch balance loss: bal[0] = coef * E * sum_e (routed[e] / (T*k)) * mean_t probs[t, e].
+  virtual void balance_loss(const Tensor& probs, const Tensor& routed, float coef, Tensor& bal) = 0;
+
+  // Router backward: from dgates [T, k] (loss gradient w.r.t. the renormalized gates) and the
+  // balance loss (scaled by bal_grad_scale, its weight in the total loss, times coef), writes
+  // dlogits [T, E] f32. The top-k selection and the routed fractions are treated as constants.
+  virtual void router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& gates,
+                          const Tensor& dgates, const Tensor& routed, float bal_coef,
+                          float bal_grad_scale, Tensor& dlogits) = 0;
+
+  // xp[r] = x[row_token[r]] for r < offsets[E]; rows past offsets[E] are left untouched.
+  virtual void moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets,
+                           Tensor& xp) = 0;
+  // dx[t] += sum_j dxp[slot[t, j]] over kept assignments.
+  virtual void moe_permute_bwd(const Tensor& dxp, const Tensor& slot, Tensor& dx) = 0;
+  // y[t] (+)= sum_j gates[t, j] * yp[slot[t, j]] over kept assignments.
+  virtual void moe_combine(const Tensor& yp, const Tensor& slot, const Tensor& gates, Tensor& y,
+                           bool accumulate) = 0;
+  // dyp[slot[t, j]] = gates[t, j] * dy[t]; dgates[t, j] = <dy[t], yp[slot[t, j]]> (0 if dropped).
+  virtual void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot,
+                               const Tensor& gates, Tensor& dyp, Tensor& dgates) = 0;
+
+  // Expert GEMMs over the permuted rows, reading offsets [E+1] on the device. For each expert e,
+  // rows [offsets[e], offsets[e+1]) of A [R, K] times op(W[e]) go to the same rows of C [R, N].
+  // W is [E, N, K] when trans_w (y = x W_e^T, the Linear convention) else [E, K, N].
+  virtual void grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C,
+                              const Tensor& offsets) = 0;
+  // dW[e] = beta * dW[e] + dY_e^T X_e with dY [R, N], X [R, K], dW [E, N, K].
+  virtual void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW,
+                                    const Tensor& offsets, float beta) = 0;
+
+  // --- optimizers --------------------------------------------------------------------------------
+  virtual void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+                            const AdamWStep& s) = 0;
+  // y = x / (||x||_F + eps), the norm computed on the device.
+  virtual void frobenius_normalize(const Tensor& x, Tensor& y, float eps) = 0;
+  // Sum of squares of all elements into out[0] (f32 [1]); used for gradient-norm reporting.
+  virtual void sum_squares(const Tensor& x, Tensor& out, bool accumulate) = 0;
+};
+
+}  // namespace moelab

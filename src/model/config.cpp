@@ -1,0 +1,412 @@
+// The key table and everything derived from it: TOML loading, overrides, validation, writing.
+#include "model/config.hpp"
+
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <set>
+#include <sstream>
+#include <variant>
+
+#include <toml++/toml.h>
+
+#include "core/error.hpp"
+
+namespace moelab {
+namespace {
+
+enum class Kind { integer, real, boolean, text };
+
+struct Key {
+  std::string name;  // "section.key" or a top-level "key"
+  Kind kind;
+  std::string doc;
+  std::function<void*(Config&)> field;
+};
+
+template <class T>
+std::function<void*(Config&)> member(T Config::*section_or_field) {
+  return [section_or_field](Config& c) -> void* { return &(c.*section_or_field); };
+}
+template <class S, class T>
+std::function<void*(Config&)> member(S Config::*section, T S::*field) {
+  return [section, field](Config& c) -> void* { return &((c.*section).*field); };
+}
+
+const std::vector<Key>& keys() {
+  static const std::vector<Key> table = {
+      {"device", Kind::text, "auto | cpu | cuda", member(&Config::device)},
+      {"precision", Kind::text, "auto | f32 | bf16 | fp8", member(&Config::precision)},
+      {"exec", Kind::text, "graph | eager: CUDA graph replay of the whole step, or launch by launch",
+       member(&Config::exec)},
+
+      {"model.d_model", Kind::integer, "width of the residual stream", member(&Config::model, &ModelConfig::d_model)},
+      {"model.layers", Kind::integer, "transformer blocks", member(&Config::model, &ModelConfig::layers)},
+      {"model.head_dim", Kind::integer, "attention head size (heads = d_model / head_dim)", member(&Config::model, &ModelConfig::head_dim)},
+      {"model.kv_heads", Kind::integer, "key/value heads for grouped-query attention; 0 = one per query head", member(&Config::model, &ModelConfig::kv_heads)},
+      {"model.vocab", Kind::integer, "vocabulary size (at least the tokenizer's)", member(&Config::model, &ModelConfig::vocab)},
+      {"model.mlp_hidden", Kind::integer, "dense MLP width; 0 = 4 * d_model", member(&Config::model, &ModelConfig::mlp_hidden)},
+      {"model.max_seq", Kind::integer, "rotary table length (longest train.seq_len)", member(&Config::model, &ModelConfig::max_seq)},
+      {"model.rope_base", Kind::real, "rotary frequency base", member(&Config::model, &ModelConfig::rope_base)},
+      {"model.softcap", Kind::real, "logit softcap (cap * tanh(logits / cap))", member(&Config::model, &ModelConfig::softcap)},
+      {"model.init_scale", Kind::real, "multiplier on the default init std", member(&Config::model, &ModelConfig::init_scale)},
+
+      {"moe.experts", Kind::integer, "experts per MoE layer; 0 = dense model", member(&Config::moe, &MoEConfig::experts)},
+      {"moe.top_k", Kind::integer, "experts per token", member(&Config::moe, &MoEConfig::top_k)},
+      {"moe.expert_hidden", Kind::integer, "hidden width of each expert", member(&Config::moe, &MoEConfig::expert_hidden)},
+      {"moe.layers", Kind::text, "which layers are MoE: all | none | comma list such as \"1,3\"", member(&Config::moe, &MoEConfig::layers)},
+      {"moe.shared_expert", Kind::boolean, "add an always-on shared expert", member(&Config::moe, &MoEConfig::shared_expert)},
+      {"moe.shared_hidden", Kind::integer, "shared expert width; 0 = expert_hidden", member(&Config::moe, &MoEConfig::shared_hidden)},
+      {"moe.dispatch", Kind::text, "dropless | capacity", member(&Config::moe, &MoEConfig::dispatch)},
+      {"moe.capacity_factor", Kind::real, "capacity = ceil(factor * tokens * top_k / experts)", member(&Config::moe, &MoEConfig::capacity_factor)},
+      {"moe.balance_coef", Kind::real, "Switch balance-loss coefficient", member(&Config::moe, &MoEConfig::balance_coef)},
+
+      {"train.steps", Kind::integer, "optimizer steps", member(&Config::train, &TrainConfig::steps)},
+      {"train.batch_size", Kind::integer, "sequences per micro-batch", member(&Config::train, &TrainConfig::batch_size)},
+      {"train.seq_len", Kind::integer, "tokens per sequence", member(&Config::train, &TrainConfig::seq_len)},
+      {"train.grad_accum", Kind::integer, "micro-batches per optimizer step", member(&Config::train, &TrainConfig::grad_accum)},
+      {"train.seed", Kind::integer, "seed for init and data order", member(&Config::train, &TrainConfig::seed)},
+      {"train.eval_every", Kind::integer, "validation interval in steps; 0 = only at the end", member(&Config::train, &TrainConfig::eval_every)},
+      {"train.eval_batches", Kind::integer, "micro-batches per validation", member(&Config::train, &TrainConfig::eval_batches)},
+      {"train.checkpoint_every", Kind::integer, "checkpoint interval in steps; 0 = only at the end", member(&Config::train, &TrainConfig::checkpoint_every)},
+      {"train.resume", Kind::text, "\"\" | auto | path of a checkpoint to resume from", member(&Config::train, &TrainConfig::resume)},
+      {"train.warmup_ratio", Kind::real, "fraction of steps of linear lr warm-up", member(&Config::train, &TrainConfig::warmup_ratio)},
+      {"train.warmdown_ratio", Kind::real, "fraction of steps of linear lr warm-down at the end", member(&Config::train, &TrainConfig::warmdown_ratio)},
+      {"train.final_lr_frac", Kind::real, "lr multiplier reached at the last step", member(&Config::train, &TrainConfig::final_lr_frac)},
+      {"train.peak_flops", Kind::real, "peak FLOP/s per device for MFU; 0 = by card name (none on CPU)", member(&Config::train, &TrainConfig::peak_flops)},
+      {"train.threads", Kind::integer, "CPU threads; 0 = all cores", member(&Config::train, &TrainConfig::threads)},
+      {"train.save_final", Kind::boolean, "write a checkpoint at the end", member(&Config::train, &TrainConfig::save_final)},
+
+      {"optim.matrix_lr", Kind::real, "Muon learning rate (all matrices, experts included)", member(&Config::optim, &OptimConfig::matrix_lr)},
+      {"optim.embedding_lr", Kind::real, "AdamW learning rate of the token embedding", member(&Config::optim, &OptimConfig::embedding_lr)},
+      {"optim.unembedding_lr", Kind::real, "AdamW learning rate of lm_head", member(&Config::optim, &OptimConfig::unembedding_lr)},
+      {"optim.weight_decay", Kind::real, "decoupled weight decay (Muon and AdamW)", member(&Config::optim, &OptimConfig::weight_decay)},
+      {"optim.adam_beta1", Kind::real, "AdamW beta1", member(&Config::optim, &OptimConfig::adam_beta1)},
+      {"optim.adam_beta2", Kind::real, "AdamW beta2", member(&Config::optim, &OptimConfig::adam_beta2)},
+      {"optim.adam_eps", Kind::real, "AdamW epsilon", member(&Config::optim, &OptimConfig::adam_eps)},
+      {"optim.scale_lr_by_dmodel", Kind::boolean, "scale AdamW lrs by (d_model/768)^-0.5", member(&Config::optim, &OptimConfig::scale_lr_by_dmodel)},
+      {"optim.muon_momentum", Kind::real, "Muon momentum after warm-up", member(&Config::optim, &OptimConfig::muon_momentum)},
+      {"optim.muon_momentum_start", Kind::real, "Muon momentum at step 0", member(&Config::optim, &OptimConfig::muon_momentum_start)},
+      {"optim.muon_momentum_warmup", Kind::integer, "steps of Muon momentum warm-up", member(&Config::optim, &OptimConfig::muon_momentum_warmup)},
+      {"optim.muon_ns_steps", Kind::integer, "Newton-Schulz iterations", member(&Config::optim, &OptimConfig::muon_ns_steps)},
+      {"optim.muon_nesterov", Kind::boolean, "Nesterov momentum in Muon", member(&Config::optim, &OptimConfig::muon_nesterov)},
+
+      {"data.source", Kind::text, "bytes | shards", member(&Config::data, &DataConfig::source)},
+      {"data.text", Kind::text, "bytes mode: text file; \"\" = embedded default corpus", member(&Config::data, &DataConfig::text)},
+      {"data.dir", Kind::text, "shards mode: folder from `moelab data prepare`", member(&Config::data, &DataConfig::dir)},
+      {"data.tokenizer", Kind::text, "shards mode: tokenizer file; \"\" = the one recorded in data.dir", member(&Config::data, &DataConfig::tokenizer)},
+      {"data.val_fraction", Kind::real, "bytes mode: fraction of the text held out", member(&Config::data, &DataConfig::val_fraction)},
+  };
+  return table;
+}
+
+const Key* find_key(const std::string& name) {
+  for (auto& k : keys())
+    if (k.name == name) return &k;
+  return nullptr;
+}
+
+std::string known_keys_hint(const std::string& name) {
+  // Suggest keys of the same section, or the same final component.
+  auto dot = name.find('.');
+  std::string section = dot == std::string::npos ? "" : name.substr(0, dot);
+  std::string leaf = dot == std::string::npos ? name : name.substr(dot + 1);
+  std::vector<std::string> close;
+  for (auto& k : keys()) {
+    auto kd = k.name.find('.');
+    std::string ks = kd == std::string::npos ? "" : k.name.substr(0, kd);
+    std::string kl = kd == std::string::npos ? k.name : k.name.substr(kd + 1);
+    if (kl == leaf || (!section.empty() && ks == section)) close.push_back(k.name);
+  }
+  if (close.empty()) return " (run `moelab train --help-config` for the list of keys)";
+  std::string s = " (known keys here: ";
+  for (size_t i = 0; i < close.size(); ++i) s += (i ? ", " : "") + close[i];
+  return s + ")";
+}
+
+const char* kind_name(Kind k) {
+  switch (k) {
+    case Kind::integer: return "an integer";
+    case Kind::real: return "a number";
+    case Kind::boolean: return "true or false";
+    case Kind::text: return "a string";
+  }
+  return "?";
+}
+
+void set_from_toml(Config& cfg, const Key& key, const toml::node& node, const std::string& origin) {
+  void* f = key.field(cfg);
+  auto bad = [&]() {
+    std::ostringstream o;
+    o << origin << ": key '" << key.name << "' must be " << kind_name(key.kind) << " (" << key.doc << ")";
+    throw Error(o.str());
+  };
+  switch (key.kind) {
+    case Kind::integer:
+      if (auto v = node.value_exact<int64_t>()) *static_cast<int64_t*>(f) = *v;
+      else bad();
+      break;
+    case Kind::real:
+      if (auto v = node.value<double>(); v && (node.is_floating_point() || node.is_integer()))
+        *static_cast<double*>(f) = *v;
+      else bad();
+      break;
+    case Kind::boolean:
+      if (auto v = node.value_exact<bool>()) *static_cast<bool*>(f) = *v;
+      else bad();
+      break;
+    case Kind::text:
+      if (auto v = node.value_exact<std::string>()) *static_cast<std::string*>(f) = *v;
+      else if (key.name == "moe.layers" && node.is_array()) {
+        // Accept moe.layers = [1, 3] as well as "1,3".
+        std::string s;
+        for (auto& e : *node.as_array()) {
+          auto i = e.value_exact<int64_t>();
+          if (!i) bad();
+          s += (s.empty() ? "" : ",") + std::to_string(*i);
+        }
+        *static_cast<std::string*>(f) = s;
+      } else bad();
+      break;
+  }
+}
+
+void walk(Config& cfg, const toml::table& table, const std::string& prefix, const std::string& origin) {
+  for (auto& [k, node] : table) {
+    std::string name = prefix.empty() ? std::string(k.str()) : prefix + "." + std::string(k.str());
+    if (node.is_table() && !find_key(name)) {
+      walk(cfg, *node.as_table(), name, origin);
+      continue;
+    }
+    const Key* key = find_key(name);
+    if (!key) throw Error(origin + ": unknown config key '" + name + "'" + known_keys_hint(name));
+    set_from_toml(cfg, *key, node, origin);
+  }
+}
+
+std::string value_string(const Config& cfg_const, const Key& key, bool quoted) {
+  Config& cfg = const_cast<Config&>(cfg_const);
+  void* f = key.field(cfg);
+  std::ostringstream o;
+  switch (key.kind) {
+    case Kind::integer: o << *static_cast<int64_t*>(f); break;
+    case Kind::real: {
+      double d = *static_cast<double*>(f);
+      o.precision(17);
+      o << d;
+      std::string s = o.str();
+      if (s.find_first_of(".eEn") == std::string::npos) s += ".0";  // keep it a TOML float
+      return s;
+    }
+    case Kind::boolean: o << (*static_cast<bool*>(f) ? "true" : "false"); break;
+    case Kind::text: {
+      const std::string& s = *static_cast<std::string*>(f);
+      if (!quoted) return s;
+      o << '"';
+      for (char c : s) {
+        if (c == '"' || c == '\\') o << '\\';
+        o << c;
+      }
+      o << '"';
+    } break;
+  }
+  return o.str();
+}
+
+[[noreturn]] void invalid(const std::string& key, const std::string& problem, const std::string& fix) {
+  throw Error("invalid config: " + key + " " + problem + "; " + fix);
+}
+
+}  // namespace
+
+Config config_from_toml_text(const std::string& text, const std::string& origin) {
+  toml::table table;
+  try {
+    table = toml::parse(text, origin);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream o;
+    o << origin << ":" << e.source().begin.line << ":" << e.source().begin.column << ": TOML syntax error: "
+      << e.description();
+    throw Error(o.str());
+  }
+  Config cfg;
+  walk(cfg, table, "", origin);
+  return cfg;
+}
+
+Config load_config(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error("cannot open config file '" + path + "': check the path passed to --config");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return config_from_toml_text(ss.str(), path);
+}
+
+void apply_override(Config& cfg, const std::string& assignment) {
+  auto eq = assignment.find('=');
+  if (eq == std::string::npos || eq == 0)
+    throw Error("--set '" + assignment + "': expected section.key=value, e.g. --set train.steps=20");
+  std::string name = assignment.substr(0, eq), value = assignment.substr(eq + 1);
+  const Key* key = find_key(name);
+  if (!key) throw Error("--set: unknown config key '" + name + "'" + known_keys_hint(name));
+  // Parse the value as a TOML value; bare words for string keys need no quotes.
+  std::string doc = "v = " + value;
+  toml::table t;
+  bool parsed = true;
+  try {
+    t = toml::parse(doc);
+  } catch (const toml::parse_error&) {
+    parsed = false;
+  }
+  if (!parsed || !t.contains("v")) {
+    if (key->kind != Kind::text)
+      throw Error("--set " + name + ": '" + value + "' is not " + kind_name(key->kind) + " (" + key->doc + ")");
+    *static_cast<std::string*>(key->field(cfg)) = value;
+    return;
+  }
+  if (key->kind == Kind::text && !t["v"].is_string() && !(name == "moe.layers" && t["v"].is_array())) {
+    *static_cast<std::string*>(key->field(cfg)) = value;
+    return;
+  }
+  set_from_toml(cfg, *key, *t.get("v"), "--set");
+}
+
+std::vector<bool> Config::moe_layer_mask() const {
+  std::vector<bool> mask(size_t(std::max<int64_t>(model.layers, 0)), false);
+  if (!moe.enabled() || moe.layers == "none") return mask;
+  if (moe.layers == "all" || moe.layers.empty()) {
+    mask.assign(mask.size(), true);
+    return mask;
+  }
+  std::stringstream ss(moe.layers);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    size_t used = 0;
+    long v = -1;
+    try {
+      v = std::stol(item, &used);
+    } catch (...) {
+      used = 0;
+    }
+    while (used < item.size() && item[used] == ' ') ++used;
+    if (used != item.size() || item.empty())
+      invalid("moe.layers", "= \"" + moe.layers + "\" has a bad entry '" + item + "'",
+              "use all, none, or a comma list of layer indices such as \"0,2\"");
+    if (v < 0 || v >= model.layers)
+      invalid("moe.layers", "names layer " + std::to_string(v) + " but model.layers = " + std::to_string(model.layers),
+              "use indices 0.." + std::to_string(model.layers - 1));
+    mask[size_t(v)] = true;
+  }
+  return mask;
+}
+
+int64_t Config::expert_capacity(int64_t tokens) const {
+  if (moe.dispatch != "capacity" || !moe.enabled()) return 0;
+  return int64_t(std::ceil(moe.capacity_factor * double(tokens * moe.top_k) / double(moe.experts)));
+}
+
+void validate_config(const Config& c) {
+  auto positive = [](const std::string& k, int64_t v) {
+    if (v <= 0) invalid(k, "= " + std::to_string(v) + " must be positive", "set it to 1 or more");
+  };
+  positive("model.d_model", c.model.d_model);
+  positive("model.layers", c.model.layers);
+  positive("model.head_dim", c.model.head_dim);
+  positive("model.vocab", c.model.vocab);
+  positive("model.max_seq", c.model.max_seq);
+  positive("train.steps", c.train.steps);
+  positive("train.batch_size", c.train.batch_size);
+  positive("train.seq_len", c.train.seq_len);
+  positive("train.grad_accum", c.train.grad_accum);
+  positive("train.eval_batches", c.train.eval_batches);
+  if (c.model.d_model % c.model.head_dim != 0)
+    invalid("model.d_model", "= " + std::to_string(c.model.d_model) + " is not divisible by model.head_dim = " +
+                                 std::to_string(c.model.head_dim),
+            "choose d_model as a multiple of head_dim");
+  if (c.model.head_dim % 2 != 0)
+    invalid("model.head_dim", "= " + std::to_string(c.model.head_dim) + " must be even for rotary embeddings",
+            "use an even head_dim such as 64");
+  if (c.model.kv_heads < 0 || (c.model.kv_heads > 0 && c.model.heads() % c.model.kv_heads != 0))
+    invalid("model.kv_heads", "= " + std::to_string(c.model.kv_heads) + " must divide the " +
+                                  std::to_string(c.model.heads()) + " query heads",
+            "use 0 (one per query head) or a divisor of d_model / head_dim");
+  if (c.train.seq_len > c.model.max_seq)
+    invalid("train.seq_len", "= " + std::to_string(c.train.seq_len) + " is longer than the rotary table (model.max_seq = " +
+                                 std::to_string(c.model.max_seq) + ")",
+            "raise model.max_seq or shorten train.seq_len");
+  if (c.model.mlp_hidden < 0) invalid("model.mlp_hidden", "is negative", "use 0 for 4 * d_model or a positive width");
+  if (!(c.model.softcap > 0)) invalid("model.softcap", "must be positive", "use 15 as nanochat does");
+  if (c.moe.experts < 0) invalid("moe.experts", "is negative", "use 0 for a dense model or the number of experts");
+  if (c.moe.enabled()) {
+    positive("moe.top_k", c.moe.top_k);
+    positive("moe.expert_hidden", c.moe.expert_hidden);
+    if (c.moe.top_k > c.moe.experts)
+      invalid("moe.top_k", "= " + std::to_string(c.moe.top_k) + " exceeds moe.experts = " + std::to_string(c.moe.experts),
+              "set moe.top_k <= moe.experts");
+    if (c.moe.dispatch != "dropless" && c.moe.dispatch != "capacity")
+      invalid("moe.dispatch", "= \"" + c.moe.dispatch + "\" is not a dispatch mode", "use dropless or capacity");
+    if (!(c.moe.capacity_factor > 0))
+      invalid("moe.capacity_factor", "= " + std::to_string(c.moe.capacity_factor) + " must be > 0",
+              "use a factor such as 1.25");
+    if (c.moe.balance_coef < 0) invalid("moe.balance_coef", "is negative", "use 0 to disable or a small positive value");
+    if (c.moe.shared_hidden < 0) invalid("moe.shared_hidden", "is negative", "use 0 for expert_hidden");
+    (void)c.moe_layer_mask();  // validates moe.layers
+  }
+  for (auto [k, v] : {std::pair{"train.warmup_ratio", c.train.warmup_ratio}, {"train.warmdown_ratio", c.train.warmdown_ratio}})
+    if (v < 0 || v > 1) invalid(k, "= " + std::to_string(v) + " must be in [0, 1]", "use a fraction of train.steps");
+  if (c.train.warmup_ratio + c.train.warmdown_ratio > 1)
+    invalid("train.warmup_ratio", "+ train.warmdown_ratio exceed 1", "make the two fractions sum to at most 1");
+  if (c.train.threads < 0) invalid("train.threads", "is negative", "use 0 for all cores");
+  if (c.device != "auto" && c.device != "cpu" && c.device != "cuda")
+    invalid("device", "= \"" + c.device + "\" is not a device", "use auto, cpu or cuda");
+  if (c.precision != "auto" && c.precision != "f32" && c.precision != "bf16" && c.precision != "fp8")
+    invalid("precision", "= \"" + c.precision + "\" is not a precision", "use auto, f32, bf16 or fp8");
+  if (c.exec != "graph" && c.exec != "eager")
+    invalid("exec", "= \"" + c.exec + "\" is not an execution mode", "use graph or eager");
+  if (c.data.source != "bytes" && c.data.source != "shards")
+    invalid("data.source", "= \"" + c.data.source + "\" is not a data source", "use bytes or shards");
+  if (c.data.source == "bytes" && c.model.vocab < 256)
+    invalid("model.vocab", "= " + std::to_string(c.model.vocab) + " is below 256, the byte vocabulary of data.source = bytes",
+            "set model.vocab to at least 256");
+  if (c.data.source == "shards" && c.data.dir.empty())
+    invalid("data.dir", "is empty but data.source = shards", "point data.dir at a folder written by `moelab data prepare`");
+  if (!(c.data.val_fraction > 0 && c.data.val_fraction < 1))
+    invalid("data.val_fraction", "must be in (0, 1)", "use a small fraction such as 0.05");
+  if (c.optim.muon_ns_steps < 1) invalid("optim.muon_ns_steps", "must be at least 1", "use 5 as nanochat does");
+}
+
+std::string config_to_toml(const Config& cfg) {
+  std::ostringstream o;
+  std::string section = "";
+  for (auto& k : keys()) {
+    auto dot = k.name.find('.');
+    if (dot == std::string::npos) o << k.name << " = " << value_string(cfg, k, true) << "\n";
+  }
+  for (auto& k : keys()) {
+    auto dot = k.name.find('.');
+    if (dot == std::string::npos) continue;
+    std::string s = k.name.substr(0, dot);
+    if (s != section) {
+      o << "\n[" << s << "]\n";
+      section = s;
+    }
+    o << k.name.substr(dot + 1) << " = " << value_string(cfg, k, true) << "\n";
+  }
+  return o.str();
+}
+
+std::string config_reference() {
+  std::ostringstream o;
+  Config defaults;
+  for (auto& k : keys()) o << "  " << k.name << " = " << value_string(defaults, k, true) << "\n      " << k.doc << "\n";
+  return o.str();
+}
+
+std::vector<std::pair<std::string, std::string>> config_flat(const Config& cfg) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (auto& k : keys()) out.emplace_back(k.name, value_string(cfg, k, false));
+  return out;
+}
+
+}  // namespace moelab

@@ -1,0 +1,115 @@
+// Run configuration: model shape, MoE routing, training, optimizer, data and execution choices.
+// One table of keys (config.cpp) drives everything: TOML loading, `--set section.key=value`
+// overrides, unknown-key and type errors that name the key, validation, and the resolved
+// config.toml written into each run folder. Adding a knob means adding one line to that table.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moelab {
+
+struct ModelConfig {
+  int64_t d_model = 768;
+  int64_t layers = 12;
+  int64_t head_dim = 64;
+  int64_t kv_heads = 0;    // 0: as many as query heads; otherwise grouped-query attention
+  int64_t vocab = 32768;
+  int64_t mlp_hidden = 0;  // dense MLP width; 0: 4 * d_model
+  int64_t max_seq = 2048;  // rotary table length; train.seq_len must not exceed it
+  double rope_base = 10000.0;
+  double softcap = 15.0;
+  double init_scale = 1.0;  // multiplies nanochat's init std
+
+  int64_t heads() const { return d_model / head_dim; }
+  int64_t kv_heads_resolved() const { return kv_heads > 0 ? kv_heads : heads(); }
+  int64_t mlp_hidden_resolved() const { return mlp_hidden > 0 ? mlp_hidden : 4 * d_model; }
+};
+
+struct MoEConfig {
+  int64_t experts = 8;  // 0: dense model
+  int64_t top_k = 2;
+  int64_t expert_hidden = 1536;
+  std::string layers = "all";  // "all", "none", or a comma list of layer indices ("1,3,5")
+  bool shared_expert = false;
+  int64_t shared_hidden = 0;  // 0: expert_hidden
+  std::string dispatch = "dropless";  // dropless | capacity
+  double capacity_factor = 1.25;
+  double balance_coef = 0.01;
+
+  bool enabled() const { return experts > 0; }
+};
+
+struct TrainConfig {
+  int64_t steps = 140;
+  int64_t batch_size = 16;  // rows per micro-batch
+  int64_t seq_len = 1024;
+  int64_t grad_accum = 1;
+  int64_t seed = 42;
+  int64_t eval_every = 0;  // 0: only at the end
+  int64_t eval_batches = 4;
+  int64_t checkpoint_every = 0;  // 0: only at the end
+  std::string resume;            // "" | "auto" (latest in the run folder) | path to a checkpoint
+  double warmup_ratio = 0.0;
+  double warmdown_ratio = 0.2;
+  double final_lr_frac = 0.0;
+  double peak_flops = 0;  // per-device peak for MFU; 0: by card name (GPU) or none (CPU)
+  int64_t threads = 0;    // CPU threads; 0: all cores
+  bool save_final = true;
+};
+
+struct OptimConfig {
+  double matrix_lr = 0.02;      // Muon
+  double embedding_lr = 0.2;    // AdamW
+  double unembedding_lr = 0.004;  // AdamW (lm_head)
+  double weight_decay = 0.0;
+  double adam_beta1 = 0.8;
+  double adam_beta2 = 0.95;
+  double adam_eps = 1e-10;
+  bool scale_lr_by_dmodel = true;  // AdamW lrs * (d_model / 768)^-0.5, as nanochat
+  double muon_momentum = 0.95;
+  double muon_momentum_start = 0.85;
+  int64_t muon_momentum_warmup = 300;
+  int64_t muon_ns_steps = 5;
+  bool muon_nesterov = true;
+};
+
+struct DataConfig {
+  std::string source = "bytes";  // bytes (raw bytes of data.text, vocab 256) | shards
+  std::string text;              // bytes mode: a text file; "" = the embedded default corpus
+  std::string dir;               // shards mode: folder written by `moelab data prepare`
+  std::string tokenizer;         // shards mode: tokenizer file; "" = the one recorded in dir
+  double val_fraction = 0.05;    // bytes mode: tail of the text held out for validation
+};
+
+struct Config {
+  ModelConfig model;
+  MoEConfig moe;
+  TrainConfig train;
+  OptimConfig optim;
+  DataConfig data;
+  std::string device = "auto";     // auto | cpu | cuda
+  std::string precision = "auto";  // auto (f32 on cpu, bf16 on cuda) | f32 | bf16 | fp8
+  std::string exec = "graph";      // graph | eager (CUDA only)
+
+  // Layers whose MLP is a MoE (resolved from moe.layers).
+  std::vector<bool> moe_layer_mask() const;
+  // Capacity per expert for a micro-batch of `tokens` tokens (0 in dropless mode).
+  int64_t expert_capacity(int64_t tokens) const;
+};
+
+// Loading and overrides. Errors are moelab::Error naming the key (and file) and the fix.
+Config load_config(const std::string& path);
+Config config_from_toml_text(const std::string& text, const std::string& origin);
+// Apply "section.key=value" (value parsed by the key's type).
+void apply_override(Config& cfg, const std::string& assignment);
+// Check cross-field consistency (shapes, ranges, choices). Throws on the first problem.
+void validate_config(const Config& cfg);
+// The resolved config as TOML, every key present.
+std::string config_to_toml(const Config& cfg);
+// All known keys with their documentation, for `moelab train --help-config`.
+std::string config_reference();
+// Flat "section.key" -> value string map, for reports comparing runs.
+std::vector<std::pair<std::string, std::string>> config_flat(const Config& cfg);
+
+}  // namespace moelab
