@@ -1,0 +1,30 @@
+// The parameter table: every trainable tensor under its nanochat name, with its gradient, the
+// copy that matmuls read (the master itself on the CPU, a bf16 shadow on CUDA) and the optimizer
+// group that updates it. Checkpoints and optimizers walk this table; nothing else owns weights.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "core/tensor.hpp"
+
+namespace moelab {
+
+enum class ParamGroup { matrix, embedding, unembedding };  // Muon | AdamW | AdamW
+
+struct Param {
+  std::string name;  // e.g. "transformer.h.0.attn.c_q.weight", "transformer.h.0.mlp.experts.w_fc"
+  ParamGroup group = ParamGroup::matrix;
+  Tensor value;    // master weights (master dtype)
+  Tensor grad;     // same shape and dtype as value
+  Tensor compute;  // what ops read: aliases value when act dtype == master dtype
+};
+
+struct ParamTable {
+  std::vector<Param> params;
+
+  Param& get(const std::string& name);
+  const Param* find(const std::string& name) const;
+  int64_t numel() const;
+};
+
+}  // namespace moelab
