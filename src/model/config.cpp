@@ -366,9 +366,6 @@ void validate_config(const Config& c) {
     invalid("exec", "= \"" + c.exec + "\" is not an execution mode", "use graph or eager");
   if (c.data.source != "bytes" && c.data.source != "shards")
     invalid("data.source", "= \"" + c.data.source + "\" is not a data source", "use bytes or shards");
-  if (c.data.source == "bytes" && c.model.vocab < 256)
-    invalid("model.vocab", "= " + std::to_string(c.model.vocab) + " is below 256, the byte vocabulary of data.source = bytes",
-            "set model.vocab to at least 256");
   if (c.data.source == "shards" && c.data.dir.empty())
     invalid("data.dir", "is empty but data.source = shards", "point data.dir at a folder written by `moelab data prepare`");
   if (!(c.data.val_fraction > 0 && c.data.val_fraction < 1))

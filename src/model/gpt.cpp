@@ -1,0 +1,441 @@
+// GptMoE: parameter table, buffer plan, forward and hand-written backward as op sequences.
+#include "model/gpt.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/rng.hpp"
+
+namespace moelab {
+namespace {
+
+// A view of the first numel(shape) elements of a larger scratch buffer.
+Tensor scratch(const Tensor& buf, const Shape& shape) {
+  Tensor t = buf;
+  t.shape = shape;
+  MOELAB_CHECK(t.numel() <= buf.numel(), "scratch view " + shape_str(shape) + " exceeds " + buf.describe());
+  return t;
+}
+
+// A [B, T, H, hd] activation as the [B*T, H*hd] matrix that matmuls see.
+Tensor tokens_by_features(const Tensor& t) { return t.view({t.dim(0) * t.dim(1), t.numel() / (t.dim(0) * t.dim(1))}); }
+
+// Elements [begin, end) of a flat tensor.
+Tensor elements(const Tensor& t, int64_t begin, int64_t end) {
+  return t.view({t.numel(), 1}).rows_slice(begin, end).view({end - begin});
+}
+
+// A device scalar on the host. f64 tensors live only on the CPU (gradient-check mode), where
+// they are read in full precision rather than through Backend::read's floats.
+double read_scalar(Backend& be, const Tensor& t) {
+  if (t.device == Device::cpu && t.dtype == DType::f64) return *t.as<double>();
+  return be.read(t)[0];
+}
+
+}  // namespace
+
+GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_len)
+    : be_(backend), cfg_(cfg), rows_(rows), seq_len_(seq_len), n_(rows * seq_len) {
+  validate_config(cfg_);
+  const ModelConfig& m = cfg_.model;
+  d_model_ = m.d_model;
+  head_dim_ = m.head_dim;
+  heads_ = m.heads();
+  kv_heads_ = m.kv_heads_resolved();
+  experts_ = cfg_.moe.enabled() ? cfg_.moe.experts : 0;
+  top_k_ = experts_ ? cfg_.moe.top_k : 0;
+  capacity_ = cfg_.expert_capacity(n_);
+  rows_max_ = experts_ ? (capacity_ > 0 ? std::min(n_ * top_k_, experts_ * capacity_) : n_ * top_k_) : 0;
+  act_ = be_.act_dtype();
+  stat_ = be_.master_dtype();
+  if (seq_len_ > m.max_seq)
+    throw Error("sequence length " + std::to_string(seq_len_) + " exceeds model.max_seq = " + std::to_string(m.max_seq));
+
+  const int64_t D = d_model_, V = m.vocab, qdim = heads_ * head_dim_, kvdim = kv_heads_ * head_dim_;
+  const int64_t H = m.mlp_hidden_resolved(), He = cfg_.moe.expert_hidden;
+  const int64_t Hs = cfg_.moe.shared_hidden > 0 ? cfg_.moe.shared_hidden : He;
+  const bool shared = experts_ > 0 && cfg_.moe.shared_expert;
+  const auto moe_mask = cfg_.moe_layer_mask();
+
+  // Parameters, under nanochat's names.
+  add_param("transformer.wte.weight", ParamGroup::embedding, {V, D});
+  for (int64_t i = 0; i < m.layers; ++i) {
+    std::string p = "transformer.h." + std::to_string(i) + ".";
+    add_param(p + "attn.c_q.weight", ParamGroup::matrix, {qdim, D});
+    add_param(p + "attn.c_k.weight", ParamGroup::matrix, {kvdim, D});
+    add_param(p + "attn.c_v.weight", ParamGroup::matrix, {kvdim, D});
+    add_param(p + "attn.c_proj.weight", ParamGroup::matrix, {D, qdim});
+    if (moe_mask[size_t(i)]) {
+      add_param(p + "mlp.router.weight", ParamGroup::matrix, {experts_, D});
+      add_param(p + "mlp.experts.w_fc", ParamGroup::matrix, {experts_, He, D});
+      add_param(p + "mlp.experts.w_proj", ParamGroup::matrix, {experts_, D, He});
+      if (shared) {
+        add_param(p + "mlp.shared.c_fc.weight", ParamGroup::matrix, {Hs, D});
+        add_param(p + "mlp.shared.c_proj.weight", ParamGroup::matrix, {D, Hs});
+      }
+    } else {
+      add_param(p + "mlp.c_fc.weight", ParamGroup::matrix, {H, D});
+      add_param(p + "mlp.c_proj.weight", ParamGroup::matrix, {D, H});
+    }
+  }
+  add_param("lm_head.weight", ParamGroup::unembedding, {V, D});
+
+  // Resolve parameter pointers only now: the table no longer grows.
+  wte_ = &params_.get("transformer.wte.weight");
+  head_ = &params_.get("lm_head.weight");
+  layers_.resize(size_t(m.layers));
+  auto alloc0 = [&](const Shape& s, DType t) {
+    Tensor x = be_.alloc(s, t);
+    be_.fill(x, 0.0f);  // no stale NaN anywhere, even in rows an op never writes
+    return x;
+  };
+  const int64_t B = rows_, T = seq_len_;
+  for (int64_t i = 0; i < m.layers; ++i) {
+    Layer& l = layers_[size_t(i)];
+    std::string p = "transformer.h." + std::to_string(i) + ".";
+    l.moe = moe_mask[size_t(i)];
+    l.wq = &params_.get(p + "attn.c_q.weight");
+    l.wk = &params_.get(p + "attn.c_k.weight");
+    l.wv = &params_.get(p + "attn.c_v.weight");
+    l.wo = &params_.get(p + "attn.c_proj.weight");
+    l.x_in = alloc0({n_, D}, act_);
+    l.xn1 = alloc0({n_, D}, act_);
+    l.rstd1 = alloc0({n_}, stat_);
+    l.q = alloc0({B, T, heads_, head_dim_}, act_);
+    l.k = alloc0({B, T, kv_heads_, head_dim_}, act_);
+    l.v = alloc0({B, T, kv_heads_, head_dim_}, act_);
+    l.qr = alloc0({B, T, heads_, head_dim_}, act_);
+    l.kr = alloc0({B, T, kv_heads_, head_dim_}, act_);
+    l.rstd_q = alloc0({n_ * heads_}, stat_);
+    l.rstd_k = alloc0({n_ * kv_heads_}, stat_);
+    l.att = alloc0({B, T, heads_, head_dim_}, act_);
+    l.lse = alloc0({B, heads_, T}, stat_);
+    l.x_mid = alloc0({n_, D}, act_);
+    l.xn2 = alloc0({n_, D}, act_);
+    l.rstd2 = alloc0({n_}, stat_);
+    if (l.moe) {
+      l.router = &params_.get(p + "mlp.router.weight");
+      l.w_fc = &params_.get(p + "mlp.experts.w_fc");
+      l.w_proj = &params_.get(p + "mlp.experts.w_proj");
+      l.router_logits = alloc0({n_, experts_}, stat_);
+      l.probs = alloc0({n_, experts_}, stat_);
+      l.topk = alloc0({n_, top_k_}, DType::i32);
+      l.gates = alloc0({n_, top_k_}, stat_);
+      l.routed = alloc0({experts_}, DType::i32);
+      l.counts = alloc0({experts_}, DType::i32);
+      l.offsets = alloc0({experts_ + 1}, DType::i32);
+      l.slot = alloc0({n_ * top_k_}, DType::i32);
+      l.row_token = alloc0({std::max<int64_t>(rows_max_, n_ * top_k_)}, DType::i32);
+      l.xp = alloc0({rows_max_, D}, act_);
+      l.hp = alloc0({rows_max_, He}, act_);
+      l.ap = alloc0({rows_max_, He}, act_);
+      l.yp = alloc0({rows_max_, D}, act_);
+      l.bal = alloc0({1}, stat_);
+      if (shared) {
+        l.sh_fc = &params_.get(p + "mlp.shared.c_fc.weight");
+        l.sh_proj = &params_.get(p + "mlp.shared.c_proj.weight");
+        l.h = alloc0({n_, Hs}, act_);
+        l.a = alloc0({n_, Hs}, act_);
+      }
+    } else {
+      l.fc = &params_.get(p + "mlp.c_fc.weight");
+      l.proj = &params_.get(p + "mlp.c_proj.weight");
+      l.h = alloc0({n_, H}, act_);
+      l.a = alloc0({n_, H}, act_);
+    }
+  }
+
+  // Rotary tables.
+  const int64_t half = head_dim_ / 2;
+  std::vector<float> c(size_t(m.max_seq * half)), s(c.size());
+  for (int64_t t = 0; t < m.max_seq; ++t)
+    for (int64_t j = 0; j < half; ++j) {
+      double inv = std::pow(m.rope_base, -double(2 * j) / double(head_dim_));
+      c[size_t(t * half + j)] = float(std::cos(double(t) * inv));
+      s[size_t(t * half + j)] = float(std::sin(double(t) * inv));
+    }
+  cos_ = be_.alloc({m.max_seq, half}, stat_);
+  sin_ = be_.alloc({m.max_seq, half}, stat_);
+  be_.write(cos_, c);
+  be_.write(sin_, s);
+
+  emb_ = alloc0({n_, D}, act_);
+  rstd0_ = alloc0({n_}, stat_);
+  x_out_ = alloc0({n_, D}, act_);
+  xf_ = alloc0({n_, D}, act_);
+  rstd_f_ = alloc0({n_}, stat_);
+  // Logits are computed in row chunks of at most ~32M elements, never for the whole batch.
+  chunk_rows_ = std::clamp<int64_t>((int64_t(1) << 25) / V, 1, n_);
+  logits_ = alloc0({chunk_rows_, V}, act_);
+  losses_ = alloc0({n_}, stat_);
+  loss_sum_ = alloc0({1}, stat_);
+  bal_sum_ = alloc0({1}, stat_);
+  int64_t moe_layers = std::count(moe_mask.begin(), moe_mask.end(), true);
+  load_acc_ = alloc0({std::max<int64_t>(moe_layers * experts_, 1)}, stat_);
+  kept_acc_ = alloc0({std::max<int64_t>(moe_layers, 1)}, stat_);
+  tmp1_ = alloc0({std::max<int64_t>(experts_, 1)}, stat_);
+
+  // Backward scratch.
+  const int64_t Hmax = std::max({H, He, Hs});
+  dx_ = alloc0({n_, D}, act_);
+  dxn_ = alloc0({n_, D}, act_);
+  dxf_ = alloc0({n_, D}, act_);
+  dtmp_ = alloc0({n_, D}, act_);
+  datt_ = alloc0({B, T, heads_, head_dim_}, act_);
+  dq_ = alloc0({B, T, heads_, head_dim_}, act_);
+  dk_ = alloc0({B, T, kv_heads_, head_dim_}, act_);
+  dv_ = alloc0({B, T, kv_heads_, head_dim_}, act_);
+  dqraw_ = alloc0({B, T, heads_, head_dim_}, act_);
+  dkraw_ = alloc0({B, T, kv_heads_, head_dim_}, act_);
+  dh_ = alloc0({n_ * Hmax}, act_);
+  da_ = alloc0({n_ * Hmax}, act_);
+  if (experts_) {
+    dyp_ = alloc0({rows_max_, D}, act_);
+    dap_ = alloc0({rows_max_, He}, act_);
+    dhp_ = alloc0({rows_max_, He}, act_);
+    dxp_ = alloc0({rows_max_, D}, act_);
+    dgates_ = alloc0({n_, top_k_}, stat_);
+    dlogits_r_ = alloc0({n_, experts_}, stat_);
+    if (act_ != stat_) dlogits_r_act_ = alloc0({n_, experts_}, act_);
+  }
+}
+
+void GptMoE::add_param(const std::string& name, ParamGroup group, const Shape& shape) {
+  Param p;
+  p.name = name;
+  p.group = group;
+  p.value = be_.alloc(shape, be_.master_dtype());
+  p.grad = be_.alloc(shape, be_.master_dtype());
+  be_.fill(p.value, 0.0f);
+  be_.fill(p.grad, 0.0f);
+  p.compute = act_ == be_.master_dtype() ? p.value : be_.alloc(shape, act_);
+  params_.params.push_back(std::move(p));
+}
+
+void GptMoE::init_weights(uint64_t seed, bool all_random) {
+  const double s = std::sqrt(3.0) / std::sqrt(double(d_model_)) * cfg_.model.init_scale;
+  uint64_t stream = 0;
+  for (auto& p : params_.params) {
+    Rng rng(seed, ++stream);
+    std::vector<float> v(size_t(p.value.numel()));
+    const bool is_proj = p.name.ends_with("c_proj.weight") || p.name.ends_with("w_proj");
+    if (p.group == ParamGroup::embedding) {
+      for (auto& x : v) x = float(rng.normal() * cfg_.model.init_scale);
+    } else if (p.group == ParamGroup::unembedding) {
+      double std = all_random ? 0.5 : 0.001;
+      for (auto& x : v) x = float(rng.normal() * std * cfg_.model.init_scale);
+    } else if (is_proj && !all_random) {
+      std::fill(v.begin(), v.end(), 0.0f);  // nanochat zero-inits output projections
+    } else {
+      // Uniform with the std of N(0, 1/fan_in); fan_in is the last dim of every matrix here.
+      double bound = is_proj ? std::sqrt(3.0 / double(p.value.dim(-1))) : s;
+      for (auto& x : v) x = float((2.0 * rng.uniform() - 1.0) * bound);
+    }
+    be_.write(p.value, v);
+  }
+  refresh_compute_weights();
+}
+
+void GptMoE::refresh_compute_weights() {
+  for (auto& p : params_.params)
+    if (p.compute.data != p.value.data) be_.copy(p.value, p.compute);
+}
+
+void GptMoE::begin_step() {
+  for (auto& p : params_.params) be_.fill(p.grad, 0.0f);
+  be_.fill(loss_sum_, 0.0f);
+  be_.fill(bal_sum_, 0.0f);
+  be_.fill(load_acc_, 0.0f);
+  be_.fill(kept_acc_, 0.0f);
+}
+
+void GptMoE::dense_forward(Param& fc, Param& proj, const Tensor& xn, Tensor& h, Tensor& a, Tensor& out,
+                           bool accumulate) {
+  be_.matmul(xn, false, fc.compute, true, h);
+  be_.relu2_fwd(h, a);
+  be_.matmul(a, false, proj.compute, true, out, 1.0f, accumulate ? 1.0f : 0.0f);
+}
+
+void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
+  if (!l.moe) {
+    dense_forward(*l.fc, *l.proj, xn, l.h, l.a, out, true);
+    return;
+  }
+  be_.matmul(xn, false, l.router->compute, true, l.router_logits);
+  be_.router_topk(l.router_logits, int(top_k_), l.probs, l.topk, l.gates);
+  be_.moe_plan(l.topk, int(experts_), int(capacity_), l.routed, l.counts, l.offsets, l.slot, l.row_token);
+  be_.balance_loss(l.probs, l.routed, float(cfg_.moe.balance_coef), l.bal);
+  be_.moe_permute(xn, l.row_token, l.offsets, l.xp);
+  be_.grouped_matmul(l.xp, l.w_fc->compute, true, l.hp, l.offsets);
+  be_.relu2_fwd(l.hp, l.ap);
+  be_.grouped_matmul(l.ap, l.w_proj->compute, true, l.yp, l.offsets);
+  be_.moe_combine(l.yp, l.slot, l.gates, out, true);
+  if (l.sh_fc) dense_forward(*l.sh_fc, *l.sh_proj, xn, l.h, l.a, out, true);
+}
+
+void GptMoE::forward(const Tensor& tokens) {
+  be_.embedding_fwd(tokens, wte_->compute, emb_);
+  be_.rmsnorm_fwd(emb_, layers_[0].x_in, rstd0_);
+  int64_t moe_index = 0;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    Layer& l = layers_[i];
+    Tensor& next = i + 1 < layers_.size() ? layers_[i + 1].x_in : x_out_;
+    be_.rmsnorm_fwd(l.x_in, l.xn1, l.rstd1);
+    Tensor q = tokens_by_features(l.q), k = tokens_by_features(l.k), v = tokens_by_features(l.v);
+    be_.matmul(l.xn1, false, l.wq->compute, true, q);
+    be_.matmul(l.xn1, false, l.wk->compute, true, k);
+    be_.matmul(l.xn1, false, l.wv->compute, true, v);
+    be_.rope_norm_fwd(l.q, cos_, sin_, l.qr, l.rstd_q);
+    be_.rope_norm_fwd(l.k, cos_, sin_, l.kr, l.rstd_k);
+    be_.attention_fwd(l.qr, l.kr, l.v, l.att, l.lse);
+    be_.copy(l.x_in, l.x_mid);
+    be_.matmul(tokens_by_features(l.att), false, l.wo->compute, true, l.x_mid, 1.0f, 1.0f);
+    be_.rmsnorm_fwd(l.x_mid, l.xn2, l.rstd2);
+    be_.copy(l.x_mid, next);
+    mlp_forward(l, l.xn2, next);
+    if (l.moe) {
+      // Step statistics stay on the device: balance loss, routed load and kept assignments.
+      be_.sum(l.bal, bal_sum_, true);
+      Tensor load = elements(load_acc_, moe_index * experts_, (moe_index + 1) * experts_);
+      be_.copy(l.routed, tmp1_);
+      be_.axpby(1.0f, tmp1_, 1.0f, load);
+      Tensor kept = elements(tmp1_, 0, 1);
+      be_.copy(elements(l.offsets, experts_, experts_ + 1), kept);
+      Tensor kept_acc = elements(kept_acc_, moe_index, moe_index + 1);
+      be_.axpby(1.0f, kept, 1.0f, kept_acc);
+      ++moe_index;
+    }
+  }
+  be_.rmsnorm_fwd(x_out_, xf_, rstd_f_);
+}
+
+void GptMoE::head_loss(const Tensor& targets, float loss_scale, bool backward) {
+  const Tensor tgt = targets.view({n_, 1});
+  const Tensor losses = losses_.view({n_, 1});
+  for (int64_t r0 = 0; r0 < n_; r0 += chunk_rows_) {
+    int64_t r1 = std::min(n_, r0 + chunk_rows_);
+    Tensor x = xf_.rows_slice(r0, r1);
+    Tensor logits = logits_.rows_slice(0, r1 - r0);
+    Tensor loss_rows = losses.rows_slice(r0, r1).view({r1 - r0});
+    be_.matmul(x, false, head_->compute, true, logits);
+    be_.softcap_xent(logits, tgt.rows_slice(r0, r1).view({r1 - r0}), float(cfg_.model.softcap), loss_scale,
+                     loss_rows, logits);
+    if (backward) {
+      Tensor dx = dxf_.rows_slice(r0, r1);
+      be_.matmul(logits, false, head_->compute, false, dx);
+      be_.matmul(logits, true, x, false, head_->grad, 1.0f, 1.0f);
+    }
+  }
+}
+
+void GptMoE::dense_backward(Param& fc, Param& proj, const Tensor& xn, const Tensor& h, const Tensor& a,
+                            const Tensor& dy, Tensor& dxn, bool accumulate) {
+  Tensor da = scratch(da_, h.shape), dh = scratch(dh_, h.shape);
+  be_.matmul(dy, false, proj.compute, false, da);
+  be_.matmul(dy, true, a, false, proj.grad, 1.0f, 1.0f);
+  be_.relu2_bwd(h, da, dh);
+  be_.matmul(dh, false, fc.compute, false, dxn, 1.0f, accumulate ? 1.0f : 0.0f);
+  be_.matmul(dh, true, xn, false, fc.grad, 1.0f, 1.0f);
+}
+
+void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
+  if (!l.moe) {
+    dense_backward(*l.fc, *l.proj, l.xn2, l.h, l.a, dy, dxn, false);
+    return;
+  }
+  be_.moe_combine_bwd(dy, l.yp, l.slot, l.gates, dyp_, dgates_);
+  be_.grouped_matmul(dyp_, l.w_proj->compute, false, dap_, l.offsets);
+  be_.grouped_matmul_wgrad(dyp_, l.ap, l.w_proj->grad, l.offsets, 1.0f);
+  be_.relu2_bwd(l.hp, dap_, dhp_);
+  be_.grouped_matmul(dhp_, l.w_fc->compute, false, dxp_, l.offsets);
+  be_.grouped_matmul_wgrad(dhp_, l.xp, l.w_fc->grad, l.offsets, 1.0f);
+  be_.fill(dxn, 0.0f);
+  be_.moe_permute_bwd(dxp_, l.slot, dxn);
+  be_.router_bwd(l.probs, l.topk, l.gates, dgates_, l.routed, float(cfg_.moe.balance_coef), bal_scale_,
+                 dlogits_r_);
+  Tensor dl = dlogits_r_;
+  if (act_ != stat_) {
+    be_.copy(dlogits_r_, dlogits_r_act_);
+    dl = dlogits_r_act_;
+  }
+  be_.matmul(dl, false, l.router->compute, false, dxn, 1.0f, 1.0f);
+  be_.matmul(dl, true, l.xn2, false, l.router->grad, 1.0f, 1.0f);
+  if (l.sh_fc) dense_backward(*l.sh_fc, *l.sh_proj, l.xn2, l.h, l.a, dy, dxn, true);
+}
+
+void GptMoE::attention_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
+  Tensor datt = tokens_by_features(datt_);
+  be_.matmul(dy, false, l.wo->compute, false, datt);
+  be_.matmul(dy, true, tokens_by_features(l.att), false, l.wo->grad, 1.0f, 1.0f);
+  be_.attention_bwd(l.qr, l.kr, l.v, l.att, l.lse, datt_, dq_, dk_, dv_);
+  be_.rope_norm_bwd(l.q, cos_, sin_, l.rstd_q, dq_, dqraw_);
+  be_.rope_norm_bwd(l.k, cos_, sin_, l.rstd_k, dk_, dkraw_);
+  be_.matmul(tokens_by_features(dqraw_), false, l.wq->compute, false, dxn);
+  be_.matmul(tokens_by_features(dkraw_), false, l.wk->compute, false, dxn, 1.0f, 1.0f);
+  be_.matmul(tokens_by_features(dv_), false, l.wv->compute, false, dxn, 1.0f, 1.0f);
+  be_.matmul(tokens_by_features(dqraw_), true, l.xn1, false, l.wq->grad, 1.0f, 1.0f);
+  be_.matmul(tokens_by_features(dkraw_), true, l.xn1, false, l.wk->grad, 1.0f, 1.0f);
+  be_.matmul(tokens_by_features(dv_), true, l.xn1, false, l.wv->grad, 1.0f, 1.0f);
+}
+
+void GptMoE::forward_backward(const Tensor& tokens, const Tensor& targets, float loss_scale, float bal_scale) {
+  bal_scale_ = bal_scale;
+  forward(tokens);
+  head_loss(targets, loss_scale, true);
+  be_.sum(losses_, loss_sum_, true);
+  be_.rmsnorm_bwd(x_out_, rstd_f_, dxf_, dx_, false);
+  for (size_t i = layers_.size(); i-- > 0;) {
+    Layer& l = layers_[i];
+    mlp_backward(l, dx_, dxn_);
+    be_.rmsnorm_bwd(l.x_mid, l.rstd2, dxn_, dx_, true);
+    attention_backward(l, dx_, dxn_);
+    be_.rmsnorm_bwd(l.x_in, l.rstd1, dxn_, dx_, true);
+  }
+  be_.rmsnorm_bwd(emb_, rstd0_, dx_, dtmp_, false);
+  be_.embedding_bwd(tokens, dtmp_, wte_->grad);
+}
+
+void GptMoE::forward_eval(const Tensor& tokens, const Tensor& targets) {
+  forward(tokens);
+  head_loss(targets, 0.0f, false);
+}
+
+StepStats GptMoE::read_stats(int64_t micro_batches) {
+  StepStats s;
+  s.loss_sum = read_scalar(be_, loss_sum_);
+  s.bal = read_scalar(be_, bal_sum_) / double(std::max<int64_t>(micro_batches, 1));
+  if (experts_ == 0) return s;
+  auto load = be_.read(load_acc_);
+  auto kept = be_.read(kept_acc_);
+  double routed_total = 0, kept_total = 0;
+  size_t moe_layers = kept.size();
+  for (size_t li = 0; li < moe_layers; ++li) {
+    std::vector<double> frac(static_cast<size_t>(experts_), 0.0);
+    double sum = 0;
+    for (int64_t e = 0; e < experts_; ++e) sum += load[li * size_t(experts_) + size_t(e)];
+    for (int64_t e = 0; e < experts_; ++e) frac[size_t(e)] = sum > 0 ? load[li * size_t(experts_) + size_t(e)] / sum : 0;
+    s.expert_load.push_back(std::move(frac));
+    routed_total += sum;
+    kept_total += kept[li];
+  }
+  s.drop_rate = routed_total > 0 ? 1.0 - kept_total / routed_total : 0.0;
+  return s;
+}
+
+int64_t GptMoE::active_matmul_params() const {
+  int64_t n = 0;
+  for (auto& p : params_.params) {
+    if (p.group == ParamGroup::embedding) continue;
+    int64_t count = p.value.numel();
+    if (p.value.ndim() == 3) count = count / p.value.dim(0) * top_k_;  // only k experts per token
+    n += count;
+  }
+  return n;
+}
+
+double GptMoE::flops_per_token() const {
+  return 6.0 * double(active_matmul_params()) +
+         12.0 * double(cfg_.model.layers) * double(d_model_) * double(seq_len_);
+}
+
+}  // namespace moelab

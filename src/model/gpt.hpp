@@ -1,0 +1,100 @@
+// The nanochat-style GPT with MoE MLPs, written once against the Backend op interface:
+// embedding -> RMSNorm -> L x [attention (rotary, QK-norm, GQA) ; MLP (dense ReLU^2 or MoE)] ->
+// RMSNorm -> untied head -> softcap 15 -> cross-entropy. Forward and backward are explicit
+// sequences of ops; every activation buffer is planned once in the constructor, so a step
+// allocates nothing and can be captured in a CUDA graph. Statistics (loss sum, balance loss,
+// expert loads, drops) accumulate in device tensors and are read once, after the step.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "model/config.hpp"
+#include "model/params.hpp"
+
+namespace moelab {
+
+// What one step (all micro-batches) produced, read back to the host after the step.
+struct StepStats {
+  double loss_sum = 0;      // sum of per-token cross-entropy over valid targets
+  double bal = 0;           // balance loss summed over MoE layers, mean over micro-batches
+  double drop_rate = 0;     // dropped / routed assignments over all MoE layers
+  std::vector<std::vector<double>> expert_load;  // per MoE layer: fraction routed to each expert
+};
+
+class GptMoE {
+ public:
+  // Plans every buffer for micro-batches of `rows` sequences of `seq_len` tokens.
+  GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_len);
+
+  ParamTable& params() { return params_; }
+  const Config& config() const { return cfg_; }
+  int64_t tokens_per_micro_batch() const { return rows_ * seq_len_; }
+
+  // nanochat's init from a seed; all_random also randomizes the zero-initialized projections
+  // (used by gradient checks, where zero weights would hide gradient paths).
+  void init_weights(uint64_t seed, bool all_random = false);
+  // Copy master weights into their compute copies (after init, load or an optimizer step).
+  void refresh_compute_weights();
+
+  // Step accumulators: zero the gradients and statistics before the first micro-batch.
+  void begin_step();
+  // One micro-batch: forward, loss, backward; gradients accumulate into Param::grad.
+  // tokens, targets: i32 [rows * seq_len] on the device. loss_scale weights this micro-batch's
+  // mean loss in the total (1 / (valid targets * grad_accum)); bal_scale weights its balance loss.
+  void forward_backward(const Tensor& tokens, const Tensor& targets, float loss_scale, float bal_scale);
+  // Forward only: per-token losses into losses() (f32/f64 [rows * seq_len]).
+  void forward_eval(const Tensor& tokens, const Tensor& targets);
+  const Tensor& losses() const { return losses_; }
+  // Read the accumulated statistics (synchronizes with the device).
+  StepStats read_stats(int64_t micro_batches);
+
+  // Matmul parameters a token passes through (inactive experts excluded), for MFU.
+  int64_t active_matmul_params() const;
+  // nanochat's FLOPs per token: 6 * active params + 12 * layers * d_model * seq_len.
+  double flops_per_token() const;
+
+ private:
+  struct Layer {
+    bool moe = false;
+    Param *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
+    Param *fc = nullptr, *proj = nullptr;                          // dense MLP
+    Param *router = nullptr, *w_fc = nullptr, *w_proj = nullptr;  // experts [E, He, D], [E, D, He]
+    Param *sh_fc = nullptr, *sh_proj = nullptr;                    // shared expert
+    // Saved activations.
+    Tensor x_in, xn1, rstd1, q, k, v, qr, kr, rstd_q, rstd_k, att, lse, x_mid, xn2, rstd2;
+    Tensor h, a;                                                   // dense or shared expert
+    Tensor router_logits, probs, topk, gates, routed, counts, offsets, slot, row_token;
+    Tensor xp, hp, ap, yp, bal;
+  };
+
+  void add_param(const std::string& name, ParamGroup group, const Shape& shape);
+  void forward(const Tensor& tokens);
+  void mlp_forward(Layer& l, const Tensor& xn, Tensor& out);
+  void mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn);
+  void dense_forward(Param& fc, Param& proj, const Tensor& xn, Tensor& h, Tensor& a, Tensor& out, bool accumulate);
+  void dense_backward(Param& fc, Param& proj, const Tensor& xn, const Tensor& h, const Tensor& a,
+                      const Tensor& dy, Tensor& dxn, bool accumulate);
+  void attention_backward(Layer& l, const Tensor& dy, Tensor& dxn);
+  // Head + loss over row chunks; with backward, also writes dxf and accumulates dW of lm_head.
+  void head_loss(const Tensor& targets, float loss_scale, bool backward);
+
+  Backend& be_;
+  Config cfg_;
+  int64_t rows_, seq_len_, n_;  // n_ = rows_ * seq_len_
+  int64_t heads_, kv_heads_, head_dim_, d_model_, experts_, top_k_, capacity_, rows_max_;
+  DType act_, stat_;
+  ParamTable params_;
+  Param *wte_ = nullptr, *head_ = nullptr;
+  std::vector<Layer> layers_;
+
+  Tensor cos_, sin_;
+  Tensor emb_, rstd0_, x_out_, xf_, rstd_f_, logits_, losses_, loss_sum_, bal_sum_, load_acc_, kept_acc_, tmp1_;
+  int64_t chunk_rows_ = 0;
+  float bal_scale_ = 0;  // balance-loss weight of the micro-batch being differentiated
+  // Backward scratch, shared by all layers.
+  Tensor dx_, dxn_, dxf_, dtmp_, datt_, dq_, dk_, dv_, dqraw_, dkraw_, dh_, da_;
+  Tensor dyp_, dap_, dhp_, dxp_, dgates_, dlogits_r_, dlogits_r_act_;
+};
+
+}  // namespace moelab

@@ -1,0 +1,43 @@
+// Backend selection and the per-card peak used for MFU.
+#include "train/device_select.hpp"
+
+#include "backend/cpu/cpu_backend.hpp"
+#include "core/error.hpp"
+#ifdef MOELAB_HAVE_CUDA
+#include "backend/cuda/cuda_backend.hpp"
+#endif
+
+namespace moelab {
+
+std::unique_ptr<Backend> make_backend(const Config& cfg) {
+  bool want_cuda = cfg.device == "cuda";
+#ifdef MOELAB_HAVE_CUDA
+  if (cfg.device == "auto") want_cuda = CudaBackend::cuda_device_available();
+  if (want_cuda) {
+    if (!CudaBackend::cuda_device_available())
+      throw Error("device = cuda but no CUDA GPU is visible; use device = cpu (or auto) on this machine");
+    if (cfg.precision != "auto" && cfg.precision != "bf16")
+      throw Error("precision = " + cfg.precision + " is not supported on device cuda yet; use precision = bf16 (or auto)");
+    return std::make_unique<CudaBackend>();
+  }
+#else
+  if (want_cuda)
+    throw Error("device = cuda but this moelab was built without the CUDA backend; rebuild with nvcc present "
+                "(cmake -DMOELAB_CUDA=ON) or use device = cpu");
+#endif
+  if (cfg.precision != "auto" && cfg.precision != "f32")
+    throw Error("precision = " + cfg.precision + " needs device = cuda; the CPU backend computes in f32 (precision = auto or f32)");
+  return std::make_unique<CpuBackend>(DType::f32, int(cfg.train.threads));
+}
+
+std::optional<double> peak_flops(const Config& cfg, const Backend& backend) {
+  if (cfg.train.peak_flops > 0) return cfg.train.peak_flops;
+  if (backend.device() != Device::cuda) return std::nullopt;
+  const std::string n = backend.name();
+  if (n.find("H100") != std::string::npos || n.find("H200") != std::string::npos) return 989e12;
+  if (n.find("H800") != std::string::npos) return 756e12;
+  if (n.find("A100") != std::string::npos) return 312e12;
+  return std::nullopt;
+}
+
+}  // namespace moelab

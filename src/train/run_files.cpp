@@ -1,0 +1,108 @@
+// Run folder writers.
+#include "train/run_files.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <sstream>
+#include <unistd.h>
+#include <vector>
+
+#include "core/error.hpp"
+
+namespace moelab {
+namespace fs = std::filesystem;
+
+void write_file_atomic(const std::string& path, const std::string& text) {
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw Error("cannot write '" + tmp + "': check that the folder exists and is writable");
+    out << text;
+    out.flush();
+    if (!out) throw Error("write to '" + tmp + "' failed (disk full?)");
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) throw Error("cannot rename '" + tmp + "' to '" + path + "': " + ec.message());
+}
+
+std::string utc_timestamp() {
+  std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+void write_status(const std::string& run_dir, const RunStatus& s) {
+  nlohmann::json j;
+  j["status"] = s.status;
+  j["step"] = s.step;
+  j["steps"] = s.steps;
+  j["error"] = s.error;
+  j["started_at"] = s.started_at;
+  j["updated_at"] = utc_timestamp();
+  j["device"] = s.device;
+  j["pid"] = int64_t(getpid());
+  j["peak_mem_mib"] = s.peak_mem_mib ? nlohmann::json(*s.peak_mem_mib) : nlohmann::json(nullptr);
+  j["total_time_min"] = s.total_time_min ? nlohmann::json(*s.total_time_min) : nlohmann::json(nullptr);
+  write_file_atomic(run_dir + "/status.json", j.dump(1) + "\n");
+}
+
+MetricsLog::MetricsLog(const std::string& run_dir, int64_t keep_before_step) {
+  std::string path = run_dir + "/metrics.jsonl";
+  std::vector<std::string> kept;
+  if (keep_before_step >= 0) {
+    std::ifstream in(path);
+    std::string line;
+    while (std::getline(in, line)) {
+      auto j = nlohmann::json::parse(line, nullptr, false);
+      if (j.is_discarded() || !j.contains("step") || !j["step"].is_number_integer()) continue;
+      if (j["step"].get<int64_t>() < keep_before_step && j.value("event", "") != "end") kept.push_back(line);
+    }
+  }
+  out_.open(path, std::ios::binary | std::ios::trunc);
+  if (!out_) throw Error("cannot write '" + path + "': check that the run folder is writable");
+  for (auto& l : kept) out_ << l << '\n';
+  out_.flush();
+}
+
+void MetricsLog::append(const nlohmann::json& record) {
+  out_ << record.dump() << '\n';
+  out_.flush();
+}
+
+namespace {
+std::string with_commas(double v) {
+  long long n = std::llround(v);
+  std::string digits = std::to_string(n < 0 ? -n : n), out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return (n < 0 ? "-" : "") + out;
+}
+}  // namespace
+
+std::string format_step_line(const StepLine& s) {
+  char buf[512];
+  double pct = s.steps ? 100.0 * double(s.step) / double(s.steps) : 0.0;
+  std::string mfu = s.mfu ? ([&] {
+    char m[32];
+    std::snprintf(m, sizeof m, "%.2f", *s.mfu);
+    return std::string(m);
+  })()
+                          : std::string("-");
+  std::snprintf(buf, sizeof buf,
+                "step %05lld/%05lld (%.2f%%) | loss: %.6f | bal: %.4f | lrm: %.2f | dt: %.2fms | tok/sec: %s | "
+                "mfu: %s | total time: %.2fm",
+                (long long)s.step, (long long)s.steps, pct, s.loss, s.bal, s.lrm, s.dt_ms,
+                with_commas(s.tok_sec).c_str(), mfu.c_str(), s.total_time_min);
+  return buf;
+}
+
+}  // namespace moelab

@@ -1,0 +1,46 @@
+// Writers for the run folder's files (docs/RUN_FOLDER.md): status.json replaced atomically,
+// metrics.jsonl appended and flushed line by line, and nanochat's step line for stdout. The lab
+// reads these files while the run writes them, so every write leaves them whole.
+#pragma once
+#include <cstdint>
+#include <fstream>
+#include <optional>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+namespace moelab {
+
+// Write text to path through path.tmp + rename, so readers never see a partial file.
+void write_file_atomic(const std::string& path, const std::string& text);
+std::string utc_timestamp();
+
+struct RunStatus {
+  std::string status = "running";  // running | completed | failed
+  int64_t step = 0, steps = 0;
+  std::string error;
+  std::string started_at, device;
+  std::optional<double> peak_mem_mib, total_time_min;
+};
+void write_status(const std::string& run_dir, const RunStatus& s);
+
+class MetricsLog {
+ public:
+  // Opens run_dir/metrics.jsonl; with keep_before_step >= 0, first drops lines of steps at or
+  // after it (a resumed run rewrites what the interrupted one logged past its checkpoint).
+  MetricsLog(const std::string& run_dir, int64_t keep_before_step);
+  void append(const nlohmann::json& record);
+
+ private:
+  std::ofstream out_;
+};
+
+struct StepLine {
+  int64_t step = 0, steps = 0;
+  double loss = 0, bal = 0, lrm = 0, dt_ms = 0, tok_sec = 0, total_time_min = 0;
+  std::optional<double> mfu;
+};
+// "step 00139/00140 (99.29%) | loss: 4.671600 | bal: 0.0102 | lrm: 0.05 | dt: 537.80ms | ..."
+std::string format_step_line(const StepLine& s);
+
+}  // namespace moelab

@@ -1,0 +1,125 @@
+// Config loading, overrides and validation: every bad input names its key and the fix.
+#include <gtest/gtest.h>
+
+#include "core/error.hpp"
+#include "model/config.hpp"
+
+namespace moelab {
+namespace {
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Config, ParsesSectionsAndTypes) {
+  Config c = config_from_toml_text(R"(
+device = "cpu"
+[model]
+d_model = 128
+layers = 4
+[moe]
+experts = 4
+top_k = 2
+layers = [1, 3]
+capacity_factor = 2
+[train]
+steps = 7
+)", "test.toml");
+  EXPECT_EQ(c.device, "cpu");
+  EXPECT_EQ(c.model.d_model, 128);
+  EXPECT_EQ(c.train.steps, 7);
+  EXPECT_DOUBLE_EQ(c.moe.capacity_factor, 2.0);  // an integer is accepted for a float key
+  EXPECT_EQ(c.moe.layers, "1,3");
+  auto mask = c.moe_layer_mask();
+  EXPECT_EQ(mask, (std::vector<bool>{false, true, false, true}));
+}
+
+TEST(Config, UnknownKeyNamesKeyAndSuggests) {
+  auto msg = error_of([] { config_from_toml_text("[moe]\nexperts_count = 3\n", "x.toml"); });
+  EXPECT_NE(msg.find("x.toml"), std::string::npos);
+  EXPECT_NE(msg.find("moe.experts_count"), std::string::npos);
+  EXPECT_NE(msg.find("moe.experts"), std::string::npos);  // suggestion
+}
+
+TEST(Config, WrongTypeNamesKey) {
+  auto msg = error_of([] { config_from_toml_text("[train]\nsteps = \"ten\"\n", "x.toml"); });
+  EXPECT_NE(msg.find("train.steps"), std::string::npos);
+  EXPECT_NE(msg.find("integer"), std::string::npos);
+}
+
+TEST(Config, SyntaxErrorHasLine) {
+  auto msg = error_of([] { config_from_toml_text("[train]\nsteps = = 3\n", "x.toml"); });
+  EXPECT_NE(msg.find("x.toml:2"), std::string::npos);
+}
+
+TEST(Config, OverridesParseByType) {
+  Config c;
+  apply_override(c, "train.steps=20");
+  apply_override(c, "moe.dispatch=capacity");  // bare word for a string key
+  apply_override(c, "moe.capacity_factor=1.5");
+  apply_override(c, "moe.shared_expert=true");
+  EXPECT_EQ(c.train.steps, 20);
+  EXPECT_EQ(c.moe.dispatch, "capacity");
+  EXPECT_DOUBLE_EQ(c.moe.capacity_factor, 1.5);
+  EXPECT_TRUE(c.moe.shared_expert);
+  EXPECT_NE(error_of([&] { apply_override(c, "train.steps=abc"); }).find("train.steps"), std::string::npos);
+  EXPECT_NE(error_of([&] { apply_override(c, "train.stepz=1"); }).find("unknown config key"), std::string::npos);
+  EXPECT_NE(error_of([&] { apply_override(c, "nonsense"); }).find("section.key=value"), std::string::npos);
+}
+
+struct BadCase {
+  std::string set, key;
+};
+
+TEST(Config, ValidationNamesKeyForEachInconsistency) {
+  const std::vector<BadCase> cases = {
+      {"model.head_dim=100", "model.d_model"},       // 768 % 100 != 0
+      {"moe.top_k=9", "moe.top_k"},                  // > experts
+      {"moe.capacity_factor=0", "moe.capacity_factor"},
+      {"moe.capacity_factor=-1", "moe.capacity_factor"},
+      {"train.seq_len=4096", "train.seq_len"},       // over the rotary table
+      {"moe.dispatch=sometimes", "moe.dispatch"},
+      {"model.kv_heads=5", "model.kv_heads"},
+      {"device=tpu", "device"},
+      {"moe.layers=0,99", "moe.layers"},
+      {"train.steps=0", "train.steps"},
+      {"precision=fp4", "precision"},
+  };
+  for (auto& bc : cases) {
+    Config c;
+    apply_override(c, bc.set);
+    auto msg = error_of([&] { validate_config(c); });
+    EXPECT_NE(msg.find(bc.key), std::string::npos) << bc.set << " gave: " << msg;
+  }
+  Config ok;
+  EXPECT_NO_THROW(validate_config(ok));
+}
+
+TEST(Config, ResolvedTomlRoundTrips) {
+  Config c;
+  apply_override(c, "moe.layers=1,3");
+  apply_override(c, "optim.adam_eps=1e-10");
+  apply_override(c, "data.text=some \"quoted\" path");
+  Config back = config_from_toml_text(config_to_toml(c), "resolved");
+  EXPECT_EQ(config_to_toml(back), config_to_toml(c));
+  EXPECT_EQ(back.data.text, "some \"quoted\" path");
+  EXPECT_DOUBLE_EQ(back.optim.adam_eps, 1e-10);
+}
+
+TEST(Config, CapacityRule) {
+  Config c;
+  apply_override(c, "moe.dispatch=capacity");
+  apply_override(c, "moe.capacity_factor=1.25");
+  // ceil(1.25 * 100 * 2 / 8) = ceil(31.25) = 32
+  EXPECT_EQ(c.expert_capacity(100), 32);
+  apply_override(c, "moe.dispatch=dropless");
+  EXPECT_EQ(c.expert_capacity(100), 0);
+}
+
+}  // namespace
+}  // namespace moelab
