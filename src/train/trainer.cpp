@@ -105,6 +105,7 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir) {
 
     // Resume: weights, optimizer state, step, data position and the loss EMA.
     double ema = 0, total_time_s = 0;
+    std::string resumed_from;
     if (!cfg.train.resume.empty()) {
       std::string path = cfg.train.resume == "auto" ? latest_checkpoint(run_dir) : cfg.train.resume;
       if (path.empty()) {
@@ -118,10 +119,12 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir) {
         step = meta.step;
         ema = meta.loss_ema;
         total_time_s = meta.train_time_s;
+        resumed_from = path;
         std::cout << "resumed from " << path << " at step " << step << "\n";
       }
     }
     MetricsLog metrics(run_dir, step);
+    if (step > 0) metrics.append({{"event", "resume"}, {"step", step}, {"checkpoint", resumed_from}});
     status.step = step;
     write_status(run_dir, status);
 

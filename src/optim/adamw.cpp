@@ -1,0 +1,39 @@
+// AdamW over the backend's fused update; see adamw.hpp.
+#include "optim/adamw.hpp"
+
+#include "core/error.hpp"
+
+namespace moelab {
+
+void AdamW::add(Param* param, double base_lr) {
+  MOELAB_CHECK(param->grad.shape == param->value.shape && param->grad.dtype == param->value.dtype,
+               "AdamW: gradient of '" + param->name + "' is " + param->grad.describe() + ", value " +
+                   param->value.describe());
+  Slot s{param, base_lr, backend_.alloc(param->value.shape, param->value.dtype),
+         backend_.alloc(param->value.shape, param->value.dtype)};
+  backend_.fill(s.m, 0.0f);
+  backend_.fill(s.v, 0.0f);
+  slots_.push_back(s);
+}
+
+void AdamW::step(int64_t step, double lr_multiplier) {
+  for (Slot& s : slots_) {
+    AdamWStep a;
+    a.lr = float(s.base_lr * lr_multiplier);
+    a.beta1 = float(cfg_.adam_beta1);
+    a.beta2 = float(cfg_.adam_beta2);
+    a.eps = float(cfg_.adam_eps);
+    a.weight_decay = float(cfg_.weight_decay);
+    a.step = step + 1;
+    backend_.adamw_update(s.param->value, s.param->grad, s.m, s.v, a);
+  }
+}
+
+void AdamW::append_state(std::vector<NamedTensor>& out) const {
+  for (const Slot& s : slots_) {
+    out.push_back({"optim/" + s.param->name + "/exp_avg", s.m});
+    out.push_back({"optim/" + s.param->name + "/exp_avg_sq", s.v});
+  }
+}
+
+}  // namespace moelab

@@ -1,0 +1,38 @@
+// Newton-Schulz orthogonalization (Muon's core): X <- a X + (b A + c A^2) X with A = X X^T,
+// (a, b, c) = (3.4445, -4.7750, 2.0315), from X0 = G / (||G||_F + 1e-7). Each step maps every
+// singular value s to a s + b s^3 + c s^5, which pushes all of them towards [0.7, 1.2] in a few
+// steps while keeping the singular vectors: the result approximates U V^T of G = U S V^T.
+//
+// It runs in the backend's act dtype (bf16 on CUDA, as nanochat does) with Backend ops only, on
+// scratch allocated once, so a step can be captured in a CUDA graph. Tall matrices use the Gram
+// matrix X^T X and right-multiplication instead, so no transpose is ever materialized.
+#pragma once
+#include <cstdint>
+
+#include "backend/backend.hpp"
+
+namespace moelab {
+
+class NewtonSchulz {
+ public:
+  static constexpr float kA = 3.4445f, kB = -4.7750f, kC = 2.0315f;
+  static constexpr float kNormEps = 1e-7f;
+
+  // Scratch for any matrix with at most max_numel elements whose smaller side is at most max_side.
+  NewtonSchulz(Backend& backend, int64_t max_numel, int64_t max_side);
+
+  // Orthogonalizes the 2-D matrix g (any float dtype) in `steps` iterations. The result is an
+  // act-dtype view of this object's scratch with g's shape, valid until the next call.
+  Tensor run(const Tensor& g, int64_t steps);
+
+ private:
+  Backend& backend_;
+  Tensor x_[2];     // [max_numel, 1] act dtype: the iterate, ping-ponged
+  Tensor gram_;     // [max_side^2, 1] act dtype: A
+  Tensor poly_;     // [max_side^2, 1] act dtype: b A + c A^2
+};
+
+// A view of the first numel(shape) elements of a [n, 1] scratch tensor, reshaped.
+Tensor scratch_view(const Tensor& scratch, const Shape& shape);
+
+}  // namespace moelab

@@ -1,0 +1,47 @@
+// The optimizer of a model: routes each Param to Muon (ParamGroup::matrix) or AdamW (embedding,
+// unembedding) with nanochat's learning rates, owns all their state, and lists that state under
+// stable names for checkpoints. step() only issues Backend ops (no host reads of device data), so
+// the trainer can capture it in a CUDA graph; it neither zeroes gradients nor refreshes
+// Param::compute (the model does both).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "model/config.hpp"
+#include "model/params.hpp"
+#include "optim/adamw.hpp"
+#include "optim/muon.hpp"
+#include "optim/named_tensor.hpp"
+
+namespace moelab {
+
+class Optimizer {
+ public:
+  // All state and scratch is allocated here. `params` must outlive the optimizer and keep its
+  // Param entries in place (the optimizer holds pointers to them).
+  Optimizer(Backend& backend, ParamTable& params, const OptimConfig& cfg, const ModelConfig& model);
+
+  // Updates every parameter's value from its grad. step: 0-based training step (sets Muon's
+  // momentum ramp and AdamW's bias correction); lr_multiplier: the schedule's factor.
+  void step(int64_t step, double lr_multiplier);
+
+  // Every state tensor, named "optim/<param name>/<slot>" (slot: momentum | exp_avg | exp_avg_sq),
+  // in a fixed order. The tensors share storage with the optimizer's, so loading into them
+  // restores the optimizer.
+  std::vector<NamedTensor> state() const;
+
+  // Base learning rates after nanochat's d_model scaling (before the schedule), for logs.
+  double matrix_lr() const { return matrix_lr_; }
+  double embedding_lr() const { return embedding_lr_; }
+  double unembedding_lr() const { return unembedding_lr_; }
+
+ private:
+  OptimConfig cfg_;
+  double matrix_lr_, embedding_lr_, unembedding_lr_;
+  std::unique_ptr<Muon> muon_;
+  std::unique_ptr<AdamW> adamw_;
+};
+
+}  // namespace moelab
