@@ -92,9 +92,10 @@ const std::vector<Key>& keys() {
       {"optim.muon_ns_steps", Kind::integer, "Newton-Schulz iterations", member(&Config::optim, &OptimConfig::muon_ns_steps)},
       {"optim.muon_nesterov", Kind::boolean, "Nesterov momentum in Muon", member(&Config::optim, &OptimConfig::muon_nesterov)},
 
-      {"data.source", Kind::text, "bytes | shards", member(&Config::data, &DataConfig::source)},
+      {"data.source", Kind::text, "bytes (raw bytes, vocab 256) | shards (data.dir) | corpus (BPE of the embedded corpus, built and cached on first use)", member(&Config::data, &DataConfig::source)},
       {"data.text", Kind::text, "bytes mode: text file; \"\" = embedded default corpus", member(&Config::data, &DataConfig::text)},
-      {"data.dir", Kind::text, "shards mode: folder from `moelab data prepare`", member(&Config::data, &DataConfig::dir)},
+      {"data.dir", Kind::text, "shards mode: folder from `moelab data prepare`; corpus mode: cache folder (\"\" = ~/.cache/moelab/...)", member(&Config::data, &DataConfig::dir)},
+      {"data.vocab_size", Kind::integer, "corpus mode: tokenizer vocabulary trained on the embedded corpus", member(&Config::data, &DataConfig::vocab_size)},
       {"data.tokenizer", Kind::text, "shards mode: tokenizer file; \"\" = the one recorded in data.dir", member(&Config::data, &DataConfig::tokenizer)},
       {"data.val_fraction", Kind::real, "bytes mode: fraction of the text held out", member(&Config::data, &DataConfig::val_fraction)},
   };
@@ -364,8 +365,15 @@ void validate_config(const Config& c) {
     invalid("precision", "= \"" + c.precision + "\" is not a precision", "use auto, f32, bf16 or fp8");
   if (c.exec != "graph" && c.exec != "eager")
     invalid("exec", "= \"" + c.exec + "\" is not an execution mode", "use graph or eager");
-  if (c.data.source != "bytes" && c.data.source != "shards")
-    invalid("data.source", "= \"" + c.data.source + "\" is not a data source", "use bytes or shards");
+  if (c.data.source != "bytes" && c.data.source != "shards" && c.data.source != "corpus")
+    invalid("data.source", "= \"" + c.data.source + "\" is not a data source", "use bytes, shards or corpus");
+  if (c.data.source == "corpus" && c.data.vocab_size < 512)
+    invalid("data.vocab_size", "= " + std::to_string(c.data.vocab_size) + " is too small for a BPE vocabulary",
+            "use 512 or more (4096 for the tiny configs)");
+  if (c.data.source == "corpus" && c.data.vocab_size > c.model.vocab)
+    invalid("data.vocab_size", "= " + std::to_string(c.data.vocab_size) + " exceeds model.vocab = " +
+                                   std::to_string(c.model.vocab),
+            "raise model.vocab to at least data.vocab_size");
   if (c.data.source == "shards" && c.data.dir.empty())
     invalid("data.dir", "is empty but data.source = shards", "point data.dir at a folder written by `moelab data prepare`");
   if (!(c.data.val_fraction > 0 && c.data.val_fraction < 1))

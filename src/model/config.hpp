@@ -75,9 +75,10 @@ struct OptimConfig {
 };
 
 struct DataConfig {
-  std::string source = "bytes";  // bytes (raw bytes of data.text, vocab 256) | shards
+  std::string source = "bytes";  // bytes (raw bytes of data.text, vocab 256) | shards | corpus
   std::string text;              // bytes mode: a text file; "" = the embedded default corpus
-  std::string dir;               // shards mode: folder written by `moelab data prepare`
+  std::string dir;               // shards: folder from `moelab data prepare`; corpus: cache folder
+  int64_t vocab_size = 4096;     // corpus mode: BPE vocabulary trained on the embedded corpus
   std::string tokenizer;         // shards mode: tokenizer file; "" = the one recorded in dir
   double val_fraction = 0.05;    // bytes mode: tail of the text held out for validation
 };

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Copies the binaries for a device run into .dev/gpu (ignored by git), with the shared libraries
+# the device image may lack (cairo and its dependencies), and the PyTorch peer script.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+dest=.dev/gpu
+rm -rf "$dest" && mkdir -p "$dest/lib"
+cp build/moelab build/test_cuda build/bench_grouped_gemm "$dest/" 2>/dev/null || cp build/moelab "$dest/"
+ldd build/moelab | awk '/=> \// {print $3}' | while read -r lib; do
+  case "$(basename "$lib")" in
+    libc.so*|libm.so*|libstdc++*|libgcc_s*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcuda.so*) ;;
+    *) cp -L "$lib" "$dest/lib/" ;;
+  esac
+done
+cp ../shared/anchors/torch_moe_ref.py "$dest/"
+du -sh "$dest"

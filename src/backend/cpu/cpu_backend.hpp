@@ -1,0 +1,109 @@
+// The CPU reference backend: every op of backend.hpp in f32 (or f64, for finite-difference
+// gradient checks of the whole model), on host memory, with a small static thread pool. It is the
+// oracle the CUDA backend is tested against, so each op is written plainly, computes every output
+// element on exactly one thread in a fixed order (bit-identical results for any thread count),
+// and only matmul is tuned for speed. The ops are spread over cpu_*.cpp files by family.
+#pragma once
+#include <atomic>
+#include <memory>
+
+#include "backend/backend.hpp"
+#include "backend/cpu/thread_pool.hpp"
+
+namespace moelab {
+
+class CpuBackend : public Backend {
+ public:
+  // master: f32 or f64 (activations, weights, gradients and stats all use it). threads 0: all
+  // hardware threads.
+  explicit CpuBackend(DType master = DType::f32, int threads = 0);
+  ~CpuBackend() override;
+
+  int threads() const { return pool_.size(); }
+  // Bytes currently held by tensors this backend allocated (freed when their storage dies).
+  size_t current_memory_bytes() const;
+
+  Device device() const override { return Device::cpu; }
+  std::string name() const override;
+  DType act_dtype() const override { return master_; }
+  DType master_dtype() const override { return master_; }
+  Tensor alloc(const Shape& shape, DType dtype) override;
+  size_t peak_memory_bytes() const override;
+  void reset_peak_memory() override;
+  void synchronize() override {}
+
+  void write(Tensor& dst, const std::vector<float>& values) override;
+  void write_i32(Tensor& dst, const std::vector<int32_t>& values) override;
+  std::vector<float> read(const Tensor& src) override;
+  std::vector<int32_t> read_i32(const Tensor& src) override;
+
+  void fill(Tensor& t, float value) override;
+  void copy(const Tensor& src, Tensor& dst) override;
+  void axpby(float a, const Tensor& x, float b, Tensor& y) override;
+  void sum(const Tensor& x, Tensor& out, bool accumulate) override;
+
+  void matmul(const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, Tensor& C,
+              float alpha = 1.0f, float beta = 0.0f) override;
+
+  void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
+  void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
+
+  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd) override;
+  void rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dx,
+                   bool accumulate) override;
+  void rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& y,
+                     Tensor& rstd) override;
+  void rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tensor& rstd,
+                     const Tensor& dy, Tensor& dx) override;
+
+  void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                     Tensor& lse) override;
+  void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                     const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
+                     Tensor& dv) override;
+
+  void relu2_fwd(const Tensor& h, Tensor& a) override;
+  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) override;
+
+  void softcap_xent(const Tensor& logits, const Tensor& targets, float cap, float grad_scale,
+                    Tensor& losses, Tensor& dlogits) override;
+
+  void router_topk(const Tensor& logits, int k, Tensor& probs, Tensor& topk_idx,
+                   Tensor& gates) override;
+  void moe_plan(const Tensor& topk_idx, int experts, int capacity, Tensor& routed, Tensor& counts,
+                Tensor& offsets, Tensor& slot, Tensor& row_token) override;
+  void balance_loss(const Tensor& probs, const Tensor& routed, float coef, Tensor& bal) override;
+  void router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& gates,
+                  const Tensor& dgates, const Tensor& routed, float bal_coef,
+                  float bal_grad_scale, Tensor& dlogits) override;
+  void moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets,
+                   Tensor& xp) override;
+  void moe_permute_bwd(const Tensor& dxp, const Tensor& slot, Tensor& dx) override;
+  void moe_combine(const Tensor& yp, const Tensor& slot, const Tensor& gates, Tensor& y,
+                   bool accumulate) override;
+  void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot,
+                       const Tensor& gates, Tensor& dyp, Tensor& dgates) override;
+  void grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C,
+                      const Tensor& offsets) override;
+  void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& offsets,
+                            float beta) override;
+
+  void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+                    const AdamWStep& s) override;
+  void frobenius_normalize(const Tensor& x, Tensor& y, float eps) override;
+  void sum_squares(const Tensor& x, Tensor& out, bool accumulate) override;
+
+  // Byte counters shared with the deleters of live allocations, so a tensor may outlive its
+  // backend without dangling.
+  struct MemoryCounter {
+    std::atomic<size_t> current{0};
+    std::atomic<size_t> peak{0};
+  };
+
+ private:
+  DType master_;
+  cpu::ThreadPool pool_;
+  std::shared_ptr<MemoryCounter> memory_;
+};
+
+}  // namespace moelab

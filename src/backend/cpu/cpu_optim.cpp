@@ -1,0 +1,88 @@
+// Optimizer-side ops: the AdamW step, Frobenius normalization (Muon's pre-scaling before
+// Newton-Schulz) and the sum of squares behind gradient-norm reporting. Norms use fixed-chunk
+// double sums, so they are exact to f64 rounding and independent of the thread count.
+#include <cmath>
+
+#include "backend/cpu/cpu_backend.hpp"
+#include "backend/cpu/cpu_common.hpp"
+
+namespace moelab {
+
+using namespace cpu;
+
+namespace {
+constexpr int64_t kElemGrain = 1 << 14;
+}
+
+void CpuBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+                              const AdamWStep& s) {
+  const char* op = "adamw_update";
+  require_float(param, op, "param");
+  require_like(param, grad, op, "grad");
+  require_like(param, m, op, "m");
+  require_like(param, v, op, "v");
+  const int64_t n = param.numel();
+  require_numel(grad, n, op, "grad");
+  require_numel(m, n, op, "m");
+  require_numel(v, n, op, "v");
+  require(s.step >= 1, op, "step " + std::to_string(s.step) + " must be 1-based");
+  const double b1 = s.beta1, b2 = s.beta2;
+  const double bc1 = 1.0 - std::pow(b1, double(s.step)), bc2 = 1.0 - std::pow(b2, double(s.step));
+  const double decay = 1.0 - double(s.lr) * double(s.weight_decay);
+  with_float(param.dtype, [&](auto te) {
+    using T = decltype(te);
+    T* p = ptr<T>(param);
+    const T* g = ptr<T>(grad);
+    T* mp = ptr<T>(m);
+    T* vp = ptr<T>(v);
+    const T tb1 = T(b1), tb2 = T(b2), tdecay = T(decay), lr = T(s.lr), eps = T(s.eps);
+    const T inv_bc1 = T(1.0 / bc1), inv_sqrt_bc2 = T(1.0 / std::sqrt(bc2));
+    pool_.parallel_for(n, kElemGrain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T gi = g[i];
+        mp[i] = tb1 * mp[i] + (T(1) - tb1) * gi;
+        vp[i] = tb2 * vp[i] + (T(1) - tb2) * gi * gi;
+        const T mhat = mp[i] * inv_bc1;
+        const T denom = std::sqrt(vp[i]) * inv_sqrt_bc2 + eps;  // sqrt(vhat) + eps
+        p[i] = p[i] * tdecay - lr * mhat / denom;
+      }
+    });
+  });
+}
+
+void CpuBackend::sum_squares(const Tensor& x, Tensor& out, bool accumulate) {
+  const char* op = "sum_squares";
+  require_float(x, op, "x");
+  require_float(out, op, "out");
+  require_numel(out, 1, op, "out");
+  const double s = with_float(x.dtype, [&](auto te) {
+    using T = decltype(te);
+    const T* xp = ptr<T>(x);
+    return fixed_chunk_sum(pool_, x.numel(), [&](int64_t i) { return double(xp[i]) * double(xp[i]); });
+  });
+  with_float(out.dtype, [&](auto oe) {
+    using O = decltype(oe);
+    O* o = ptr<O>(out);
+    o[0] = accumulate ? O(double(o[0]) + s) : O(s);
+  });
+}
+
+void CpuBackend::frobenius_normalize(const Tensor& x, Tensor& y, float eps) {
+  const char* op = "frobenius_normalize";
+  require_float(x, op, "x");
+  require_like(x, y, op, "y");
+  require_numel(y, x.numel(), op, "y");
+  with_float(x.dtype, [&](auto te) {
+    using T = decltype(te);
+    const T* xp = ptr<T>(x);
+    T* yp = ptr<T>(y);
+    const double ss =
+        fixed_chunk_sum(pool_, x.numel(), [&](int64_t i) { return double(xp[i]) * double(xp[i]); });
+    const T inv = T(1.0 / (std::sqrt(ss) + double(eps)));
+    pool_.parallel_for(x.numel(), kElemGrain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) yp[i] = xp[i] * inv;
+    });
+  });
+}
+
+}  // namespace moelab

@@ -1,0 +1,157 @@
+// The CUDA backend: every op of backend.hpp as CUDA kernels (and cuBLASLt GEMMs) on one stream
+// that the backend owns. Activations and matmul operands are bf16 with f32 accumulation; master
+// weights, optimizer state and statistics are f32.
+//
+// Shaped for CUDA-graph capture of a whole training step: no op synchronizes with the host, no op
+// allocates device memory once its scratch buffers have reached their size. Scratch buffers grow
+// lazily on first use, so run one step eagerly (the warm-up) before capturing; growing during a
+// capture throws an Error that says so. Index data that a step needs (expert counts, offsets)
+// stays on the device: grouped GEMMs read offsets there.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "backend/backend.hpp"
+
+namespace moelab {
+
+class CudaMemory;
+struct GemmCache;
+
+class CudaBackend : public Backend {
+ public:
+  // True when a CUDA device can be opened (driver present, at least one GPU).
+  static bool cuda_device_available();
+  // Opens device `device_index`; throws moelab::Error naming the cause when there is no GPU
+  // (never falls back to the CPU silently).
+  explicit CudaBackend(int device_index = 0);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  cudaStream_t stream() const { return stream_; }
+  // While capturing, scratch buffers may not grow (it would allocate inside the graph).
+  void begin_capture() { capturing_ = true; }
+  void end_capture() { capturing_ = false; }
+  bool capturing() const { return capturing_; }
+  // Bytes currently held through alloc() and scratch buffers.
+  size_t current_memory_bytes() const;
+  int sm_count() const { return sm_count_; }
+
+  Device device() const override { return Device::cuda; }
+  std::string name() const override { return name_; }
+  DType act_dtype() const override { return DType::bf16; }
+  DType master_dtype() const override { return DType::f32; }
+  Tensor alloc(const Shape& shape, DType dtype) override;
+  size_t peak_memory_bytes() const override;
+  void reset_peak_memory() override;
+  void synchronize() override;
+
+  void write(Tensor& dst, const std::vector<float>& values) override;
+  void write_i32(Tensor& dst, const std::vector<int32_t>& values) override;
+  std::vector<float> read(const Tensor& src) override;
+  std::vector<int32_t> read_i32(const Tensor& src) override;
+
+  void fill(Tensor& t, float value) override;
+  void copy(const Tensor& src, Tensor& dst) override;
+  void axpby(float a, const Tensor& x, float b, Tensor& y) override;
+  void sum(const Tensor& x, Tensor& out, bool accumulate) override;
+
+  void matmul(const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, Tensor& C,
+              float alpha = 1.0f, float beta = 0.0f) override;
+
+  void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
+  void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
+
+  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd) override;
+  void rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dx,
+                   bool accumulate) override;
+  void rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& y,
+                     Tensor& rstd) override;
+  void rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tensor& rstd,
+                     const Tensor& dy, Tensor& dx) override;
+
+  void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                     Tensor& lse) override;
+  void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                     const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
+                     Tensor& dv) override;
+
+  void relu2_fwd(const Tensor& h, Tensor& a) override;
+  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) override;
+
+  void softcap_xent(const Tensor& logits, const Tensor& targets, float cap, float grad_scale,
+                    Tensor& losses, Tensor& dlogits) override;
+
+  void router_topk(const Tensor& logits, int k, Tensor& probs, Tensor& topk_idx,
+                   Tensor& gates) override;
+  void moe_plan(const Tensor& topk_idx, int experts, int capacity, Tensor& routed, Tensor& counts,
+                Tensor& offsets, Tensor& slot, Tensor& row_token) override;
+  void balance_loss(const Tensor& probs, const Tensor& routed, float coef, Tensor& bal) override;
+  void router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& gates,
+                  const Tensor& dgates, const Tensor& routed, float bal_coef, float bal_grad_scale,
+                  Tensor& dlogits) override;
+  void moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets,
+                   Tensor& xp) override;
+  void moe_permute_bwd(const Tensor& dxp, const Tensor& slot, Tensor& dx) override;
+  void moe_combine(const Tensor& yp, const Tensor& slot, const Tensor& gates, Tensor& y,
+                   bool accumulate) override;
+  void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot, const Tensor& gates,
+                       Tensor& dyp, Tensor& dgates) override;
+  void grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C,
+                      const Tensor& offsets) override;
+  void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& offsets,
+                            float beta) override;
+
+  void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+                    const AdamWStep& s) override;
+  void frobenius_normalize(const Tensor& x, Tensor& y, float eps) override;
+  void sum_squares(const Tensor& x, Tensor& out, bool accumulate) override;
+
+  // Device scratch of at least `bytes` for one purpose (slot), grown outside capture only.
+  // Contents do not survive other ops using the same slot.
+  enum class ScratchSlot : int { reduce, gemm_a, gemm_b, attention, embed_sort, embed_keys, count };
+  void* scratch(ScratchSlot slot, size_t bytes);
+
+ private:
+  // Sum of f(x) over all elements into out[0] (square when `squares`); deterministic two-pass.
+  void reduce_sum(const Tensor& x, bool squares, Tensor& out, bool accumulate, float scale = 1.0f);
+
+  int device_index_ = 0;
+  int sm_count_ = 0;
+  std::string name_;
+  cudaStream_t stream_ = nullptr;
+  bool capturing_ = false;
+  std::unique_ptr<CudaMemory> memory_;
+  std::unique_ptr<GemmCache> gemm_;
+  std::vector<std::shared_ptr<void>> scratch_;
+  std::vector<size_t> scratch_bytes_;
+};
+
+// Captures the work that `body` enqueues on the backend's stream into a CUDA graph, then replays
+// it. The body must only enqueue work (no host synchronization, no allocation); run it once
+// eagerly before capture so that scratch buffers have their final sizes.
+class CudaGraph {
+ public:
+  explicit CudaGraph(CudaBackend& backend) : backend_(backend) {}
+  ~CudaGraph();
+  CudaGraph(const CudaGraph&) = delete;
+  CudaGraph& operator=(const CudaGraph&) = delete;
+
+  void capture(const std::function<void()>& body);
+  void replay();
+  bool captured() const { return exec_ != nullptr; }
+
+ private:
+  CudaBackend& backend_;
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+};
+
+}  // namespace moelab

@@ -1,0 +1,91 @@
+// Device-side helpers shared by the kernel files: element loads/stores that convert to and from
+// f32 by the tensor's dtype, warp and block reductions, and host-side argument checks. Kernels
+// compute in f32 whatever the storage type, so one template serves f32 and bf16 tensors.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "backend/cuda/cuda_backend.hpp"
+#include "backend/cuda/cuda_check.hpp"
+#include "core/tensor.hpp"
+
+namespace moelab::cuda_detail {
+
+using bf16 = __nv_bfloat16;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+template <class T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+// `shm` holds 32 floats; the function syncs before reuse so it can be called repeatedly.
+__device__ __forceinline__ float block_sum(float v, float* shm) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) shm[warp] = v;
+  __syncthreads();
+  float r = lane < nw ? shm[lane] : 0.f;
+  return warp_sum(r);
+}
+__device__ __forceinline__ float block_max(float v, float* shm) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) shm[warp] = v;
+  __syncthreads();
+  float r = lane < nw ? shm[lane] : -INFINITY;
+  return warp_max(r);
+}
+
+inline unsigned grid_for(int64_t n, int threads, int64_t cap = 1 << 20) {
+  int64_t g = (n + threads - 1) / threads;
+  if (g < 1) g = 1;
+  return unsigned(g < cap ? g : cap);
+}
+
+inline void require(bool ok, const std::string& op, const std::string& what) {
+  if (!ok) throw Error("cuda backend: " + op + ": " + what);
+}
+inline void require_cuda(const Tensor& t, const std::string& op, const char* name) {
+  require(t.device == Device::cuda, op, std::string(name) + " must live on the GPU, got " + t.describe());
+}
+inline void require_float(const Tensor& t, const std::string& op, const char* name) {
+  require_cuda(t, op, name);
+  require(t.dtype == DType::f32 || t.dtype == DType::bf16, op,
+          std::string(name) + " must be f32 or bf16, got " + t.describe());
+}
+inline void require_dtype(const Tensor& t, DType d, const std::string& op, const char* name) {
+  require_cuda(t, op, name);
+  require(t.dtype == d, op, std::string(name) + " must be " + dtype_name(d) + ", got " + t.describe());
+}
+
+}  // namespace moelab::cuda_detail
+
+// Calls F<T>() with T the C++ element type of float dtype `dt` (f32 or bf16).
+#define MOELAB_FLOAT_DISPATCH(dt, T, ...)                                                  \
+  do {                                                                                     \
+    if ((dt) == ::moelab::DType::f32) {                                                    \
+      using T = float;                                                                     \
+      __VA_ARGS__;                                                                         \
+    } else if ((dt) == ::moelab::DType::bf16) {                                            \
+      using T = ::moelab::cuda_detail::bf16;                                               \
+      __VA_ARGS__;                                                                         \
+    } else {                                                                               \
+      throw ::moelab::Error(std::string("cuda backend: unsupported dtype ") + dtype_name(dt) + \
+                            " at " + __FILE__ + ":" + std::to_string(__LINE__));           \
+    }                                                                                      \
+  } while (0)

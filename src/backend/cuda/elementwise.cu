@@ -1,0 +1,124 @@
+// Elementwise ops: fill, dtype-converting copy, axpby and ReLU^2 forward/backward. Grid-stride
+// loops over flat element indices; each kernel is templated on the storage types so f32 and bf16
+// tensors mix freely (the arithmetic is f32).
+#include "backend/cuda/cuda_common.cuh"
+
+namespace moelab {
+using namespace cuda_detail;
+
+namespace {
+
+template <class T>
+__global__ void fill_kernel(T* p, int64_t n, float v) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = from_f32<T>(v);
+}
+__global__ void fill_i32_kernel(int32_t* p, int64_t n, int32_t v) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = v;
+}
+
+template <class TS, class TD>
+__global__ void convert_kernel(const TS* s, TD* d, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    d[i] = from_f32<TD>(to_f32(s[i]));
+}
+
+template <class TX, class TY>
+__global__ void axpby_kernel(float a, const TX* x, float b, TY* y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float r = a * to_f32(x[i]);
+    if (b != 0.f) r += b * to_f32(y[i]);
+    y[i] = from_f32<TY>(r);
+  }
+}
+
+template <class TH, class TA>
+__global__ void relu2_fwd_kernel(const TH* h, TA* a, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = fmaxf(to_f32(h[i]), 0.f);
+    a[i] = from_f32<TA>(v * v);
+  }
+}
+
+template <class TH, class TD, class TO>
+__global__ void relu2_bwd_kernel(const TH* h, const TD* da, TO* dh, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = fmaxf(to_f32(h[i]), 0.f);
+    dh[i] = from_f32<TO>(2.f * v * to_f32(da[i]));
+  }
+}
+
+constexpr int kThreads = 256;
+unsigned blocks(int64_t n) { return grid_for(n, kThreads, 132 * 32); }
+
+void require_same_numel(const Tensor& a, const Tensor& b, const char* op) {
+  require(a.numel() == b.numel(), op, "element counts differ: " + a.describe() + " vs " + b.describe());
+}
+
+}  // namespace
+
+void CudaBackend::fill(Tensor& t, float value) {
+  require_cuda(t, "fill", "t");
+  int64_t n = t.numel();
+  if (n == 0) return;
+  if (t.dtype == DType::i32) {
+    fill_i32_kernel<<<blocks(n), kThreads, 0, stream_>>>(t.as<int32_t>(), n, int32_t(value));
+  } else {
+    MOELAB_FLOAT_DISPATCH(t.dtype, T, fill_kernel<T><<<blocks(n), kThreads, 0, stream_>>>(t.as<T>(), n, value));
+  }
+  MOELAB_CUDA_LAUNCH_CHECK("fill");
+}
+
+void CudaBackend::copy(const Tensor& src, Tensor& dst) {
+  require_cuda(src, "copy", "src");
+  require_cuda(dst, "copy", "dst");
+  require_same_numel(src, dst, "copy");
+  int64_t n = src.numel();
+  if (n == 0 || src.data == dst.data) return;
+  if (src.dtype == dst.dtype) {
+    MOELAB_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDeviceToDevice, stream_));
+    return;
+  }
+  MOELAB_FLOAT_DISPATCH(src.dtype, TS, MOELAB_FLOAT_DISPATCH(dst.dtype, TD,
+      convert_kernel<TS, TD><<<blocks(n), kThreads, 0, stream_>>>(src.as<TS>(), dst.as<TD>(), n)));
+  MOELAB_CUDA_LAUNCH_CHECK("copy");
+}
+
+void CudaBackend::axpby(float a, const Tensor& x, float b, Tensor& y) {
+  require_float(x, "axpby", "x");
+  require_float(y, "axpby", "y");
+  require_same_numel(x, y, "axpby");
+  int64_t n = x.numel();
+  if (n == 0) return;
+  MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY,
+      axpby_kernel<TX, TY><<<blocks(n), kThreads, 0, stream_>>>(a, x.as<TX>(), b, y.as<TY>(), n)));
+  MOELAB_CUDA_LAUNCH_CHECK("axpby");
+}
+
+void CudaBackend::relu2_fwd(const Tensor& h, Tensor& a) {
+  require_float(h, "relu2_fwd", "h");
+  require_float(a, "relu2_fwd", "a");
+  require_same_numel(h, a, "relu2_fwd");
+  int64_t n = h.numel();
+  if (n == 0) return;
+  MOELAB_FLOAT_DISPATCH(h.dtype, TH, MOELAB_FLOAT_DISPATCH(a.dtype, TA,
+      relu2_fwd_kernel<TH, TA><<<blocks(n), kThreads, 0, stream_>>>(h.as<TH>(), a.as<TA>(), n)));
+  MOELAB_CUDA_LAUNCH_CHECK("relu2_fwd");
+}
+
+void CudaBackend::relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) {
+  require_float(h, "relu2_bwd", "h");
+  require_float(da, "relu2_bwd", "da");
+  require_float(dh, "relu2_bwd", "dh");
+  require_same_numel(h, da, "relu2_bwd");
+  require_same_numel(h, dh, "relu2_bwd");
+  int64_t n = h.numel();
+  if (n == 0) return;
+  require(h.dtype == da.dtype && da.dtype == dh.dtype, "relu2_bwd", "h, da and dh must share one dtype");
+  MOELAB_FLOAT_DISPATCH(h.dtype, T,
+      relu2_bwd_kernel<T, T, T><<<blocks(n), kThreads, 0, stream_>>>(h.as<T>(), da.as<T>(), dh.as<T>(), n));
+  MOELAB_CUDA_LAUNCH_CHECK("relu2_bwd");
+}
+
+}  // namespace moelab

@@ -1,0 +1,36 @@
+// Raw launchers of the grouped BF16 GEMM kernels (grouped_gemm.cu), shared by the backend ops
+// and the kernel benchmark so both time exactly the same code.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/dtype.hpp"
+
+namespace moelab::grouped_gemm {
+
+// Output tile width of the TMA kernels: 256 (one block per SM) or 128 (two per SM).
+constexpr int kDefaultTileN = 256;
+
+// C[rows of e] = A[rows of e] @ op(W[e]): W is [E, N, K] when w_kmajor else [E, K, N]. A [R, K],
+// C [R, N] (bf16 or f32). Rows past offsets[E] are not touched. mma.sync (sm_80-style) kernel.
+void forward(const __nv_bfloat16* A, const __nv_bfloat16* W, bool w_kmajor, void* C, DType c_dtype,
+             const int32_t* offsets, int E, int64_t R, int N, int K, cudaStream_t stream);
+// The same product on Hopper tensor cores (wgmma), W K-major ([E, N, K]) only.
+void forward_sm90(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, DType c_dtype, const int32_t* offsets,
+                  int E, int64_t R, int N, int K, cudaStream_t stream);
+// The same with the tiles brought in by the tensor-memory accelerator (TMA) and mbarriers.
+void forward_sm90_tma(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, DType c_dtype, const int32_t* offsets,
+                      int E, int64_t R, int N, int K, cudaStream_t stream, int tile_n = kDefaultTileN);
+// dW[e] = beta dW[e] + dY_e^T X_e on wgmma with TMA loads (dY [R, N], X [R, K]).
+void wgrad_sm90_tma(const __nv_bfloat16* dY, const __nv_bfloat16* X, void* dW, DType dw_dtype,
+                    const int32_t* offsets, int E, int64_t R, int N, int K, float beta, cudaStream_t stream,
+                    int tile_n = kDefaultTileN);
+// Wt[e] = W[e]^T: W [E, R, S] -> Wt [E, S, R] (turns an N-major expert weight K-major).
+void transpose_experts(const __nv_bfloat16* W, __nv_bfloat16* Wt, int E, int R, int S, cudaStream_t stream);
+// dW[e] = beta dW[e] + dY_e^T X_e; dY [R, N], X [R, K], dW [E, N, K] (f32 or bf16).
+void wgrad(const __nv_bfloat16* dY, const __nv_bfloat16* X, void* dW, DType dw_dtype, const int32_t* offsets,
+           int E, int N, int K, float beta, cudaStream_t stream);
+
+}  // namespace moelab::grouped_gemm

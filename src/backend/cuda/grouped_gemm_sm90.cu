@@ -1,0 +1,445 @@
+// Hopper (sm_90a) grouped GEMM for the row-grouped expert products whose operands are both
+// K-major: C[rows of e] = A[rows of e] @ W[e]^T with W [E, N, K]. Two warpgroups each issue
+// wgmma m64n256k16 from shared memory, so a block computes a 128 x 256 tile; tiles of A and W are
+// brought in by cp.async, 3 stages deep, into the 128-byte-swizzled K-major layout that the wgmma
+// descriptors describe. The tile scheduler is the one of grouped_gemm.cu: grid.y walks
+// (expert, row tile) pairs read from the device offsets, so no host synchronization is needed.
+// The data-gradient product (W N-major) uses this kernel after an expert-wise transpose of W.
+#include <cuda.h>
+
+#include <set>
+#include <type_traits>
+
+#include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/grouped_gemm.cuh"
+#include "backend/cuda/mma_utils.cuh"
+#include "backend/cuda/wgmma.cuh"
+
+namespace moelab {
+using namespace cuda_detail;
+
+namespace grouped_gemm {
+
+namespace {
+
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 3, THREADS = 256;
+constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;  // + room to align the base to 1024
+
+template <int ROWS>
+__device__ __forceinline__ void load_kmajor(uint32_t s, const bf16* base, int64_t ld, int o0, int o_end, int k0,
+                                            int k_end) {
+#pragma unroll
+  for (int it = 0; it < ROWS * 8 / THREADS; ++it) {
+    int q = threadIdx.x + it * THREADS, r = q >> 3, c = q & 7;
+    int o = o0 + r, k = k0 + c * 8;
+    bool ok = o < o_end && k < k_end;
+    const bf16* src = ok ? base + int64_t(o) * ld + k : base;
+    cp_async16(s + swz(r, c, 8), src, ok);
+  }
+}
+
+template <class TC>
+__global__ void __launch_bounds__(THREADS, 1) grouped_fwd_wgmma_kernel(const bf16* A, const bf16* W, TC* C,
+                                                                      const int32_t* offsets, int E, int N, int K) {
+  extern __shared__ char smem_raw[];
+  int tile = blockIdx.y, seen = 0, e = 0, row0 = 0, rows = 0;
+  for (; e < E; ++e) {
+    int lo = offsets[e], hi = offsets[e + 1];
+    int t = (hi - lo + BM - 1) / BM;
+    if (tile < seen + t) {
+      row0 = lo + (tile - seen) * BM;
+      rows = min(BM, hi - row0);
+      break;
+    }
+    seen += t;
+  }
+  if (e == E) return;
+  const uint32_t s0 = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const bf16* a_base = A + int64_t(row0) * K;
+  const bf16* b_base = W + int64_t(e) * N * K;
+  const int n0 = blockIdx.x * BN;
+  const int ktiles = (K + BK - 1) / BK;
+  auto load_stage = [&](int st, int kt) {
+    uint32_t sa = s0 + st * STAGE_BYTES;
+    load_kmajor<BM>(sa, a_base, K, 0, rows, kt * BK, K);
+    load_kmajor<BN>(sa + A_BYTES, b_base, K, n0, N, kt * BK, K);
+  };
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < ktiles) load_stage(st, st);
+    cp_async_commit();
+  }
+  float acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+  const int wg = threadIdx.x >> 7;
+  for (int kt = 0; kt < ktiles; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    fence_proxy_async();
+    __syncthreads();
+    int nk = kt + STAGES - 1;
+    if (nk < ktiles) load_stage(nk % STAGES, nk);
+    cp_async_commit();
+    const uint32_t sa = s0 + (kt % STAGES) * STAGE_BYTES + wg * 64 * 128, sb = s0 + (kt % STAGES) * STAGE_BYTES + A_BYTES;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk)
+      wgmma_m64n256k16(acc, wgmma_desc_kmajor_sw128(sa + kk * 32), wgmma_desc_kmajor_sw128(sb + kk * 32));
+    wgmma_commit();
+    wgmma_wait<0>();
+  }
+  cp_async_wait<0>();
+  const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  TC* c_base = C + int64_t(row0) * N;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    int m = wg * 64 + w * 16 + g + h * 8;
+    if (m >= rows) continue;
+    TC* crow = c_base + int64_t(m) * N;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      int n = n0 + j * 8 + 2 * t4;
+      if (n >= N) continue;
+      float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+      if constexpr (std::is_same_v<TC, float>)
+        *reinterpret_cast<float2*>(crow + n) = make_float2(v0, v1);
+      else
+        *reinterpret_cast<__nv_bfloat162*>(crow + n) = __floats2bfloat162_rn(v0, v1);
+    }
+  }
+}
+
+
+// --- TMA variant: the copy engine brings each stage's tiles (one thread issues them), completion
+// is tracked by one mbarrier per stage, and one wgmma group stays in flight while the next is
+// issued. 4 stages of 48 KiB. Rows past an expert's end are loaded (from the next expert or as
+// zeros past the tensor) but never stored.
+// Tile widths (TBN) 256 (one block per SM, 4 stages) or 128 (two blocks per SM, 3 stages, so one
+// block's epilogue overlaps the other's main loop).
+template <int TBN, int TST>
+constexpr int tma_smem_bytes() { return TST * (A_BYTES + TBN * BK * 2) + 1024 + 64; }
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred P;\nmbarrier.try_wait.parity.shared::cta.b64 P, [%1], %2;\nselp.u32 %0, 1, 0, P;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+template <int TBN, int TST, class TC>
+__global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2) grouped_fwd_tma_kernel(const __grid_constant__ CUtensorMap map_a,
+                                                                    const __grid_constant__ CUtensorMap map_b, TC* C,
+                                                                    const int32_t* offsets, int E, int N, int K) {
+  extern __shared__ char smem_raw[];
+  int tile = blockIdx.y, seen = 0, e = 0, row0 = 0, rows = 0;
+  for (; e < E; ++e) {
+    int lo = offsets[e], hi = offsets[e + 1];
+    int t = (hi - lo + BM - 1) / BM;
+    if (tile < seen + t) {
+      row0 = lo + (tile - seen) * BM;
+      rows = min(BM, hi - row0);
+      break;
+    }
+    seen += t;
+  }
+  if (e == E) return;
+  const uint32_t s0 = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32_t bars = s0 + TST * (A_BYTES + TBN * BK * 2);
+  const int n0 = blockIdx.x * TBN;
+  const int ktiles = (K + BK - 1) / BK;
+  const bool leader = threadIdx.x == 0;
+  if (leader) {
+    for (int st = 0; st < TST; ++st) mbar_init(bars + st * 8, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  auto issue = [&](int st, int kt) {
+    uint32_t sa = s0 + st * (A_BYTES + TBN * BK * 2), bar = bars + st * 8;
+    mbar_expect_tx(bar, A_BYTES + TBN * BK * 2);
+    tma_load_2d(sa, &map_a, kt * BK, row0, bar);
+    tma_load_2d(sa + A_BYTES, &map_b, kt * BK, e * N + n0, bar);
+  };
+  if (leader)
+    for (int st = 0; st < TST && st < ktiles; ++st) issue(st, st);
+  float acc[TBN / 2];
+#pragma unroll
+  for (int i = 0; i < TBN / 2; ++i) acc[i] = 0.f;
+  const int wg = threadIdx.x >> 7;
+  for (int kt = 0; kt < ktiles; ++kt) {
+    const int st = kt % TST;
+    mbar_wait(bars + st * 8, uint32_t((kt / TST) & 1));
+    const uint32_t sa = s0 + st * (A_BYTES + TBN * BK * 2) + wg * 64 * 128, sb = s0 + st * (A_BYTES + TBN * BK * 2) + A_BYTES;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk)
+      if constexpr (TBN == 256)
+        wgmma_m64n256k16(acc, wgmma_desc_kmajor_sw128(sa + kk * 32), wgmma_desc_kmajor_sw128(sb + kk * 32));
+      else
+        wgmma_m64n128k16(acc, wgmma_desc_kmajor_sw128(sa + kk * 32), wgmma_desc_kmajor_sw128(sb + kk * 32));
+    wgmma_commit();
+    wgmma_wait<1>();  // the previous group is done: its stage may be refilled
+    __syncthreads();
+    if (leader && kt >= 1 && kt - 1 + TST < ktiles) issue((kt - 1) % TST, kt - 1 + TST);
+  }
+  wgmma_wait<0>();
+  const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  TC* c_base = C + int64_t(row0) * N;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    int m = wg * 64 + w * 16 + g + h * 8;
+    if (m >= rows) continue;
+    TC* crow = c_base + int64_t(m) * N;
+#pragma unroll
+    for (int j = 0; j < TBN / 8; ++j) {
+      int n = n0 + j * 8 + 2 * t4;
+      if (n >= N) continue;
+      float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+      if constexpr (std::is_same_v<TC, float>)
+        *reinterpret_cast<float2*>(crow + n) = make_float2(v0, v1);
+      else
+        *reinterpret_cast<__nv_bfloat162*>(crow + n) = __floats2bfloat162_rn(v0, v1);
+    }
+  }
+}
+
+
+// Weight gradient dW[e] (N x K) = beta dW[e] + dY_e^T X_e on wgmma: both operands are MN-major
+// (the reduction runs over the expert's rows), loaded by TMA as 64-row x 64-column boxes. Rows of
+// the last tile past the expert's end are zeroed in shared memory before the product (they belong
+// to the next expert or hold uninitialized memory).
+template <int TBN, int TST, class TC>
+__global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2) grouped_wgrad_tma_kernel(const __grid_constant__ CUtensorMap map_dy,
+                                                                      const __grid_constant__ CUtensorMap map_x,
+                                                                      TC* dW, const int32_t* offsets, int N, int K,
+                                                                      float beta) {
+  extern __shared__ char smem_raw[];
+  const int e = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * TBN;
+  const int k_begin = offsets[e], k_end = offsets[e + 1];
+  const int ktiles = (k_end - k_begin + BK - 1) / BK;
+  const uint32_t s0 = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32_t bars = s0 + TST * (A_BYTES + TBN * BK * 2);
+  const bool leader = threadIdx.x == 0;
+  if (leader) {
+    for (int st = 0; st < TST; ++st) mbar_init(bars + st * 8, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  auto issue = [&](int st, int kt) {
+    uint32_t sa = s0 + st * (A_BYTES + TBN * BK * 2), bar = bars + st * 8;
+    int r = k_begin + kt * BK;
+    mbar_expect_tx(bar, A_BYTES + TBN * BK * 2);
+    for (int j = 0; j < BM / 64; ++j) tma_load_2d(sa + j * 8192, &map_dy, m0 + 64 * j, r, bar);
+    for (int j = 0; j < TBN / 64; ++j) tma_load_2d(sa + A_BYTES + j * 8192, &map_x, n0 + 64 * j, r, bar);
+  };
+  if (leader)
+    for (int st = 0; st < TST && st < ktiles; ++st) issue(st, st);
+  float acc[TBN / 2];
+#pragma unroll
+  for (int i = 0; i < TBN / 2; ++i) acc[i] = 0.f;
+  const int wg = threadIdx.x >> 7;
+  for (int kt = 0; kt < ktiles; ++kt) {
+    const int st = kt % TST;
+    const uint32_t stage = s0 + st * (A_BYTES + TBN * BK * 2);
+    mbar_wait(bars + st * 8, uint32_t((kt / TST) & 1));
+    const int valid = k_end - (k_begin + kt * BK);
+    if (valid < BK) {
+      // (BM + TBN) / 64 atoms of 64 rows x 128 bytes; zero rows [valid, 64) of each.
+      const int per_atom = (BK - valid) * 8;
+      for (int q = threadIdx.x; q < (BM + TBN) / 64 * per_atom; q += THREADS) {
+        int atom = q / per_atom, rem = q % per_atom, r = valid + rem / 8, c = rem % 8;
+        uint32_t addr = stage + atom * 8192 + r * 128 + c * 16;
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
+      }
+      fence_proxy_async();
+      __syncthreads();
+    }
+    const uint32_t sa = stage + wg * 8192, sb = stage + A_BYTES;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk)
+      if constexpr (TBN == 256)
+        wgmma_m64n256k16_mn_major(acc, wgmma_desc_mnmajor_sw128(sa + kk * 2048, 8192),
+                                  wgmma_desc_mnmajor_sw128(sb + kk * 2048, 8192));
+      else
+        wgmma_m64n128k16_mn_major(acc, wgmma_desc_mnmajor_sw128(sa + kk * 2048, 8192),
+                                  wgmma_desc_mnmajor_sw128(sb + kk * 2048, 8192));
+    wgmma_commit();
+    wgmma_wait<1>();
+    __syncthreads();
+    if (leader && kt >= 1 && kt - 1 + TST < ktiles) issue((kt - 1) % TST, kt - 1 + TST);
+  }
+  wgmma_wait<0>();
+  const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  TC* base = dW + int64_t(e) * N * K;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    int m = m0 + wg * 64 + w * 16 + g + h * 8;
+    if (m >= N) continue;
+    TC* row = base + int64_t(m) * K;
+#pragma unroll
+    for (int j = 0; j < TBN / 8; ++j) {
+      int n = n0 + j * 8 + 2 * t4;
+      if (n >= K) continue;
+      float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+      if constexpr (std::is_same_v<TC, float>) {
+        float2 o = make_float2(v0, v1);
+        if (beta != 0.f) {
+          float2 old = *reinterpret_cast<float2*>(row + n);
+          o.x += beta * old.x;
+          o.y += beta * old.y;
+        }
+        *reinterpret_cast<float2*>(row + n) = o;
+      } else {
+        if (beta != 0.f) {
+          __nv_bfloat162 old = *reinterpret_cast<__nv_bfloat162*>(row + n);
+          v0 += beta * __bfloat162float(old.x);
+          v1 += beta * __bfloat162float(old.y);
+        }
+        *reinterpret_cast<__nv_bfloat162*>(row + n) = __floats2bfloat162_rn(v0, v1);
+      }
+    }
+  }
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_tiled() {
+  static EncodeTiled fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    MOELAB_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q));
+    if (!p || q != cudaDriverEntryPointSuccess) throw Error("cuda backend: cuTensorMapEncodeTiled is unavailable");
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+// 2D map of a row-major [rows, cols] bf16 matrix, boxes of box_rows x 64 columns, 128B swizzle.
+CUtensorMap make_map(const bf16* base, int64_t rows, int64_t cols, int box_rows) {
+  CUtensorMap m;
+  cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+  cuuint64_t strides[1] = {cuuint64_t(cols) * 2};
+  cuuint32_t box[2] = {uint32_t(BK), uint32_t(box_rows)};
+  cuuint32_t estr[2] = {1, 1};
+  CUresult r = encode_tiled()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<bf16*>(base), dims, strides, box,
+                              estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw Error("cuda backend: cuTensorMapEncodeTiled failed (" + std::to_string(int(r)) + ") for a [" +
+                std::to_string(rows) + ", " + std::to_string(cols) + "] bf16 matrix");
+  return m;
+}
+
+// Wt[e] = W[e]^T for W [E, R, S] -> Wt [E, S, R], 32 x 32 tiles through shared memory.
+__global__ void transpose_experts_kernel(const bf16* W, bf16* Wt, int R, int S) {
+  __shared__ bf16 tile[32][33];
+  const int e = blockIdx.z, r0 = blockIdx.y * 32, s0 = blockIdx.x * 32;
+  const bf16* src = W + int64_t(e) * R * S;
+  bf16* dst = Wt + int64_t(e) * R * S;
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    int r = r0 + i, s = s0 + threadIdx.x;
+    if (r < R && s < S) tile[i][threadIdx.x] = src[int64_t(r) * S + s];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    int s = s0 + i, r = r0 + threadIdx.x;
+    if (r < R && s < S) dst[int64_t(s) * R + r] = tile[threadIdx.x][i];
+  }
+}
+
+template <class Kernel>
+void set_smem_sm90(Kernel k) {
+  static std::set<const void*> done;
+  if (done.insert(reinterpret_cast<const void*>(k)).second)
+    MOELAB_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES));
+}
+
+}  // namespace
+
+void forward_sm90(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E, int64_t R,
+                  int N, int K, cudaStream_t stream) {
+  dim3 grid(unsigned((N + BN - 1) / BN), unsigned((R + BM - 1) / BM + E));
+  if (c_dtype == DType::bf16) {
+    set_smem_sm90(grouped_fwd_wgmma_kernel<bf16>);
+    grouped_fwd_wgmma_kernel<bf16><<<grid, THREADS, SMEM_BYTES, stream>>>(A, W, static_cast<bf16*>(C), offsets, E, N, K);
+  } else {
+    set_smem_sm90(grouped_fwd_wgmma_kernel<float>);
+    grouped_fwd_wgmma_kernel<float><<<grid, THREADS, SMEM_BYTES, stream>>>(A, W, static_cast<float*>(C), offsets, E, N,
+                                                                           K);
+  }
+  MOELAB_CUDA_LAUNCH_CHECK("grouped_fwd_wgmma_kernel");
+}
+
+template <int TBN, int TST>
+void forward_tma_cfg(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E, int64_t R,
+                     int N, int K, cudaStream_t stream) {
+  CUtensorMap ma = make_map(A, R, K, BM), mb = make_map(W, int64_t(E) * N, K, TBN);
+  dim3 grid(unsigned((N + TBN - 1) / TBN), unsigned((R + BM - 1) / BM + E));
+  constexpr int smem = tma_smem_bytes<TBN, TST>();
+  auto launch = [&](auto kernel, auto* c) {
+    static std::set<const void*> done;
+    if (done.insert(reinterpret_cast<const void*>(kernel)).second)
+      MOELAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, THREADS, smem, stream>>>(ma, mb, c, offsets, E, N, K);
+  };
+  if (c_dtype == DType::bf16) launch(grouped_fwd_tma_kernel<TBN, TST, bf16>, static_cast<bf16*>(C));
+  else launch(grouped_fwd_tma_kernel<TBN, TST, float>, static_cast<float*>(C));
+  MOELAB_CUDA_LAUNCH_CHECK("grouped_fwd_tma_kernel");
+}
+
+void forward_sm90_tma(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E,
+                      int64_t R, int N, int K, cudaStream_t stream, int tile_n) {
+  if (tile_n == 128) forward_tma_cfg<128, 3>(A, W, C, c_dtype, offsets, E, R, N, K, stream);
+  else forward_tma_cfg<256, 4>(A, W, C, c_dtype, offsets, E, R, N, K, stream);
+}
+
+template <int TBN, int TST>
+void wgrad_tma_cfg(const bf16* dY, const bf16* X, void* dW, DType dw_dtype, const int32_t* offsets, int E, int64_t R,
+                   int N, int K, float beta, cudaStream_t stream) {
+  CUtensorMap my = make_map(dY, R, N, 64), mx = make_map(X, R, K, 64);
+  dim3 grid(unsigned((K + TBN - 1) / TBN), unsigned((N + BM - 1) / BM), unsigned(E));
+  constexpr int smem = tma_smem_bytes<TBN, TST>();
+  auto launch = [&](auto kernel, auto* c) {
+    static std::set<const void*> done;
+    if (done.insert(reinterpret_cast<const void*>(kernel)).second)
+      MOELAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, THREADS, smem, stream>>>(my, mx, c, offsets, N, K, beta);
+  };
+  if (dw_dtype == DType::f32) launch(grouped_wgrad_tma_kernel<TBN, TST, float>, static_cast<float*>(dW));
+  else launch(grouped_wgrad_tma_kernel<TBN, TST, bf16>, static_cast<bf16*>(dW));
+  MOELAB_CUDA_LAUNCH_CHECK("grouped_wgrad_tma_kernel");
+}
+
+void wgrad_sm90_tma(const bf16* dY, const bf16* X, void* dW, DType dw_dtype, const int32_t* offsets, int E,
+                    int64_t R, int N, int K, float beta, cudaStream_t stream, int tile_n) {
+  if (tile_n == 128) wgrad_tma_cfg<128, 3>(dY, X, dW, dw_dtype, offsets, E, R, N, K, beta, stream);
+  else wgrad_tma_cfg<256, 4>(dY, X, dW, dw_dtype, offsets, E, R, N, K, beta, stream);
+}
+
+void transpose_experts(const bf16* W, bf16* Wt, int E, int R, int S, cudaStream_t stream) {
+  dim3 grid(unsigned((S + 31) / 32), unsigned((R + 31) / 32), unsigned(E));
+  transpose_experts_kernel<<<grid, dim3(32, 8), 0, stream>>>(W, Wt, R, S);
+  MOELAB_CUDA_LAUNCH_CHECK("transpose_experts_kernel");
+}
+
+}  // namespace grouped_gemm
+}  // namespace moelab

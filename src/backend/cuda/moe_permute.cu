@@ -1,0 +1,145 @@
+// MoE permute / unpermute as row gathers and scatters driven by the device plan: permute gathers
+// token rows into expert order, combine gathers expert outputs back per token with the gates
+// fused in. Each token (or permuted row) is handled by one warp, summing its k assignments in
+// order j = 0..k-1, so backward passes need no atomics and stay deterministic.
+#include "backend/cuda/cuda_common.cuh"
+
+namespace moelab {
+using namespace cuda_detail;
+
+namespace {
+
+constexpr int kWarps = 8;
+
+template <class TX, class TP>
+__global__ void permute_kernel(const TX* x, const int32_t* row_token, const int32_t* offsets, int E, TP* xp,
+                               int64_t rows_alloc, int d) {
+  int64_t r = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  if (r >= rows_alloc || r >= offsets[E]) return;
+  int64_t t = row_token[r];
+  for (int i = threadIdx.x & 31; i < d; i += 32) xp[r * d + i] = from_f32<TP>(to_f32(x[t * d + i]));
+}
+
+template <class TP, class TX>
+__global__ void permute_bwd_kernel(const TP* dxp, const int32_t* slot, int64_t T, int k, int d, TX* dx) {
+  int64_t t = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  if (t >= T) return;
+  for (int i = threadIdx.x & 31; i < d; i += 32) {
+    float acc = to_f32(dx[t * d + i]);
+    for (int j = 0; j < k; ++j) {
+      int s = slot[t * k + j];
+      if (s >= 0) acc += to_f32(dxp[int64_t(s) * d + i]);
+    }
+    dx[t * d + i] = from_f32<TX>(acc);
+  }
+}
+
+template <class TP, class TY>
+__global__ void combine_kernel(const TP* yp, const int32_t* slot, const float* gates, int64_t T, int k, int d,
+                               TY* y, bool accumulate) {
+  int64_t t = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  if (t >= T) return;
+  for (int i = threadIdx.x & 31; i < d; i += 32) {
+    float acc = accumulate ? to_f32(y[t * d + i]) : 0.f;
+    for (int j = 0; j < k; ++j) {
+      int s = slot[t * k + j];
+      if (s >= 0) acc += gates[t * k + j] * to_f32(yp[int64_t(s) * d + i]);
+    }
+    y[t * d + i] = from_f32<TY>(acc);
+  }
+}
+
+// One warp per (t, j): writes dyp's row and reduces the gate gradient across the warp.
+template <class TD, class TP, class TO>
+__global__ void combine_bwd_kernel(const TD* dy, const TP* yp, const int32_t* slot, const float* gates, int64_t T,
+                                   int k, int d, TO* dyp, float* dgates) {
+  int64_t a = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  if (a >= T * k) return;
+  int64_t t = a / k;
+  int s = slot[a];
+  int lane = threadIdx.x & 31;
+  if (s < 0) {
+    if (lane == 0) dgates[a] = 0.f;
+    return;
+  }
+  float g = gates[a], dot = 0.f;
+  for (int i = lane; i < d; i += 32) {
+    float dv = to_f32(dy[t * d + i]);
+    dot += dv * to_f32(yp[int64_t(s) * d + i]);
+    dyp[int64_t(s) * d + i] = from_f32<TO>(g * dv);
+  }
+  dot = warp_sum(dot);
+  if (lane == 0) dgates[a] = dot;
+}
+
+unsigned warps_grid(int64_t n) { return unsigned((n + kWarps - 1) / kWarps); }
+
+}  // namespace
+
+void CudaBackend::moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets, Tensor& xp) {
+  require_float(x, "moe_permute", "x");
+  require_float(xp, "moe_permute", "xp");
+  require_dtype(row_token, DType::i32, "moe_permute", "row_token");
+  require_dtype(offsets, DType::i32, "moe_permute", "offsets");
+  require(x.cols() == xp.cols() && row_token.numel() >= xp.rows(), "moe_permute",
+          "xp must be [R, D] with R <= row_token's length");
+  int64_t R = xp.rows();
+  int E = int(offsets.numel()) - 1;
+  if (R == 0) return;
+  MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(xp.dtype, TP,
+      permute_kernel<TX, TP><<<warps_grid(R), 32 * kWarps, 0, stream_>>>(
+          x.as<TX>(), row_token.as<int32_t>(), offsets.as<int32_t>(), E, xp.as<TP>(), R, int(x.cols()))));
+  MOELAB_CUDA_LAUNCH_CHECK("moe_permute");
+}
+
+void CudaBackend::moe_permute_bwd(const Tensor& dxp, const Tensor& slot, Tensor& dx) {
+  require_float(dxp, "moe_permute_bwd", "dxp");
+  require_float(dx, "moe_permute_bwd", "dx");
+  require_dtype(slot, DType::i32, "moe_permute_bwd", "slot");
+  int64_t T = dx.rows();
+  require(T > 0 ? slot.numel() % T == 0 : true, "moe_permute_bwd", "slot must be [T*k]");
+  if (T == 0) return;
+  int k = int(slot.numel() / T);
+  MOELAB_FLOAT_DISPATCH(dxp.dtype, TP, MOELAB_FLOAT_DISPATCH(dx.dtype, TX,
+      permute_bwd_kernel<TP, TX><<<warps_grid(T), 32 * kWarps, 0, stream_>>>(
+          dxp.as<TP>(), slot.as<int32_t>(), T, k, int(dx.cols()), dx.as<TX>())));
+  MOELAB_CUDA_LAUNCH_CHECK("moe_permute_bwd");
+}
+
+void CudaBackend::moe_combine(const Tensor& yp, const Tensor& slot, const Tensor& gates, Tensor& y, bool accumulate) {
+  require_float(yp, "moe_combine", "yp");
+  require_float(y, "moe_combine", "y");
+  require_dtype(slot, DType::i32, "moe_combine", "slot");
+  require_dtype(gates, DType::f32, "moe_combine", "gates");
+  int64_t T = y.rows();
+  if (T == 0) return;
+  require(slot.numel() % T == 0 && gates.numel() == slot.numel(), "moe_combine", "slot and gates must be [T, k]");
+  int k = int(slot.numel() / T);
+  MOELAB_FLOAT_DISPATCH(yp.dtype, TP, MOELAB_FLOAT_DISPATCH(y.dtype, TY,
+      combine_kernel<TP, TY><<<warps_grid(T), 32 * kWarps, 0, stream_>>>(
+          yp.as<TP>(), slot.as<int32_t>(), gates.as<float>(), T, k, int(y.cols()), y.as<TY>(), accumulate)));
+  MOELAB_CUDA_LAUNCH_CHECK("moe_combine");
+}
+
+void CudaBackend::moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot, const Tensor& gates,
+                                  Tensor& dyp, Tensor& dgates) {
+  require_float(dy, "moe_combine_bwd", "dy");
+  require_float(yp, "moe_combine_bwd", "yp");
+  require_float(dyp, "moe_combine_bwd", "dyp");
+  require_dtype(slot, DType::i32, "moe_combine_bwd", "slot");
+  require_dtype(gates, DType::f32, "moe_combine_bwd", "gates");
+  require_dtype(dgates, DType::f32, "moe_combine_bwd", "dgates");
+  int64_t T = dy.rows();
+  if (T == 0) return;
+  require(slot.numel() % T == 0 && gates.numel() == slot.numel() && dgates.numel() == slot.numel(),
+          "moe_combine_bwd", "slot, gates and dgates must be [T, k]");
+  int k = int(slot.numel() / T);
+  require(yp.dtype == dy.dtype, "moe_combine_bwd", "yp and dy must share one dtype");
+  MOELAB_FLOAT_DISPATCH(dy.dtype, TD, MOELAB_FLOAT_DISPATCH(dyp.dtype, TO,
+      combine_bwd_kernel<TD, TD, TO><<<warps_grid(T * k), 32 * kWarps, 0, stream_>>>(
+          dy.as<TD>(), reinterpret_cast<const TD*>(yp.data), slot.as<int32_t>(), gates.as<float>(), T, k,
+          int(dy.cols()), dyp.as<TO>(), dgates.as<float>())));
+  MOELAB_CUDA_LAUNCH_CHECK("moe_combine_bwd");
+}
+
+}  // namespace moelab

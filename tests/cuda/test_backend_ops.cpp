@@ -1,0 +1,523 @@
+// Every op of the CUDA backend against the CPU reference, forward and backward, on fresh random
+// inputs (in the style of ggml's test-backend-ops). Inputs are drawn once, rounded to bf16 where
+// the GPU stores bf16, and given to both backends, so a difference measures only the GPU op's own
+// arithmetic. Outputs are compared by normalized error ||gpu - cpu|| / ||cpu||; NaN never passes.
+// Index outputs (top-k, dispatch plan) must match exactly. Skips cleanly when there is no GPU.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+
+#include "backend/cpu/cpu_backend.hpp"
+#include "backend/cuda/cuda_backend.hpp"
+#include "core/rng.hpp"
+
+namespace moelab {
+namespace {
+
+constexpr double kBf16Tol = 1e-2;   // outputs stored in bf16, or computed from bf16 operands
+constexpr double kF32Tol = 1e-4;    // f32 math on identical inputs
+
+uint64_t fresh_seed() {
+  return uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+}
+
+double nerr(const std::vector<float>& out, const std::vector<float>& ref) {
+  if (out.size() != ref.size()) return INFINITY;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (!std::isfinite(out[i])) return INFINITY;
+    double d = double(out[i]) - double(ref[i]);
+    num += d * d;
+    den += double(ref[i]) * double(ref[i]);
+  }
+  if (den == 0) return std::sqrt(num);
+  return std::sqrt(num / den);
+}
+
+class CudaOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!CudaBackend::cuda_device_available()) GTEST_SKIP() << "no CUDA GPU on this machine";
+    gpu = std::make_unique<CudaBackend>();
+    cpu = std::make_unique<CpuBackend>(DType::f32, 2);
+    seed = fresh_seed();
+    rng = std::make_unique<Rng>(seed);
+    RecordProperty("seed", std::to_string(seed));
+  }
+
+  // A tensor on both backends with the same values: f32 on the CPU, `dt` on the GPU (values
+  // rounded to bf16 first when dt is bf16).
+  struct Pair {
+    Tensor c, g;
+  };
+  std::vector<float> randn(int64_t n, float scale = 1.f) {
+    std::vector<float> v(static_cast<size_t>(n));
+    for (auto& x : v) x = float(rng->normal()) * scale;
+    return v;
+  }
+  Pair pair_from(const Shape& s, DType dt, std::vector<float> v) {
+    if (dt == DType::bf16)
+      for (auto& x : v) x = round_to_bf16(x);
+    Pair p{cpu->alloc(s, DType::f32), gpu->alloc(s, dt)};
+    cpu->write(p.c, v);
+    gpu->write(p.g, v);
+    return p;
+  }
+  Pair rand_pair(const Shape& s, DType dt, float scale = 1.f) {
+    int64_t n = 1;
+    for (auto d : s) n *= d;
+    return pair_from(s, dt, randn(n, scale));
+  }
+  Pair i32_pair(const Shape& s, const std::vector<int32_t>& v) {
+    Pair p{cpu->alloc(s, DType::i32), gpu->alloc(s, DType::i32)};
+    cpu->write_i32(p.c, v);
+    gpu->write_i32(p.g, v);
+    return p;
+  }
+  // Output buffers: CPU f32, GPU `dt`, the GPU one poisoned with NaN so unwritten elements fail.
+  Pair out_pair(const Shape& s, DType dt) {
+    Pair p{cpu->alloc(s, dt == DType::i32 ? DType::i32 : DType::f32), gpu->alloc(s, dt)};
+    if (dt != DType::i32) gpu->fill(p.g, NAN);
+    else gpu->fill(p.g, -7777);
+    return p;
+  }
+  double err(const Pair& p) { return nerr(gpu->read(p.g), cpu->read(p.c)); }
+  void expect_close(const Pair& p, double tol, const std::string& what) {
+    double e = err(p);
+    EXPECT_LT(e, tol) << what << " (seed " << seed << ")";
+  }
+  void expect_equal_i32(const Pair& p, const std::string& what) {
+    auto a = gpu->read_i32(p.g), b = cpu->read_i32(p.c);
+    EXPECT_EQ(a, b) << what << " (seed " << seed << ")";
+  }
+
+  std::unique_ptr<CudaBackend> gpu;
+  std::unique_ptr<CpuBackend> cpu;
+  std::unique_ptr<Rng> rng;
+  uint64_t seed = 0;
+};
+
+TEST(CudaDevice, NoGpuIsAClearError) {
+  if (CudaBackend::cuda_device_available()) {
+    CudaBackend b;
+    EXPECT_FALSE(b.name().empty());
+    EXPECT_EQ(b.act_dtype(), DType::bf16);
+  } else {
+    try {
+      CudaBackend b;
+      FAIL() << "constructing a CUDA backend without a GPU must throw";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("no CUDA GPU"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST_F(CudaOps, ElementwiseAndReductions) {
+  const Shape s{37, 129};
+  auto x = rand_pair(s, DType::bf16), y = rand_pair(s, DType::f32);
+  // copy bf16 -> f32 and f32 -> bf16
+  auto c1 = out_pair(s, DType::f32);
+  cpu->copy(x.c, c1.c);
+  gpu->copy(x.g, c1.g);
+  expect_close(c1, 1e-7, "copy bf16->f32");
+  auto c2 = out_pair(s, DType::bf16);
+  cpu->copy(y.c, c2.c);
+  gpu->copy(y.g, c2.g);
+  expect_close(c2, 5e-3, "copy f32->bf16");
+  // axpby into f32
+  cpu->axpby(0.7f, x.c, -1.3f, y.c);
+  gpu->axpby(0.7f, x.g, -1.3f, y.g);
+  expect_close(y, kF32Tol, "axpby");
+  // fill
+  auto f = out_pair(s, DType::bf16);
+  cpu->fill(f.c, 2.5f);
+  gpu->fill(f.g, 2.5f);
+  expect_close(f, 1e-12, "fill");
+  // sum / sum_squares, with and without accumulation
+  auto o = out_pair({1}, DType::f32);
+  cpu->sum(x.c, o.c, false);
+  gpu->sum(x.g, o.g, false);
+  EXPECT_NEAR(gpu->read(o.g)[0], cpu->read(o.c)[0], 1e-3 * std::sqrt(double(x.c.numel())));
+  cpu->sum_squares(x.c, o.c, true);
+  gpu->sum_squares(x.g, o.g, true);
+  expect_close(o, 1e-5, "sum_squares accumulate");
+  // relu^2
+  auto h = rand_pair(s, DType::bf16), a = out_pair(s, DType::bf16);
+  cpu->relu2_fwd(h.c, a.c);
+  gpu->relu2_fwd(h.g, a.g);
+  expect_close(a, kBf16Tol, "relu2_fwd");
+  auto da = rand_pair(s, DType::bf16), dh = out_pair(s, DType::bf16);
+  cpu->relu2_bwd(h.c, da.c, dh.c);
+  gpu->relu2_bwd(h.g, da.g, dh.g);
+  expect_close(dh, kBf16Tol, "relu2_bwd");
+}
+
+TEST_F(CudaOps, MatmulAllTransposesAndTypes) {
+  const int64_t M = 96, N = 136, K = 200;
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb) {
+      Shape sa = ta ? Shape{K, M} : Shape{M, K};
+      Shape sb = tb ? Shape{N, K} : Shape{K, N};
+      auto A = rand_pair(sa, DType::bf16), B = rand_pair(sb, DType::bf16);
+      // bf16 out
+      auto C = out_pair({M, N}, DType::bf16);
+      cpu->matmul(A.c, ta, B.c, tb, C.c, 1.f, 0.f);
+      gpu->matmul(A.g, ta, B.g, tb, C.g, 1.f, 0.f);
+      expect_close(C, kBf16Tol, "matmul bf16 ta=" + std::to_string(ta) + " tb=" + std::to_string(tb));
+      // f32 out with beta accumulation (weight-gradient style)
+      auto D = rand_pair({M, N}, DType::f32);
+      cpu->matmul(A.c, ta, B.c, tb, D.c, 0.5f, 1.f);
+      gpu->matmul(A.g, ta, B.g, tb, D.g, 0.5f, 1.f);
+      expect_close(D, 1e-4, "matmul f32 += ta=" + std::to_string(ta) + " tb=" + std::to_string(tb));
+    }
+  // f32 x f32 (TF32) and mixed f32 x bf16
+  auto A = rand_pair({M, K}, DType::f32), B = rand_pair({N, K}, DType::f32), Bb = rand_pair({N, K}, DType::bf16);
+  auto C = out_pair({M, N}, DType::f32);
+  cpu->matmul(A.c, false, B.c, true, C.c);
+  gpu->matmul(A.g, false, B.g, true, C.g);
+  expect_close(C, 3e-3, "matmul f32 (tf32)");
+  cpu->matmul(A.c, false, Bb.c, true, C.c);
+  gpu->matmul(A.g, false, Bb.g, true, C.g);
+  expect_close(C, kBf16Tol, "matmul f32 x bf16");
+}
+
+TEST_F(CudaOps, Embedding) {
+  const int64_t V = 300, D = 72, N = 517;
+  std::vector<int32_t> tok(N);
+  for (auto& t : tok) t = int32_t(rng->below(40));  // many repeats
+  tok[3] = V - 1;
+  auto tokens = i32_pair({N}, tok);
+  auto wte = rand_pair({V, D}, DType::f32);
+  auto out = out_pair({N, D}, DType::bf16);
+  cpu->embedding_fwd(tokens.c, wte.c, out.c);
+  gpu->embedding_fwd(tokens.g, wte.g, out.g);
+  expect_close(out, 5e-3, "embedding_fwd");
+  auto dout = rand_pair({N, D}, DType::bf16);
+  auto dwte = rand_pair({V, D}, DType::f32);
+  cpu->embedding_bwd(tokens.c, dout.c, dwte.c);
+  gpu->embedding_bwd(tokens.g, dout.g, dwte.g);
+  expect_close(dwte, 1e-5, "embedding_bwd");
+}
+
+TEST_F(CudaOps, RmsNormAndRopeNorm) {
+  const int64_t B = 2, T = 45, H = 3, hd = 64, D = 192;
+  auto x = rand_pair({B, T, D}, DType::bf16, 3.f);
+  auto y = out_pair({B, T, D}, DType::bf16), r = out_pair({B, T}, DType::f32);
+  cpu->rmsnorm_fwd(x.c, y.c, r.c);
+  gpu->rmsnorm_fwd(x.g, y.g, r.g);
+  expect_close(y, kBf16Tol, "rmsnorm_fwd y");
+  expect_close(r, 1e-5, "rmsnorm_fwd rstd");
+  auto dy = rand_pair({B, T, D}, DType::bf16);
+  for (bool acc : {false, true}) {
+    auto dx = rand_pair({B, T, D}, DType::f32);
+    cpu->rmsnorm_bwd(x.c, r.c, dy.c, dx.c, acc);
+    gpu->rmsnorm_bwd(x.g, r.g, dy.g, dx.g, acc);
+    expect_close(dx, 1e-4, std::string("rmsnorm_bwd accumulate=") + (acc ? "1" : "0"));
+  }
+  // rope + qk norm
+  const int64_t S = 64;
+  std::vector<float> cs(S * hd / 2), sn(S * hd / 2);
+  for (int64_t t = 0; t < S; ++t)
+    for (int64_t i = 0; i < hd / 2; ++i) {
+      double f = double(t) / std::pow(10000.0, 2.0 * double(i) / double(hd));
+      cs[t * hd / 2 + i] = float(std::cos(f));
+      sn[t * hd / 2 + i] = float(std::sin(f));
+    }
+  auto cosp = pair_from({S, hd / 2}, DType::f32, cs), sinp = pair_from({S, hd / 2}, DType::f32, sn);
+  auto q = rand_pair({B, T, H, hd}, DType::bf16, 2.f);
+  auto qy = out_pair({B, T, H, hd}, DType::bf16), qr = out_pair({B, T, H}, DType::f32);
+  cpu->rope_norm_fwd(q.c, cosp.c, sinp.c, qy.c, qr.c);
+  gpu->rope_norm_fwd(q.g, cosp.g, sinp.g, qy.g, qr.g);
+  expect_close(qy, kBf16Tol, "rope_norm_fwd y");
+  expect_close(qr, 1e-5, "rope_norm_fwd rstd");
+  auto dqy = rand_pair({B, T, H, hd}, DType::bf16), dq = out_pair({B, T, H, hd}, DType::bf16);
+  cpu->rope_norm_bwd(q.c, cosp.c, sinp.c, qr.c, dqy.c, dq.c);
+  gpu->rope_norm_bwd(q.g, cosp.g, sinp.g, qr.g, dqy.g, dq.g);
+  expect_close(dq, kBf16Tol, "rope_norm_bwd");
+}
+
+TEST_F(CudaOps, Attention) {
+  // hd 64 with bf16 runs the tensor-core kernels; the others the generic ones.
+  struct Case {
+    int64_t B, T, Hq, Hkv, hd;
+    DType grad;
+  };
+  for (Case cs : {Case{2, 77, 4, 4, 64, DType::bf16}, Case{1, 200, 6, 2, 64, DType::f32},
+                  Case{1, 130, 6, 2, 32, DType::bf16}, Case{1, 40, 2, 1, 128, DType::bf16}}) {
+    const std::string tag = "T=" + std::to_string(cs.T) + " Hq=" + std::to_string(cs.Hq) + " Hkv=" +
+                            std::to_string(cs.Hkv) + " hd=" + std::to_string(cs.hd) + " grad " +
+                            dtype_name(cs.grad);
+    auto q = rand_pair({cs.B, cs.T, cs.Hq, cs.hd}, DType::bf16);
+    auto k = rand_pair({cs.B, cs.T, cs.Hkv, cs.hd}, DType::bf16);
+    auto v = rand_pair({cs.B, cs.T, cs.Hkv, cs.hd}, DType::bf16);
+    auto o = out_pair({cs.B, cs.T, cs.Hq, cs.hd}, DType::bf16), lse = out_pair({cs.B, cs.Hq, cs.T}, DType::f32);
+    cpu->attention_fwd(q.c, k.c, v.c, o.c, lse.c);
+    gpu->attention_fwd(q.g, k.g, v.g, o.g, lse.g);
+    expect_close(o, kBf16Tol, "attention_fwd out " + tag);
+    expect_close(lse, 1e-4, "attention_fwd lse " + tag);
+    // Backward from the CPU's forward outputs (rounded to bf16 as the GPU stores them).
+    auto oc = cpu->read(o.c);
+    auto ob = pair_from(o.c.shape, DType::bf16, oc);
+    auto lc = pair_from(lse.c.shape, DType::f32, cpu->read(lse.c));
+    auto dout = rand_pair(o.c.shape, DType::bf16);
+    auto dq = out_pair(q.c.shape, cs.grad), dk = out_pair(k.c.shape, cs.grad), dv = out_pair(v.c.shape, cs.grad);
+    cpu->attention_bwd(q.c, k.c, v.c, ob.c, lc.c, dout.c, dq.c, dk.c, dv.c);
+    gpu->attention_bwd(q.g, k.g, v.g, ob.g, lc.g, dout.g, dq.g, dk.g, dv.g);
+    expect_close(dq, kBf16Tol, "attention_bwd dq " + tag);
+    expect_close(dk, kBf16Tol, "attention_bwd dk " + tag);
+    expect_close(dv, kBf16Tol, "attention_bwd dv " + tag);
+  }
+}
+
+TEST_F(CudaOps, SoftcapCrossEntropy) {
+  const int64_t N = 29, V = 1000;
+  std::vector<int32_t> tg(N);
+  for (auto& t : tg) t = int32_t(rng->below(V));
+  tg[4] = -1;
+  tg[11] = -1;
+  auto targets = i32_pair({N}, tg);
+  for (DType dt : {DType::f32, DType::bf16}) {
+    auto logits = rand_pair({N, V}, dt, 8.f);
+    auto losses = out_pair({N}, DType::f32), dl = out_pair({N, V}, dt);
+    cpu->softcap_xent(logits.c, targets.c, 15.f, 0.25f, losses.c, dl.c);
+    gpu->softcap_xent(logits.g, targets.g, 15.f, 0.25f, losses.g, dl.g);
+    expect_close(losses, 1e-4, std::string("softcap_xent losses ") + dtype_name(dt));
+    expect_close(dl, dt == DType::f32 ? 1e-4 : kBf16Tol, std::string("softcap_xent dlogits ") + dtype_name(dt));
+    // In place: dlogits aliases logits.
+    auto alias_losses = out_pair({N}, DType::f32);
+    gpu->softcap_xent(logits.g, targets.g, 15.f, 0.25f, alias_losses.g, logits.g);
+    EXPECT_LT(nerr(gpu->read(logits.g), cpu->read(dl.c)), dt == DType::f32 ? 1e-4 : kBf16Tol) << "aliased";
+    EXPECT_LT(nerr(gpu->read(alias_losses.g), cpu->read(losses.c)), 1e-4) << "aliased losses";
+  }
+}
+
+// Router, plan (dropless and capacity), balance loss, permute, combine, grouped GEMMs, router bwd:
+// the whole MoE layer path op by op.
+TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
+  const int64_t T = 300, E = 6, k = 2, D = 64, Hd = 96;
+  for (int capacity : {0, 70}) {
+    const std::string tag = capacity ? " (capacity 70)" : " (dropless)";
+    auto logits = rand_pair({T, E}, DType::f32, 2.f);
+    auto probs = out_pair({T, E}, DType::f32), gates = out_pair({T, k}, DType::f32);
+    auto idx = out_pair({T, k}, DType::i32);
+    cpu->router_topk(logits.c, int(k), probs.c, idx.c, gates.c);
+    gpu->router_topk(logits.g, int(k), probs.g, idx.g, gates.g);
+    expect_close(probs, 1e-5, "router probs" + tag);
+    expect_equal_i32(idx, "router topk" + tag);
+    expect_close(gates, 1e-5, "router gates" + tag);
+
+    auto routed = out_pair({E}, DType::i32), counts = out_pair({E}, DType::i32),
+         offsets = out_pair({E + 1}, DType::i32), slot = out_pair({T * k}, DType::i32),
+         row_token = out_pair({T * k}, DType::i32);
+    cpu->moe_plan(idx.c, int(E), capacity, routed.c, counts.c, offsets.c, slot.c, row_token.c);
+    gpu->moe_plan(idx.g, int(E), capacity, routed.g, counts.g, offsets.g, slot.g, row_token.g);
+    expect_equal_i32(routed, "plan routed" + tag);
+    expect_equal_i32(counts, "plan counts" + tag);
+    expect_equal_i32(offsets, "plan offsets" + tag);
+    expect_equal_i32(slot, "plan slot" + tag);
+    const int32_t kept = cpu->read_i32(offsets.c)[size_t(E)];
+    auto rt_g = gpu->read_i32(row_token.g), rt_c = cpu->read_i32(row_token.c);
+    EXPECT_TRUE(std::equal(rt_c.begin(), rt_c.begin() + kept, rt_g.begin())) << "plan row_token" << tag;
+    if (capacity) {
+      EXPECT_LT(kept, T * k) << "capacity case must drop something to test the rule";
+    }
+
+    auto bal = out_pair({1}, DType::f32);
+    cpu->balance_loss(probs.c, routed.c, 0.01f, bal.c);
+    gpu->balance_loss(probs.g, routed.g, 0.01f, bal.g);
+    expect_close(bal, 1e-5, "balance_loss" + tag);
+
+    // permute -> expert GEMM up (trans_w) -> relu2 -> GEMM down (no trans) -> combine
+    auto x = rand_pair({T, D}, DType::bf16);
+    auto xp = out_pair({T * k, D}, DType::bf16);
+    cpu->moe_permute(x.c, row_token.c, offsets.c, xp.c);
+    gpu->moe_permute(x.g, row_token.g, offsets.g, xp.g);
+    auto xpc = cpu->read(xp.c), xpg = gpu->read(xp.g);
+    xpc.resize(size_t(kept) * D);
+    xpg.resize(size_t(kept) * D);
+    EXPECT_LT(nerr(xpg, xpc), 1e-7) << "moe_permute" << tag;
+
+    auto w1 = rand_pair({E, Hd, D}, DType::bf16, 0.2f);  // [E, N, K]
+    auto w2 = rand_pair({E, Hd, D}, DType::bf16, 0.2f);  // [E, K, N] for the down projection
+    auto h = out_pair({T * k, Hd}, DType::bf16);
+    cpu->fill(h.c, 0.f);
+    gpu->fill(h.g, 0.f);
+    cpu->grouped_matmul(xp.c, w1.c, true, h.c, offsets.c);
+    gpu->grouped_matmul(xp.g, w1.g, true, h.g, offsets.g);
+    auto hc = cpu->read(h.c), hg = gpu->read(h.g);
+    hc.resize(size_t(kept) * Hd);
+    hg.resize(size_t(kept) * Hd);
+    EXPECT_LT(nerr(hg, hc), kBf16Tol) << "grouped_matmul trans_w" << tag;
+    // Continue from the CPU's values so each op is judged alone.
+    auto hb = pair_from(h.c.shape, DType::bf16, cpu->read(h.c));
+    auto yp = out_pair({T * k, D}, DType::f32);
+    cpu->fill(yp.c, 0.f);
+    gpu->fill(yp.g, 0.f);
+    cpu->grouped_matmul(hb.c, w2.c, false, yp.c, offsets.c);
+    gpu->grouped_matmul(hb.g, w2.g, false, yp.g, offsets.g);
+    auto ypc = cpu->read(yp.c), ypg = gpu->read(yp.g);
+    ypc.resize(size_t(kept) * D);
+    ypg.resize(size_t(kept) * D);
+    EXPECT_LT(nerr(ypg, ypc), kBf16Tol) << "grouped_matmul no trans, f32 out" << tag;
+
+    auto ypb = pair_from(yp.c.shape, DType::bf16, cpu->read(yp.c));
+    for (bool acc : {false, true}) {
+      auto y = rand_pair({T, D}, DType::bf16);
+      cpu->moe_combine(ypb.c, slot.c, gates.c, y.c, acc);
+      gpu->moe_combine(ypb.g, slot.g, gates.g, y.g, acc);
+      expect_close(y, kBf16Tol, std::string("moe_combine accumulate=") + (acc ? "1" : "0") + tag);
+    }
+    auto dy = rand_pair({T, D}, DType::bf16);
+    auto dyp = out_pair({T * k, D}, DType::bf16), dgates = out_pair({T, k}, DType::f32);
+    cpu->moe_combine_bwd(dy.c, ypb.c, slot.c, gates.c, dyp.c, dgates.c);
+    gpu->moe_combine_bwd(dy.g, ypb.g, slot.g, gates.g, dyp.g, dgates.g);
+    expect_close(dgates, 1e-3, "moe_combine_bwd dgates" + tag);
+    auto dypc = cpu->read(dyp.c), dypg = gpu->read(dyp.g);
+    dypc.resize(size_t(kept) * D);
+    dypg.resize(size_t(kept) * D);
+    EXPECT_LT(nerr(dypg, dypc), kBf16Tol) << "moe_combine_bwd dyp" << tag;
+
+    // weight gradients: dW [E, N, K] = dY^T X per expert, f32 with beta 0 and 1, and bf16
+    auto dh = rand_pair({T * k, Hd}, DType::bf16);
+    for (float beta : {0.f, 1.f}) {
+      auto dw = rand_pair({E, Hd, D}, DType::f32);
+      cpu->grouped_matmul_wgrad(dh.c, xp.c, dw.c, offsets.c, beta);
+      gpu->grouped_matmul_wgrad(dh.g, xp.g, dw.g, offsets.g, beta);
+      expect_close(dw, 1e-4, "grouped_matmul_wgrad f32 beta=" + std::to_string(beta) + tag);
+    }
+    auto dwb = out_pair({E, Hd, D}, DType::bf16);
+    cpu->grouped_matmul_wgrad(dh.c, xp.c, dwb.c, offsets.c, 0.f);
+    gpu->grouped_matmul_wgrad(dh.g, xp.g, dwb.g, offsets.g, 0.f);
+    expect_close(dwb, kBf16Tol, "grouped_matmul_wgrad bf16" + tag);
+
+    // permute backward
+    auto dxp = rand_pair({T * k, D}, DType::bf16);
+    auto dx = rand_pair({T, D}, DType::f32);
+    cpu->moe_permute_bwd(dxp.c, slot.c, dx.c);
+    gpu->moe_permute_bwd(dxp.g, slot.g, dx.g);
+    expect_close(dx, 1e-5, "moe_permute_bwd" + tag);
+
+    // router backward
+    auto dg = rand_pair({T, k}, DType::f32);
+    auto dl = out_pair({T, E}, DType::f32);
+    cpu->router_bwd(probs.c, idx.c, gates.c, dg.c, routed.c, 0.01f, 2.f, dl.c);
+    gpu->router_bwd(probs.g, idx.g, gates.g, dg.g, routed.g, 0.01f, 2.f, dl.g);
+    expect_close(dl, 1e-4, "router_bwd" + tag);
+  }
+}
+
+TEST_F(CudaOps, GroupedGemmUnevenAndEmptyExperts) {
+  const int64_t E = 5, R = 700, N = 264, K = 136;
+  // offsets with an empty expert, a one-row expert and spare rows past offsets[E]
+  std::vector<int32_t> off = {0, 0, 1, 250, 251, 640};
+  auto offsets = i32_pair({E + 1}, off);
+  auto A = rand_pair({R, K}, DType::bf16), W = rand_pair({E, N, K}, DType::bf16, 0.1f);
+  auto C = out_pair({R, N}, DType::bf16);
+  cpu->fill(C.c, 0.f);
+  cpu->grouped_matmul(A.c, W.c, true, C.c, offsets.c);
+  gpu->grouped_matmul(A.g, W.g, true, C.g, offsets.g);
+  auto cc = cpu->read(C.c), cg = gpu->read(C.g);
+  cc.resize(size_t(640) * N);
+  cg.resize(size_t(640) * N);
+  EXPECT_LT(nerr(cg, cc), kBf16Tol) << "grouped uneven (seed " << seed << ")";
+  auto dW = rand_pair({E, N, K}, DType::f32);
+  auto dY = rand_pair({R, N}, DType::bf16);
+  cpu->grouped_matmul_wgrad(dY.c, A.c, dW.c, offsets.c, 1.f);
+  gpu->grouped_matmul_wgrad(dY.g, A.g, dW.g, offsets.g, 1.f);
+  expect_close(dW, 1e-4, "grouped wgrad uneven");
+}
+
+TEST_F(CudaOps, Optimizers) {
+  const Shape s{123, 77};
+  auto p = rand_pair(s, DType::f32), g = rand_pair(s, DType::f32), m = rand_pair(s, DType::f32, 0.1f);
+  std::vector<float> vv = randn(p.c.numel(), 0.1f);
+  for (auto& x : vv) x = x * x;
+  auto v = pair_from(s, DType::f32, vv);
+  AdamWStep st;
+  st.lr = 0.01f;
+  st.beta1 = 0.8f;
+  st.weight_decay = 0.1f;
+  st.eps = 1e-10f;
+  st.step = 3;
+  cpu->adamw_update(p.c, g.c, m.c, v.c, st);
+  gpu->adamw_update(p.g, g.g, m.g, v.g, st);
+  expect_close(p, 1e-6, "adamw param");
+  expect_close(m, 1e-6, "adamw m");
+  expect_close(v, 1e-6, "adamw v");
+  auto x = rand_pair(s, DType::bf16), y = out_pair(s, DType::bf16);
+  cpu->frobenius_normalize(x.c, y.c, 1e-7f);
+  gpu->frobenius_normalize(x.g, y.g, 1e-7f);
+  expect_close(y, kBf16Tol, "frobenius_normalize");
+}
+
+// A captured sequence (plan -> permute -> grouped GEMM) replayed on new inputs written into the
+// same buffers must match the CPU on those new inputs: the graph reads offsets on the device.
+TEST_F(CudaOps, GraphCaptureReplaysWithDeviceOffsets) {
+  const int64_t T = 256, E = 4, k = 2, D = 64, Hd = 128;
+  Tensor idx = gpu->alloc({T, k}, DType::i32), x = gpu->alloc({T, D}, DType::bf16);
+  Tensor w = gpu->alloc({E, Hd, D}, DType::bf16);
+  Tensor routed = gpu->alloc({E}, DType::i32), counts = gpu->alloc({E}, DType::i32),
+         offsets = gpu->alloc({E + 1}, DType::i32), slot = gpu->alloc({T * k}, DType::i32),
+         row_token = gpu->alloc({T * k}, DType::i32), xp = gpu->alloc({T * k, D}, DType::bf16),
+         h = gpu->alloc({T * k, Hd}, DType::f32);
+  auto body = [&] {
+    gpu->moe_plan(idx, int(E), 0, routed, counts, offsets, slot, row_token);
+    gpu->moe_permute(x, row_token, offsets, xp);
+    gpu->grouped_matmul(xp, w, true, h, offsets);
+  };
+  CudaGraph graph(*gpu);
+  for (int round = 0; round < 3; ++round) {
+    std::vector<int32_t> iv(size_t(T * k));
+    for (int64_t t = 0; t < T; ++t) {
+      int32_t a = int32_t(rng->below(E)), b = int32_t((a + 1 + rng->below(E - 1)) % E);
+      if (round == 2) a = 0, b = 1 + int32_t(t % 2);  // very skewed routing
+      iv[size_t(t * k)] = a;
+      iv[size_t(t * k + 1)] = b;
+    }
+    auto xv = randn(T * D), wv = randn(E * Hd * D, 0.1f);
+    for (auto& f : xv) f = round_to_bf16(f);
+    for (auto& f : wv) f = round_to_bf16(f);
+    gpu->write_i32(idx, iv);
+    gpu->write(x, xv);
+    gpu->write(w, wv);
+    if (round == 0) {
+      body();  // warm-up: grows scratch buffers before capture
+      graph.capture(body);
+    }
+    graph.replay();
+    gpu->synchronize();
+    // CPU reference
+    Tensor ci = cpu->alloc({T, k}, DType::i32), cx = cpu->alloc({T, D}, DType::f32),
+           cw = cpu->alloc({E, Hd, D}, DType::f32);
+    cpu->write_i32(ci, iv);
+    cpu->write(cx, xv);
+    cpu->write(cw, wv);
+    Tensor cr = cpu->alloc({E}, DType::i32), cc = cpu->alloc({E}, DType::i32), co = cpu->alloc({E + 1}, DType::i32),
+           cs = cpu->alloc({T * k}, DType::i32), ct = cpu->alloc({T * k}, DType::i32),
+           cxp = cpu->alloc({T * k, D}, DType::f32), chh = cpu->alloc({T * k, Hd}, DType::f32);
+    cpu->moe_plan(ci, int(E), 0, cr, cc, co, cs, ct);
+    cpu->moe_permute(cx, ct, co, cxp);
+    cpu->grouped_matmul(cxp, cw, true, chh, co);
+    EXPECT_EQ(gpu->read_i32(offsets), cpu->read_i32(co)) << "round " << round;
+    EXPECT_LT(nerr(gpu->read(h), cpu->read(chh)), 1e-2) << "round " << round << " (seed " << seed << ")";
+  }
+}
+
+TEST_F(CudaOps, PeakMemoryIsTracked) {
+  gpu->synchronize();
+  gpu->reset_peak_memory();
+  size_t before = gpu->peak_memory_bytes();
+  {
+    Tensor big = gpu->alloc({64, 1 << 20}, DType::f32);  // 256 MiB
+    EXPECT_GE(gpu->peak_memory_bytes(), before + (size_t(256) << 20));
+  }
+  EXPECT_LT(gpu->current_memory_bytes(), before + (size_t(1) << 20));
+  EXPECT_GE(gpu->peak_memory_bytes(), before + (size_t(256) << 20));
+}
+
+}  // namespace
+}  // namespace moelab

@@ -1,0 +1,150 @@
+// Input checks and `data prepare`: documents from text and JSONL, line-numbered JSONL errors,
+// binary or empty inputs refused, and shards that hold exactly the documents, each after <|bos|>.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.hpp"
+#include "data/documents.hpp"
+#include "data/prepare.hpp"
+#include "data/shard.hpp"
+#include "data/text_input.hpp"
+#include "data_test_util.hpp"
+
+namespace moelab {
+namespace {
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(accepted)";
+}
+
+std::vector<std::string> documents_of(const std::string& path) {
+  std::vector<std::string> docs;
+  for_each_document(path, [&](std::string_view d) { docs.emplace_back(d); });
+  return docs;
+}
+
+}  // namespace
+
+TEST(Documents, TextSplitsAtBlankLinesAndJsonlReadsText) {
+  testing::ScratchDir dir;
+  auto docs = documents_of(dir.write("a.txt", "\n\none\ntwo\n\n  \n\nthree\n\n"));
+  ASSERT_EQ(docs.size(), 2u);
+  EXPECT_EQ(docs[0], "one\ntwo\n");
+  EXPECT_EQ(docs[1], "three\n");
+  docs = documents_of(dir.write("b.jsonl", "{\"text\": \"first\\n\", \"id\": 1}\n\n{\"text\": \"caf\\u00e9\"}\n"));
+  ASSERT_EQ(docs.size(), 2u);
+  EXPECT_EQ(docs[0], "first\n");
+  EXPECT_EQ(docs[1], "caf\xC3\xA9");
+}
+
+TEST(Documents, BadInputsNameTheFileAndLine) {
+  testing::ScratchDir dir;
+  std::string e = error_of([&] { documents_of(dir.write("c.jsonl", "{\"text\": \"ok\"}\n{\"txt\": \"no\"}\n")); });
+  EXPECT_NE(e.find("c.jsonl: line 2"), std::string::npos) << e;
+  EXPECT_NE(e.find("\"text\""), std::string::npos) << e;
+  e = error_of([&] { documents_of(dir.write("d.jsonl", "{\"text\": \"ok\"}\n\n{\"text\": 5}\n")); });
+  EXPECT_NE(e.find("d.jsonl: line 3"), std::string::npos) << e;
+  e = error_of([&] { documents_of(dir.write("e.jsonl", "{\"text\": \"ok\"}\n{not json\n")); });
+  EXPECT_NE(e.find("e.jsonl: line 2"), std::string::npos) << e;
+  e = error_of([&] { documents_of(dir.write("empty.txt", "")); });
+  EXPECT_NE(e.find("empty.txt"), std::string::npos) << e;
+  e = error_of([&] { documents_of(dir.write("blank.txt", "\n \n\n")); });
+  EXPECT_NE(e.find("blank.txt: holds no document"), std::string::npos) << e;
+  e = error_of([&] { documents_of(dir.file("missing.txt")); });
+  EXPECT_NE(e.find("missing.txt: file not found"), std::string::npos) << e;
+  // Binary junk: random bytes, and text with a NUL in it.
+  Rng rng(Rng(51).next_u64());
+  std::string junk(4000, '\0');
+  for (auto& c : junk) c = char(rng.below(256));
+  e = error_of([&] { documents_of(dir.write("junk.txt", junk)); });
+  EXPECT_NE(e.find("junk.txt: "), std::string::npos) << e;
+  e = error_of([&] { documents_of(dir.write("nul.txt", std::string("hello\0world", 11))); });
+  EXPECT_NE(e.find("nul.txt: byte offset 5"), std::string::npos) << e;
+  e = error_of([&] { documents_of(dir.write("junk.jsonl", junk)); });
+  EXPECT_NE(e.find("junk.jsonl: line 1"), std::string::npos) << e;
+  // A few stray invalid bytes in real text are tolerated (the tokenizer handles any bytes).
+  std::string text = default_corpus_text().substr(0, 20'000);
+  text[100] = char(0xff);
+  EXPECT_NO_THROW(check_is_text(text, "mostly text"));
+}
+
+TEST(Prepare, ShardsHoldEveryDocumentAfterBosWithAnEvenValidationSplit) {
+  testing::ScratchDir dir;
+  const Tokenizer& tok = testing::tiny_tokenizer();
+  std::string tok_path = dir.file("tok.txt");
+  tok.save(tok_path);
+  // 30 short documents over two files, one text and one JSONL.
+  std::vector<std::string> docs;
+  std::string txt, jsonl;
+  Rng rng(Rng(61).next_u64());
+  for (int i = 0; i < 30; ++i) {
+    std::string d = default_corpus_text().substr(rng.below(1'000'000), 50 + rng.below(200));
+    for (auto& c : d)
+      if (c == '\n') c = ' ';
+    d += "\n";
+    docs.push_back(d);
+    if (i < 20)
+      txt += d + "\n";
+    else
+      jsonl += nlohmann::json({{"text", d}}).dump() + "\n";
+  }
+  PrepareOptions opt;
+  opt.tokenizer = tok_path;
+  opt.inputs = {dir.write("a.txt", txt), dir.write("b.jsonl", jsonl)};
+  opt.out = dir.file("out");
+  opt.val_fraction = 0.1;
+  opt.progress = false;
+  ShardFolderInfo info = prepare_shards(opt);
+  EXPECT_EQ(info.train.documents, 27);
+  EXPECT_EQ(info.val.documents, 3);  // documents 9, 19 and 29
+  std::vector<std::string> val_docs;
+  for (auto [split, names] : {std::pair{&info.train, "train"}, std::pair{&info.val, "val"}}) {
+    int64_t tokens = 0;
+    std::string decoded;
+    for (auto& name : split->shards) {
+      Shard s(info.path_of(name));
+      EXPECT_EQ(s[0], tok.bos_id()) << names;
+      std::vector<int32_t> ids(size_t(s.size()));
+      s.copy(0, s.size(), ids.data());
+      tokens += s.size();
+      decoded += tok.decode(ids);
+    }
+    EXPECT_EQ(tokens, split->tokens);
+    std::string expect;
+    for (size_t i = 0; i < docs.size(); ++i)
+      if (((i + 1) % 10 == 0) == (split == &info.val)) expect += "<|bos|>" + docs[i];
+    EXPECT_EQ(decoded, expect) << names;
+  }
+  // The tokenizer is recorded beside the shards.
+  EXPECT_EQ(Tokenizer::load(info.path_of(info.tokenizer)).merges(), tok.merges());
+}
+
+TEST(Prepare, RefusesBadInputsBeforeWritingShards) {
+  testing::ScratchDir dir;
+  std::string tok_path = dir.file("tok.txt");
+  testing::tiny_tokenizer().save(tok_path);
+  PrepareOptions opt;
+  opt.tokenizer = tok_path;
+  opt.out = dir.file("out");
+  opt.progress = false;
+  opt.inputs = {dir.write("ok.txt", "one\n\ntwo\n"), dir.file("missing.txt")};
+  EXPECT_NE(error_of([&] { prepare_shards(opt); }).find("missing.txt"), std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists(dir.file("out")));
+  opt.inputs = {dir.write("one.txt", "just one document\n")};
+  EXPECT_NE(error_of([&] { prepare_shards(opt); }).find("too few"), std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists(dir.file("out/meta.json")));
+  opt.inputs = {dir.file("ok.txt")};
+  opt.tokenizer = dir.write("bad.tok", "not a tokenizer\n");
+  EXPECT_NE(error_of([&] { prepare_shards(opt); }).find("bad.tok: line 1"), std::string::npos);
+  opt.tokenizer = tok_path;
+  opt.val_fraction = 0;
+  EXPECT_NE(error_of([&] { prepare_shards(opt); }).find("--val-fraction"), std::string::npos);
+}
+
+}  // namespace moelab
