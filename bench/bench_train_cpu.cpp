@@ -37,7 +37,7 @@ void train_step_tokens_per_second(benchmark::State& state, const std::string& di
   Optimizer opt(be, model.params(), c.optim, c.model);
   const int64_t n = model.tokens_per_micro_batch();
   Rng rng(2);
-  std::vector<int32_t> tok(size_t(n)), tgt(size_t(n));
+  std::vector<int32_t> tok(static_cast<size_t>(n)), tgt(static_cast<size_t>(n));
   for (auto& t : tok) t = int32_t(rng.below(4096));
   for (auto& t : tgt) t = int32_t(rng.below(4096));
   Tensor tokens = be.alloc({n}, DType::i32), targets = be.alloc({n}, DType::i32);

@@ -8,7 +8,7 @@ rm -rf "$dest" && mkdir -p "$dest/lib"
 cp build/moelab build/test_cuda build/bench_grouped_gemm "$dest/" 2>/dev/null || cp build/moelab "$dest/"
 ldd build/moelab | awk '/=> \// {print $3}' | while read -r lib; do
   case "$(basename "$lib")" in
-    libc.so*|libm.so*|libstdc++*|libgcc_s*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcuda.so*) ;;
+    libc.so*|libm.so*|libstdc++*|libgcc_s*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcuda.so*|libcublas*) ;;  # present on the device image
     *) cp -L "$lib" "$dest/lib/" ;;
   esac
 done

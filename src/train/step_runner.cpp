@@ -1,24 +1,44 @@
 // Step execution, eager or graph-replayed.
+//
+// What the graph holds: zeroing the gradients and statistics and the forward + backward of every
+// micro-batch, i.e. all but the optimizer update. The update runs eagerly after the replay
+// because its learning rate and momentum change from step to step and the backend's optimizer
+// ops take them as launch arguments, which a graph would freeze. The first step runs eagerly
+// (it sizes the backends' scratch buffers); the second captures; later ones replay. A step whose
+// loss scale differs from the captured one (targets ignored with -1) runs eagerly.
 #include "train/step_runner.hpp"
+
+#ifdef MOELAB_HAVE_CUDA
+#include "backend/cuda/cuda_backend.hpp"
+#endif
 
 namespace moelab {
 
-struct StepRunner::Graph {};
+struct StepRunner::Graph {
+#ifdef MOELAB_HAVE_CUDA
+  explicit Graph(CudaBackend& be) : graph(be) {}
+  CudaGraph graph;
+  float loss_scale = 0, bal_scale = 0;
+  int64_t eager_steps = 0;
+#endif
+};
 
 StepRunner::StepRunner(Backend& backend, GptMoE& model, const Config& cfg) : be_(backend), model_(model), cfg_(cfg) {
   for (int64_t m = 0; m < cfg.train.grad_accum; ++m) {
     tokens_.push_back(be_.alloc({model.tokens_per_micro_batch()}, DType::i32));
     targets_.push_back(be_.alloc({model.tokens_per_micro_batch()}, DType::i32));
   }
+#ifdef MOELAB_HAVE_CUDA
+  if (cfg.exec == "graph" && be_.device() == Device::cuda)
+    graph_ = std::make_unique<Graph>(static_cast<CudaBackend&>(be_));
+#endif
 }
 
 StepRunner::~StepRunner() = default;
 
-void StepRunner::device_work(float loss_scale, float bal_scale, const std::function<void()>& optimizer_step) {
+void StepRunner::forward_backward_all(float loss_scale, float bal_scale) {
   model_.begin_step();
   for (size_t m = 0; m < tokens_.size(); ++m) model_.forward_backward(tokens_[m], targets_[m], loss_scale, bal_scale);
-  optimizer_step();
-  model_.refresh_compute_weights();
 }
 
 StepStats StepRunner::run(const std::vector<Batch>& batches, float loss_scale, float bal_scale,
@@ -28,7 +48,26 @@ StepStats StepRunner::run(const std::vector<Batch>& batches, float loss_scale, f
     be_.write_i32(tokens_[m], batches[m].inputs);
     be_.write_i32(targets_[m], batches[m].targets);
   }
-  device_work(loss_scale, bal_scale, optimizer_step);
+  bool replayed = false;
+#ifdef MOELAB_HAVE_CUDA
+  if (graph_) {
+    Graph& g = *graph_;
+    if (!g.graph.captured() && g.eager_steps >= 1) {
+      g.loss_scale = loss_scale;
+      g.bal_scale = bal_scale;
+      g.graph.capture([&] { forward_backward_all(loss_scale, bal_scale); });
+    }
+    if (g.graph.captured() && g.loss_scale == loss_scale && g.bal_scale == bal_scale) {
+      g.graph.replay();
+      replayed = true;
+    } else {
+      ++g.eager_steps;
+    }
+  }
+#endif
+  if (!replayed) forward_backward_all(loss_scale, bal_scale);
+  optimizer_step();
+  model_.refresh_compute_weights();
   return model_.read_stats(int64_t(batches.size()));
 }
 

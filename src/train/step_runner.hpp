@@ -1,7 +1,8 @@
 // Runs one optimizer step on the backend: upload the micro-batches, zero grads, forward/backward
 // each micro-batch, optimizer update, refresh of the compute weights, then the statistics
-// read-back. With exec = graph on CUDA, the device work of the step is captured once as a CUDA
-// graph and replayed; otherwise (and on the CPU) the ops launch one by one.
+// read-back. With exec = graph on CUDA, the forward/backward work of the step is captured once as
+// a CUDA graph and replayed (step_runner.cpp says why the optimizer stays outside); otherwise, and
+// on the CPU, the ops launch one by one.
 #pragma once
 #include <functional>
 #include <memory>
@@ -23,7 +24,7 @@ class StepRunner {
                 const std::function<void()>& optimizer_step);
 
  private:
-  void device_work(float loss_scale, float bal_scale, const std::function<void()>& optimizer_step);
+  void forward_backward_all(float loss_scale, float bal_scale);
 
   Backend& be_;
   GptMoE& model_;

@@ -128,6 +128,18 @@ TEST_F(CudaOps, ElementwiseAndReductions) {
   cpu->copy(y.c, c2.c);
   gpu->copy(y.g, c2.g);
   expect_close(c2, 5e-3, "copy f32->bf16");
+  // copy i32 -> f32 (expert counts into float statistics)
+  {
+    std::vector<int32_t> counts(300);
+    for (auto& v : counts) v = int32_t(rng->below(1 << 20)) - (1 << 19);
+    Tensor ic = cpu->alloc({300}, DType::i32), ig = gpu->alloc({300}, DType::i32);
+    cpu->write_i32(ic, counts);
+    gpu->write_i32(ig, counts);
+    auto c3 = out_pair({300}, DType::f32);
+    cpu->copy(ic, c3.c);
+    gpu->copy(ig, c3.g);
+    expect_close(c3, 1e-12, "copy i32->f32");
+  }
   // axpby into f32
   cpu->axpby(0.7f, x.c, -1.3f, y.c);
   gpu->axpby(0.7f, x.g, -1.3f, y.g);

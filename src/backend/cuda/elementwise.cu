@@ -24,6 +24,13 @@ __global__ void convert_kernel(const TS* s, TD* d, int64_t n) {
     d[i] = from_f32<TD>(to_f32(s[i]));
 }
 
+// Counts (i32) into float statistics; exact below 2^24.
+template <class TD>
+__global__ void i32_to_float_kernel(const int32_t* s, TD* d, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    d[i] = from_f32<TD>(float(s[i]));
+}
+
 template <class TX, class TY>
 __global__ void axpby_kernel(float a, const TX* x, float b, TY* y, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -80,8 +87,13 @@ void CudaBackend::copy(const Tensor& src, Tensor& dst) {
     MOELAB_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDeviceToDevice, stream_));
     return;
   }
-  MOELAB_FLOAT_DISPATCH(src.dtype, TS, MOELAB_FLOAT_DISPATCH(dst.dtype, TD,
-      convert_kernel<TS, TD><<<blocks(n), kThreads, 0, stream_>>>(src.as<TS>(), dst.as<TD>(), n)));
+  if (src.dtype == DType::i32) {
+    MOELAB_FLOAT_DISPATCH(dst.dtype, TD,
+        i32_to_float_kernel<TD><<<blocks(n), kThreads, 0, stream_>>>(src.as<int32_t>(), dst.as<TD>(), n));
+  } else {
+    MOELAB_FLOAT_DISPATCH(src.dtype, TS, MOELAB_FLOAT_DISPATCH(dst.dtype, TD,
+        convert_kernel<TS, TD><<<blocks(n), kThreads, 0, stream_>>>(src.as<TS>(), dst.as<TD>(), n)));
+  }
   MOELAB_CUDA_LAUNCH_CHECK("copy");
 }
 

@@ -1,0 +1,44 @@
+// `moelab report`: the progress report of an experiment folder. Writes the markdown (title,
+// Generated at, Experiment dir, Run Summary, failures with their retries, MoE routing, config
+// differences, unreadable inputs, artifacts), metrics/<name>_steps.csv and _summary.csv, and
+// figures/<name>_{loss,toksec,mfu,dt_ms}.png plus one expert-load heatmap per MoE run. Metrics and
+// figures go beside the markdown file so its relative links work wherever it is written.
+#pragma once
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "lab/experiment_reader.hpp"
+#include "lab/run_summary.hpp"
+
+namespace moelab::lab {
+
+struct ReportOptions {
+  std::filesystem::path exp_dir;
+  std::filesystem::path out_md;  // "" = EXP_DIR/report.md
+  int64_t tail = 50;
+  std::string baseline;  // overrides experiment.json's; "" = keep it
+  std::string name;      // artifact name; "" = from the experiment
+  double smooth = 0;     // EMA weight of the past in the loss figure (0 = raw, 0.9 = strong)
+  bool figures = true;
+  ReadOptions read;
+};
+
+struct ReportResult {
+  std::filesystem::path markdown;
+  std::vector<std::filesystem::path> artifacts;
+  std::string figures_note;  // why figures were skipped, if they were
+  std::vector<RunSummary> rows;
+};
+
+ReportResult write_report(const ReportOptions& opt);
+
+// The parts, for tests.
+std::string csv_field(const std::string& s);
+std::string steps_csv(const Experiment& ex);
+std::string summary_csv(const std::vector<RunSummary>& rows, int64_t tail, const std::string& baseline);
+std::string render_markdown(const Experiment& ex, const std::vector<RunSummary>& rows, const ReportOptions& opt,
+                            const std::vector<std::string>& artifacts, const std::vector<std::string>& figures,
+                            const std::string& figures_note);
+
+}  // namespace moelab::lab

@@ -1,0 +1,197 @@
+// The report's markdown. The first sections keep the seed report's shape (title, Generated at,
+// Experiment dir, Run Summary with its columns, a failure list, Artifacts) so old and new
+// reports read alike; the MoE, config and input sections appear only when they have content.
+#include <algorithm>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "lab/file_io.hpp"
+#include "lab/report.hpp"
+#include "lab/run_naming.hpp"
+
+namespace moelab::lab {
+namespace {
+
+// Text safe inside a table cell or a code span.
+std::string md_cell(std::string s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '|') out += "\\|";
+    else if (c == '\n' || c == '\r') out += ' ';
+    else out += c;
+  }
+  return out;
+}
+std::string md_code(std::string s) {
+  std::replace(s.begin(), s.end(), '`', '\'');
+  std::replace(s.begin(), s.end(), '\n', ' ');
+  std::replace(s.begin(), s.end(), '\r', ' ');
+  return "`" + s + "`";
+}
+
+void table(std::ostringstream& os, const std::vector<std::string>& cols, const std::vector<bool>& numeric,
+           const std::vector<std::vector<std::string>>& rows) {
+  os << '|';
+  for (const auto& c : cols) os << ' ' << md_cell(c) << " |";
+  os << "\n|";
+  for (size_t i = 0; i < cols.size(); ++i) os << (i < numeric.size() && numeric[i] ? " ---: |" : " --- |");
+  os << '\n';
+  for (const auto& r : rows) {
+    os << '|';
+    for (const auto& c : r) os << ' ' << md_cell(c) << " |";
+    os << '\n';
+  }
+}
+
+std::string attempt_label(const RunRecord& r) {
+  std::string label = r.attempt_kind.empty() ? "retry" : r.attempt_kind;
+  if (!r.changes.empty()) {
+    std::string sets;
+    for (const auto& [k, v] : r.changes) sets += (sets.empty() ? "" : ", ") + k + "=" + v;
+    label += " (" + sets + ")";
+  }
+  return label;
+}
+
+void failures_section(std::ostringstream& os, const Experiment& ex) {
+  os << "## Failures and Retries\n\n";
+  bool any = false;
+  for (const auto& r : ex.runs) {
+    if (r.state != RunState::failed) continue;
+    any = true;
+    os << "- " << md_code(r.name) << " failed with: " << (r.error.empty() ? "(no error line recorded)" : md_code(r.error))
+       << '\n';
+    std::string origin = r.origin.empty() ? origin_of(r.name) : r.origin;
+    for (const auto& other : ex.runs) {
+      if (&other == &r) continue;
+      std::string o = other.origin.empty() ? origin_of(other.name) : other.origin;
+      if (o != origin) continue;
+      os << "  - " << attempt_label(other) << ' ' << md_code(other.name) << " status: " << md_code(state_name(other.state))
+         << '\n';
+    }
+  }
+  if (!any) os << "No failed runs.\n";
+  os << '\n';
+}
+
+void moe_section(std::ostringstream& os, const std::vector<RunSummary>& rows, const ReportOptions& opt,
+                 const std::vector<std::string>& figures) {
+  std::vector<std::vector<std::string>> cells;
+  std::string t = "tail" + std::to_string(opt.tail);
+  for (const auto& r : rows) {
+    if (r.experts == 0) continue;  // dense runs (they record a drop rate of 0) or no routing data
+    std::string heat = "-";
+    for (const auto& f : figures)
+      if (f.find("_experts_" + r.name + ".png") != std::string::npos) heat = "[png](" + f + ")";
+    cells.push_back({r.name, r.moe_layers ? std::to_string(r.moe_layers) : "-", r.experts ? std::to_string(r.experts) : "-",
+                     known(r.tail_drop_rate) ? format_number(r.tail_drop_rate * 100, 2) + "%" : "-",
+                     format_number(r.tail_load_imbalance, 2), heat});
+  }
+  if (cells.empty()) return;
+  os << "## MoE Routing\n\n";
+  os << "Drop rate: share of (token, expert) assignments dropped by capacity dispatch (0 when dropless). "
+        "Load imbalance: busiest expert's load over the mean, worst layer (1.00 = balanced).\n\n";
+  table(os, {"run", "moe_layers", "experts", t + "_drop_rate", t + "_load_imbalance", "expert_load"},
+        {false, true, true, true, true, false}, cells);
+  os << '\n';
+}
+
+void config_section(std::ostringstream& os, const Experiment& ex) {
+  std::vector<const RunRecord*> with;
+  for (const auto& r : ex.runs)
+    if (!r.config.empty() || !r.overrides.empty()) with.push_back(&r);
+  if (with.size() < 2) return;
+  std::vector<std::map<std::string, std::string>> maps;
+  std::vector<std::string> keys;
+  std::set<std::string> seen;
+  for (const auto* r : with) {
+    std::map<std::string, std::string> m(r->config.begin(), r->config.end());
+    for (const auto& [k, v] : r->overrides) m[k] = v;  // a run without config.toml still shows its overrides
+    for (const auto& [k, v] : m)
+      if (seen.insert(k).second) keys.push_back(k);
+    maps.push_back(std::move(m));
+  }
+  std::vector<std::string> differing;
+  for (const auto& k : keys) {
+    std::set<std::string> values;
+    for (const auto& m : maps) {
+      auto it = m.find(k);
+      values.insert(it == m.end() ? "\x01" : it->second);
+    }
+    if (values.size() > 1) differing.push_back(k);
+  }
+  os << "## Config Differences\n\n";
+  if (differing.empty()) {
+    os << "All runs share the same config.\n\n";
+    return;
+  }
+  std::sort(differing.begin(), differing.end());
+  std::vector<std::string> cols = {"run"};
+  cols.insert(cols.end(), differing.begin(), differing.end());
+  std::vector<std::vector<std::string>> cells;
+  for (size_t i = 0; i < with.size(); ++i) {
+    std::vector<std::string> row = {with[i]->name};
+    for (const auto& k : differing) {
+      auto it = maps[i].find(k);
+      row.push_back(it == maps[i].end() ? "-" : it->second);
+    }
+    cells.push_back(std::move(row));
+  }
+  table(os, cols, {}, cells);
+  os << '\n';
+}
+
+void problems_section(std::ostringstream& os, const Experiment& ex) {
+  bool any = !ex.problems.empty();
+  for (const auto& r : ex.runs) any = any || !r.problems.empty();
+  if (!any) return;
+  os << "## Unreadable Inputs\n\n";
+  for (const auto& p : ex.problems) os << "- " << md_cell(p) << '\n';
+  for (const auto& r : ex.runs)
+    for (const auto& p : r.problems) os << "- " << md_code(r.name) << ": " << md_cell(p) << '\n';
+  os << '\n';
+}
+
+}  // namespace
+
+std::string render_markdown(const Experiment& ex, const std::vector<RunSummary>& rows, const ReportOptions& opt,
+                            const std::vector<std::string>& artifacts, const std::vector<std::string>& figures,
+                            const std::string& figures_note) {
+  std::ostringstream os;
+  std::string baseline = opt.baseline.empty() ? ex.baseline : opt.baseline;
+  os << "# " << ex.title << "\n\n";
+  os << "Generated at: " << local_time_text() << "\n\n";
+  os << "Experiment dir: " << md_code(ex.dir.string()) << "\n\n";
+
+  os << "## Run Summary\n\n";
+  if (rows.empty()) os << "No runs found (no run folders and no *.log files).\n\n";
+  auto cols = summary_columns(opt.tail, baseline);
+  std::vector<bool> numeric(cols.size(), true);
+  numeric[0] = numeric[1] = false;
+  std::vector<std::vector<std::string>> cells;
+  for (const auto& r : rows) cells.push_back(summary_cells(r, !baseline.empty()));
+  if (!rows.empty()) {
+    table(os, cols, numeric, cells);
+    os << "\ntail" << opt.tail << ": mean over the last " << opt.tail << " observed steps; `-`: unknown.";
+    if (!baseline.empty()) os << " tok/sec_vs_" << baseline << ": tail tokens/s change against run " << md_code(baseline) << '.';
+    os << "\n\n";
+  }
+
+  failures_section(os, ex);
+  moe_section(os, rows, opt, figures);
+  config_section(os, ex);
+  problems_section(os, ex);
+
+  if (!figures.empty()) {
+    os << "## Figures\n\n";
+    for (const auto& f : figures)
+      if (f.find("_experts_") == std::string::npos) os << "![" << f << "](" << f << ")\n\n";
+  }
+  os << "## Artifacts\n\n";
+  for (const auto& a : artifacts) os << "- " << md_code(a) << '\n';
+  if (!figures_note.empty()) os << "- figures skipped: " << figures_note << '\n';
+  return os.str();
+}
+
+}  // namespace moelab::lab

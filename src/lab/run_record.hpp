@@ -1,0 +1,52 @@
+// What the lab knows about one run, whichever source it came from (a run folder's metrics.jsonl
+// and status.json, or a nanochat stdout log). Every number may be unknown (NaN), because a run
+// can be read while it is being written, after a crash, or from an older log format.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace moelab::lab {
+
+inline constexpr double kUnknown = std::numeric_limits<double>::quiet_NaN();
+inline bool known(double v) { return std::isfinite(v); }
+
+struct StepRow {
+  int64_t step = 0;
+  double loss = kUnknown;
+  double bal = kUnknown;
+  double dt_ms = kUnknown;
+  double tok_sec = kUnknown;
+  double mfu = kUnknown;  // percent
+  double drop_rate = kUnknown;
+  std::vector<std::vector<double>> expert_load;  // [layer][expert] fraction of assignments
+};
+
+enum class RunState { queued, running, completed, failed, unknown };
+const char* state_name(RunState s);
+
+struct RunRecord {
+  std::string name;
+  std::string source;  // the folder or log file it was read from
+  RunState state = RunState::unknown;
+  std::vector<StepRow> steps;
+  int64_t planned_steps = -1;
+  double peak_mem_mib = kUnknown;
+  double total_time_min = kUnknown;
+  bool saw_end = false;  // the run printed / recorded its end
+  std::string error;     // one line: why it failed
+  std::vector<std::string> problems;  // what could not be read, for the report
+  // From the sweep (sweep.json in the run folder): which planned run this attempt belongs to,
+  // what the attempt was, and the overrides it ran with.
+  std::string origin;
+  std::string attempt_kind;  // "first" | "retry" | "fallback" | "repeat" | ""
+  std::vector<std::pair<std::string, std::string>> overrides;
+  std::vector<std::pair<std::string, std::string>> changes;  // a fallback's settings
+  std::vector<std::pair<std::string, std::string>> config;  // flat resolved config, if any
+  double age_s = kUnknown;  // seconds since the newest input file changed
+};
+
+}  // namespace moelab::lab

@@ -1,0 +1,62 @@
+// The bodies of the lab's fuzz targets, shared by the libFuzzer binaries (fuzz_*.cpp, built
+// with MOELAB_FUZZ) and by the corpus replay test in test_fuzz_corpus.cpp, so every corpus file
+// is also checked in plain CI builds. Each body feeds bytes to a reader, then through the
+// summary and its formatting, and aborts when an invariant breaks: step numbers must increase,
+// and no printed cell may hold "nan", "inf" or a line break.
+#pragma once
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+
+#include "lab/experiment_reader.hpp"
+#include "lab/metrics_reader.hpp"
+#include "lab/nanochat_log_reader.hpp"
+#include "lab/report.hpp"
+#include "lab/run_summary.hpp"
+
+namespace moelab::lab::fuzz {
+
+inline void require(bool ok) {
+  if (!ok) std::abort();
+}
+
+inline void check_record(const RunRecord& rec) {
+  for (size_t i = 1; i < rec.steps.size(); ++i) require(rec.steps[i].step > rec.steps[i - 1].step);
+  require(rec.problems.size() <= 13);
+  RunSummary s = summarize_run(rec, 50);
+  std::vector<RunSummary> rows{s};
+  compare_with_baseline(rows, rec.name);
+  for (const auto& cell : summary_cells(rows[0], true)) {
+    require(cell.find("nan") == std::string::npos && cell.find("inf") == std::string::npos);
+    require(cell.find('\n') == std::string::npos);
+  }
+  std::string csv = summary_csv(rows, 50, rec.name);
+  require(!csv.empty() && csv.back() == '\n');
+  require(rec.error.find('\n') == std::string::npos);
+}
+
+inline int metrics_input(const uint8_t* data, size_t size) {
+  std::string_view text(reinterpret_cast<const char*>(data), size);
+  RunRecord rec;
+  rec.name = "fuzz";
+  parse_metrics_jsonl(text, rec);
+  check_record(rec);
+  RunRecord st;
+  st.name = "fuzz";
+  parse_status_json(text, st);
+  check_record(st);
+  return 0;
+}
+
+inline int nanochat_input(const uint8_t* data, size_t size) {
+  std::string_view text(reinterpret_cast<const char*>(data), size);
+  RunRecord rec;
+  rec.name = "fuzz";
+  parse_nanochat_log(text, rec);
+  check_record(rec);
+  require(last_error_line(text).find('\n') == std::string::npos);
+  return 0;
+}
+
+}  // namespace moelab::lab::fuzz

@@ -1,0 +1,80 @@
+// metrics.jsonl and status.json readers: normal files, files being written, damaged files.
+#include <gtest/gtest.h>
+
+#include "lab/metrics_reader.hpp"
+
+using namespace moelab::lab;
+
+namespace {
+std::string step_line(int step, double loss) {
+  return "{\"event\": \"step\", \"step\": " + std::to_string(step) + ", \"steps\": 10, \"loss\": " + std::to_string(loss) +
+         ", \"bal\": 0.01, \"dt_ms\": 100.5, \"tok_sec\": 2000, \"mfu\": null, \"drop_rate\": 0.25, "
+         "\"expert_load\": [[0.5, 0.5], [0.75, 0.25]]}";
+}
+}  // namespace
+
+TEST(MetricsReader, ReadsStepsAndEnd) {
+  std::string text = step_line(0, 5.0) + "\n" + step_line(1, 4.0) + "\n{\"event\": \"val\", \"step\": 1, \"val_loss\": 4.1}\n" +
+                     "{\"event\": \"end\", \"step\": 1, \"peak_mem_mib\": 42.5, \"total_time_min\": 0.25}\n";
+  RunRecord rec;
+  parse_metrics_jsonl(text, rec);
+  ASSERT_EQ(rec.steps.size(), 2u);
+  EXPECT_EQ(rec.steps[1].step, 1);
+  EXPECT_DOUBLE_EQ(rec.steps[1].loss, 4.0);
+  EXPECT_DOUBLE_EQ(rec.steps[1].tok_sec, 2000);
+  EXPECT_FALSE(known(rec.steps[1].mfu));  // null: no peak known on CPU
+  ASSERT_EQ(rec.steps[1].expert_load.size(), 2u);
+  EXPECT_DOUBLE_EQ(rec.steps[1].expert_load[1][0], 0.75);
+  EXPECT_TRUE(rec.saw_end);
+  EXPECT_DOUBLE_EQ(rec.peak_mem_mib, 42.5);
+  EXPECT_DOUBLE_EQ(rec.total_time_min, 0.25);
+  EXPECT_EQ(rec.planned_steps, 10);
+  EXPECT_TRUE(rec.problems.empty());
+}
+
+TEST(MetricsReader, PartialLastLineIsNotAProblem) {
+  std::string text = step_line(0, 5.0) + "\n" + step_line(1, 4.0).substr(0, 30);
+  RunRecord rec;
+  parse_metrics_jsonl(text, rec);
+  EXPECT_EQ(rec.steps.size(), 1u);
+  EXPECT_TRUE(rec.problems.empty());
+}
+
+TEST(MetricsReader, DamagedLinesAreSkippedAndNoted) {
+  std::string text = step_line(0, 5.0) + "\r\n" + "garbage {\n" + "{\"event\": \"step\", \"step\": \"x\"}\n" +
+                     "{\"event\": \"step\", \"step\": 2, \"loss\": \"4,5\", \"tok_sec\": \"1,000\", \"dt_ms\": [1]}\r\n" +
+                     std::string("\0\xff\xfe\n", 4) + step_line(3, 3.0) + "\n";
+  RunRecord rec;
+  parse_metrics_jsonl(text, rec);
+  ASSERT_EQ(rec.steps.size(), 3u);
+  EXPECT_EQ(rec.steps[1].step, 2);
+  EXPECT_FALSE(known(rec.steps[1].loss));  // "4,5" is not a number
+  EXPECT_DOUBLE_EQ(rec.steps[1].tok_sec, 1000);
+  EXPECT_FALSE(known(rec.steps[1].dt_ms));
+  EXPECT_GE(rec.problems.size(), 2u);
+  bool counted = false;
+  for (const auto& p : rec.problems) counted = counted || p.find("2 unreadable line(s)") != std::string::npos;
+  EXPECT_TRUE(counted);
+}
+
+TEST(MetricsReader, ResumedRunReplacesRepeatedSteps) {
+  std::string text = step_line(0, 5) + "\n" + step_line(1, 4) + "\n" + step_line(2, 3) + "\n" + step_line(1, 3.9) + "\n" +
+                     step_line(2, 2.9) + "\n";
+  RunRecord rec;
+  parse_metrics_jsonl(text, rec);
+  ASSERT_EQ(rec.steps.size(), 3u);
+  EXPECT_DOUBLE_EQ(rec.steps[2].loss, 2.9);
+}
+
+TEST(StatusReader, ReadsStateAndError) {
+  RunRecord rec;
+  ASSERT_TRUE(parse_status_json(
+      R"({"status": "failed", "step": 3, "steps": 140, "error": "exit code 1: bad key\nsecond line", "peak_mem_mib": null})", rec));
+  EXPECT_EQ(rec.state, RunState::failed);
+  EXPECT_EQ(rec.error, "exit code 1: bad key");
+  EXPECT_EQ(rec.planned_steps, 140);
+  RunRecord bad;
+  EXPECT_FALSE(parse_status_json("{\"status\": \"runn", bad));
+  EXPECT_EQ(bad.state, RunState::unknown);
+  EXPECT_FALSE(bad.problems.empty());
+}

@@ -1,0 +1,148 @@
+// The sweep queue against a stand-in trainer (data/fake_train.sh): completed and failed runs,
+// crash retries (NAME.failK), fallbacks (NAME_retryK), timeouts, repeats, re-running the same
+// command, and Ctrl-C. The real trainer is not needed: the sweep only sees a child process and
+// its run folder.
+#include <gtest/gtest.h>
+
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "lab/experiment_reader.hpp"
+#include "lab/sweep_runner.hpp"
+#include "lab_test_util.hpp"
+
+using namespace moelab::lab;
+using namespace moelab::lab::labtest;
+
+namespace {
+
+const std::string kFake = std::string(MOELAB_SOURCE_DIR) + "/tests/lab/data/fake_train.sh";
+
+SweepOptions fast_options(const std::filesystem::path& out, std::ostream& log) {
+  SweepOptions o;
+  o.out_dir = out;
+  o.train_command = {kFake};
+  o.grace_s = 0.5;
+  o.poll_s = 0.02;
+  o.progress_every_s = 0.1;
+  o.out = &log;
+  return o;
+}
+
+SweepSpec spec_in(const std::filesystem::path& dir, const std::string& text) {
+  write_text(dir / "base.toml", "[model]\nd_model = 64\n");
+  write_text(dir / "s.toml", text);
+  return load_sweep(dir / "s.toml");
+}
+
+RunState state_of(const std::filesystem::path& run) { return read_run_folder(run).state; }
+
+}  // namespace
+
+TEST(SweepRunner, StatusRetriesFallbacksTimeoutsAndRepeats) {
+  auto dir = fresh_dir("sweep");
+  SweepSpec spec = spec_in(dir, R"(
+name = "t"
+base = "base.toml"
+baseline = "ok"
+max_retries = 1
+timeout = 2
+workers = 3
+[[run]]
+name = "ok"
+set = { "fake.steps" = 4 }
+[[run]]
+name = "bad"
+set = { "fake.mode" = "fail" }
+[[run]]
+name = "flaky"
+set = { "fake.mode" = "flaky" }
+[[run]]
+name = "graph"
+set = { "fake.mode" = "fail_unless_eager" }
+[[run]]
+name = "hang"
+set = { "fake.mode" = "hang" }
+[[on_failure]]
+match = "killed by signal"
+[[on_failure]]
+match = "graph capture"
+set = { exec = "eager" }
+)");
+  std::ostringstream log;
+  auto out = dir / "exp";
+  SweepOutcome r = run_sweep(spec, fast_options(out, log));
+  SCOPED_TRACE(log.str());
+  EXPECT_EQ(r.completed, 3);  // ok, flaky (second attempt), graph_retry1
+  EXPECT_EQ(r.failed, 4);     // bad, flaky's first, graph, hang
+  EXPECT_EQ(state_of(out / "ok"), RunState::completed);
+  EXPECT_EQ(state_of(out / "bad"), RunState::failed);
+  EXPECT_EQ(read_run_folder(out / "bad").error, "model.d_model (7) must be a multiple of model.head_dim (64)");
+  EXPECT_EQ(state_of(out / "flaky.fail1"), RunState::failed);
+  EXPECT_EQ(read_run_folder(out / "flaky.fail1").error, "killed by signal 11 (segmentation fault)");
+  EXPECT_EQ(state_of(out / "flaky"), RunState::completed);
+  EXPECT_EQ(state_of(out / "graph"), RunState::failed);
+  EXPECT_EQ(read_run_folder(out / "graph").error, "exit code 1: CUDA graph capture failed: dynamic shapes in dispatch");
+  EXPECT_EQ(state_of(out / "graph_retry1"), RunState::completed);
+  EXPECT_EQ(state_of(out / "hang"), RunState::failed);
+  EXPECT_EQ(read_run_folder(out / "hang").error, "timed out after 2s");
+  EXPECT_FALSE(std::filesystem::exists(out / "bad_retry1"));  // no rule matched a config error
+
+  // Each attempt records how to reproduce it.
+  auto sj = nlohmann::json::parse(read_text(out / "graph_retry1" / "sweep.json"));
+  EXPECT_EQ(sj["overrides"]["exec"], "eager");
+  EXPECT_EQ(sj["changes"]["exec"], "eager");
+  EXPECT_EQ(sj["attempt_kind"], "fallback");
+  EXPECT_NE(sj["command_line"].get<std::string>().find("--set exec=eager"), std::string::npos);
+  EXPECT_NE(read_text(out / "ok" / "stdout.log").find("step 3/4"), std::string::npos);
+
+  // The report was written and names the failures with their retries.
+  std::string md = read_text(out / "report.md");
+  EXPECT_NE(md.find("- `graph` failed with: `exit code 1: CUDA graph capture failed"), std::string::npos);
+  EXPECT_NE(md.find("fallback (exec=eager) `graph_retry1` status: `completed`"), std::string::npos);
+  EXPECT_NE(md.find("retry `flaky` status: `completed`"), std::string::npos);
+  EXPECT_NE(log.str().find("[sweep] report: "), std::string::npos);
+  EXPECT_NE(log.str().find("[sweep] run 5/5 hang: step "), std::string::npos);
+
+  // The same command again: completed runs are skipped, failed ones run again with the old
+  // attempt kept aside.
+  std::ostringstream log2;
+  SweepOutcome again = run_sweep(spec, fast_options(out, log2));
+  EXPECT_EQ(again.skipped, 3);
+  EXPECT_EQ(state_of(out / "bad.fail1"), RunState::failed);
+  EXPECT_EQ(state_of(out / "bad"), RunState::failed);
+  EXPECT_TRUE(std::filesystem::exists(out / "hang.fail1"));
+  std::filesystem::remove_all(dir);
+}
+
+TEST(SweepRunner, RepeatsAndInterrupt) {
+  auto dir = fresh_dir("sweep_int");
+  SweepSpec spec = spec_in(dir, R"(
+name = "i"
+base = "base.toml"
+repeat = 2
+[[run]]
+name = "slow"
+set = { "fake.mode" = "hang", "fake.steps" = 1 }
+)");
+  ASSERT_EQ(spec.runs.size(), 2u);
+  EXPECT_EQ(spec.runs[1].name, "slow_repeat");
+  std::atomic<bool> stop{false};
+  std::ostringstream log;
+  auto opt = fast_options(dir / "exp", log);
+  opt.interrupt = &stop;
+  std::thread t([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(400));
+    stop = true;
+  });
+  SweepOutcome r = run_sweep(spec, opt);
+  t.join();
+  EXPECT_TRUE(r.interrupted);
+  RunRecord first = read_run_folder(dir / "exp" / "slow");
+  EXPECT_EQ(first.state, RunState::failed);
+  EXPECT_NE(first.error.find("interrupted"), std::string::npos);
+  EXPECT_EQ(state_of(dir / "exp" / "slow_repeat"), RunState::queued);  // never started
+  std::filesystem::remove_all(dir);
+}

@@ -1,0 +1,92 @@
+// Sweep files: runs, grids, repeats, retry rules, and errors that name the field.
+#include <gtest/gtest.h>
+
+#include "core/error.hpp"
+#include "lab/sweep_spec.hpp"
+
+using namespace moelab::lab;
+
+namespace {
+SweepSpec parse(const std::string& text) { return sweep_from_toml_text(text, "/sweeps/s.toml"); }
+std::string value(const Overrides& o, const std::string& k) {
+  for (const auto& [key, v] : o)
+    if (key == k) return v;
+  return "<absent>";
+}
+std::string error_of(const std::string& text) {
+  try {
+    parse(text);
+  } catch (const moelab::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST(SweepSpec, RunsGridRepeatsAndRules) {
+  SweepSpec s = parse(R"(
+name = "abl"
+base = "../configs/tiny.toml"
+repeat = 3
+max_retries = 2
+timeout = "10m"
+workers = 2
+set = { "train.threads" = 1, train = { steps = 20 } }
+[[run]]
+name = "drop"
+set = { moe.dispatch = "dropless" }
+[[grid]]
+name = "cf{moe.capacity_factor}_k{moe.top_k}"
+axes = { "moe.capacity_factor" = [1.0, 1.25], "moe.top_k" = [1, 2] }
+set = { "moe.dispatch" = "capacity" }
+[[on_failure]]
+match = "graph"
+set = { exec = "eager" }
+[[on_failure]]
+match = "signal 11"
+)");
+  EXPECT_EQ(s.name, "abl");
+  EXPECT_EQ(s.base_config, std::filesystem::path("/sweeps/../configs/tiny.toml"));
+  EXPECT_EQ(s.max_retries, 2);
+  EXPECT_DOUBLE_EQ(s.timeout_s, 600);
+  EXPECT_EQ(s.workers, 2);
+  ASSERT_EQ(s.runs.size(), 15u);  // (1 + 4) configs x 3 repeats
+  EXPECT_EQ(s.runs[0].name, "drop");
+  EXPECT_EQ(s.runs[1].name, "drop_repeat");
+  EXPECT_EQ(s.runs[2].name, "drop_repeat2");
+  EXPECT_EQ(value(s.runs[0].overrides, "moe.dispatch"), "dropless");
+  EXPECT_EQ(value(s.runs[0].overrides, "train.threads"), "1");
+  EXPECT_EQ(value(s.runs[0].overrides, "train.steps"), "20");
+  EXPECT_EQ(s.runs[3].name, "cf1.0_k1");
+  EXPECT_EQ(s.runs[12].name, "cf1.25_k2");
+  EXPECT_EQ(value(s.runs[12].overrides, "moe.capacity_factor"), "1.25");
+  EXPECT_EQ(value(s.runs[12].overrides, "moe.dispatch"), "capacity");
+  ASSERT_EQ(s.on_failure.size(), 2u);
+  EXPECT_EQ(value(s.on_failure[0].set, "exec"), "eager");
+  EXPECT_TRUE(s.on_failure[1].set.empty());
+  EXPECT_TRUE(s.gpus.empty());
+}
+
+TEST(SweepSpec, GpusAndDefaults) {
+  SweepSpec s = parse("base = \"b.toml\"\ndevices = [0, 3]\ntimeout = 90\n[[run]]\nname = \"a\"\n");
+  EXPECT_EQ(s.name, "s");  // from the file name
+  EXPECT_EQ(s.gpus, (std::vector<std::string>{"0", "3"}));
+  EXPECT_DOUBLE_EQ(s.timeout_s, 90);
+  EXPECT_EQ(s.max_retries, 0);
+}
+
+TEST(SweepSpec, ErrorsNameTheProblem) {
+  EXPECT_NE(error_of("[[run]]\nname = \"a\"\n").find("missing base"), std::string::npos);
+  EXPECT_NE(error_of("base = \"b\"\n").find("no runs"), std::string::npos);
+  EXPECT_NE(error_of("base = \"b\"\nfoo = 1\n[[run]]\nname = \"a\"\n").find("unknown key \"foo\""), std::string::npos);
+  EXPECT_NE(error_of("base = \"b\"\n[[run]]\nname = \"a/b\"\n").find("s.toml:2"), std::string::npos);
+  EXPECT_NE(error_of("base = \"b\"\n[[run]]\nname = \"a\"\n[[run]]\nname = \"a\"\n").find("two runs"), std::string::npos);
+  EXPECT_NE(error_of("base = \"b\"\ntimeout = \"5 weeks\"\n[[run]]\nname = \"a\"\n").find("not a duration"), std::string::npos);
+  EXPECT_NE(error_of("base = \"b\"\n[[run]]\nname = \"a\"\n[[on_failure]]\nmatch = \"(\"\n").find("not a valid regex"),
+            std::string::npos);
+  EXPECT_NE(error_of("base = \"b\"\n[[grid]]\nname = \"x{nope}\"\naxes = { a = [1] }\n").find("{nope}"), std::string::npos);
+  EXPECT_NE(error_of("base = \"b\"\nbaseline = \"zz\"\n[[run]]\nname = \"a\"\n").find("baseline \"zz\""), std::string::npos);
+  EXPECT_NE(error_of("base = \"b\"\n[[run]]\nname = \"a\"\nset = { x = [1, 2] }\n").find("must be a string, number"),
+            std::string::npos);
+  EXPECT_NE(error_of("base = = \"b\"\n").find("s.toml:1"), std::string::npos);
+}
