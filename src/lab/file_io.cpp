@@ -37,20 +37,6 @@ std::string read_tail(const fs::path& path, size_t max_bytes) {
   return text;
 }
 
-void write_file_atomic(const fs::path& path, const std::string& text) {
-  fs::path tmp = path;
-  tmp += ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error("cannot write " + tmp.string() + ": check that the folder exists and is writable");
-    out << text;
-    if (!out.flush()) throw Error("cannot write " + tmp.string() + ": disk full or not writable?");
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) throw Error("cannot rename " + tmp.string() + " to " + path.string() + ": " + ec.message());
-}
-
 std::optional<double> seconds_since_modified(const fs::path& path) {
   std::error_code ec;
   auto t = fs::last_write_time(path, ec);

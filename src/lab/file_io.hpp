@@ -7,6 +7,8 @@
 #include <optional>
 #include <string>
 
+#include "core/atomic_file.hpp"  // write_file_atomic for the files others read
+
 namespace moelab::lab {
 
 namespace fs = std::filesystem;
@@ -15,8 +17,6 @@ namespace fs = std::filesystem;
 std::optional<std::string> read_file(const fs::path& path, size_t max_bytes = size_t(1) << 30);
 // The last max_bytes of a file (all of it when smaller); "" when it cannot be read.
 std::string read_tail(const fs::path& path, size_t max_bytes);
-// Write text to path atomically (path.tmp + rename). Throws moelab::Error naming the path.
-void write_file_atomic(const fs::path& path, const std::string& text);
 // Seconds since the file was last modified; nullopt when it does not exist.
 std::optional<double> seconds_since_modified(const fs::path& path);
 // True when the first bytes look like binary data (NUL bytes) rather than text.

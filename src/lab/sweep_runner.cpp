@@ -41,15 +41,6 @@ struct Job {
   int64_t last_printed_step = -2;
 };
 
-std::string now_iso() {
-  std::time_t t = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
 std::string minutes(double s) {
   char buf[32];
   if (s < 60) std::snprintf(buf, sizeof buf, "%.0fs", s);
@@ -190,7 +181,7 @@ class Sweep {
     }
     st["status"] = state;
     st["error"] = error;
-    st["updated_at"] = now_iso();
+    st["updated_at"] = utc_timestamp();
     if (!st.contains("step")) st["step"] = nullptr;
     write_file_atomic(dir(name) / "status.json", st.dump() + "\n");
   }
@@ -250,14 +241,14 @@ class Sweep {
     fs::create_directories(dir(job.folder), ec);
     if (ec) throw Error("cannot create run folder " + dir(job.folder).string() + ": " + ec.message());
     write_file_atomic(dir(job.folder) / "status.json",
-                      json({{"status", "queued"}, {"step", nullptr}, {"error", ""}, {"updated_at", now_iso()}}).dump() + "\n");
+                      json({{"status", "queued"}, {"step", nullptr}, {"error", ""}, {"updated_at", utc_timestamp()}}).dump() + "\n");
     write_sweep_json(job, json::object());
     remember(job.folder);
   }
 
   bool start(Job& job) {
     ++job.attempts;
-    write_sweep_json(job, {{"started_at", now_iso()}});
+    write_sweep_json(job, {{"started_at", utc_timestamp()}});
     std::vector<std::string> env;
     if (!job.device.empty()) env.push_back("CUDA_VISIBLE_DEVICES=" + job.device);
     try {
@@ -308,7 +299,7 @@ class Sweep {
     double took = std::chrono::duration<double>(Clock::now() - job->started).count();
     if (!timed_out && !exit.signaled && exit.code == 0 && rec.state != RunState::failed) {
       if (rec.state != RunState::completed) write_status(job->folder, "completed", "");
-      write_sweep_json(*job, {{"finished_at", now_iso()}, {"exit", describe_exit(exit)}});
+      write_sweep_json(*job, {{"finished_at", utc_timestamp()}, {"exit", describe_exit(exit)}});
       ++outcome_.completed;
       out_ << "[sweep] run " << job->index + 1 << "/" << spec_.runs.size() << " " << job->folder << ": completed in "
            << minutes(took) << std::endl;
@@ -331,7 +322,7 @@ class Sweep {
     // a kill or a timeout left status.json stale, so the sweep writes why.
     bool trainer_said = rec.state == RunState::failed && !rec.error.empty() && reason.rfind("exit code", 0) == 0;
     if (!trainer_said) write_status(job.folder, "failed", full);
-    write_sweep_json(job, {{"finished_at", now_iso()}, {"exit", describe_exit(exit)}, {"reason", reason}, {"error_line", error_line}});
+    write_sweep_json(job, {{"finished_at", utc_timestamp()}, {"exit", describe_exit(exit)}, {"reason", reason}, {"error_line", error_line}});
     last_failure_ = full;
     ++outcome_.failed;
     out_ << "[sweep] run " << job.index + 1 << "/" << spec_.runs.size() << " " << job.folder << ": failed: " << full

@@ -9,11 +9,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/atomic_file.hpp"
+
 namespace moelab {
 
-// Write text to path through path.tmp + rename, so readers never see a partial file.
-void write_file_atomic(const std::string& path, const std::string& text);
-std::string utc_timestamp();
 
 struct RunStatus {
   std::string status = "running";  // running | completed | failed
