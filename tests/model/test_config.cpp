@@ -123,3 +123,17 @@ TEST(Config, CapacityRule) {
 
 }  // namespace
 }  // namespace moelab
+
+namespace moelab {
+namespace {
+
+// The configs shipped in configs/ load and validate as they are.
+TEST(Config, ShippedConfigsValidate) {
+  for (const char* name : {"tiny-cpu.toml", "d12-moe.toml"}) {
+    Config c = load_config(std::string(MOELAB_SOURCE_DIR) + "/configs/" + name);
+    EXPECT_NO_THROW(validate_config(c)) << name;
+  }
+}
+
+}  // namespace
+}  // namespace moelab

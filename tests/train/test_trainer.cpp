@@ -2,6 +2,7 @@
 // reproduces an uninterrupted one exactly, divergence and bad configs fail cleanly.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -160,6 +161,31 @@ TEST(Trainer, MissingDataFileFailsClearly) {
     EXPECT_NE(std::string(e.what()).find("does_not_exist.txt"), std::string::npos) << e.what();
   }
   EXPECT_EQ(read_status(dir / "run")["status"], "failed");
+}
+
+// data.source = corpus: the first run builds tokenizer + shards of the embedded corpus into the
+// cache folder, reports bits per byte, and a second run reuses the folder as it is.
+TEST(Trainer, CorpusSourceBuildsItsCacheOnce) {
+  fs::path dir = fresh_dir("corpus");
+  Config c = small_config("");
+  c.data.source = "corpus";
+  c.data.vocab_size = 512;
+  c.data.dir = (dir / "cache").string();
+  c.model.vocab = 512;
+  c.train.steps = 2;
+  c.train.grad_accum = 1;
+  run_training(c, (dir / "run1").string());
+  ASSERT_TRUE(fs::exists(dir / "cache" / "meta.json"));
+  auto built = fs::last_write_time(dir / "cache" / "meta.json");
+  auto val = read_events(dir / "run1", "val");
+  ASSERT_EQ(val.size(), 1u);
+  double bpb = val[0]["val_bpb"], loss = val[0]["val_loss"];
+  // BPE tokens cover several bytes each, so bits per byte sit well below loss / ln 2.
+  EXPECT_GT(bpb, 0.0);
+  EXPECT_LT(bpb, loss / std::log(2.0));
+  run_training(c, (dir / "run2").string());
+  EXPECT_EQ(fs::last_write_time(dir / "cache" / "meta.json"), built);
+  EXPECT_EQ(read_status(dir / "run2")["status"], "completed");
 }
 
 // The CLI: a bad config is rejected before any run folder exists.
