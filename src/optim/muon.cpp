@@ -19,6 +19,7 @@ Muon::MatrixSizes Muon::max_sizes(const std::vector<Param*>& params) {
     const int64_t rows = v.dim(-2), cols = v.dim(-1);
     s.numel = std::max(s.numel, rows * cols);
     s.side = std::max(s.side, std::min(rows, cols));
+    s.batch = std::max(s.batch, v.ndim() == 3 ? v.dim(0) : int64_t(1));
   }
   return s;
 }
@@ -27,17 +28,18 @@ Muon::Muon(Backend& backend, std::vector<Param*> params, const OptimConfig& cfg)
     : Muon(backend, params, cfg, max_sizes(params)) {}
 
 Muon::Muon(Backend& backend, const std::vector<Param*>& params, const OptimConfig& cfg, const MatrixSizes& sizes)
-    : backend_(backend), params_(params), cfg_(cfg), ns_(backend, sizes.numel, sizes.side) {
+    : backend_(backend), params_(params), cfg_(cfg), ns_(backend, sizes.numel, sizes.side, sizes.batch) {
   if (cfg.muon_ns_steps < 1)
     throw Error("optim.muon_ns_steps = " + std::to_string(cfg.muon_ns_steps) + " must be at least 1");
   for (Param* p : params_) {
     MOELAB_CHECK(p->grad.shape == p->value.shape && p->grad.dtype == p->value.dtype,
                  "Muon: gradient of '" + p->name + "' is " + p->grad.describe() + ", value " + p->value.describe());
+    if (p->value.ndim() == 3) ns_.prepare_batched(p->value.dim(0), p->value.dim(1), p->value.dim(2));
     Tensor buf = backend.alloc(p->value.shape, p->value.dtype);
     backend.fill(buf, 0.0f);
     momentum_.push_back(buf);
   }
-  blend_ = backend.alloc({std::max<int64_t>(sizes.numel, 1), 1}, backend.master_dtype());
+  blend_ = backend.alloc({std::max<int64_t>(sizes.numel * sizes.batch, 1), 1}, backend.master_dtype());
 }
 
 void Muon::update_matrix(Tensor value, Tensor grad, Tensor buf, float lr, float mu) {
@@ -48,20 +50,16 @@ void Muon::update_matrix(Tensor value, Tensor grad, Tensor buf, float lr, float 
     backend_.copy(grad, u);
     backend_.axpby(mu, buf, 1.0f - mu, u);  // u = lerp(g, buf, mu)
   }
-  const Tensor x = ns_.run(u, cfg_.muon_ns_steps);
-  const double aspect = std::sqrt(std::max(1.0, double(value.dim(0)) / double(value.dim(1))));
+  // A 3-D expert stack is orthogonalized per expert, all experts in one batched pass.
+  const Tensor x = value.ndim() == 3 ? ns_.run_batched(u, cfg_.muon_ns_steps) : ns_.run(u, cfg_.muon_ns_steps);
+  const double aspect = std::sqrt(std::max(1.0, double(value.dim(-2)) / double(value.dim(-1))));
   backend_.axpby(float(-double(lr) * aspect), x, float(1.0 - double(lr) * cfg_.weight_decay), value);
 }
 
 void Muon::step(double lr, double momentum) {
   for (size_t i = 0; i < params_.size(); ++i) {
     Param& p = *params_[i];
-    if (p.value.ndim() == 2) {
-      update_matrix(p.value, p.grad, momentum_[i], float(lr), float(momentum));
-    } else {
-      for (int64_t e = 0; e < p.value.dim(0); ++e)
-        update_matrix(p.value.index(e), p.grad.index(e), momentum_[i].index(e), float(lr), float(momentum));
-    }
+    update_matrix(p.value, p.grad, momentum_[i], float(lr), float(momentum));
   }
 }
 

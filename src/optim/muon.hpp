@@ -2,7 +2,7 @@
 // it: buf = lerp(buf, g, 1 - mu); u = nesterov ? lerp(g, buf, mu) : buf; X = NS(u);
 // p = p (1 - lr wd) - lr sqrt(max(1, rows / cols)) X. A 3-D [E, N, K] expert tensor is E separate
 // [N, K] matrices, each orthogonalized on its own (one expert's gradient scale must not shrink
-// another's update). Backend ops only: no host reads, so the step is graph-capturable.
+// another's update), all of them in one batched Newton-Schulz pass. Backend ops only: no host reads, so the step is graph-capturable.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -29,6 +29,7 @@ class Muon {
  private:
   struct MatrixSizes {
     int64_t numel = 0, side = 0;  // largest matrix, largest min(rows, cols)
+    int64_t batch = 1;            // most experts in one 3-D tensor
   };
   static MatrixSizes max_sizes(const std::vector<Param*>& params);  // throws on a non-matrix
   Muon(Backend& backend, const std::vector<Param*>& params, const OptimConfig& cfg, const MatrixSizes& sizes);

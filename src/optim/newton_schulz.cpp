@@ -13,11 +13,33 @@ Tensor scratch_view(const Tensor& scratch, const Shape& shape) {
   return scratch.rows_slice(0, n).view(shape);
 }
 
-NewtonSchulz::NewtonSchulz(Backend& backend, int64_t max_numel, int64_t max_side) : backend_(backend) {
+NewtonSchulz::NewtonSchulz(Backend& backend, int64_t max_numel, int64_t max_side, int64_t max_batch)
+    : backend_(backend) {
   const DType act = backend.act_dtype();
-  for (auto& x : x_) x = backend.alloc({std::max<int64_t>(max_numel, 1), 1}, act);
-  gram_ = backend.alloc({std::max<int64_t>(max_side * max_side, 1), 1}, act);
-  poly_ = backend.alloc({std::max<int64_t>(max_side * max_side, 1), 1}, act);
+  const int64_t batch = std::max<int64_t>(max_batch, 1);
+  for (auto& x : x_) x = backend.alloc({std::max<int64_t>(max_numel * batch, 1), 1}, act);
+  gram_ = backend.alloc({std::max<int64_t>(max_side * max_side * batch, 1), 1}, act);
+  poly_ = backend.alloc({std::max<int64_t>(max_side * max_side * batch, 1), 1}, act);
+}
+
+void NewtonSchulz::prepare_batched(int64_t groups, int64_t m, int64_t n) {
+  for (int64_t rows : {m, std::min(m, n)}) {
+    bool known = false;
+    for (auto& [key, t] : offsets_) known = known || (key.first == groups && key.second == rows);
+    if (known) continue;
+    std::vector<int32_t> v(static_cast<size_t>(groups + 1));
+    for (int64_t e = 0; e <= groups; ++e) v[size_t(e)] = int32_t(e * rows);
+    Tensor t = backend_.alloc({groups + 1}, DType::i32);
+    backend_.write_i32(t, v);
+    offsets_.emplace_back(std::pair{groups, rows}, t);
+  }
+}
+
+Tensor NewtonSchulz::offsets(int64_t groups, int64_t rows) const {
+  for (auto& [key, t] : offsets_)
+    if (key.first == groups && key.second == rows) return t;
+  throw Error("batched Newton-Schulz: no group offsets for " + std::to_string(groups) + " x " + std::to_string(rows) +
+              " rows; call prepare_batched for this shape first");
 }
 
 Tensor NewtonSchulz::run(const Tensor& g, int64_t steps) {
@@ -53,6 +75,43 @@ Tensor NewtonSchulz::run(const Tensor& g, int64_t steps) {
     std::swap(x, next);
   }
   return x;
+}
+
+Tensor NewtonSchulz::run_batched(const Tensor& g, int64_t steps) {
+  MOELAB_CHECK(g.ndim() == 3, "batched Newton-Schulz needs [E, m, n], got " + g.describe());
+  const int64_t E = g.dim(0), m = g.dim(1), n = g.dim(2), side = std::min(m, n);
+  MOELAB_CHECK(g.numel() <= x_[0].numel() && E * side * side <= gram_.numel(),
+               "Newton-Schulz scratch too small for " + g.describe());
+  const bool tall = m > n;
+  // Each matrix as a group of rows: x2 [E*m, n] is the iterate, x3 the same memory as [E, m, n].
+  Tensor x3 = scratch_view(x_[0], {E, m, n}), next3 = scratch_view(x_[1], {E, m, n});
+  Tensor a3 = scratch_view(gram_, {E, side, side}), p3 = scratch_view(poly_, {E, side, side});
+  const Tensor by_m = offsets(E, m);
+  const Tensor by_side = offsets(E, side);
+
+  // Round to the act dtype, then normalize each matrix by its own norm.
+  backend_.copy(g, next3);
+  for (int64_t e = 0; e < E; ++e) {
+    Tensor xe = x3.index(e);
+    backend_.frobenius_normalize(next3.index(e), xe, kNormEps);
+  }
+  for (int64_t i = 0; i < steps; ++i) {
+    Tensor x2 = x3.view({E * m, n}), next2 = next3.view({E * m, n});
+    Tensor a2 = a3.view({E * side, side}), p2 = p3.view({E * side, side});
+    if (tall)
+      backend_.grouped_matmul_wgrad(x2, x2, a3, by_m, 0.0f);  // A_e = X_e^T X_e   [n, n]
+    else
+      backend_.grouped_matmul(x2, x3, true, a2, by_m);  // A_e = X_e X_e^T   [m, m]
+    backend_.grouped_matmul(a2, a3, false, p2, by_side);  // P_e = A_e A_e
+    backend_.axpby(kB, a3, kC, p3);                        // P_e = c A_e^2 + b A_e
+    if (tall)
+      backend_.grouped_matmul(x2, p3, false, next2, by_m);  // X'_e = X_e P_e
+    else
+      backend_.grouped_matmul(p2, x3, false, next2, by_side);  // X'_e = P_e X_e
+    backend_.axpby(kA, x3, 1.0f, next3);                        // + a X_e
+    std::swap(x3, next3);
+  }
+  return x3;
 }
 
 }  // namespace moelab

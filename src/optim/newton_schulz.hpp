@@ -6,8 +6,14 @@
 // It runs in the backend's act dtype (bf16 on CUDA, as nanochat does) with Backend ops only, on
 // scratch allocated once, so a step can be captured in a CUDA graph. Tall matrices use the Gram
 // matrix X^T X and right-multiplication instead, so no transpose is ever materialized.
+//
+// A stack of E expert matrices [E, m, n] is orthogonalized matrix by matrix but in one pass: the
+// iterate is laid out as E groups of rows, and each product is one grouped GEMM (the ops the
+// experts' forward uses) instead of E small GEMMs, which on a GPU were launch-bound.
 #pragma once
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "backend/backend.hpp"
 
@@ -18,18 +24,29 @@ class NewtonSchulz {
   static constexpr float kA = 3.4445f, kB = -4.7750f, kC = 2.0315f;
   static constexpr float kNormEps = 1e-7f;
 
-  // Scratch for any matrix with at most max_numel elements whose smaller side is at most max_side.
-  NewtonSchulz(Backend& backend, int64_t max_numel, int64_t max_side);
+  // Scratch for stacks of up to max_batch matrices, each with at most max_numel elements and a
+  // smaller side of at most max_side.
+  NewtonSchulz(Backend& backend, int64_t max_numel, int64_t max_side, int64_t max_batch = 1);
 
   // Orthogonalizes the 2-D matrix g (any float dtype) in `steps` iterations. The result is an
   // act-dtype view of this object's scratch with g's shape, valid until the next call.
   Tensor run(const Tensor& g, int64_t steps);
+  // Makes the device-side group offsets for [E, m, n] stacks (a host transfer, so it belongs to
+  // set-up, never to a step).
+  void prepare_batched(int64_t groups, int64_t m, int64_t n);
+  // Orthogonalizes each matrix g[e] of a 3-D [E, m, n] stack on its own; result as for run().
+  // Its shape must have been prepared.
+  Tensor run_batched(const Tensor& g, int64_t steps);
 
  private:
   Backend& backend_;
   Tensor x_[2];     // [max_numel, 1] act dtype: the iterate, ping-ponged
   Tensor gram_;     // [max_side^2, 1] act dtype: A
   Tensor poly_;     // [max_side^2, 1] act dtype: b A + c A^2
+
+  // Group offsets {0, rows, 2 rows, ...} [E+1] for E groups of `rows` rows.
+  Tensor offsets(int64_t groups, int64_t rows) const;
+  std::vector<std::pair<std::pair<int64_t, int64_t>, Tensor>> offsets_;
 };
 
 // A view of the first numel(shape) elements of a [n, 1] scratch tensor, reshaped.

@@ -3,6 +3,7 @@
 // scalar map s -> a s + b s^3 + c s^5 applied `steps` times, for square, tall and wide matrices.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <random>
 
 #include "backend/cpu/cpu_backend.hpp"
@@ -122,6 +123,50 @@ TEST(NewtonSchulz, RejectsShapesBeyondItsScratch) {
 INSTANTIATE_TEST_SUITE_P(Dtypes, NewtonSchulzTest,
                          ::testing::Values(Case{DType::f32, 1e-4}, Case{DType::f64, 1e-9}),
                          [](const auto& info) { return std::string(dtype_name(info.param.dtype)); });
+
+}  // namespace
+}  // namespace moelab
+
+namespace moelab {
+namespace {
+
+// The batched pass over an [E, m, n] stack (grouped GEMMs) computes what E separate runs compute.
+TEST(NewtonSchulz, BatchedStackMatchesMatrixByMatrix) {
+  for (DType dt : {DType::f32, DType::f64}) {
+    CpuBackend b(dt, 2);
+    Rng rng = fresh_rng();
+    const int64_t E = 5;
+    const std::pair<int64_t, int64_t> shapes[] = {{48, 24}, {24, 48}, {32, 32}};
+    NewtonSchulz ns(b, 48 * 24, 32, E);
+    for (auto [m, n] : shapes) {
+      ns.prepare_batched(E, m, n);
+      Tensor g = b.alloc({E, m, n}, dt);
+      std::vector<float> v(size_t(g.numel()));
+      for (size_t i = 0; i < v.size(); ++i) v[i] = float(rng.normal() * (1.0 + double(i % 7)));  // unequal scales
+      b.write(g, v);
+      std::vector<float> batched = b.read(ns.run_batched(g, 5));
+      double err2 = 0, ref2 = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        std::vector<float> single = b.read(ns.run(g.index(e), 5));
+        for (size_t i = 0; i < single.size(); ++i) {
+          double d = double(batched[size_t(e * m * n) + i]) - double(single[i]);
+          ASSERT_FALSE(std::isnan(batched[size_t(e * m * n) + i]));
+          err2 += d * d;
+          ref2 += double(single[i]) * double(single[i]);
+        }
+      }
+      EXPECT_LT(std::sqrt(err2 / ref2), dt == DType::f64 ? 1e-6 : 1e-5) << m << "x" << n << " " << dtype_name(dt);
+    }
+  }
+}
+
+TEST(NewtonSchulz, BatchedNeedsPreparedShape) {
+  CpuBackend b(DType::f32, 1);
+  NewtonSchulz ns(b, 16 * 8, 8, 2);
+  Tensor g = b.alloc({2, 16, 8}, DType::f32);
+  b.fill(g, 1.0f);
+  EXPECT_THROW(ns.run_batched(g, 1), Error);
+}
 
 }  // namespace
 }  // namespace moelab
