@@ -1,11 +1,16 @@
 // Step execution, eager or graph-replayed.
 //
-// What the graph holds: zeroing the gradients and statistics and the forward + backward of every
-// micro-batch, i.e. all but the optimizer update. The update runs eagerly after the replay
-// because its learning rate and momentum change from step to step and the backend's optimizer
-// ops take them as launch arguments, which a graph would freeze. The first step runs eagerly
-// (it sizes the backends' scratch buffers); the second captures; later ones replay. A step whose
-// loss scale differs from the captured one (targets ignored with -1) runs eagerly.
+// With exec = graph the whole step runs as two CUDA graphs:
+// - forward/backward: zeroing the gradients and statistics and the forward + backward of every
+//   micro-batch, captured once and replayed as it is;
+// - update: the optimizer and the refresh of the bf16 compute weights. Its learning rate and
+//   momentum change from step to step and reach the kernels as launch arguments, so this graph
+//   is recorded again every step and updated in place (cudaGraphExecUpdate). The recording
+//   happens on the host while the device runs the forward/backward graph, so it costs no device
+//   time, and the update's thousands of small kernels then run back to back.
+// The first step runs eagerly (it sizes the backends' scratch buffers); the second captures;
+// later ones replay. A step whose loss scale differs from the captured one (targets ignored with
+// -1) runs eagerly.
 #include "train/step_runner.hpp"
 
 #ifdef MOELAB_HAVE_CUDA
@@ -16,8 +21,9 @@ namespace moelab {
 
 struct StepRunner::Graph {
 #ifdef MOELAB_HAVE_CUDA
-  explicit Graph(CudaBackend& be) : graph(be) {}
-  CudaGraph graph;
+  explicit Graph(CudaBackend& be) : graph(be), update(be) {}
+  CudaGraph graph;   // forward/backward
+  CudaGraph update;  // optimizer + compute-weight refresh, re-recorded each step
   float loss_scale = 0, bal_scale = 0;
   int64_t eager_steps = 0;
 #endif
@@ -48,6 +54,10 @@ StepStats StepRunner::run(const std::vector<Batch>& batches, float loss_scale, f
     be_.write_i32(tokens_[m], batches[m].inputs);
     be_.write_i32(targets_[m], batches[m].targets);
   }
+  auto update = [&] {
+    optimizer_step();
+    model_.refresh_compute_weights();
+  };
   bool replayed = false;
 #ifdef MOELAB_HAVE_CUDA
   if (graph_) {
@@ -59,15 +69,18 @@ StepStats StepRunner::run(const std::vector<Batch>& batches, float loss_scale, f
     }
     if (g.graph.captured() && g.loss_scale == loss_scale && g.bal_scale == bal_scale) {
       g.graph.replay();
+      g.update.recapture(update);  // recorded while the device runs the replay above
+      g.update.replay();
       replayed = true;
     } else {
       ++g.eager_steps;
     }
   }
 #endif
-  if (!replayed) forward_backward_all(loss_scale, bal_scale);
-  optimizer_step();
-  model_.refresh_compute_weights();
+  if (!replayed) {
+    forward_backward_all(loss_scale, bal_scale);
+    update();
+  }
   return model_.read_stats(int64_t(batches.size()));
 }
 

@@ -1,8 +1,8 @@
 // Runs one optimizer step on the backend: upload the micro-batches, zero grads, forward/backward
 // each micro-batch, optimizer update, refresh of the compute weights, then the statistics
-// read-back. With exec = graph on CUDA, the forward/backward work of the step is captured once as
-// a CUDA graph and replayed (step_runner.cpp says why the optimizer stays outside); otherwise, and
-// on the CPU, the ops launch one by one.
+// read-back. With exec = graph on CUDA, the step's device work runs as CUDA graphs
+// (step_runner.cpp says how the optimizer's per-step scalars get in); otherwise, and on the CPU,
+// the ops launch one by one.
 #pragma once
 #include <functional>
 #include <memory>

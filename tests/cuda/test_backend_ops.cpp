@@ -468,6 +468,24 @@ TEST_F(CudaOps, Optimizers) {
 
 // A captured sequence (plan -> permute -> grouped GEMM) replayed on new inputs written into the
 // same buffers must match the CPU on those new inputs: the graph reads offsets on the device.
+// A graph re-recorded every step with new launch arguments (the optimizer's learning rate) and
+// updated in place, recorded while the stream is still busy with earlier work.
+TEST_F(CudaOps, GraphRecaptureTakesNewScalars) {
+  const Shape s{512, 384};
+  auto x = rand_pair(s, DType::f32), y = rand_pair(s, DType::f32);
+  auto a = rand_pair({1024, 1024}, DType::bf16), c = out_pair({1024, 1024}, DType::f32);
+  CudaGraph graph(*gpu);
+  for (int round = 0; round < 4; ++round) {
+    const float alpha = 0.5f + 0.25f * float(round), beta = 1.0f - 0.1f * float(round);
+    gpu->matmul(a.g, false, a.g, true, c.g);  // keeps the stream busy while the host records
+    graph.recapture([&] { gpu->axpby(alpha, x.g, beta, y.g); });
+    graph.replay();
+    cpu->axpby(alpha, x.c, beta, y.c);
+    gpu->synchronize();
+    expect_close(y, kF32Tol, ("axpby round " + std::to_string(round)).c_str());
+  }
+}
+
 TEST_F(CudaOps, GraphCaptureReplaysWithDeviceOffsets) {
   const int64_t T = 256, E = 4, k = 2, D = 64, Hd = 128;
   Tensor idx = gpu->alloc({T, k}, DType::i32), x = gpu->alloc({T, D}, DType::bf16);

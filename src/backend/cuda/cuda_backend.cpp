@@ -189,6 +189,40 @@ void CudaGraph::capture(const std::function<void()>& body) {
   MOELAB_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph_, 0));
 }
 
+void CudaGraph::recapture(const std::function<void()>& body) {
+  if (!exec_) {
+    capture(body);
+    return;
+  }
+  // No synchronization: the stream may still be running earlier work (the forward/backward
+  // graph) while the host records this body; recording launches nothing.
+  cudaStream_t s = backend_.stream();
+  MOELAB_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  backend_.begin_capture();
+  cudaGraph_t fresh = nullptr;
+  try {
+    body();
+  } catch (...) {
+    backend_.end_capture();
+    cudaStreamEndCapture(s, &fresh);
+    if (fresh) cudaGraphDestroy(fresh);
+    cudaGetLastError();
+    throw;
+  }
+  backend_.end_capture();
+  MOELAB_CUDA_CHECK(cudaStreamEndCapture(s, &fresh));
+  cudaGraphExecUpdateResultInfo info{};
+  if (cudaGraphExecUpdate(exec_, fresh, &info) != cudaSuccess) {
+    // The topology changed (it should not for the same body): instantiate from scratch.
+    cudaGetLastError();
+    MOELAB_CUDA_CHECK(cudaGraphExecDestroy(exec_));
+    exec_ = nullptr;
+    MOELAB_CUDA_CHECK(cudaGraphInstantiate(&exec_, fresh, 0));
+  }
+  if (graph_) cudaGraphDestroy(graph_);
+  graph_ = fresh;
+}
+
 void CudaGraph::replay() {
   if (!exec_) throw Error("CudaGraph::replay before capture");
   MOELAB_CUDA_CHECK(cudaGraphLaunch(exec_, backend_.stream()));

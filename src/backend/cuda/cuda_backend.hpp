@@ -145,6 +145,10 @@ class CudaGraph {
   CudaGraph& operator=(const CudaGraph&) = delete;
 
   void capture(const std::function<void()>& body);
+  // Records body again and updates the instantiated graph in place (same topology, new kernel
+  // arguments such as a step's learning rate), without waiting for the stream: the host can
+  // record while the device still runs earlier work. Captures on first use.
+  void recapture(const std::function<void()>& body);
   void replay();
   bool captured() const { return exec_ != nullptr; }
 
