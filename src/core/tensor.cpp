@@ -28,6 +28,13 @@ Tensor Tensor::rows_slice(int64_t begin, int64_t end) const {
   return t;
 }
 
+Tensor Tensor::prefix(const Shape& new_shape) const {
+  Tensor t = *this;
+  t.shape = new_shape;
+  MOELAB_CHECK(t.numel() <= numel(), "prefix " + shape_str(new_shape) + " exceeds " + describe());
+  return t;
+}
+
 Tensor Tensor::index(int64_t i) const {
   MOELAB_CHECK(!shape.empty() && 0 <= i && i < shape[0], "index out of range");
   Tensor t = *this;

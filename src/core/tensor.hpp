@@ -47,6 +47,8 @@ struct Tensor {
   Tensor view(Shape new_shape) const;
   // Rows [begin, end) of the matrix view (leading dims flattened), keeping trailing dims.
   Tensor rows_slice(int64_t begin, int64_t end) const;
+  // The first numel(shape) elements, reshaped: a view into a larger scratch buffer.
+  Tensor prefix(const Shape& shape) const;
   // Element i of the first dimension (e.g. one expert's matrix of a [E, N, K] tensor).
   Tensor index(int64_t i) const;
   std::string describe() const;

@@ -9,14 +9,6 @@
 namespace moelab {
 namespace {
 
-// A view of the first numel(shape) elements of a larger scratch buffer.
-Tensor scratch(const Tensor& buf, const Shape& shape) {
-  Tensor t = buf;
-  t.shape = shape;
-  MOELAB_CHECK(t.numel() <= buf.numel(), "scratch view " + shape_str(shape) + " exceeds " + buf.describe());
-  return t;
-}
-
 // A [B, T, H, hd] activation as the [B*T, H*hd] matrix that matmuls see.
 Tensor tokens_by_features(const Tensor& t) { return t.view({t.dim(0) * t.dim(1), t.numel() / (t.dim(0) * t.dim(1))}); }
 
@@ -330,7 +322,7 @@ void GptMoE::head_loss(const Tensor& targets, float loss_scale, bool backward) {
 
 void GptMoE::dense_backward(Param& fc, Param& proj, const Tensor& xn, const Tensor& h, const Tensor& a,
                             const Tensor& dy, Tensor& dxn, bool accumulate) {
-  Tensor da = scratch(da_, h.shape), dh = scratch(dh_, h.shape);
+  Tensor da = da_.prefix(h.shape), dh = dh_.prefix(h.shape);
   be_.matmul(dy, false, proj.compute, false, da);
   be_.matmul(dy, true, a, false, proj.grad, 1.0f, 1.0f);
   be_.relu2_bwd(h, da, dh);

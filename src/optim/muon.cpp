@@ -46,7 +46,7 @@ void Muon::update_matrix(Tensor value, Tensor grad, Tensor buf, float lr, float 
   backend_.axpby(1.0f - mu, grad, mu, buf);  // buf = lerp(buf, g, 1 - mu)
   Tensor u = buf;
   if (cfg_.muon_nesterov) {
-    u = scratch_view(blend_, value.shape);
+    u = blend_.prefix(value.shape);
     backend_.copy(grad, u);
     backend_.axpby(mu, buf, 1.0f - mu, u);  // u = lerp(g, buf, mu)
   }

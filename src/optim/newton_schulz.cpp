@@ -7,12 +7,6 @@
 
 namespace moelab {
 
-Tensor scratch_view(const Tensor& scratch, const Shape& shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return scratch.rows_slice(0, n).view(shape);
-}
-
 NewtonSchulz::NewtonSchulz(Backend& backend, int64_t max_numel, int64_t max_side, int64_t max_batch)
     : backend_(backend) {
   const DType act = backend.act_dtype();
@@ -48,10 +42,10 @@ Tensor NewtonSchulz::run(const Tensor& g, int64_t steps) {
   MOELAB_CHECK(g.numel() <= x_[0].numel() && side * side <= gram_.numel(),
                "Newton-Schulz scratch too small for " + g.describe());
   const bool tall = m > n;
-  Tensor x = scratch_view(x_[0], {m, n});
-  Tensor next = scratch_view(x_[1], {m, n});
-  Tensor a = scratch_view(gram_, {side, side});
-  Tensor p = scratch_view(poly_, {side, side});
+  Tensor x = x_[0].prefix({m, n});
+  Tensor next = x_[1].prefix({m, n});
+  Tensor a = gram_.prefix({side, side});
+  Tensor p = poly_.prefix({side, side});
 
   // Round to the act dtype first, then normalize there (nanochat: G.bfloat16() / norm).
   if (g.dtype == x.dtype) {
@@ -84,8 +78,8 @@ Tensor NewtonSchulz::run_batched(const Tensor& g, int64_t steps) {
                "Newton-Schulz scratch too small for " + g.describe());
   const bool tall = m > n;
   // Each matrix as a group of rows: x2 [E*m, n] is the iterate, x3 the same memory as [E, m, n].
-  Tensor x3 = scratch_view(x_[0], {E, m, n}), next3 = scratch_view(x_[1], {E, m, n});
-  Tensor a3 = scratch_view(gram_, {E, side, side}), p3 = scratch_view(poly_, {E, side, side});
+  Tensor x3 = x_[0].prefix({E, m, n}), next3 = x_[1].prefix({E, m, n});
+  Tensor a3 = gram_.prefix({E, side, side}), p3 = poly_.prefix({E, side, side});
   const Tensor by_m = offsets(E, m);
   const Tensor by_side = offsets(E, side);
 

@@ -49,7 +49,5 @@ class NewtonSchulz {
   std::vector<std::pair<std::pair<int64_t, int64_t>, Tensor>> offsets_;
 };
 
-// A view of the first numel(shape) elements of a [n, 1] scratch tensor, reshaped.
-Tensor scratch_view(const Tensor& scratch, const Shape& shape);
 
 }  // namespace moelab
