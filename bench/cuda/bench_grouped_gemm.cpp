@@ -155,10 +155,32 @@ int main(int argc, char** argv) {
                                                       offsets.as<int32_t>(), E, R, N, K, be.stream(), 128);
                      },
                      [&] { be.matmul(X, false, W0, true, Y); }, [] {}, Y, Yref});
+    cases.push_back({std::string(d.name) + " fwd (tma one tile a block, 128x256)",
+                     [&] {
+                       grouped_gemm::forward_sm90_tma(X.as<__nv_bfloat16>(), W.as<__nv_bfloat16>(), Y.data, Y.dtype,
+                                                      offsets.as<int32_t>(), E, R, N, K, be.stream(), 256);
+                     },
+                     [&] { be.matmul(X, false, W0, true, Y); }, [] {}, Y, Yref});
+    cases.push_back({std::string(d.name) + " fwd (tma persistent, 128x256)",
+                     [&] {
+                       grouped_gemm::forward_sm90_tma_persistent(X.as<__nv_bfloat16>(), W.as<__nv_bfloat16>(), Y.data, Y.dtype,
+                                                      offsets.as<int32_t>(), E, R, N, K, be.sm_count(), be.stream(), 256);
+                     },
+                     [&] { be.matmul(X, false, W0, true, Y); }, [] {}, Y, Yref});
     cases.push_back({std::string(d.name) + " wgrad (tma tile 128x128)",
                      [&] {
                        grouped_gemm::wgrad_sm90_tma(dY.as<__nv_bfloat16>(), X.as<__nv_bfloat16>(), dW.data, dW.dtype,
                                                     offsets.as<int32_t>(), E, R, N, K, 0.f, be.stream(), 128);
+                     },
+                     [&] {
+                       Tensor dw_all = dW.view({int64_t(E) * N, K}).rows_slice(0, N);
+                       be.matmul(dY, true, X, false, dw_all);
+                     },
+                     [] {}, dW, dWref});
+    cases.push_back({std::string(d.name) + " wgrad (tma tile 128x256)",
+                     [&] {
+                       grouped_gemm::wgrad_sm90_tma(dY.as<__nv_bfloat16>(), X.as<__nv_bfloat16>(), dW.data, dW.dtype,
+                                                    offsets.as<int32_t>(), E, R, N, K, 0.f, be.stream(), 256);
                      },
                      [&] {
                        Tensor dw_all = dW.view({int64_t(E) * N, K}).rows_slice(0, N);

@@ -13,6 +13,10 @@ run moe_dropless_graph --set exec=graph
 run moe_capacity_graph --set exec=graph --set moe.dispatch=capacity
 run moe_dropless_eager --set exec=eager
 run dense_graph --set exec=graph --set moe.experts=0
+# The peer updates every parameter with fused AdamW; these runs do the same work.
+run moe_dropless_graph_adamw --set exec=graph --set optim.matrix_optimizer=adamw
+run moe_capacity_graph_adamw --set exec=graph --set moe.dispatch=capacity --set optim.matrix_optimizer=adamw
+run dense_graph_adamw --set exec=graph --set moe.experts=0 --set optim.matrix_optimizer=adamw
 T="python3 $B/torch_moe_ref.py --steps 20"
 $T --what ceilings > "$OUT/torch.jsonl"
 $T --mlp moe --compile 1 >> "$OUT/torch.jsonl"

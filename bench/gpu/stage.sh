@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 dest=.dev/gpu
 rm -rf "$dest" && mkdir -p "$dest/lib"
-cp build/moelab build/test_cuda build/bench_grouped_gemm "$dest/" 2>/dev/null || cp build/moelab "$dest/"
+cp build/moelab "$dest/"
+for b in test_cuda bench_grouped_gemm bench_attention; do [ -x "build/$b" ] && cp "build/$b" "$dest/"; done
 ldd build/moelab | awk '/=> \// {print $3}' | while read -r lib; do
   case "$(basename "$lib")" in
     libc.so*|libm.so*|libstdc++*|libgcc_s*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcuda.so*|libcublas*) ;;  # present on the device image

@@ -43,6 +43,8 @@ class Backend {
   virtual void reset_peak_memory() = 0;
   // Wait for all queued work (no-op on the CPU).
   virtual void synchronize() = 0;
+  // Marks where an external profiler (ncu --profile-from-start off) records; no-op on the CPU.
+  virtual void profiler_range(bool /*start*/) {}
 
   // --- host transfer (converting to/from the tensor's dtype) ---------------------------------
   virtual void write(Tensor& dst, const std::vector<float>& values) = 0;
@@ -158,8 +160,15 @@ class Backend {
   // --- optimizers --------------------------------------------------------------------------------
   virtual void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                             const AdamWStep& s) = 0;
+  // Muon's momentum in one pass: momentum = mu momentum + (1 - mu) grad, then update =
+  // (nesterov ? mu momentum + (1 - mu) grad : momentum), written in update's dtype (the act dtype,
+  // which Newton-Schulz runs in). grad and momentum share the master dtype.
+  virtual void muon_momentum(const Tensor& grad, Tensor& momentum, Tensor& update, float mu, bool nesterov) = 0;
   // y = x / (||x||_F + eps), the norm computed on the device.
   virtual void frobenius_normalize(const Tensor& x, Tensor& y, float eps) = 0;
+  // The same for each slice x[g] of the first dimension on its own (y: x's shape), so a stack of
+  // matrices is normalized in one op instead of one per matrix.
+  virtual void frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) = 0;
   // Sum of squares of all elements into out[0] (f32 [1]); used for gradient-norm reporting.
   virtual void sum_squares(const Tensor& x, Tensor& out, bool accumulate) = 0;
 };

@@ -78,7 +78,9 @@ const std::vector<Key>& keys() {
       {"train.threads", Kind::integer, "CPU threads; 0 = all cores", member(&Config::train, &TrainConfig::threads)},
       {"train.save_final", Kind::boolean, "write a checkpoint at the end", member(&Config::train, &TrainConfig::save_final)},
 
+      {"optim.matrix_optimizer", Kind::text, "muon | adamw: the update of all matrices (attention, router, experts)", member(&Config::optim, &OptimConfig::matrix_optimizer)},
       {"optim.matrix_lr", Kind::real, "Muon learning rate (all matrices, experts included)", member(&Config::optim, &OptimConfig::matrix_lr)},
+      {"optim.matrix_adamw_lr", Kind::real, "AdamW learning rate of the matrices when optim.matrix_optimizer = adamw", member(&Config::optim, &OptimConfig::matrix_adamw_lr)},
       {"optim.embedding_lr", Kind::real, "AdamW learning rate of the token embedding", member(&Config::optim, &OptimConfig::embedding_lr)},
       {"optim.unembedding_lr", Kind::real, "AdamW learning rate of lm_head", member(&Config::optim, &OptimConfig::unembedding_lr)},
       {"optim.weight_decay", Kind::real, "decoupled weight decay (Muon and AdamW)", member(&Config::optim, &OptimConfig::weight_decay)},
@@ -378,6 +380,10 @@ void validate_config(const Config& c) {
     invalid("data.dir", "is empty but data.source = shards", "point data.dir at a folder written by `moelab data prepare`");
   if (!(c.data.val_fraction > 0 && c.data.val_fraction < 1))
     invalid("data.val_fraction", "must be in (0, 1)", "use a small fraction such as 0.05");
+  if (c.optim.matrix_optimizer != "muon" && c.optim.matrix_optimizer != "adamw")
+    invalid("optim.matrix_optimizer", "= \"" + c.optim.matrix_optimizer + "\" is not an optimizer", "use muon or adamw");
+  if (!(c.optim.matrix_adamw_lr > 0))
+    invalid("optim.matrix_adamw_lr", "must be positive", "use a small rate such as 0.002");
   if (c.optim.muon_ns_steps < 1) invalid("optim.muon_ns_steps", "must be at least 1", "use 5 as nanochat does");
 }
 

@@ -59,7 +59,9 @@ struct TrainConfig {
 };
 
 struct OptimConfig {
+  std::string matrix_optimizer = "muon";  // muon | adamw: what updates the matrix group
   double matrix_lr = 0.02;      // Muon
+  double matrix_adamw_lr = 0.002;  // matrix group when matrix_optimizer = adamw
   double embedding_lr = 0.2;    // AdamW
   double unembedding_lr = 0.004;  // AdamW (lm_head)
   double weight_decay = 0.0;

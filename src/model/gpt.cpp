@@ -72,6 +72,7 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   }
   add_param("lm_head.weight", ParamGroup::unembedding, {V, D});
 
+  place_params();
   // Resolve parameter pointers only now: the table no longer grows.
   wte_ = &params_.get("transformer.wte.weight");
   head_ = &params_.get("lm_head.weight");
@@ -196,12 +197,39 @@ void GptMoE::add_param(const std::string& name, ParamGroup group, const Shape& s
   Param p;
   p.name = name;
   p.group = group;
-  p.value = be_.alloc(shape, be_.master_dtype());
-  p.grad = be_.alloc(shape, be_.master_dtype());
-  be_.fill(p.value, 0.0f);
-  be_.fill(p.grad, 0.0f);
-  p.compute = act_ == be_.master_dtype() ? p.value : be_.alloc(shape, act_);
+  p.value.shape = shape;  // memory comes from place_params()
   params_.params.push_back(std::move(p));
+}
+
+void GptMoE::place_params() {
+  std::vector<std::vector<Param*>> kinds;  // same (group, shape), in order of first appearance
+  for (Param& p : params_.params) {
+    auto it = std::find_if(kinds.begin(), kinds.end(), [&](const std::vector<Param*>& k) {
+      return k.front()->group == p.group && k.front()->value.shape == p.value.shape;
+    });
+    if (it == kinds.end()) kinds.push_back({&p});
+    else it->push_back(&p);
+  }
+  const DType master = be_.master_dtype();
+  for (const auto& kind : kinds) {
+    const int64_t per = kind.front()->value.numel();
+    const int64_t total = per * int64_t(kind.size());
+    ParamArena a;
+    a.value = be_.alloc({total, 1}, master);
+    a.grad = be_.alloc({total, 1}, master);
+    a.compute = act_ == master ? a.value : be_.alloc({total, 1}, act_);
+    be_.fill(a.value, 0.0f);
+    be_.fill(a.grad, 0.0f);
+    for (size_t i = 0; i < kind.size(); ++i) {
+      Param& p = *kind[i];
+      const Shape shape = p.value.shape;
+      const int64_t begin = int64_t(i) * per;
+      p.value = a.value.rows_slice(begin, begin + per).view(shape);
+      p.grad = a.grad.rows_slice(begin, begin + per).view(shape);
+      p.compute = a.compute.rows_slice(begin, begin + per).view(shape);
+    }
+    arenas_.push_back(a);
+  }
 }
 
 void GptMoE::init_weights(uint64_t seed, bool all_random) {
@@ -229,12 +257,12 @@ void GptMoE::init_weights(uint64_t seed, bool all_random) {
 }
 
 void GptMoE::refresh_compute_weights() {
-  for (auto& p : params_.params)
-    if (p.compute.data != p.value.data) be_.copy(p.value, p.compute);
+  for (auto& a : arenas_)
+    if (a.compute.data != a.value.data) be_.copy(a.value, a.compute);
 }
 
 void GptMoE::begin_step() {
-  for (auto& p : params_.params) be_.fill(p.grad, 0.0f);
+  for (auto& a : arenas_) be_.fill(a.grad, 0.0f);
   be_.fill(loss_sum_, 0.0f);
   be_.fill(bal_sum_, 0.0f);
   be_.fill(load_acc_, 0.0f);

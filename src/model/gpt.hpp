@@ -68,7 +68,12 @@ class GptMoE {
     Tensor xp, hp, ap, yp, bal;
   };
 
+  // Records a parameter; place_params() then gives it memory.
   void add_param(const std::string& name, ParamGroup group, const Shape& shape);
+  // Parameters of one (group, shape) go back to back into one allocation each for values,
+  // gradients and compute copies, in table order: zeroing every gradient and refreshing every
+  // bf16 copy take a few kernels, and Muon finds each same-shape stack contiguous.
+  void place_params();
   void forward(const Tensor& tokens);
   void mlp_forward(Layer& l, const Tensor& xn, Tensor& out);
   void mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn);
@@ -85,6 +90,10 @@ class GptMoE {
   int64_t heads_, kv_heads_, head_dim_, d_model_, experts_, top_k_, capacity_, rows_max_;
   DType act_, stat_;
   ParamTable params_;
+  struct ParamArena {
+    Tensor value, grad, compute;  // [elements, 1]; compute aliases value when act == master dtype
+  };
+  std::vector<ParamArena> arenas_;
   Param *wte_ = nullptr, *head_ = nullptr;
   std::vector<Layer> layers_;
 

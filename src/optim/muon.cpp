@@ -1,4 +1,4 @@
-// Muon's per-matrix update on Backend ops; see muon.hpp.
+// Muon's grouped update on Backend ops; see muon.hpp for the grouping and why.
 #include "optim/muon.hpp"
 
 #include <algorithm>
@@ -8,59 +8,127 @@
 
 namespace moelab {
 
-// 3-D tensors count per expert.
-Muon::MatrixSizes Muon::max_sizes(const std::vector<Param*>& params) {
-  MatrixSizes s;
-  for (const Param* p : params) {
+namespace {
+
+// The parts as one [count, m, n] tensor when they lie back to back, in order, in one allocation
+// (then a single op covers them all); an undefined tensor otherwise.
+Tensor as_one_stack(const std::vector<Tensor>& parts, const Shape& shape) {
+  if (parts.empty()) return {};
+  const char* next = static_cast<const char*>(parts[0].data);
+  for (const Tensor& t : parts) {
+    if (t.data != next || t.storage.get() != parts[0].storage.get() || t.dtype != parts[0].dtype) return {};
+    next += t.bytes();
+  }
+  Tensor stack = parts[0];
+  stack.shape = shape;
+  return stack;
+}
+
+// Matrices [first, first + count) of a [G, m, n] stack, as a [count * m, n] view.
+Tensor stack_part(const Tensor& stack, int64_t first, int64_t count) {
+  const int64_t m = stack.dim(1), n = stack.dim(2);
+  return stack.view({stack.dim(0) * m, n}).rows_slice(first * m, (first + count) * m);
+}
+
+}  // namespace
+
+std::vector<Muon::Group> Muon::make_groups(const std::vector<Param*>& params) {
+  std::vector<Group> groups;
+  for (Param* p : params) {
     const Tensor& v = p->value;
     if (v.ndim() != 2 && v.ndim() != 3)
       throw Error("Muon: parameter '" + p->name + "' is " + v.describe() +
                   "; only 2-D matrices and 3-D [experts, rows, cols] tensors can be in the matrix group");
-    const int64_t rows = v.dim(-2), cols = v.dim(-1);
-    s.numel = std::max(s.numel, rows * cols);
-    s.side = std::max(s.side, std::min(rows, cols));
-    s.batch = std::max(s.batch, v.ndim() == 3 ? v.dim(0) : int64_t(1));
+    MOELAB_CHECK(p->grad.shape == v.shape && p->grad.dtype == v.dtype,
+                 "Muon: gradient of '" + p->name + "' is " + p->grad.describe() + ", value " + v.describe());
+    const int64_t m = v.dim(-2), n = v.dim(-1), count = v.ndim() == 3 ? v.dim(0) : 1;
+    // The newest group of this shape takes it unless that would pass the size cap.
+    auto it = std::find_if(groups.rbegin(), groups.rend(), [&](const Group& g) { return g.m == m && g.n == n; });
+    if (it == groups.rend() || (it->count + count) * m * n > kMaxGroupElems) {
+      groups.push_back(Group{m, n, 0, {}, {}, {}, {}, false});
+      it = groups.rbegin();
+    }
+    it->members.push_back(Member{p, it->count, count});
+    it->count += count;
   }
-  return s;
+  for (Group& g : groups) g.batched = g.count >= 2 && NewtonSchulz::batchable(g.m, g.n);
+  return groups;
+}
+
+std::vector<NewtonSchulz::StackShape> Muon::stack_shapes(const std::vector<Group>& groups) {
+  std::vector<NewtonSchulz::StackShape> shapes;
+  for (const Group& g : groups) shapes.push_back({g.batched ? g.count : 1, g.m, g.n});
+  return shapes;
 }
 
 Muon::Muon(Backend& backend, std::vector<Param*> params, const OptimConfig& cfg)
-    : Muon(backend, params, cfg, max_sizes(params)) {}
+    : Muon(backend, params, cfg, make_groups(params)) {}
 
-Muon::Muon(Backend& backend, const std::vector<Param*>& params, const OptimConfig& cfg, const MatrixSizes& sizes)
-    : backend_(backend), params_(params), cfg_(cfg), ns_(backend, sizes.numel, sizes.side, sizes.batch) {
+Muon::Muon(Backend& backend, std::vector<Param*> params, const OptimConfig& cfg, std::vector<Group> groups)
+    : backend_(backend),
+      params_(std::move(params)),
+      cfg_(cfg),
+      groups_(std::move(groups)),
+      ns_(backend, stack_shapes(groups_)) {
   if (cfg.muon_ns_steps < 1)
     throw Error("optim.muon_ns_steps = " + std::to_string(cfg.muon_ns_steps) + " must be at least 1");
-  for (Param* p : params_) {
-    MOELAB_CHECK(p->grad.shape == p->value.shape && p->grad.dtype == p->value.dtype,
-                 "Muon: gradient of '" + p->name + "' is " + p->grad.describe() + ", value " + p->value.describe());
-    if (p->value.ndim() == 3) ns_.prepare_batched(p->value.dim(0), p->value.dim(1), p->value.dim(2));
-    Tensor buf = backend.alloc(p->value.shape, p->value.dtype);
-    backend.fill(buf, 0.0f);
-    momentum_.push_back(buf);
+  int64_t largest = 1;
+  momentum_.resize(params_.size());
+  for (Group& g : groups_) {
+    const Shape stack{g.count, g.m, g.n};
+    largest = std::max(largest, g.count * g.m * g.n);
+    if (g.batched) ns_.prepare_batched(g.count, g.m, g.n);
+    g.momentum = backend.alloc(stack, backend.master_dtype());
+    backend.fill(g.momentum, 0.0f);
+    std::vector<Tensor> grads, values;
+    for (const Member& mb : g.members) {
+      grads.push_back(mb.param->grad);
+      values.push_back(mb.param->value);
+      const size_t i = size_t(std::find(params_.begin(), params_.end(), mb.param) - params_.begin());
+      momentum_[i] = stack_part(g.momentum, mb.first, mb.count).view(mb.param->value.shape);
+    }
+    g.grads = as_one_stack(grads, stack);
+    g.values = as_one_stack(values, stack);
   }
-  blend_ = backend.alloc({std::max<int64_t>(sizes.numel * sizes.batch, 1), 1}, backend.master_dtype());
+  gathered_ = backend.alloc({largest, 1}, backend.master_dtype());
+  blend_ = backend.alloc({largest, 1}, backend.act_dtype());
 }
 
-void Muon::update_matrix(Tensor value, Tensor grad, Tensor buf, float lr, float mu) {
-  backend_.axpby(1.0f - mu, grad, mu, buf);  // buf = lerp(buf, g, 1 - mu)
-  Tensor u = buf;
-  if (cfg_.muon_nesterov) {
-    u = blend_.prefix(value.shape);
-    backend_.copy(grad, u);
-    backend_.axpby(mu, buf, 1.0f - mu, u);  // u = lerp(g, buf, mu)
+void Muon::update_group(Group& g, float lr, float mu) {
+  const Shape shape{g.count, g.m, g.n};
+  Tensor grads = g.grads;
+  if (!grads.data) {  // gather: one copy per parameter, so that what follows is one op each
+    grads = gathered_.prefix(shape);
+    for (const Member& mb : g.members) {
+      Tensor dst = stack_part(grads, mb.first, mb.count);
+      backend_.copy(mb.param->grad, dst);
+    }
   }
-  // A 3-D expert stack is orthogonalized per expert, all experts in one batched pass.
-  const Tensor x = value.ndim() == 3 ? ns_.run_batched(u, cfg_.muon_ns_steps) : ns_.run(u, cfg_.muon_ns_steps);
-  const double aspect = std::sqrt(std::max(1.0, double(value.dim(-2)) / double(value.dim(-1))));
-  backend_.axpby(float(-double(lr) * aspect), x, float(1.0 - double(lr) * cfg_.weight_decay), value);
+  // Momentum, Nesterov blend and the rounding to the act dtype in one pass.
+  Tensor ns_in = blend_.prefix(shape);
+  backend_.muon_momentum(grads, g.momentum, ns_in, mu, cfg_.muon_nesterov);
+  const double aspect = std::sqrt(std::max(1.0, double(g.m) / double(g.n)));
+  const float scale = float(-double(lr) * aspect), decay = float(1.0 - double(lr) * cfg_.weight_decay);
+  if (g.batched) {
+    const Tensor x = ns_.run_batched(ns_in, cfg_.muon_ns_steps);
+    if (g.values.data) {
+      backend_.axpby(scale, x, decay, g.values);
+    } else {
+      for (const Member& mb : g.members) backend_.axpby(scale, stack_part(x, mb.first, mb.count), decay, mb.param->value);
+    }
+    return;
+  }
+  for (const Member& mb : g.members) {
+    for (int64_t j = 0; j < mb.count; ++j) {
+      const Tensor x = ns_.run(ns_in.index(mb.first + j), cfg_.muon_ns_steps);
+      Tensor value = mb.param->value.ndim() == 3 ? mb.param->value.index(j) : mb.param->value;
+      backend_.axpby(scale, x, decay, value);
+    }
+  }
 }
 
 void Muon::step(double lr, double momentum) {
-  for (size_t i = 0; i < params_.size(); ++i) {
-    Param& p = *params_[i];
-    update_matrix(p.value, p.grad, momentum_[i], float(lr), float(momentum));
-  }
+  for (Group& g : groups_) update_group(g, float(lr), float(momentum));
 }
 
 void Muon::append_state(std::vector<NamedTensor>& out) const {

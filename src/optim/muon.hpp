@@ -2,7 +2,19 @@
 // it: buf = lerp(buf, g, 1 - mu); u = nesterov ? lerp(g, buf, mu) : buf; X = NS(u);
 // p = p (1 - lr wd) - lr sqrt(max(1, rows / cols)) X. A 3-D [E, N, K] expert tensor is E separate
 // [N, K] matrices, each orthogonalized on its own (one expert's gradient scale must not shrink
-// another's update), all of them in one batched Newton-Schulz pass. Backend ops only: no host reads, so the step is graph-capturable.
+// another's update).
+//
+// On a GPU the cost was launch count and small GEMMs, not flops, so matrices are handled in groups:
+// every matrix of one shape [m, n] (the attention matrices of all layers, all routers, all
+// experts' w_fc of all layers, ...) forms one stack [G, m, n]. The group's momentum buffers are one
+// contiguous [G, m, n] allocation (each parameter's momentum, as checkpoints name it, is a view into
+// it), the gradients are gathered into one scratch stack (one copy per parameter, or a view when
+// they already lie contiguously), and then the momentum update, the Nesterov blend, the
+// normalization and the whole Newton-Schulz iteration are one op each for the group. The weight
+// update is one op per parameter (one per group when the weights lie contiguously). Shapes the
+// batched pass cannot take (NewtonSchulz::batchable) and lone 2-D matrices run matrix by matrix.
+// A group holds at most kMaxGroupElems elements, which bounds the scratch it needs.
+// Backend ops only, no host reads: the step is graph-capturable.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -17,29 +29,46 @@ namespace moelab {
 
 class Muon {
  public:
+  // Elements per same-shape group; a larger family of matrices is split into several groups.
+  static constexpr int64_t kMaxGroupElems = int64_t(1) << 27;
+
   // params: 2-D or 3-D tensors in the master dtype; the pointers must outlive this object.
   Muon(Backend& backend, std::vector<Param*> params, const OptimConfig& cfg);
 
   // One update of every parameter from its gradient; lr is the effective rate (base * schedule).
   void step(double lr, double momentum);
 
-  // "optim/<param name>/momentum" for each parameter.
+  // "optim/<param name>/momentum" for each parameter, with the parameter's shape.
   void append_state(std::vector<NamedTensor>& out) const;
 
+  // Number of same-shape groups (for tests and logs).
+  size_t group_count() const { return groups_.size(); }
+
  private:
-  struct MatrixSizes {
-    int64_t numel = 0, side = 0;  // largest matrix, largest min(rows, cols)
-    int64_t batch = 1;            // most experts in one 3-D tensor
+  struct Member {
+    Param* param = nullptr;
+    int64_t first = 0, count = 1;  // its matrices' place in the group's stack
   };
-  static MatrixSizes max_sizes(const std::vector<Param*>& params);  // throws on a non-matrix
-  Muon(Backend& backend, const std::vector<Param*>& params, const OptimConfig& cfg, const MatrixSizes& sizes);
-  void update_matrix(Tensor value, Tensor grad, Tensor buf, float lr, float momentum);
+  struct Group {
+    int64_t m = 0, n = 0, count = 0;  // count matrices of [m, n]
+    std::vector<Member> members;
+    Tensor momentum;     // [count, m, n] master dtype, zero at start
+    Tensor grads;        // the members' gradients as one [count, m, n] view, if they are contiguous
+    Tensor values;       // likewise for the weights
+    bool batched = false;  // one Newton-Schulz pass for the whole stack
+  };
+  static std::vector<Group> make_groups(const std::vector<Param*>& params);  // throws on a non-matrix
+  static std::vector<NewtonSchulz::StackShape> stack_shapes(const std::vector<Group>& groups);
+  Muon(Backend& backend, std::vector<Param*> params, const OptimConfig& cfg, std::vector<Group> groups);
+  void update_group(Group& g, float lr, float mu);
 
   Backend& backend_;
   std::vector<Param*> params_;
-  std::vector<Tensor> momentum_;  // per parameter, like its value, zero at start
   OptimConfig cfg_;
-  Tensor blend_;                  // [max numel, 1] master dtype: the Nesterov blend
+  std::vector<Group> groups_;
+  std::vector<Tensor> momentum_;  // per parameter: a view into its group's stack
+  Tensor gathered_;  // [largest group, 1] master dtype: a group's gradients when not contiguous
+  Tensor blend_;     // [largest group, 1] act dtype: u, the Newton-Schulz input
   NewtonSchulz ns_;
 };
 

@@ -9,11 +9,25 @@ namespace moelab {
 
 NewtonSchulz::NewtonSchulz(Backend& backend, int64_t max_numel, int64_t max_side, int64_t max_batch)
     : backend_(backend) {
-  const DType act = backend.act_dtype();
   const int64_t batch = std::max<int64_t>(max_batch, 1);
-  for (auto& x : x_) x = backend.alloc({std::max<int64_t>(max_numel * batch, 1), 1}, act);
-  gram_ = backend.alloc({std::max<int64_t>(max_side * max_side * batch, 1), 1}, act);
-  poly_ = backend.alloc({std::max<int64_t>(max_side * max_side * batch, 1), 1}, act);
+  allocate(max_numel * batch, max_side * max_side * batch);
+}
+
+NewtonSchulz::NewtonSchulz(Backend& backend, const std::vector<StackShape>& stacks) : backend_(backend) {
+  int64_t iterate = 0, gram = 0;
+  for (const StackShape& s : stacks) {
+    const int64_t side = std::min(s.m, s.n);
+    iterate = std::max(iterate, s.count * s.m * s.n);
+    gram = std::max(gram, s.count * side * side);
+  }
+  allocate(iterate, gram);
+}
+
+void NewtonSchulz::allocate(int64_t iterate_elems, int64_t gram_elems) {
+  const DType act = backend_.act_dtype();
+  for (auto& x : x_) x = backend_.alloc({std::max<int64_t>(iterate_elems, 1), 1}, act);
+  gram_ = backend_.alloc({std::max<int64_t>(gram_elems, 1), 1}, act);
+  poly_ = backend_.alloc({std::max<int64_t>(gram_elems, 1), 1}, act);
 }
 
 void NewtonSchulz::prepare_batched(int64_t groups, int64_t m, int64_t n) {
@@ -84,10 +98,11 @@ Tensor NewtonSchulz::run_batched(const Tensor& g, int64_t steps) {
   const Tensor by_side = offsets(E, side);
 
   // Round to the act dtype, then normalize each matrix by its own norm.
-  backend_.copy(g, next3);
-  for (int64_t e = 0; e < E; ++e) {
-    Tensor xe = x3.index(e);
-    backend_.frobenius_normalize(next3.index(e), xe, kNormEps);
+  if (g.dtype == x3.dtype) {
+    backend_.frobenius_normalize_batched(g, x3, kNormEps);
+  } else {
+    backend_.copy(g, next3);
+    backend_.frobenius_normalize_batched(next3, x3, kNormEps);
   }
   for (int64_t i = 0; i < steps; ++i) {
     Tensor x2 = x3.view({E * m, n}), next2 = next3.view({E * m, n});
@@ -96,13 +111,13 @@ Tensor NewtonSchulz::run_batched(const Tensor& g, int64_t steps) {
       backend_.grouped_matmul_wgrad(x2, x2, a3, by_m, 0.0f);  // A_e = X_e^T X_e   [n, n]
     else
       backend_.grouped_matmul(x2, x3, true, a2, by_m);  // A_e = X_e X_e^T   [m, m]
-    backend_.grouped_matmul(a2, a3, false, p2, by_side);  // P_e = A_e A_e
-    backend_.axpby(kB, a3, kC, p3);                        // P_e = c A_e^2 + b A_e
+    backend_.grouped_matmul(a2, a3, true, p2, by_side);  // P_e = A_e A_e^T = A_e^2
+    backend_.axpby(kB, a3, kC, p3);                       // P_e = c A_e^2 + b A_e
     if (tall)
-      backend_.grouped_matmul(x2, p3, false, next2, by_m);  // X'_e = X_e P_e
+      backend_.grouped_matmul(x2, p3, true, next2, by_m);  // X'_e = X_e P_e^T = X_e P_e
     else
-      backend_.grouped_matmul(p2, x3, false, next2, by_side);  // X'_e = P_e X_e
-    backend_.axpby(kA, x3, 1.0f, next3);                        // + a X_e
+      backend_.grouped_matmul_wgrad(p2, x2, next3, by_m, 0.0f);  // X'_e = P_e^T X_e = P_e X_e
+    backend_.axpby(kA, x3, 1.0f, next3);                         // + a X_e
     std::swap(x3, next3);
   }
   return x3;

@@ -7,9 +7,15 @@
 // scratch allocated once, so a step can be captured in a CUDA graph. Tall matrices use the Gram
 // matrix X^T X and right-multiplication instead, so no transpose is ever materialized.
 //
-// A stack of E expert matrices [E, m, n] is orthogonalized matrix by matrix but in one pass: the
-// iterate is laid out as E groups of rows, and each product is one grouped GEMM (the ops the
-// experts' forward uses) instead of E small GEMMs, which on a GPU were launch-bound.
+// A stack of G matrices [G, m, n] (one expert tensor, or same-shape matrices of many layers) is
+// orthogonalized matrix by matrix but in one pass: the iterate is laid out as G groups of rows,
+// and each product is one grouped GEMM (the ops the experts' forward uses) instead of G small
+// GEMMs, which on a GPU were launch-bound. The grouped ops read their weight operand K-major
+// (trans_w) without a copy; an N-major one costs a transpose per call on CUDA. So the batched
+// pass only ever hands them K-major operands: A and P = b A + c A^2 are symmetric, so A^T and P^T
+// stand in for them, and the one product with X on the right of P (wide, m <= n) runs as the
+// weight-gradient product P^T X. Every dim of a batched stack must be a multiple of 8 (the
+// grouped GEMMs' 16-byte rows on CUDA); batchable() says whether a shape qualifies.
 #pragma once
 #include <cstdint>
 #include <utility>
@@ -25,8 +31,13 @@ class NewtonSchulz {
   static constexpr float kNormEps = 1e-7f;
 
   // Scratch for stacks of up to max_batch matrices, each with at most max_numel elements and a
-  // smaller side of at most max_side.
+  // smaller side of at most max_side (max_numel * max_batch and max_side^2 * max_batch elements).
   NewtonSchulz(Backend& backend, int64_t max_numel, int64_t max_side, int64_t max_batch = 1);
+  // Scratch for exactly these stacks [count, m, n] (and for single matrices of their shapes).
+  struct StackShape {
+    int64_t count, m, n;
+  };
+  NewtonSchulz(Backend& backend, const std::vector<StackShape>& stacks);
 
   // Orthogonalizes the 2-D matrix g (any float dtype) in `steps` iterations. The result is an
   // act-dtype view of this object's scratch with g's shape, valid until the next call.
@@ -37,12 +48,16 @@ class NewtonSchulz {
   // Orthogonalizes each matrix g[e] of a 3-D [E, m, n] stack on its own; result as for run().
   // Its shape must have been prepared.
   Tensor run_batched(const Tensor& g, int64_t steps);
+  // Whether [m, n] matrices can go through run_batched on every backend.
+  static bool batchable(int64_t m, int64_t n) { return m % 8 == 0 && n % 8 == 0; }
 
  private:
   Backend& backend_;
   Tensor x_[2];     // [max_numel, 1] act dtype: the iterate, ping-ponged
   Tensor gram_;     // [max_side^2, 1] act dtype: A
   Tensor poly_;     // [max_side^2, 1] act dtype: b A + c A^2
+
+  void allocate(int64_t iterate_elems, int64_t gram_elems);
 
   // Group offsets {0, rows, 2 rows, ...} [E+1] for E groups of `rows` rows.
   Tensor offsets(int64_t groups, int64_t rows) const;

@@ -23,22 +23,25 @@ Optimizer::Optimizer(Backend& backend, ParamTable& params, const OptimConfig& cf
       throw Error("optimizer: parameter '" + p.name + "' is " + p.value.describe() + " but the backend's master dtype is " +
                   dtype_name(backend.master_dtype()));
     switch (p.group) {
-      case ParamGroup::matrix: matrices.push_back(&p); break;
+      case ParamGroup::matrix:
+        if (cfg.matrix_optimizer == "adamw") adamw_->add(&p, cfg.matrix_adamw_lr);
+        else matrices.push_back(&p);
+        break;
       case ParamGroup::embedding: adamw_->add(&p, embedding_lr_); break;
       case ParamGroup::unembedding: adamw_->add(&p, unembedding_lr_); break;
     }
   }
-  muon_ = std::make_unique<Muon>(backend, std::move(matrices), cfg);
+  if (!matrices.empty()) muon_ = std::make_unique<Muon>(backend, std::move(matrices), cfg);
 }
 
 void Optimizer::step(int64_t step, double lr_multiplier) {
-  muon_->step(matrix_lr_ * lr_multiplier, muon_momentum_at(cfg_, step));
+  if (muon_) muon_->step(matrix_lr_ * lr_multiplier, muon_momentum_at(cfg_, step));
   adamw_->step(step, lr_multiplier);
 }
 
 std::vector<NamedTensor> Optimizer::state() const {
   std::vector<NamedTensor> out;
-  muon_->append_state(out);
+  if (muon_) muon_->append_state(out);
   adamw_->append_state(out);
   return out;
 }

@@ -1,5 +1,5 @@
-// The optimizer of a model: routes each Param to Muon (ParamGroup::matrix) or AdamW (embedding,
-// unembedding) with nanochat's learning rates, owns all their state, and lists that state under
+// The optimizer of a model: routes each Param to Muon (ParamGroup::matrix; AdamW instead with
+// optim.matrix_optimizer = adamw) or AdamW (embedding, unembedding) with nanochat's learning rates, owns all their state, and lists that state under
 // stable names for checkpoints. step() only issues Backend ops (no host reads of device data), so
 // the trainer can capture it in a CUDA graph; it neither zeroes gradients nor refreshes
 // Param::compute (the model does both).
@@ -40,7 +40,7 @@ class Optimizer {
  private:
   OptimConfig cfg_;
   double matrix_lr_, embedding_lr_, unembedding_lr_;
-  std::unique_ptr<Muon> muon_;
+  std::unique_ptr<Muon> muon_;  // null when no matrix goes to Muon
   std::unique_ptr<AdamW> adamw_;
 };
 

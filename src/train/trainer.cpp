@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <cstdlib>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -150,6 +151,11 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir) {
       save_checkpoint(checkpoint_path(run_dir, next_step), be, model.params(), optimizer.state(), meta);
     };
 
+    // MOELAB_PROFILE_STEP=N brackets step N for a profiler started with capture off
+    // (ncu --profile-from-start off), so one steady-state step is recorded, not start-up.
+    int64_t profile_step = -1;
+    if (const char* p = std::getenv("MOELAB_PROFILE_STEP"); p && *p) profile_step = std::atoll(p);
+
     for (; step < cfg.train.steps; ++step) {
       if (int sig = g_stop_signal.load())
         throw Error("interrupted by signal " + std::to_string(sig) + " (" + (sig == SIGINT ? "SIGINT" : "SIGTERM") +
@@ -164,8 +170,10 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir) {
         valid += count_valid(batches.back().targets);
       }
       const double lrm = lr_multiplier(cfg.train, step);
+      if (step == profile_step) be.profiler_range(true);
       StepStats stats = runner.run(batches, float(1.0 / double(std::max<int64_t>(valid, 1))),
                                    float(1.0 / double(micro)), [&] { optimizer.step(step, lrm); });
+      if (step == profile_step) be.profiler_range(false);
 
       auto t1 = std::chrono::steady_clock::now();
       const double dt = std::chrono::duration<double>(t1 - t0).count();

@@ -13,7 +13,9 @@
 
 #include "backend/cpu/cpu_backend.hpp"
 #include "backend/cuda/cuda_backend.hpp"
+#include "backend/cuda/grouped_gemm.cuh"
 #include "core/rng.hpp"
+#include "optim/newton_schulz.hpp"
 
 namespace moelab {
 namespace {
@@ -117,7 +119,9 @@ TEST(CudaDevice, NoGpuIsAClearError) {
 }
 
 TEST_F(CudaOps, ElementwiseAndReductions) {
-  const Shape s{37, 129};
+  // 37 x 129 takes the scalar kernels; 64 x 136 (a multiple of 8) the 16-byte vector ones.
+  for (const Shape& s : {Shape{37, 129}, Shape{64, 136}}) {
+  SCOPED_TRACE("shape " + std::to_string(s[0]) + " x " + std::to_string(s[1]));
   auto x = rand_pair(s, DType::bf16), y = rand_pair(s, DType::f32);
   // copy bf16 -> f32 and f32 -> bf16
   auto c1 = out_pair(s, DType::f32);
@@ -166,6 +170,7 @@ TEST_F(CudaOps, ElementwiseAndReductions) {
   cpu->relu2_bwd(h.c, da.c, dh.c);
   gpu->relu2_bwd(h.g, da.g, dh.g);
   expect_close(dh, kBf16Tol, "relu2_bwd");
+  }
 }
 
 TEST_F(CudaOps, MatmulAllTransposesAndTypes) {
@@ -198,58 +203,73 @@ TEST_F(CudaOps, MatmulAllTransposesAndTypes) {
 }
 
 TEST_F(CudaOps, Embedding) {
-  const int64_t V = 300, D = 72, N = 517;
-  std::vector<int32_t> tok(N);
-  for (auto& t : tok) t = int32_t(rng->below(40));  // many repeats
-  tok[3] = V - 1;
-  auto tokens = i32_pair({N}, tok);
-  auto wte = rand_pair({V, D}, DType::f32);
-  auto out = out_pair({N, D}, DType::bf16);
-  cpu->embedding_fwd(tokens.c, wte.c, out.c);
-  gpu->embedding_fwd(tokens.g, wte.g, out.g);
-  expect_close(out, 5e-3, "embedding_fwd");
-  auto dout = rand_pair({N, D}, DType::bf16);
-  auto dwte = rand_pair({V, D}, DType::f32);
-  cpu->embedding_bwd(tokens.c, dout.c, dwte.c);
-  gpu->embedding_bwd(tokens.g, dout.g, dwte.g);
-  expect_close(dwte, 1e-5, "embedding_bwd");
+  // Uniform over a few ids (runs shorter than a chunk), then skewed: one id takes ~40% of the
+  // positions so its run crosses many chunk edges, as a space does in byte-level text.
+  for (const bool skewed : {false, true}) {
+    SCOPED_TRACE(skewed ? "skewed" : "uniform");
+    const int64_t V = 300, D = 72, N = skewed ? 4099 : 517;
+    std::vector<int32_t> tok(N);
+    for (auto& t : tok) t = skewed && rng->uniform() < 0.4 ? 7 : int32_t(rng->below(40));
+    tok[3] = V - 1;
+    auto tokens = i32_pair({N}, tok);
+    auto wte = rand_pair({V, D}, DType::f32);
+    auto out = out_pair({N, D}, DType::bf16);
+    cpu->embedding_fwd(tokens.c, wte.c, out.c);
+    gpu->embedding_fwd(tokens.g, wte.g, out.g);
+    expect_close(out, 5e-3, "embedding_fwd");
+    auto dout = rand_pair({N, D}, DType::bf16);
+    auto dwte = rand_pair({V, D}, DType::f32);
+    cpu->embedding_bwd(tokens.c, dout.c, dwte.c);
+    gpu->embedding_bwd(tokens.g, dout.g, dwte.g);
+    expect_close(dwte, 1e-5, "embedding_bwd");
+  }
 }
 
 TEST_F(CudaOps, RmsNormAndRopeNorm) {
-  const int64_t B = 2, T = 45, H = 3, hd = 64, D = 192;
-  auto x = rand_pair({B, T, D}, DType::bf16, 3.f);
-  auto y = out_pair({B, T, D}, DType::bf16), r = out_pair({B, T}, DType::f32);
-  cpu->rmsnorm_fwd(x.c, y.c, r.c);
-  gpu->rmsnorm_fwd(x.g, y.g, r.g);
-  expect_close(y, kBf16Tol, "rmsnorm_fwd y");
-  expect_close(r, 1e-5, "rmsnorm_fwd rstd");
-  auto dy = rand_pair({B, T, D}, DType::bf16);
-  for (bool acc : {false, true}) {
-    auto dx = rand_pair({B, T, D}, DType::f32);
-    cpu->rmsnorm_bwd(x.c, r.c, dy.c, dx.c, acc);
-    gpu->rmsnorm_bwd(x.g, r.g, dy.g, dx.g, acc);
-    expect_close(dx, 1e-4, std::string("rmsnorm_bwd accumulate=") + (acc ? "1" : "0"));
+  const int64_t B = 2, T = 45, H = 3;
+  // 192 and 768 take the vector kernels (one and three chunks per lane); 100 (not a multiple of
+  // 8) and 1032 (over 1024) the scalar ones.
+  for (const int64_t D : {192, 768, 100, 1032}) {
+    SCOPED_TRACE("D = " + std::to_string(D));
+    auto x = rand_pair({B, T, D}, DType::bf16, 3.f);
+    auto y = out_pair({B, T, D}, DType::bf16), r = out_pair({B, T}, DType::f32);
+    cpu->rmsnorm_fwd(x.c, y.c, r.c);
+    gpu->rmsnorm_fwd(x.g, y.g, r.g);
+    expect_close(y, kBf16Tol, "rmsnorm_fwd y");
+    expect_close(r, 1e-5, "rmsnorm_fwd rstd");
+    auto dy = rand_pair({B, T, D}, DType::bf16);
+    for (bool acc : {false, true})
+      for (DType dxt : {DType::f32, DType::bf16}) {
+        auto dx = rand_pair({B, T, D}, dxt);
+        cpu->rmsnorm_bwd(x.c, r.c, dy.c, dx.c, acc);
+        gpu->rmsnorm_bwd(x.g, r.g, dy.g, dx.g, acc);
+        expect_close(dx, dxt == DType::f32 ? 1e-4 : kBf16Tol,
+                     std::string("rmsnorm_bwd accumulate=") + (acc ? "1 " : "0 ") + dtype_name(dxt));
+      }
   }
-  // rope + qk norm
-  const int64_t S = 64;
-  std::vector<float> cs(S * hd / 2), sn(S * hd / 2);
-  for (int64_t t = 0; t < S; ++t)
-    for (int64_t i = 0; i < hd / 2; ++i) {
-      double f = double(t) / std::pow(10000.0, 2.0 * double(i) / double(hd));
-      cs[t * hd / 2 + i] = float(std::cos(f));
-      sn[t * hd / 2 + i] = float(std::sin(f));
-    }
-  auto cosp = pair_from({S, hd / 2}, DType::f32, cs), sinp = pair_from({S, hd / 2}, DType::f32, sn);
-  auto q = rand_pair({B, T, H, hd}, DType::bf16, 2.f);
-  auto qy = out_pair({B, T, H, hd}, DType::bf16), qr = out_pair({B, T, H}, DType::f32);
-  cpu->rope_norm_fwd(q.c, cosp.c, sinp.c, qy.c, qr.c);
-  gpu->rope_norm_fwd(q.g, cosp.g, sinp.g, qy.g, qr.g);
-  expect_close(qy, kBf16Tol, "rope_norm_fwd y");
-  expect_close(qr, 1e-5, "rope_norm_fwd rstd");
-  auto dqy = rand_pair({B, T, H, hd}, DType::bf16), dq = out_pair({B, T, H, hd}, DType::bf16);
-  cpu->rope_norm_bwd(q.c, cosp.c, sinp.c, qr.c, dqy.c, dq.c);
-  gpu->rope_norm_bwd(q.g, cosp.g, sinp.g, qr.g, dqy.g, dq.g);
-  expect_close(dq, kBf16Tol, "rope_norm_bwd");
+  // rope + qk norm: head_dim 64 and 128 take the lane-group kernels, 48 the one-warp-a-row ones.
+  for (const int64_t hd : {64, 128, 48}) {
+    SCOPED_TRACE("head_dim = " + std::to_string(hd));
+    const int64_t S = 64;
+    std::vector<float> cs(S * hd / 2), sn(S * hd / 2);
+    for (int64_t t = 0; t < S; ++t)
+      for (int64_t i = 0; i < hd / 2; ++i) {
+        double f = double(t) / std::pow(10000.0, 2.0 * double(i) / double(hd));
+        cs[t * hd / 2 + i] = float(std::cos(f));
+        sn[t * hd / 2 + i] = float(std::sin(f));
+      }
+    auto cosp = pair_from({S, hd / 2}, DType::f32, cs), sinp = pair_from({S, hd / 2}, DType::f32, sn);
+    auto q = rand_pair({B, T, H, hd}, DType::bf16, 2.f);
+    auto qy = out_pair({B, T, H, hd}, DType::bf16), qr = out_pair({B, T, H}, DType::f32);
+    cpu->rope_norm_fwd(q.c, cosp.c, sinp.c, qy.c, qr.c);
+    gpu->rope_norm_fwd(q.g, cosp.g, sinp.g, qy.g, qr.g);
+    expect_close(qy, kBf16Tol, "rope_norm_fwd y");
+    expect_close(qr, 1e-5, "rope_norm_fwd rstd");
+    auto dqy = rand_pair({B, T, H, hd}, DType::bf16), dq = out_pair({B, T, H, hd}, DType::bf16);
+    cpu->rope_norm_bwd(q.c, cosp.c, sinp.c, qr.c, dqy.c, dq.c);
+    gpu->rope_norm_bwd(q.g, cosp.g, sinp.g, qr.g, dqy.g, dq.g);
+    expect_close(dq, kBf16Tol, "rope_norm_bwd");
+  }
 }
 
 TEST_F(CudaOps, Attention) {
@@ -286,24 +306,30 @@ TEST_F(CudaOps, Attention) {
 }
 
 TEST_F(CudaOps, SoftcapCrossEntropy) {
-  const int64_t N = 29, V = 1000;
-  std::vector<int32_t> tg(N);
-  for (auto& t : tg) t = int32_t(rng->below(V));
-  tg[4] = -1;
-  tg[11] = -1;
-  auto targets = i32_pair({N}, tg);
-  for (DType dt : {DType::f32, DType::bf16}) {
-    auto logits = rand_pair({N, V}, dt, 8.f);
-    auto losses = out_pair({N}, DType::f32), dl = out_pair({N, V}, dt);
-    cpu->softcap_xent(logits.c, targets.c, 15.f, 0.25f, losses.c, dl.c);
-    gpu->softcap_xent(logits.g, targets.g, 15.f, 0.25f, losses.g, dl.g);
-    expect_close(losses, 1e-4, std::string("softcap_xent losses ") + dtype_name(dt));
-    expect_close(dl, dt == DType::f32 ? 1e-4 : kBf16Tol, std::string("softcap_xent dlogits ") + dtype_name(dt));
-    // In place: dlogits aliases logits.
-    auto alias_losses = out_pair({N}, DType::f32);
-    gpu->softcap_xent(logits.g, targets.g, 15.f, 0.25f, alias_losses.g, logits.g);
-    EXPECT_LT(nerr(gpu->read(logits.g), cpu->read(dl.c)), dt == DType::f32 ? 1e-4 : kBf16Tol) << "aliased";
-    EXPECT_LT(nerr(gpu->read(alias_losses.g), cpu->read(losses.c)), 1e-4) << "aliased losses";
+  // 1000 and 32768 logits a row take the register-resident kernel (one and four chunks a
+  // thread); 1001 the scalar one.
+  for (const int64_t V : {1000, 1001, 32768}) {
+    SCOPED_TRACE("V = " + std::to_string(V));
+    const int64_t N = 29;
+    std::vector<int32_t> tg(N);
+    for (auto& t : tg) t = int32_t(rng->below(uint64_t(V)));
+    tg[4] = -1;
+    tg[11] = -1;
+    tg[12] = int32_t(V - 1);
+    auto targets = i32_pair({N}, tg);
+    for (DType dt : {DType::f32, DType::bf16}) {
+      auto logits = rand_pair({N, V}, dt, 8.f);
+      auto losses = out_pair({N}, DType::f32), dl = out_pair({N, V}, dt);
+      cpu->softcap_xent(logits.c, targets.c, 15.f, 0.25f, losses.c, dl.c);
+      gpu->softcap_xent(logits.g, targets.g, 15.f, 0.25f, losses.g, dl.g);
+      expect_close(losses, 1e-4, std::string("softcap_xent losses ") + dtype_name(dt));
+      expect_close(dl, dt == DType::f32 ? 1e-4 : kBf16Tol, std::string("softcap_xent dlogits ") + dtype_name(dt));
+      // In place: dlogits aliases logits.
+      auto alias_losses = out_pair({N}, DType::f32);
+      gpu->softcap_xent(logits.g, targets.g, 15.f, 0.25f, alias_losses.g, logits.g);
+      EXPECT_LT(nerr(gpu->read(logits.g), cpu->read(dl.c)), dt == DType::f32 ? 1e-4 : kBf16Tol) << "aliased";
+      EXPECT_LT(nerr(gpu->read(alias_losses.g), cpu->read(losses.c)), 1e-4) << "aliased losses";
+    }
   }
 }
 
@@ -460,10 +486,68 @@ TEST_F(CudaOps, Optimizers) {
   expect_close(p, 1e-6, "adamw param");
   expect_close(m, 1e-6, "adamw m");
   expect_close(v, 1e-6, "adamw v");
+  // Muon momentum: 123 x 77 takes the scalar kernel, 64 x 136 the 8-wide one.
+  for (const Shape& ms : {s, Shape{64, 136}})
+    for (bool nesterov : {true, false}) {
+      auto mg = rand_pair(ms, DType::f32), mb = rand_pair(ms, DType::f32);
+      auto mu_out = out_pair(ms, DType::bf16);
+      cpu->muon_momentum(mg.c, mb.c, mu_out.c, 0.9f, nesterov);
+      gpu->muon_momentum(mg.g, mb.g, mu_out.g, 0.9f, nesterov);
+      expect_close(mb, 1e-6, std::string("muon_momentum buffer nesterov=") + (nesterov ? "1" : "0"));
+      expect_close(mu_out, kBf16Tol, std::string("muon_momentum update nesterov=") + (nesterov ? "1" : "0"));
+    }
   auto x = rand_pair(s, DType::bf16), y = out_pair(s, DType::bf16);
   cpu->frobenius_normalize(x.c, y.c, 1e-7f);
   gpu->frobenius_normalize(x.g, y.g, 1e-7f);
   expect_close(y, kBf16Tol, "frobenius_normalize");
+  // Batched: each slice by its own norm; slice scales differ by 10^4 so a joint norm would fail.
+  std::vector<float> sv = randn(5 * 24 * 40);
+  for (size_t i = 0; i < sv.size(); ++i) sv[i] *= std::pow(10.f, float(i / (24 * 40)) - 2.f);
+  auto xs = pair_from({5, 24, 40}, DType::bf16, sv), ys = out_pair({5, 24, 40}, DType::bf16);
+  cpu->frobenius_normalize_batched(xs.c, ys.c, 1e-7f);
+  gpu->frobenius_normalize_batched(xs.g, ys.g, 1e-7f);
+  auto got = gpu->read(ys.g), want = cpu->read(ys.c);
+  for (int64_t e = 0; e < 5; ++e) {
+    const size_t per = 24 * 40;
+    std::vector<float> a(got.begin() + e * per, got.begin() + (e + 1) * per),
+        b(want.begin() + e * per, want.begin() + (e + 1) * per);
+    EXPECT_LT(nerr(a, b), kBf16Tol) << "frobenius_normalize_batched slice " << e;
+  }
+}
+
+// Every weight-gradient tile width (the backend picks one per shape) against the CPU, with
+// uneven groups (one empty) and output columns that are not a multiple of the tile.
+TEST_F(CudaOps, GroupedWgradEveryTileWidth) {
+  const int E = 4, N = 200, K = 328;
+  const std::vector<int32_t> off = {0, 70, 70, 301, 333};
+  auto offsets = i32_pair({E + 1}, off);
+  auto dy = rand_pair({333, N}, DType::bf16), x = rand_pair({333, K}, DType::bf16);
+  for (int tile : {128, 192, 256})
+    for (float beta : {0.f, 1.f}) {
+      auto dw = rand_pair({E, N, K}, DType::f32);
+      cpu->grouped_matmul_wgrad(dy.c, x.c, dw.c, offsets.c, beta);
+      grouped_gemm::wgrad_sm90_tma(dy.g.as<__nv_bfloat16>(), x.g.as<__nv_bfloat16>(), dw.g.data, dw.g.dtype, offsets.g.as<int32_t>(), E,
+                                   333, N, K, beta, gpu->stream(), tile);
+      expect_close(dw, 1e-4, "wgrad tile " + std::to_string(tile) + " beta " + std::to_string(beta));
+    }
+  EXPECT_EQ(grouped_gemm::wgrad_tile_n(8, 1536, 768, 132), 192);  // the seed's w_fc gradient
+}
+
+// Muon's batched Newton-Schulz through the grouped GEMMs, against the CPU backend running the
+// same ops in f32: router-like stacks (8 rows, inner products of size 8), wide and tall stacks.
+TEST_F(CudaOps, BatchedNewtonSchulzMatchesCpu) {
+  const std::vector<NewtonSchulz::StackShape> stacks = {{12, 8, 768}, {6, 64, 64}, {4, 40, 96}, {4, 96, 40}};
+  NewtonSchulz ns_cpu(*cpu, stacks), ns_gpu(*gpu, stacks);
+  for (const auto& st : stacks) {
+    SCOPED_TRACE(std::to_string(st.count) + " x " + std::to_string(st.m) + " x " + std::to_string(st.n));
+    ns_cpu.prepare_batched(st.count, st.m, st.n);
+    ns_gpu.prepare_batched(st.count, st.m, st.n);
+    auto g = rand_pair({st.count, st.m, st.n}, DType::f32);
+    const Tensor xc = ns_cpu.run_batched(g.c, 5), xg = ns_gpu.run_batched(g.g, 5);
+    // bf16 iterates on the GPU drift from the f32 ones over five steps; the result is still the
+    // same near-orthogonal matrix to a few percent.
+    EXPECT_LT(nerr(gpu->read(xg), cpu->read(xc)), 3e-2);
+  }
 }
 
 // A captured sequence (plan -> permute -> grouped GEMM) replayed on new inputs written into the

@@ -89,6 +89,8 @@ TEST(Config, ValidationNamesKeyForEachInconsistency) {
       {"moe.layers=0,99", "moe.layers"},
       {"train.steps=0", "train.steps"},
       {"precision=fp4", "precision"},
+      {"optim.matrix_optimizer=sgd", "optim.matrix_optimizer"},
+      {"optim.matrix_adamw_lr=0", "optim.matrix_adamw_lr"},
   };
   for (auto& bc : cases) {
     Config c;

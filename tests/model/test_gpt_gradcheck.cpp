@@ -143,6 +143,35 @@ TEST(Gpt, NanochatNamesAndActiveParams) {
   EXPECT_EQ(model.active_matmul_params(), total_nonembed - inactive);
 }
 
+TEST(Gpt, SameShapeParamsShareOneAllocationAndBeginStepZeroesAllGrads) {
+  Config c = tiny_config("dropless", false, "all");
+  c.model.layers = 3;
+  CpuBackend be(DType::f32, 1);
+  GptMoE model(be, c, 2, 6);
+  auto& t = model.params();
+  // Same-shape matrices follow each other in table order (c_k, c_v have another shape: GQA).
+  const Param& q0 = t.get("transformer.h.0.attn.c_q.weight");
+  const Param& proj0 = t.get("transformer.h.0.attn.c_proj.weight");
+  const Param& q1 = t.get("transformer.h.1.attn.c_q.weight");
+  const Param& fc0 = t.get("transformer.h.0.mlp.experts.w_fc");
+  const Param& fc1 = t.get("transformer.h.1.mlp.experts.w_fc");
+  ASSERT_EQ(q0.value.shape, proj0.value.shape);
+  EXPECT_EQ(proj0.value.as<float>(), q0.value.as<float>() + q0.value.numel());
+  EXPECT_EQ(q1.value.as<float>(), proj0.value.as<float>() + proj0.value.numel());
+  EXPECT_EQ(q1.grad.as<float>(), proj0.grad.as<float>() + proj0.grad.numel());
+  EXPECT_EQ(fc1.value.as<float>(), fc0.value.as<float>() + fc0.value.numel());
+  // Every gradient is zero after begin_step, whatever was there.
+  Rng rng(7);
+  for (Param& p : t.params) {
+    std::vector<float> g(size_t(p.grad.numel()));
+    for (auto& x : g) x = float(rng.normal());
+    be.write(p.grad, g);
+  }
+  model.begin_step();
+  for (const Param& p : t.params)
+    for (float x : be.read(p.grad)) ASSERT_EQ(x, 0.0f) << p.name;
+}
+
 TEST(Gpt, InitialLossNearLogVocab) {
   Config c = tiny_config("dropless", false, "all");
   c.model.vocab = 64;

@@ -5,12 +5,19 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <random>
 #include <vector>
 
 #include "backend/backend.hpp"
 #include "core/rng.hpp"
 
 namespace moelab::testref {
+
+// A generator seeded from the OS, so every run draws fresh inputs.
+inline Rng fresh_rng() {
+  std::random_device rd;
+  return Rng((uint64_t(rd()) << 32) ^ rd());
+}
 
 // Row-major m x n matrix in double.
 struct Mat {
@@ -213,6 +220,12 @@ class CountingBackend : public Backend {
     in_.adamw_update(p, g, m, v, s);
   }
   void frobenius_normalize(const Tensor& x, Tensor& y, float eps) override { in_.frobenius_normalize(x, y, eps); }
+  void frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) override {
+    in_.frobenius_normalize_batched(x, y, eps);
+  }
+  void muon_momentum(const Tensor& g, Tensor& m, Tensor& u, float mu, bool nesterov) override {
+    in_.muon_momentum(g, m, u, mu, nesterov);
+  }
   void sum_squares(const Tensor& x, Tensor& o, bool acc) override { in_.sum_squares(x, o, acc); }
 
  private:

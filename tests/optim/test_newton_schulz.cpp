@@ -15,11 +15,6 @@ namespace {
 
 using namespace testref;
 
-Rng fresh_rng() {
-  std::random_device rd;
-  return Rng((uint64_t(rd()) << 32) ^ rd());
-}
-
 double quintic_iterated(double s, int64_t steps) {
   for (int64_t i = 0; i < steps; ++i) s = 3.4445 * s - 4.7750 * s * s * s + 2.0315 * s * s * s * s * s;
   return s;
@@ -130,13 +125,15 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, NewtonSchulzTest,
 namespace moelab {
 namespace {
 
-// The batched pass over an [E, m, n] stack (grouped GEMMs) computes what E separate runs compute.
+// The batched pass over an [E, m, n] stack (grouped GEMMs, with A^T, P^T standing in for the
+// symmetric A, P and the wide case's P X as the weight-gradient product) computes what E separate
+// runs compute.
 TEST(NewtonSchulz, BatchedStackMatchesMatrixByMatrix) {
   for (DType dt : {DType::f32, DType::f64}) {
     CpuBackend b(dt, 2);
     Rng rng = fresh_rng();
     const int64_t E = 5;
-    const std::pair<int64_t, int64_t> shapes[] = {{48, 24}, {24, 48}, {32, 32}};
+    const std::pair<int64_t, int64_t> shapes[] = {{48, 24}, {24, 48}, {32, 32}, {8, 40}};  // last: router-like
     NewtonSchulz ns(b, 48 * 24, 32, E);
     for (auto [m, n] : shapes) {
       ns.prepare_batched(E, m, n);

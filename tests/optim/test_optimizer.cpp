@@ -1,7 +1,10 @@
 // The Optimizer against a double-precision host reference: two Muon steps (momentum, Nesterov
 // blend, Newton-Schulz, aspect scaling, weight decay) and two AdamW steps (both groups, d_model
-// lr scaling), per expert for 3-D tensors; plus its state names, resume through state(), and the
-// promise that a step makes no host transfers.
+// lr scaling), per expert for 3-D tensors, with same-shape matrices of several layers (2-D, 3-D,
+// tall, wide, and a shape the batched pass cannot take) so that Muon's shape groups are exercised;
+// plus its state names, momentum stacks as views, the single-op path for gradients and weights
+// that lie contiguously, resume through state(), and the promise that a step makes no host
+// transfers.
 #include <gtest/gtest.h>
 
 #include <map>
@@ -16,11 +19,6 @@ namespace {
 
 using namespace testref;
 
-Rng fresh_rng() {
-  std::random_device rd;
-  return Rng((uint64_t(rd()) << 32) ^ rd());
-}
-
 struct Spec {
   std::string name;
   ParamGroup group;
@@ -34,9 +32,23 @@ const std::vector<Spec>& specs() {
       {"transformer.h.0.mlp.c_fc.weight", ParamGroup::matrix, {96, 32}},    // tall: scale sqrt(3)
       {"transformer.h.0.mlp.c_proj.weight", ParamGroup::matrix, {32, 96}},  // wide: scale 1
       {"transformer.h.1.mlp.experts.w_fc", ParamGroup::matrix, {3, 40, 24}},
+      // Same shapes across layers: Muon stacks them into one group each.
+      {"transformer.h.1.attn.c_q.weight", ParamGroup::matrix, {48, 48}},
+      {"transformer.h.1.attn.c_k.weight", ParamGroup::matrix, {48, 48}},
+      {"transformer.h.1.mlp.router.weight", ParamGroup::matrix, {8, 48}},  // wide
+      {"transformer.h.2.mlp.router.weight", ParamGroup::matrix, {8, 48}},
+      {"transformer.h.2.mlp.experts.w_fc", ParamGroup::matrix, {3, 40, 24}},     // tall, with h.1's
+      {"transformer.h.2.mlp.experts.w_proj", ParamGroup::matrix, {3, 24, 40}},   // wide stack
+      {"transformer.h.3.mlp.experts.w_proj", ParamGroup::matrix, {2, 12, 20}},   // not batchable
       {"lm_head.weight", ParamGroup::unembedding, {50, 32}},
   };
   return s;
+}
+
+size_t count_matrices() {
+  size_t n = 0;
+  for (const Spec& s : specs()) n += s.group == ParamGroup::matrix;
+  return n;
 }
 
 // Host mirror of one parameter and its optimizer state.
@@ -92,7 +104,7 @@ void reference_step(const OptimConfig& o, const ModelConfig& model, std::vector<
     const Spec& s = specs()[i];
     HostParam& h = host[i];
     const std::vector<double>& g = grads[i];
-    if (s.group == ParamGroup::matrix) {
+    if (s.group == ParamGroup::matrix && o.matrix_optimizer == "muon") {
       const int64_t count = s.shape.size() == 3 ? s.shape[0] : 1;
       const int64_t rows = s.shape[s.shape.size() - 2], cols = s.shape.back();
       const double lr = o.matrix_lr * lrm;
@@ -111,7 +123,8 @@ void reference_step(const OptimConfig& o, const ModelConfig& model, std::vector<
         }
       }
     } else {
-      const double lr = (s.group == ParamGroup::embedding ? o.embedding_lr : o.unembedding_lr) * dscale * lrm;
+      const double lr = s.group == ParamGroup::matrix ? o.matrix_adamw_lr * lrm
+                        : (s.group == ParamGroup::embedding ? o.embedding_lr : o.unembedding_lr) * dscale * lrm;
       const double b1 = o.adam_beta1, b2 = o.adam_beta2, t = double(step + 1);
       for (size_t j = 0; j < g.size(); ++j) {
         h.m[j] = b1 * h.m[j] + (1 - b1) * g[j];
@@ -126,6 +139,7 @@ void reference_step(const OptimConfig& o, const ModelConfig& model, std::vector<
 struct Case {
   DType dtype;
   double tol;  // f64 is bounded by the f32 scalars (lr, momentum, betas) the Backend API carries
+  std::string matrix_optimizer;
 };
 
 class OptimizerReference : public ::testing::TestWithParam<Case> {};
@@ -137,6 +151,8 @@ TEST_P(OptimizerReference, TwoStepsMatchHostReference) {
   OptimConfig o;
   o.weight_decay = 0.1 * rng.uniform();
   o.matrix_lr = 0.01 + 0.03 * rng.uniform();
+  o.matrix_optimizer = c.matrix_optimizer;
+  o.matrix_adamw_lr = 0.001 + 0.003 * rng.uniform();
   ModelConfig model;
   model.d_model = 192;  // AdamW lrs x 2
   std::vector<HostParam> host;
@@ -176,8 +192,11 @@ TEST_P(OptimizerReference, TwoStepsMatchHostReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, OptimizerReference,
-                         ::testing::Values(Case{DType::f32, 5e-5}, Case{DType::f64, 5e-5}),
-                         [](const auto& info) { return std::string(dtype_name(info.param.dtype)); });
+                         ::testing::Values(Case{DType::f32, 5e-5, "muon"}, Case{DType::f64, 5e-5, "muon"},
+                                           Case{DType::f32, 5e-5, "adamw"}, Case{DType::f64, 5e-5, "adamw"}),
+                         [](const auto& info) {
+                           return std::string(dtype_name(info.param.dtype)) + "_" + info.param.matrix_optimizer;
+                         });
 
 TEST(Optimizer, ExpertTensorsAreOrthogonalizedPerExpert) {
   CpuBackend b(DType::f32, 2);
@@ -217,7 +236,8 @@ TEST(Optimizer, StateNamesAreStableAndZeroAtStart) {
   ParamTable t1 = make_table(b, rng, host), t2 = make_table(b, rng, host);
   Optimizer o1(b, t1, OptimConfig{}, ModelConfig{}), o2(b, t2, OptimConfig{}, ModelConfig{});
   const auto s1 = o1.state(), s2 = o2.state();
-  ASSERT_EQ(s1.size(), 4u + 2u * 2u);  // momentum per matrix, exp_avg + exp_avg_sq per AdamW param
+  // momentum per matrix, exp_avg + exp_avg_sq per AdamW param
+  ASSERT_EQ(s1.size(), count_matrices() + 2u * (specs().size() - count_matrices()));
   std::map<std::string, Shape> names;
   for (size_t i = 0; i < s1.size(); ++i) {
     EXPECT_EQ(s1[i].name, s2[i].name);
@@ -228,6 +248,21 @@ TEST(Optimizer, StateNamesAreStableAndZeroAtStart) {
   EXPECT_EQ(names.at("optim/transformer.h.1.mlp.experts.w_fc/momentum"), (Shape{3, 40, 24}));
   EXPECT_EQ(names.at("optim/lm_head.weight/exp_avg_sq"), (Shape{50, 32}));
   EXPECT_TRUE(names.count("optim/transformer.wte.weight/exp_avg"));
+}
+
+TEST(Optimizer, AdamwMatricesKeepAdamStateAndNoMomentum) {
+  CpuBackend b(DType::f32, 1);
+  Rng rng = fresh_rng();
+  std::vector<HostParam> host;
+  ParamTable t = make_table(b, rng, host);
+  OptimConfig o;
+  o.matrix_optimizer = "adamw";
+  Optimizer opt(b, t, o, ModelConfig{});
+  std::map<std::string, Shape> names;
+  for (const auto& s : opt.state()) names[s.name] = s.tensor.shape;
+  EXPECT_EQ(names.size(), specs().size() * 2u);
+  EXPECT_EQ(names.at("optim/transformer.h.1.mlp.experts.w_fc/exp_avg_sq"), (Shape{3, 40, 24}));
+  EXPECT_FALSE(names.count("optim/transformer.h.1.mlp.experts.w_fc/momentum"));
 }
 
 TEST(Optimizer, ResumingThroughStateReproducesTheNextStep) {
@@ -289,6 +324,98 @@ TEST(Optimizer, RejectsParamsMuonCannotUpdate) {
     ADD_FAILURE() << "a 1-D matrix-group parameter was accepted";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("transformer.h.0.norm.scale"), std::string::npos) << e.what();
+  }
+}
+
+// Same-shape matrices share one momentum stack: each parameter's momentum is a view of its
+// group's allocation, laid out in parameter order, with the parameter's own shape.
+TEST(Optimizer, SameShapeMomentaAreViewsOfOneStack) {
+  CpuBackend b(DType::f32, 1);
+  Rng rng = fresh_rng();
+  std::vector<HostParam> host;
+  ParamTable t = make_table(b, rng, host);
+  Optimizer opt(b, t, OptimConfig{}, ModelConfig{});
+  std::map<std::string, Tensor> state;
+  for (const auto& s : opt.state()) state[s.name] = s.tensor;
+  auto momentum = [&](const std::string& param) { return state.at("optim/" + param + "/momentum"); };
+  const std::vector<std::vector<std::string>> families = {
+      {"transformer.h.0.attn.c_q.weight", "transformer.h.1.attn.c_q.weight", "transformer.h.1.attn.c_k.weight"},
+      {"transformer.h.1.mlp.router.weight", "transformer.h.2.mlp.router.weight"},
+      {"transformer.h.1.mlp.experts.w_fc", "transformer.h.2.mlp.experts.w_fc"}};
+  for (const auto& family : families) {
+    for (size_t k = 0; k < family.size(); ++k) {
+      const Tensor m = momentum(family[k]);
+      const auto it = std::find_if(t.params.begin(), t.params.end(), [&](const Param& p) { return p.name == family[k]; });
+      ASSERT_NE(it, t.params.end()) << family[k];
+      EXPECT_EQ(m.shape, it->value.shape) << family[k];
+      if (k == 0) continue;
+      const Tensor prev = momentum(family[k - 1]);
+      EXPECT_EQ(m.storage.get(), prev.storage.get()) << family[k];
+      EXPECT_EQ(m.data, static_cast<const void*>(prev.as<const char>() + prev.bytes())) << family[k];
+    }
+  }
+  // Different shapes never share a stack.
+  EXPECT_NE(momentum("transformer.h.0.mlp.c_fc.weight").storage.get(),
+            momentum("transformer.h.0.mlp.c_proj.weight").storage.get());
+}
+
+// Gradients and weights that already lie back to back (one allocation per shape) take the
+// single-op path instead of the per-parameter gather; both paths must give the same steps.
+TEST(Optimizer, ContiguousGradientsAndWeightsGiveTheSameSteps) {
+  for (DType dt : {DType::f32, DType::f64}) {
+    for (bool nesterov : {true, false}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + (nesterov ? " nesterov" : " plain"));
+      CpuBackend b(dt, 1);
+      Rng rng = fresh_rng();
+      struct Family {
+        Shape matrix;
+        int64_t per_param, params;
+      };
+      const Family families[] = {{{48, 32}, 1, 3}, {{40, 24}, 3, 2}, {{24, 40}, 2, 2}};
+      ParamTable apart, together;
+      for (const Family& f : families) {
+        const int64_t m = f.matrix[0], n = f.matrix[1];
+        Tensor vstack = b.alloc({f.params * f.per_param * m, n}, dt), gstack = b.alloc({f.params * f.per_param * m, n}, dt);
+        for (int64_t i = 0; i < f.params; ++i) {
+          const Shape shape = f.per_param == 1 ? Shape{m, n} : Shape{f.per_param, m, n};
+          Param p;
+          p.name = "transformer.h." + std::to_string(i) + ".w" + std::to_string(m) + "x" + std::to_string(n);
+          p.group = ParamGroup::matrix;
+          p.value = b.alloc(shape, dt);
+          p.grad = b.alloc(shape, dt);
+          p.compute = p.value;
+          std::vector<float> v(size_t(p.value.numel()));
+          for (auto& x : v) x = float(0.05 * rng.normal());
+          b.write(p.value, v);
+          Param q = p;
+          q.value = vstack.rows_slice(i * f.per_param * m, (i + 1) * f.per_param * m).view(shape);
+          q.grad = gstack.rows_slice(i * f.per_param * m, (i + 1) * f.per_param * m).view(shape);
+          q.compute = q.value;
+          b.write(q.value, v);
+          apart.params.push_back(p);
+          together.params.push_back(q);
+        }
+      }
+      OptimConfig o;
+      o.weight_decay = 0.1 * rng.uniform();
+      o.muon_nesterov = nesterov;
+      Optimizer oa(b, apart, o, ModelConfig{}), ot(b, together, o, ModelConfig{});
+      for (int64_t step = 0; step < 2; ++step) {
+        for (size_t i = 0; i < apart.params.size(); ++i) {
+          std::vector<float> g(size_t(apart.params[i].grad.numel()));
+          for (auto& x : g) x = float(rng.normal());
+          b.write(apart.params[i].grad, g);
+          b.write(together.params[i].grad, g);
+        }
+        oa.step(step, 1.0);
+        ot.step(step, 1.0);
+      }
+      for (size_t i = 0; i < apart.params.size(); ++i) {
+        const std::vector<double> a = read_exact(b, apart.params[i].value), t = read_exact(b, together.params[i].value);
+        for (double x : t) ASSERT_FALSE(std::isnan(x)) << together.params[i].name;
+        EXPECT_LT(rel_err(t, a), dt == DType::f64 ? 1e-12 : 1e-6) << apart.params[i].name;
+      }
+    }
   }
 }
 

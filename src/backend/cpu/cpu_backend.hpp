@@ -91,6 +91,8 @@ class CpuBackend : public Backend {
   void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                     const AdamWStep& s) override;
   void frobenius_normalize(const Tensor& x, Tensor& y, float eps) override;
+  void frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) override;
+  void muon_momentum(const Tensor& grad, Tensor& momentum, Tensor& update, float mu, bool nesterov) override;
   void sum_squares(const Tensor& x, Tensor& out, bool accumulate) override;
 
   // Byte counters shared with the deleters of live allocations, so a tensor may outlive its

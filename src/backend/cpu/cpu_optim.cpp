@@ -1,5 +1,5 @@
 // Optimizer-side ops: the AdamW step, Frobenius normalization (Muon's pre-scaling before
-// Newton-Schulz) and the sum of squares behind gradient-norm reporting. Norms use fixed-chunk
+// Newton-Schulz, of one matrix or of each matrix of a stack) and the sum of squares behind gradient-norm reporting. Norms use fixed-chunk
 // double sums, so they are exact to f64 rounding and independent of the thread count.
 #include <cmath>
 
@@ -83,6 +83,42 @@ void CpuBackend::frobenius_normalize(const Tensor& x, Tensor& y, float eps) {
       for (int64_t i = i0; i < i1; ++i) yp[i] = xp[i] * inv;
     });
   });
+}
+
+// Slice by slice, each exactly as frobenius_normalize computes it (same chunked sums).
+void CpuBackend::muon_momentum(const Tensor& grad, Tensor& momentum, Tensor& update, float mu, bool nesterov) {
+  const char* op = "muon_momentum";
+  require_float(momentum, op, "momentum");
+  require_like(momentum, grad, op, "grad");
+  require_like(momentum, update, op, "update");
+  const int64_t n = momentum.numel();
+  require_numel(grad, n, op, "grad");
+  require_numel(update, n, op, "update");
+  with_float(momentum.dtype, [&](auto te) {
+    using T = decltype(te);
+    const T* g = ptr<T>(grad);
+    T* b = ptr<T>(momentum);
+    T* u = ptr<T>(update);
+    const T tm = T(mu), tg = T(1) - T(mu);
+    pool_.parallel_for(n, kElemGrain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        b[i] = tg * g[i] + tm * b[i];
+        u[i] = nesterov ? tm * b[i] + tg * g[i] : b[i];
+      }
+    });
+  });
+}
+
+void CpuBackend::frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) {
+  const char* op = "frobenius_normalize_batched";
+  require_float(x, op, "x");
+  require_like(x, y, op, "y");
+  require(x.ndim() >= 1 && y.shape == x.shape, op,
+          "x is " + x.describe() + " and y " + y.describe() + "; both need one shape [G, ...]");
+  for (int64_t g = 0; g < x.dim(0); ++g) {
+    Tensor yg = y.index(g);
+    frobenius_normalize(x.index(g), yg, eps);
+  }
 }
 
 }  // namespace moelab

@@ -2,6 +2,8 @@
 // ops live in the .cu files named after their concern (elementwise, norms, attention, ...).
 #include "backend/cuda/cuda_backend.hpp"
 
+#include <cuda_profiler_api.h>
+
 #include <cstring>
 
 #include "backend/cuda/cuda_check.hpp"
@@ -74,6 +76,11 @@ size_t CudaBackend::current_memory_bytes() const { return memory_->current_bytes
 size_t CudaBackend::peak_memory_bytes() const { return memory_->peak_bytes(); }
 void CudaBackend::reset_peak_memory() { memory_->reset_peak(); }
 void CudaBackend::synchronize() { MOELAB_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+void CudaBackend::profiler_range(bool start) {
+  synchronize();
+  MOELAB_CUDA_CHECK(start ? cudaProfilerStart() : cudaProfilerStop());
+}
 
 void* CudaBackend::scratch(ScratchSlot slot, size_t bytes) {
   size_t i = size_t(slot);

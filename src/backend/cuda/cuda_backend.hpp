@@ -52,6 +52,7 @@ class CudaBackend : public Backend {
   size_t peak_memory_bytes() const override;
   void reset_peak_memory() override;
   void synchronize() override;
+  void profiler_range(bool start) override;
 
   void write(Tensor& dst, const std::vector<float>& values) override;
   void write_i32(Tensor& dst, const std::vector<int32_t>& values) override;
@@ -112,11 +113,13 @@ class CudaBackend : public Backend {
   void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                     const AdamWStep& s) override;
   void frobenius_normalize(const Tensor& x, Tensor& y, float eps) override;
+  void frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) override;
+  void muon_momentum(const Tensor& grad, Tensor& momentum, Tensor& update, float mu, bool nesterov) override;
   void sum_squares(const Tensor& x, Tensor& out, bool accumulate) override;
 
   // Device scratch of at least `bytes` for one purpose (slot), grown outside capture only.
   // Contents do not survive other ops using the same slot.
-  enum class ScratchSlot : int { reduce, gemm_a, gemm_b, attention, embed_sort, embed_keys, count };
+  enum class ScratchSlot : int { reduce, gemm_a, gemm_b, attention, embed_sort, embed_keys, embed_partial, count };
   void* scratch(ScratchSlot slot, size_t bytes);
 
  private:

@@ -1,6 +1,10 @@
 // Token embedding forward (a row gather) and backward (a scatter-add into the table). The
 // backward must be deterministic, so instead of float atomics it sorts (token, position) pairs
-// with a stable radix sort and lets one warp add each token's rows in position order.
+// with a stable radix sort and adds each token's rows in position order. Frequent tokens (a space
+// in byte-level text is a sixth of all positions) would leave one warp summing thousands of rows
+// while the rest idle, so the sorted list is cut into fixed chunks of kChunk entries, one warp
+// each: a token whose run lies inside one chunk is added to the table there; a run that crosses
+// chunk edges leaves one partial sum per chunk, and a second kernel adds those in chunk order.
 #include <cub/device/device_radix_sort.cuh>
 
 #include "backend/cuda/cuda_common.cuh"
@@ -25,19 +29,61 @@ __global__ void iota_kernel(int32_t* p, int n) {
   if (i < n) p[i] = i;
 }
 
-// One warp per run head of the sorted keys: sums that token's rows in position order.
+constexpr int kChunk = 32;
+
+// Partial sums of a chunk, [chunks, 2, d]: slot 0 for the segment that starts at the chunk's
+// first entry, slot 1 for one that starts later and runs past the chunk's end.
 template <class TD, class TW>
-__global__ void embedding_bwd_kernel(const int32_t* keys, const int32_t* pos, const TD* dout, TW* dwte, int n,
-                                     int d, int vocab) {
-  int i = blockIdx.x * 8 + (threadIdx.x >> 5);
+__global__ void embedding_bwd_chunk_kernel(const int32_t* keys, const int32_t* pos, const TD* dout, TW* dwte,
+                                           float* partial, int n, int d, int vocab) {
+  const int chunk = blockIdx.x * 8 + (threadIdx.x >> 5);
+  const int begin = chunk * kChunk;
+  if (begin >= n) return;
+  const int end = min(n, begin + kChunk);
+  for (int c = threadIdx.x & 31; c < d; c += 32) {
+    float acc = 0.f;
+    int seg = begin;
+    for (int j = begin; j < end; ++j) {
+      const int tok = keys[j];
+      acc += to_f32(dout[int64_t(pos[j]) * d + c]);
+      if (j + 1 < end && keys[j + 1] == tok) continue;
+      if (tok >= 0 && tok < vocab) {
+        const bool run_starts_here = seg == 0 || keys[seg - 1] != tok;
+        const bool run_ends_here = j + 1 == n || keys[j + 1] != tok;
+        if (run_starts_here && run_ends_here) {
+          TW* w = dwte + int64_t(tok) * d + c;
+          *w = from_f32<TW>(to_f32(*w) + acc);
+        } else {
+          partial[(int64_t(chunk) * 2 + (seg == begin ? 0 : 1)) * d + c] = acc;
+        }
+      }
+      acc = 0.f;
+      seg = j + 1;
+    }
+  }
+}
+
+// One warp per token whose run crosses a chunk edge: adds its partial sums in chunk order.
+template <class TW>
+__global__ void embedding_bwd_merge_kernel(const int32_t* keys, const float* partial, TW* dwte, int n, int d,
+                                           int vocab) {
+  const int i = blockIdx.x * 8 + (threadIdx.x >> 5);
   if (i >= n) return;
-  int tok = keys[i];
+  const int tok = keys[i];
   if ((i > 0 && keys[i - 1] == tok) || tok < 0 || tok >= vocab) return;
-  int end = i + 1;
-  while (end < n && keys[end] == tok) ++end;
+  int lo = i + 1, hi = n;  // first index past the run (keys are sorted)
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (keys[mid] == tok) lo = mid + 1;
+    else hi = mid;
+  }
+  const int first = i / kChunk, last = (lo - 1) / kChunk;
+  if (first == last) return;
+  const int first_slot = i == first * kChunk ? 0 : 1;
   for (int c = threadIdx.x & 31; c < d; c += 32) {
     float acc = to_f32(dwte[int64_t(tok) * d + c]);
-    for (int j = i; j < end; ++j) acc += to_f32(dout[int64_t(pos[j]) * d + c]);
+    acc += partial[(int64_t(first) * 2 + first_slot) * d + c];
+    for (int k = first + 1; k <= last; ++k) acc += partial[int64_t(k) * 2 * d + c];
     dwte[int64_t(tok) * d + c] = from_f32<TW>(acc);
   }
 }
@@ -79,11 +125,16 @@ void CudaBackend::embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor
   // Tokens are non-negative (ids), so sorting their bits as unsigned keeps id order.
   MOELAB_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, tokens.as<int32_t>(), keys_out, pos_in,
                                                     pos_out, n, 0, bits, stream_));
-  unsigned nb = unsigned((n + 7) / 8);
+  const int chunks = (n + kChunk - 1) / kChunk;
+  auto* partial = static_cast<float*>(scratch(ScratchSlot::embed_partial, size_t(chunks) * 2 * d * sizeof(float)));
   MOELAB_FLOAT_DISPATCH(dout.dtype, TD, MOELAB_FLOAT_DISPATCH(dwte.dtype, TW,
-      embedding_bwd_kernel<TD, TW><<<nb, 256, 0, stream_>>>(keys_out, pos_out, dout.as<TD>(), dwte.as<TW>(), n, d,
-                                                           vocab)));
-  MOELAB_CUDA_LAUNCH_CHECK("embedding_bwd");
+      embedding_bwd_chunk_kernel<TD, TW><<<unsigned((chunks + 7) / 8), 256, 0, stream_>>>(
+          keys_out, pos_out, dout.as<TD>(), dwte.as<TW>(), partial, n, d, vocab)));
+  MOELAB_CUDA_LAUNCH_CHECK("embedding_bwd chunks");
+  MOELAB_FLOAT_DISPATCH(dwte.dtype, TW,
+      embedding_bwd_merge_kernel<TW><<<unsigned((n + 7) / 8), 256, 0, stream_>>>(keys_out, partial, dwte.as<TW>(),
+                                                                               n, d, vocab));
+  MOELAB_CUDA_LAUNCH_CHECK("embedding_bwd merge");
 }
 
 }  // namespace moelab

@@ -10,7 +10,8 @@
 
 namespace moelab::grouped_gemm {
 
-// Output tile width of the TMA kernels: 256 (one block per SM) or 128 (two per SM).
+// Output tile width of the TMA kernels: 256 (one block per SM) or 128 (two per SM); the
+// weight-gradient kernel also has 192 (one per SM).
 constexpr int kDefaultTileN = 256;
 
 // C[rows of e] = A[rows of e] @ op(W[e]): W is [E, N, K] when w_kmajor else [E, K, N]. A [R, K],
@@ -23,10 +24,18 @@ void forward_sm90(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, DType
 // The same with the tiles brought in by the tensor-memory accelerator (TMA) and mbarriers.
 void forward_sm90_tma(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, DType c_dtype, const int32_t* offsets,
                       int E, int64_t R, int N, int K, cudaStream_t stream, int tile_n = kDefaultTileN);
+// The same as a persistent kernel (one block per SM over all tiles, loading the next tile while
+// storing the current one); `sms` is the GPU's multiprocessor count.
+void forward_sm90_tma_persistent(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, DType c_dtype,
+                                 const int32_t* offsets, int E, int64_t R, int N, int K, int sms, cudaStream_t stream,
+                                 int tile_n = kDefaultTileN);
 // dW[e] = beta dW[e] + dY_e^T X_e on wgmma with TMA loads (dY [R, N], X [R, K]).
 void wgrad_sm90_tma(const __nv_bfloat16* dY, const __nv_bfloat16* X, void* dW, DType dw_dtype,
                     const int32_t* offsets, int E, int64_t R, int N, int K, float beta, cudaStream_t stream,
                     int tile_n = kDefaultTileN);
+// The weight-gradient tile width (256, 192 or 128) that wastes the least of the last wave on
+// `sms` multiprocessors for dW [E, N, K].
+int wgrad_tile_n(int E, int N, int K, int sms);
 // Wt[e] = W[e]^T: W [E, R, S] -> Wt [E, S, R] (turns an N-major expert weight K-major).
 void transpose_experts(const __nv_bfloat16* W, __nv_bfloat16* Wt, int E, int R, int S, cudaStream_t stream);
 // dW[e] = beta dW[e] + dY_e^T X_e; dY [R, N], X [R, K], dW [E, N, K] (f32 or bf16).

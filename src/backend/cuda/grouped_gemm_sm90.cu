@@ -5,8 +5,12 @@
 // descriptors describe. The tile scheduler is the one of grouped_gemm.cu: grid.y walks
 // (expert, row tile) pairs read from the device offsets, so no host synchronization is needed.
 // The data-gradient product (W N-major) uses this kernel after an expert-wise transpose of W.
+// The backend runs the persistent form of the forward kernel (blocks loop over tiles, loading the
+// next while storing the current) and picks the weight-gradient tile width (256, 192 or 128) that
+// leaves the least of the last wave idle.
 #include <cuda.h>
 
+#include <algorithm>
 #include <set>
 #include <type_traits>
 
@@ -220,12 +224,126 @@ __global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2) grouped_fwd_tma_k
 }
 
 
+// The forward product as a persistent kernel: one block per SM walks the output tiles
+// blockIdx.x, blockIdx.x + gridDim.x, ... (row tile major, so neighbouring blocks share an A
+// tile through L2). With K of 768 or 1536 a tile has only 12 or 24 k-steps, so the one-tile
+// kernel above spends much of its time filling the pipeline and storing the tile; here the
+// leader keeps loading the next tile's first stages while the block stores the current one.
+// The k-steps of all of a block's tiles form one sequence g = 0, 1, ...: step g uses stage
+// g % TST with barrier parity (g / TST) & 1, whichever tile it belongs to.
+struct FwdTile {
+  int e = 0, row0 = 0, rows = 0, n0 = 0;
+  bool valid = false;
+};
+
+template <int TBN>
+__device__ __forceinline__ FwdTile fwd_tile(int t, const int32_t* offsets, int E, int n_tiles_n) {
+  FwdTile f;
+  const int rt = t / n_tiles_n;
+  int seen = 0;
+  for (int e = 0; e < E; ++e) {
+    const int lo = offsets[e], hi = offsets[e + 1];
+    const int n = (hi - lo + BM - 1) / BM;
+    if (rt < seen + n) {
+      f.e = e;
+      f.row0 = lo + (rt - seen) * BM;
+      f.rows = min(BM, hi - f.row0);
+      f.n0 = (t % n_tiles_n) * TBN;
+      f.valid = true;
+      return f;
+    }
+    seen += n;
+  }
+  return f;
+}
+
+template <int TBN, int TST, class TC>
+__global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2)
+    grouped_fwd_tma_persistent_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                                      TC* C, const int32_t* offsets, int E, int N, int K) {
+  extern __shared__ char smem_raw[];
+  const int n_tiles_n = (N + TBN - 1) / TBN;
+  FwdTile cur = fwd_tile<TBN>(blockIdx.x, offsets, E, n_tiles_n);
+  if (!cur.valid) return;
+  constexpr int STAGE = A_BYTES + TBN * BK * 2;
+  const uint32_t s0 = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32_t bars = s0 + TST * STAGE;
+  const int ktiles = (K + BK - 1) / BK;
+  const bool leader = threadIdx.x == 0;
+  if (leader) {
+    for (int st = 0; st < TST; ++st) mbar_init(bars + st * 8, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  // Producer cursor (used by the leader only): the tile and k-step of the next load.
+  int p_t = blockIdx.x, p_k = 0, p_g = 0;
+  FwdTile p_tile = cur;
+  auto produce = [&] {
+    if (!p_tile.valid) return;
+    const int st = p_g % TST;
+    const uint32_t sa = s0 + st * STAGE, bar = bars + st * 8;
+    mbar_expect_tx(bar, STAGE);
+    tma_load_2d(sa, &map_a, p_k * BK, p_tile.row0, bar);
+    tma_load_2d(sa + A_BYTES, &map_b, p_k * BK, p_tile.e * N + p_tile.n0, bar);
+    ++p_g;
+    if (++p_k == ktiles) {
+      p_k = 0;
+      p_t += gridDim.x;
+      p_tile = fwd_tile<TBN>(p_t, offsets, E, n_tiles_n);
+    }
+  };
+  if (leader)
+    for (int st = 0; st < TST; ++st) produce();
+  const int wg = threadIdx.x >> 7;
+  const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g4 = lane >> 2, t4 = lane & 3;
+  int g = 0;
+  for (int t = blockIdx.x; cur.valid; t += gridDim.x, cur = fwd_tile<TBN>(t, offsets, E, n_tiles_n)) {
+    float acc[TBN / 2];
+#pragma unroll
+    for (int i = 0; i < TBN / 2; ++i) acc[i] = 0.f;
+    for (int kt = 0; kt < ktiles; ++kt, ++g) {
+      const int st = g % TST;
+      mbar_wait(bars + st * 8, uint32_t((g / TST) & 1));
+      const uint32_t sa = s0 + st * STAGE + wg * 64 * 128, sb = s0 + st * STAGE + A_BYTES;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk)
+        if constexpr (TBN == 256)
+          wgmma_m64n256k16(acc, wgmma_desc_kmajor_sw128(sa + kk * 32), wgmma_desc_kmajor_sw128(sb + kk * 32));
+        else
+          wgmma_m64n128k16(acc, wgmma_desc_kmajor_sw128(sa + kk * 32), wgmma_desc_kmajor_sw128(sb + kk * 32));
+      wgmma_commit();
+      wgmma_wait<1>();  // step g - 1 is done: its stage may be refilled
+      __syncthreads();
+      if (leader && g >= 1) produce();
+    }
+    wgmma_wait<0>();
+    TC* c_base = C + int64_t(cur.row0) * N;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = wg * 64 + w * 16 + g4 + h * 8;
+      if (m >= cur.rows) continue;
+      TC* crow = c_base + int64_t(m) * N;
+#pragma unroll
+      for (int j = 0; j < TBN / 8; ++j) {
+        const int n = cur.n0 + j * 8 + 2 * t4;
+        if (n >= N) continue;
+        const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+        if constexpr (std::is_same_v<TC, float>)
+          *reinterpret_cast<float2*>(crow + n) = make_float2(v0, v1);
+        else
+          *reinterpret_cast<__nv_bfloat162*>(crow + n) = __floats2bfloat162_rn(v0, v1);
+      }
+    }
+  }
+}
+
 // Weight gradient dW[e] (N x K) = beta dW[e] + dY_e^T X_e on wgmma: both operands are MN-major
 // (the reduction runs over the expert's rows), loaded by TMA as 64-row x 64-column boxes. Rows of
 // the last tile past the expert's end are zeroed in shared memory before the product (they belong
 // to the next expert or hold uninitialized memory).
 template <int TBN, int TST, class TC>
-__global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2) grouped_wgrad_tma_kernel(const __grid_constant__ CUtensorMap map_dy,
+__global__ void __launch_bounds__(THREADS, TBN == 128 ? 2 : 1) grouped_wgrad_tma_kernel(const __grid_constant__ CUtensorMap map_dy,
                                                                       const __grid_constant__ CUtensorMap map_x,
                                                                       TC* dW, const int32_t* offsets, int N, int K,
                                                                       float beta) {
@@ -276,6 +394,9 @@ __global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2) grouped_wgrad_tma
     for (int kk = 0; kk < BK / 16; ++kk)
       if constexpr (TBN == 256)
         wgmma_m64n256k16_mn_major(acc, wgmma_desc_mnmajor_sw128(sa + kk * 2048, 8192),
+                                  wgmma_desc_mnmajor_sw128(sb + kk * 2048, 8192));
+      else if constexpr (TBN == 192)
+        wgmma_m64n192k16_mn_major(acc, wgmma_desc_mnmajor_sw128(sa + kk * 2048, 8192),
                                   wgmma_desc_mnmajor_sw128(sb + kk * 2048, 8192));
       else
         wgmma_m64n128k16_mn_major(acc, wgmma_desc_mnmajor_sw128(sa + kk * 2048, 8192),
@@ -406,6 +527,31 @@ void forward_tma_cfg(const bf16* A, const bf16* W, void* C, DType c_dtype, const
   MOELAB_CUDA_LAUNCH_CHECK("grouped_fwd_tma_kernel");
 }
 
+template <int TBN, int TST>
+void forward_tma_persistent_cfg(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E,
+                                int64_t R, int N, int K, int sms, cudaStream_t stream) {
+  CUtensorMap ma = make_map(A, R, K, BM), mb = make_map(W, int64_t(E) * N, K, TBN);
+  const int64_t tiles_max = int64_t((N + TBN - 1) / TBN) * ((R + BM - 1) / BM + E);
+  const int per_sm = TBN == 256 ? 1 : 2;
+  const unsigned grid = unsigned(std::min<int64_t>(tiles_max, int64_t(sms) * per_sm));
+  constexpr int smem = tma_smem_bytes<TBN, TST>();
+  auto launch = [&](auto kernel, auto* c) {
+    static std::set<const void*> done;
+    if (done.insert(reinterpret_cast<const void*>(kernel)).second)
+      MOELAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, THREADS, smem, stream>>>(ma, mb, c, offsets, E, N, K);
+  };
+  if (c_dtype == DType::bf16) launch(grouped_fwd_tma_persistent_kernel<TBN, TST, bf16>, static_cast<bf16*>(C));
+  else launch(grouped_fwd_tma_persistent_kernel<TBN, TST, float>, static_cast<float*>(C));
+  MOELAB_CUDA_LAUNCH_CHECK("grouped_fwd_tma_persistent_kernel");
+}
+
+void forward_sm90_tma_persistent(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E,
+                                 int64_t R, int N, int K, int sms, cudaStream_t stream, int tile_n) {
+  if (tile_n == 128) forward_tma_persistent_cfg<128, 3>(A, W, C, c_dtype, offsets, E, R, N, K, sms, stream);
+  else forward_tma_persistent_cfg<256, 4>(A, W, C, c_dtype, offsets, E, R, N, K, sms, stream);
+}
+
 void forward_sm90_tma(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E,
                       int64_t R, int N, int K, cudaStream_t stream, int tile_n) {
   if (tile_n == 128) forward_tma_cfg<128, 3>(A, W, C, c_dtype, offsets, E, R, N, K, stream);
@@ -432,7 +578,24 @@ void wgrad_tma_cfg(const bf16* dY, const bf16* X, void* dW, DType dw_dtype, cons
 void wgrad_sm90_tma(const bf16* dY, const bf16* X, void* dW, DType dw_dtype, const int32_t* offsets, int E,
                     int64_t R, int N, int K, float beta, cudaStream_t stream, int tile_n) {
   if (tile_n == 128) wgrad_tma_cfg<128, 3>(dY, X, dW, dw_dtype, offsets, E, R, N, K, beta, stream);
+  else if (tile_n == 192) wgrad_tma_cfg<192, 4>(dY, X, dW, dw_dtype, offsets, E, R, N, K, beta, stream);
   else wgrad_tma_cfg<256, 4>(dY, X, dW, dw_dtype, offsets, E, R, N, K, beta, stream);
+}
+
+int wgrad_tile_n(int E, int N, int K, int sms) {
+  // Every block of a weight-gradient product does the same work (all of its expert's rows), so
+  // the time is the number of waves times the work an SM does per wave (tile width x blocks
+  // resident per SM). Ties keep the widest tile.
+  int best = 256;
+  int64_t best_cost = INT64_MAX;
+  for (int tn : {256, 192, 128}) {
+    const int per_sm = tn == 128 ? 2 : 1;
+    const int64_t blocks = int64_t((K + tn - 1) / tn) * ((N + BM - 1) / BM) * E;
+    const int64_t waves = (blocks + int64_t(sms) * per_sm - 1) / (int64_t(sms) * per_sm);
+    const int64_t cost = waves * tn * per_sm;
+    if (cost < best_cost) best = tn, best_cost = cost;
+  }
+  return best;
 }
 
 void transpose_experts(const bf16* W, bf16* Wt, int E, int R, int S, cudaStream_t stream) {

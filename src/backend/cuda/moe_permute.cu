@@ -1,7 +1,8 @@
 // MoE permute / unpermute as row gathers and scatters driven by the device plan: permute gathers
 // token rows into expert order, combine gathers expert outputs back per token with the gates
 // fused in. Each token (or permuted row) is handled by one warp, summing its k assignments in
-// order j = 0..k-1, so backward passes need no atomics and stay deterministic.
+// order j = 0..k-1, so backward passes need no atomics and stay deterministic. Rows that are
+// 16-byte aligned multiples of 8 elements move 8 elements per lane access.
 #include "backend/cuda/cuda_common.cuh"
 
 namespace moelab {
@@ -11,46 +12,65 @@ namespace {
 
 constexpr int kWarps = 8;
 
-template <class TX, class TP>
+// W: elements per lane access, 8 where rows are 16-byte aligned multiples of 8 elements, else 1.
+template <int W, class TX, class TP>
 __global__ void permute_kernel(const TX* x, const int32_t* row_token, const int32_t* offsets, int E, TP* xp,
                                int64_t rows_alloc, int d) {
   int64_t r = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
   if (r >= rows_alloc || r >= offsets[E]) return;
   int64_t t = row_token[r];
-  for (int i = threadIdx.x & 31; i < d; i += 32) xp[r * d + i] = from_f32<TP>(to_f32(x[t * d + i]));
-}
-
-template <class TP, class TX>
-__global__ void permute_bwd_kernel(const TP* dxp, const int32_t* slot, int64_t T, int k, int d, TX* dx) {
-  int64_t t = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
-  if (t >= T) return;
-  for (int i = threadIdx.x & 31; i < d; i += 32) {
-    float acc = to_f32(dx[t * d + i]);
-    for (int j = 0; j < k; ++j) {
-      int s = slot[t * k + j];
-      if (s >= 0) acc += to_f32(dxp[int64_t(s) * d + i]);
-    }
-    dx[t * d + i] = from_f32<TX>(acc);
+  for (int i = (threadIdx.x & 31) * W; i < d; i += 32 * W) {
+    float v[W];
+    load_w<W>(x + t * d + i, v);
+    store_w<W>(xp + r * d + i, v);
   }
 }
 
-template <class TP, class TY>
+template <int W, class TP, class TX>
+__global__ void permute_bwd_kernel(const TP* dxp, const int32_t* slot, int64_t T, int k, int d, TX* dx) {
+  int64_t t = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  if (t >= T) return;
+  for (int i = (threadIdx.x & 31) * W; i < d; i += 32 * W) {
+    float acc[W];
+    load_w<W>(dx + t * d + i, acc);
+    for (int j = 0; j < k; ++j) {
+      int s = slot[t * k + j];
+      if (s < 0) continue;
+      float v[W];
+      load_w<W>(dxp + int64_t(s) * d + i, v);
+#pragma unroll
+      for (int q = 0; q < W; ++q) acc[q] += v[q];
+    }
+    store_w<W>(dx + t * d + i, acc);
+  }
+}
+
+template <int W, class TP, class TY>
 __global__ void combine_kernel(const TP* yp, const int32_t* slot, const float* gates, int64_t T, int k, int d,
                                TY* y, bool accumulate) {
   int64_t t = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
   if (t >= T) return;
-  for (int i = threadIdx.x & 31; i < d; i += 32) {
-    float acc = accumulate ? to_f32(y[t * d + i]) : 0.f;
+  for (int i = (threadIdx.x & 31) * W; i < d; i += 32 * W) {
+    float acc[W];
+    if (accumulate) load_w<W>(y + t * d + i, acc);
+    else
+#pragma unroll
+      for (int q = 0; q < W; ++q) acc[q] = 0.f;
     for (int j = 0; j < k; ++j) {
       int s = slot[t * k + j];
-      if (s >= 0) acc += gates[t * k + j] * to_f32(yp[int64_t(s) * d + i]);
+      if (s < 0) continue;
+      const float g = gates[t * k + j];
+      float v[W];
+      load_w<W>(yp + int64_t(s) * d + i, v);
+#pragma unroll
+      for (int q = 0; q < W; ++q) acc[q] += g * v[q];
     }
-    y[t * d + i] = from_f32<TY>(acc);
+    store_w<W>(y + t * d + i, acc);
   }
 }
 
 // One warp per (t, j): writes dyp's row and reduces the gate gradient across the warp.
-template <class TD, class TP, class TO>
+template <int W, class TD, class TP, class TO>
 __global__ void combine_bwd_kernel(const TD* dy, const TP* yp, const int32_t* slot, const float* gates, int64_t T,
                                    int k, int d, TO* dyp, float* dgates) {
   int64_t a = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
@@ -63,14 +83,39 @@ __global__ void combine_bwd_kernel(const TD* dy, const TP* yp, const int32_t* sl
     return;
   }
   float g = gates[a], dot = 0.f;
-  for (int i = lane; i < d; i += 32) {
-    float dv = to_f32(dy[t * d + i]);
-    dot += dv * to_f32(yp[int64_t(s) * d + i]);
-    dyp[int64_t(s) * d + i] = from_f32<TO>(g * dv);
+  for (int i = lane * W; i < d; i += 32 * W) {
+    float dv[W], yv[W], out[W];
+    load_w<W>(dy + t * d + i, dv);
+    load_w<W>(yp + int64_t(s) * d + i, yv);
+#pragma unroll
+    for (int q = 0; q < W; ++q) {
+      dot += dv[q] * yv[q];
+      out[q] = g * dv[q];
+    }
+    store_w<W>(dyp + int64_t(s) * d + i, out);
   }
   dot = warp_sum(dot);
   if (lane == 0) dgates[a] = dot;
 }
+
+// 8 when every row pointer is 16-byte aligned and rows are multiples of 8 elements.
+int row_width(int64_t d, std::initializer_list<const void*> ptrs) {
+  if (d % 8 != 0) return 1;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return 1;
+  return 8;
+}
+
+#define MOELAB_WIDTH_DISPATCH(w, W, ...) \
+  do {                                   \
+    if ((w) == 8) {                      \
+      constexpr int W = 8;               \
+      __VA_ARGS__;                       \
+    } else {                             \
+      constexpr int W = 1;               \
+      __VA_ARGS__;                       \
+    }                                    \
+  } while (0)
 
 unsigned warps_grid(int64_t n) { return unsigned((n + kWarps - 1) / kWarps); }
 
@@ -86,9 +131,10 @@ void CudaBackend::moe_permute(const Tensor& x, const Tensor& row_token, const Te
   int64_t R = xp.rows();
   int E = int(offsets.numel()) - 1;
   if (R == 0) return;
-  MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(xp.dtype, TP,
-      permute_kernel<TX, TP><<<warps_grid(R), 32 * kWarps, 0, stream_>>>(
-          x.as<TX>(), row_token.as<int32_t>(), offsets.as<int32_t>(), E, xp.as<TP>(), R, int(x.cols()))));
+  const int w = row_width(x.cols(), {x.data, xp.data});
+  MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(xp.dtype, TP, MOELAB_WIDTH_DISPATCH(w, W,
+      permute_kernel<W, TX, TP><<<warps_grid(R), 32 * kWarps, 0, stream_>>>(
+          x.as<TX>(), row_token.as<int32_t>(), offsets.as<int32_t>(), E, xp.as<TP>(), R, int(x.cols())))));
   MOELAB_CUDA_LAUNCH_CHECK("moe_permute");
 }
 
@@ -100,9 +146,10 @@ void CudaBackend::moe_permute_bwd(const Tensor& dxp, const Tensor& slot, Tensor&
   require(T > 0 ? slot.numel() % T == 0 : true, "moe_permute_bwd", "slot must be [T*k]");
   if (T == 0) return;
   int k = int(slot.numel() / T);
-  MOELAB_FLOAT_DISPATCH(dxp.dtype, TP, MOELAB_FLOAT_DISPATCH(dx.dtype, TX,
-      permute_bwd_kernel<TP, TX><<<warps_grid(T), 32 * kWarps, 0, stream_>>>(
-          dxp.as<TP>(), slot.as<int32_t>(), T, k, int(dx.cols()), dx.as<TX>())));
+  const int w = row_width(dx.cols(), {dxp.data, dx.data});
+  MOELAB_FLOAT_DISPATCH(dxp.dtype, TP, MOELAB_FLOAT_DISPATCH(dx.dtype, TX, MOELAB_WIDTH_DISPATCH(w, W,
+      permute_bwd_kernel<W, TP, TX><<<warps_grid(T), 32 * kWarps, 0, stream_>>>(
+          dxp.as<TP>(), slot.as<int32_t>(), T, k, int(dx.cols()), dx.as<TX>()))));
   MOELAB_CUDA_LAUNCH_CHECK("moe_permute_bwd");
 }
 
@@ -115,9 +162,10 @@ void CudaBackend::moe_combine(const Tensor& yp, const Tensor& slot, const Tensor
   if (T == 0) return;
   require(slot.numel() % T == 0 && gates.numel() == slot.numel(), "moe_combine", "slot and gates must be [T, k]");
   int k = int(slot.numel() / T);
-  MOELAB_FLOAT_DISPATCH(yp.dtype, TP, MOELAB_FLOAT_DISPATCH(y.dtype, TY,
-      combine_kernel<TP, TY><<<warps_grid(T), 32 * kWarps, 0, stream_>>>(
-          yp.as<TP>(), slot.as<int32_t>(), gates.as<float>(), T, k, int(y.cols()), y.as<TY>(), accumulate)));
+  const int w = row_width(y.cols(), {yp.data, y.data});
+  MOELAB_FLOAT_DISPATCH(yp.dtype, TP, MOELAB_FLOAT_DISPATCH(y.dtype, TY, MOELAB_WIDTH_DISPATCH(w, W,
+      combine_kernel<W, TP, TY><<<warps_grid(T), 32 * kWarps, 0, stream_>>>(
+          yp.as<TP>(), slot.as<int32_t>(), gates.as<float>(), T, k, int(y.cols()), y.as<TY>(), accumulate))));
   MOELAB_CUDA_LAUNCH_CHECK("moe_combine");
 }
 
@@ -135,10 +183,11 @@ void CudaBackend::moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tens
           "moe_combine_bwd", "slot, gates and dgates must be [T, k]");
   int k = int(slot.numel() / T);
   require(yp.dtype == dy.dtype, "moe_combine_bwd", "yp and dy must share one dtype");
-  MOELAB_FLOAT_DISPATCH(dy.dtype, TD, MOELAB_FLOAT_DISPATCH(dyp.dtype, TO,
-      combine_bwd_kernel<TD, TD, TO><<<warps_grid(T * k), 32 * kWarps, 0, stream_>>>(
+  const int w = row_width(dy.cols(), {dy.data, yp.data, dyp.data});
+  MOELAB_FLOAT_DISPATCH(dy.dtype, TD, MOELAB_FLOAT_DISPATCH(dyp.dtype, TO, MOELAB_WIDTH_DISPATCH(w, W,
+      combine_bwd_kernel<W, TD, TD, TO><<<warps_grid(T * k), 32 * kWarps, 0, stream_>>>(
           dy.as<TD>(), reinterpret_cast<const TD*>(yp.data), slot.as<int32_t>(), gates.as<float>(), T, k,
-          int(dy.cols()), dyp.as<TO>(), dgates.as<float>())));
+          int(dy.cols()), dyp.as<TO>(), dgates.as<float>()))));
   MOELAB_CUDA_LAUNCH_CHECK("moe_combine_bwd");
 }
 

@@ -1,6 +1,8 @@
 // Parameter-free RMSNorm over the last dim, and rotary embedding followed by per-head RMSNorm
 // (QK-norm), forward and backward. One warp per row: rows are short (d_model or head_dim), so a
 // warp keeps the row's statistics in registers and needs no shared memory or block barriers.
+// RMSNorm rows of up to 1024 elements (a multiple of 8, 16-byte aligned) take the vector kernels:
+// each lane holds its 8-element chunks in registers, so x and dy are read from memory once.
 // The backward recomputes the rotated values instead of storing them.
 #include "backend/cuda/cuda_common.cuh"
 
@@ -50,6 +52,82 @@ __global__ void rmsnorm_bwd_kernel(const TX* x, const float* rstd, const TD* dy,
     dxr[i] = from_f32<TO>(g);
   }
 }
+
+// Lane `lane` holds chunks lane, lane + 32, ... (U of them at most) of a row of d = 8 * chunks.
+template <class TX, class TY, int U>
+__global__ void rmsnorm_fwd_vec_kernel(const TX* x, TY* y, float* rstd, int64_t rows, int d, float eps) {
+  const int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31, chunks = d / 8;
+  if (row >= rows) return;
+  float v[U][8];
+  float ss = 0.f;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = lane + 32 * u;
+    if (c >= chunks) continue;
+    load8(x + row * d + c * 8, v[u]);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) ss += v[u][k] * v[u][k];
+  }
+  const float r = rsqrtf(warp_sum(ss) / float(d) + eps);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = lane + 32 * u;
+    if (c >= chunks) continue;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[u][k] *= r;
+    store8(y + row * d + c * 8, v[u]);
+  }
+  if (lane == 0) rstd[row] = r;
+}
+
+template <class T, class TO, int U>
+__global__ void rmsnorm_bwd_vec_kernel(const T* x, const float* rstd, const T* dy, TO* dx, int64_t rows, int d,
+                                       bool accumulate) {
+  const int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31, chunks = d / 8;
+  if (row >= rows) return;
+  float xv[U][8], gv[U][8];
+  float dot = 0.f;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = lane + 32 * u;
+    if (c >= chunks) continue;
+    load8(x + row * d + c * 8, xv[u]);
+    load8(dy + row * d + c * 8, gv[u]);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) dot += xv[u][k] * gv[u][k];
+  }
+  dot = warp_sum(dot);
+  const float r = rstd[row];
+  const float coef = r * r * r * dot / float(d);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = lane + 32 * u;
+    if (c >= chunks) continue;
+    float out[8];
+    if (accumulate) load8(dx + row * d + c * 8, out);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) out[k] = r * gv[u][k] - coef * xv[u][k] + (accumulate ? out[k] : 0.f);
+    store8(dx + row * d + c * 8, out);
+  }
+}
+
+// Chunks per lane for the vector kernels (0: the row does not fit them; use the scalar kernel).
+int row_chunks_per_lane(int64_t d, std::initializer_list<const void*> ptrs) {
+  if (d % 8 != 0 || d > 8 * 32 * 4) return 0;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return 0;
+  return int((d / 8 + 31) / 32);
+}
+
+#define MOELAB_CHUNKS_DISPATCH(u, U, ...)        \
+  switch (u) {                                   \
+    case 1: { constexpr int U = 1; __VA_ARGS__; break; } \
+    case 2: { constexpr int U = 2; __VA_ARGS__; break; } \
+    case 3: { constexpr int U = 3; __VA_ARGS__; break; } \
+    default: { constexpr int U = 4; __VA_ARGS__; break; } \
+  }
 
 // x [B, T, H, hd]; position of row (b, t, h) is t. hd <= 256 so a lane holds at most 4 pairs.
 template <class TX, class TY>
@@ -128,6 +206,104 @@ __global__ void rope_norm_bwd_kernel(const TX* x, const float* cos_t, const floa
   }
 }
 
+// Rope + QK-norm with LPR = head_dim / 16 lanes per row (head_dim 32..256): lane l of a row holds
+// elements 8l..8l+7 of both halves, so a warp works on 32 / LPR rows at once and reduces each
+// row's statistic over its own lane group (xor shuffles below LPR stay inside the group).
+template <int LPR>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+  for (int o = LPR / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <class TX, class TY, int LPR>
+__global__ void rope_norm_fwd_vec_kernel(const TX* x, const float* cos_t, const float* sin_t, TY* y, float* rstd,
+                                         int64_t rows, int T, int H, float eps) {
+  constexpr int hd = 16 * LPR, half = hd / 2;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5)) * (32 / LPR) + lane / LPR;
+  const bool active = row < rows;  // inactive lanes still join the shuffles
+  const int i = (lane % LPR) * 8;
+  float y1[8] = {}, y2[8] = {}, ss = 0.f;
+  if (active) {
+    const int t = int((row / H) % T);
+    float x1[8], x2[8], c[8], s[8];
+    load8(x + row * hd + i, x1);
+    load8(x + row * hd + half + i, x2);
+    load8(cos_t + t * half + i, c);
+    load8(sin_t + t * half + i, s);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      y1[k] = x1[k] * c[k] + x2[k] * s[k];
+      y2[k] = -x1[k] * s[k] + x2[k] * c[k];
+      ss += y1[k] * y1[k] + y2[k] * y2[k];
+    }
+  }
+  const float r = rsqrtf(group_sum<LPR>(ss) / float(hd) + eps);
+  if (!active) return;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) y1[k] *= r, y2[k] *= r;
+  store8(y + row * hd + i, y1);
+  store8(y + row * hd + half + i, y2);
+  if (lane % LPR == 0) rstd[row] = r;
+}
+
+template <class T, class TO, int LPR>
+__global__ void rope_norm_bwd_vec_kernel(const T* x, const float* cos_t, const float* sin_t, const float* rstd,
+                                         const T* dy, TO* dx, int64_t rows, int Tn, int H) {
+  constexpr int hd = 16 * LPR, half = hd / 2;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5)) * (32 / LPR) + lane / LPR;
+  const bool active = row < rows;
+  const int i = (lane % LPR) * 8;
+  float y1[8] = {}, y2[8] = {}, d1[8] = {}, d2[8] = {}, c[8] = {}, s[8] = {}, dot = 0.f;
+  if (active) {
+    const int t = int((row / H) % Tn);
+    float x1[8], x2[8];
+    load8(x + row * hd + i, x1);
+    load8(x + row * hd + half + i, x2);
+    load8(dy + row * hd + i, d1);
+    load8(dy + row * hd + half + i, d2);
+    load8(cos_t + t * half + i, c);
+    load8(sin_t + t * half + i, s);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      y1[k] = x1[k] * c[k] + x2[k] * s[k];
+      y2[k] = -x1[k] * s[k] + x2[k] * c[k];
+      dot += y1[k] * d1[k] + y2[k] * d2[k];
+    }
+  }
+  dot = group_sum<LPR>(dot);
+  if (!active) return;
+  const float r = rstd[row];
+  const float coef = r * r * r * dot / float(hd);
+  float o1[8], o2[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float g1 = r * d1[k] - coef * y1[k], g2 = r * d2[k] - coef * y2[k];
+    o1[k] = g1 * c[k] - g2 * s[k];
+    o2[k] = g1 * s[k] + g2 * c[k];
+  }
+  store8(dx + row * hd + i, o1);
+  store8(dx + row * hd + half + i, o2);
+}
+
+// Lanes per row for the vector rope kernels, 0 where they do not apply.
+int rope_lanes_per_row(int64_t hd, std::initializer_list<const void*> ptrs) {
+  if (hd != 32 && hd != 64 && hd != 128 && hd != 256) return 0;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return 0;
+  return int(hd / 16);
+}
+
+#define MOELAB_LPR_DISPATCH(l, LPR, ...)                   \
+  switch (l) {                                             \
+    case 2: { constexpr int LPR = 2; __VA_ARGS__; break; }   \
+    case 4: { constexpr int LPR = 4; __VA_ARGS__; break; }   \
+    case 8: { constexpr int LPR = 8; __VA_ARGS__; break; }   \
+    default: { constexpr int LPR = 16; __VA_ARGS__; break; } \
+  }
+
 void check_rope(const Tensor& x, const Tensor& cos, const Tensor& sin, const char* op) {
   require_float(x, op, "x");
   require(x.ndim() == 4, op, "x must be [B, T, H, hd], got " + x.describe());
@@ -150,9 +326,15 @@ void CudaBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd) {
   int64_t rows = x.rows();
   if (rows == 0) return;
   unsigned nb = unsigned((rows + kWarps - 1) / kWarps);
-  MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY,
-      rmsnorm_fwd_kernel<TX, TY><<<nb, 32 * kWarps, 0, stream_>>>(x.as<TX>(), y.as<TY>(), rstd.as<float>(), rows,
-                                                                  int(x.cols()), kNormEps)));
+  if (int u = row_chunks_per_lane(x.cols(), {x.data, y.data})) {
+    MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY, MOELAB_CHUNKS_DISPATCH(u, U,
+        rmsnorm_fwd_vec_kernel<TX, TY, U><<<nb, 32 * kWarps, 0, stream_>>>(x.as<TX>(), y.as<TY>(), rstd.as<float>(),
+                                                                          rows, int(x.cols()), kNormEps))));
+  } else {
+    MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY,
+        rmsnorm_fwd_kernel<TX, TY><<<nb, 32 * kWarps, 0, stream_>>>(x.as<TX>(), y.as<TY>(), rstd.as<float>(), rows,
+                                                                    int(x.cols()), kNormEps)));
+  }
   MOELAB_CUDA_LAUNCH_CHECK("rmsnorm_fwd");
 }
 
@@ -167,9 +349,16 @@ void CudaBackend::rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor&
   int64_t rows = x.rows();
   if (rows == 0) return;
   unsigned nb = unsigned((rows + kWarps - 1) / kWarps);
-  MOELAB_FLOAT_DISPATCH(x.dtype, T, MOELAB_FLOAT_DISPATCH(dx.dtype, TO,
-      rmsnorm_bwd_kernel<T, T, TO><<<nb, 32 * kWarps, 0, stream_>>>(x.as<T>(), rstd.as<float>(), dy.as<T>(),
-                                                                    dx.as<TO>(), rows, int(x.cols()), accumulate)));
+  if (int u = row_chunks_per_lane(x.cols(), {x.data, dy.data, dx.data})) {
+    MOELAB_FLOAT_DISPATCH(x.dtype, T, MOELAB_FLOAT_DISPATCH(dx.dtype, TO, MOELAB_CHUNKS_DISPATCH(u, U,
+        rmsnorm_bwd_vec_kernel<T, TO, U><<<nb, 32 * kWarps, 0, stream_>>>(x.as<T>(), rstd.as<float>(), dy.as<T>(),
+                                                                          dx.as<TO>(), rows, int(x.cols()),
+                                                                          accumulate))));
+  } else {
+    MOELAB_FLOAT_DISPATCH(x.dtype, T, MOELAB_FLOAT_DISPATCH(dx.dtype, TO,
+        rmsnorm_bwd_kernel<T, T, TO><<<nb, 32 * kWarps, 0, stream_>>>(x.as<T>(), rstd.as<float>(), dy.as<T>(),
+                                                                      dx.as<TO>(), rows, int(x.cols()), accumulate)));
+  }
   MOELAB_CUDA_LAUNCH_CHECK("rmsnorm_bwd");
 }
 
@@ -180,6 +369,16 @@ void CudaBackend::rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor
   require(y.numel() == x.numel() && rstd.numel() == x.rows(), "rope_norm_fwd", "y or rstd has the wrong size");
   int64_t rows = x.rows();
   if (rows == 0) return;
+  if (int lpr = rope_lanes_per_row(x.dim(3), {x.data, y.data, cos.data, sin.data})) {
+    const int64_t per_block = int64_t(kWarps) * (32 / lpr);
+    const unsigned nbv = unsigned((rows + per_block - 1) / per_block);
+    MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY, MOELAB_LPR_DISPATCH(lpr, LPR,
+        rope_norm_fwd_vec_kernel<TX, TY, LPR><<<nbv, 32 * kWarps, 0, stream_>>>(
+            x.as<TX>(), cos.as<float>(), sin.as<float>(), y.as<TY>(), rstd.as<float>(), rows, int(x.dim(1)),
+            int(x.dim(2)), kNormEps))));
+    MOELAB_CUDA_LAUNCH_CHECK("rope_norm_fwd");
+    return;
+  }
   unsigned nb = unsigned((rows + kWarps - 1) / kWarps);
   MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY,
       rope_norm_fwd_kernel<TX, TY><<<nb, 32 * kWarps, 0, stream_>>>(
@@ -198,6 +397,16 @@ void CudaBackend::rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor
           "shapes differ");
   int64_t rows = x.rows();
   if (rows == 0) return;
+  if (int lpr = rope_lanes_per_row(x.dim(3), {x.data, dy.data, dx.data, cos.data, sin.data})) {
+    const int64_t per_block = int64_t(kWarps) * (32 / lpr);
+    const unsigned nbv = unsigned((rows + per_block - 1) / per_block);
+    MOELAB_FLOAT_DISPATCH(x.dtype, T, MOELAB_FLOAT_DISPATCH(dx.dtype, TO, MOELAB_LPR_DISPATCH(lpr, LPR,
+        rope_norm_bwd_vec_kernel<T, TO, LPR><<<nbv, 32 * kWarps, 0, stream_>>>(
+            x.as<T>(), cos.as<float>(), sin.as<float>(), rstd.as<float>(), dy.as<T>(), dx.as<TO>(), rows,
+            int(x.dim(1)), int(x.dim(2))))));
+    MOELAB_CUDA_LAUNCH_CHECK("rope_norm_bwd");
+    return;
+  }
   unsigned nb = unsigned((rows + kWarps - 1) / kWarps);
   MOELAB_FLOAT_DISPATCH(x.dtype, T, MOELAB_FLOAT_DISPATCH(dx.dtype, TO,
       rope_norm_bwd_kernel<T, T, TO><<<nb, 32 * kWarps, 0, stream_>>>(

@@ -1,6 +1,10 @@
-// Optimizer kernels: fused AdamW (one pass over parameter, gradient and both moments) and the
-// Frobenius normalization that starts Muon's Newton-Schulz iteration. The norm is reduced on the
-// device into scratch and read there by the scaling kernel, so no value returns to the host.
+// Optimizer kernels: fused AdamW (one pass over parameter, gradient and both moments), Muon's
+// momentum + Nesterov blend (one pass, writing the bf16 input of Newton-Schulz), and the
+// Frobenius normalization that starts Muon's Newton-Schulz iteration, of one matrix or of each
+// matrix of a stack. Norms are reduced on the device into scratch and read there by the scaling
+// kernel, so no value returns to the host; partial sums are combined in a fixed order, so the
+// result does not depend on scheduling.
+#include <algorithm>
 #include <cmath>
 
 #include "backend/cuda/cuda_common.cuh"
@@ -25,11 +29,57 @@ __global__ void adamw_kernel(float* p, const TG* g, float* m, float* v, int64_t 
   }
 }
 
+// Muon's momentum and Nesterov blend; W = 8 moves 8 elements per access where aligned.
+template <int W, class TU>
+__global__ void muon_momentum_kernel(const float* g, float* b, TU* u, int64_t n_w, float mu, bool nesterov) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n_w; i += int64_t(gridDim.x) * blockDim.x) {
+    float gv[W], bv[W], uv[W];
+    load_w<W>(g + W * i, gv);
+    load_w<W>(b + W * i, bv);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      bv[k] = (1.f - mu) * gv[k] + mu * bv[k];
+      uv[k] = nesterov ? mu * bv[k] + (1.f - mu) * gv[k] : bv[k];
+    }
+    store_w<W>(b + W * i, bv);
+    store_w<W>(u + W * i, uv);
+  }
+}
+
 template <class TX, class TY>
 __global__ void scale_by_norm_kernel(const TX* x, TY* y, int64_t n, const float* sumsq, float eps) {
   float s = 1.f / (sqrtf(sumsq[0]) + eps);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     y[i] = from_f32<TY>(to_f32(x[i]) * s);
+}
+
+// Stack normalization, pass 1: block (b, g) sums the squares of its grid-stride share of slice g.
+template <class TX>
+__global__ void slice_sumsq_kernel(const TX* x, int64_t per, float* partials) {
+  __shared__ float shm[32];
+  const TX* xs = x + int64_t(blockIdx.y) * per;
+  float s = 0.f;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < per; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = to_f32(xs[i]);
+    s += v * v;
+  }
+  s = block_sum(s, shm);
+  if (threadIdx.x == 0) partials[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = s;
+}
+
+// Pass 2: every block of slice g sums that slice's `parts` partials itself (a few dozen floats,
+// cheaper than a third kernel) and scales its share of the slice.
+template <class TX, class TY>
+__global__ void slice_scale_kernel(const TX* x, TY* y, int64_t per, const float* partials, int parts, float eps) {
+  __shared__ float shm[32];
+  const float* pg = partials + int64_t(blockIdx.y) * parts;
+  float p = 0.f;
+  for (int i = threadIdx.x; i < parts; i += blockDim.x) p += pg[i];
+  const float s = 1.f / (sqrtf(block_sum(p, shm)) + eps);
+  const TX* xs = x + int64_t(blockIdx.y) * per;
+  TY* ys = y + int64_t(blockIdx.y) * per;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < per; i += int64_t(gridDim.x) * blockDim.x)
+    ys[i] = from_f32<TY>(to_f32(xs[i]) * s);
 }
 
 }  // namespace
@@ -70,6 +120,53 @@ void CudaBackend::frobenius_normalize(const Tensor& x, Tensor& y, float eps) {
   MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY,
       scale_by_norm_kernel<TX, TY><<<nb, 256, 0, stream_>>>(x.as<TX>(), y.as<TY>(), n, sumsq.as<float>(), eps)));
   MOELAB_CUDA_LAUNCH_CHECK("frobenius_normalize");
+}
+
+void CudaBackend::muon_momentum(const Tensor& grad, Tensor& momentum, Tensor& update, float mu, bool nesterov) {
+  require_dtype(grad, DType::f32, "muon_momentum", "grad");
+  require_dtype(momentum, DType::f32, "muon_momentum", "momentum");
+  require_float(update, "muon_momentum", "update");
+  const int64_t n = momentum.numel();
+  require(grad.numel() == n && update.numel() == n, "muon_momentum",
+          "grad " + grad.describe() + ", momentum " + momentum.describe() + ", update " + update.describe() +
+              " must have one element count");
+  if (n == 0) return;
+  const bool vec = n % 8 == 0 && aligned16(grad.data) && aligned16(momentum.data) && aligned16(update.data);
+  const int64_t n_w = vec ? n / 8 : n;
+  const unsigned nb = grid_for(n_w, 256, 132 * 16);
+  MOELAB_FLOAT_DISPATCH(update.dtype, TU, {
+    if (vec)
+      muon_momentum_kernel<8, TU><<<nb, 256, 0, stream_>>>(grad.as<float>(), momentum.as<float>(), update.as<TU>(), n_w,
+                                                           mu, nesterov);
+    else
+      muon_momentum_kernel<1, TU><<<nb, 256, 0, stream_>>>(grad.as<float>(), momentum.as<float>(), update.as<TU>(), n_w,
+                                                           mu, nesterov);
+  });
+  MOELAB_CUDA_LAUNCH_CHECK("muon_momentum");
+}
+
+void CudaBackend::frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) {
+  require_float(x, "frobenius_normalize_batched", "x");
+  require_float(y, "frobenius_normalize_batched", "y");
+  require(x.ndim() >= 1 && x.shape == y.shape, "frobenius_normalize_batched",
+          "x " + x.describe() + " and y " + y.describe() + " need one shape [G, ...]");
+  const int64_t groups = x.dim(0), per = groups > 0 ? x.numel() / groups : 0;
+  if (per == 0) return;
+  require(groups <= 65535, "frobenius_normalize_batched", "at most 65535 slices, got " + x.describe());
+  constexpr int kThreads = 256;
+  // Partials per slice: enough blocks to fill the GPU, but G * parts stays within the 1024 floats
+  // the reduce slot already holds for the other reductions (so it never grows for this op).
+  const int64_t want = (per + kThreads * 16 - 1) / (kThreads * 16);
+  const int parts = int(std::max<int64_t>(1, std::min<int64_t>(want, 1024 / groups)));
+  auto* partials = static_cast<float*>(scratch(ScratchSlot::reduce, size_t(std::max<int64_t>(groups * parts, 1024 + 32)) * sizeof(float)));
+  MOELAB_FLOAT_DISPATCH(x.dtype, TX,
+      slice_sumsq_kernel<TX><<<dim3(unsigned(parts), unsigned(groups)), kThreads, 0, stream_>>>(x.as<TX>(), per, partials));
+  MOELAB_CUDA_LAUNCH_CHECK("slice_sumsq");
+  const unsigned nb = unsigned(std::min<int64_t>((per + kThreads * 8 - 1) / (kThreads * 8), 256));
+  MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY,
+      slice_scale_kernel<TX, TY><<<dim3(nb, unsigned(groups)), kThreads, 0, stream_>>>(x.as<TX>(), y.as<TY>(), per,
+                                                                                       partials, parts, eps)));
+  MOELAB_CUDA_LAUNCH_CHECK("frobenius_normalize_batched");
 }
 
 }  // namespace moelab
