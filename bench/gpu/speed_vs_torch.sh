@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Device call 2: moelab and the PyTorch peer (shared/anchors/torch_moe_ref.py) side by side on
 # one card at the seed shape, plus the card's cuBLAS ceilings. Prints one table at the end.
+#   STEPS=30 bash bench/gpu/speed_vs_torch.sh
+#   ONLY="moe_dropless_graph moe_capacity_graph" PEER="moe" bash bench/gpu/speed_vs_torch.sh
+# ONLY keeps those moelab runs; PEER lists the peer's runs (moe dense moe-eager; default all).
 source bench/gpu/device_env.sh
 B=$GPU_BIN
 steps=${STEPS:-40}
+peer=" ${PEER:-moe dense moe-eager} "
 run() {  # name, then --set overrides
   local name=$1; shift
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   "$B/moelab" train --config configs/d12-moe.toml --out "/tmp/speed/$name" --set train.steps=$steps "$@" \
     > "$OUT/$name.log" 2>&1 || { echo "$name failed"; tail -3 "$OUT/$name.log"; }
 }
@@ -19,9 +24,9 @@ run moe_capacity_graph_adamw --set exec=graph --set moe.dispatch=capacity --set 
 run dense_graph_adamw --set exec=graph --set moe.experts=0 --set optim.matrix_optimizer=adamw
 T="python3 $B/torch_moe_ref.py --steps 20"
 $T --what ceilings > "$OUT/torch.jsonl"
-$T --mlp moe --compile 1 >> "$OUT/torch.jsonl"
-$T --mlp dense --compile 1 >> "$OUT/torch.jsonl"
-$T --mlp moe --compile 0 >> "$OUT/torch.jsonl"
+[[ $peer == *" moe "* ]] && $T --mlp moe --compile 1 >> "$OUT/torch.jsonl"
+[[ $peer == *" dense "* ]] && $T --mlp dense --compile 1 >> "$OUT/torch.jsonl"
+[[ $peer == *" moe-eager "* ]] && $T --mlp moe --compile 0 >> "$OUT/torch.jsonl"
 python3 - "$steps" <<'PY' | tee "$OUT/speed.txt"
 import json, sys, glob, statistics as st, os
 steps = int(sys.argv[1])

@@ -149,13 +149,16 @@ class Backend {
                                const Tensor& gates, Tensor& dyp, Tensor& dgates) = 0;
 
   // Expert GEMMs over the permuted rows, reading offsets [E+1] on the device. For each expert e,
-  // rows [offsets[e], offsets[e+1]) of A [R, K] times op(W[e]) go to the same rows of C [R, N].
+  // rows [offsets[e], offsets[e+1]) of A [R, K] times op(W[e]) go to the same rows of C [R, N]:
+  // C = alpha A op(W) + beta addend, addend [R, N] (may be C itself; ignored when beta = 0).
   // W is [E, N, K] when trans_w (y = x W_e^T, the Linear convention) else [E, K, N].
   virtual void grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C,
-                              const Tensor& offsets) = 0;
-  // dW[e] = beta * dW[e] + dY_e^T X_e with dY [R, N], X [R, K], dW [E, N, K].
+                              const Tensor& offsets, float alpha = 1.0f, float beta = 0.0f,
+                              const Tensor* addend = nullptr) = 0;
+  // dW[e] = dY_e^T X_e + beta * addend[e] with dY [R, N], X [R, K], dW and addend [E, N, K];
+  // addend defaults to dW itself (accumulation).
   virtual void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW,
-                                    const Tensor& offsets, float beta) = 0;
+                                    const Tensor& offsets, float beta, const Tensor* addend = nullptr) = 0;
 
   // --- optimizers --------------------------------------------------------------------------------
   virtual void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,

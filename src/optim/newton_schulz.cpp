@@ -111,13 +111,12 @@ Tensor NewtonSchulz::run_batched(const Tensor& g, int64_t steps) {
       backend_.grouped_matmul_wgrad(x2, x2, a3, by_m, 0.0f);  // A_e = X_e^T X_e   [n, n]
     else
       backend_.grouped_matmul(x2, x3, true, a2, by_m);  // A_e = X_e X_e^T   [m, m]
-    backend_.grouped_matmul(a2, a3, true, p2, by_side);  // P_e = A_e A_e^T = A_e^2
-    backend_.axpby(kB, a3, kC, p3);                       // P_e = c A_e^2 + b A_e
+    // The polynomial's sums are fused into the products' stores (one rounding, no extra pass).
+    backend_.grouped_matmul(a2, a3, true, p2, by_side, kC, kB, &a2);  // P_e = c A_e A_e^T + b A_e
     if (tall)
-      backend_.grouped_matmul(x2, p3, true, next2, by_m);  // X'_e = X_e P_e^T = X_e P_e
+      backend_.grouped_matmul(x2, p3, true, next2, by_m, 1.0f, kA, &x2);  // X'_e = X_e P_e^T + a X_e
     else
-      backend_.grouped_matmul_wgrad(p2, x2, next3, by_m, 0.0f);  // X'_e = P_e^T X_e = P_e X_e
-    backend_.axpby(kA, x3, 1.0f, next3);                         // + a X_e
+      backend_.grouped_matmul_wgrad(p2, x2, next3, by_m, kA, &x3);  // X'_e = P_e^T X_e + a X_e
     std::swap(x3, next3);
   }
   return x3;

@@ -136,6 +136,46 @@ TEST(GroupedMatmul, MatchesPerExpertNaiveAndSkipsEmptyExperts) {
   }
 }
 
+// C = alpha A op(W) + beta addend and dW = dY^T X + beta addend (Newton-Schulz's fused sums),
+// against the plain products combined on the host; rows past the last expert stay untouched.
+TEST(GroupedMatmul, AlphaBetaAndAddend) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  Rng rng(seed);
+  CpuBackend be(DType::f64, 2);
+  const int64_t E = 3, N = 9, K = 7, R = 20;
+  const std::vector<int32_t> off = {0, 6, 6, 17};
+  Tensor offsets = i32_tensor(be, {E + 1}, off);
+  Tensor A = random_tensor(be, {R, K}, rng), W = random_tensor(be, {E, N, K}, rng);
+  Tensor addend = random_tensor(be, {R, N}, rng);
+  Tensor plain = be.alloc({R, N}, DType::f64), fused = be.alloc({R, N}, DType::f64);
+  be.fill(plain, 3.0f);
+  be.fill(fused, 3.0f);
+  be.grouped_matmul(A, W, true, plain, offsets);
+  be.grouped_matmul(A, W, true, fused, offsets, 0.5f, -2.0f, &addend);
+  const auto pv = values(plain), av = values(addend), fv = values(fused);
+  std::vector<double> ref = pv;
+  for (int64_t r = 0; r < off.back(); ++r)
+    for (int64_t n = 0; n < N; ++n) ref[size_t(r * N + n)] = 0.5 * pv[size_t(r * N + n)] - 2.0 * av[size_t(r * N + n)];
+  EXPECT_LT(normalized_error(fv, ref), 1e-13);
+  // In place: the addend is C itself.
+  be.grouped_matmul(A, W, true, addend, offsets, 1.0f, 0.25f, &addend);
+  const auto iv = values(addend);
+  for (int64_t r = 0; r < off.back(); ++r)
+    for (int64_t n = 0; n < N; ++n)
+      ASSERT_NEAR(iv[size_t(r * N + n)], pv[size_t(r * N + n)] + 0.25 * av[size_t(r * N + n)], 1e-12);
+  // Weight gradient onto another tensor's values.
+  Tensor dY = random_tensor(be, {R, N}, rng), X = random_tensor(be, {R, K}, rng);
+  Tensor dW0 = be.alloc({E, N, K}, DType::f64), dW = be.alloc({E, N, K}, DType::f64);
+  Tensor base = random_tensor(be, {E, N, K}, rng);
+  be.grouped_matmul_wgrad(dY, X, dW0, offsets, 0.0f);
+  be.grouped_matmul_wgrad(dY, X, dW, offsets, 1.5f, &base);
+  const auto w0 = values(dW0), bv = values(base);
+  std::vector<double> wref(w0.size());
+  for (size_t i = 0; i < w0.size(); ++i) wref[i] = w0[i] + 1.5 * bv[i];
+  EXPECT_LT(normalized_error(values(dW), wref), 1e-13);
+}
+
 TEST(GroupedMatmul, GradientsMatchFiniteDifferences) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));

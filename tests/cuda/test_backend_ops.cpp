@@ -533,6 +533,27 @@ TEST_F(CudaOps, GroupedWgradEveryTileWidth) {
   EXPECT_EQ(grouped_gemm::wgrad_tile_n(8, 1536, 768, 132), 192);  // the seed's w_fc gradient
 }
 
+// The fused sums Newton-Schulz uses: C = alpha A W^T + beta addend (bf16, separate and in place)
+// and dW = dY^T X + beta addend.
+TEST_F(CudaOps, GroupedMatmulAlphaBetaAddend) {
+  const int E = 3, N = 64, K = 96;
+  const std::vector<int32_t> off = {0, 40, 40, 150};
+  auto offsets = i32_pair({E + 1}, off);
+  auto a = rand_pair({150, K}, DType::bf16), w = rand_pair({E, N, K}, DType::bf16);
+  auto addend = rand_pair({150, N}, DType::bf16), c = out_pair({150, N}, DType::bf16);
+  cpu->grouped_matmul(a.c, w.c, true, c.c, offsets.c, 0.5f, -2.0f, &addend.c);
+  gpu->grouped_matmul(a.g, w.g, true, c.g, offsets.g, 0.5f, -2.0f, &addend.g);
+  expect_close(c, kBf16Tol, "grouped_matmul alpha/beta/addend");
+  cpu->grouped_matmul(a.c, w.c, true, addend.c, offsets.c, 1.0f, 3.4445f, &addend.c);
+  gpu->grouped_matmul(a.g, w.g, true, addend.g, offsets.g, 1.0f, 3.4445f, &addend.g);
+  expect_close(addend, kBf16Tol, "grouped_matmul addend in place");
+  auto dy = rand_pair({150, N}, DType::bf16), x = rand_pair({150, K}, DType::bf16);
+  auto base = rand_pair({E, N, K}, DType::bf16), dw = out_pair({E, N, K}, DType::bf16);
+  cpu->grouped_matmul_wgrad(dy.c, x.c, dw.c, offsets.c, 3.4445f, &base.c);
+  gpu->grouped_matmul_wgrad(dy.g, x.g, dw.g, offsets.g, 3.4445f, &base.g);
+  expect_close(dw, kBf16Tol, "grouped_matmul_wgrad addend");
+}
+
 // Muon's batched Newton-Schulz through the grouped GEMMs, against the CPU backend running the
 // same ops in f32: router-like stacks (8 rows, inner products of size 8), wide and tall stacks.
 TEST_F(CudaOps, BatchedNewtonSchulzMatchesCpu) {

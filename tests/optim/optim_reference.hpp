@@ -210,11 +210,13 @@ class CountingBackend : public Backend {
                        Tensor& dg) override {
     in_.moe_combine_bwd(dy, yp, s, g, dyp, dg);
   }
-  void grouped_matmul(const Tensor& A, const Tensor& W, bool tw, Tensor& C, const Tensor& o) override {
-    in_.grouped_matmul(A, W, tw, C, o);
+  void grouped_matmul(const Tensor& A, const Tensor& W, bool tw, Tensor& C, const Tensor& o, float alpha = 1.0f,
+                      float beta = 0.0f, const Tensor* addend = nullptr) override {
+    in_.grouped_matmul(A, W, tw, C, o, alpha, beta, addend);
   }
-  void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& o, float beta) override {
-    in_.grouped_matmul_wgrad(dY, X, dW, o, beta);
+  void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& o, float beta,
+                            const Tensor* addend = nullptr) override {
+    in_.grouped_matmul_wgrad(dY, X, dW, o, beta, addend);
   }
   void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWStep& s) override {
     in_.adamw_update(p, g, m, v, s);

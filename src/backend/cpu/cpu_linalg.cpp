@@ -1,6 +1,8 @@
 // Dense and per-expert matrix multiplies, all on the blocked kernel of gemm.cpp. Grouped GEMMs
 // read the expert offsets from host memory (on the CPU the "device" is the host, so this is no
 // sync) and run all experts' GEMMs as one batch, so small experts still fill every thread.
+#include <algorithm>
+
 #include "backend/cpu/cpu_backend.hpp"
 #include "backend/cpu/cpu_common.hpp"
 #include "backend/cpu/gemm.hpp"
@@ -53,8 +55,8 @@ void CpuBackend::matmul(const Tensor& A, bool trans_a, const Tensor& B, bool tra
   });
 }
 
-void CpuBackend::grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C,
-                                const Tensor& offsets) {
+void CpuBackend::grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
+                                float alpha, float beta, const Tensor* addend) {
   const char* op = "grouped_matmul";
   require_float(A, op, "A");
   require_like(A, W, op, "W");
@@ -65,6 +67,11 @@ void CpuBackend::grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, 
   require(C.cols() == N && matrix_rows(C) == matrix_rows(A), op,
           "C is " + C.describe() + " but must be [" + std::to_string(matrix_rows(A)) + ", " +
               std::to_string(N) + "]");
+  const bool add = beta != 0.0f && addend;
+  if (add) {
+    require_like(C, *addend, op, "addend");
+    require(addend->numel() == C.numel(), op, "addend is " + addend->describe() + " but C is " + C.describe());
+  }
   const auto off = read_offsets(offsets, E, matrix_rows(A), op);
   with_float(A.dtype, [&](auto te) {
     using T = decltype(te);
@@ -72,15 +79,18 @@ void CpuBackend::grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, 
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r0 = off[size_t(e)], rows = off[size_t(e + 1)] - r0;
       if (rows == 0) continue;
+      // The addend goes into C first, so the GEMM's beta accumulation adds it.
+      if (add && addend->data != C.data)
+        std::copy_n(ptr<T>(*addend) + r0 * N, rows * N, ptr<T>(C) + r0 * N);
       problems.push_back({rows, N, K, ptr<T>(A) + r0 * K, false, ptr<T>(W) + e * N * K, trans_w,
-                          ptr<T>(C) + r0 * N, T(1), T(0)});
+                          ptr<T>(C) + r0 * N, T(alpha), T(add ? beta : 0.0f)});
     }
     gemm_batch(pool_, problems);
   });
 }
 
-void CpuBackend::grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW,
-                                      const Tensor& offsets, float beta) {
+void CpuBackend::grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& offsets,
+                                      float beta, const Tensor* addend) {
   const char* op = "grouped_matmul_wgrad";
   require_float(dY, op, "dY");
   require_like(dY, X, op, "X");
@@ -89,6 +99,14 @@ void CpuBackend::grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor&
   const int64_t E = dW.dim(0), N = dW.dim(1), K = dW.dim(2);
   require(dY.cols() == N && X.cols() == K && matrix_rows(dY) == matrix_rows(X), op,
           "dY " + dY.describe() + " and X " + X.describe() + " do not match dW " + dW.describe());
+  if (beta != 0.0f && addend && addend->data != dW.data) {
+    require_like(dW, *addend, op, "addend");
+    require(addend->numel() == dW.numel(), op, "addend is " + addend->describe() + " but dW is " + dW.describe());
+    with_float(dW.dtype, [&](auto te) {
+      using T = decltype(te);
+      std::copy_n(ptr<T>(*addend), dW.numel(), ptr<T>(dW));
+    });
+  }
   const auto off = read_offsets(offsets, E, matrix_rows(dY), op);
   with_float(dY.dtype, [&](auto te) {
     using T = decltype(te);

@@ -105,10 +105,10 @@ class CudaBackend : public Backend {
                    bool accumulate) override;
   void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot, const Tensor& gates,
                        Tensor& dyp, Tensor& dgates) override;
-  void grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C,
-                      const Tensor& offsets) override;
-  void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& offsets,
-                            float beta) override;
+  void grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
+                      float alpha = 1.0f, float beta = 0.0f, const Tensor* addend = nullptr) override;
+  void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& offsets, float beta,
+                            const Tensor* addend = nullptr) override;
 
   void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                     const AdamWStep& s) override;

@@ -263,7 +263,8 @@ void wgrad(const bf16* dY, const bf16* X, void* dW, DType dw_dtype, const int32_
 
 }  // namespace grouped_gemm
 
-void CudaBackend::grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets) {
+void CudaBackend::grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
+                                 float alpha, float beta, const Tensor* addend) {
   require_dtype(A, DType::bf16, "grouped_matmul", "A (convert to bf16 with copy())");
   require_dtype(W, DType::bf16, "grouped_matmul", "W (use the bf16 compute copy)");
   require_float(C, "grouped_matmul", "C");
@@ -275,6 +276,10 @@ void CudaBackend::grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w,
   require(A.cols() == K && C.cols() == N && C.rows() == A.rows(), "grouped_matmul",
           "A " + A.describe() + ", W " + W.describe() + ", C " + C.describe() + " do not agree");
   require(K % 8 == 0 && N % 8 == 0, "grouped_matmul", "K and N must be multiples of 8 (16-byte rows)");
+  const bool add = beta != 0.0f && addend;
+  if (add)
+    require(addend->dtype == C.dtype && addend->numel() == C.numel(), "grouped_matmul",
+            "addend " + addend->describe() + " must have C's dtype and size, C is " + C.describe());
   if (A.rows() == 0) return;
   // Hopper path: both operands K-major; an N-major W (the data gradient) is transposed first.
   const bf16* wk = W.as<bf16>();
@@ -287,11 +292,12 @@ void CudaBackend::grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w,
   // (0.74 / 0.82 of one cuBLASLt GEMM at the seed's expert shapes, against 0.66 / 0.79 for
   // one 256-wide tile per block; bench/cuda/bench_grouped_gemm.cpp).
   grouped_gemm::forward_sm90_tma_persistent(A.as<bf16>(), wk, C.data, C.dtype, offsets.as<int32_t>(), E, A.rows(), N,
-                                            K, sm_count_, stream_, 128);
+                                            K, sm_count_, stream_, 128, alpha, add ? beta : 0.0f,
+                                            add ? addend->data : nullptr);
 }
 
 void CudaBackend::grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& offsets,
-                                       float beta) {
+                                       float beta, const Tensor* addend) {
   require_dtype(dY, DType::bf16, "grouped_matmul_wgrad", "dY");
   require_dtype(X, DType::bf16, "grouped_matmul_wgrad", "X");
   require_float(dW, "grouped_matmul_wgrad", "dW");
@@ -301,12 +307,18 @@ void CudaBackend::grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor
   require(offsets.numel() == E + 1 && dY.cols() == N && X.cols() == K && dY.rows() == X.rows(),
           "grouped_matmul_wgrad", "dY " + dY.describe() + ", X " + X.describe() + ", dW " + dW.describe());
   require(K % 8 == 0 && N % 8 == 0, "grouped_matmul_wgrad", "K and N must be multiples of 8 (16-byte rows)");
+  const bool add = beta != 0.0f && addend && addend->data != dW.data;
+  if (add)
+    require(addend->dtype == dW.dtype && addend->numel() == dW.numel(), "grouped_matmul_wgrad",
+            "addend " + addend->describe() + " must have dW's dtype and size, dW is " + dW.describe());
   if (dY.rows() == 0) {  // no rows to map for TMA: the v1 kernel just scales dW by beta
+    if (add) copy(*addend, dW);
     grouped_gemm::wgrad(dY.as<bf16>(), X.as<bf16>(), dW.data, dW.dtype, offsets.as<int32_t>(), E, N, K, beta, stream_);
     return;
   }
   grouped_gemm::wgrad_sm90_tma(dY.as<bf16>(), X.as<bf16>(), dW.data, dW.dtype, offsets.as<int32_t>(), E, dY.rows(), N,
-                               K, beta, stream_, grouped_gemm::wgrad_tile_n(E, N, K, sm_count_));
+                               K, beta, stream_, grouped_gemm::wgrad_tile_n(E, N, K, sm_count_),
+                               add ? addend->data : nullptr);
 }
 
 }  // namespace moelab

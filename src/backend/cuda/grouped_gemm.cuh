@@ -25,14 +25,17 @@ void forward_sm90(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, DType
 void forward_sm90_tma(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, DType c_dtype, const int32_t* offsets,
                       int E, int64_t R, int N, int K, cudaStream_t stream, int tile_n = kDefaultTileN);
 // The same as a persistent kernel (one block per SM over all tiles, loading the next tile while
-// storing the current one); `sms` is the GPU's multiprocessor count.
+// storing the current one); `sms` is the GPU's multiprocessor count. With beta != 0 the stored
+// value is alpha A W^T + beta addend (addend [R, N] of C's dtype, may be C), rounded once.
 void forward_sm90_tma_persistent(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, DType c_dtype,
                                  const int32_t* offsets, int E, int64_t R, int N, int K, int sms, cudaStream_t stream,
-                                 int tile_n = kDefaultTileN);
-// dW[e] = beta dW[e] + dY_e^T X_e on wgmma with TMA loads (dY [R, N], X [R, K]).
+                                 int tile_n = kDefaultTileN, float alpha = 1.0f, float beta = 0.0f,
+                                 const void* addend = nullptr);
+// dW[e] = beta addend[e] + dY_e^T X_e on wgmma with TMA loads (dY [R, N], X [R, K]); addend is
+// dW itself when null.
 void wgrad_sm90_tma(const __nv_bfloat16* dY, const __nv_bfloat16* X, void* dW, DType dw_dtype,
                     const int32_t* offsets, int E, int64_t R, int N, int K, float beta, cudaStream_t stream,
-                    int tile_n = kDefaultTileN);
+                    int tile_n = kDefaultTileN, const void* addend = nullptr);
 // The weight-gradient tile width (256, 192 or 128) that wastes the least of the last wave on
 // `sms` multiprocessors for dW [E, N, K].
 int wgrad_tile_n(int E, int N, int K, int sms);

@@ -260,7 +260,8 @@ __device__ __forceinline__ FwdTile fwd_tile(int t, const int32_t* offsets, int E
 template <int TBN, int TST, class TC>
 __global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2)
     grouped_fwd_tma_persistent_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                                      TC* C, const int32_t* offsets, int E, int N, int K) {
+                                      TC* C, const int32_t* offsets, int E, int N, int K, float alpha, float beta,
+                                      const TC* addend) {
   extern __shared__ char smem_raw[];
   const int n_tiles_n = (N + TBN - 1) / TBN;
   FwdTile cur = fwd_tile<TBN>(blockIdx.x, offsets, E, n_tiles_n);
@@ -323,16 +324,26 @@ __global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2)
     for (int h = 0; h < 2; ++h) {
       const int m = wg * 64 + w * 16 + g4 + h * 8;
       if (m >= cur.rows) continue;
-      TC* crow = c_base + int64_t(m) * N;
+      const int64_t row_off = int64_t(m) * N;
 #pragma unroll
       for (int j = 0; j < TBN / 8; ++j) {
         const int n = cur.n0 + j * 8 + 2 * t4;
         if (n >= N) continue;
-        const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+        float v0 = alpha * acc[4 * j + 2 * h], v1 = alpha * acc[4 * j + 2 * h + 1];
+        if (addend) {  // C = alpha A W^T + beta addend, the sum rounded once
+          const TC* a = addend + int64_t(cur.row0) * N + row_off + n;
+          if constexpr (std::is_same_v<TC, float>) {
+            const float2 o = *reinterpret_cast<const float2*>(a);
+            v0 += beta * o.x, v1 += beta * o.y;
+          } else {
+            const float2 o = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a));
+            v0 += beta * o.x, v1 += beta * o.y;
+          }
+        }
         if constexpr (std::is_same_v<TC, float>)
-          *reinterpret_cast<float2*>(crow + n) = make_float2(v0, v1);
+          *reinterpret_cast<float2*>(c_base + row_off + n) = make_float2(v0, v1);
         else
-          *reinterpret_cast<__nv_bfloat162*>(crow + n) = __floats2bfloat162_rn(v0, v1);
+          *reinterpret_cast<__nv_bfloat162*>(c_base + row_off + n) = __floats2bfloat162_rn(v0, v1);
       }
     }
   }
@@ -346,7 +357,7 @@ template <int TBN, int TST, class TC>
 __global__ void __launch_bounds__(THREADS, TBN == 128 ? 2 : 1) grouped_wgrad_tma_kernel(const __grid_constant__ CUtensorMap map_dy,
                                                                       const __grid_constant__ CUtensorMap map_x,
                                                                       TC* dW, const int32_t* offsets, int N, int K,
-                                                                      float beta) {
+                                                                      float beta, const TC* addend) {
   extern __shared__ char smem_raw[];
   const int e = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * TBN;
   const int k_begin = offsets[e], k_end = offsets[e + 1];
@@ -409,11 +420,13 @@ __global__ void __launch_bounds__(THREADS, TBN == 128 ? 2 : 1) grouped_wgrad_tma
   wgmma_wait<0>();
   const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   TC* base = dW + int64_t(e) * N * K;
+  const TC* add_base = addend + int64_t(e) * N * K;  // addend is dW itself when accumulating
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     int m = m0 + wg * 64 + w * 16 + g + h * 8;
     if (m >= N) continue;
     TC* row = base + int64_t(m) * K;
+    const TC* add_row = add_base + int64_t(m) * K;
 #pragma unroll
     for (int j = 0; j < TBN / 8; ++j) {
       int n = n0 + j * 8 + 2 * t4;
@@ -422,14 +435,14 @@ __global__ void __launch_bounds__(THREADS, TBN == 128 ? 2 : 1) grouped_wgrad_tma
       if constexpr (std::is_same_v<TC, float>) {
         float2 o = make_float2(v0, v1);
         if (beta != 0.f) {
-          float2 old = *reinterpret_cast<float2*>(row + n);
+          float2 old = *reinterpret_cast<const float2*>(add_row + n);
           o.x += beta * old.x;
           o.y += beta * old.y;
         }
         *reinterpret_cast<float2*>(row + n) = o;
       } else {
         if (beta != 0.f) {
-          __nv_bfloat162 old = *reinterpret_cast<__nv_bfloat162*>(row + n);
+          __nv_bfloat162 old = *reinterpret_cast<const __nv_bfloat162*>(add_row + n);
           v0 += beta * __bfloat162float(old.x);
           v1 += beta * __bfloat162float(old.y);
         }
@@ -529,7 +542,8 @@ void forward_tma_cfg(const bf16* A, const bf16* W, void* C, DType c_dtype, const
 
 template <int TBN, int TST>
 void forward_tma_persistent_cfg(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E,
-                                int64_t R, int N, int K, int sms, cudaStream_t stream) {
+                                int64_t R, int N, int K, int sms, cudaStream_t stream, float alpha, float beta,
+                                const void* addend) {
   CUtensorMap ma = make_map(A, R, K, BM), mb = make_map(W, int64_t(E) * N, K, TBN);
   const int64_t tiles_max = int64_t((N + TBN - 1) / TBN) * ((R + BM - 1) / BM + E);
   const int per_sm = TBN == 256 ? 1 : 2;
@@ -539,7 +553,9 @@ void forward_tma_persistent_cfg(const bf16* A, const bf16* W, void* C, DType c_d
     static std::set<const void*> done;
     if (done.insert(reinterpret_cast<const void*>(kernel)).second)
       MOELAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<grid, THREADS, smem, stream>>>(ma, mb, c, offsets, E, N, K);
+    using TC = std::remove_pointer_t<decltype(c)>;
+    kernel<<<grid, THREADS, smem, stream>>>(ma, mb, c, offsets, E, N, K, alpha, beta,
+                                            beta != 0.f ? static_cast<const TC*>(addend) : nullptr);
   };
   if (c_dtype == DType::bf16) launch(grouped_fwd_tma_persistent_kernel<TBN, TST, bf16>, static_cast<bf16*>(C));
   else launch(grouped_fwd_tma_persistent_kernel<TBN, TST, float>, static_cast<float*>(C));
@@ -547,9 +563,12 @@ void forward_tma_persistent_cfg(const bf16* A, const bf16* W, void* C, DType c_d
 }
 
 void forward_sm90_tma_persistent(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E,
-                                 int64_t R, int N, int K, int sms, cudaStream_t stream, int tile_n) {
-  if (tile_n == 128) forward_tma_persistent_cfg<128, 3>(A, W, C, c_dtype, offsets, E, R, N, K, sms, stream);
-  else forward_tma_persistent_cfg<256, 4>(A, W, C, c_dtype, offsets, E, R, N, K, sms, stream);
+                                 int64_t R, int N, int K, int sms, cudaStream_t stream, int tile_n, float alpha,
+                                 float beta, const void* addend) {
+  if (tile_n == 128)
+    forward_tma_persistent_cfg<128, 3>(A, W, C, c_dtype, offsets, E, R, N, K, sms, stream, alpha, beta, addend);
+  else
+    forward_tma_persistent_cfg<256, 4>(A, W, C, c_dtype, offsets, E, R, N, K, sms, stream, alpha, beta, addend);
 }
 
 void forward_sm90_tma(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E,
@@ -560,7 +579,7 @@ void forward_sm90_tma(const bf16* A, const bf16* W, void* C, DType c_dtype, cons
 
 template <int TBN, int TST>
 void wgrad_tma_cfg(const bf16* dY, const bf16* X, void* dW, DType dw_dtype, const int32_t* offsets, int E, int64_t R,
-                   int N, int K, float beta, cudaStream_t stream) {
+                   int N, int K, float beta, const void* addend, cudaStream_t stream) {
   CUtensorMap my = make_map(dY, R, N, 64), mx = make_map(X, R, K, 64);
   dim3 grid(unsigned((K + TBN - 1) / TBN), unsigned((N + BM - 1) / BM), unsigned(E));
   constexpr int smem = tma_smem_bytes<TBN, TST>();
@@ -568,7 +587,9 @@ void wgrad_tma_cfg(const bf16* dY, const bf16* X, void* dW, DType dw_dtype, cons
     static std::set<const void*> done;
     if (done.insert(reinterpret_cast<const void*>(kernel)).second)
       MOELAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<grid, THREADS, smem, stream>>>(my, mx, c, offsets, N, K, beta);
+    using TC = std::remove_pointer_t<decltype(c)>;
+    kernel<<<grid, THREADS, smem, stream>>>(my, mx, c, offsets, N, K, beta,
+                                            static_cast<const TC*>(addend ? addend : static_cast<const void*>(c)));
   };
   if (dw_dtype == DType::f32) launch(grouped_wgrad_tma_kernel<TBN, TST, float>, static_cast<float*>(dW));
   else launch(grouped_wgrad_tma_kernel<TBN, TST, bf16>, static_cast<bf16*>(dW));
@@ -576,10 +597,10 @@ void wgrad_tma_cfg(const bf16* dY, const bf16* X, void* dW, DType dw_dtype, cons
 }
 
 void wgrad_sm90_tma(const bf16* dY, const bf16* X, void* dW, DType dw_dtype, const int32_t* offsets, int E,
-                    int64_t R, int N, int K, float beta, cudaStream_t stream, int tile_n) {
-  if (tile_n == 128) wgrad_tma_cfg<128, 3>(dY, X, dW, dw_dtype, offsets, E, R, N, K, beta, stream);
-  else if (tile_n == 192) wgrad_tma_cfg<192, 4>(dY, X, dW, dw_dtype, offsets, E, R, N, K, beta, stream);
-  else wgrad_tma_cfg<256, 4>(dY, X, dW, dw_dtype, offsets, E, R, N, K, beta, stream);
+                    int64_t R, int N, int K, float beta, cudaStream_t stream, int tile_n, const void* addend) {
+  if (tile_n == 128) wgrad_tma_cfg<128, 3>(dY, X, dW, dw_dtype, offsets, E, R, N, K, beta, addend, stream);
+  else if (tile_n == 192) wgrad_tma_cfg<192, 4>(dY, X, dW, dw_dtype, offsets, E, R, N, K, beta, addend, stream);
+  else wgrad_tma_cfg<256, 4>(dY, X, dW, dw_dtype, offsets, E, R, N, K, beta, addend, stream);
 }
 
 int wgrad_tile_n(int E, int N, int K, int sms) {
