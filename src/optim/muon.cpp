@@ -72,7 +72,7 @@ Muon::Muon(Backend& backend, std::vector<Param*> params, const OptimConfig& cfg,
       ns_(backend, stack_shapes(groups_)) {
   if (cfg.muon_ns_steps < 1)
     throw Error("optim.muon_ns_steps = " + std::to_string(cfg.muon_ns_steps) + " must be at least 1");
-  int64_t largest = 1;
+  int64_t largest = 1, largest_gathered = 0;
   momentum_.resize(params_.size());
   for (Group& g : groups_) {
     const Shape stack{g.count, g.m, g.n};
@@ -89,8 +89,11 @@ Muon::Muon(Backend& backend, std::vector<Param*> params, const OptimConfig& cfg,
     }
     g.grads = as_one_stack(grads, stack);
     g.values = as_one_stack(values, stack);
+    if (!g.grads.data) largest_gathered = std::max(largest_gathered, g.count * g.m * g.n);
   }
-  gathered_ = backend.alloc({largest, 1}, backend.master_dtype());
+  // Gradients that do not lie back to back are gathered first; the model's parameter arenas
+  // make that rare, so the buffer is only as large as the groups that need it.
+  if (largest_gathered > 0) gathered_ = backend.alloc({largest_gathered, 1}, backend.master_dtype());
   blend_ = backend.alloc({largest, 1}, backend.act_dtype());
 }
 

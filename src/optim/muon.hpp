@@ -67,7 +67,7 @@ class Muon {
   OptimConfig cfg_;
   std::vector<Group> groups_;
   std::vector<Tensor> momentum_;  // per parameter: a view into its group's stack
-  Tensor gathered_;  // [largest group, 1] master dtype: a group's gradients when not contiguous
+  Tensor gathered_;  // master dtype: a group's gradients when not contiguous (unallocated if none)
   Tensor blend_;     // [largest group, 1] act dtype: u, the Newton-Schulz input
   NewtonSchulz ns_;
 };
