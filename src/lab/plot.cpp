@@ -319,7 +319,7 @@ void render_expert_heatmap(const ExpertHeatmap& map, const std::filesystem::path
   font(cr, 20, true);
   text_at(cr, map.title, width / 2.0, 22, 0.5, 0.5);
   font(cr, 13);
-  text_at(cr, "colour: expert load / uniform load (1 = balanced); one band per MoE layer, one row per expert",
+  text_at(cr, "colour: expert load / uniform load (1 = balanced); one band per MoE layer, one row per expert (numbered)",
           width / 2.0, 46, 0.5, 0.5);
 
   size_t n = map.load.size();
@@ -342,9 +342,15 @@ void render_expert_heatmap(const ExpertHeatmap& map, const std::filesystem::path
     cairo_set_line_width(cr, 1);
     cairo_rectangle(cr, left + 0.5, y + 0.5, right - left, panel_h);
     cairo_stroke(cr);
+    // Expert rows labelled where they are tall enough to read (every k-th row otherwise).
+    const size_t every = size_t(std::ceil(9.0 / cell_h));
+    font(cr, std::min(11.0, cell_h));
+    cairo_set_source_rgb(cr, 0.35, 0.35, 0.35);
+    for (size_t e = 0; e < experts; e += every)
+      text_at(cr, std::to_string(e), left - 5, y + (double(e) + 0.5) * cell_h, 1, 0.5);
     font(cr, 13);
     cairo_set_source_rgb(cr, 0.1, 0.1, 0.1);
-    text_at(cr, "layer " + std::to_string(l), left - 12, y + panel_h / 2, 1, 0.5);
+    text_at(cr, "layer " + std::to_string(l), left - 26, y + panel_h / 2, 1, 0.5);
   }
 
   // Step axis under the last band.
