@@ -24,6 +24,7 @@
 #include "backend/cuda/flash_attention.cuh"
 #include "core/dtype.hpp"
 #include "core/rng.hpp"
+#include "bench_check.hpp"
 
 using namespace moelab;
 using bf16 = __nv_bfloat16;
@@ -71,18 +72,6 @@ std::vector<float> fill_random(bf16* dev, size_t n, Rng& rng) {
   }
   MOELAB_CUDA_CHECK(cudaMemcpy(dev, bits.data(), n * 2, cudaMemcpyHostToDevice));
   return host;
-}
-
-// ||out - ref|| / ||ref||; infinite when out holds a NaN or Inf, so such output never passes.
-double nerr(const std::vector<float>& out, const std::vector<float>& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (!std::isfinite(out[i])) return INFINITY;
-    double d = double(out[i]) - ref[i];
-    num += d * d;
-    den += double(ref[i]) * ref[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
 }
 
 double median_us(cudaStream_t stream, const std::function<void()>& fn) {

@@ -17,6 +17,7 @@
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/grouped_gemm.cuh"
 #include "core/rng.hpp"
+#include "bench_check.hpp"
 
 using namespace moelab;
 
@@ -47,17 +48,6 @@ void fill_random(CudaBackend& be, Tensor& t, Rng& rng, float scale) {
   std::vector<float> v(static_cast<size_t>(t.numel()));
   for (auto& x : v) x = float(rng.normal()) * scale;
   be.write(t, v);
-}
-
-double nerr(const std::vector<float>& out, const std::vector<float>& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (!std::isfinite(out[i])) return INFINITY;
-    double d = double(out[i]) - ref[i];
-    num += d * d;
-    den += double(ref[i]) * ref[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
 }
 
 }  // namespace

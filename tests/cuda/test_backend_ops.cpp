@@ -16,6 +16,7 @@
 #include "backend/cuda/grouped_gemm.cuh"
 #include "core/rng.hpp"
 #include "optim/newton_schulz.hpp"
+#include "normalized_error.hpp"
 
 namespace moelab {
 namespace {
@@ -25,19 +26,6 @@ constexpr double kF32Tol = 1e-4;    // f32 math on identical inputs
 
 uint64_t fresh_seed() {
   return uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-}
-
-double nerr(const std::vector<float>& out, const std::vector<float>& ref) {
-  if (out.size() != ref.size()) return INFINITY;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (!std::isfinite(out[i])) return INFINITY;
-    double d = double(out[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  if (den == 0) return std::sqrt(num);
-  return std::sqrt(num / den);
 }
 
 class CudaOps : public ::testing::Test {

@@ -13,23 +13,12 @@
 #include "backend/cuda/cuda_backend.hpp"
 #include "backend/cuda/flash_attention.cuh"
 #include "core/rng.hpp"
+#include "normalized_error.hpp"
 
 namespace moelab {
 namespace {
 
 constexpr double kTol = 1e-2;  // bf16 operands and outputs against f32
-
-double nerr(const std::vector<float>& out, const std::vector<float>& ref) {
-  if (out.size() != ref.size()) return INFINITY;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (!std::isfinite(out[i])) return INFINITY;
-    double d = double(out[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
-}
 
 TEST(FlashVariants, MatchCpuReference) {
   if (!CudaBackend::cuda_device_available()) GTEST_SKIP() << "no CUDA GPU on this machine";
