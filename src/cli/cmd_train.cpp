@@ -3,7 +3,7 @@
 
 #include "cli/commands.hpp"
 #include "core/error.hpp"
-#include "model/config.hpp"
+#include "config/config.hpp"
 #include "train/trainer.hpp"
 
 namespace moelab::cli {

@@ -4,7 +4,7 @@
 #pragma once
 #include <string>
 
-#include "model/config.hpp"
+#include "config/config.hpp"
 
 namespace moelab {
 

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "model/config.hpp"
+#include "config/config.hpp"
 
 namespace moelab {
 

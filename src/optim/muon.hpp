@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "backend/backend.hpp"
-#include "model/config.hpp"
+#include "config/config.hpp"
 #include "model/params.hpp"
 #include "optim/named_tensor.hpp"
 #include "optim/newton_schulz.hpp"

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "backend/backend.hpp"
-#include "model/config.hpp"
+#include "config/config.hpp"
 #include "model/params.hpp"
 #include "optim/adamw.hpp"
 #include "optim/muon.hpp"

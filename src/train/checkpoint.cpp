@@ -14,7 +14,7 @@
 #include <set>
 
 #include "core/error.hpp"
-#include "model/config.hpp"
+#include "config/config.hpp"
 #include "train/safetensors.hpp"
 
 namespace moelab {

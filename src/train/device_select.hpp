@@ -6,7 +6,7 @@
 #include <string>
 
 #include "backend/backend.hpp"
-#include "model/config.hpp"
+#include "config/config.hpp"
 
 namespace moelab {
 

@@ -5,7 +5,7 @@
 #pragma once
 #include <string>
 
-#include "model/config.hpp"
+#include "config/config.hpp"
 
 namespace moelab {
 

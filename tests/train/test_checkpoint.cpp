@@ -13,7 +13,7 @@
 
 #include "backend/cpu/cpu_backend.hpp"
 #include "core/rng.hpp"
-#include "model/config.hpp"
+#include "config/config.hpp"
 #include "train/checkpoint.hpp"
 #include "train/safetensors.hpp"
 

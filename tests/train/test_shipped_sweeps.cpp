@@ -6,7 +6,7 @@
 #include <filesystem>
 
 #include "lab/sweep_spec.hpp"
-#include "model/config.hpp"
+#include "config/config.hpp"
 
 namespace moelab {
 namespace {

@@ -12,7 +12,7 @@
 
 #include "core/error.hpp"
 #include "core/rng.hpp"
-#include "model/config.hpp"
+#include "config/config.hpp"
 #include "train/trainer.hpp"
 
 namespace moelab {

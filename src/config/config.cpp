@@ -1,5 +1,5 @@
 // The key table and everything derived from it: TOML loading, overrides, validation, writing.
-#include "model/config.hpp"
+#include "config/config.hpp"
 
 #include <cmath>
 #include <fstream>

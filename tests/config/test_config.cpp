@@ -2,7 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "core/error.hpp"
-#include "model/config.hpp"
+#include "config/config.hpp"
 
 namespace moelab {
 namespace {
