@@ -1,5 +1,6 @@
-// `moelab report EXP_DIR`: the progress report of an experiment folder (run folders and/or
-// nanochat *.log files): markdown, CSVs and PNG figures. --watch rewrites it every N seconds
+// `moelab report EXP_DIR [DIR...]`: the progress report of an experiment folder (run folders
+// and/or nanochat *.log files), or of several compared: markdown, CSVs and PNG figures. It exits
+// 1 when it finds no run, and never writes into a run folder. --watch rewrites it every N seconds
 // until Ctrl-C, for following a sweep from another terminal.
 #include <atomic>
 #include <chrono>
@@ -22,10 +23,16 @@ void add_report_command(CLI::App& app) {
   auto opt = std::make_shared<lab::ReportOptions>();
   auto watch = std::make_shared<double>(0);
   auto no_figures = std::make_shared<bool>(false);
-  auto exp_dir = std::make_shared<std::string>();
+  auto exp_dirs = std::make_shared<std::vector<std::string>>();
   auto out_md = std::make_shared<std::string>();
-  cmd->add_option("exp_dir", *exp_dir, "experiment folder (run folders and/or *.log files)")->required()->check(CLI::ExistingDirectory);
-  cmd->add_option("--out-md", *out_md, "markdown file (default EXP_DIR/report.md); metrics/ and figures/ go beside it");
+  cmd->add_option("exp_dir", *exp_dirs,
+                  "experiment folder (run folders and/or *.log files), or a run folder; several folders are compared "
+                  "in one report (needs --out-md)")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  cmd->add_option("--out-md", *out_md,
+                  "markdown file (default EXP_DIR/report.md; required for a run folder or several folders); metrics/ "
+                  "and figures/ go beside it");
   cmd->add_option("--tail", opt->tail, "steps averaged for the tail means (default 50)")->check(CLI::PositiveNumber);
   cmd->add_option("--watch", *watch, "rewrite the report every SECONDS until Ctrl-C");
   cmd->add_option("--baseline", opt->baseline, "run to compare tokens/s against (default: the sweep's baseline)");
@@ -34,7 +41,9 @@ void add_report_command(CLI::App& app) {
   cmd->add_option("--stale", opt->read.stale_s, "seconds without file changes after which a run is no longer running (default 300)");
   cmd->add_flag("--no-figures", *no_figures, "write markdown and CSVs only");
   cmd->callback([=] {
-    opt->exp_dir = *exp_dir;
+    opt->exp_dir = exp_dirs->front();
+    opt->more_dirs.assign(exp_dirs->begin() + 1, exp_dirs->end());
+    opt->require_runs = true;  // exit 1, writing nothing, when no run is found
     opt->out_md = *out_md;
     opt->figures = !*no_figures;
     if (*watch > 0) {

@@ -1,5 +1,5 @@
-// `moelab tokenizer train | encode | decode`: train a byte-level BPE tokenizer on text files and
-// use it from the shell (ids as text, one per line, or as little-endian uint32 with --binary).
+// `moelab tokenizer train | encode | decode | export`: train a byte-level BPE tokenizer on text
+// files, use it from the shell, or export it as a Hugging Face tokenizer.json (ids as text, one per line, or as little-endian uint32 with --binary).
 #include <algorithm>
 #include <cctype>
 #include <chrono>
@@ -15,6 +15,8 @@
 #include "data/embedded_corpus.hpp"
 #include "data/progress.hpp"
 #include "data/tokenizer.hpp"
+#include "data/tokenizer_hf.hpp"
+#include "core/atomic_file.hpp"
 
 namespace moelab::cli {
 namespace {
@@ -150,6 +152,22 @@ void add_tokenizer_command(CLI::App& app) {
   enc->add_option("--tokenizer", *tok_path, "tokenizer file")->required();
   enc->add_flag("--binary", *binary, "write little-endian uint32 ids instead of one decimal id per line");
   enc->callback([tok_path, binary] { run_encode(*tok_path, *binary); });
+
+  auto hf_out = std::make_shared<std::string>();
+  auto* hf = cmd->add_subcommand("export", "Write the tokenizer as a Hugging Face tokenizer.json (tokenizers library)");
+  hf->add_option("--tokenizer", *tok_path, "tokenizer file")->required();
+  hf->add_option("--out", *hf_out, "tokenizer.json to write")->required();
+  hf->callback([tok_path, hf_out] {
+    Tokenizer tok = Tokenizer::load(*tok_path);
+    HfExport e = tokenizer_to_hf_json(tok);
+    write_file_atomic(*hf_out, e.json);
+    std::printf("wrote %s: vocab %lld, %lld merges, %zu specials\n", hf_out->c_str(), (long long)tok.vocab_size(),
+                (long long)tok.merge_count(), tok.specials().size());
+    if (e.duplicate_tokens)
+      std::printf("note: %lld merge(s) spell a token an earlier merge made; the tokenizer.json maps each such string to "
+                  "the earlier id\n",
+                  (long long)e.duplicate_tokens);
+  });
 
   auto* dec = cmd->add_subcommand("decode", "Decode token ids on stdin back to bytes on stdout");
   dec->add_option("--tokenizer", *tok_path, "tokenizer file")->required();

@@ -12,7 +12,7 @@ void add_train_command(CLI::App& app) {
   struct Args {
     std::string config, out;
     std::vector<std::string> sets;
-    bool help_config = false;
+    bool help_config = false, force = false;
   };
   auto args = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("train", "Train a model; everything lands in the run folder (--out)");
@@ -21,6 +21,8 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--set", args->sets, "override a config key, e.g. --set train.steps=20 (repeatable)")
       ->take_all()
       ->allow_extra_args(false);
+  cmd->add_flag("--force", args->force,
+                "start afresh in a folder that holds a run: its files are moved aside to RUN_DIR.oldK/ first");
   cmd->add_flag("--help-config", args->help_config, "list every config key with its default and meaning");
   cmd->footer(
       "Examples:\n"
@@ -38,7 +40,9 @@ void add_train_command(CLI::App& app) {
     Config cfg = load_config(args->config);
     for (auto& s : args->sets) apply_override(cfg, s);
     validate_config(cfg);  // before the run folder exists: a bad config leaves nothing behind
-    run_training(cfg, args->out);
+    TrainOptions options;
+    options.force = args->force;
+    run_training(cfg, args->out, options);
   });
 }
 

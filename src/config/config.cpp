@@ -1,6 +1,7 @@
 // The key table and everything derived from it: TOML loading, overrides, validation, writing.
 #include "config/config.hpp"
 
+#include <charconv>
 #include <cmath>
 #include <fstream>
 #include <functional>
@@ -77,6 +78,7 @@ const std::vector<Key>& keys() {
       {"train.peak_flops", Kind::real, "peak FLOP/s per device for MFU; 0 = by card name (none on CPU)", member(&Config::train, &TrainConfig::peak_flops)},
       {"train.threads", Kind::integer, "CPU threads; 0 = all cores", member(&Config::train, &TrainConfig::threads)},
       {"train.save_final", Kind::boolean, "write a checkpoint at the end", member(&Config::train, &TrainConfig::save_final)},
+      {"train.keep_checkpoints", Kind::integer, "newest checkpoints kept in the run folder; 0 = all", member(&Config::train, &TrainConfig::keep_checkpoints)},
 
       {"optim.matrix_optimizer", Kind::text, "muon | adamw: the update of all matrices (attention, router, experts)", member(&Config::optim, &OptimConfig::matrix_optimizer)},
       {"optim.matrix_lr", Kind::real, "Muon learning rate (all matrices, experts included)", member(&Config::optim, &OptimConfig::matrix_lr)},
@@ -195,10 +197,11 @@ std::string value_string(const Config& cfg_const, const Key& key, bool quoted) {
   switch (key.kind) {
     case Kind::integer: o << *static_cast<int64_t*>(f); break;
     case Kind::real: {
+      // Shortest text that reads back to the same double (0.2, not 0.20000000000000001).
       double d = *static_cast<double*>(f);
-      o.precision(17);
-      o << d;
-      std::string s = o.str();
+      char buf[64];
+      auto end = std::to_chars(buf, buf + sizeof buf, d).ptr;
+      std::string s(buf, end);
       if (s.find_first_of(".eEn") == std::string::npos) s += ".0";  // keep it a TOML float
       return s;
     }
@@ -233,6 +236,9 @@ Config config_from_toml_text(const std::string& text, const std::string& origin)
       << e.description();
     throw Error(o.str());
   }
+  // An empty file would silently train the d12 defaults, hours on a CPU.
+  if (table.empty())
+    throw Error(origin + ": empty config: start from configs/tiny-cpu.toml (CPU) or configs/d12-moe.toml (GPU)");
   Config cfg;
   walk(cfg, table, "", origin);
   return cfg;
@@ -384,6 +390,12 @@ void validate_config(const Config& c) {
     invalid("optim.matrix_optimizer", "= \"" + c.optim.matrix_optimizer + "\" is not an optimizer", "use muon or adamw");
   if (!(c.optim.matrix_adamw_lr > 0))
     invalid("optim.matrix_adamw_lr", "must be positive", "use a small rate such as 0.002");
+  for (auto [k, v] : {std::pair{"optim.matrix_lr", c.optim.matrix_lr}, {"optim.embedding_lr", c.optim.embedding_lr},
+                      {"optim.unembedding_lr", c.optim.unembedding_lr}, {"optim.weight_decay", c.optim.weight_decay}})
+    if (!(v >= 0)) invalid(k, "= " + std::to_string(v) + " must not be negative", "use 0 to freeze the group or a positive value");
+  for (auto [k, v] : {std::pair{"train.eval_every", c.train.eval_every}, {"train.checkpoint_every", c.train.checkpoint_every},
+                      {"train.keep_checkpoints", c.train.keep_checkpoints}})
+    if (v < 0) invalid(k, "= " + std::to_string(v) + " must not be negative", "use 0 for the default or a step count");
   if (c.optim.muon_ns_steps < 1) invalid("optim.muon_ns_steps", "must be at least 1", "use 5 as nanochat does");
 }
 

@@ -56,6 +56,7 @@ struct TrainConfig {
   double peak_flops = 0;  // per-device peak for MFU; 0: by card name (GPU) or none (CPU)
   int64_t threads = 0;    // CPU threads; 0: all cores
   bool save_final = true;
+  int64_t keep_checkpoints = 0;  // newest checkpoints kept in the run folder; 0: all
 };
 
 struct OptimConfig {

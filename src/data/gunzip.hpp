@@ -1,6 +1,5 @@
-// gzip decompression (RFC 1952 around RFC 1951 deflate) for the embedded corpus. A small
-// self-contained inflater keeps the binary free of a zlib dependency; the gzip trailer's CRC-32
-// and length are checked, so a damaged blob is an error rather than silently wrong text.
+// gzip decompression for the embedded corpus, by zlib (which cairo links anyway). The gzip
+// trailer's CRC-32 and length are checked, so a damaged blob is an error rather than wrong text.
 #pragma once
 #include <cstdint>
 #include <string>

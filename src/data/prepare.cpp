@@ -3,6 +3,7 @@
 // has one is complete.
 #include "data/prepare.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <memory>
@@ -115,7 +116,17 @@ ShardFolderInfo prepare_shards(const PrepareOptions& opt) {
     });
     done_before += double(data.size());
   }
-  if (has_pending) {
+  if (has_pending && doc_index == 1 && pending.size() >= 3) {
+    // One document (a text file without blank lines): split it by position, its last
+    // val_fraction of tokens to validation (after a BOS of their own), as a byte split would.
+    const size_t n = pending.size() - 1;  // tokens after the BOS
+    const size_t n_val = std::clamp<size_t>(size_t(std::llround(double(n) * opt.val_fraction)), 1, n - 1);
+    std::vector<int32_t> head(pending.begin(), pending.end() - std::ptrdiff_t(n_val));
+    std::vector<int32_t> tail = {tok.bos_id()};
+    tail.insert(tail.end(), pending.end() - std::ptrdiff_t(n_val), pending.end());
+    train.add_document(head);
+    val.add_document(tail);
+  } else if (has_pending) {
     if (info.val.documents == 0 && info.train.documents > 0)
       val.add_document(pending);
     else
@@ -126,8 +137,7 @@ ShardFolderInfo prepare_shards(const PrepareOptions& opt) {
   if (opt.progress) bar.finish();
   if (info.train.documents == 0 || info.val.documents == 0)
     throw Error("data prepare: the inputs hold " + std::to_string(doc_index) +
-                " document(s), too few for both a training and a validation split; give at least two documents "
-                "(plain text: separate them with a blank line)");
+                " document(s) and too few tokens for both a training and a validation split; give more text");
   write_shard_folder_meta(info);
   return info;
 }

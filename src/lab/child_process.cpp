@@ -1,9 +1,9 @@
-// posix_spawn-based child process (see child_process.hpp).
+// fork/exec child process (see child_process.hpp).
 #include "lab/child_process.hpp"
 
 #include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -68,32 +68,68 @@ ChildProcess::ChildProcess(const std::vector<std::string>& argv, const std::vect
   for (const auto& e : envs) cenv.push_back(const_cast<char*>(e.c_str()));
   cenv.push_back(nullptr);
 
-  posix_spawn_file_actions_t actions;
-  posix_spawnattr_t attr;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawnattr_init(&attr);
-  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, 1, stdout_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_addopen(&actions, 2, stderr_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  // Own process group: Ctrl-C in the terminal reaches only the sweep, which then stops each
-  // child's whole group itself and records why.
-  posix_spawnattr_setpgroup(&attr, 0);
-  sigset_t defaults;
-  sigemptyset(&defaults);
-  sigaddset(&defaults, SIGINT);
-  sigaddset(&defaults, SIGTERM);
-  sigaddset(&defaults, SIGPIPE);
-  posix_spawnattr_setsigdefault(&attr, &defaults);
-  sigset_t none;
-  sigemptyset(&none);
-  posix_spawnattr_setsigmask(&attr, &none);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK);
-  int rc = posix_spawn(&pid_, cargv[0], &actions, &attr, cargv.data(), cenv.data());
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
-  if (rc != 0) {
+  // Everything the child needs is made before fork: between fork and exec it calls only
+  // async-signal-safe functions.
+  auto open_or_throw = [](const char* path, int flags) {
+    int fd = ::open(path, flags | O_CLOEXEC, 0644);
+    if (fd < 0) throw Error(std::string("cannot open ") + path + " for a child process: " + std::strerror(errno));
+    return fd;
+  };
+  int in_fd = open_or_throw("/dev/null", O_RDONLY);
+  int out_fd = -1, err_fd = -1, status_pipe[2] = {-1, -1};
+  try {
+    out_fd = open_or_throw(stdout_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC);
+    err_fd = open_or_throw(stderr_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC);
+    if (::pipe2(status_pipe, O_CLOEXEC) != 0) throw Error(std::string("cannot make a pipe: ") + std::strerror(errno));
+  } catch (...) {
+    for (int fd : {in_fd, out_fd, err_fd})
+      if (fd >= 0) ::close(fd);
+    throw;
+  }
+  const pid_t parent = ::getpid();
+  pid_ = ::fork();
+  if (pid_ == 0) {
+    // Own process group: Ctrl-C in the terminal reaches only the sweep, which then stops each
+    // child's whole group itself and records why.
+    ::setpgid(0, 0);
+    // Die with the sweep: a sweep killed by SIGKILL leaves no trainer running on without it.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(127);  // the sweep died before prctl took effect
+    ::dup2(in_fd, 0);
+    ::dup2(out_fd, 1);
+    ::dup2(err_fd, 2);
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    for (int sig : {SIGINT, SIGTERM, SIGPIPE}) ::sigaction(sig, &dfl, nullptr);
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    ::execve(cargv[0], cargv.data(), cenv.data());
+    int err = errno;
+    ssize_t ignored = ::write(status_pipe[1], &err, sizeof err);
+    (void)ignored;
+    ::_exit(127);
+  }
+  const int fork_errno = errno;
+  for (int fd : {in_fd, out_fd, err_fd, status_pipe[1]}) ::close(fd);
+  if (pid_ < 0) {
+    ::close(status_pipe[0]);
     pid_ = -1;
-    throw Error("cannot start " + argv[0] + ": " + std::strerror(rc));
+    throw Error("cannot start " + argv[0] + ": fork failed: " + std::strerror(fork_errno));
+  }
+  ::setpgid(pid_, pid_);  // also from here, so the group exists before we might signal it
+  // The pipe closes at exec (success) or carries exec's errno (failure).
+  int exec_errno = 0;
+  ssize_t n;
+  while ((n = ::read(status_pipe[0], &exec_errno, sizeof exec_errno)) < 0 && errno == EINTR) {
+  }
+  ::close(status_pipe[0]);
+  if (n == ssize_t(sizeof exec_errno)) {
+    int st;
+    while (::waitpid(pid_, &st, 0) < 0 && errno == EINTR) {
+    }
+    pid_ = -1;
+    throw Error("cannot start " + argv[0] + ": " + std::strerror(exec_errno));
   }
   started_ = std::chrono::steady_clock::now();
 }

@@ -1,5 +1,6 @@
-// A training child process: spawned with posix_spawn in its own process group (so a signal to
-// the group reaches everything it started), stdout and stderr sent to files, polled without
+// A training child process: started with fork/exec in its own process group (so a signal to
+// the group reaches everything it started), set to die with the sweep (PR_SET_PDEATHSIG, so a
+// sweep killed with SIGKILL leaves no orphan training on), stdout and stderr sent to files, polled without
 // blocking so one sweep loop can watch many children, and stopped with SIGTERM then SIGKILL
 // after a grace period. Exit is reported as a code or the signal that ended it.
 #pragma once

@@ -68,7 +68,14 @@ void take_step(const json& obj, RunRecord& rec, size_t line_no) {
   row.tok_sec = number_field(obj, "tok_sec", &malformed);
   row.mfu = number_field(obj, "mfu", &malformed);
   row.drop_rate = number_field(obj, "drop_rate", &malformed);
+  row.tokens = number_field(obj, "tokens", &malformed);
   row.expert_load = expert_load_field(obj, &malformed);
+  // A rate or a duration below zero is a broken clock or a broken writer: never average it in.
+  for (double* v : {&row.dt_ms, &row.tok_sec})
+    if (known(*v) && *v < 0) {
+      *v = kUnknown;
+      malformed = true;
+    }
   double steps = number_field(obj, "steps");
   if (known(steps) && steps > 0 && steps < 1e12) rec.planned_steps = int64_t(steps);
   double peak = number_field(obj, "peak_mem_mib");
@@ -115,10 +122,20 @@ void parse_metrics_jsonl(std::string_view text, RunRecord& rec) {
       double total = number_field(obj, "total_time_min");
       if (known(peak)) rec.peak_mem_mib = peak;
       if (known(total)) rec.total_time_min = total;
+    } else if (event == "val") {
+      ValRow v;
+      double step = number_field(obj, "step");
+      v.step = known(step) && step >= 0 && step < 1e12 ? int64_t(step) : -1;
+      v.loss = number_field(obj, "val_loss");
+      v.bpb = number_field(obj, "val_bpb");
+      if (known(v.loss) || known(v.bpb)) {
+        while (!rec.vals.empty() && v.step >= 0 && rec.vals.back().step >= v.step) rec.vals.pop_back();  // resumed
+        rec.vals.push_back(v);
+      }
     } else if (event.empty()) {
       if (bad_lines++ == 0) first_bad = line_no;
     }
-    // Other events (val, ...) are not part of the progress report.
+    // Other events (resume, ...) are not part of the progress report.
   }
   if (bad_lines)
     note_problem(rec, "metrics.jsonl: " + std::to_string(bad_lines) + " unreadable line(s) skipped (first at line " +

@@ -28,6 +28,37 @@ bool is_error_line(std::string_view line) {
          contains_ci(line, "segmentation fault");
 }
 
+// "step 00019 | validation loss: 4.71 | bpb: 1.32" (moelab), "Step 00250 | Validation bpb: 1.2345"
+// (nanochat): a validation, its step taken from the line or else the last step seen.
+bool parse_validation_line(std::string_view line, int64_t last_step, ValRow& out) {
+  if (!contains_ci(line, "validation loss:") && !contains_ci(line, "validation bpb:")) return false;
+  if (contains_ci(line, "minimum validation")) return false;
+  ValRow v;
+  v.step = last_step;
+  size_t start = 0;
+  while (start <= line.size()) {
+    size_t bar = line.find('|', start);
+    std::string_view field = trim(line.substr(start, bar == std::string_view::npos ? std::string_view::npos : bar - start));
+    start = bar == std::string_view::npos ? line.size() + 1 : bar + 1;
+    size_t colon = field.find(':');
+    std::string key;
+    for (char c : field.substr(0, colon == std::string_view::npos ? field.size() : colon))
+      key += char(std::tolower(static_cast<unsigned char>(c)));
+    if (colon == std::string_view::npos) {
+      // "step 00019" / "Step 00250"
+      if (key.rfind("step ", 0) == 0)
+        if (auto s = parse_lenient_number(std::string_view(key).substr(5)); s && *s >= 0 && *s < 1e12) v.step = int64_t(*s);
+      continue;
+    }
+    std::string_view value = field.substr(colon + 1);
+    if (key == "validation loss" || key == "val loss") v.loss = parse_lenient_number(value).value_or(kUnknown);
+    else if (key == "validation bpb" || key == "bpb" || key == "val bpb") v.bpb = parse_lenient_number(value).value_or(kUnknown);
+  }
+  if (!known(v.loss) && !known(v.bpb)) return false;
+  out = v;
+  return true;
+}
+
 }  // namespace
 
 bool parse_nanochat_step_line(std::string_view line, StepRow& row, int64_t* planned_steps) {
@@ -62,6 +93,8 @@ bool parse_nanochat_step_line(std::string_view line, StepRow& row, int64_t* plan
     else if (key == "mfu" || key == "bf16_mfu") row.mfu = parse_lenient_number(value).value_or(kUnknown);
     else if (key == "drop") row.drop_rate = parse_lenient_number(value).value_or(kUnknown);
   }
+  for (double* v : {&row.dt_ms, &row.tok_sec})  // never average a negative rate or duration in
+    if (known(*v) && *v < 0) *v = kUnknown;
   return true;
 }
 
@@ -77,6 +110,15 @@ void parse_nanochat_log(std::string_view text, RunRecord& rec) {
     bool indented = !line.empty() && (line.front() == ' ' || line.front() == '\t');
     line = trim(line);
     if (line.empty()) continue;
+    if (ValRow v; parse_validation_line(line, rec.steps.empty() ? -1 : rec.steps.back().step, v)) {
+      while (!rec.vals.empty() && v.step >= 0 && rec.vals.back().step >= v.step) rec.vals.pop_back();
+      rec.vals.push_back(v);
+      continue;
+    }
+    if (contains_ci(line, "minimum validation bpb:")) {
+      if (auto v = parse_lenient_number(line.substr(line.find(':') + 1))) rec.min_val_bpb = *v;
+      continue;
+    }
     if (starts_with(line, "step ")) {
       // Training went on, so an earlier traceback (a warning's) was not the end of the run.
       in_traceback = false;

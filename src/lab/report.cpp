@@ -3,6 +3,9 @@
 // table is what a researcher needs first.
 #include "lab/report.hpp"
 
+#include <algorithm>
+#include <cmath>
+#include <map>
 #include <system_error>
 
 #include "core/error.hpp"
@@ -31,6 +34,59 @@ Series series_of(const RunRecord& run, double StepRow::*field, double smooth) {
   return s;
 }
 
+// Training tokens after each step: recorded, else summed from tokens/s x step time.
+std::vector<double> tokens_of(const RunRecord& run) {
+  std::vector<double> x;
+  double sum = 0;
+  bool exact = true;
+  for (const auto& row : run.steps) {
+    if (known(row.tokens) && exact) {
+      x.push_back(row.tokens);
+      sum = row.tokens;
+      continue;
+    }
+    exact = false;
+    if (known(row.tok_sec) && known(row.dt_ms)) sum += row.tok_sec * row.dt_ms / 1000.0;
+    x.push_back(known(row.tok_sec) && known(row.dt_ms) ? sum : NAN);
+  }
+  return x;
+}
+
+bool has_values(const LineChart& c) {
+  for (const auto& s : c.series)
+    for (double v : s.y)
+      if (known(v)) return true;
+  return false;
+}
+
+// Averages consecutive steps of a heatmap so it keeps at most max_cols columns.
+void bin_heatmap(ExpertHeatmap& map, size_t max_cols) {
+  if (map.load.size() <= max_cols) return;
+  const size_t k = (map.load.size() + max_cols - 1) / max_cols;
+  ExpertHeatmap out;
+  out.title = map.title + " (mean of every " + std::to_string(k) + " steps)";
+  for (size_t i = 0; i < map.load.size(); i += k) {
+    size_t end = std::min(map.load.size(), i + k);
+    auto acc = map.load[i];
+    for (auto& layer : acc)
+      for (auto& v : layer) v = 0;
+    std::vector<std::vector<size_t>> count;
+    for (auto& layer : acc) count.emplace_back(layer.size(), 0);
+    for (size_t j = i; j < end; ++j)
+      for (size_t l = 0; l < acc.size() && l < map.load[j].size(); ++l)
+        for (size_t e = 0; e < acc[l].size() && e < map.load[j][l].size(); ++e)
+          if (known(map.load[j][l][e])) {
+            acc[l][e] += map.load[j][l][e];
+            ++count[l][e];
+          }
+    for (size_t l = 0; l < acc.size(); ++l)
+      for (size_t e = 0; e < acc[l].size(); ++e) acc[l][e] = count[l][e] ? acc[l][e] / double(count[l][e]) : NAN;
+    out.steps.push_back(map.steps[i]);
+    out.load.push_back(std::move(acc));
+  }
+  map = std::move(out);
+}
+
 std::string relative_to(const fs::path& p, const fs::path& base) {
   std::error_code ec;
   fs::path r = fs::relative(p, base, ec);
@@ -39,8 +95,52 @@ std::string relative_to(const fs::path& p, const fs::path& base) {
 
 }  // namespace
 
+Experiment read_report_inputs(const ReportOptions& opt) {
+  std::vector<fs::path> dirs = {opt.exp_dir};
+  dirs.insert(dirs.end(), opt.more_dirs.begin(), opt.more_dirs.end());
+  Experiment merged;
+  for (size_t i = 0; i < dirs.size(); ++i) {
+    Experiment ex;
+    if (is_run_folder(dirs[i])) {  // one run folder given on its own
+      ex.dir = fs::absolute(dirs[i]).lexically_normal();
+      ex.name = experiment_name_from_dir(ex.dir);
+      ex.title = ex.name + " progress";
+      ex.runs.push_back(read_run_folder(dirs[i], opt.read));
+    } else {
+      ex = read_experiment(dirs[i], opt.read);
+    }
+    if (dirs.size() > 1)  // runs of several experiments: names say which one they come from
+      for (auto& r : ex.runs) {
+        std::string prefix = experiment_name_from_dir(ex.dir) + "/";
+        r.name = prefix + r.name;
+        if (!r.origin.empty()) r.origin = prefix + r.origin;
+      }
+    if (i == 0) {
+      merged = std::move(ex);
+      continue;
+    }
+    for (auto& r : ex.runs) merged.runs.push_back(std::move(r));
+    merged.problems.insert(merged.problems.end(), ex.problems.begin(), ex.problems.end());
+  }
+  if (dirs.size() > 1) {
+    merged.name = "comparison";
+    merged.title = "comparison of " + std::to_string(dirs.size()) + " experiments";
+    merged.baseline.clear();
+  }
+  return merged;
+}
+
 ReportResult write_report(const ReportOptions& opt) {
-  Experiment ex = read_experiment(opt.exp_dir, opt.read);
+  // The report never writes into a run folder: a run folder (or several folders) given alone
+  // needs --out-md.
+  if (opt.out_md.empty() && (is_run_folder(opt.exp_dir) || !opt.more_dirs.empty()))
+    throw Error(opt.more_dirs.empty() ? opt.exp_dir.string() + " is a run folder, which the report does not write into; "
+                                            "pass --out-md FILE"
+                                      : "a report over several folders needs --out-md FILE (it writes into none of them)");
+  Experiment ex = read_report_inputs(opt);
+  if (ex.runs.empty() && opt.require_runs)
+    throw Error("no runs found in " + opt.exp_dir.string() +
+                (opt.more_dirs.empty() ? "" : " and the other folders") + " (no run folders and no *.log files)");
   if (!opt.name.empty()) ex.name = experiment_name_from_dir(opt.name);
   std::string baseline = opt.baseline.empty() ? ex.baseline : opt.baseline;
 
@@ -75,18 +175,80 @@ ReportResult write_report(const ReportOptions& opt) {
       double smooth;
     };
     std::string loss_label = opt.smooth > 0 ? "loss (EMA " + format_number(opt.smooth, 2) + ")" : "loss";
-    const Fig figs[] = {{"loss", loss_label.c_str(), &StepRow::loss, opt.smooth},
-                        {"toksec", "tokens / s", &StepRow::tok_sec, 0},
-                        {"mfu", "MFU (%)", &StepRow::mfu, 0},
-                        {"dt_ms", "step time (ms)", &StepRow::dt_ms, 0}};
-    for (const auto& f : figs) {
+    std::vector<std::pair<std::string, LineChart>> charts;
+    auto chart_of = [&](const std::string& y_label, double StepRow::*field, double smooth, double warmup) {
       LineChart chart;
-      chart.title = ex.title + ": " + f.y_label;
+      chart.title = ex.title + ": " + y_label;
       chart.x_label = "step";
-      chart.y_label = f.y_label;
-      chart.warmup_steps = f.field == &StepRow::loss ? 0 : 10;  // nanochat also times from step 10
-      for (const auto& run : ex.runs) chart.series.push_back(series_of(run, f.field, f.smooth));
-      fs::path png = out_dir / "figures" / (ex.name + "_" + f.suffix + ".png");
+      chart.y_label = y_label;
+      chart.warmup_steps = warmup;  // nanochat also times from step 10
+      for (const auto& run : ex.runs) chart.series.push_back(series_of(run, field, smooth));
+      return chart;
+    };
+    // Loss against steps, with each run's validation points as a second line.
+    LineChart loss = chart_of(loss_label, &StepRow::loss, opt.smooth, 0);
+    for (const auto& run : ex.runs) {
+      Series v;
+      v.label = run.name + " (val)";
+      for (const auto& row : run.vals)
+        if (row.step >= 0 && known(row.loss)) {
+          v.x.push_back(double(row.step));
+          v.y.push_back(row.loss);
+        }
+      if (!v.x.empty()) loss.series.push_back(std::move(v));
+    }
+    charts.emplace_back("loss", std::move(loss));
+    // Loss against training tokens: runs with other batch sizes compare at equal data.
+    LineChart by_tokens = chart_of(loss_label, &StepRow::loss, opt.smooth, 0);
+    by_tokens.title = ex.title + ": " + loss_label + " against tokens";
+    by_tokens.x_label = "training tokens";
+    for (size_t i = 0; i < ex.runs.size(); ++i) by_tokens.series[i].x = tokens_of(ex.runs[i]);
+    charts.emplace_back("loss_tokens", std::move(by_tokens));
+    // Difference to the baseline at the same step: curves that overlap on the loss figure part here.
+    if (!baseline.empty()) {
+      const RunRecord* base = nullptr;
+      for (const auto& run : ex.runs)
+        if (run.name == baseline) base = &run;
+      if (base) {
+        Series b = series_of(*base, &StepRow::loss, opt.smooth);
+        std::map<double, double> at;
+        for (size_t i = 0; i < b.x.size(); ++i) at[b.x[i]] = b.y[i];
+        LineChart delta;
+        delta.title = ex.title + ": " + loss_label + " minus " + baseline + "'s (below 0: better)";
+        delta.x_label = "step";
+        delta.y_label = "loss difference";
+        for (const auto& run : ex.runs) {
+          if (&run == base) continue;
+          Series s = series_of(run, &StepRow::loss, opt.smooth);
+          for (size_t i = 0; i < s.x.size(); ++i) {
+            auto it = at.find(s.x[i]);
+            s.y[i] = it == at.end() ? NAN : s.y[i] - it->second;
+          }
+          delta.series.push_back(std::move(s));
+        }
+        if (!delta.series.empty()) charts.emplace_back("loss_delta", std::move(delta));
+      }
+    }
+    charts.emplace_back("toksec", chart_of("tokens / s", &StepRow::tok_sec, 0, 10));
+    charts.emplace_back("mfu", chart_of("MFU (%)", &StepRow::mfu, 0, 10));
+    charts.emplace_back("dt_ms", chart_of("step time (ms)", &StepRow::dt_ms, 0, 10));
+    {  // capacity runs only: the share of assignments dropped
+      LineChart drops = chart_of("dropped assignments (%)", &StepRow::drop_rate, 0, 0);
+      std::vector<Series> kept;
+      for (auto& s : drops.series) {
+        bool any = false;
+        for (auto& v : s.y) {
+          any = any || (known(v) && v > 0);
+          v *= 100;
+        }
+        if (any) kept.push_back(std::move(s));
+      }
+      drops.series = std::move(kept);
+      if (!drops.series.empty()) charts.emplace_back("drop_rate", std::move(drops));
+    }
+    for (auto& [suffix, chart] : charts) {
+      if (!has_values(chart)) continue;  // e.g. MFU on a CPU, where no peak is known
+      fs::path png = out_dir / "figures" / (ex.name + "_" + suffix + ".png");
       try {
         render_line_chart(chart, png);
         figures.push_back(relative_to(png, out_dir));
@@ -103,7 +265,10 @@ ReportResult write_report(const ReportOptions& opt) {
       }
       if (map.load.empty()) continue;
       map.title = run.name + ": expert load per layer";
-      fs::path png = out_dir / "figures" / (ex.name + "_experts_" + run.name + ".png");
+      bin_heatmap(map, 400);
+      std::string file_name = run.name;
+      std::replace(file_name.begin(), file_name.end(), '/', '_');
+      fs::path png = out_dir / "figures" / (ex.name + "_experts_" + file_name + ".png");
       try {
         render_expert_heatmap(map, png);
         figures.push_back(relative_to(png, out_dir));

@@ -14,8 +14,10 @@
 namespace moelab::lab {
 
 struct ReportOptions {
-  std::filesystem::path exp_dir;
-  std::filesystem::path out_md;  // "" = EXP_DIR/report.md
+  std::filesystem::path exp_dir;              // an experiment folder, or one run folder
+  std::vector<std::filesystem::path> more_dirs;  // further folders to compare (needs out_md)
+  std::filesystem::path out_md;  // "" = EXP_DIR/report.md (never inside a run folder)
+  bool require_runs = false;     // throw when no run is found (moelab report); a sweep reports as it goes
   int64_t tail = 50;
   std::string baseline;  // overrides experiment.json's; "" = keep it
   std::string name;      // artifact name; "" = from the experiment

@@ -81,9 +81,10 @@ void moe_section(std::ostringstream& os, const std::vector<RunSummary>& rows, co
   std::string t = "tail" + std::to_string(opt.tail);
   for (const auto& r : rows) {
     if (r.experts == 0) continue;  // dense runs (they record a drop rate of 0) or no routing data
-    std::string heat = "-";
+    std::string heat = "-", file_name = r.name;
+    std::replace(file_name.begin(), file_name.end(), '/', '_');
     for (const auto& f : figures)
-      if (f.find("_experts_" + r.name + ".png") != std::string::npos) heat = "[png](" + f + ")";
+      if (f.find("_experts_" + file_name + ".png") != std::string::npos) heat = "[png](" + f + ")";
     cells.push_back({r.name, r.moe_layers ? std::to_string(r.moe_layers) : "-", r.experts ? std::to_string(r.experts) : "-",
                      known(r.tail_drop_rate) ? format_number(r.tail_drop_rate * 100, 2) + "%" : "-",
                      format_number(r.tail_load_imbalance, 2), heat});
@@ -142,6 +143,25 @@ void config_section(std::ostringstream& os, const Experiment& ex) {
   os << '\n';
 }
 
+// Configs run with several seeds: the spread tells whether a difference between configs is real.
+void repeats_section(std::ostringstream& os, const std::vector<RunSummary>& rows, const ReportOptions& opt) {
+  auto groups = repeat_groups(rows);
+  if (groups.empty()) return;
+  os << "## Repeats\n\n";
+  os << "Runs of one config with other seeds (`train.seed` + repeat index): mean ± sample standard deviation over "
+        "the repeats that have the number.\n\n";
+  std::vector<std::vector<std::string>> cells;
+  for (const auto& g : groups) {
+    std::string runs;
+    for (const auto& r : g.runs) runs += (runs.empty() ? "" : ", ") + r;
+    cells.push_back({g.name, runs, format_stat(g.last_loss, 4), format_stat(g.last_val_loss, 4),
+                     format_stat(g.best_val_loss, 4), format_stat(g.last_val_bpb, 4), format_stat(g.tail_tok_sec, 0)});
+  }
+  table(os, {"config", "runs", "last_loss", "last_val_loss", "best_val_loss", "last_val_bpb", "tail" + std::to_string(opt.tail) + "_tok/sec"},
+        {false, false, true, true, true, true, true}, cells);
+  os << '\n';
+}
+
 void problems_section(std::ostringstream& os, const Experiment& ex) {
   bool any = !ex.problems.empty();
   for (const auto& r : ex.runs) any = any || !r.problems.empty();
@@ -174,10 +194,14 @@ std::string render_markdown(const Experiment& ex, const std::vector<RunSummary>&
   if (!rows.empty()) {
     table(os, cols, numeric, cells);
     os << "\ntail" << opt.tail << ": mean over the last " << opt.tail << " observed steps; `-`: unknown.";
-    if (!baseline.empty()) os << " tok/sec_vs_" << baseline << ": tail tokens/s change against run " << md_code(baseline) << '.';
+    os << " val: validation loss and bits per byte, last and lowest.";
+    if (!baseline.empty())
+      os << " *_vs_" << baseline << ": change of the last validation loss, bpb and the tail tokens/s against run "
+         << md_code(baseline) << '.';
     os << "\n\n";
   }
 
+  repeats_section(os, rows, opt);
   failures_section(os, ex);
   moe_section(os, rows, opt, figures);
   config_section(os, ex);

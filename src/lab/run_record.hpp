@@ -22,7 +22,15 @@ struct StepRow {
   double tok_sec = kUnknown;
   double mfu = kUnknown;  // percent
   double drop_rate = kUnknown;
+  double tokens = kUnknown;  // training tokens seen after this step
   std::vector<std::vector<double>> expert_load;  // [layer][expert] fraction of assignments
+};
+
+// One validation: moelab's "val" event, or a validation line of a log.
+struct ValRow {
+  int64_t step = -1;  // -1: the log did not say
+  double loss = kUnknown;
+  double bpb = kUnknown;
 };
 
 enum class RunState { queued, running, completed, failed, unknown };
@@ -33,6 +41,8 @@ struct RunRecord {
   std::string source;  // the folder or log file it was read from
   RunState state = RunState::unknown;
   std::vector<StepRow> steps;
+  std::vector<ValRow> vals;
+  double min_val_bpb = kUnknown;  // nanochat's "Minimum validation bpb" line
   int64_t planned_steps = -1;
   double peak_mem_mib = kUnknown;
   double total_time_min = kUnknown;

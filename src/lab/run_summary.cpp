@@ -2,7 +2,10 @@
 #include "lab/run_summary.hpp"
 
 #include <algorithm>
+#include <cctype>
+#include <cmath>
 #include <cstdio>
+#include <map>
 
 namespace moelab::lab {
 
@@ -70,6 +73,17 @@ RunSummary summarize_run(const RunRecord& rec, int64_t tail) {
   s.total_time_min = rec.total_time_min;
   s.tail_drop_rate = tail_mean(rec.steps, tail, &StepRow::drop_rate);
   s.tail_load_imbalance = tail_imbalance(rec.steps, tail);
+  for (const auto& v : rec.vals) {
+    if (known(v.loss)) {
+      s.last_val_loss = v.loss;
+      s.best_val_loss = known(s.best_val_loss) ? std::min(s.best_val_loss, v.loss) : v.loss;
+    }
+    if (known(v.bpb)) {
+      s.last_val_bpb = v.bpb;
+      s.best_val_bpb = known(s.best_val_bpb) ? std::min(s.best_val_bpb, v.bpb) : v.bpb;
+    }
+  }
+  if (known(rec.min_val_bpb)) s.best_val_bpb = known(s.best_val_bpb) ? std::min(s.best_val_bpb, rec.min_val_bpb) : rec.min_val_bpb;
   for (auto it = rec.steps.rbegin(); it != rec.steps.rend(); ++it) {
     if (it->expert_load.empty()) continue;
     s.moe_layers = int64_t(it->expert_load.size());
@@ -80,11 +94,76 @@ RunSummary summarize_run(const RunRecord& rec, int64_t tail) {
 }
 
 void compare_with_baseline(std::vector<RunSummary>& rows, const std::string& baseline) {
-  double base = kUnknown;
+  const RunSummary* base = nullptr;
   for (const auto& r : rows)
-    if (r.name == baseline) base = r.tail_tok_sec;
-  for (auto& r : rows)
-    r.tok_sec_change_pct = (known(base) && base > 0 && known(r.tail_tok_sec)) ? (r.tail_tok_sec / base - 1.0) * 100.0 : kUnknown;
+    if (r.name == baseline) base = &r;
+  auto change = [](double v, double b) { return known(b) && b > 0 && known(v) ? (v / b - 1.0) * 100.0 : kUnknown; };
+  RunSummary none;
+  const RunSummary& b = base ? *base : none;
+  const double tok = b.tail_tok_sec, loss = b.last_val_loss, bpb = b.last_val_bpb;  // copies: rows change below
+  for (auto& r : rows) {
+    r.tok_sec_change_pct = change(r.tail_tok_sec, tok);
+    r.val_loss_change_pct = change(r.last_val_loss, loss);
+    r.val_bpb_change_pct = change(r.last_val_bpb, bpb);
+  }
+}
+
+namespace {
+std::string repeat_origin(const std::string& name) {
+  // NAME_repeat, NAME_repeat2, ...: the suffix sweep_spec's repeat_name gives.
+  auto at = name.rfind("_repeat");
+  if (at == std::string::npos || at == 0) return name;
+  std::string tail = name.substr(at + 7);
+  for (char c : tail)
+    if (!std::isdigit(static_cast<unsigned char>(c))) return name;
+  return name.substr(0, at);
+}
+
+RepeatGroup::Stat stat_of(const std::vector<const RunSummary*>& runs, double RunSummary::*field) {
+  RepeatGroup::Stat s;
+  double sum = 0, sq = 0;
+  for (const auto* r : runs)
+    if (known(r->*field)) {
+      sum += r->*field;
+      ++s.n;
+    }
+  if (s.n == 0) return s;
+  s.mean = sum / double(s.n);
+  for (const auto* r : runs)
+    if (known(r->*field)) sq += (r->*field - s.mean) * (r->*field - s.mean);
+  s.sd = s.n > 1 ? std::sqrt(sq / double(s.n - 1)) : kUnknown;
+  return s;
+}
+}  // namespace
+
+std::vector<RepeatGroup> repeat_groups(const std::vector<RunSummary>& rows) {
+  std::vector<std::string> order;
+  std::map<std::string, std::vector<const RunSummary*>> members;
+  for (const auto& r : rows) {
+    std::string o = repeat_origin(r.name);
+    if (!members.count(o)) order.push_back(o);
+    members[o].push_back(&r);
+  }
+  std::vector<RepeatGroup> out;
+  for (const auto& o : order) {
+    const auto& m = members[o];
+    if (m.size() < 2) continue;
+    RepeatGroup g;
+    g.name = o;
+    for (const auto* r : m) g.runs.push_back(r->name);
+    g.last_loss = stat_of(m, &RunSummary::last_loss);
+    g.last_val_loss = stat_of(m, &RunSummary::last_val_loss);
+    g.best_val_loss = stat_of(m, &RunSummary::best_val_loss);
+    g.last_val_bpb = stat_of(m, &RunSummary::last_val_bpb);
+    g.tail_tok_sec = stat_of(m, &RunSummary::tail_tok_sec);
+    out.push_back(std::move(g));
+  }
+  return out;
+}
+
+std::string format_stat(const RepeatGroup::Stat& s, int decimals) {
+  if (s.n == 0) return "-";
+  return format_number(s.mean, decimals) + " ± " + format_number(s.sd, decimals) + " (n=" + std::to_string(s.n) + ")";
 }
 
 std::string format_number(double v, int decimals) {
@@ -104,8 +183,10 @@ std::string format_change(double pct) {
 std::vector<std::string> summary_columns(int64_t tail, const std::string& baseline) {
   std::string t = "tail" + std::to_string(tail);
   std::vector<std::string> cols = {"run", "status", "steps_observed", "last_step", "last_loss", t + "_tok/sec",
-                                   t + "_mfu", t + "_dt_ms", "peak_mem_mib", "total_time_min"};
-  if (!baseline.empty()) cols.push_back("tok/sec_vs_" + baseline);
+                                   t + "_mfu", t + "_dt_ms", "peak_mem_mib", "total_time_min",
+                                   "last_val_loss", "best_val_loss", "last_val_bpb", "best_val_bpb"};
+  if (!baseline.empty())
+    cols.insert(cols.end(), {"val_loss_vs_" + baseline, "val_bpb_vs_" + baseline, "tok/sec_vs_" + baseline});
   return cols;
 }
 
@@ -119,8 +200,14 @@ std::vector<std::string> summary_cells(const RunSummary& s, bool with_baseline) 
                                     format_number(s.tail_mfu, 2),
                                     format_number(s.tail_dt_ms, 1),
                                     format_number(s.peak_mem_mib, 2),
-                                    format_number(s.total_time_min, 2)};
-  if (with_baseline) cells.push_back(format_change(s.tok_sec_change_pct));
+                                    format_number(s.total_time_min, 2),
+                                    format_number(s.last_val_loss, 4),
+                                    format_number(s.best_val_loss, 4),
+                                    format_number(s.last_val_bpb, 4),
+                                    format_number(s.best_val_bpb, 4)};
+  if (with_baseline)
+    cells.insert(cells.end(), {format_change(s.val_loss_change_pct), format_change(s.val_bpb_change_pct),
+                               format_change(s.tok_sec_change_pct)});
   return cells;
 }
 

@@ -22,6 +22,9 @@ struct RunSummary {
   double peak_mem_mib = kUnknown;
   double total_time_min = kUnknown;
   double tok_sec_change_pct = kUnknown;  // against the baseline run
+  double last_val_loss = kUnknown, best_val_loss = kUnknown;  // best: lowest seen
+  double last_val_bpb = kUnknown, best_val_bpb = kUnknown;
+  double val_loss_change_pct = kUnknown, val_bpb_change_pct = kUnknown;  // last, against the baseline
   double tail_drop_rate = kUnknown;
   double tail_load_imbalance = kUnknown;  // max expert load / mean expert load, worst layer
   int64_t moe_layers = 0;
@@ -33,14 +36,30 @@ double tail_mean(const std::vector<StepRow>& steps, int64_t tail, double StepRow
 
 RunSummary summarize_run(const RunRecord& rec, int64_t tail);
 
-// Fill tok_sec_change_pct of every row from the row named `baseline` (left unknown when that
-// run is missing or has no tokens/s).
+// Fill tok_sec_change_pct and the validation changes of every row from the row named `baseline`
+// (left unknown when that run is missing or lacks the number).
 void compare_with_baseline(std::vector<RunSummary>& rows, const std::string& baseline);
 
 // Fixed-point text with `decimals` digits, "-" for unknown.
 std::string format_number(double v, int decimals);
 // "+12.3%" / "-4.0%" / "-" for unknown.
 std::string format_change(double pct);
+
+// Runs of one config repeated with other seeds (NAME, NAME_repeat, NAME_repeat2, ...): mean and
+// sample standard deviation of the summary numbers over the repeats that have them.
+struct RepeatGroup {
+  std::string name;  // the first run's name
+  std::vector<std::string> runs;
+  struct Stat {
+    double mean = kUnknown, sd = kUnknown;
+    int64_t n = 0;
+  };
+  Stat last_loss, last_val_loss, best_val_loss, last_val_bpb, tail_tok_sec;
+};
+// Groups with more than one run, in the order of their first run.
+std::vector<RepeatGroup> repeat_groups(const std::vector<RunSummary>& rows);
+// "4.512 ± 0.031 (n=3)", "-" when no repeat has the number.
+std::string format_stat(const RepeatGroup::Stat& s, int decimals);
 
 // The summary table's header and one row's cells, shared by markdown and CSV.
 std::vector<std::string> summary_columns(int64_t tail, const std::string& baseline);

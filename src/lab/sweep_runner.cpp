@@ -7,6 +7,7 @@
 #include <deque>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <regex>
 #include <sstream>
 #include <thread>
@@ -14,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.hpp"
+#include "core/folder_lock.hpp"
 #include "lab/child_process.hpp"
 #include "lab/experiment_reader.hpp"
 #include "lab/file_io.hpp"
@@ -69,6 +71,7 @@ class Sweep {
         for (auto& job : running) {
           ChildExit e = job->child->stop(std::chrono::milliseconds(int64_t(opt_.grace_s * 1000)));
           finish_failed(*job, "interrupted by Ctrl-C (" + describe_exit(e) + ")", e);
+          outcome_.failed_for_good.push_back(job->planned.name);
         }
         running.clear();
         break;
@@ -110,6 +113,11 @@ class Sweep {
     write_report();
     out_ << "[sweep] " << (outcome_.interrupted ? "interrupted: " : "done: ") << outcome_.completed << " completed, "
          << outcome_.failed << " failed, " << outcome_.skipped << " skipped (already completed)" << std::endl;
+    if (!outcome_.failed_for_good.empty()) {
+      out_ << "[sweep] failed for good:";
+      for (const auto& n : outcome_.failed_for_good) out_ << " " << n;
+      out_ << std::endl;
+    }
     if (!outcome_.report.empty()) out_ << "[sweep] report: " << outcome_.report.string() << std::endl;
     return outcome_;
   }
@@ -123,6 +131,7 @@ class Sweep {
     std::error_code ec;
     fs::create_directories(outcome_.exp_dir, ec);
     if (ec) throw Error("cannot create experiment folder " + outcome_.exp_dir.string() + ": " + ec.message());
+    lock_ = FolderLock::acquire(outcome_.exp_dir, "experiment folder");
     if (!fs::exists(spec_.base_config))
       throw Error(spec_.file.string() + ": base config " + spec_.base_config.string() +
                   " does not exist (base is relative to the sweep file's folder)");
@@ -223,6 +232,7 @@ class Sweep {
         continue;
       }
       if (fs::exists(dir(p.name))) {
+        wait_for_writer(p.name);
         RunRecord old = read_run_folder(dir(p.name));
         if (old.state != RunState::queued) move_aside(p.name);
       }
@@ -233,6 +243,28 @@ class Sweep {
       job->overrides = p.overrides;
       queue(*job);
       queue_.push_back(std::move(job));
+    }
+  }
+
+  // A trainer left from an earlier sweep may still write this folder (one started by hand, or
+  // one whose sweep died before it could stop it): wait for its lock, then refuse.
+  void wait_for_writer(const std::string& name) {
+    auto deadline = Clock::now() + std::chrono::duration<double>(opt_.holder_wait_s);
+    bool said = false;
+    for (;;) {
+      pid_t holder = 0;
+      if (FolderLock::try_acquire(dir(name), &holder)) return;  // free (released at once)
+      if (Clock::now() >= deadline)
+        throw Error("run folder " + dir(name).string() + " is still being written by process " +
+                    (holder > 0 ? std::to_string(holder) : std::string("(pid unknown)")) +
+                    "; wait for it to finish or stop it (kill " + (holder > 0 ? std::to_string(holder) : "PID") +
+                    "), then run the sweep again");
+      if (!said) {
+        out_ << "[sweep] " << name << ": waiting up to " << minutes(opt_.holder_wait_s) << " for process " << holder
+             << ", which still writes it" << std::endl;
+        said = true;
+      }
+      std::this_thread::sleep_for(std::chrono::duration<double>(std::max(opt_.poll_s, 0.05)));
     }
   }
 
@@ -256,6 +288,7 @@ class Sweep {
     } catch (const std::exception& e) {
       write_status(job.folder, "failed", e.what());
       ++outcome_.failed;
+      outcome_.failed_for_good.push_back(job.planned.name);
       out_ << "[sweep] " << job.folder << ": failed to start: " << e.what() << std::endl;
       return false;
     }
@@ -307,7 +340,8 @@ class Sweep {
     }
     std::string reason = timed_out ? "timed out after " + format_number(spec_.timeout_s, 0) + "s" : describe_exit(exit);
     finish_failed(*job, reason, exit);
-    maybe_retry(std::move(job));
+    std::string name = job->planned.name;
+    if (!maybe_retry(std::move(job))) outcome_.failed_for_good.push_back(name);
   }
 
   // Record a failed attempt: status.json (unless the trainer already wrote its own failure),
@@ -329,8 +363,9 @@ class Sweep {
          << std::endl;
   }
 
-  void maybe_retry(std::unique_ptr<Job> job) {
-    if (interrupted() || job->attempts > spec_.max_retries) return;
+  // Queues the next attempt if a rule allows one; false when the run has failed for good.
+  bool maybe_retry(std::unique_ptr<Job> job) {
+    if (interrupted() || job->attempts > spec_.max_retries) return false;
     const RetryRule* rule = nullptr;
     Overrides next;
     for (const auto& r : spec_.on_failure) {
@@ -341,7 +376,7 @@ class Sweep {
       next = std::move(merged);
       break;
     }
-    if (!rule) return;
+    if (!rule) return false;
     if (rule->set.empty()) {
       move_aside(job->folder);
       job->kind = "retry";
@@ -356,6 +391,7 @@ class Sweep {
     out_ << "[sweep] " << job->planned.name << ": retrying as " << job->folder << " (rule \"" << rule->match << "\")" << std::endl;
     queue(*job);
     queue_.push_front(std::move(job));
+    return true;
   }
 
   void write_report() {
@@ -372,6 +408,7 @@ class Sweep {
 
   const SweepSpec& spec_;
   const SweepOptions& opt_;
+  std::optional<FolderLock> lock_;  // the experiment folder's, held until the sweep ends
   std::ostream& out_;
   SweepOutcome outcome_;
   fs::path base_config_;

@@ -3,7 +3,9 @@
 // Everything it decides is written into the experiment folder (experiment.json, sweep.toml, and
 // per run sweep.json, status.json, stdout.log, stderr.log), so a run can be reproduced from its
 // folder alone and the same command run again picks up where it stopped: completed runs are
-// skipped, unfinished ones are moved aside (NAME.failK) and started again.
+// skipped, unfinished ones are moved aside (NAME.failK) and started again. The experiment folder
+// is locked for the sweep's lifetime (a second sweep into it is refused), and a run folder still
+// locked by a live trainer (of an earlier sweep) is waited for, never raced.
 #pragma once
 #include <atomic>
 #include <filesystem>
@@ -26,12 +28,14 @@ struct SweepOptions {
   int64_t tail = 50;
   std::ostream* out = nullptr;             // progress lines; nullptr = stdout
   const std::atomic<bool>* interrupt = nullptr;  // set from a SIGINT handler
+  double holder_wait_s = 30;               // how long to wait for a live writer of a run folder
 };
 
 struct SweepOutcome {
   std::filesystem::path exp_dir;
   std::filesystem::path report;  // "" when no report was written
-  int completed = 0, failed = 0, skipped = 0;
+  int completed = 0, failed = 0, skipped = 0;  // attempts
+  std::vector<std::string> failed_for_good;     // planned runs whose last attempt failed
   bool interrupted = false;
 };
 

@@ -292,6 +292,24 @@ SweepSpec sweep_from_toml_text(const std::string& text, const std::filesystem::p
   return spec;
 }
 
+void vary_repeat_seeds(SweepSpec& spec, int64_t base_seed) {
+  for (auto& run : spec.runs) {
+    if (run.repeat_index == 0) continue;
+    int64_t seed = base_seed;
+    for (const auto& [k, v] : run.overrides)
+      if (k == "train.seed") {
+        try {
+          size_t used = 0;
+          seed = std::stoll(v, &used);
+          if (used != v.size()) throw std::invalid_argument(v);
+        } catch (const std::exception&) {
+          throw Error(spec.file.string() + ": run \"" + run.name + "\": train.seed = " + v + " is not an integer");
+        }
+      }
+    run.overrides = merge_overrides(run.overrides, {{"train.seed", std::to_string(seed + run.repeat_index)}});
+  }
+}
+
 SweepSpec load_sweep(const std::filesystem::path& file) {
   auto text = read_file(file, 1 << 20);
   if (!text) throw Error("cannot read sweep file " + file.string() + ": check the path");

@@ -27,6 +27,7 @@
 // Keys in `set` tables may be written quoted ("moe.dispatch") or as nested tables; both mean
 // the same override. Errors name the sweep file and the field, and say how to fix it.
 #pragma once
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <utility>
@@ -64,6 +65,10 @@ SweepSpec sweep_from_toml_text(const std::string& text, const std::filesystem::p
 
 // "90" / "90s" / "10m" / "1.5h" -> seconds; throws naming `what` on anything else.
 double parse_duration(const std::string& text, const std::string& what);
+
+// Repeats differ by seed: repeat r of a run gets train.seed = (its train.seed, else base_seed) + r.
+// Repeat 0 keeps its seed, so a sweep with repeat = 1 runs exactly the configs it names.
+void vary_repeat_seeds(SweepSpec& spec, int64_t base_seed);
 
 // Merge overrides: later keys replace earlier ones in place.
 Overrides merge_overrides(Overrides base, const Overrides& more);

@@ -13,6 +13,7 @@
 #include <regex>
 #include <set>
 
+#include "core/atomic_file.hpp"
 #include "core/error.hpp"
 #include "config/config.hpp"
 #include "train/safetensors.hpp"
@@ -176,6 +177,26 @@ void save_checkpoint(const std::string& path, Backend& backend, const ParamTable
   write_safetensors(path, tensors, md);
 }
 
+void save_model_export(const std::string& run_dir, Backend& backend, const ParamTable& params,
+                       const std::vector<NamedTensor>& optimizer_state, const CheckpointMeta& meta,
+                       const std::string& config_json) {
+  namespace fs = std::filesystem;
+  backend.synchronize();
+  std::vector<HostBytes> held;
+  held.reserve(params.params.size());
+  std::vector<SafetensorsTensor> weights;
+  for (const auto& p : params.params) {
+    held.push_back(to_host(backend, p.value, p.name));
+    weights.push_back({p.name, safe_dtype_of(p.value.dtype), p.value.shape, held.back().data});
+  }
+  write_safetensors((fs::path(run_dir) / "model.safetensors").string(), weights,
+                    {{"format", "moelab-model/1"}, {"moelab.step", std::to_string(meta.step)}});
+  // The optimizer file is a checkpoint without the weights: same metadata, its own tensors.
+  ParamTable none;
+  save_checkpoint((fs::path(run_dir) / "optimizer.safetensors").string(), backend, none, optimizer_state, meta);
+  write_file_atomic((fs::path(run_dir) / "config.json").string(), config_json);
+}
+
 void load_checkpoint(const std::string& path, Backend& backend, ParamTable& params,
                      const std::vector<NamedTensor>& optimizer_state, CheckpointMeta& out,
                      const std::string& current_config_text) {
@@ -183,7 +204,7 @@ void load_checkpoint(const std::string& path, Backend& backend, ParamTable& para
   try {
     file = read_safetensors(path, /*require_checksum=*/true);
   } catch (const Error& e) {
-    throw Error(std::string("cannot load checkpoint: ") + e.what());
+    throw CheckpointUnreadable(std::string("cannot load checkpoint: ") + e.what());
   }
 
   // Metadata first: it is small and says whether this is a moelab checkpoint at all.
@@ -271,26 +292,40 @@ std::string checkpoint_path(const std::string& run_dir, int64_t step) {
   return (std::filesystem::path(run_dir) / "checkpoints" / buf).string();
 }
 
-std::string latest_checkpoint(const std::string& run_dir) {
+std::vector<std::string> checkpoints_newest_first(const std::string& run_dir) {
   namespace fs = std::filesystem;
   const fs::path dir = fs::path(run_dir) / "checkpoints";
   std::error_code ec;
-  if (!fs::is_directory(dir, ec)) return "";
+  std::vector<std::pair<int64_t, std::string>> found;
+  if (!fs::is_directory(dir, ec)) return {};
   static const std::regex pattern(R"(step_(\d{6,18})\.safetensors)");
-  int64_t best = -1;
-  std::string best_path;
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
     std::smatch m;
     const std::string fname = entry.path().filename().string();
     if (!entry.is_regular_file(ec) || !std::regex_match(fname, m, pattern)) continue;
     int64_t step;
-    if (!parse_i64(m[1].str(), step)) continue;
-    if (step > best) {
-      best = step;
-      best_path = entry.path().string();
-    }
+    if (parse_i64(m[1].str(), step)) found.emplace_back(step, entry.path().string());
   }
-  return best_path;
+  std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::vector<std::string> out;
+  for (auto& f : found) out.push_back(std::move(f.second));
+  return out;
+}
+
+std::string latest_checkpoint(const std::string& run_dir) {
+  auto all = checkpoints_newest_first(run_dir);
+  return all.empty() ? "" : all.front();
+}
+
+std::vector<std::string> prune_checkpoints(const std::string& run_dir, int64_t keep) {
+  std::vector<std::string> removed;
+  if (keep <= 0) return removed;
+  auto all = checkpoints_newest_first(run_dir);
+  for (size_t i = size_t(keep); i < all.size(); ++i) {
+    std::error_code ec;
+    if (std::filesystem::remove(all[i], ec)) removed.push_back(all[i]);
+  }
+  return removed;
 }
 
 }  // namespace moelab

@@ -10,10 +10,18 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "core/error.hpp"
 #include "model/params.hpp"
 #include "optim/named_tensor.hpp"
 
 namespace moelab {
+
+// A checkpoint file that cannot be read whole (truncated, damaged, not safetensors): as opposed to
+// a readable one that does not fit this run, an older checkpoint may still serve a resume.
+class CheckpointUnreadable : public Error {
+ public:
+  using Error::Error;
+};
 
 struct CheckpointMeta {
   int64_t step = 0;                 // steps completed; a resumed run starts at this step
@@ -42,9 +50,22 @@ void load_checkpoint(const std::string& path, Backend& backend, ParamTable& para
                      const std::vector<NamedTensor>& optimizer_state, CheckpointMeta& out,
                      const std::string& current_config_text = {});
 
+// The model for other tools (docs/RUN_FOLDER.md, scripts/moelab_torch.py): RUN_DIR/model.safetensors
+// holds only the weights under their Param names; RUN_DIR/optimizer.safetensors the optimizer
+// state and the trainer's scalars (the same metadata as a checkpoint); config_json goes to
+// RUN_DIR/config.json. Each file is written atomically.
+void save_model_export(const std::string& run_dir, Backend& backend, const ParamTable& params,
+                       const std::vector<NamedTensor>& optimizer_state, const CheckpointMeta& meta,
+                       const std::string& config_json);
+
 // RUN_DIR/checkpoints/step_NNNNNN.safetensors (six digits at least).
 std::string checkpoint_path(const std::string& run_dir, int64_t step);
 // The checkpoint of run_dir with the highest step, or "" if there is none.
 std::string latest_checkpoint(const std::string& run_dir);
+// Every checkpoint of run_dir, highest step first.
+std::vector<std::string> checkpoints_newest_first(const std::string& run_dir);
+// Deletes all but the `keep` newest checkpoints of run_dir (keep <= 0: keeps all). Returns the
+// paths deleted.
+std::vector<std::string> prune_checkpoints(const std::string& run_dir, int64_t keep);
 
 }  // namespace moelab

@@ -11,8 +11,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <map>
+#include <memory>
 
 #include "core/error.hpp"
+#include "core/folder_lock.hpp"
 #include "data/loader.hpp"
 #include "model/gpt.hpp"
 #include "optim/lr_schedule.hpp"
@@ -67,15 +70,105 @@ ValResult evaluate(Backend& be, GptMoE& model, DataLoader& loader, const Config&
   return r;
 }
 
+// The files a run writes into its folder; --force moves them aside together.
+const char* const kRunEntries[] = {"config.toml", "metrics.jsonl", "status.json", "checkpoints",
+                                   "model.safetensors", "optimizer.safetensors", "config.json", "check_batch.json"};
+
+// " (status completed, step 11)" from status.json, or "".
+std::string describe_existing(const std::string& run_dir) {
+  std::ifstream in(fs::path(run_dir) / "status.json");
+  auto j = nlohmann::json::parse(in, nullptr, false);
+  if (!j.is_object() || !j.contains("status") || !j["status"].is_string()) return "";
+  std::string out = " (status " + j["status"].get<std::string>();
+  if (j.contains("step") && j["step"].is_number_integer()) out += ", step " + std::to_string(j["step"].get<int64_t>());
+  return out + ")";
+}
+
+// Moves the run's files into RUN_DIR.oldK/ (first free K) and returns that folder.
+std::string move_run_aside(const std::string& run_dir) {
+  std::string base = fs::path(run_dir).lexically_normal().string();
+  while (base.size() > 1 && base.back() == '/') base.pop_back();
+  for (int k = 1;; ++k) {
+    fs::path to = base + ".old" + std::to_string(k);
+    if (fs::exists(to)) continue;
+    fs::create_directories(to);
+    for (const char* e : kRunEntries) {
+      std::error_code ec;
+      if (!fs::exists(fs::path(run_dir) / e)) continue;
+      fs::rename(fs::path(run_dir) / e, to / e, ec);
+      if (ec) throw Error("--force: cannot move " + (fs::path(run_dir) / e).string() + " to " + to.string() + ": " + ec.message());
+    }
+    return to.string();
+  }
+}
+
+// "moe.top_k: 2 -> 1" for each key whose value differs between the checkpoint's config and this run's.
+std::vector<std::string> config_changes(const std::string& stored, const Config& cfg) {
+  std::vector<std::string> out;
+  if (stored.empty()) return out;
+  try {
+    auto before = config_flat(config_from_toml_text(stored, "checkpoint config"));
+    auto now = config_flat(cfg);
+    std::map<std::string, std::string> now_map(now.begin(), now.end());
+    for (const auto& [k, v] : before) {
+      auto it = now_map.find(k);
+      if (k != "train.resume" && it != now_map.end() && it->second != v) out.push_back(k + ": " + v + " -> " + it->second);
+    }
+  } catch (const std::exception&) {
+    // A config this version cannot read: the tensor checks still guard the shapes.
+  }
+  return out;
+}
+
+// config.json of the model export: the format, every model.* and moe.* key as the resolved config
+// writes it (so a reader can refuse options it does not know), and the derived shapes.
+std::string export_config_json(const Config& cfg, const Backend& be) {
+  nlohmann::json keys = nlohmann::json::object();
+  for (const auto& [k, v] : config_flat(cfg))
+    if (k.rfind("model.", 0) == 0 || k.rfind("moe.", 0) == 0) keys[k] = v;
+  std::vector<int64_t> moe_layers;
+  auto mask = cfg.moe_layer_mask();
+  for (size_t i = 0; i < mask.size(); ++i)
+    if (mask[i]) moe_layers.push_back(int64_t(i));
+  nlohmann::json j = {{"format", "moelab-model/1"},
+                      {"config", keys},
+                      {"heads", cfg.model.heads()},
+                      {"kv_heads", cfg.model.kv_heads_resolved()},
+                      {"mlp_hidden", cfg.model.mlp_hidden_resolved()},
+                      {"moe_layers", moe_layers},
+                      {"compute_dtype", dtype_name(be.act_dtype())},
+                      {"norm_eps", double(Backend::kNormEps)}};
+  return j.dump(1) + "\n";
+}
+
 }  // namespace
 
-TrainResult run_training(const Config& cfg, const std::string& run_dir) {
-  fs::create_directories(run_dir);
-  write_file_atomic(run_dir + "/config.toml", config_to_toml(cfg));
+bool folder_holds_run(const std::string& run_dir) {
+  for (const char* e : {"config.toml", "metrics.jsonl", "checkpoints", "model.safetensors"})
+    if (fs::exists(fs::path(run_dir) / e)) return true;
+  return false;
+}
+
+TrainResult run_training(const Config& cfg, const std::string& run_dir, const TrainOptions& options) {
+  // 1. The folder and its lock; nothing in it changes before the checks below have passed.
+  {
+    std::error_code ec;
+    fs::create_directories(run_dir, ec);
+    if (ec) throw Error("cannot create run folder " + run_dir + ": " + ec.message());
+  }
+  FolderLock lock = FolderLock::acquire(run_dir, "run folder");
+  if (folder_holds_run(run_dir) && cfg.train.resume.empty()) {
+    if (!options.force)
+      throw Error("run folder " + run_dir + " already holds a run" + describe_existing(run_dir) +
+                  "; continue it with --set train.resume=auto, choose another --out, or pass --force to move the old "
+                  "run aside");
+    std::cout << "--force: moved the earlier run's files to " << move_run_aside(run_dir) << std::endl;
+  }
+  const bool fresh = !folder_holds_run(run_dir);
+
   RunStatus status;
   status.steps = cfg.train.steps;
   status.started_at = utc_timestamp();
-  write_status(run_dir, status);
 
   g_stop_signal.store(0);
   auto old_int = std::signal(SIGINT, on_stop_signal);
@@ -89,43 +182,89 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir) {
     }
   } restore{old_int, old_term};
 
+  // 2. Set-up: backend, data, model, optimizer and the checkpoint to resume from. A folder that
+  // holds an earlier run is left as it was if this fails; a fresh one records the failure.
   TrainResult result;
   int64_t step = 0;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<DataLoader> loader;
+  std::unique_ptr<GptMoE> model_ptr;
+  std::unique_ptr<Optimizer> optimizer_ptr;
+  double ema = 0, total_time_s = 0;
+  std::string resumed_from;
+  std::vector<std::string> changes;
   try {
-    auto backend = make_backend(cfg);
-    Backend& be = *backend;
-    status.device = be.name();
-    auto loader = make_loader(cfg.data, uint64_t(cfg.train.seed));
+    backend = make_backend(cfg);
+    status.device = backend->name();
+    loader = make_loader(cfg.data, uint64_t(cfg.train.seed));
     if (loader->vocab() > cfg.model.vocab)
       throw Error("model.vocab = " + std::to_string(cfg.model.vocab) + " is smaller than the data's vocabulary (" +
                   std::to_string(loader->vocab()) + " ids, " + loader->describe() + "); raise model.vocab");
+    model_ptr = std::make_unique<GptMoE>(*backend, cfg, cfg.train.batch_size, cfg.train.seq_len);
+    model_ptr->init_weights(uint64_t(cfg.train.seed));
+    optimizer_ptr = std::make_unique<Optimizer>(*backend, model_ptr->params(), cfg.optim, cfg.model);
 
-    GptMoE model(be, cfg, cfg.train.batch_size, cfg.train.seq_len);
-    model.init_weights(uint64_t(cfg.train.seed));
-    Optimizer optimizer(be, model.params(), cfg.optim, cfg.model);
-
-    // Resume: weights, optimizer state, step, data position and the loss EMA.
-    double ema = 0, total_time_s = 0;
-    std::string resumed_from;
+    // Resume: weights, optimizer state, step, data position and the loss EMA. With auto, the
+    // newest checkpoint that reads back whole; a damaged newer one is named and passed over.
     if (!cfg.train.resume.empty()) {
-      std::string path = cfg.train.resume == "auto" ? latest_checkpoint(run_dir) : cfg.train.resume;
-      if (path.empty()) {
-        std::cout << "train.resume = auto: no checkpoint in " << run_dir << "/checkpoints, starting fresh\n";
-      } else {
+      const bool automatic = cfg.train.resume == "auto";
+      std::vector<std::string> candidates =
+          automatic ? checkpoints_newest_first(run_dir) : std::vector<std::string>{cfg.train.resume};
+      std::vector<std::string> unreadable;
+      for (const auto& path : candidates) {
         CheckpointMeta meta;
-        auto state = optimizer.state();
-        load_checkpoint(path, be, model.params(), state, meta, config_to_toml(cfg));
-        model.refresh_compute_weights();
+        auto state = optimizer_ptr->state();
+        try {
+          load_checkpoint(path, *backend, model_ptr->params(), state, meta, config_to_toml(cfg));
+        } catch (const CheckpointUnreadable& e) {
+          if (!automatic) throw;
+          std::cout << "train.resume = auto: passing over " << path << ": " << e.what() << std::endl;
+          unreadable.push_back(path);
+          continue;
+        }
+        model_ptr->refresh_compute_weights();
         loader->restore(meta.data_state);
         step = meta.step;
         ema = meta.loss_ema;
         total_time_s = meta.train_time_s;
         resumed_from = path;
-        std::cout << "resumed from " << path << " at step " << step << "\n";
+        changes = config_changes(meta.config_text, cfg);
+        break;
+      }
+      if (resumed_from.empty() && !unreadable.empty())
+        throw Error("train.resume = auto: none of the " + std::to_string(unreadable.size()) + " checkpoint(s) in " +
+                    run_dir + "/checkpoints reads back whole; restore one, or start again with --force");
+      if (candidates.empty())
+        std::cout << "train.resume = auto: no checkpoint in " << run_dir << "/checkpoints, starting fresh\n";
+      if (!resumed_from.empty())
+        std::cout << "resumed from " << resumed_from << " at step " << step
+                  << (unreadable.empty() ? "" : " (the newest intact checkpoint)") << "\n";
+      for (const auto& c : changes)
+        std::cerr << "moelab: warning: resumed with a config change against the checkpoint: " << c << "\n";
+    }
+  } catch (const std::exception& e) {
+    if (fresh) {
+      status.status = "failed";
+      status.error = e.what();
+      try {
+        write_file_atomic(run_dir + "/config.toml", config_to_toml(cfg));
+        write_status(run_dir, status);
+      } catch (...) {
       }
     }
+    throw;
+  }
+  Backend& be = *backend;
+  GptMoE& model = *model_ptr;
+  Optimizer& optimizer = *optimizer_ptr;
+  const int64_t start_step = step;
+
+  // 3. The run: from here on every failure is recorded in status.json.
+  try {
+    write_file_atomic(run_dir + "/config.toml", config_to_toml(cfg));
     MetricsLog metrics(run_dir, step);
-    if (step > 0) metrics.append({{"event", "resume"}, {"step", step}, {"checkpoint", resumed_from}});
+    if (!resumed_from.empty())
+      metrics.append({{"event", "resume"}, {"step", step}, {"checkpoint", resumed_from}, {"config_changes", changes}});
     status.step = step;
     write_status(run_dir, status);
 
@@ -149,6 +288,7 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir) {
       meta.config_text = config_to_toml(cfg);
       fs::create_directories(run_dir + "/checkpoints");
       save_checkpoint(checkpoint_path(run_dir, next_step), be, model.params(), optimizer.state(), meta);
+      prune_checkpoints(run_dir, cfg.train.keep_checkpoints);
     };
 
     // MOELAB_PROFILE_STEP=N brackets step N for a profiler started with capture off
@@ -157,9 +297,16 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir) {
     if (const char* p = std::getenv("MOELAB_PROFILE_STEP"); p && *p) profile_step = std::atoll(p);
 
     for (; step < cfg.train.steps; ++step) {
-      if (int sig = g_stop_signal.load())
+      if (int sig = g_stop_signal.load()) {
+        // Keep what the run has done since its last checkpoint, so a resume loses nothing.
+        std::string kept;
+        if (step > start_step) {
+          save(step);
+          kept = "; checkpoint saved at step " + std::to_string(step) + ", continue with --set train.resume=auto";
+        }
         throw Error("interrupted by signal " + std::to_string(sig) + " (" + (sig == SIGINT ? "SIGINT" : "SIGTERM") +
-                    ") before step " + std::to_string(step));
+                    ") before step " + std::to_string(step) + kept);
+      }
       status.step = step;
       auto t0 = std::chrono::steady_clock::now();
 
@@ -196,7 +343,8 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir) {
                             {"loss", debiased}, {"raw_loss", raw_loss}, {"bal", stats.bal},
                             {"lrm", lrm},       {"dt_ms", dt * 1e3},    {"tok_sec", tok_sec},
                             {"peak_mem_mib", peak_mib}, {"drop_rate", stats.drop_rate},
-                            {"total_time_min", total_time_s / 60.0},    {"expert_load", stats.expert_load}};
+                            {"total_time_min", total_time_s / 60.0},    {"expert_load", stats.expert_load},
+                            {"tokens", (step + 1) * tokens_per_step}};
       rec["mfu"] = mfu ? nlohmann::json(*mfu) : nlohmann::json(nullptr);
       metrics.append(rec);
       result.last_loss = debiased;
@@ -216,6 +364,35 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir) {
       if (cfg.train.checkpoint_every > 0 && (step + 1) % cfg.train.checkpoint_every == 0) write_status(run_dir, status);
     }
 
+    if (cfg.train.save_final && step > start_step) {
+      // The model for other tools, and one validation batch with the loss moelab computes on
+      // it, so a reader (scripts/moelab_torch.py) can show it rebuilt the same model.
+      CheckpointMeta meta;
+      meta.step = step;
+      meta.data_state = loader->state();
+      meta.loss_ema = ema;
+      meta.train_time_s = total_time_s;
+      meta.config_text = config_to_toml(cfg);
+      save_model_export(run_dir, be, model.params(), optimizer.state(), meta, export_config_json(cfg, be));
+      loader->reset_val();
+      Batch batch = loader->next_val(cfg.train.batch_size, cfg.train.seq_len);
+      be.write_i32(val_tokens, batch.inputs);
+      be.write_i32(val_targets, batch.targets);
+      model.forward_eval(val_tokens, val_targets);
+      auto losses = be.read(model.losses());
+      double sum = 0;
+      int64_t n = 0;
+      for (size_t i = 0; i < losses.size(); ++i)
+        if (batch.targets[i] >= 0) {
+          sum += losses[i];
+          ++n;
+        }
+      nlohmann::json check = {{"rows", cfg.train.batch_size}, {"seq_len", cfg.train.seq_len},
+                              {"tokens", batch.inputs},       {"targets", batch.targets},
+                              {"loss", n ? sum / double(n) : 0.0}, {"step", step}};
+      write_file_atomic(run_dir + "/check_batch.json", check.dump() + "\n");
+    }
+
     result.steps_done = step;
     result.peak_mem_mib = double(be.peak_memory_bytes()) / (1024.0 * 1024.0);
     result.total_time_min = total_time_s / 60.0;
@@ -226,7 +403,7 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir) {
                     {"peak_mem_mib", result.peak_mem_mib},
                     {"total_time_min", result.total_time_min}});
     status.status = "completed";
-    status.step = step;
+    status.step = step - 1;  // the last step run, as in the end record
     status.peak_mem_mib = result.peak_mem_mib;
     status.total_time_min = result.total_time_min;
     write_status(run_dir, status);

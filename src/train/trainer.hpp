@@ -17,8 +17,19 @@ struct TrainResult {
   double total_time_min = 0;
 };
 
-// Runs training into run_dir. The config must already be validated. Throws moelab::Error on
-// failure after writing status.json as failed.
-TrainResult run_training(const Config& cfg, const std::string& run_dir);
+struct TrainOptions {
+  // A folder that already holds a run is refused unless the config resumes it (train.resume) or
+  // force is set; force moves the old run's files aside to RUN_DIR.oldK/ first.
+  bool force = false;
+};
+
+// Runs training into run_dir. The config must already be validated. The folder is locked for the
+// whole run (a second writer is refused at once, naming the holder's pid). A refused start (folder
+// in use, a run already there, a resume that does not fit) throws before anything in the folder
+// changes; a failure of a started run throws after writing status.json as failed.
+TrainResult run_training(const Config& cfg, const std::string& run_dir, const TrainOptions& options = {});
+
+// Files of a run in its folder (the sweep's own sweep.json and logs are not among them).
+bool folder_holds_run(const std::string& run_dir);
 
 }  // namespace moelab

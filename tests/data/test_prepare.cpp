@@ -125,6 +125,44 @@ TEST(Prepare, ShardsHoldEveryDocumentAfterBosWithAnEvenValidationSplit) {
   EXPECT_EQ(Tokenizer::load(info.path_of(info.tokenizer)).merges(), tok.merges());
 }
 
+// A single text file without blank lines is one document: it is split by position, its last
+// val_fraction of tokens going to validation, and the two splits together hold the whole text.
+TEST(Prepare, OneDocumentIsSplitByPosition) {
+  testing::ScratchDir dir;
+  const Tokenizer& tok = testing::tiny_tokenizer();
+  std::string tok_path = dir.file("tok.txt");
+  tok.save(tok_path);
+  Rng rng(Rng(71).next_u64());
+  std::string text = default_corpus_text().substr(rng.below(1'000'000), 4000);
+  for (auto& c : text)
+    if (c == '\n') c = ' ';  // no blank line anywhere: one document
+  PrepareOptions opt;
+  opt.tokenizer = tok_path;
+  opt.inputs = {dir.write("one.txt", text)};
+  opt.out = dir.file("out");
+  opt.val_fraction = 0.1;
+  opt.progress = false;
+  ShardFolderInfo info = prepare_shards(opt);
+  ASSERT_EQ(info.train.documents, 1);
+  ASSERT_EQ(info.val.documents, 1);
+  std::vector<int32_t> all = {tok.bos_id()};
+  tok.encode_append(text, all);
+  const int64_t n = int64_t(all.size()) - 1;
+  EXPECT_EQ(info.val.tokens - 1, std::llround(double(n) * 0.1));  // its own BOS, then the tail
+  EXPECT_EQ(info.train.tokens + info.val.tokens - 1, int64_t(all.size()));
+  std::string decoded[2];
+  for (int k = 0; k < 2; ++k)
+    for (auto& name : (k == 0 ? info.train : info.val).shards) {
+      Shard s(info.path_of(name));
+      EXPECT_EQ(s[0], tok.bos_id());
+      std::vector<int32_t> ids(size_t(s.size()));
+      s.copy(0, s.size(), ids.data());
+      decoded[k] += tok.decode(std::vector<int32_t>(ids.begin() + 1, ids.end()));
+    }
+  EXPECT_EQ(decoded[0] + decoded[1], text);
+  EXPECT_FALSE(decoded[1].empty());
+}
+
 TEST(Prepare, RefusesBadInputsBeforeWritingShards) {
   testing::ScratchDir dir;
   std::string tok_path = dir.file("tok.txt");
@@ -136,7 +174,7 @@ TEST(Prepare, RefusesBadInputsBeforeWritingShards) {
   opt.inputs = {dir.write("ok.txt", "one\n\ntwo\n"), dir.file("missing.txt")};
   EXPECT_NE(error_of([&] { prepare_shards(opt); }).find("missing.txt"), std::string::npos);
   EXPECT_FALSE(std::filesystem::exists(dir.file("out")));
-  opt.inputs = {dir.write("one.txt", "just one document\n")};
+  opt.inputs = {dir.write("one.txt", "a")};  // one document of one token: nothing to split
   EXPECT_NE(error_of([&] { prepare_shards(opt); }).find("too few"), std::string::npos);
   EXPECT_FALSE(std::filesystem::exists(dir.file("out/meta.json")));
   opt.inputs = {dir.file("ok.txt")};

@@ -45,7 +45,7 @@ TEST(ExperimentReader, StatusRules) {
   EXPECT_DOUBLE_EQ(find(ex, "done").total_time_min, 0.5);
   EXPECT_EQ(find(ex, "live").state, RunState::running);
   EXPECT_EQ(find(ex, "dead").state, RunState::failed);
-  EXPECT_NE(find(ex, "dead").error.find("after step 0"), std::string::npos);
+  EXPECT_NE(find(ex, "dead").error.find("after step 0"), std::string::npos) << find(ex, "dead").error;
   EXPECT_EQ(find(ex, "crashed").state, RunState::failed);
   EXPECT_NE(find(ex, "crashed").error.find("stopped before its first step"), std::string::npos);
   EXPECT_EQ(find(ex, "nostatus").state, RunState::completed);

@@ -49,7 +49,8 @@ TEST(Report, NanochatLogsGiveTheSeedTable) {
   ReportResult r = write_report(opt);
   std::string md = read_text(r.markdown);
   EXPECT_NE(md.find("| run | status | steps_observed | last_step | last_loss | tail50_tok/sec | tail50_mfu | tail50_dt_ms | "
-                    "peak_mem_mib | total_time_min |\n| --- | --- | ---: |"),
+                    "peak_mem_mib | total_time_min | last_val_loss | best_val_loss | last_val_bpb | best_val_bpb |\n"
+                    "| --- | --- | ---: |"),
             std::string::npos)
       << md;
   EXPECT_NE(md.find("| moe_fp8_noexperts_static | completed | 140 | 139 | 4.6716 | 982070 | 11.88 | 537.8 | 23231.91 | 1.59 |"),
@@ -65,7 +66,7 @@ TEST(Report, NanochatLogsGiveTheSeedTable) {
   EXPECT_NE(md.find("Generated at: 20"), std::string::npos);
   EXPECT_NE(md.find("`metrics/moe-fp8-ablation_steps.csv`"), std::string::npos);
   std::string csv = read_text(dir / "metrics" / "moe-fp8-ablation_summary.csv");
-  EXPECT_NE(csv.find("moe_fp8_experts_dynamic,failed,1,0,10.3978,12912,0.16,40602.2,,\n"), std::string::npos) << csv;
+  EXPECT_NE(csv.find("moe_fp8_experts_dynamic,failed,1,0,10.3978,12912,0.16,40602.2,,,,,,\n"), std::string::npos) << csv;
   std::string steps = read_text(dir / "metrics" / "moe-fp8-ablation_steps.csv");
   EXPECT_EQ(steps.rfind("run,step,loss,bal,dt_ms,tok_sec,mfu\n", 0), 0u);
   EXPECT_NE(steps.find("moe_fp8_noexperts_static,139,4.671600,0.010200,537.80,982070,11.88\n"), std::string::npos);
@@ -108,8 +109,10 @@ TEST(Report, RunFoldersGiveFiguresAndExtraSections) {
   EXPECT_NE(md.find("| run | moe.dispatch |"), std::string::npos) << md;
   EXPECT_NE(md.find("No failed runs."), std::string::npos);
   if (plots_available()) {
-    for (const char* f : {"loss", "toksec", "mfu", "dt_ms", "experts_capacity"})
+    for (const char* f : {"loss", "loss_tokens", "loss_delta", "toksec", "dt_ms", "drop_rate", "experts_capacity"})
       EXPECT_TRUE(is_png(dir / "out" / "figures" / (std::string("abl_") + f + ".png"))) << f;
+    // No MFU was recorded (a CPU run): no empty chart for it.
+    EXPECT_FALSE(std::filesystem::exists(dir / "out" / "figures" / "abl_mfu.png"));
     EXPECT_NE(md.find("- `figures/abl_loss.png`"), std::string::npos);
   } else {
     EXPECT_NE(md.find("figures skipped"), std::string::npos);

@@ -62,7 +62,7 @@ TEST(RunSummary, SummaryOfARun) {
   EXPECT_DOUBLE_EQ(s.tail_load_imbalance, 2.0);  // 0.5 over a mean of 0.25
   EXPECT_EQ(s.experts, 4);
   auto cells = summary_cells(s, false);
-  ASSERT_EQ(cells.size(), 10u);
+  ASSERT_EQ(cells.size(), 14u);  // the last four: validation loss and bpb, last and best
   EXPECT_EQ(cells[4], "8.6100");
   EXPECT_EQ(cells[5], "3");
   EXPECT_EQ(cells[6], "-");

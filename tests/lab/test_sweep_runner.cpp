@@ -4,11 +4,13 @@
 // its run folder.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
 
+#include "core/folder_lock.hpp"
 #include "lab/experiment_reader.hpp"
 #include "lab/sweep_runner.hpp"
 #include "lab_test_util.hpp"
@@ -89,6 +91,10 @@ set = { exec = "eager" }
   EXPECT_EQ(state_of(out / "hang"), RunState::failed);
   EXPECT_EQ(read_run_folder(out / "hang").error, "timed out after 2s");
   EXPECT_FALSE(std::filesystem::exists(out / "bad_retry1"));  // no rule matched a config error
+  // What the exit code is made of: the runs whose last attempt failed.
+  std::vector<std::string> for_good = r.failed_for_good;
+  std::sort(for_good.begin(), for_good.end());
+  EXPECT_EQ(for_good, (std::vector<std::string>{"bad", "hang"}));
 
   // Each attempt records how to reproduce it.
   auto sj = nlohmann::json::parse(read_text(out / "graph_retry1" / "sweep.json"));
@@ -144,5 +150,58 @@ set = { "fake.mode" = "hang", "fake.steps" = 1 }
   EXPECT_EQ(first.state, RunState::failed);
   EXPECT_NE(first.error.find("interrupted"), std::string::npos);
   EXPECT_EQ(state_of(dir / "exp" / "slow_repeat"), RunState::queued);  // never started
+  std::filesystem::remove_all(dir);
+}
+
+// One sweep per experiment folder: a second one is refused at once, naming the holder, and
+// creates nothing.
+TEST(SweepRunner, SecondSweepIntoTheSameFolderIsRefused) {
+  auto dir = fresh_dir("sweep_lock");
+  SweepSpec spec = spec_in(dir, "name = \"l\"\nbase = \"base.toml\"\n[[run]]\nname = \"a\"\n");
+  std::filesystem::create_directories(dir / "exp");
+  std::ostringstream log;
+  {
+    moelab::FolderLock held = moelab::FolderLock::acquire(dir / "exp", "experiment folder");
+    try {
+      run_sweep(spec, fast_options(dir / "exp", log));
+      ADD_FAILURE() << "a second sweep was not refused";
+    } catch (const std::exception& e) {
+      std::string what = e.what();
+      EXPECT_NE(what.find("experiment folder " + (dir / "exp").string() + " is in use"), std::string::npos) << what;
+      EXPECT_NE(what.find("pid " + std::to_string(getpid())), std::string::npos) << what;
+    }
+    EXPECT_FALSE(std::filesystem::exists(dir / "exp" / "a"));
+    EXPECT_FALSE(std::filesystem::exists(dir / "exp" / "experiment.json"));
+  }
+  SweepOutcome r = run_sweep(spec, fast_options(dir / "exp", log));
+  EXPECT_EQ(r.completed, 1);
+  std::filesystem::remove_all(dir);
+}
+
+// A rerun that finds a run folder still locked by a live trainer waits for it, then refuses;
+// it never moves the live folder aside or starts a second copy.
+TEST(SweepRunner, LiveWriterOfARunFolderIsNeverRaced) {
+  auto dir = fresh_dir("sweep_live");
+  SweepSpec spec = spec_in(dir, "name = \"l\"\nbase = \"base.toml\"\n[[run]]\nname = \"a\"\n");
+  write_text(dir / "exp" / "a" / "status.json", "{\"status\": \"running\", \"step\": 3}\n");
+  std::ostringstream log;
+  auto opt = fast_options(dir / "exp", log);
+  opt.holder_wait_s = 0.3;
+  {
+    moelab::FolderLock trainer = moelab::FolderLock::acquire(dir / "exp" / "a", "run folder");
+    try {
+      run_sweep(spec, opt);
+      ADD_FAILURE() << "the sweep raced a live writer";
+    } catch (const std::exception& e) {
+      std::string what = e.what();
+      EXPECT_NE(what.find("is still being written by process " + std::to_string(getpid())), std::string::npos) << what;
+    }
+    EXPECT_FALSE(std::filesystem::exists(dir / "exp" / "a.fail1"));
+    EXPECT_NE(read_text(dir / "exp" / "a" / "status.json").find("running"), std::string::npos);
+  }
+  // The writer gone, the same command moves its unfinished folder aside and runs it again.
+  SweepOutcome r = run_sweep(spec, opt);
+  EXPECT_EQ(r.completed, 1);
+  EXPECT_TRUE(std::filesystem::exists(dir / "exp" / "a.fail1"));
   std::filesystem::remove_all(dir);
 }

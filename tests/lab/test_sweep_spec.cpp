@@ -90,3 +90,24 @@ TEST(SweepSpec, ErrorsNameTheProblem) {
             std::string::npos);
   EXPECT_NE(error_of("base = = \"b\"\n").find("s.toml:1"), std::string::npos);
 }
+
+// Repeats differ by seed: from the base config's seed, or from the run's own train.seed.
+TEST(SweepSpec, RepeatsVaryTheSeed) {
+  SweepSpec s = parse(R"(
+base = "b.toml"
+repeat = 3
+[[run]]
+name = "a"
+[[run]]
+name = "b"
+set = { "train.seed" = 100 }
+)");
+  vary_repeat_seeds(s, 42);
+  ASSERT_EQ(s.runs.size(), 6u);
+  EXPECT_EQ(value(s.runs[0].overrides, "train.seed"), "<absent>");  // repeat 0 runs the config as named
+  EXPECT_EQ(value(s.runs[1].overrides, "train.seed"), "43");
+  EXPECT_EQ(value(s.runs[2].overrides, "train.seed"), "44");
+  EXPECT_EQ(value(s.runs[3].overrides, "train.seed"), "100");
+  EXPECT_EQ(value(s.runs[4].overrides, "train.seed"), "101");
+  EXPECT_EQ(value(s.runs[5].overrides, "train.seed"), "102");
+}

@@ -23,6 +23,7 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$out" ] || { echo "moelab: error: --out is required" >&2; exit 1; }
 mkdir -p "$out"
+echo $$ > "$out/pid"
 printf 'exec = "%s"\n[fake]\nmode = "%s"\nsteps = %s\n' "$exec_mode" "$mode" "$steps" > "$out/config.toml"
 printf '{"status": "running", "step": null, "steps": %s, "error": ""}\n' "$steps" > "$out/status.json"
 : > "$out/metrics.jsonl"
@@ -50,7 +51,7 @@ case "$mode" in
       exit 1
     fi ;;
   segv) kill -SEGV $$ ;;
-  hang) sleep 1000 ;;
+  hang) exec sleep 1000 ;;  # exec: the sleep keeps this pid (and the parent-death signal)
 esac
 printf '{"event": "end", "step": %d, "peak_mem_mib": 12.5, "total_time_min": 0.01}\n' $((steps - 1)) >> "$out/metrics.jsonl"
 printf '{"status": "completed", "step": %d, "steps": %s, "error": "", "peak_mem_mib": 12.5, "total_time_min": 0.01}\n' $((steps - 1)) "$steps" > "$out/status.json"

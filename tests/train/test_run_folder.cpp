@@ -1,0 +1,313 @@
+// The run folder as something to trust: one writer at a time (an OS lock that names its holder),
+// no silent overwrite of a finished run (--force moves it aside), a refused resume that leaves
+// the folder exactly as it was, resume=auto past a damaged newest checkpoint, checkpoint pruning,
+// Ctrl-C keeping a checkpoint, and the CLI's exit codes for empty configs and usage errors.
+#include <gtest/gtest.h>
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "config/config.hpp"
+#include "core/error.hpp"
+#include "core/folder_lock.hpp"
+#include "core/rng.hpp"
+#include "train/checkpoint.hpp"
+#include "train/trainer.hpp"
+
+namespace moelab {
+namespace {
+namespace fs = std::filesystem;
+
+fs::path fresh_dir(const std::string& name) {
+  static std::random_device rd;
+  fs::path p = fs::temp_directory_path() / ("moelab_rf_" + name + "_" + std::to_string(::getpid()) + "_" + std::to_string(rd()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+std::string write_text(const fs::path& dir) {
+  std::ostringstream o;
+  Rng rng(Rng(std::random_device{}()).next_u64());
+  const char* words[] = {"the", "expert", "router", "sends", "each", "token", "to", "two", "of", "eight"};
+  for (int i = 0; i < 4000; ++i) o << words[rng.below(10)] << (i % 13 == 12 ? "\n" : " ");
+  fs::path f = dir / "text.txt";
+  std::ofstream(f) << o.str();
+  return f.string();
+}
+
+Config small_config(const std::string& text) {
+  Config c;
+  c.device = "cpu";
+  c.model.d_model = 32;
+  c.model.layers = 2;
+  c.model.head_dim = 16;
+  c.model.vocab = 256;
+  c.model.max_seq = 64;
+  c.moe.experts = 4;
+  c.moe.top_k = 2;
+  c.moe.expert_hidden = 32;
+  c.train.steps = 6;
+  c.train.batch_size = 2;
+  c.train.seq_len = 32;
+  c.train.threads = 1;
+  c.train.eval_batches = 1;
+  c.optim.scale_lr_by_dmodel = false;
+  c.data.source = "bytes";
+  c.data.text = text;
+  return c;
+}
+
+// Every file under dir (but the lock) with its bytes, to show that nothing changed.
+std::map<std::string, std::string> snapshot(const fs::path& dir) {
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    if (!e.is_regular_file() || e.path().filename() == FolderLock::kFileName) continue;
+    std::ifstream in(e.path(), std::ios::binary);
+    out[fs::relative(e.path(), dir).string()] = std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  return out;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+struct CliResult {
+  int code;
+  std::string output;
+};
+CliResult moelab(const std::string& args) {
+  std::string cmd = std::string(MOELAB_BINARY) + " " + args + " 2>&1";
+  CliResult r{-1, ""};
+  FILE* p = popen(cmd.c_str(), "r");
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) r.output.append(buf, n);
+  int st = pclose(p);
+  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+TEST(RunFolder, SecondWriterIsRefusedNamingFolderAndHolder) {
+  fs::path dir = fresh_dir("lock");
+  Config c = small_config(write_text(dir));
+  fs::path run = dir / "run";
+  run_training(c, run.string());
+  auto before = snapshot(run);
+  {
+    // Another process's lock: a second open of the lock file conflicts like another process would.
+    FolderLock held = FolderLock::acquire(run, "run folder");
+    c.train.resume = "auto";  // even a legitimate resume must wait for the folder
+    std::string e = error_of([&] { run_training(c, run.string()); });
+    EXPECT_NE(e.find("run folder " + run.string() + " is in use"), std::string::npos) << e;
+    EXPECT_NE(e.find("pid " + std::to_string(::getpid())), std::string::npos) << e;
+    EXPECT_EQ(snapshot(run), before) << "a refused writer changed the folder";
+  }
+  // Released with its holder: the resume goes ahead now.
+  EXPECT_NO_THROW(run_training(c, run.string()));
+}
+
+// Two real processes started together: exactly one trains, the other exits non-zero at once.
+TEST(RunFolder, TwoTrainProcessesOneFolder) {
+  fs::path dir = fresh_dir("two");
+  fs::path cfg = dir / "c.toml";
+  std::ofstream(cfg) << config_to_toml([&] {
+    Config c = small_config(write_text(dir));
+    c.train.steps = 40;
+    return c;
+  }());
+  std::string args = "train --config " + cfg.string() + " --out " + (dir / "run").string();
+  pid_t first = fork();
+  if (first == 0) {
+    std::string out = (dir / "first.log").string();
+    freopen(out.c_str(), "w", stdout);
+    freopen(out.c_str(), "a", stderr);
+    execl(MOELAB_BINARY, MOELAB_BINARY, "train", "--config", cfg.c_str(), "--out", (dir / "run").c_str(), (char*)nullptr);
+    _exit(127);
+  }
+  // Wait until the first holds the folder (its status.json appears), then start the second.
+  for (int i = 0; i < 600 && !fs::exists(dir / "run" / "status.json"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CliResult second = moelab(args);
+  int st = 0;
+  waitpid(first, &st, 0);
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  EXPECT_EQ(second.code, 1) << second.output;
+  EXPECT_NE(second.output.find("is in use by another process (pid " + std::to_string(first) + ")"), std::string::npos)
+      << second.output;
+  std::ifstream in(dir / "run" / "metrics.jsonl");
+  int steps = 0;
+  for (std::string line; std::getline(in, line);) steps += line.find("\"event\":\"step\"") != std::string::npos;
+  EXPECT_EQ(steps, 40) << "the folder holds the steps of one run, not a mix";
+}
+
+TEST(RunFolder, CompletedRunIsNotOverwrittenWithoutForce) {
+  fs::path dir = fresh_dir("overwrite");
+  Config c = small_config(write_text(dir));
+  fs::path run = dir / "run";
+  run_training(c, run.string());
+  auto before = snapshot(run);
+  Config other = c;
+  other.train.steps = 3;
+  std::string e = error_of([&] { run_training(other, run.string()); });
+  EXPECT_NE(e.find("already holds a run (status completed, step 5)"), std::string::npos) << e;
+  EXPECT_NE(e.find("--force"), std::string::npos) << e;
+  EXPECT_EQ(snapshot(run), before);
+
+  TrainOptions force;
+  force.force = true;
+  run_training(other, run.string(), force);
+  // The old run moved aside whole; the folder holds only the new one.
+  EXPECT_EQ(snapshot(dir / "run.old1"), before);
+  EXPECT_EQ(checkpoints_newest_first(run.string()).size(), 1u);
+  EXPECT_NE(latest_checkpoint(run.string()).find("step_000003"), std::string::npos);
+  EXPECT_EQ(load_config((run / "config.toml").string()).train.steps, 3);
+}
+
+TEST(RunFolder, RefusedResumeChangesNothing) {
+  fs::path dir = fresh_dir("refused");
+  Config c = small_config(write_text(dir));
+  fs::path run = dir / "run";
+  run_training(c, run.string());
+  auto before = snapshot(run);
+  Config wider = c;
+  wider.model.d_model = 64;
+  wider.train.resume = "auto";
+  std::string e = error_of([&] { run_training(wider, run.string()); });
+  EXPECT_NE(e.find("model.d_model: checkpoint 32, this run 64"), std::string::npos) << e;
+  EXPECT_EQ(snapshot(run), before) << "config.toml or status.json were rewritten by a refused resume";
+}
+
+TEST(RunFolder, ResumeAutoTakesTheNewestIntactCheckpoint) {
+  fs::path dir = fresh_dir("intact");
+  Config c = small_config(write_text(dir));
+  c.train.checkpoint_every = 2;
+  c.train.steps = 6;
+  fs::path run = dir / "run";
+  run_training(c, run.string());
+  auto all = checkpoints_newest_first(run.string());
+  ASSERT_EQ(all.size(), 3u);  // steps 6, 4, 2
+  fs::resize_file(all[0], fs::file_size(all[0]) / 2);  // the newest is truncated
+  c.train.steps = 8;
+  c.train.resume = "auto";
+  run_training(c, run.string());
+  std::ifstream in(run / "metrics.jsonl");
+  nlohmann::json resume;
+  for (std::string line; std::getline(in, line);)
+    if (line.find("\"resume\"") != std::string::npos) resume = nlohmann::json::parse(line);
+  ASSERT_TRUE(resume.is_object());
+  EXPECT_EQ(resume["step"], 4);
+  EXPECT_EQ(resume["checkpoint"], all[1]);
+  // A changed key is recorded with the resume (here train.steps).
+  ASSERT_EQ(resume["config_changes"].size(), 1u);
+  EXPECT_EQ(resume["config_changes"][0], "train.steps: 6 -> 8");
+}
+
+TEST(RunFolder, KeepCheckpointsPrunesOldOnes) {
+  fs::path dir = fresh_dir("prune");
+  Config c = small_config(write_text(dir));
+  c.train.checkpoint_every = 1;
+  c.train.keep_checkpoints = 2;
+  run_training(c, (dir / "run").string());
+  auto all = checkpoints_newest_first((dir / "run").string());
+  ASSERT_EQ(all.size(), 2u);
+  EXPECT_NE(all[0].find("step_000006"), std::string::npos);
+  EXPECT_NE(all[1].find("step_000005"), std::string::npos);
+}
+
+TEST(RunFolder, StatusStepAgreesWithTheEndRecord) {
+  fs::path dir = fresh_dir("status");
+  Config c = small_config(write_text(dir));
+  run_training(c, (dir / "run").string());
+  std::ifstream st(dir / "run" / "status.json");
+  auto status = nlohmann::json::parse(st);
+  std::ifstream in(dir / "run" / "metrics.jsonl");
+  nlohmann::json end;
+  for (std::string line; std::getline(in, line);)
+    if (line.find("\"end\"") != std::string::npos) end = nlohmann::json::parse(line);
+  EXPECT_EQ(status["step"], end["step"]);
+  EXPECT_EQ(status["step"], 5);
+}
+
+// SIGINT during a run: the trainer stops at the next step, keeps a checkpoint of where it got
+// to, and resuming from it continues the run.
+TEST(RunFolder, InterruptSavesACheckpoint) {
+  fs::path dir = fresh_dir("sigint");
+  fs::path cfg = dir / "c.toml";
+  Config c = small_config(write_text(dir));
+  c.train.steps = 100000;
+  c.train.save_final = false;
+  std::ofstream(cfg) << config_to_toml(c);
+  pid_t child = fork();
+  if (child == 0) {
+    std::string out = (dir / "log").string();
+    freopen(out.c_str(), "w", stdout);
+    freopen(out.c_str(), "a", stderr);
+    execl(MOELAB_BINARY, MOELAB_BINARY, "train", "--config", cfg.c_str(), "--out", (dir / "run").c_str(), (char*)nullptr);
+    _exit(127);
+  }
+  auto steps_logged = [&] {
+    std::ifstream in(dir / "run" / "metrics.jsonl");
+    int n = 0;
+    for (std::string line; std::getline(in, line);) ++n;
+    return n;
+  };
+  for (int i = 0; i < 600 && steps_logged() < 3; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  kill(child, SIGINT);
+  int st = 0;
+  waitpid(child, &st, 0);
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 1);
+  std::string ckpt = latest_checkpoint((dir / "run").string());
+  ASSERT_FALSE(ckpt.empty()) << "no checkpoint kept at the interrupt";
+  std::ifstream sin(dir / "run" / "status.json");
+  auto status = nlohmann::json::parse(sin);
+  EXPECT_EQ(status["status"], "failed");
+  EXPECT_NE(status["error"].get<std::string>().find("checkpoint saved at step"), std::string::npos) << status["error"];
+}
+
+TEST(TrainCli, EmptyConfigAndUsageErrorsExitClearly) {
+  fs::path dir = fresh_dir("cli");
+  std::ofstream(dir / "empty.toml") << "# nothing here\n";
+  CliResult r = moelab("train --config " + (dir / "empty.toml").string() + " --out " + (dir / "run").string());
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("empty config: start from configs/tiny-cpu.toml"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir / "run"));
+
+  r = moelab("trian --config x");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.output.find("unknown command 'trian'; did you mean 'train'?"), std::string::npos) << r.output;
+  r = moelab("train --no-such-flag");
+  EXPECT_EQ(r.code, 2) << r.output;
+  r = moelab("train --config " + (dir / "missing.toml").string());
+  EXPECT_EQ(r.code, 2) << r.output;
+  r = moelab("--help");
+  EXPECT_EQ(r.code, 0);
+
+  std::ofstream(dir / "neg.toml") << "[optim]\nmatrix_lr = -0.02\n";
+  r = moelab("train --config " + (dir / "neg.toml").string() + " --out " + (dir / "run").string());
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("optim.matrix_lr"), std::string::npos) << r.output;
+  r = moelab("train --help-config");
+  EXPECT_EQ(r.output.find("0.20000000000000001"), std::string::npos);
+  EXPECT_NE(r.output.find("optim.embedding_lr = 0.2\n"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace moelab
