@@ -6,12 +6,15 @@ cd "$(dirname "$0")/../.."
 dest=.dev/gpu
 rm -rf "$dest" && mkdir -p "$dest/lib"
 cp build/moelab "$dest/"
-for b in test_cuda bench_grouped_gemm bench_attention; do [ -x "build/$b" ] && cp "build/$b" "$dest/"; done
+for b in test_cuda bench_grouped_gemm bench_attention dev/cuda/test_dev_cuda dev/cuda/bench_attention_variants; do
+  [ -x "build/$b" ] && cp "build/$b" "$dest/"
+done
+strip "$dest"/* 2>/dev/null || true
 ldd build/moelab | awk '/=> \// {print $3}' | while read -r lib; do
   case "$(basename "$lib")" in
     libc.so*|libm.so*|libstdc++*|libgcc_s*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcuda.so*|libcublas*) ;;  # present on the device image
     *) cp -L "$lib" "$dest/lib/" ;;
   esac
 done
-cp ../shared/anchors/torch_moe_ref.py "$dest/"
+cp ../shared/anchors/torch_moe_ref.py ../shared/anchors/torch_attention_ref.py "$dest/"
 du -sh "$dest"

@@ -92,11 +92,13 @@ class Backend {
   // --- causal self-attention, softmax scale 1/sqrt(hd) ------------------------------------------
   // q [B, T, Hq, hd]; k, v [B, T, Hkv, hd] with Hq % Hkv == 0 (grouped-query: query head h reads
   // kv head h / (Hq / Hkv)); out [B, T, Hq, hd]; lse [B, Hq, T] f32 (log-sum-exp of scores).
+  // window > 0 is a sliding window as flash-attn's window_size = (window, 0): query t sees keys
+  // j with t - window <= j <= t. window <= 0 (or >= T) is full causal attention.
   virtual void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
-                             Tensor& lse) = 0;
+                             Tensor& lse, int window = 0) = 0;
   virtual void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                              const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
-                             Tensor& dv) = 0;
+                             Tensor& dv, int window = 0) = 0;
 
   // --- ReLU^2 ------------------------------------------------------------------------------------
   virtual void relu2_fwd(const Tensor& h, Tensor& a) = 0;

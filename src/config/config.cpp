@@ -46,6 +46,7 @@ const std::vector<Key>& keys() {
       {"model.layers", Kind::integer, "transformer blocks", member(&Config::model, &ModelConfig::layers)},
       {"model.head_dim", Kind::integer, "attention head size (heads = d_model / head_dim)", member(&Config::model, &ModelConfig::head_dim)},
       {"model.kv_heads", Kind::integer, "key/value heads for grouped-query attention; 0 = one per query head", member(&Config::model, &ModelConfig::kv_heads)},
+      {"model.window_pattern", Kind::text, "attention span per layer, tiled over the layers: S = sliding window of seq_len / 2, L = full context; the last layer is always L (nanochat's \"SSSL\")", member(&Config::model, &ModelConfig::window_pattern)},
       {"model.vocab", Kind::integer, "vocabulary size (at least the tokenizer's)", member(&Config::model, &ModelConfig::vocab)},
       {"model.mlp_hidden", Kind::integer, "dense MLP width; 0 = 4 * d_model", member(&Config::model, &ModelConfig::mlp_hidden)},
       {"model.max_seq", Kind::integer, "rotary table length (longest train.seq_len)", member(&Config::model, &ModelConfig::max_seq)},
@@ -310,6 +311,14 @@ std::vector<bool> Config::moe_layer_mask() const {
   return mask;
 }
 
+std::vector<int64_t> Config::layer_windows(int64_t seq_len) const {
+  std::vector<int64_t> w(size_t(model.layers), 0);
+  const std::string& pat = model.window_pattern;
+  for (int64_t i = 0; i + 1 < model.layers; ++i)
+    if (pat[size_t(i) % pat.size()] == 'S') w[size_t(i)] = seq_len / 2;
+  return w;
+}
+
 int64_t Config::expert_capacity(int64_t tokens) const {
   if (moe.dispatch != "capacity" || !moe.enabled()) return 0;
   return int64_t(std::ceil(moe.capacity_factor * double(tokens * moe.top_k) / double(moe.experts)));
@@ -340,6 +349,9 @@ void validate_config(const Config& c) {
     invalid("model.kv_heads", "= " + std::to_string(c.model.kv_heads) + " must divide the " +
                                   std::to_string(c.model.heads()) + " query heads",
             "use 0 (one per query head) or a divisor of d_model / head_dim");
+  if (c.model.window_pattern.empty() || c.model.window_pattern.find_first_not_of("SL") != std::string::npos)
+    invalid("model.window_pattern", "= \"" + c.model.window_pattern + "\" must be a non-empty string of S and L",
+            "use \"L\" (full context everywhere) or a pattern such as \"SSSL\"");
   if (c.train.seq_len > c.model.max_seq)
     invalid("train.seq_len", "= " + std::to_string(c.train.seq_len) + " is longer than the rotary table (model.max_seq = " +
                                  std::to_string(c.model.max_seq) + ")",

@@ -14,6 +14,9 @@ struct ModelConfig {
   int64_t layers = 12;
   int64_t head_dim = 64;
   int64_t kv_heads = 0;    // 0: as many as query heads; otherwise grouped-query attention
+  // Attention span per layer, tiled over the layers as nanochat does: S = a sliding window of
+  // seq_len / 2 keys, L = full causal context; the last layer is always L.
+  std::string window_pattern = "L";
   int64_t vocab = 32768;
   int64_t mlp_hidden = 0;  // dense MLP width; 0: 4 * d_model
   int64_t max_seq = 2048;  // rotary table length; train.seq_len must not exceed it
@@ -98,6 +101,9 @@ struct Config {
 
   // Layers whose MLP is a MoE (resolved from moe.layers).
   std::vector<bool> moe_layer_mask() const;
+  // Sliding window of each layer for sequences of seq_len tokens (0: full causal), from
+  // model.window_pattern: query t sees keys t - window .. t.
+  std::vector<int64_t> layer_windows(int64_t seq_len) const;
   // Capacity per expert for a micro-batch of `tokens` tokens (0 in dropless mode).
   int64_t expert_capacity(int64_t tokens) const;
 };

@@ -83,10 +83,12 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
     return x;
   };
   const int64_t B = rows_, T = seq_len_;
+  const auto windows = cfg_.layer_windows(cfg_.train.seq_len);
   for (int64_t i = 0; i < m.layers; ++i) {
     Layer& l = layers_[size_t(i)];
     std::string p = "transformer.h." + std::to_string(i) + ".";
     l.moe = moe_mask[size_t(i)];
+    l.window = int(windows[size_t(i)]);
     l.wq = &params_.get(p + "attn.c_q.weight");
     l.wk = &params_.get(p + "attn.c_k.weight");
     l.wv = &params_.get(p + "attn.c_v.weight");
@@ -307,7 +309,7 @@ void GptMoE::forward(const Tensor& tokens) {
     be_.matmul(l.xn1, false, l.wv->compute, true, v);
     be_.rope_norm_fwd(l.q, cos_, sin_, l.qr, l.rstd_q);
     be_.rope_norm_fwd(l.k, cos_, sin_, l.kr, l.rstd_k);
-    be_.attention_fwd(l.qr, l.kr, l.v, l.att, l.lse);
+    be_.attention_fwd(l.qr, l.kr, l.v, l.att, l.lse, l.window);
     be_.copy(l.x_in, l.x_mid);
     be_.matmul(tokens_by_features(l.att), false, l.wo->compute, true, l.x_mid, 1.0f, 1.0f);
     be_.rmsnorm_fwd(l.x_mid, l.xn2, l.rstd2);
@@ -387,7 +389,7 @@ void GptMoE::attention_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
   Tensor datt = tokens_by_features(datt_);
   be_.matmul(dy, false, l.wo->compute, false, datt);
   be_.matmul(dy, true, tokens_by_features(l.att), false, l.wo->grad, 1.0f, 1.0f);
-  be_.attention_bwd(l.qr, l.kr, l.v, l.att, l.lse, datt_, dq_, dk_, dv_);
+  be_.attention_bwd(l.qr, l.kr, l.v, l.att, l.lse, datt_, dq_, dk_, dv_, l.window);
   be_.rope_norm_bwd(l.q, cos_, sin_, l.rstd_q, dq_, dqraw_);
   be_.rope_norm_bwd(l.k, cos_, sin_, l.rstd_k, dk_, dkraw_);
   be_.matmul(tokens_by_features(dqraw_), false, l.wq->compute, false, dxn);
@@ -454,8 +456,9 @@ int64_t GptMoE::active_matmul_params() const {
 }
 
 double GptMoE::flops_per_token() const {
-  return 6.0 * double(active_matmul_params()) +
-         12.0 * double(cfg_.model.layers) * double(d_model_) * double(seq_len_);
+  double span = 0;
+  for (const Layer& l : layers_) span += double(l.window > 0 ? std::min<int64_t>(l.window, seq_len_) : seq_len_);
+  return 6.0 * double(active_matmul_params()) + 12.0 * double(heads_ * head_dim_) * span;
 }
 
 }  // namespace moelab

@@ -51,7 +51,8 @@ class GptMoE {
 
   // Matmul parameters a token passes through (inactive experts excluded), for MFU.
   int64_t active_matmul_params() const;
-  // nanochat's FLOPs per token: 6 * active params + 12 * layers * d_model * seq_len.
+  // nanochat's FLOPs per token: 6 * active params + 12 * d_model * (each layer's attended span:
+  // its window, or seq_len for full context).
   double flops_per_token() const;
 
  private:
@@ -62,6 +63,7 @@ class GptMoE {
     Param *router = nullptr, *w_fc = nullptr, *w_proj = nullptr;  // experts [E, He, D], [E, D, He]
     Param *sh_fc = nullptr, *sh_proj = nullptr;                    // shared expert
     // Saved activations.
+    int window = 0;  // sliding window of this layer's attention (0: full causal)
     Tensor x_in, xn1, rstd1, q, k, v, qr, kr, rstd_q, rstd_k, att, lse, x_mid, xn2, rstd2;
     Tensor h, a;                                                   // dense or shared expert
     Tensor router_logits, probs, topk, gates, routed, counts, offsets, slot, row_token;

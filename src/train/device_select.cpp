@@ -18,6 +18,10 @@ std::unique_ptr<Backend> make_backend(const Config& cfg) {
       throw Error("device = cuda but no CUDA GPU is visible; use device = cpu (or auto) on this machine");
     if (cfg.precision != "auto" && cfg.precision != "bf16")
       throw Error("precision = " + cfg.precision + " is not supported on device cuda yet; use precision = bf16 (or auto)");
+    // Fast at every shape, or refused: the tensor-core attention kernels cover these head dims.
+    if (!CudaBackend::fast_attention_head_dim(int(cfg.model.head_dim)))
+      throw Error("model.head_dim = " + std::to_string(cfg.model.head_dim) +
+                  " has no fast attention kernel on the GPU; use 64 or 128 (or device = cpu)");
     return std::make_unique<CudaBackend>();
   }
 #else

@@ -91,6 +91,8 @@ TEST(Config, ValidationNamesKeyForEachInconsistency) {
       {"precision=fp4", "precision"},
       {"optim.matrix_optimizer=sgd", "optim.matrix_optimizer"},
       {"optim.matrix_adamw_lr=0", "optim.matrix_adamw_lr"},
+      {"model.window_pattern=SSXL", "model.window_pattern"},
+      {"model.window_pattern=", "model.window_pattern"},
   };
   for (auto& bc : cases) {
     Config c;
@@ -111,6 +113,18 @@ TEST(Config, ResolvedTomlRoundTrips) {
   EXPECT_EQ(config_to_toml(back), config_to_toml(c));
   EXPECT_EQ(back.data.text, "some \"quoted\" path");
   EXPECT_DOUBLE_EQ(back.optim.adam_eps, 1e-10);
+}
+
+TEST(Config, WindowPatternTilesLayersAndEndsFull) {
+  Config c;
+  apply_override(c, "model.layers=6");
+  apply_override(c, "model.window_pattern=SSSL");
+  // S = seq_len / 2; the pattern repeats; the last layer is full context whatever the pattern says.
+  EXPECT_EQ(c.layer_windows(1024), (std::vector<int64_t>{512, 512, 512, 0, 512, 0}));
+  apply_override(c, "model.window_pattern=S");
+  EXPECT_EQ(c.layer_windows(2048), (std::vector<int64_t>{1024, 1024, 1024, 1024, 1024, 0}));
+  apply_override(c, "model.window_pattern=L");
+  EXPECT_EQ(c.layer_windows(2048), std::vector<int64_t>(6, 0));
 }
 
 TEST(Config, CapacityRule) {

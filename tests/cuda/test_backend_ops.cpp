@@ -261,22 +261,33 @@ TEST_F(CudaOps, RmsNormAndRopeNorm) {
 }
 
 TEST_F(CudaOps, Attention) {
-  // hd 64 with bf16 runs the tensor-core kernels; the others the generic ones.
+  // hd 64 and 128 with bf16 run the tensor-core kernels; the others the generic ones. The odd
+  // shapes cover T not a multiple of the 64/128-row tiles, one head, kv_heads = 1, and windows
+  // smaller than a tile, crossing tiles, and past T.
   struct Case {
     int64_t B, T, Hq, Hkv, hd;
     DType grad;
+    int window;
   };
-  for (Case cs : {Case{2, 77, 4, 4, 64, DType::bf16}, Case{1, 200, 6, 2, 64, DType::f32},
-                  Case{1, 130, 6, 2, 32, DType::bf16}, Case{1, 40, 2, 1, 128, DType::bf16}}) {
+  const Case cases[] = {
+      {2, 77, 4, 4, 64, DType::bf16, 0},    {1, 200, 6, 2, 64, DType::f32, 0},
+      {1, 130, 6, 2, 32, DType::bf16, 0},   {1, 40, 2, 1, 128, DType::bf16, 0},
+      {2, 333, 4, 2, 128, DType::bf16, 0},  {1, 257, 1, 1, 128, DType::f32, 0},
+      {1, 300, 4, 1, 64, DType::bf16, 100}, {2, 333, 4, 2, 128, DType::bf16, 150},
+      {1, 200, 2, 2, 128, DType::bf16, 7},  {1, 190, 3, 1, 64, DType::f32, 64},
+      {1, 100, 2, 1, 128, DType::bf16, 500}, {1, 96, 2, 2, 96, DType::bf16, 30},
+      {1, 70, 2, 1, 256, DType::bf16, 20},
+  };
+  for (const Case& cs : cases) {
     const std::string tag = "T=" + std::to_string(cs.T) + " Hq=" + std::to_string(cs.Hq) + " Hkv=" +
-                            std::to_string(cs.Hkv) + " hd=" + std::to_string(cs.hd) + " grad " +
-                            dtype_name(cs.grad);
+                            std::to_string(cs.Hkv) + " hd=" + std::to_string(cs.hd) + " window=" +
+                            std::to_string(cs.window) + " grad " + dtype_name(cs.grad);
     auto q = rand_pair({cs.B, cs.T, cs.Hq, cs.hd}, DType::bf16);
     auto k = rand_pair({cs.B, cs.T, cs.Hkv, cs.hd}, DType::bf16);
     auto v = rand_pair({cs.B, cs.T, cs.Hkv, cs.hd}, DType::bf16);
     auto o = out_pair({cs.B, cs.T, cs.Hq, cs.hd}, DType::bf16), lse = out_pair({cs.B, cs.Hq, cs.T}, DType::f32);
-    cpu->attention_fwd(q.c, k.c, v.c, o.c, lse.c);
-    gpu->attention_fwd(q.g, k.g, v.g, o.g, lse.g);
+    cpu->attention_fwd(q.c, k.c, v.c, o.c, lse.c, cs.window);
+    gpu->attention_fwd(q.g, k.g, v.g, o.g, lse.g, cs.window);
     expect_close(o, kBf16Tol, "attention_fwd out " + tag);
     expect_close(lse, 1e-4, "attention_fwd lse " + tag);
     // Backward from the CPU's forward outputs (rounded to bf16 as the GPU stores them).
@@ -285,8 +296,8 @@ TEST_F(CudaOps, Attention) {
     auto lc = pair_from(lse.c.shape, DType::f32, cpu->read(lse.c));
     auto dout = rand_pair(o.c.shape, DType::bf16);
     auto dq = out_pair(q.c.shape, cs.grad), dk = out_pair(k.c.shape, cs.grad), dv = out_pair(v.c.shape, cs.grad);
-    cpu->attention_bwd(q.c, k.c, v.c, ob.c, lc.c, dout.c, dq.c, dk.c, dv.c);
-    gpu->attention_bwd(q.g, k.g, v.g, ob.g, lc.g, dout.g, dq.g, dk.g, dv.g);
+    cpu->attention_bwd(q.c, k.c, v.c, ob.c, lc.c, dout.c, dq.c, dk.c, dv.c, cs.window);
+    gpu->attention_bwd(q.g, k.g, v.g, ob.g, lc.g, dout.g, dq.g, dk.g, dv.g, cs.window);
     expect_close(dq, kBf16Tol, "attention_bwd dq " + tag);
     expect_close(dk, kBf16Tol, "attention_bwd dk " + tag);
     expect_close(dv, kBf16Tol, "attention_bwd dv " + tag);

@@ -120,6 +120,12 @@ TEST(GptGradcheck, DroplessAllMoEWithSharedExpert) {
 
 TEST(GptGradcheck, CapacityWithDrops) { check_model_gradients(tiny_config("capacity", true, "all"), 13, true); }
 
+TEST(GptGradcheck, SlidingWindowLayers) {
+  Config c = tiny_config("dropless", false, "all");
+  c.model.window_pattern = "S";  // layer 0 sees seq_len / 2 = 3 keys back, layer 1 everything
+  check_model_gradients(c, 15, false);
+}
+
 TEST(GptGradcheck, DenseModel) {
   Config c = tiny_config("dropless", false, "all");
   c.moe.experts = 0;

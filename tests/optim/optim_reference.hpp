@@ -176,12 +176,12 @@ class CountingBackend : public Backend {
                      Tensor& dx) override {
     in_.rope_norm_bwd(x, c, s, r, dy, dx);
   }
-  void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& o, Tensor& l) override {
-    in_.attention_fwd(q, k, v, o, l);
+  void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& o, Tensor& l, int window) override {
+    in_.attention_fwd(q, k, v, o, l, window);
   }
   void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& l,
-                     const Tensor& d, Tensor& dq, Tensor& dk, Tensor& dv) override {
-    in_.attention_bwd(q, k, v, o, l, d, dq, dk, dv);
+                     const Tensor& d, Tensor& dq, Tensor& dk, Tensor& dv, int window) override {
+    in_.attention_bwd(q, k, v, o, l, d, dq, dk, dv, window);
   }
   void relu2_fwd(const Tensor& h, Tensor& a) override { in_.relu2_fwd(h, a); }
   void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) override { in_.relu2_bwd(h, da, dh); }

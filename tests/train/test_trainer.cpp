@@ -108,6 +108,33 @@ TEST(Trainer, LossFallsAndRunFolderIsComplete) {
   EXPECT_EQ(config_to_toml(back), config_to_toml(c));
 }
 
+// nanochat's attention shapes on the CPU: head dim 128, grouped-query (2 kv heads for 4 query
+// heads), sliding windows on three of every four layers ("SSSL", last layer full).
+TEST(Trainer, LossFallsWithHeadDim128WindowsAndGroupedQuery) {
+  fs::path dir = fresh_dir("windows");
+  Config c = small_config(write_text(dir));
+  c.model.d_model = 512;
+  c.model.head_dim = 128;
+  c.model.kv_heads = 2;
+  c.model.layers = 4;
+  c.model.window_pattern = "SSSL";
+  c.moe.expert_hidden = 64;
+  c.train.steps = 20;
+  c.train.grad_accum = 1;
+  c.train.batch_size = 2;
+  c.optim.matrix_lr = 0.01;
+  TrainResult r = run_training(c, (dir / "run").string());
+  (void)r;
+  auto steps = read_events(dir / "run", "step");
+  ASSERT_EQ(steps.size(), 20u);
+  double first = steps.front()["raw_loss"], last = steps.back()["raw_loss"];
+  EXPECT_TRUE(std::isfinite(last));
+  EXPECT_LT(last, first - 1.0) << "loss did not fall: " << first << " -> " << last;
+  EXPECT_EQ(read_status(dir / "run")["status"], "completed");
+  // The windows reach the MFU estimate: 3 layers over seq_len / 2 keys, one over seq_len.
+  EXPECT_EQ(c.layer_windows(c.train.seq_len), (std::vector<int64_t>{16, 16, 16, 0}));
+}
+
 TEST(Trainer, ResumeReproducesUninterruptedRunExactly) {
   fs::path dir = fresh_dir("resume");
   std::string text = write_text(dir);

@@ -1,5 +1,6 @@
-// Causal grouped-query attention, plainly: per (batch, head) and query, scores against all keys up
-// to the query, a max-shifted softmax, and the weighted sum of values; the log-sum-exp is saved so
+// Causal grouped-query attention, plainly: per (batch, head) and query, scores against the keys of
+// its window (every key up to the query, or the last `window` + 1 of them), a max-shifted softmax,
+// and the weighted sum of values; the log-sum-exp is saved so
 // the backward recomputes probabilities instead of storing the T x T matrix. The backward runs per
 // (batch, kv head) and loops over that kv head's query heads, so dk and dv are each written by one
 // thread in a fixed order (no atomics; results independent of the thread count). The per-item
@@ -19,15 +20,17 @@ namespace {
 
 struct AttnDims {
   int64_t B, T, Hq, Hkv, hd;
+  int64_t window;  // keys t - window .. t are visible to query t (window >= T: full causal)
+  int64_t first_key(int64_t t) const { return t > window ? t - window : 0; }
 };
 
-AttnDims check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const char* op) {
+AttnDims check_attention(const Tensor& q, const Tensor& k, const Tensor& v, int window, const char* op) {
   require_float(q, op, "q");
   require_like(q, k, op, "k");
   require_like(q, v, op, "v");
   require(q.ndim() == 4 && k.ndim() == 4, op,
           "q " + q.describe() + " and k " + k.describe() + " must be [B, T, H, hd]");
-  AttnDims d{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
+  AttnDims d{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3), window > 0 ? window : q.dim(1)};
   require_shape(k, {d.B, d.T, d.Hkv, d.hd}, op, "k");
   require_shape(v, {d.B, d.T, d.Hkv, d.hd}, op, "v");
   require(d.Hkv > 0 && d.Hq % d.Hkv == 0, op,
@@ -56,18 +59,19 @@ MOELAB_CPU_INLINE void fwd_item(const AttnArgs<T>& a, int64_t b, int64_t h) {
   for (int64_t t = 0; t < d.T; ++t) {
     const T* qt = a.q + ((b * d.T + t) * d.Hq + h) * d.hd;
     T m = -std::numeric_limits<T>::infinity();
-    for (int64_t j = 0; j <= t; ++j) {
+    const int64_t j0 = d.first_key(t);
+    for (int64_t j = j0; j <= t; ++j) {
       const T s = dot(qt, a.k + ((b * d.T + j) * d.Hkv + hk) * d.hd, d.hd) * scale;
       p[j] = s;
       m = s > m ? s : m;
     }
     T l = 0;
-    for (int64_t j = 0; j <= t; ++j) {
+    for (int64_t j = j0; j <= t; ++j) {
       p[j] = std::exp(p[j] - m);
       l += p[j];
     }
     for (int64_t i = 0; i < d.hd; ++i) acc[i] = T(0);
-    for (int64_t j = 0; j <= t; ++j) axpy(p[j], a.v + ((b * d.T + j) * d.Hkv + hk) * d.hd, acc, d.hd);
+    for (int64_t j = j0; j <= t; ++j) axpy(p[j], a.v + ((b * d.T + j) * d.Hkv + hk) * d.hd, acc, d.hd);
     T* ot = a.o + ((b * d.T + t) * d.Hq + h) * d.hd;
     const T inv = T(1) / l;
     for (int64_t i = 0; i < d.hd; ++i) ot[i] = acc[i] * inv;
@@ -93,7 +97,7 @@ MOELAB_CPU_INLINE void bwd_item(const AttnArgs<T>& a, int64_t b, int64_t hk) {
       const T Dt = dot(got, a.out + qo, d.hd);  // sum_j p_j <dout, v_j>
       const T l = a.lse[(b * d.Hq + h) * d.T + t];
       for (int64_t i = 0; i < d.hd; ++i) dqt[i] = T(0);
-      for (int64_t j = 0; j <= t; ++j) {
+      for (int64_t j = d.first_key(t); j <= t; ++j) {
         const T* kj = a.k + kv_off(j);
         const T pj = std::exp(dot(qt, kj, d.hd) * scale - l);
         axpy(pj, got, a.dv + kv_off(j), d.hd);
@@ -119,9 +123,9 @@ inline void run_bwd_item(const AttnArgs<double>& a, int64_t b, int64_t h) { bwd_
 }  // namespace
 
 void CpuBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
-                               Tensor& lse) {
+                               Tensor& lse, int window) {
   const char* op = "attention_fwd";
-  const AttnDims d = check_attention(q, k, v, op);
+  const AttnDims d = check_attention(q, k, v, window, op);
   require_like(q, out, op, "out");
   require_like(q, lse, op, "lse");
   require_shape(out, q.shape, op, "out");
@@ -146,9 +150,9 @@ void CpuBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v
 
 void CpuBackend::attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& out, const Tensor& lse, const Tensor& dout,
-                               Tensor& dq, Tensor& dk, Tensor& dv) {
+                               Tensor& dq, Tensor& dk, Tensor& dv, int window) {
   const char* op = "attention_bwd";
-  const AttnDims d = check_attention(q, k, v, op);
+  const AttnDims d = check_attention(q, k, v, window, op);
   require_like(q, out, op, "out");
   require_like(q, lse, op, "lse");
   require_like(q, dout, op, "dout");

@@ -57,10 +57,10 @@ class CpuBackend : public Backend {
                      const Tensor& dy, Tensor& dx) override;
 
   void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
-                     Tensor& lse) override;
+                     Tensor& lse, int window = 0) override;
   void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                      const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
-                     Tensor& dv) override;
+                     Tensor& dv, int window = 0) override;
 
   void relu2_fwd(const Tensor& h, Tensor& a) override;
   void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) override;

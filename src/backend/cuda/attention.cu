@@ -1,5 +1,7 @@
-// Causal self-attention (grouped-query): the entry points, and generic flash-style kernels for
-// shapes the tensor-core path (flash_attention.cu: bf16, head_dim 64) does not cover. Scores are computed tile by tile with an
+// Causal self-attention (grouped-query, optional sliding window): the entry points, and generic
+// flash-style kernels for shapes the tensor-core path (flash_attention.cu: bf16, head_dim 64 and
+// 128) does not cover: f32 inputs and head dims 16, 32, 96, 256 (correct, not fast; training
+// refuses those head dims on the GPU, see train/device_select.cpp). Scores are computed tile by tile with an
 // online softmax and never stored; the backward recomputes them from q, k and the saved
 // log-sum-exp. Each query (forward, dq) or key (dk, dv) row is owned by a pair of threads that
 // split the head dimension, so the per-row state (q, accumulators) fits in registers; K/V (or
@@ -18,8 +20,10 @@ namespace {
 constexpr int kRows = 64;           // query (or key) rows per block
 constexpr int kThreads = 2 * kRows;  // two threads per row
 constexpr float kLog2e = 1.4426950408889634f;
-// Rows of K/V (or Q/dO) staged per tile: 64 keeps two f32 tiles within 48 KiB up to hd 64.
-template <int HD> constexpr int kTile = HD <= 64 ? 64 : 32;
+// Rows of K/V (or Q/dO) staged per tile: two f32 tiles stay within 48 KiB of static shared memory.
+template <int HD> constexpr int kTile = HD <= 64 ? 64 : HD <= 128 ? 32 : 16;
+// Window as a span: query t sees keys t - W .. t (W = T: full causal).
+inline int span_of(int window, int T) { return window > 0 && window < T ? window : T; }
 
 // Loads rows [r0, r0 + kTile) of a [B, T, H, hd] tensor's head h into tile[kTile][HD] (f32);
 // rows past T are zero.
@@ -33,7 +37,7 @@ __device__ __forceinline__ void load_rows(float* tile, const T* base, int b, int
 
 template <int HD, class T>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const T* q, const T* k, const T* v, T* out, float* lse,
-                                                           int Tn, int Hq, int Hkv, float scale) {
+                                                           int Tn, int Hq, int Hkv, int W, float scale) {
   constexpr int P = HD / 2;
   __shared__ float ks[kTile<HD> * HD], vs[kTile<HD> * HD];
   const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, g = h / (Hq / Hkv);
@@ -50,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const T* q, const T*
   }
   float m = -INFINITY, l = 0.f;
   const int last = min(Tn, i0 + kRows);
-  for (int j0 = 0; j0 < last; j0 += kTile<HD>) {
+  for (int j0 = max(0, i0 - W) / kTile<HD> * kTile<HD>; j0 < last; j0 += kTile<HD>) {
     __syncthreads();
     load_rows<HD>(ks, k, b, j0, g, Tn, Hkv);
     load_rows<HD>(vs, v, b, j0, g, Tn, Hkv);
@@ -62,7 +66,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const T* q, const T*
 #pragma unroll
       for (int c = 0; c < P; ++c) s += qr[c] * kr[c];
       s += __shfl_xor_sync(0xffffffffu, s, 1);
-      if (j0 + jj > i) continue;  // causal (the pair agrees, so the shuffle above is complete)
+      if (j0 + jj > i || j0 + jj < i - W) continue;  // outside the span (the pair agrees, so the shuffle is complete)
       float mn = fmaxf(m, s);
       float corr = exp2f(m - mn), p = exp2f(s - mn);
       l = l * corr + p;
@@ -96,7 +100,7 @@ __global__ void attn_dot_kernel(const T* out, const T* dout, float* D, int64_t r
 template <int HD, class T, class TG>
 __global__ void __launch_bounds__(kThreads) attn_dq_kernel(const T* q, const T* k, const T* v, const T* dout,
                                                           const float* lse, const float* D, TG* dq, int Tn, int Hq,
-                                                          int Hkv, float scale) {
+                                                          int Hkv, int W, float scale) {
   constexpr int P = HD / 2;
   __shared__ float ks[kTile<HD> * HD], vs[kTile<HD> * HD];
   const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, g = h / (Hq / Hkv);
@@ -116,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(const T* q, const T* 
   const float lse2 = valid ? lse[(int64_t(b) * Hq + h) * Tn + i] * kLog2e : 0.f;
   const float Di = valid ? D[(int64_t(b) * Hq + h) * Tn + i] : 0.f;
   const int last = min(Tn, i0 + kRows);
-  for (int j0 = 0; j0 < last; j0 += kTile<HD>) {
+  for (int j0 = max(0, i0 - W) / kTile<HD> * kTile<HD>; j0 < last; j0 += kTile<HD>) {
     __syncthreads();
     load_rows<HD>(ks, k, b, j0, g, Tn, Hkv);
     load_rows<HD>(vs, v, b, j0, g, Tn, Hkv);
@@ -133,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(const T* q, const T* 
       }
       s += __shfl_xor_sync(0xffffffffu, s, 1);
       dp += __shfl_xor_sync(0xffffffffu, dp, 1);
-      if (!valid || j0 + jj > i) continue;
+      if (!valid || j0 + jj > i || j0 + jj < i - W) continue;
       float p = exp2f(s - lse2);
       float ds = p * (dp - Di);
 #pragma unroll
@@ -148,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(const T* q, const T* 
 template <int HD, class T, class TG>
 __global__ void __launch_bounds__(kThreads) attn_dkv_kernel(const T* q, const T* k, const T* v, const T* dout,
                                                            const float* lse, const float* D, TG* dk, TG* dv, int Tn,
-                                                           int Hq, int Hkv, float scale) {
+                                                           int Hq, int Hkv, int W, float scale) {
   constexpr int P = HD / 2;
   __shared__ float qs[kTile<HD> * HD], dos[kTile<HD> * HD], ls[kTile<HD>], ds_[kTile<HD>];
   const int bg = blockIdx.y, b = bg / Hkv, g = bg % Hkv, group = Hq / Hkv;
@@ -166,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) attn_dkv_kernel(const T* q, const T*
     dka[c] = dva[c] = 0.f;
   }
   for (int h = g * group; h < (g + 1) * group; ++h) {
-    for (int i0 = j0; i0 < Tn; i0 += kTile<HD>) {
+    for (int i0 = j0; i0 < min(Tn, j0 + kRows + W); i0 += kTile<HD>) {
       __syncthreads();
       load_rows<HD>(qs, q, b, i0, h, Tn, Hq);
       load_rows<HD>(dos, dout, b, i0, h, Tn, Hq);
@@ -188,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) attn_dkv_kernel(const T* q, const T*
         }
         s += __shfl_xor_sync(0xffffffffu, s, 1);
         dp += __shfl_xor_sync(0xffffffffu, dp, 1);
-        if (!valid || i0 + ii < j) continue;
+        if (!valid || i0 + ii < j || i0 + ii > j + W) continue;
         float p = exp2f(s - ls[ii]);
         float dsv = p * (dp - ds_[ii]);
 #pragma unroll
@@ -221,7 +225,8 @@ AttnShape check_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const 
               s.Hq % s.Hkv == 0, op, "k, v must be [B, T, Hkv, hd] with Hq % Hkv == 0; got q " + q.describe() +
               ", k " + k.describe());
   require(q.dtype == k.dtype && k.dtype == v.dtype, op, "q, k, v must share one dtype");
-  require(s.hd == 16 || s.hd == 32 || s.hd == 64 || s.hd == 128, op, "head_dim must be 16, 32, 64 or 128");
+  require(s.hd == 16 || s.hd == 32 || s.hd == 64 || s.hd == 96 || s.hd == 128 || s.hd == 256, op,
+          "head_dim must be 16, 32, 64, 96, 128 or 256");
   return s;
 }
 
@@ -231,13 +236,18 @@ AttnShape check_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const 
       case 16: { constexpr int HD = 16; __VA_ARGS__; break; }  \
       case 32: { constexpr int HD = 32; __VA_ARGS__; break; }  \
       case 64: { constexpr int HD = 64; __VA_ARGS__; break; }  \
-      default: { constexpr int HD = 128; __VA_ARGS__; break; } \
+      case 96: { constexpr int HD = 96; __VA_ARGS__; break; }  \
+      case 128: { constexpr int HD = 128; __VA_ARGS__; break; } \
+      default: { constexpr int HD = 256; __VA_ARGS__; break; } \
     }                                                   \
   } while (0)
 
 }  // namespace
 
-void CudaBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Tensor& lse) {
+bool CudaBackend::fast_attention_head_dim(int head_dim) { return flash::supports_head_dim(head_dim); }
+
+void CudaBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Tensor& lse,
+                                int window) {
   AttnShape s = check_shapes(q, k, v, "attention_fwd");
   require(out.shape == q.shape && out.dtype == q.dtype, "attention_fwd", "out must match q, got " + out.describe());
   require_dtype(lse, DType::f32, "attention_fwd", "lse");
@@ -245,19 +255,21 @@ void CudaBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& 
   if (q.numel() == 0) return;
   dim3 grid(unsigned((s.T + kRows - 1) / kRows), unsigned(s.B * s.Hq));
   float scale = 1.f / std::sqrt(float(s.hd));
-  if (q.dtype == DType::bf16 && s.hd == 64) {
+  if (q.dtype == DType::bf16 && flash::supports_head_dim(s.hd)) {
     flash::forward(q.as<bf16>(), k.as<bf16>(), v.as<bf16>(), out.as<bf16>(), lse.as<float>(), s.B, s.T, s.Hq, s.Hkv,
-                   scale, stream_);
+                   s.hd, window, scale, stream_);
     return;
   }
+  const int W = span_of(window, s.T);
   MOELAB_FLOAT_DISPATCH(q.dtype, T, MOELAB_HD_DISPATCH(s.hd, HD,
       attn_fwd_kernel<HD, T><<<grid, kThreads, 0, stream_>>>(q.as<T>(), k.as<T>(), v.as<T>(), out.as<T>(),
-                                                             lse.as<float>(), s.T, s.Hq, s.Hkv, scale)));
+                                                             lse.as<float>(), s.T, s.Hq, s.Hkv, W, scale)));
   MOELAB_CUDA_LAUNCH_CHECK("attention_fwd");
 }
 
 void CudaBackend::attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                                const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv) {
+                                const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv,
+                                int window) {
   AttnShape s = check_shapes(q, k, v, "attention_bwd");
   require(out.shape == q.shape && dout.shape == q.shape && out.dtype == q.dtype && dout.dtype == q.dtype,
           "attention_bwd", "out and dout must match q");
@@ -269,23 +281,25 @@ void CudaBackend::attention_bwd(const Tensor& q, const Tensor& k, const Tensor& 
   int64_t rows = int64_t(s.B) * s.T * s.Hq;
   auto* D = static_cast<float*>(scratch(ScratchSlot::attention, size_t(rows) * sizeof(float)));
   float scale = 1.f / std::sqrt(float(s.hd));
+  if (q.dtype == DType::bf16 && flash::supports_head_dim(s.hd)) {
+    flash::row_dot(out.as<bf16>(), dout.as<bf16>(), D, s.B, s.T, s.Hq, s.hd, stream_);
+    flash::backward(q.as<bf16>(), k.as<bf16>(), v.as<bf16>(), dout.as<bf16>(), lse.as<float>(), D, dq.data, dk.data,
+                    dv.data, dq.dtype, s.B, s.T, s.Hq, s.Hkv, s.hd, window, scale, stream_);
+    return;
+  }
   MOELAB_FLOAT_DISPATCH(q.dtype, T,
       attn_dot_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, stream_>>>(out.as<T>(), dout.as<T>(), D, rows, s.T,
                                                                         s.Hq, s.hd));
   MOELAB_CUDA_LAUNCH_CHECK("attention_dot");
-  if (q.dtype == DType::bf16 && s.hd == 64) {
-    flash::backward(q.as<bf16>(), k.as<bf16>(), v.as<bf16>(), dout.as<bf16>(), lse.as<float>(), D, dq.data, dk.data,
-                    dv.data, dq.dtype, s.B, s.T, s.Hq, s.Hkv, scale, stream_);
-    return;
-  }
+  const int W = span_of(window, s.T);
   dim3 gq(unsigned((s.T + kRows - 1) / kRows), unsigned(s.B * s.Hq));
   dim3 gk(unsigned((s.T + kRows - 1) / kRows), unsigned(s.B * s.Hkv));
   MOELAB_FLOAT_DISPATCH(q.dtype, T, MOELAB_FLOAT_DISPATCH(dq.dtype, TG, MOELAB_HD_DISPATCH(s.hd, HD, {
     attn_dq_kernel<HD, T, TG><<<gq, kThreads, 0, stream_>>>(q.as<T>(), k.as<T>(), v.as<T>(), dout.as<T>(),
-                                                            lse.as<float>(), D, dq.as<TG>(), s.T, s.Hq, s.Hkv, scale);
+                                                            lse.as<float>(), D, dq.as<TG>(), s.T, s.Hq, s.Hkv, W, scale);
     attn_dkv_kernel<HD, T, TG><<<gk, kThreads, 0, stream_>>>(q.as<T>(), k.as<T>(), v.as<T>(), dout.as<T>(),
                                                              lse.as<float>(), D, dk.as<TG>(), dv.as<TG>(), s.T, s.Hq,
-                                                             s.Hkv, scale);
+                                                             s.Hkv, W, scale);
   })));
   MOELAB_CUDA_LAUNCH_CHECK("attention_bwd");
 }

@@ -28,6 +28,8 @@ class CudaBackend : public Backend {
  public:
   // True when a CUDA device can be opened (driver present, at least one GPU).
   static bool cuda_device_available();
+  // Head dims the tensor-core attention kernels serve (others run on slow generic kernels).
+  static bool fast_attention_head_dim(int head_dim);
   // Opens device `device_index`; throws moelab::Error naming the cause when there is no GPU
   // (never falls back to the CPU silently).
   explicit CudaBackend(int device_index = 0);
@@ -79,10 +81,10 @@ class CudaBackend : public Backend {
                      const Tensor& dy, Tensor& dx) override;
 
   void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
-                     Tensor& lse) override;
+                     Tensor& lse, int window = 0) override;
   void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                      const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
-                     Tensor& dv) override;
+                     Tensor& dv, int window = 0) override;
 
   void relu2_fwd(const Tensor& h, Tensor& a) override;
   void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) override;

@@ -1,10 +1,7 @@
-// Launchers of the tensor-core flash-attention kernels (flash_attention.cu): bf16 q/k/v/out/dO
-// of shape [B, T, H, 64], causal, grouped-query. The backend routes other shapes and types to
-// the generic kernels in attention.cu.
-//
-// Each of the three passes (forward, dq, dk/dv) has several kernel variants so that
-// bench/cuda/bench_attention.cu can time and check them side by side on the same inputs;
-// `kProduction` in flash_attention.cu names the ones forward()/backward() use.
+// Launchers of the tensor-core flash-attention kernels (flash_attention.cu): bf16 q/k/v/out/dO of
+// shape [B, T, H, head_dim] with head_dim 64 or 128, causal, grouped-query, optional sliding
+// window (query t sees keys t - window .. t; window <= 0 or >= T: full causal). The backend
+// routes other shapes and types to the generic kernels in attention.cu.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -13,44 +10,17 @@
 
 namespace moelab::flash {
 
+// Head dims these kernels serve (the model refuses others on the GPU at start-up).
+bool supports_head_dim(int head_dim);
+
 void forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out, float* lse,
-             int B, int T, int Hq, int Hkv, float scale, cudaStream_t stream);
-// D [B, Hq, T] = rowsum(dO * O), computed beforehand. dq, dk, dv in grad_dtype (bf16 or f32).
+             int B, int T, int Hq, int Hkv, int head_dim, int window, float scale, cudaStream_t stream);
+// D [B, Hq, T] = rowsum(dout * out), which backward() expects.
+void row_dot(const __nv_bfloat16* out, const __nv_bfloat16* dout, float* D, int B, int T, int Hq, int head_dim,
+             cudaStream_t stream);
+// dq, dk, dv in grad_dtype (bf16 or f32), overwritten.
 void backward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const __nv_bfloat16* dout,
               const float* lse, const float* D, void* dq, void* dk, void* dv, DType grad_dtype, int B, int T, int Hq,
-              int Hkv, float scale, cudaStream_t stream);
-
-// --- Variants (for the benchmark; the model goes through forward()/backward()) ---
-// base:   the original kernels: 4 warps x 16 rows, masking on every tile.
-// lean64: same tiling, masking only on tiles that cross the diagonal, warps skip fully masked
-//         tiles, fused scale+exp2 (ex2.approx), heavy blocks of every head launched first, and
-//         (dk/dv) lse and D fetched by cp.async with their Q/dO tile.
-// m128 / n128: as lean64 with 128 rows per block: m128 gives each warp 32 query rows (each K/V
-//         fragment feeds two mma), n128 uses 8 warps x 16 keys (each Q/dO tile feeds 128 keys).
-enum class FwdKernel { base, lean64, m128 };
-enum class DqKernel { base, lean64, m128 };
-enum class DkvKernel { base, lean64, n128 };
-struct Kernels {
-  FwdKernel fwd;
-  DqKernel dq;
-  DkvKernel dkv;
-};
-extern const Kernels kProduction;
-
-const char* name(FwdKernel k);
-const char* name(DqKernel k);
-const char* name(DkvKernel k);
-
-void forward_with(FwdKernel kernel, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                  __nv_bfloat16* out, float* lse, int B, int T, int Hq, int Hkv, float scale, cudaStream_t stream);
-void dq_with(DqKernel kernel, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-             const __nv_bfloat16* dout, const float* lse, const float* D, void* dq, DType grad_dtype, int B, int T,
-             int Hq, int Hkv, float scale, cudaStream_t stream);
-void dkv_with(DkvKernel kernel, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-              const __nv_bfloat16* dout, const float* lse, const float* D, void* dk, void* dv, DType grad_dtype, int B,
-              int T, int Hq, int Hkv, float scale, cudaStream_t stream);
-// D [B, Hq, T] = rowsum(dout * out) for [B, T, Hq, 64] bf16 tensors (what backward() expects).
-void row_dot(const __nv_bfloat16* out, const __nv_bfloat16* dout, float* D, int B, int T, int Hq,
-             cudaStream_t stream);
+              int Hkv, int head_dim, int window, float scale, cudaStream_t stream);
 
 }  // namespace moelab::flash

@@ -1,7 +1,7 @@
-// Every flash-attention kernel variant (flash_attention.cuh: forward, dq, dk/dv) against the CPU
+// Kernel lab: every flash-attention variant (attention_variants_hd64.cuh: forward, dq, dk/dv) against the CPU
 // backend's f32 attention on small shapes chosen for their edges: T not a multiple of 64 or 128,
-// grouped-query heads, bf16 and f32 gradients. The benchmark (bench/cuda/bench_attention.cu)
-// checks the same variants at the seed's shape; this catches what only odd shapes exercise.
+// grouped-query heads, bf16 and f32 gradients. The benchmark (bench_attention_variants.cu) checks
+// the same variants at the seed's shape; this catches what only odd shapes exercise.
 // Skips cleanly when there is no GPU.
 #include <gtest/gtest.h>
 
@@ -11,7 +11,7 @@
 
 #include "backend/cpu/cpu_backend.hpp"
 #include "backend/cuda/cuda_backend.hpp"
-#include "backend/cuda/flash_attention.cuh"
+#include "attention_variants_hd64.cuh"
 #include "core/rng.hpp"
 #include "normalized_error.hpp"
 
@@ -68,34 +68,34 @@ TEST(FlashVariants, MatchCpuReference) {
     gpu.write(lref, ref_l);
     const int B = int(cs.B), T = int(cs.T), Hq = int(cs.Hq), Hkv = int(cs.Hkv);
     const float scale = 0.125f;
-    flash::row_dot(ob.as<__nv_bfloat16>(), dout.as<__nv_bfloat16>(), D.as<float>(), B, T, Hq, gpu.stream());
+    flash_lab::row_dot(ob.as<__nv_bfloat16>(), dout.as<__nv_bfloat16>(), D.as<float>(), B, T, Hq, gpu.stream());
     using BF = __nv_bfloat16;
-    for (auto fk : {flash::FwdKernel::base, flash::FwdKernel::lean64, flash::FwdKernel::m128}) {
+    for (auto fk : {flash_lab::FwdKernel::base, flash_lab::FwdKernel::lean64, flash_lab::FwdKernel::m128}) {
       Tensor o = gpu.alloc(qs, DType::bf16), l = gpu.alloc(ls, DType::f32);
       gpu.fill(o, NAN);
       gpu.fill(l, NAN);
-      flash::forward_with(fk, q.as<BF>(), k.as<BF>(), v.as<BF>(), o.as<BF>(), l.as<float>(), B, T, Hq, Hkv, scale,
+      flash_lab::forward_with(fk, q.as<BF>(), k.as<BF>(), v.as<BF>(), o.as<BF>(), l.as<float>(), B, T, Hq, Hkv, scale,
                           gpu.stream());
-      EXPECT_LT(nerr(gpu.read(o), ref_o), kTol) << flash::name(fk) << " out " << tag;
-      EXPECT_LT(nerr(gpu.read(l), ref_l), 1e-4) << flash::name(fk) << " lse " << tag;
+      EXPECT_LT(nerr(gpu.read(o), ref_o), kTol) << flash_lab::name(fk) << " out " << tag;
+      EXPECT_LT(nerr(gpu.read(l), ref_l), 1e-4) << flash_lab::name(fk) << " lse " << tag;
     }
     for (DType gt : {DType::bf16, DType::f32}) {
       const std::string gtag = tag + " grad " + dtype_name(gt);
-      for (auto qk : {flash::DqKernel::base, flash::DqKernel::lean64, flash::DqKernel::m128}) {
+      for (auto qk : {flash_lab::DqKernel::base, flash_lab::DqKernel::lean64, flash_lab::DqKernel::m128}) {
         Tensor dq = gpu.alloc(qs, gt);
         gpu.fill(dq, NAN);
-        flash::dq_with(qk, q.as<BF>(), k.as<BF>(), v.as<BF>(), dout.as<BF>(), lref.as<float>(), D.as<float>(),
+        flash_lab::dq_with(qk, q.as<BF>(), k.as<BF>(), v.as<BF>(), dout.as<BF>(), lref.as<float>(), D.as<float>(),
                        dq.data, gt, B, T, Hq, Hkv, scale, gpu.stream());
-        EXPECT_LT(nerr(gpu.read(dq), ref_dq), kTol) << flash::name(qk) << " dq " << gtag;
+        EXPECT_LT(nerr(gpu.read(dq), ref_dq), kTol) << flash_lab::name(qk) << " dq " << gtag;
       }
-      for (auto kk : {flash::DkvKernel::base, flash::DkvKernel::lean64, flash::DkvKernel::n128}) {
+      for (auto kk : {flash_lab::DkvKernel::base, flash_lab::DkvKernel::lean64, flash_lab::DkvKernel::n128}) {
         Tensor dk = gpu.alloc(ks, gt), dv = gpu.alloc(ks, gt);
         gpu.fill(dk, NAN);
         gpu.fill(dv, NAN);
-        flash::dkv_with(kk, q.as<BF>(), k.as<BF>(), v.as<BF>(), dout.as<BF>(), lref.as<float>(), D.as<float>(),
+        flash_lab::dkv_with(kk, q.as<BF>(), k.as<BF>(), v.as<BF>(), dout.as<BF>(), lref.as<float>(), D.as<float>(),
                         dk.data, dv.data, gt, B, T, Hq, Hkv, scale, gpu.stream());
-        EXPECT_LT(nerr(gpu.read(dk), ref_dk), kTol) << flash::name(kk) << " dk " << gtag;
-        EXPECT_LT(nerr(gpu.read(dv), ref_dv), kTol) << flash::name(kk) << " dv " << gtag;
+        EXPECT_LT(nerr(gpu.read(dk), ref_dk), kTol) << flash_lab::name(kk) << " dk " << gtag;
+        EXPECT_LT(nerr(gpu.read(dv), ref_dv), kTol) << flash_lab::name(kk) << " dv " << gtag;
       }
     }
   }

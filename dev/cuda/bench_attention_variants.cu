@@ -1,5 +1,5 @@
-// Benchmark and check of the flash-attention kernel variants (flash_attention.cuh) at the seed's
-// shape (B=16, T=1024, Hq=Hkv=12, head_dim 64, causal; `bench_attention B T Hq [Hkv]` for others).
+// Kernel lab: benchmark and check of the flash-attention variants (attention_variants_hd64.cuh) at the seed's
+// shape (B=16, T=1024, Hq=Hkv=12, head_dim 64, causal; `bench_attention_variants B T Hq [Hkv]` for others).
 // Every variant of each pass runs on the same fresh random inputs, and its outputs (out, lse / dq
 // / dk, dv, with bf16 and with f32 gradients) are compared with the base kernels' by normalized
 // error; the base kernels themselves are compared with an fp64 host reference on one batch row
@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "backend/cuda/cuda_check.hpp"
-#include "backend/cuda/flash_attention.cuh"
+#include "attention_variants_hd64.cuh"
 #include "core/dtype.hpp"
 #include "core/rng.hpp"
 #include "bench_check.hpp"
@@ -210,8 +210,8 @@ int run(int argc, char** argv) {
   Rng rng(seed);
   std::printf("device: %s   B=%d T=%d Hq=%d Hkv=%d hd=%d causal   seed %llu\n", prop.name, s.B, s.T, s.Hq, s.Hkv, kHd,
               (unsigned long long)seed);
-  std::printf("production: %s, %s, %s\n", flash::name(flash::kProduction.fwd), flash::name(flash::kProduction.dq),
-              flash::name(flash::kProduction.dkv));
+  std::printf("production: %s, %s, %s\n", flash_lab::name(flash_lab::kProduction.fwd), flash_lab::name(flash_lab::kProduction.dq),
+              flash_lab::name(flash_lab::kProduction.dkv));
 
   DevBuf<bf16> q(s.q_elems()), k(s.kv_elems()), v(s.kv_elems()), dout(s.q_elems());
   const auto hq = fill_random(q.p, q.n, rng), hk = fill_random(k.p, k.n, rng), hv = fill_random(v.p, v.n, rng),
@@ -227,11 +227,11 @@ int run(int argc, char** argv) {
   bool all_ok = true;
 
   // --- base kernels vs fp64 on one (batch row, kv group) ---
-  flash::forward_with(flash::FwdKernel::base, q.p, k.p, v.p, out_ref.p, lse_ref.p, B, T, Hq, Hkv, scale, st);
-  flash::row_dot(out_ref.p, dout.p, D.p, B, T, Hq, st);
-  flash::dq_with(flash::DqKernel::base, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dq_ref.p, DType::f32, B, T, Hq, Hkv,
+  flash_lab::forward_with(flash_lab::FwdKernel::base, q.p, k.p, v.p, out_ref.p, lse_ref.p, B, T, Hq, Hkv, scale, st);
+  flash_lab::row_dot(out_ref.p, dout.p, D.p, B, T, Hq, st);
+  flash_lab::dq_with(flash_lab::DqKernel::base, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dq_ref.p, DType::f32, B, T, Hq, Hkv,
                  scale, st);
-  flash::dkv_with(flash::DkvKernel::base, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dk_ref.p, dv_ref.p, DType::f32, B, T,
+  flash_lab::dkv_with(flash_lab::DkvKernel::base, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dk_ref.p, dv_ref.p, DType::f32, B, T,
                   Hq, Hkv, scale, st);
   MOELAB_CUDA_CHECK(cudaStreamSynchronize(st));
   {
@@ -252,29 +252,29 @@ int run(int argc, char** argv) {
   const auto o_ref = to_host(out_ref.p, out_ref.n, DType::bf16), l_ref = to_host(lse_ref.p, lse_ref.n, DType::f32);
   std::printf("\n%-12s %10s %10s %8s\n", "kernel", "us", "TFLOP/s", "vs base");
   double fwd_base_us = 0, fwd_best_us = 1e30;
-  for (auto kv : {flash::FwdKernel::base, flash::FwdKernel::lean64, flash::FwdKernel::m128}) {
-    auto run = [&] { flash::forward_with(kv, q.p, k.p, v.p, out.p, lse.p, B, T, Hq, Hkv, scale, st); };
+  for (auto kv : {flash_lab::FwdKernel::base, flash_lab::FwdKernel::lean64, flash_lab::FwdKernel::m128}) {
+    auto run = [&] { flash_lab::forward_with(kv, q.p, k.p, v.p, out.p, lse.p, B, T, Hq, Hkv, scale, st); };
     MOELAB_CUDA_CHECK(cudaMemset(out.p, 0xff, out.n * sizeof(bf16)));
     run();
     MOELAB_CUDA_CHECK(cudaStreamSynchronize(st));
     const double e_out = nerr(to_host(out.p, out.n, DType::bf16), o_ref);
     const double e_lse = nerr(to_host(lse.p, lse.n, DType::f32), l_ref);
     const double us = median_us(st, run);
-    if (kv == flash::FwdKernel::base) fwd_base_us = us;
+    if (kv == flash_lab::FwdKernel::base) fwd_base_us = us;
     fwd_best_us = std::min(fwd_best_us, us);
-    std::printf("%-12s %10.1f %10.1f %7.2fx\n", flash::name(kv), us, 2 * one_product / (us * 1e-6) / 1e12,
+    std::printf("%-12s %10.1f %10.1f %7.2fx\n", flash_lab::name(kv), us, 2 * one_product / (us * 1e-6) / 1e12,
                 fwd_base_us / us);
-    all_ok &= report_check(flash::name(kv), "out", e_out, kTol);
-    all_ok &= report_check(flash::name(kv), "lse", e_lse, 1e-3);
+    all_ok &= report_check(flash_lab::name(kv), "out", e_out, kTol);
+    all_ok &= report_check(flash_lab::name(kv), "lse", e_lse, 1e-3);
   }
 
   // --- backward variants: both gradient dtypes are checked, bf16 (the model's) is timed ---
   // Inputs of the backward are the base forward's out/lse, so every variant sees the same ones.
   std::vector<float> ref_bf[3], ref_f32[3];
   for (DType dt : {DType::bf16, DType::f32}) {
-    flash::dq_with(flash::DqKernel::base, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dq_ref.p, dt, B, T, Hq, Hkv, scale,
+    flash_lab::dq_with(flash_lab::DqKernel::base, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dq_ref.p, dt, B, T, Hq, Hkv, scale,
                    st);
-    flash::dkv_with(flash::DkvKernel::base, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dk_ref.p, dv_ref.p, dt, B, T, Hq,
+    flash_lab::dkv_with(flash_lab::DkvKernel::base, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dk_ref.p, dv_ref.p, dt, B, T, Hq,
                     Hkv, scale, st);
     MOELAB_CUDA_CHECK(cudaStreamSynchronize(st));
     auto& dst = dt == DType::bf16 ? ref_bf : ref_f32;
@@ -283,47 +283,47 @@ int run(int argc, char** argv) {
     dst[2] = to_host(dv_ref.p, dv_ref.n, dt);
   }
   double dq_base_us = 0, dq_best_us = 1e30;
-  for (auto kv : {flash::DqKernel::base, flash::DqKernel::lean64, flash::DqKernel::m128}) {
+  for (auto kv : {flash_lab::DqKernel::base, flash_lab::DqKernel::lean64, flash_lab::DqKernel::m128}) {
     double errs[2];
     for (DType dt : {DType::bf16, DType::f32}) {
       MOELAB_CUDA_CHECK(cudaMemset(dq.p, 0xff, dq.n * sizeof(float)));
-      flash::dq_with(kv, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dq.p, dt, B, T, Hq, Hkv, scale, st);
+      flash_lab::dq_with(kv, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dq.p, dt, B, T, Hq, Hkv, scale, st);
       MOELAB_CUDA_CHECK(cudaStreamSynchronize(st));
       errs[dt == DType::f32] = nerr(to_host(dq.p, dq.n, dt), (dt == DType::bf16 ? ref_bf : ref_f32)[0]);
     }
     const double us = median_us(st, [&] {
-      flash::dq_with(kv, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dq.p, DType::bf16, B, T, Hq, Hkv, scale, st);
+      flash_lab::dq_with(kv, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dq.p, DType::bf16, B, T, Hq, Hkv, scale, st);
     });
-    if (kv == flash::DqKernel::base) dq_base_us = us;
+    if (kv == flash_lab::DqKernel::base) dq_base_us = us;
     dq_best_us = std::min(dq_best_us, us);
-    std::printf("%-12s %10.1f %10.1f %7.2fx\n", flash::name(kv), us, 3 * one_product / (us * 1e-6) / 1e12,
+    std::printf("%-12s %10.1f %10.1f %7.2fx\n", flash_lab::name(kv), us, 3 * one_product / (us * 1e-6) / 1e12,
                 dq_base_us / us);
-    all_ok &= report_check(flash::name(kv), "dq", errs[0], kTol);
-    all_ok &= report_check(flash::name(kv), "dq32", errs[1], kTol);
+    all_ok &= report_check(flash_lab::name(kv), "dq", errs[0], kTol);
+    all_ok &= report_check(flash_lab::name(kv), "dq32", errs[1], kTol);
   }
   double dkv_base_us = 0, dkv_best_us = 1e30;
-  for (auto kv : {flash::DkvKernel::base, flash::DkvKernel::lean64, flash::DkvKernel::n128}) {
+  for (auto kv : {flash_lab::DkvKernel::base, flash_lab::DkvKernel::lean64, flash_lab::DkvKernel::n128}) {
     double ek[2], ev[2];
     for (DType dt : {DType::bf16, DType::f32}) {
       MOELAB_CUDA_CHECK(cudaMemset(dk.p, 0xff, dk.n * sizeof(float)));
       MOELAB_CUDA_CHECK(cudaMemset(dv.p, 0xff, dv.n * sizeof(float)));
-      flash::dkv_with(kv, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dk.p, dv.p, dt, B, T, Hq, Hkv, scale, st);
+      flash_lab::dkv_with(kv, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dk.p, dv.p, dt, B, T, Hq, Hkv, scale, st);
       MOELAB_CUDA_CHECK(cudaStreamSynchronize(st));
       const auto& rf = dt == DType::bf16 ? ref_bf : ref_f32;
       ek[dt == DType::f32] = nerr(to_host(dk.p, dk.n, dt), rf[1]);
       ev[dt == DType::f32] = nerr(to_host(dv.p, dv.n, dt), rf[2]);
     }
     const double us = median_us(st, [&] {
-      flash::dkv_with(kv, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dk.p, dv.p, DType::bf16, B, T, Hq, Hkv, scale, st);
+      flash_lab::dkv_with(kv, q.p, k.p, v.p, dout.p, lse_ref.p, D.p, dk.p, dv.p, DType::bf16, B, T, Hq, Hkv, scale, st);
     });
-    if (kv == flash::DkvKernel::base) dkv_base_us = us;
+    if (kv == flash_lab::DkvKernel::base) dkv_base_us = us;
     dkv_best_us = std::min(dkv_best_us, us);
-    std::printf("%-12s %10.1f %10.1f %7.2fx\n", flash::name(kv), us, 4 * one_product / (us * 1e-6) / 1e12,
+    std::printf("%-12s %10.1f %10.1f %7.2fx\n", flash_lab::name(kv), us, 4 * one_product / (us * 1e-6) / 1e12,
                 dkv_base_us / us);
-    all_ok &= report_check(flash::name(kv), "dk", ek[0], kTol);
-    all_ok &= report_check(flash::name(kv), "dv", ev[0], kTol);
-    all_ok &= report_check(flash::name(kv), "dk32", ek[1], kTol);
-    all_ok &= report_check(flash::name(kv), "dv32", ev[1], kTol);
+    all_ok &= report_check(flash_lab::name(kv), "dk", ek[0], kTol);
+    all_ok &= report_check(flash_lab::name(kv), "dv", ev[0], kTol);
+    all_ok &= report_check(flash_lab::name(kv), "dk32", ek[1], kTol);
+    all_ok &= report_check(flash_lab::name(kv), "dv32", ev[1], kTol);
   }
 
   std::printf("\nsummary (TFLOP/s with 2 products fwd, 5 bwd):\n");

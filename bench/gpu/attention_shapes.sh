@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Device call for attention at nanochat's shapes: the attention op harness, the engine's attention
+# beside PyTorch SDPA (shared/anchors/torch_attention_ref.py) at the peer's shapes and with windows,
+# and whole training steps (BF16, AdamW on the matrices, the peer's optimizer) at d12 with head
+# dim 128 and at d20 beside torch_moe_ref.py. Prints one table per part; logs land in $OUT.
+#   STEPS=25 WHAT="ops attn steps" bash bench/gpu/attention_shapes.sh
+source bench/gpu/device_env.sh
+B=$GPU_BIN
+steps=${STEPS:-25}
+what=" ${WHAT:-ops attn steps} "
+if [[ $what == *" ops "* ]]; then
+  echo "== op harness (attention) and the kernel lab's variant checks"
+  "$B/test_cuda" --gtest_brief=1 --gtest_filter='CudaOps.Attention*' 2>&1 | tail -6 | tee "$OUT/test_attention.log"
+  [ -x "$B/test_dev_cuda" ] && "$B/test_dev_cuda" --gtest_brief=1 2>&1 | tail -4
+fi
+if [[ $what == *" attn "* ]]; then
+  echo "== attention forward + backward: moelab"
+  "$B/bench_attention" 2>&1 | tee "$OUT/bench_attention.txt"
+  echo "== attention forward + backward: PyTorch SDPA"
+  python3 "$B/torch_attention_ref.py" > "$OUT/torch_attention.jsonl" 2>&1
+  for s in 16,1024,12,64,512 8,2048,8,128,1024 16,1024,6,128,512; do
+    IFS=, read -r b t h d w <<< "$s"
+    python3 "$B/torch_attention_ref.py" --shape "$b,$t,$h,$d" --window "$w" >> "$OUT/torch_attention.jsonl" 2>&1
+  done
+  python3 - "$OUT/torch_attention.jsonl" <<'PY'
+import json, sys
+for l in open(sys.argv[1]):
+    if not l.startswith("{"): continue
+    j = json.loads(l)
+    print(f"{j['B']},{j['T']},{j['H']},{j['D']} window {j['window']:>5} {j['backend']:<20} {j.get('ms', j.get('error'))}")
+PY
+fi
+if [[ $what == *" steps "* ]]; then
+  echo "== whole steps, BF16, AdamW on the matrices"
+  run() {  # name, then --set overrides
+    local name=$1; shift
+    "$B/moelab" train --config configs/d12-moe.toml --out "/tmp/steps/$name" --set train.steps=$steps \
+      --set optim.matrix_optimizer=adamw "$@" > "$OUT/$name.log" 2>&1 || { echo "$name failed"; tail -3 "$OUT/$name.log"; }
+  }
+  d20=(--set model.d_model=1280 --set model.layers=20 --set model.head_dim=128 --set train.seq_len=2048
+       --set train.batch_size=8 --set moe.expert_hidden=2560)
+  run d12_hd64 --set model.head_dim=64
+  run d12_hd128 --set model.head_dim=128
+  run d12_hd128_SSSL --set model.head_dim=128 --set model.window_pattern=SSSL
+  run d20 "${d20[@]}"
+  run d20_SSSL "${d20[@]}" --set model.window_pattern=SSSL
+  T="python3 $B/torch_moe_ref.py --steps 20 --mlp moe --compile 1"
+  { $T --head-dim 64; $T --head-dim 128;
+    $T --d-model 1280 --layers 20 --head-dim 128 --seq-len 2048 --batch 8 --expert-hidden 2560; } > "$OUT/torch_steps.jsonl" 2>"$OUT/torch_steps.err"
+  python3 - <<'PY' | tee "$OUT/steps.txt"
+import json, glob, os, statistics as st
+print("| run | median tok/s (steps 10+) | mfu % | median dt ms | peak MiB |")
+print("| --- | ---: | ---: | ---: | ---: |")
+for d in sorted(glob.glob("/tmp/steps/*")):
+    recs = [json.loads(l) for l in open(d + "/metrics.jsonl") if '"event":"step"' in l]
+    tail = [r for r in recs if r["step"] >= 10]
+    if not tail: print(f"| {os.path.basename(d)} | failed | | | |"); continue
+    print(f"| moelab {os.path.basename(d)} | {st.median(r['tok_sec'] for r in tail):,.0f} | {st.median(r['mfu'] or 0 for r in tail):.2f} "
+          f"| {st.median(r['dt_ms'] for r in tail):.1f} | {max(r['peak_mem_mib'] for r in recs):,.0f} |")
+for l in open(os.environ["OUT"] + "/torch_steps.jsonl"):
+    if not l.startswith("{"): continue
+    j = json.loads(l)
+    if "tok_s" in j:
+        print(f"| torch moe compiled d_model {j.get('d_model')} head_dim {j.get('head_dim')} | {j['tok_s']:,} | {j['mfu']} | {j['dt_ms']} | {j['peak_mib']:,} |")
+PY
+fi
