@@ -14,7 +14,8 @@ from tokenizers import Tokenizer
 def main():
     path, text_path, ids_path = sys.argv[1:4]
     tok = Tokenizer.from_file(path)
-    text = open(text_path, encoding="utf-8").read()
+    # newline="": keep "\r\n" as it is (Python's default reading turns it into "\n").
+    text = open(text_path, encoding="utf-8", newline="").read()
     want = [int(x) for x in open(ids_path).read().split()]
     got = tok.encode(text, add_special_tokens=False).ids
     same = got == want

@@ -14,7 +14,8 @@ logits after the softcap, and `model.loss(tokens, targets)` the mean cross-entro
 
 The model is moelab's GptMoE as docs/ARCHITECTURE.md and src/backend/backend.hpp define it: RMSNorm
 without weights (eps from config.json), rotary on pairs (i, i + hd/2) then per-head RMSNorm of q
-and k, causal attention with scale 1/sqrt(hd) and grouped kv heads, ReLU^2 MLPs, MoE with softmax
+and k, causal attention with scale 1/sqrt(hd), grouped kv heads and per-layer sliding windows
+(config.json's "windows"), ReLU^2 MLPs, MoE with softmax
 top-k routing, renormalized gates and (capacity dispatch) GShard's keep order (all first choices,
 then second choices, each by token), logit softcap. A config with a key this file does not know
 is refused: a newer moelab option would change the model in ways this code would not reproduce.
@@ -35,7 +36,7 @@ FORMAT = "moelab-model/1"
 # Every model.* / moe.* key this loader implements, with how to read its text. A key missing here
 # makes load() refuse the model.
 KNOWN_KEYS = {
-    "model.d_model": int, "model.layers": int, "model.head_dim": int, "model.kv_heads": int,
+    "model.d_model": int, "model.layers": int, "model.head_dim": int, "model.kv_heads": int, "model.window_pattern": str,
     "model.vocab": int, "model.mlp_hidden": int, "model.max_seq": int, "model.rope_base": float,
     "model.softcap": float, "model.init_scale": float,
     "moe.experts": int, "moe.top_k": int, "moe.expert_hidden": int, "moe.layers": str,
@@ -92,6 +93,8 @@ class GptMoE(torch.nn.Module):
         self.eps = float(meta["norm_eps"])
         self.heads, self.kv_heads = int(meta["heads"]), int(meta["kv_heads"])
         self.moe_layers = set(int(i) for i in meta["moe_layers"])
+        # Per layer: 0 = full causal attention, w > 0 = query t sees keys t - w .. t.
+        self.windows = [int(w) for w in meta["windows"]]
         self.w = {k: v.to(dtype) for k, v in weights.items()}
         hd, half = cfg["model.head_dim"], cfg["model.head_dim"] // 2
         t = torch.arange(cfg["model.max_seq"], dtype=torch.float64)[:, None]
@@ -149,8 +152,12 @@ class GptMoE(torch.nn.Module):
             group = self.heads // self.kv_heads  # query head h reads kv head h // group
             k = k.repeat_interleave(group, dim=2)
             v = v.repeat_interleave(group, dim=2)
+            pos = torch.arange(T)
+            visible = pos[None, :] <= pos[:, None]  # [query, key]: causal
+            if 0 < self.windows[i] < T:
+                visible &= pos[None, :] >= pos[:, None] - self.windows[i]
             att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, scale=1.0 / math.sqrt(hd))
+                                                 attn_mask=visible, scale=1.0 / math.sqrt(hd))
             x = x + att.transpose(1, 2).reshape(B * T, self.heads * hd) @ self.w[p + "attn.c_proj.weight"].T
             xn = rms_norm(x, self.eps)
             if i in self.moe_layers:

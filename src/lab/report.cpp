@@ -157,10 +157,13 @@ ReportResult write_report(const ReportOptions& opt) {
   std::vector<std::string> artifacts, figures;
   fs::path steps_path = out_dir / "metrics" / (ex.name + "_steps.csv");
   fs::path summary_path = out_dir / "metrics" / (ex.name + "_summary.csv");
+  fs::path val_path = out_dir / "metrics" / (ex.name + "_val.csv");
   write_file_atomic(steps_path, steps_csv(ex));
+  write_file_atomic(val_path, val_csv(ex));
   write_file_atomic(summary_path, summary_csv(result.rows, opt.tail, baseline));
   artifacts.push_back(relative_to(steps_path, out_dir));
   artifacts.push_back(relative_to(summary_path, out_dir));
+  artifacts.push_back(relative_to(val_path, out_dir));
 
   if (!opt.figures) {
     result.figures_note = "turned off (--no-figures)";

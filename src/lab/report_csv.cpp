@@ -1,4 +1,4 @@
-// The report's CSV files: every observed step of every run, and the summary table.
+// The report's CSV files: every observed step of every run, every validation, and the summary table.
 #include <sstream>
 
 #include "lab/report.hpp"
@@ -30,6 +30,16 @@ std::string steps_csv(const Experiment& ex) {
     for (const auto& s : run.steps)
       os << csv_field(run.name) << ',' << s.step << ',' << cell(s.loss, 6) << ',' << cell(s.bal, 6) << ','
          << cell(s.dt_ms, 2) << ',' << cell(s.tok_sec, 0) << ',' << cell(s.mfu, 2) << '\n';
+  return os.str();
+}
+
+std::string val_csv(const Experiment& ex) {
+  std::ostringstream os;
+  os << "run,step,val_loss,val_bpb\n";
+  for (const auto& run : ex.runs)
+    for (const auto& v : run.vals)
+      os << csv_field(run.name) << ',' << (v.step >= 0 ? std::to_string(v.step) : "") << ',' << cell(v.loss, 6) << ','
+         << cell(v.bpb, 6) << '\n';
   return os.str();
 }
 

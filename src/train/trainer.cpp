@@ -136,6 +136,7 @@ std::string export_config_json(const Config& cfg, const Backend& be) {
                       {"kv_heads", cfg.model.kv_heads_resolved()},
                       {"mlp_hidden", cfg.model.mlp_hidden_resolved()},
                       {"moe_layers", moe_layers},
+                      {"windows", cfg.layer_windows(cfg.train.seq_len)},
                       {"compute_dtype", dtype_name(be.act_dtype())},
                       {"norm_eps", double(Backend::kNormEps)}};
   return j.dump(1) + "\n";

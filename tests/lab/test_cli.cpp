@@ -148,3 +148,40 @@ TEST(Cli, KilledSweepLeavesNoOrphan) {
   if (!gone) kill(child, SIGKILL);
   std::filesystem::remove_all(dir);
 }
+
+// `moelab report` over several experiments (runs named by their experiment), never into a run
+// folder, and exit 1 (writing nothing) when there is no run at all.
+TEST(Cli, ReportComparesFoldersAndNeverWritesIntoARunFolder) {
+  auto dir = fresh_dir("cli_report");
+  write_text(dir / "base.toml", "");
+  for (const char* e : {"e1", "e2"}) {
+    write_text(dir / (std::string(e) + ".toml"), "name = \"" + std::string(e) + "\"\nbase = \"base.toml\"\n[[run]]\nname = \"a\"\n");
+    Result r = run("sweep " + (dir / (std::string(e) + ".toml")).string() + " --out " + (dir / e).string() +
+                   " --progress 100 --no-report --train-cmd " + kData + "/fake_train.sh");
+    ASSERT_EQ(r.code, 0) << r.output;
+  }
+  Result both = run("report " + (dir / "e1").string() + " " + (dir / "e2").string());
+  EXPECT_EQ(both.code, 1) << both.output;
+  EXPECT_NE(both.output.find("needs --out-md"), std::string::npos) << both.output;
+  both = run("report " + (dir / "e1").string() + " " + (dir / "e2").string() + " --out-md " + (dir / "cmp" / "r.md").string());
+  EXPECT_EQ(both.code, 0) << both.output;
+  std::string md = read_text(dir / "cmp" / "r.md");
+  EXPECT_NE(md.find("| e1/a | completed |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| e2/a | completed |"), std::string::npos) << md;
+
+  Result one = run("report " + (dir / "e1" / "a").string());
+  EXPECT_EQ(one.code, 1) << one.output;
+  EXPECT_NE(one.output.find("is a run folder, which the report does not write into"), std::string::npos) << one.output;
+  EXPECT_FALSE(std::filesystem::exists(dir / "e1" / "a" / "report.md"));
+  EXPECT_FALSE(std::filesystem::exists(dir / "e1" / "a" / "metrics"));
+  one = run("report " + (dir / "e1" / "a").string() + " --out-md " + (dir / "one" / "r.md").string());
+  EXPECT_EQ(one.code, 0) << one.output;
+  EXPECT_NE(read_text(dir / "one" / "r.md").find("| a | completed |"), std::string::npos);
+
+  std::filesystem::create_directories(dir / "nothing");
+  Result none = run("report " + (dir / "nothing").string());
+  EXPECT_EQ(none.code, 1) << none.output;
+  EXPECT_NE(none.output.find("no runs found"), std::string::npos) << none.output;
+  EXPECT_FALSE(std::filesystem::exists(dir / "nothing" / "report.md"));
+  std::filesystem::remove_all(dir);
+}

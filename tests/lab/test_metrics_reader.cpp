@@ -78,3 +78,23 @@ TEST(StatusReader, ReadsStateAndError) {
   EXPECT_EQ(bad.state, RunState::unknown);
   EXPECT_FALSE(bad.problems.empty());
 }
+
+// Validation events become the run's validation rows (a resumed run's repeats replaced); negative
+// or infinite rates and durations are unknown, not averaged into the report.
+TEST(MetricsReader, ValidationEventsAndImpossibleRates) {
+  std::string text = step_line(0, 5.0) + "\n" +
+                     "{\"event\": \"val\", \"step\": 0, \"val_loss\": 4.5, \"val_bpb\": 6.5}\n" +
+                     "{\"event\": \"val\", \"step\": 4, \"val_loss\": 4.0, \"val_bpb\": 5.8}\n" +
+                     "{\"event\": \"val\", \"step\": 4, \"val_loss\": 3.9, \"val_bpb\": 5.6}\n" +
+                     "{\"event\": \"step\", \"step\": 5, \"loss\": 3.5, \"dt_ms\": -3, \"tok_sec\": \"-inf\"}\n";
+  RunRecord rec;
+  parse_metrics_jsonl(text, rec);
+  ASSERT_EQ(rec.vals.size(), 2u);
+  EXPECT_EQ(rec.vals[1].step, 4);
+  EXPECT_DOUBLE_EQ(rec.vals[1].loss, 3.9);
+  EXPECT_DOUBLE_EQ(rec.vals[1].bpb, 5.6);
+  ASSERT_EQ(rec.steps.size(), 2u);
+  EXPECT_FALSE(known(rec.steps[1].dt_ms));
+  EXPECT_FALSE(known(rec.steps[1].tok_sec));
+  EXPECT_FALSE(rec.problems.empty());
+}

@@ -85,3 +85,30 @@ TEST(NanochatLog, TruncatedAndMalformedLines) {
   EXPECT_DOUBLE_EQ(rec.steps[1].dt_ms, 5.0);  // the cut line still gives what it has
   EXPECT_FALSE(rec.problems.empty());         // "step 0000" was unreadable
 }
+
+// Validation lines: moelab's own ("step N | validation loss: L | bpb: B", which once counted as
+// an unreadable step line), nanochat's "Step N | Validation bpb: B" and its closing minimum.
+TEST(NanochatLog, ValidationLinesOfMoelabAndNanochat) {
+  std::string log =
+      "step 00000/00040 (0.00%) | loss: 5.5 | dt: 10.00ms | tok/sec: 1,000 | total time: 0.00m\n"
+      "step 00019 | validation loss: 4.712500 | bpb: 1.3200\n"
+      "Step 00029 | Validation bpb: 1.2345\n"
+      "step 00039/00040 (97.50%) | loss: 4.1 | dt: 10.00ms | tok/sec: -5 | total time: 0.01m\n"
+      "Step 00039 | Validation bpb: 1.2500\n"
+      "Minimum validation bpb: 1.2345\n"
+      "Peak memory usage: 10.00MiB\n";
+  RunRecord rec;
+  parse_nanochat_log(log, rec);
+  EXPECT_TRUE(rec.problems.empty()) << rec.problems.front();
+  ASSERT_EQ(rec.vals.size(), 3u);
+  EXPECT_EQ(rec.vals[0].step, 19);
+  EXPECT_DOUBLE_EQ(rec.vals[0].loss, 4.7125);
+  EXPECT_DOUBLE_EQ(rec.vals[0].bpb, 1.32);
+  EXPECT_EQ(rec.vals[1].step, 29);
+  EXPECT_FALSE(known(rec.vals[1].loss));
+  EXPECT_DOUBLE_EQ(rec.vals[1].bpb, 1.2345);
+  EXPECT_EQ(rec.vals[2].step, 39);
+  EXPECT_DOUBLE_EQ(rec.min_val_bpb, 1.2345);
+  ASSERT_EQ(rec.steps.size(), 2u);
+  EXPECT_FALSE(known(rec.steps[1].tok_sec));  // a negative rate is never averaged in
+}

@@ -89,6 +89,10 @@ TEST(Report, RunFoldersGiveFiguresAndExtraSections) {
                     name[0] == 'c' ? 0.05 : 0.0, a, 0.5 - a);
       m += line;
     }
+    // Validation at steps 29 and 59; the capacity run validates 10% worse at the end.
+    m += "{\"event\": \"val\", \"step\": 29, \"val_loss\": 4.5, \"val_bpb\": 1.5}\n";
+    m += std::string("{\"event\": \"val\", \"step\": 59, \"val_loss\": ") + (name[0] == 'c' ? "4.4" : "4.0") +
+         ", \"val_bpb\": " + (name[0] == 'c' ? "1.32" : "1.2") + "}\n";
     m += "{\"event\": \"end\", \"step\": 59, \"peak_mem_mib\": 120.5, \"total_time_min\": 0.12}\n";
     write_text(dir / name / "metrics.jsonl", m);
     write_text(dir / name / "status.json", "{\"status\": \"completed\", \"step\": 59, \"steps\": 60}");
@@ -103,7 +107,11 @@ TEST(Report, RunFoldersGiveFiguresAndExtraSections) {
   ReportResult r = write_report(opt);
   std::string md = read_text(opt.out_md);
   EXPECT_EQ(md.rfind("# Dispatch ablation\n", 0), 0u);
-  EXPECT_NE(md.find("| tok/sec_vs_dropless |"), std::string::npos);
+  EXPECT_NE(md.find("| val_loss_vs_dropless | val_bpb_vs_dropless | tok/sec_vs_dropless |"), std::string::npos) << md;
+  // last_val_loss, best_val_loss, last_val_bpb, best_val_bpb, then the changes against dropless.
+  EXPECT_NE(md.find(" | 4.4000 | 4.4000 | 1.3200 | 1.3200 | +10.0% | +10.0% | "), std::string::npos) << md;
+  std::string val = read_text(dir / "out" / "metrics" / "abl_val.csv");
+  EXPECT_NE(val.find("capacity,59,4.400000,1.320000\n"), std::string::npos) << val;
   EXPECT_NE(md.find("## MoE Routing"), std::string::npos);
   EXPECT_NE(md.find("| capacity | 2 | 4 | 5.00% |"), std::string::npos) << md;
   EXPECT_NE(md.find("| run | moe.dispatch |"), std::string::npos) << md;

@@ -82,3 +82,45 @@ TEST(RunSummary, BaselineChange) {
   EXPECT_FALSE(known(rows[1].tok_sec_change_pct));
   EXPECT_EQ(summary_columns(50, "base").back(), "tok/sec_vs_base");
 }
+
+// Validation columns: last and lowest, and their change against the baseline.
+TEST(RunSummary, ValidationLastBestAndBaseline) {
+  RunRecord a, b;
+  a.name = "base";
+  b.name = "other";
+  a.vals = {{9, 5.0, 2.0}, {19, 4.0, 1.6}, {29, 4.2, 1.7}};
+  b.vals = {{9, 4.8, 1.9}, {29, 3.6, 1.53}};
+  b.min_val_bpb = 1.5;  // nanochat's closing line may know a lower one
+  std::vector<RunSummary> rows = {summarize_run(a, 50), summarize_run(b, 50)};
+  EXPECT_DOUBLE_EQ(rows[0].last_val_loss, 4.2);
+  EXPECT_DOUBLE_EQ(rows[0].best_val_loss, 4.0);
+  EXPECT_DOUBLE_EQ(rows[0].best_val_bpb, 1.6);
+  EXPECT_DOUBLE_EQ(rows[1].best_val_bpb, 1.5);
+  compare_with_baseline(rows, "base");
+  EXPECT_EQ(format_change(rows[1].val_loss_change_pct), "-14.3%");
+  EXPECT_EQ(format_change(rows[1].val_bpb_change_pct), "-10.0%");
+  auto cols = summary_columns(50, "base");
+  auto cells = summary_cells(rows[1], true);
+  ASSERT_EQ(cols.size(), cells.size());
+  EXPECT_EQ(cols[10], "last_val_loss");
+  EXPECT_EQ(cells[10], "3.6000");
+  EXPECT_EQ(cells[13], "1.5000");
+}
+
+// Repeats of one config: mean and sample standard deviation over the runs that have the number.
+TEST(RunSummary, RepeatGroupsGiveMeanAndSpread) {
+  std::vector<RunSummary> rows(5);
+  rows[0].name = "cap", rows[0].last_val_loss = 4.0;
+  rows[1].name = "cap_repeat", rows[1].last_val_loss = 4.2;
+  rows[2].name = "cap_repeat2", rows[2].last_val_loss = 4.4;
+  rows[3].name = "drop";  // alone: no group
+  rows[4].name = "my_repeatable";  // not a repeat suffix
+  auto groups = repeat_groups(rows);
+  ASSERT_EQ(groups.size(), 1u);
+  EXPECT_EQ(groups[0].name, "cap");
+  EXPECT_EQ(groups[0].runs.size(), 3u);
+  EXPECT_NEAR(groups[0].last_val_loss.mean, 4.2, 1e-12);
+  EXPECT_NEAR(groups[0].last_val_loss.sd, 0.2, 1e-12);
+  EXPECT_EQ(format_stat(groups[0].last_val_loss, 3), "4.200 ± 0.200 (n=3)");
+  EXPECT_EQ(format_stat(groups[0].last_loss, 3), "-");
+}
