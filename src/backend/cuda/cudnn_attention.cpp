@@ -507,6 +507,9 @@ void execute(Entry& e, const Plan& p, const std::vector<std::pair<int64_t, const
       .set(CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, int64_t(ptrs.size()), ptrs.data())
       .set(CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &ws)
       .finalize("variant pack");
+  // The handle is shared by all shapes of a device: bind the stream and enqueue under the lock, so
+  // calls from two threads on two streams cannot swap streams between the two steps.
+  std::lock_guard lock(g_mutex);
   check(cudnnSetStream(e.handle, stream), "cudnnSetStream");
   check(cudnnBackendExecute(e.handle, p.plan->get(), pack.get()), "execute");
 }
@@ -517,9 +520,18 @@ int version() { return int(cudnnGetVersion()); }
 int compiled_version() { return CUDNN_VERSION; }
 
 bool supported(const Shape& s, std::string* reason) {
-  Entry& e = entry(s);
-  if (reason) *reason = e.error;
-  return e.error.empty();
+  if (std::string bad = validate(s); !bad.empty()) {
+    if (reason) *reason = bad;
+    return false;
+  }
+  try {
+    Entry& e = entry(s);
+    if (reason) *reason = e.error;
+    return e.error.empty();
+  } catch (const Error& ex) {  // e.g. no CUDA device
+    if (reason) *reason = ex.what();
+    return false;
+  }
 }
 
 size_t workspace_bytes(const Shape& s) { return ready(s).workspace; }

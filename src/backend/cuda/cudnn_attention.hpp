@@ -13,6 +13,14 @@
 // allocates the cached one: make that call before capturing.
 //
 // Built without cuDNN (MOELAB_HAVE_CUDNN unset), supported() returns false and says so.
+//
+// From CudaBackend::attention_fwd / attention_bwd (bf16 tensors, bf16 gradients):
+//   cudnn_attention::Shape s{B, T, Hq, Hkv, head_dim, window};
+//   if (cudnn_attention::supported(s)) {
+//     void* ws = scratch(ScratchSlot::attention, cudnn_attention::workspace_bytes(s));
+//     cudnn_attention::forward(s, q, k, v, out, lse, ws, stream_);   // or backward(...)
+//   }
+// backward() computes rowsum(dO * O) itself, so the attention_dot pass is not needed on this path.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
