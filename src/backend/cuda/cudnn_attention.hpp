@@ -4,8 +4,9 @@
 //
 // Layout (moelab's): q, out, dout, dq [B, T, Hq, D]; k, v, dk, dv [B, T, Hkv, D]; all bf16 and
 // contiguous. lse [B, Hq, T] f32: natural-log log-sum-exp of the scaled scores of each query row,
-// written by forward() and read by backward(). Query i sees keys j <= i (causal), and with
-// window > 0 only keys i - window < j <= i; scale 1/sqrt(D); Hq % Hkv == 0 (grouped-query).
+// written by forward() and read by backward(). Every pointer 16-byte aligned (the plans assume
+// it). Query i sees keys j <= i (causal), and with window > 0 only keys i - window < j <= i (the
+// last `window` keys, itself included); scale 1/sqrt(D); Hq % Hkv == 0 (grouped-query).
 //
 // Execution plans are built once per shape and device and cached. All work is enqueued on the
 // given stream with no host synchronization, so calls can be captured in a CUDA graph; the first
