@@ -1,5 +1,6 @@
-// Benchmark of the engine's attention (CudaBackend::attention_fwd / attention_bwd, the kernels the
-// model runs) at the PyTorch peer's shapes (shared/anchors/torch_attention_ref.py), with sliding
+// Benchmark of the engine's attention (CudaBackend::attention_fwd / attention_bwd) on both of its
+// tensor-core paths: "engine" (the automatic choice the model runs: cuDNN's fused engine where it
+// plans the shape) and "own" (the kernels of flash_attention.cu, forced), at the PyTorch peer's shapes (shared/anchors/torch_attention_ref.py), with sliding
 // windows and grouped-query heads; `bench_attention B,T,H,D[,Hkv[,window]] ...` for others.
 // Every shape runs on fresh random bf16 inputs and is checked before it is timed: the last 64
 // query rows of out and dq and the first 64 keys of dk and dv of one (batch, head) against an f64
@@ -159,8 +160,8 @@ int main(int argc, char** argv) {
   std::printf("device: %s\n", gpu.name().c_str());
   Rng rng(uint64_t(std::time(nullptr)));
   bool ok = true;
-  std::printf("%-26s %9s %9s %9s %8s  %s\n", "B,T,H,D,Hkv,window", "fwd ms", "bwd ms", "f+b ms", "TFLOP/s",
-              "check (out dq dk dv)");
+  std::printf("%-22s %-9s %9s %9s %9s %8s  %s\n", "B,T,H,D,Hkv,window", "path", "fwd ms", "bwd ms", "f+b ms",
+              "TFLOP/s", "check (out dq dk dv)");
   for (const Shape4& s : shapes) {
     const size_t nq = size_t(s.B) * s.T * s.H * s.D, nk = size_t(s.B) * s.T * s.Hkv * s.D;
     const auto hq = randn_bf16(rng, nq), hk = randn_bf16(rng, nk), hv = randn_bf16(rng, nk),
@@ -173,32 +174,37 @@ int main(int argc, char** argv) {
     gpu.write(dout, hdo);
     Tensor out = gpu.alloc(q.shape, DType::bf16), lse = gpu.alloc({s.B, s.H, s.T}, DType::f32);
     Tensor dq = gpu.alloc(q.shape, DType::bf16), dk = gpu.alloc(k.shape, DType::bf16), dv = gpu.alloc(k.shape, DType::bf16);
-    for (Tensor* t : {&out, &dq, &dk, &dv}) gpu.fill(*t, NAN);  // every checked element must be written
-    gpu.attention_fwd(q, k, v, out, lse, s.window);
-    gpu.attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, s.window);
-    gpu.synchronize();
     // Batch 0 only: the host reference reads the first T*H*D elements.
     const Reference ref = reference(s, hq, hk, hv, hdo);
-    const int kvrow = std::min(64, s.T);
-    const double e_out = nerr(rows_of(gpu.read(out), s.T - 64, 64, 0, s.H, s.D), ref.out);
-    const double e_dq = nerr(rows_of(gpu.read(dq), s.T - 64, 64, 0, s.H, s.D), ref.dq);
-    const double e_dk = nerr(rows_of(gpu.read(dk), 0, kvrow, 0, s.Hkv, s.D), ref.dk);
-    const double e_dv = nerr(rows_of(gpu.read(dv), 0, kvrow, 0, s.Hkv, s.D), ref.dv);
-    const bool pass = e_out < 2e-2 && e_dq < 2e-2 && e_dk < 2e-2 && e_dv < 2e-2;
-    ok = ok && pass;
-    const float fwd = median_ms(gpu, [&] { gpu.attention_fwd(q, k, v, out, lse, s.window); });
-    const float bwd = median_ms(gpu, [&] { gpu.attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, s.window); });
-    const float both = median_ms(gpu, [&] {
-      gpu.attention_fwd(q, k, v, out, lse, s.window);
-      gpu.attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, s.window);
-    });
-    const double W = s.window > 0 && s.window < s.T ? s.window : s.T;
-    const double pairs = double(s.T) * W - W * W / 2;  // score pairs (query, visible key)
-    const double flops = 3.5 * 4.0 * s.B * s.H * pairs * s.D;
     char name[64];
     std::snprintf(name, sizeof name, "%d,%d,%d,%d,%d,%d", s.B, s.T, s.H, s.D, s.Hkv, s.window);
-    std::printf("%-26s %9.3f %9.3f %9.3f %8.1f  %s %.1e %.1e %.1e %.1e\n", name, fwd, bwd, both,
-                flops / both / 1e9, pass ? "ok" : "FAIL", e_out, e_dq, e_dk, e_dv);
+    using AK = CudaBackend::AttentionKernels;
+    for (const AK path : {AK::automatic, AK::flash}) {
+      gpu.set_attention_kernels(path);
+      for (Tensor* t : {&out, &dq, &dk, &dv}) gpu.fill(*t, NAN);  // every checked element must be written
+      gpu.attention_fwd(q, k, v, out, lse, s.window);
+      gpu.attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, s.window);
+      gpu.synchronize();
+      const int kvrow = std::min(64, s.T);
+      const double e_out = nerr(rows_of(gpu.read(out), s.T - 64, 64, 0, s.H, s.D), ref.out);
+      const double e_dq = nerr(rows_of(gpu.read(dq), s.T - 64, 64, 0, s.H, s.D), ref.dq);
+      const double e_dk = nerr(rows_of(gpu.read(dk), 0, kvrow, 0, s.Hkv, s.D), ref.dk);
+      const double e_dv = nerr(rows_of(gpu.read(dv), 0, kvrow, 0, s.Hkv, s.D), ref.dv);
+      const bool pass = e_out < 2e-2 && e_dq < 2e-2 && e_dk < 2e-2 && e_dv < 2e-2;
+      ok = ok && pass;
+      const float fwd = median_ms(gpu, [&] { gpu.attention_fwd(q, k, v, out, lse, s.window); });
+      const float bwd = median_ms(gpu, [&] { gpu.attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, s.window); });
+      const float both = median_ms(gpu, [&] {
+        gpu.attention_fwd(q, k, v, out, lse, s.window);
+        gpu.attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, s.window);
+      });
+      const double W = s.window > 0 && s.window < s.T ? s.window : s.T;
+      const double pairs = double(s.T) * W - W * W / 2;  // score pairs (query, visible key)
+      const double flops = 3.5 * 4.0 * s.B * s.H * pairs * s.D;
+      std::printf("%-22s %-9s %9.3f %9.3f %9.3f %8.1f  %s %.1e %.1e %.1e %.1e\n", name,
+                  path == AK::flash ? "own" : "engine", fwd, bwd, both, flops / both / 1e9, pass ? "ok" : "FAIL",
+                  e_out, e_dq, e_dk, e_dv);
+    }
   }
   return ok ? 0 : 1;
 }

@@ -44,9 +44,6 @@ if [[ $what == *" steps "* ]]; then
   run d12_hd128_SSSL --set model.head_dim=128 --set model.window_pattern=SSSL
   run d20 "${d20[@]}"
   run d20_SSSL "${d20[@]}" --set model.window_pattern=SSSL
-  T="python3 $B/torch_moe_ref.py --steps 20 --mlp moe --compile 1"
-  { $T --head-dim 64; $T --head-dim 128;
-    $T --d-model 1280 --layers 20 --head-dim 128 --seq-len 2048 --batch 8 --expert-hidden 2560; } > "$OUT/torch_steps.jsonl" 2>"$OUT/torch_steps.err"
   python3 - <<'PY' | tee "$OUT/steps.txt"
 import json, glob, os, statistics as st
 print("| run | median tok/s (steps 10+) | mfu % | median dt ms | peak MiB |")
@@ -57,10 +54,16 @@ for d in sorted(glob.glob("/tmp/steps/*")):
     if not tail: print(f"| {os.path.basename(d)} | failed | | | |"); continue
     print(f"| moelab {os.path.basename(d)} | {st.median(r['tok_sec'] for r in tail):,.0f} | {st.median(r['mfu'] or 0 for r in tail):.2f} "
           f"| {st.median(r['dt_ms'] for r in tail):.1f} | {max(r['peak_mem_mib'] for r in recs):,.0f} |")
-for l in open(os.environ["OUT"] + "/torch_steps.jsonl"):
-    if not l.startswith("{"): continue
-    j = json.loads(l)
-    if "tok_s" in j:
-        print(f"| torch moe compiled d_model {j.get('d_model')} head_dim {j.get('head_dim')} | {j['tok_s']:,} | {j['mfu']} | {j['dt_ms']} | {j['peak_mib']:,} |")
 PY
+  T="python3 $B/torch_moe_ref.py --steps 20 --mlp moe --compile 1"
+  for args in "--head-dim 64" "--head-dim 128" \
+              "--d-model 1280 --layers 20 --head-dim 128 --seq-len 2048 --batch 8 --expert-hidden 2560"; do
+    $T $args 2>>"$OUT/torch_steps.err" | tee -a "$OUT/torch_steps.jsonl" | python3 -c '
+import json, sys
+for l in sys.stdin:
+    if l.startswith("{"):
+        j = json.loads(l)
+        print("| torch moe compiled d_model %s head_dim %s | %s | %s | %s | %s |" % (
+            j["d_model"], j["head_dim"], j["tok_s"], j["mfu"], j["dt_ms"], j["peak_mib"]))'
+  done
 fi

@@ -17,4 +17,6 @@ ldd build/moelab | awk '/=> \// {print $3}' | while read -r lib; do
   esac
 done
 cp ../shared/anchors/torch_moe_ref.py ../shared/anchors/torch_attention_ref.py "$dest/"
+# Compressed, so a device call carries them within its 64 MiB (device_env.sh unpacks them).
+(cd "$dest" && bins=$(find . -maxdepth 1 -type f -perm -u+x -printf "%f\n") && tar czf bins.tgz $bins && rm $bins)
 du -sh "$dest"

@@ -261,7 +261,7 @@ TEST_F(CudaOps, RmsNormAndRopeNorm) {
 }
 
 TEST_F(CudaOps, Attention) {
-  // hd 64 and 128 with bf16 run the tensor-core kernels; the others the generic ones. The odd
+  // hd 64 and 128 with bf16 run cuDNN or the own tensor-core kernels; the others the generic ones. The odd
   // shapes cover T not a multiple of the 64/128-row tiles, one head, kv_heads = 1, and windows
   // smaller than a tile, crossing tiles, and past T.
   struct Case {
@@ -278,8 +278,14 @@ TEST_F(CudaOps, Attention) {
       {1, 100, 2, 1, 128, DType::bf16, 500}, {1, 96, 2, 2, 96, DType::bf16, 30},
       {1, 70, 2, 1, 256, DType::bf16, 20},
   };
+  // Each case on both tensor-core paths: automatic (cuDNN's fused engine where it plans the shape)
+  // and the own kernels forced.
+  using AK = CudaBackend::AttentionKernels;
+  for (const AK path : {AK::automatic, AK::flash})
   for (const Case& cs : cases) {
-    const std::string tag = "T=" + std::to_string(cs.T) + " Hq=" + std::to_string(cs.Hq) + " Hkv=" +
+    gpu->set_attention_kernels(path);
+    const std::string tag = std::string(path == AK::flash ? "own kernels" : "automatic") + " T=" +
+                            std::to_string(cs.T) + " Hq=" + std::to_string(cs.Hq) + " Hkv=" +
                             std::to_string(cs.Hkv) + " hd=" + std::to_string(cs.hd) + " window=" +
                             std::to_string(cs.window) + " grad " + dtype_name(cs.grad);
     auto q = rand_pair({cs.B, cs.T, cs.Hq, cs.hd}, DType::bf16);
@@ -302,6 +308,7 @@ TEST_F(CudaOps, Attention) {
     expect_close(dk, kBf16Tol, "attention_bwd dk " + tag);
     expect_close(dv, kBf16Tol, "attention_bwd dv " + tag);
   }
+  gpu->set_attention_kernels(AK::automatic);
 }
 
 TEST_F(CudaOps, SoftcapCrossEntropy) {

@@ -1,6 +1,7 @@
-// Causal self-attention (grouped-query, optional sliding window): the entry points, and generic
-// flash-style kernels for shapes the tensor-core path (flash_attention.cu: bf16, head_dim 64 and
-// 128) does not cover: f32 inputs and head dims 16, 32, 96, 256 (correct, not fast; training
+// Causal self-attention (grouped-query, optional sliding window): the entry points, which route
+// bf16 at head dim 64 and 128 to cuDNN's fused engine (cudnn_attention.cpp) where it plans the
+// shape and to the own tensor-core kernels (flash_attention.cu) otherwise, and generic flash-style
+// kernels for the rest: f32 inputs and head dims 16, 32, 96, 256 (correct, not fast; training
 // refuses those head dims on the GPU, see train/device_select.cpp). Scores are computed tile by tile with an
 // online softmax and never stored; the backward recomputes them from q, k and the saved
 // log-sum-exp. Each query (forward, dq) or key (dk, dv) row is owned by a pair of threads that
@@ -10,6 +11,7 @@
 #include <cmath>
 
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/cudnn_attention.hpp"
 #include "backend/cuda/flash_attention.cuh"
 
 namespace moelab {
@@ -246,6 +248,25 @@ AttnShape check_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const 
 
 bool CudaBackend::fast_attention_head_dim(int head_dim) { return flash::supports_head_dim(head_dim); }
 
+namespace {
+// cuDNN counts a window as the keys up to and including the query (t - W < j <= t); moelab, as
+// flash-attn's window_size = (w, 0), as the keys before it (t - w <= j <= t): W = w + 1.
+cudnn_attention::Shape cudnn_shape(int B, int T, int Hq, int Hkv, int hd, int window) {
+  return {B, T, Hq, Hkv, hd, window > 0 && window + 1 < T ? window + 1 : 0};
+}
+}  // namespace
+
+bool CudaBackend::attention_on_cudnn(int B, int T, int Hq, int Hkv, int hd, int window, bool bf16_grads) {
+  if (attention_kernels_ == AttentionKernels::flash) return false;
+  std::string why;
+  const bool ok = bf16_grads && cudnn_attention::supported(cudnn_shape(B, T, Hq, Hkv, hd, window), &why);
+  if (!ok && attention_kernels_ == AttentionKernels::cudnn)
+    throw Error("attention: cuDNN's fused engine cannot serve B=" + std::to_string(B) + " T=" + std::to_string(T) +
+                " Hq=" + std::to_string(Hq) + " Hkv=" + std::to_string(Hkv) + " head_dim=" + std::to_string(hd) +
+                (bf16_grads ? ": " + why : ": it writes bf16 gradients only"));
+  return ok;
+}
+
 void CudaBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Tensor& lse,
                                 int window) {
   AttnShape s = check_shapes(q, k, v, "attention_fwd");
@@ -256,6 +277,13 @@ void CudaBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& 
   dim3 grid(unsigned((s.T + kRows - 1) / kRows), unsigned(s.B * s.Hq));
   float scale = 1.f / std::sqrt(float(s.hd));
   if (q.dtype == DType::bf16 && flash::supports_head_dim(s.hd)) {
+    if (attention_on_cudnn(s.B, s.T, s.Hq, s.Hkv, s.hd, window, true)) {
+      const auto cs = cudnn_shape(s.B, s.T, s.Hq, s.Hkv, s.hd, window);
+      void* ws = scratch(ScratchSlot::attention, cudnn_attention::workspace_bytes(cs));
+      cudnn_attention::forward(cs, q.as<bf16>(), k.as<bf16>(), v.as<bf16>(), out.as<bf16>(), lse.as<float>(), ws,
+                               stream_);
+      return;
+    }
     flash::forward(q.as<bf16>(), k.as<bf16>(), v.as<bf16>(), out.as<bf16>(), lse.as<float>(), s.B, s.T, s.Hq, s.Hkv,
                    s.hd, window, scale, stream_);
     return;
@@ -278,6 +306,15 @@ void CudaBackend::attention_bwd(const Tensor& q, const Tensor& k, const Tensor& 
   require(dq.dtype == dk.dtype && dk.dtype == dv.dtype, "attention_bwd", "dq, dk, dv must share one dtype");
   require_dtype(lse, DType::f32, "attention_bwd", "lse");
   if (q.numel() == 0) return;
+  if (q.dtype == DType::bf16 && flash::supports_head_dim(s.hd) &&
+      attention_on_cudnn(s.B, s.T, s.Hq, s.Hkv, s.hd, window, dq.dtype == DType::bf16)) {
+    const auto cs = cudnn_shape(s.B, s.T, s.Hq, s.Hkv, s.hd, window);
+    void* ws = scratch(ScratchSlot::attention, cudnn_attention::workspace_bytes(cs));
+    cudnn_attention::backward(cs, q.as<bf16>(), k.as<bf16>(), v.as<bf16>(), out.as<bf16>(), dout.as<bf16>(),
+                              lse.as<float>(), dq.as<bf16>(), dk.as<bf16>(), dv.as<bf16>(), ws, stream_);
+    return;
+  }
+  // The own kernels need D = rowsum(dout * out) first (cuDNN's backward computes it inside).
   int64_t rows = int64_t(s.B) * s.T * s.Hq;
   auto* D = static_cast<float*>(scratch(ScratchSlot::attention, size_t(rows) * sizeof(float)));
   float scale = 1.f / std::sqrt(float(s.hd));

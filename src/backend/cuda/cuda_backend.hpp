@@ -45,6 +45,12 @@ class CudaBackend : public Backend {
   // Bytes currently held through alloc() and scratch buffers.
   size_t current_memory_bytes() const;
   int sm_count() const { return sm_count_; }
+  // Which kernels attention runs on (bf16, head dim 64 or 128): `automatic` takes cuDNN's fused
+  // flash-attention engine wherever it plans the shape (faster at every shape measured, see
+  // bench/RESULTS.md) and the own tensor-core kernels elsewhere (f32 gradients, no cuDNN);
+  // `cudnn` and `flash` force one path, for benchmarks and tests.
+  enum class AttentionKernels { automatic, cudnn, flash };
+  void set_attention_kernels(AttentionKernels k) { attention_kernels_ = k; }
 
   Device device() const override { return Device::cuda; }
   std::string name() const override { return name_; }
@@ -133,6 +139,9 @@ class CudaBackend : public Backend {
   std::string name_;
   cudaStream_t stream_ = nullptr;
   bool capturing_ = false;
+  AttentionKernels attention_kernels_ = AttentionKernels::automatic;
+  // Whether this attention call goes to cuDNN (throws when `cudnn` is forced and cannot serve it).
+  bool attention_on_cudnn(int B, int T, int Hq, int Hkv, int hd, int window, bool bf16_grads);
   std::unique_ptr<CudaMemory> memory_;
   std::unique_ptr<GemmCache> gemm_;
   std::vector<std::shared_ptr<void>> scratch_;
