@@ -4,6 +4,8 @@
 # and whole training steps (BF16, AdamW on the matrices, the peer's optimizer) at d12 with head
 # dim 128 and at d20 beside torch_moe_ref.py. Prints one table per part; logs land in $OUT.
 #   STEPS=25 WHAT="ops attn steps" bash bench/gpu/attention_shapes.sh
+#   PEERS="d12_hd128 d20" limits the PyTorch runs (default: d12_hd64 d12_hd128 d20); ATTN_PEER=0
+#   skips the SDPA peer.
 source bench/gpu/device_env.sh
 B=$GPU_BIN
 steps=${STEPS:-25}
@@ -16,7 +18,7 @@ fi
 if [[ $what == *" attn "* ]]; then
   echo "== attention forward + backward: moelab"
   "$B/bench_attention" 2>&1 | tee "$OUT/bench_attention.txt"
-  echo "== attention forward + backward: PyTorch SDPA"
+  [ "${ATTN_PEER:-1}" = 0 ] || { echo "== attention forward + backward: PyTorch SDPA"
   python3 "$B/torch_attention_ref.py" > "$OUT/torch_attention.jsonl" 2>&1
   for s in 16,1024,12,64,512 8,2048,8,128,1024 16,1024,6,128,512; do
     IFS=, read -r b t h d w <<< "$s"
@@ -29,6 +31,7 @@ for l in open(sys.argv[1]):
     j = json.loads(l)
     print(f"{j['B']},{j['T']},{j['H']},{j['D']} window {j['window']:>5} {j['backend']:<20} {j.get('ms', j.get('error'))}")
 PY
+  }
 fi
 if [[ $what == *" steps "* ]]; then
   echo "== whole steps, BF16, AdamW on the matrices"
@@ -44,6 +47,10 @@ if [[ $what == *" steps "* ]]; then
   run d12_hd128_SSSL --set model.head_dim=128 --set model.window_pattern=SSSL
   run d20 "${d20[@]}"
   run d20_SSSL "${d20[@]}" --set model.window_pattern=SSSL
+  # A fine-grained MoE: 32 experts of 512, top-4, seq 2048.
+  fine=(--set model.head_dim=128 --set train.seq_len=2048 --set train.batch_size=8 --set moe.experts=32
+        --set moe.top_k=4 --set moe.expert_hidden=512)
+  run d12_hd128_e32_top4 "${fine[@]}"
   python3 - <<'PY' | tee "$OUT/steps.txt"
 import json, glob, os, statistics as st
 print("| run | median tok/s (steps 10+) | mfu % | median dt ms | peak MiB |")
@@ -56,14 +63,16 @@ for d in sorted(glob.glob("/tmp/steps/*")):
           f"| {st.median(r['dt_ms'] for r in tail):.1f} | {max(r['peak_mem_mib'] for r in recs):,.0f} |")
 PY
   T="python3 $B/torch_moe_ref.py --steps 20 --mlp moe --compile 1"
-  for args in "--head-dim 64" "--head-dim 128" \
-              "--d-model 1280 --layers 20 --head-dim 128 --seq-len 2048 --batch 8 --expert-hidden 2560"; do
-    $T $args 2>>"$OUT/torch_steps.err" | tee -a "$OUT/torch_steps.jsonl" | python3 -c '
+  declare -A peer_args=([d12_hd64]="--head-dim 64" [d12_hd128]="--head-dim 128"
+    [d20]="--d-model 1280 --layers 20 --head-dim 128 --seq-len 2048 --batch 8 --expert-hidden 2560"
+    [fine]="--head-dim 128 --seq-len 2048 --batch 8 --experts 32 --top-k 4 --expert-hidden 512")
+  for p in ${PEERS:-d12_hd64 d12_hd128 d20}; do
+    $T ${peer_args[$p]} 2>>"$OUT/torch_steps.err" | tee -a "$OUT/torch_steps.jsonl" | python3 -c '
 import json, sys
 for l in sys.stdin:
     if l.startswith("{"):
         j = json.loads(l)
-        print("| torch moe compiled d_model %s head_dim %s | %s | %s | %s | %s |" % (
-            j["d_model"], j["head_dim"], j["tok_s"], j["mfu"], j["dt_ms"], j["peak_mib"]))'
+        print("| torch moe compiled d_model %s head_dim %s experts %s top_k %s | %s | %s | %s | %s |" % (
+            j["d_model"], j["head_dim"], j["experts"], j["top_k"], j["tok_s"], j["mfu"], j["dt_ms"], j["peak_mib"]))'
   done
 fi

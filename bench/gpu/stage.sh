@@ -12,7 +12,7 @@ done
 strip "$dest"/* 2>/dev/null || true
 ldd build/moelab | awk '/=> \// {print $3}' | while read -r lib; do
   case "$(basename "$lib")" in
-    libc.so*|libm.so*|libstdc++*|libgcc_s*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcuda.so*|libcublas*) ;;  # present on the device image
+    libc.so*|libm.so*|libstdc++*|libgcc_s*|ld-linux*|libpthread*|libdl.so*|librt.so*|libcuda.so*|libcublas*|libcudnn*) ;;  # present on the device image
     *) cp -L "$lib" "$dest/lib/" ;;
   esac
 done
