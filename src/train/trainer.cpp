@@ -102,7 +102,7 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir) {
 
     GptMoE model(be, cfg, cfg.train.batch_size, cfg.train.seq_len);
     model.init_weights(uint64_t(cfg.train.seed));
-    Optimizer optimizer(be, model.params(), cfg.optim, cfg.model);
+    Optimizer optimizer(be, model.params(), cfg);
 
     // Resume: weights, optimizer state, step, data position and the loss EMA.
     double ema = 0, total_time_s = 0;
@@ -129,7 +129,7 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir) {
     status.step = step;
     write_status(run_dir, status);
 
-    const int64_t micro = cfg.train.grad_accum;
+    const int64_t micro = cfg.grad_accum_steps();
     const int64_t tokens_per_step = micro * cfg.train.batch_size * cfg.train.seq_len;
     const auto peak = peak_flops(cfg, be);
     const double flops_per_token = model.flops_per_token();
