@@ -27,6 +27,20 @@ struct AdamWStep {
   int64_t step = 1;  // 1-based, for bias correction
 };
 
+// Which assignments capacity dispatch keeps when an expert overflows (moe.drop_order).
+//   rank:  every token's first choice before any second choice, then by token (GShard's rule);
+//   token: flat token-major order (t, j), as the seed's dispatch keeps them.
+enum class DropOrder { rank, token };
+
+// One NorMuon step after orthogonalization (optim.muon_variant = normuon): variance reduction on
+// the orthogonalized update, then the parameter update with (optionally cautious) weight decay.
+struct NorMuonStep {
+  float lr = 0;            // already times sqrt(max(1, rows / cols))
+  float weight_decay = 0;  // this step's decay (already scheduled)
+  float beta2 = 0.95f;     // EMA of the per-row (or per-column) mean square
+  bool cautious = true;    // decay only where update and weight agree in sign
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -125,8 +139,11 @@ class Backend {
   // Order within an expert: by choice rank j first, then token t (all first choices before any
   // second choice). capacity <= 0 means dropless; otherwise an expert keeps the first `capacity`
   // assignments in that order and drops the rest (GShard's priority rule).
+  // order = token ranks assignments in flat token-major order (t, j) instead, for both the drop
+  // decision and the row order within an expert.
   virtual void moe_plan(const Tensor& topk_idx, int experts, int capacity, Tensor& routed,
-                        Tensor& counts, Tensor& offsets, Tensor& slot, Tensor& row_token) = 0;
+                        Tensor& counts, Tensor& offsets, Tensor& slot, Tensor& row_token,
+                        DropOrder order = DropOrder::rank) = 0;
 
   // Switch balance loss: bal[0] = coef * E * sum_e (routed[e] / (T*k)) * mean_t probs[t, e].
   virtual void balance_loss(const Tensor& probs, const Tensor& routed, float coef, Tensor& bal) = 0;
@@ -162,6 +179,26 @@ class Backend {
   virtual void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW,
                                     const Tensor& offsets, float beta, const Tensor* addend = nullptr) = 0;
 
+  // --- residual-stream mixing and value embeddings (nanochat's per-layer scalars, ResFormer) ---
+  // y = a[0] * x + b[0] * x0, with a, b one-element master-dtype tensors on the device (learned
+  // scalars, so no host read). y may alias x.
+  virtual void lambda_mix_fwd(const Tensor& a, const Tensor& x, const Tensor& b, const Tensor& x0,
+                              Tensor& y) = 0;
+  // From dy: dx = a[0] dy (dx may alias dy), dx0 += b[0] dy, da[0] += <x, dy>, db[0] += <x0, dy>
+  // (da, db master dtype, accumulated like every gradient).
+  virtual void lambda_mix_bwd(const Tensor& a, const Tensor& x, const Tensor& b, const Tensor& x0,
+                              const Tensor& dy, Tensor& dx, Tensor& dx0, Tensor& da, Tensor& db) = 0;
+  // Value embedding with its learned per-head gate: gate[n, h] = 2 sigmoid(<x[n, :C], w[h]>) and
+  // v[n, h, :] += gate[n, h] * ve[n, h, :]. x [N, D] (only its first C columns are read), w [H, C]
+  // (act dtype), ve and v [N, H * hd] act dtype, gate [N, H] f32 (f64 with an f64 master).
+  virtual void value_gate_fwd(const Tensor& x, const Tensor& w, const Tensor& ve, Tensor& v,
+                              Tensor& gate) = 0;
+  // From dv (the gradient w.r.t. v after the add): dve = gate * dv (written); with
+  // dz[n, h] = <dv[n, h], ve[n, h]> * gate (1 - gate / 2): dw += dz^T x[:, :C] (master dtype) and
+  // dx[:, :C] += dz w.
+  virtual void value_gate_bwd(const Tensor& x, const Tensor& w, const Tensor& ve, const Tensor& gate,
+                              const Tensor& dv, Tensor& dve, Tensor& dw, Tensor& dx) = 0;
+
   // --- optimizers --------------------------------------------------------------------------------
   virtual void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                             const AdamWStep& s) = 0;
@@ -174,6 +211,14 @@ class Backend {
   // The same for each slice x[g] of the first dimension on its own (y: x's shape), so a stack of
   // matrices is normalized in one op instead of one per matrix.
   virtual void frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) = 0;
+  // NorMuon's tail for a stack x [G, m, n] of orthogonalized updates (act dtype) of params
+  // [G, m, n] (master dtype). Per matrix g, with r the reduced dim (columns when m >= n, else
+  // rows) and its length R: q = mean over r of x^2 (per row, or per column); v2 = lerp(v2, q,
+  // 1 - beta2) with v2 [G, m] (or [G, n]) master dtype; s = rsqrt(max(v2, 1e-10));
+  // x' = x * s * sqrt(sum(q) R) / max(sqrt(sum(q R s^2)), 1e-10) (the variance-normalized update
+  // keeps the norm of x); then param -= lr x' + lr wd param [x' param >= 0 if cautious].
+  virtual void normuon_update(const Tensor& x, Tensor& second_moment, Tensor& param,
+                              const NorMuonStep& s) = 0;
   // Sum of squares of all elements into out[0] (f32 [1]); used for gradient-norm reporting.
   virtual void sum_squares(const Tensor& x, Tensor& out, bool accumulate) = 0;
 };

@@ -1,6 +1,7 @@
 // The key table and everything derived from it: TOML loading, overrides, validation, writing.
 #include "config/config.hpp"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <fstream>
@@ -53,6 +54,9 @@ const std::vector<Key>& keys() {
       {"model.rope_base", Kind::real, "rotary frequency base", member(&Config::model, &ModelConfig::rope_base)},
       {"model.softcap", Kind::real, "logit softcap (cap * tanh(logits / cap))", member(&Config::model, &ModelConfig::softcap)},
       {"model.init_scale", Kind::real, "multiplier on the default init std", member(&Config::model, &ModelConfig::init_scale)},
+      {"model.value_embeddings", Kind::boolean, "value embeddings with a learned per-head gate, added to v on alternating layers (the last included)", member(&Config::model, &ModelConfig::value_embeddings)},
+      {"model.ve_gate_channels", Kind::integer, "leading channels of the attention input that the value-embedding gate reads", member(&Config::model, &ModelConfig::ve_gate_channels)},
+      {"model.scalar_lambdas", Kind::boolean, "learned per-layer scalars: x = resid_lambda * x + x0_lambda * x0 before each block", member(&Config::model, &ModelConfig::scalar_lambdas)},
 
       {"moe.experts", Kind::integer, "experts per MoE layer; 0 = dense model", member(&Config::moe, &MoEConfig::experts)},
       {"moe.top_k", Kind::integer, "experts per token", member(&Config::moe, &MoEConfig::top_k)},
@@ -61,13 +65,17 @@ const std::vector<Key>& keys() {
       {"moe.shared_expert", Kind::boolean, "add an always-on shared expert", member(&Config::moe, &MoEConfig::shared_expert)},
       {"moe.shared_hidden", Kind::integer, "shared expert width; 0 = expert_hidden", member(&Config::moe, &MoEConfig::shared_hidden)},
       {"moe.dispatch", Kind::text, "dropless | capacity", member(&Config::moe, &MoEConfig::dispatch)},
-      {"moe.capacity_factor", Kind::real, "capacity = ceil(factor * tokens * top_k / experts)", member(&Config::moe, &MoEConfig::capacity_factor)},
+      {"moe.capacity_factor", Kind::real, "capacity = max(1, ceil(tokens * top_k / experts * factor)); <= 0 = no capacity (dropless)", member(&Config::moe, &MoEConfig::capacity_factor)},
       {"moe.balance_coef", Kind::real, "Switch balance-loss coefficient", member(&Config::moe, &MoEConfig::balance_coef)},
+      {"moe.balance_rule", Kind::text, "switch (f = count / (T k), logged with the coefficient) | seed (f = count / T, summing to k; logged without it)", member(&Config::moe, &MoEConfig::balance_rule)},
+      {"moe.drop_order", Kind::text, "which assignments capacity keeps: rank (first choices first) | token (flat token-major order, the seed's)", member(&Config::moe, &MoEConfig::drop_order)},
+      {"moe.router_init", Kind::text, "uniform (like c_fc) | zero (the seed's)", member(&Config::moe, &MoEConfig::router_init)},
 
       {"train.steps", Kind::integer, "optimizer steps", member(&Config::train, &TrainConfig::steps)},
       {"train.batch_size", Kind::integer, "sequences per micro-batch", member(&Config::train, &TrainConfig::batch_size)},
       {"train.seq_len", Kind::integer, "tokens per sequence", member(&Config::train, &TrainConfig::seq_len)},
-      {"train.grad_accum", Kind::integer, "micro-batches per optimizer step", member(&Config::train, &TrainConfig::grad_accum)},
+      {"train.grad_accum", Kind::integer, "micro-batches per optimizer step (ignored when train.total_batch_tokens is set)", member(&Config::train, &TrainConfig::grad_accum)},
+      {"train.total_batch_tokens", Kind::integer, "tokens per optimizer step; 0 = batch_size * seq_len * grad_accum. Must be a multiple of batch_size * seq_len; grad_accum follows", member(&Config::train, &TrainConfig::total_batch_tokens)},
       {"train.seed", Kind::integer, "seed for init and data order", member(&Config::train, &TrainConfig::seed)},
       {"train.eval_every", Kind::integer, "validation interval in steps; 0 = only at the end", member(&Config::train, &TrainConfig::eval_every)},
       {"train.eval_batches", Kind::integer, "micro-batches per validation", member(&Config::train, &TrainConfig::eval_batches)},
@@ -87,6 +95,7 @@ const std::vector<Key>& keys() {
       {"optim.embedding_lr", Kind::real, "AdamW learning rate of the token embedding", member(&Config::optim, &OptimConfig::embedding_lr)},
       {"optim.unembedding_lr", Kind::real, "AdamW learning rate of lm_head", member(&Config::optim, &OptimConfig::unembedding_lr)},
       {"optim.weight_decay", Kind::real, "decoupled weight decay (Muon and AdamW)", member(&Config::optim, &OptimConfig::weight_decay)},
+      {"optim.adamw_weight_decay", Kind::real, "weight decay of the AdamW groups; < 0 = optim.weight_decay (the seed: 0, Muon only)", member(&Config::optim, &OptimConfig::adamw_weight_decay)},
       {"optim.adam_beta1", Kind::real, "AdamW beta1", member(&Config::optim, &OptimConfig::adam_beta1)},
       {"optim.adam_beta2", Kind::real, "AdamW beta2", member(&Config::optim, &OptimConfig::adam_beta2)},
       {"optim.adam_eps", Kind::real, "AdamW epsilon", member(&Config::optim, &OptimConfig::adam_eps)},
@@ -96,6 +105,14 @@ const std::vector<Key>& keys() {
       {"optim.muon_momentum_warmup", Kind::integer, "steps of Muon momentum warm-up", member(&Config::optim, &OptimConfig::muon_momentum_warmup)},
       {"optim.muon_ns_steps", Kind::integer, "Newton-Schulz iterations", member(&Config::optim, &OptimConfig::muon_ns_steps)},
       {"optim.muon_nesterov", Kind::boolean, "Nesterov momentum in Muon", member(&Config::optim, &OptimConfig::muon_nesterov)},
+      {"optim.muon_variant", Kind::text, "muon (fixed Newton-Schulz coefficients) | normuon (Polar Express coefficients + NorMuon variance reduction, the seed's)", member(&Config::optim, &OptimConfig::muon_variant)},
+      {"optim.muon_beta2", Kind::real, "normuon: EMA coefficient of the per-row/column second moment", member(&Config::optim, &OptimConfig::muon_beta2)},
+      {"optim.cautious_weight_decay", Kind::boolean, "Muon: decay a weight only where the update agrees with it in sign", member(&Config::optim, &OptimConfig::cautious_weight_decay)},
+      {"optim.weight_decay_schedule", Kind::text, "Muon weight decay over the run: constant | linear (falls to 0 at the last step)", member(&Config::optim, &OptimConfig::weight_decay_schedule)},
+      {"optim.weight_decay_ref_batch", Kind::integer, "> 0: Muon weight decay times sqrt(tokens per step / this)", member(&Config::optim, &OptimConfig::weight_decay_ref_batch)},
+      {"optim.weight_decay_ref_horizon", Kind::real, "> 0: Muon weight decay times this / (tokens per step * train.steps)", member(&Config::optim, &OptimConfig::weight_decay_ref_horizon)},
+      {"optim.scalar_lr", Kind::real, "AdamW lr of the x0 lambdas (betas 0.96, 0.95); resid lambdas get scalar_lr * 0.01", member(&Config::optim, &OptimConfig::scalar_lr)},
+      {"optim.value_embedding_lr", Kind::real, "AdamW lr of the value embeddings (scaled by d_model like embedding_lr)", member(&Config::optim, &OptimConfig::value_embedding_lr)},
 
       {"data.source", Kind::text, "bytes (raw bytes, vocab 256) | shards (data.dir) | corpus (BPE of the embedded corpus, built and cached on first use)", member(&Config::data, &DataConfig::source)},
       {"data.text", Kind::text, "bytes mode: text file; \"\" = embedded default corpus", member(&Config::data, &DataConfig::text)},
@@ -320,8 +337,16 @@ std::vector<int64_t> Config::layer_windows(int64_t seq_len) const {
 }
 
 int64_t Config::expert_capacity(int64_t tokens) const {
-  if (moe.dispatch != "capacity" || !moe.enabled()) return 0;
-  return int64_t(std::ceil(moe.capacity_factor * double(tokens * moe.top_k) / double(moe.experts)));
+  if (moe.dispatch != "capacity" || !moe.enabled() || !(moe.capacity_factor > 0)) return 0;
+  // The seed's rule, in its order of operations: max(1, ceil(T * k / E * cf)).
+  const double c = std::ceil(double(tokens * moe.top_k) / double(moe.experts) * moe.capacity_factor);
+  return std::max<int64_t>(1, int64_t(c));
+}
+
+int64_t Config::grad_accum_steps() const {
+  if (train.total_batch_tokens <= 0) return train.grad_accum;
+  const int64_t micro = train.batch_size * train.seq_len;
+  return micro > 0 ? train.total_batch_tokens / micro : train.grad_accum;
 }
 
 void validate_config(const Config& c) {
@@ -367,9 +392,12 @@ void validate_config(const Config& c) {
               "set moe.top_k <= moe.experts");
     if (c.moe.dispatch != "dropless" && c.moe.dispatch != "capacity")
       invalid("moe.dispatch", "= \"" + c.moe.dispatch + "\" is not a dispatch mode", "use dropless or capacity");
-    if (!(c.moe.capacity_factor > 0))
-      invalid("moe.capacity_factor", "= " + std::to_string(c.moe.capacity_factor) + " must be > 0",
-              "use a factor such as 1.25");
+    if (c.moe.balance_rule != "switch" && c.moe.balance_rule != "seed")
+      invalid("moe.balance_rule", "= \"" + c.moe.balance_rule + "\" is not a balance rule", "use switch or seed");
+    if (c.moe.drop_order != "rank" && c.moe.drop_order != "token")
+      invalid("moe.drop_order", "= \"" + c.moe.drop_order + "\" is not a drop order", "use rank or token");
+    if (c.moe.router_init != "uniform" && c.moe.router_init != "zero")
+      invalid("moe.router_init", "= \"" + c.moe.router_init + "\" is not a router init", "use uniform or zero");
     if (c.moe.balance_coef < 0) invalid("moe.balance_coef", "is negative", "use 0 to disable or a small positive value");
     if (c.moe.shared_hidden < 0) invalid("moe.shared_hidden", "is negative", "use 0 for expert_hidden");
     (void)c.moe_layer_mask();  // validates moe.layers
@@ -409,6 +437,35 @@ void validate_config(const Config& c) {
                       {"train.keep_checkpoints", c.train.keep_checkpoints}})
     if (v < 0) invalid(k, "= " + std::to_string(v) + " must not be negative", "use 0 for the default or a step count");
   if (c.optim.muon_ns_steps < 1) invalid("optim.muon_ns_steps", "must be at least 1", "use 5 as nanochat does");
+  if (c.optim.muon_variant != "muon" && c.optim.muon_variant != "normuon")
+    invalid("optim.muon_variant", "= \"" + c.optim.muon_variant + "\" is not a Muon variant", "use muon or normuon");
+  if (c.optim.muon_variant == "normuon" && c.optim.muon_ns_steps > 5)
+    invalid("optim.muon_ns_steps", "= " + std::to_string(c.optim.muon_ns_steps) +
+                                       " exceeds the 5 Polar Express coefficient sets of optim.muon_variant = normuon",
+            "use at most 5 steps with normuon");
+  if (!(c.optim.muon_beta2 >= 0 && c.optim.muon_beta2 < 1))
+    invalid("optim.muon_beta2", "must be in [0, 1)", "use 0.95 as the seed does");
+  if (c.optim.weight_decay_schedule != "constant" && c.optim.weight_decay_schedule != "linear")
+    invalid("optim.weight_decay_schedule", "= \"" + c.optim.weight_decay_schedule + "\" is not a schedule",
+            "use constant or linear");
+  if (c.optim.cautious_weight_decay && c.optim.muon_variant != "normuon")
+    invalid("optim.cautious_weight_decay", "needs optim.muon_variant = normuon (it is part of that update)",
+            "set optim.muon_variant = normuon or turn cautious_weight_decay off");
+  if (c.optim.weight_decay_ref_batch < 0 || c.optim.weight_decay_ref_horizon < 0)
+    invalid("optim.weight_decay_ref_batch", "or optim.weight_decay_ref_horizon is negative", "use 0 (no scaling) or a token count");
+  if (c.train.total_batch_tokens < 0)
+    invalid("train.total_batch_tokens", "is negative", "use 0 (batch_size * seq_len * grad_accum) or a token count");
+  if (c.train.total_batch_tokens > 0) {
+    const int64_t micro = c.train.batch_size * c.train.seq_len;
+    if (c.train.total_batch_tokens % micro != 0)
+      invalid("train.total_batch_tokens", "= " + std::to_string(c.train.total_batch_tokens) +
+                                              " is not a multiple of train.batch_size * train.seq_len = " +
+                                              std::to_string(micro),
+              "make it a multiple of " + std::to_string(micro) + " (gradient accumulation follows from it)");
+  }
+  if (c.model.value_embeddings && (c.model.ve_gate_channels < 1 || c.model.ve_gate_channels > c.model.d_model))
+    invalid("model.ve_gate_channels", "= " + std::to_string(c.model.ve_gate_channels) + " must be in [1, model.d_model]",
+            "use 32 as the seed does (or at most d_model)");
 }
 
 std::string config_to_toml(const Config& cfg) {

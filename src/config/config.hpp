@@ -23,6 +23,10 @@ struct ModelConfig {
   double rope_base = 10000.0;
   double softcap = 15.0;
   double init_scale = 1.0;  // multiplies nanochat's init std
+  // The seed's (nanochat's) extras, off by default:
+  bool value_embeddings = false;  // gated value embeddings on alternating layers (last included)
+  int64_t ve_gate_channels = 32;  // leading channels of the attention input the gate reads
+  bool scalar_lambdas = false;    // x = resid_lambda[i] * x + x0_lambda[i] * x0 before each block
 
   int64_t heads() const { return d_model / head_dim; }
   int64_t kv_heads_resolved() const { return kv_heads > 0 ? kv_heads : heads(); }
@@ -39,6 +43,9 @@ struct MoEConfig {
   std::string dispatch = "dropless";  // dropless | capacity
   double capacity_factor = 1.25;
   double balance_coef = 0.01;
+  std::string balance_rule = "switch";  // switch: f = count / (T k), logged with coef | seed: f = count / T, logged without
+  std::string drop_order = "rank";      // rank: first choices first | token: flat token-major (the seed's)
+  std::string router_init = "uniform";  // uniform (as c_fc) | zero (the seed's)
 
   bool enabled() const { return experts > 0; }
 };
@@ -48,6 +55,7 @@ struct TrainConfig {
   int64_t batch_size = 16;  // rows per micro-batch
   int64_t seq_len = 1024;
   int64_t grad_accum = 1;
+  int64_t total_batch_tokens = 0;  // > 0: tokens per optimizer step; grad_accum follows from it
   int64_t seed = 42;
   int64_t eval_every = 0;  // 0: only at the end
   int64_t eval_batches = 4;
@@ -69,6 +77,7 @@ struct OptimConfig {
   double embedding_lr = 0.2;    // AdamW
   double unembedding_lr = 0.004;  // AdamW (lm_head)
   double weight_decay = 0.0;
+  double adamw_weight_decay = -1;  // AdamW groups' decay; < 0: optim.weight_decay
   double adam_beta1 = 0.8;
   double adam_beta2 = 0.95;
   double adam_eps = 1e-10;
@@ -78,6 +87,14 @@ struct OptimConfig {
   int64_t muon_momentum_warmup = 300;
   int64_t muon_ns_steps = 5;
   bool muon_nesterov = true;
+  std::string muon_variant = "muon";  // muon (Newton-Schulz 3.4445/-4.7750/2.0315) | normuon (Polar Express + variance reduction)
+  double muon_beta2 = 0.95;           // normuon: EMA of the per-row/column second moment
+  bool cautious_weight_decay = false; // Muon decays only where update and weight agree in sign
+  std::string weight_decay_schedule = "constant";  // constant | linear (to 0 at the last step)
+  int64_t weight_decay_ref_batch = 0;    // > 0: Muon wd *= sqrt(tokens per step / this)
+  double weight_decay_ref_horizon = 0;   // > 0: Muon wd *= this / (tokens per step * steps)
+  double scalar_lr = 0.5;             // AdamW: x0 lambdas at scalar_lr, resid lambdas at scalar_lr * 0.01
+  double value_embedding_lr = 0.2;    // AdamW: value embeddings (d_model-scaled like the embedding)
 };
 
 struct DataConfig {
@@ -104,8 +121,12 @@ struct Config {
   // Sliding window of each layer for sequences of seq_len tokens (0: full causal), from
   // model.window_pattern: query t sees keys t - window .. t.
   std::vector<int64_t> layer_windows(int64_t seq_len) const;
-  // Capacity per expert for a micro-batch of `tokens` tokens (0 in dropless mode).
+  // Capacity per expert for a micro-batch of `tokens` tokens (0 in dropless mode):
+  // max(1, ceil(tokens * top_k / experts * capacity_factor)); capacity_factor <= 0 is dropless.
   int64_t expert_capacity(int64_t tokens) const;
+  // Micro-batches per optimizer step: train.total_batch_tokens / (batch_size * seq_len) when set,
+  // else train.grad_accum (validate_config refuses a total that does not divide).
+  int64_t grad_accum_steps() const;
 };
 
 // Loading and overrides. Errors are moelab::Error naming the key (and file) and the fix.

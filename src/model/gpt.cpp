@@ -40,6 +40,15 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   rows_max_ = experts_ ? (capacity_ > 0 ? std::min(n_ * top_k_, experts_ * capacity_) : n_ * top_k_) : 0;
   act_ = be_.act_dtype();
   stat_ = be_.master_dtype();
+  drop_order_ = cfg_.moe.drop_order == "token" ? DropOrder::token : DropOrder::rank;
+  // The balance op computes coef * E * sum_e P_e * routed_e / (T k). The seed's f_e = routed_e / T
+  // is k times that, and the seed logs the loss without its coefficient.
+  if (cfg_.moe.balance_rule == "seed") {
+    bal_log_coef_ = float(top_k_);
+    bal_loss_coef_ = float(cfg_.moe.balance_coef * double(top_k_));
+  } else {
+    bal_log_coef_ = bal_loss_coef_ = float(cfg_.moe.balance_coef);
+  }
   if (seq_len_ > m.max_seq)
     throw Error("sequence length " + std::to_string(seq_len_) + " exceeds model.max_seq = " + std::to_string(m.max_seq));
 
@@ -48,6 +57,7 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   const int64_t Hs = cfg_.moe.shared_hidden > 0 ? cfg_.moe.shared_hidden : He;
   const bool shared = experts_ > 0 && cfg_.moe.shared_expert;
   const auto moe_mask = cfg_.moe_layer_mask();
+  const int64_t gate_channels = m.ve_gate_channels;
 
   // Parameters, under nanochat's names.
   add_param("transformer.wte.weight", ParamGroup::embedding, {V, D});
@@ -57,6 +67,7 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
     add_param(p + "attn.c_k.weight", ParamGroup::matrix, {kvdim, D});
     add_param(p + "attn.c_v.weight", ParamGroup::matrix, {kvdim, D});
     add_param(p + "attn.c_proj.weight", ParamGroup::matrix, {D, qdim});
+    if (has_value_embedding(i)) add_param(p + "attn.ve_gate.weight", ParamGroup::matrix, {kv_heads_, gate_channels});
     if (moe_mask[size_t(i)]) {
       add_param(p + "mlp.router.weight", ParamGroup::matrix, {experts_, D});
       add_param(p + "mlp.experts.w_fc", ParamGroup::matrix, {experts_, He, D});
@@ -70,12 +81,22 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
       add_param(p + "mlp.c_proj.weight", ParamGroup::matrix, {D, H});
     }
   }
+  for (int64_t i = 0; i < m.layers; ++i)
+    if (has_value_embedding(i)) add_param("value_embeds." + std::to_string(i) + ".weight", ParamGroup::value_embedding, {V, kvdim});
+  if (m.scalar_lambdas) {
+    add_param("resid_lambdas", ParamGroup::scalar, {m.layers});
+    add_param("x0_lambdas", ParamGroup::scalar, {m.layers});
+  }
   add_param("lm_head.weight", ParamGroup::unembedding, {V, D});
 
   place_params();
   // Resolve parameter pointers only now: the table no longer grows.
   wte_ = &params_.get("transformer.wte.weight");
   head_ = &params_.get("lm_head.weight");
+  if (m.scalar_lambdas) {
+    resid_lambdas_ = &params_.get("resid_lambdas");
+    x0_lambdas_ = &params_.get("x0_lambdas");
+  }
   layers_.resize(size_t(m.layers));
   auto alloc0 = [&](const Shape& s, DType t) {
     Tensor x = be_.alloc(s, t);
@@ -108,6 +129,13 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
     l.x_mid = alloc0({n_, D}, act_);
     l.xn2 = alloc0({n_, D}, act_);
     l.rstd2 = alloc0({n_}, stat_);
+    if (m.scalar_lambdas) l.x_pre = alloc0({n_, D}, act_);
+    if (has_value_embedding(i)) {
+      l.ve = &params_.get("value_embeds." + std::to_string(i) + ".weight");
+      l.ve_gate = &params_.get(p + "attn.ve_gate.weight");
+      l.ve_x = alloc0({n_, kvdim}, act_);
+      l.gate = alloc0({n_, kv_heads_}, stat_);
+    }
     if (l.moe) {
       l.router = &params_.get(p + "mlp.router.weight");
       l.w_fc = &params_.get(p + "mlp.experts.w_fc");
@@ -183,6 +211,7 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   dqraw_ = alloc0({B, T, heads_, head_dim_}, act_);
   dkraw_ = alloc0({B, T, kv_heads_, head_dim_}, act_);
   dh_ = alloc0({n_ * Hmax}, act_);
+  if (m.scalar_lambdas) dx0_ = alloc0({n_, D}, act_);
   da_ = alloc0({n_ * Hmax}, act_);
   if (experts_) {
     dyp_ = alloc0({rows_max_, D}, act_);
@@ -193,6 +222,11 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
     dlogits_r_ = alloc0({n_, experts_}, stat_);
     if (act_ != stat_) dlogits_r_act_ = alloc0({n_, experts_}, act_);
   }
+}
+
+bool GptMoE::has_value_embedding(int64_t layer) const {
+  const int64_t L = cfg_.model.layers;
+  return cfg_.model.value_embeddings && layer % 2 == (L - 1) % 2;
 }
 
 void GptMoE::add_param(const std::string& name, ParamGroup group, const Shape& shape) {
@@ -241,7 +275,16 @@ void GptMoE::init_weights(uint64_t seed, bool all_random) {
     Rng rng(seed, ++stream);
     std::vector<float> v(size_t(p.value.numel()));
     const bool is_proj = p.name.ends_with("c_proj.weight") || p.name.ends_with("w_proj");
-    if (p.group == ParamGroup::embedding) {
+    if (p.name == "resid_lambdas" || p.name == "x0_lambdas") {
+      // nanochat: 1.0 (plain residual) and 0.1 (a weak skip to x0); spread for gradient checks.
+      const double base = p.name == "resid_lambdas" ? 1.0 : 0.1;
+      for (auto& x : v) x = float(base + (all_random ? 0.3 * rng.normal() : 0.0));
+    } else if (p.group == ParamGroup::value_embedding) {
+      for (auto& x : v) x = float((2.0 * rng.uniform() - 1.0) * s);  // like c_v
+    } else if (!all_random && (p.name.ends_with("attn.ve_gate.weight") ||
+                               (p.name.ends_with("mlp.router.weight") && cfg_.moe.router_init == "zero"))) {
+      std::fill(v.begin(), v.end(), 0.0f);  // a neutral gate (2 sigmoid(0) = 1); the seed's zero router
+    } else if (p.group == ParamGroup::embedding) {
       for (auto& x : v) x = float(rng.normal() * cfg_.model.init_scale);
     } else if (p.group == ParamGroup::unembedding) {
       double std = all_random ? 0.5 : 0.001;
@@ -285,8 +328,9 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
   }
   be_.matmul(xn, false, l.router->compute, true, l.router_logits);
   be_.router_topk(l.router_logits, int(top_k_), l.probs, l.topk, l.gates);
-  be_.moe_plan(l.topk, int(experts_), int(capacity_), l.routed, l.counts, l.offsets, l.slot, l.row_token);
-  be_.balance_loss(l.probs, l.routed, float(cfg_.moe.balance_coef), l.bal);
+  be_.moe_plan(l.topk, int(experts_), int(capacity_), l.routed, l.counts, l.offsets, l.slot, l.row_token,
+               drop_order_);
+  be_.balance_loss(l.probs, l.routed, bal_log_coef_, l.bal);
   be_.moe_permute(xn, l.row_token, l.offsets, l.xp);
   be_.grouped_matmul(l.xp, l.w_fc->compute, true, l.hp, l.offsets);
   be_.relu2_fwd(l.hp, l.ap);
@@ -296,17 +340,26 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
 }
 
 void GptMoE::forward(const Tensor& tokens) {
+  const bool lambdas = resid_lambdas_ != nullptr;
   be_.embedding_fwd(tokens, wte_->compute, emb_);
-  be_.rmsnorm_fwd(emb_, layers_[0].x_in, rstd0_);
+  // With the lambdas, each block's input is a mix of the stream (x_pre) and x0 (layer 0's x_pre).
+  be_.rmsnorm_fwd(emb_, lambdas ? layers_[0].x_pre : layers_[0].x_in, rstd0_);
   int64_t moe_index = 0;
   for (size_t i = 0; i < layers_.size(); ++i) {
     Layer& l = layers_[i];
-    Tensor& next = i + 1 < layers_.size() ? layers_[i + 1].x_in : x_out_;
+    Tensor& next = i + 1 < layers_.size() ? (lambdas ? layers_[i + 1].x_pre : layers_[i + 1].x_in) : x_out_;
+    if (lambdas)
+      be_.lambda_mix_fwd(elements(resid_lambdas_->value, int64_t(i), int64_t(i) + 1), l.x_pre,
+                         elements(x0_lambdas_->value, int64_t(i), int64_t(i) + 1), layers_[0].x_pre, l.x_in);
     be_.rmsnorm_fwd(l.x_in, l.xn1, l.rstd1);
     Tensor q = tokens_by_features(l.q), k = tokens_by_features(l.k), v = tokens_by_features(l.v);
     be_.matmul(l.xn1, false, l.wq->compute, true, q);
     be_.matmul(l.xn1, false, l.wk->compute, true, k);
     be_.matmul(l.xn1, false, l.wv->compute, true, v);
+    if (l.ve) {
+      be_.embedding_fwd(tokens, l.ve->compute, l.ve_x);
+      be_.value_gate_fwd(l.xn1, l.ve_gate->compute, l.ve_x, v, l.gate);
+    }
     be_.rope_norm_fwd(l.q, cos_, sin_, l.qr, l.rstd_q);
     be_.rope_norm_fwd(l.k, cos_, sin_, l.kr, l.rstd_k);
     be_.attention_fwd(l.qr, l.kr, l.v, l.att, l.lse, l.window);
@@ -373,8 +426,7 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
   be_.grouped_matmul_wgrad(dhp_, l.xp, l.w_fc->grad, l.offsets, 1.0f);
   be_.fill(dxn, 0.0f);
   be_.moe_permute_bwd(dxp_, l.slot, dxn);
-  be_.router_bwd(l.probs, l.topk, l.gates, dgates_, l.routed, float(cfg_.moe.balance_coef), bal_scale_,
-                 dlogits_r_);
+  be_.router_bwd(l.probs, l.topk, l.gates, dgates_, l.routed, bal_loss_coef_, bal_scale_, dlogits_r_);
   Tensor dl = dlogits_r_;
   if (act_ != stat_) {
     be_.copy(dlogits_r_, dlogits_r_act_);
@@ -405,14 +457,31 @@ void GptMoE::forward_backward(const Tensor& tokens, const Tensor& targets, float
   forward(tokens);
   head_loss(targets, loss_scale, true);
   be_.sum(losses_, loss_sum_, true);
+  const bool lambdas = resid_lambdas_ != nullptr;
   be_.rmsnorm_bwd(x_out_, rstd_f_, dxf_, dx_, false);
+  if (lambdas) be_.fill(dx0_, 0.0f);
   for (size_t i = layers_.size(); i-- > 0;) {
     Layer& l = layers_[i];
     mlp_backward(l, dx_, dxn_);
     be_.rmsnorm_bwd(l.x_mid, l.rstd2, dxn_, dx_, true);
     attention_backward(l, dx_, dxn_);
+    if (l.ve) {
+      // dv_ is the gradient w.r.t. v after the gated add; dkraw_ is free again as scratch for dve.
+      Tensor dve = tokens_by_features(dkraw_);
+      be_.value_gate_bwd(l.xn1, l.ve_gate->compute, l.ve_x, l.gate, tokens_by_features(dv_), dve, l.ve_gate->grad,
+                         dxn_);
+      be_.embedding_bwd(tokens, dve, l.ve->grad);
+    }
     be_.rmsnorm_bwd(l.x_in, l.rstd1, dxn_, dx_, true);
+    if (lambdas) {
+      Tensor dres = elements(resid_lambdas_->grad, int64_t(i), int64_t(i) + 1);
+      Tensor dx0l = elements(x0_lambdas_->grad, int64_t(i), int64_t(i) + 1);
+      be_.lambda_mix_bwd(elements(resid_lambdas_->value, int64_t(i), int64_t(i) + 1), l.x_pre,
+                         elements(x0_lambdas_->value, int64_t(i), int64_t(i) + 1), layers_[0].x_pre, dx_, dx_, dx0_,
+                         dres, dx0l);
+    }
   }
+  if (lambdas) be_.axpby(1.0f, dx0_, 1.0f, dx_);  // x0 is layer 0's x_pre: both paths meet here
   be_.rmsnorm_bwd(emb_, rstd0_, dx_, dtmp_, false);
   be_.embedding_bwd(tokens, dtmp_, wte_->grad);
 }
@@ -426,6 +495,7 @@ StepStats GptMoE::read_stats(int64_t micro_batches) {
   StepStats s;
   s.loss_sum = read_scalar(be_, loss_sum_);
   s.bal = read_scalar(be_, bal_sum_) / double(std::max<int64_t>(micro_batches, 1));
+  s.bal_term = bal_log_coef_ != 0 ? s.bal * double(bal_loss_coef_) / double(bal_log_coef_) : 0.0;
   if (experts_ == 0) return s;
   auto load = be_.read(load_acc_);
   auto kept = be_.read(kept_acc_);
@@ -447,7 +517,8 @@ StepStats GptMoE::read_stats(int64_t micro_batches) {
 int64_t GptMoE::active_matmul_params() const {
   int64_t n = 0;
   for (auto& p : params_.params) {
-    if (p.group == ParamGroup::embedding) continue;
+    if (p.group == ParamGroup::embedding || p.group == ParamGroup::value_embedding || p.group == ParamGroup::scalar)
+      continue;  // lookups and scalars, not matmuls
     int64_t count = p.value.numel();
     if (p.value.ndim() == 3) count = count / p.value.dim(0) * top_k_;  // only k experts per token
     n += count;

@@ -1,6 +1,8 @@
 // The nanochat-style GPT with MoE MLPs, written once against the Backend op interface:
-// embedding -> RMSNorm -> L x [attention (rotary, QK-norm, GQA) ; MLP (dense ReLU^2 or MoE)] ->
-// RMSNorm -> untied head -> softcap 15 -> cross-entropy. Forward and backward are explicit
+// embedding -> RMSNorm (= x0) -> L x [(x = resid_lambda x + x0_lambda x0, with
+// model.scalar_lambdas) attention (rotary, QK-norm, GQA; gated value embedding added to v on
+// alternating layers with model.value_embeddings) ; MLP (dense ReLU^2 or MoE)] -> RMSNorm ->
+// untied head -> softcap 15 -> cross-entropy. Forward and backward are explicit
 // sequences of ops; every activation buffer is planned once in the constructor, so a step
 // allocates nothing and can be captured in a CUDA graph. Statistics (loss sum, balance loss,
 // expert loads, drops) accumulate in device tensors and are read once, after the step.
@@ -17,7 +19,9 @@ namespace moelab {
 // What one step (all micro-batches) produced, read back to the host after the step.
 struct StepStats {
   double loss_sum = 0;      // sum of per-token cross-entropy over valid targets
-  double bal = 0;           // balance loss summed over MoE layers, mean over micro-batches
+  double bal = 0;           // balance loss summed over MoE layers, mean over micro-batches, as logged
+                            // (moe.balance_rule = seed: without the coefficient, as the seed logs it)
+  double bal_term = 0;      // what the balance loss adds to the loss that is differentiated
   double drop_rate = 0;     // dropped / routed assignments over all MoE layers
   std::vector<std::vector<double>> expert_load;  // per MoE layer: fraction routed to each expert
 };
@@ -62,13 +66,18 @@ class GptMoE {
     Param *fc = nullptr, *proj = nullptr;                          // dense MLP
     Param *router = nullptr, *w_fc = nullptr, *w_proj = nullptr;  // experts [E, He, D], [E, D, He]
     Param *sh_fc = nullptr, *sh_proj = nullptr;                    // shared expert
+    Param *ve = nullptr, *ve_gate = nullptr;                       // value embedding [V, kvdim], gate [Hkv, C]
     // Saved activations.
     int window = 0;  // sliding window of this layer's attention (0: full causal)
     Tensor x_in, xn1, rstd1, q, k, v, qr, kr, rstd_q, rstd_k, att, lse, x_mid, xn2, rstd2;
     Tensor h, a;                                                   // dense or shared expert
     Tensor router_logits, probs, topk, gates, routed, counts, offsets, slot, row_token;
     Tensor xp, hp, ap, yp, bal;
+    Tensor x_pre;      // the stream before the lambda mix (scalar_lambdas; layer 0 reads x0)
+    Tensor ve_x, gate;  // value embedding rows [N, kvdim] and gate [N, Hkv] (value_embeddings)
   };
+  // Whether layer i carries a value embedding: alternating, the last layer always included.
+  bool has_value_embedding(int64_t layer) const;
 
   // Records a parameter; place_params() then gives it memory.
   void add_param(const std::string& name, ParamGroup group, const Shape& shape);
@@ -97,6 +106,9 @@ class GptMoE {
   };
   std::vector<ParamArena> arenas_;
   Param *wte_ = nullptr, *head_ = nullptr;
+  Param *resid_lambdas_ = nullptr, *x0_lambdas_ = nullptr;  // [layers] each, with scalar_lambdas
+  DropOrder drop_order_ = DropOrder::rank;
+  float bal_log_coef_ = 0, bal_loss_coef_ = 0;  // balance loss as logged / as differentiated
   std::vector<Layer> layers_;
 
   Tensor cos_, sin_;
@@ -106,6 +118,7 @@ class GptMoE {
   // Backward scratch, shared by all layers.
   Tensor dx_, dxn_, dxf_, dtmp_, datt_, dq_, dk_, dv_, dqraw_, dkraw_, dh_, da_;
   Tensor dyp_, dap_, dhp_, dxp_, dgates_, dlogits_r_, dlogits_r_act_;
+  Tensor dx0_;  // gradient reaching x0 through the lambda mixes
 };
 
 }  // namespace moelab

@@ -9,7 +9,9 @@
 
 namespace moelab {
 
-enum class ParamGroup { matrix, embedding, unembedding };  // Muon | AdamW | AdamW
+// Muon | AdamW (token embedding) | AdamW (lm_head) | AdamW (value embeddings) | AdamW (the
+// per-layer resid and x0 scalars)
+enum class ParamGroup { matrix, embedding, unembedding, value_embedding, scalar };
 
 struct Param {
   std::string name;  // e.g. "transformer.h.0.attn.c_q.weight", "transformer.h.0.mlp.experts.w_fc"

@@ -5,12 +5,12 @@
 
 namespace moelab {
 
-void AdamW::add(Param* param, double base_lr) {
+void AdamW::add(Param* param, double base_lr, Overrides overrides) {
   MOELAB_CHECK(param->grad.shape == param->value.shape && param->grad.dtype == param->value.dtype,
                "AdamW: gradient of '" + param->name + "' is " + param->grad.describe() + ", value " +
                    param->value.describe());
   Slot s{param, base_lr, backend_.alloc(param->value.shape, param->value.dtype),
-         backend_.alloc(param->value.shape, param->value.dtype)};
+         backend_.alloc(param->value.shape, param->value.dtype), overrides};
   backend_.fill(s.m, 0.0f);
   backend_.fill(s.v, 0.0f);
   slots_.push_back(s);
@@ -20,10 +20,11 @@ void AdamW::step(int64_t step, double lr_multiplier) {
   for (Slot& s : slots_) {
     AdamWStep a;
     a.lr = float(s.base_lr * lr_multiplier);
-    a.beta1 = float(cfg_.adam_beta1);
+    a.beta1 = float(s.overrides.beta1 >= 0 ? s.overrides.beta1 : cfg_.adam_beta1);
     a.beta2 = float(cfg_.adam_beta2);
     a.eps = float(cfg_.adam_eps);
-    a.weight_decay = float(cfg_.weight_decay);
+    const double wd = cfg_.adamw_weight_decay >= 0 ? cfg_.adamw_weight_decay : cfg_.weight_decay;
+    a.weight_decay = float(s.overrides.weight_decay >= 0 ? s.overrides.weight_decay : wd);
     a.step = step + 1;
     backend_.adamw_update(s.param->value, s.param->grad, s.m, s.v, a);
   }

@@ -12,12 +12,19 @@
 
 namespace moelab {
 
+// Per-parameter departures from the config (negative: the config's value).
+struct AdamWOverrides {
+  double beta1 = -1;
+  double weight_decay = -1;
+};
+
 class AdamW {
  public:
+  using Overrides = AdamWOverrides;
   AdamW(Backend& backend, const OptimConfig& cfg) : backend_(backend), cfg_(cfg) {}
 
   // Adds a parameter updated at base_lr * lr_multiplier; the pointer must outlive this object.
-  void add(Param* param, double base_lr);
+  void add(Param* param, double base_lr, Overrides overrides = {});
 
   // step: 0-based training step (bias correction uses step + 1).
   void step(int64_t step, double lr_multiplier);
@@ -30,6 +37,7 @@ class AdamW {
     Param* param;
     double base_lr;
     Tensor m, v;
+    Overrides overrides;
   };
   Backend& backend_;
   OptimConfig cfg_;

@@ -45,7 +45,7 @@ std::vector<Muon::Group> Muon::make_groups(const std::vector<Param*>& params) {
     // The newest group of this shape takes it unless that would pass the size cap.
     auto it = std::find_if(groups.rbegin(), groups.rend(), [&](const Group& g) { return g.m == m && g.n == n; });
     if (it == groups.rend() || (it->count + count) * m * n > kMaxGroupElems) {
-      groups.push_back(Group{m, n, 0, {}, {}, {}, {}, false});
+      groups.push_back(Group{m, n, 0, {}, {}, {}, {}, {}, false});
       it = groups.rbegin();
     }
     it->members.push_back(Member{p, it->count, count});
@@ -72,20 +72,30 @@ Muon::Muon(Backend& backend, std::vector<Param*> params, const OptimConfig& cfg,
       ns_(backend, stack_shapes(groups_)) {
   if (cfg.muon_ns_steps < 1)
     throw Error("optim.muon_ns_steps = " + std::to_string(cfg.muon_ns_steps) + " must be at least 1");
+  if (normuon()) ns_.use_polar_express(true);
   int64_t largest = 1, largest_gathered = 0;
   momentum_.resize(params_.size());
+  second_moment_.resize(params_.size());
   for (Group& g : groups_) {
     const Shape stack{g.count, g.m, g.n};
     largest = std::max(largest, g.count * g.m * g.n);
     if (g.batched) ns_.prepare_batched(g.count, g.m, g.n);
     g.momentum = backend.alloc(stack, backend.master_dtype());
     backend.fill(g.momentum, 0.0f);
+    if (normuon()) {
+      g.second_moment = backend.alloc({g.count, kept_dim(g)}, backend.master_dtype());
+      backend.fill(g.second_moment, 0.0f);
+    }
     std::vector<Tensor> grads, values;
     for (const Member& mb : g.members) {
       grads.push_back(mb.param->grad);
       values.push_back(mb.param->value);
       const size_t i = size_t(std::find(params_.begin(), params_.end(), mb.param) - params_.begin());
       momentum_[i] = stack_part(g.momentum, mb.first, mb.count).view(mb.param->value.shape);
+      if (normuon()) {
+        const Shape state = mb.param->value.ndim() == 3 ? Shape{mb.count, kept_dim(g)} : Shape{kept_dim(g)};
+        second_moment_[i] = g.second_moment.rows_slice(mb.first, mb.first + mb.count).view(state);
+      }
     }
     g.grads = as_one_stack(grads, stack);
     g.values = as_one_stack(values, stack);
@@ -97,7 +107,24 @@ Muon::Muon(Backend& backend, std::vector<Param*> params, const OptimConfig& cfg,
   blend_ = backend.alloc({largest, 1}, backend.act_dtype());
 }
 
-void Muon::update_group(Group& g, float lr, float mu) {
+void Muon::apply_update(Group& g, const Tensor& x, Tensor& values, int64_t first, int64_t count, float lr, float wd) {
+  const double aspect = std::sqrt(std::max(1.0, double(g.m) / double(g.n)));
+  if (normuon()) {
+    NorMuonStep st;
+    st.lr = float(double(lr) * aspect);
+    st.weight_decay = wd;
+    st.beta2 = float(cfg_.muon_beta2);
+    st.cautious = cfg_.cautious_weight_decay;
+    Tensor v2 = g.second_moment.rows_slice(first, first + count);
+    Tensor p = values.view({count, g.m, g.n});
+    backend_.normuon_update(x.view({count, g.m, g.n}), v2, p, st);
+    return;
+  }
+  const float scale = float(-double(lr) * aspect), decay = float(1.0 - double(lr) * double(wd));
+  backend_.axpby(scale, x, decay, values);
+}
+
+void Muon::update_group(Group& g, float lr, float mu, float wd) {
   const Shape shape{g.count, g.m, g.n};
   Tensor grads = g.grads;
   if (!grads.data) {  // gather: one copy per parameter, so that what follows is one op each
@@ -110,14 +137,13 @@ void Muon::update_group(Group& g, float lr, float mu) {
   // Momentum, Nesterov blend and the rounding to the act dtype in one pass.
   Tensor ns_in = blend_.prefix(shape);
   backend_.muon_momentum(grads, g.momentum, ns_in, mu, cfg_.muon_nesterov);
-  const double aspect = std::sqrt(std::max(1.0, double(g.m) / double(g.n)));
-  const float scale = float(-double(lr) * aspect), decay = float(1.0 - double(lr) * cfg_.weight_decay);
   if (g.batched) {
     const Tensor x = ns_.run_batched(ns_in, cfg_.muon_ns_steps);
     if (g.values.data) {
-      backend_.axpby(scale, x, decay, g.values);
+      apply_update(g, x, g.values, 0, g.count, lr, wd);
     } else {
-      for (const Member& mb : g.members) backend_.axpby(scale, stack_part(x, mb.first, mb.count), decay, mb.param->value);
+      for (const Member& mb : g.members)
+        apply_update(g, stack_part(x, mb.first, mb.count), mb.param->value, mb.first, mb.count, lr, wd);
     }
     return;
   }
@@ -125,17 +151,22 @@ void Muon::update_group(Group& g, float lr, float mu) {
     for (int64_t j = 0; j < mb.count; ++j) {
       const Tensor x = ns_.run(ns_in.index(mb.first + j), cfg_.muon_ns_steps);
       Tensor value = mb.param->value.ndim() == 3 ? mb.param->value.index(j) : mb.param->value;
-      backend_.axpby(scale, x, decay, value);
+      apply_update(g, x, value, mb.first + j, 1, lr, wd);
     }
   }
 }
 
-void Muon::step(double lr, double momentum) {
-  for (Group& g : groups_) update_group(g, float(lr), float(momentum));
+void Muon::step(double lr, double momentum) { step(lr, momentum, cfg_.weight_decay); }
+
+void Muon::step(double lr, double momentum, double weight_decay) {
+  for (Group& g : groups_) update_group(g, float(lr), float(momentum), float(weight_decay));
 }
 
 void Muon::append_state(std::vector<NamedTensor>& out) const {
-  for (size_t i = 0; i < params_.size(); ++i) out.push_back({"optim/" + params_[i]->name + "/momentum", momentum_[i]});
+  for (size_t i = 0; i < params_.size(); ++i) {
+    out.push_back({"optim/" + params_[i]->name + "/momentum", momentum_[i]});
+    if (second_moment_[i].data) out.push_back({"optim/" + params_[i]->name + "/second_moment", second_moment_[i]});
+  }
 }
 
 }  // namespace moelab

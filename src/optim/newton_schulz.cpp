@@ -43,6 +43,17 @@ void NewtonSchulz::prepare_batched(int64_t groups, int64_t m, int64_t n) {
   }
 }
 
+NsCoefficients NewtonSchulz::step_coefficients(int64_t i) const {
+  if (!polar_) return {kA, kB, kC};
+  MOELAB_CHECK(i >= 0 && i < 5, "Polar Express has coefficients for 5 steps, asked for step " + std::to_string(i));
+  NsCoefficients k = kPolarExpress[i];
+  if (i == 0) {  // fold the 1 / 1.02 of the normalization in: X0 = s Y, s = 1 / 1.02
+    const double sc = 1.0 / double(kPolarSafety);
+    k = {float(k.a * sc), float(k.b * sc * sc * sc), float(k.c * sc * sc * sc * sc * sc)};
+  }
+  return k;
+}
+
 Tensor NewtonSchulz::offsets(int64_t groups, int64_t rows) const {
   for (auto& [key, t] : offsets_)
     if (key.first == groups && key.second == rows) return t;
@@ -63,23 +74,24 @@ Tensor NewtonSchulz::run(const Tensor& g, int64_t steps) {
 
   // Round to the act dtype first, then normalize there (nanochat: G.bfloat16() / norm).
   if (g.dtype == x.dtype) {
-    backend_.frobenius_normalize(g, x, kNormEps);
+    backend_.frobenius_normalize(g, x, norm_eps());
   } else {
     backend_.copy(g, next);
-    backend_.frobenius_normalize(next, x, kNormEps);
+    backend_.frobenius_normalize(next, x, norm_eps());
   }
   for (int64_t i = 0; i < steps; ++i) {
+    const NsCoefficients k = step_coefficients(i);
     if (tall)
       backend_.matmul(x, true, x, false, a);  // A = X^T X   [n, n]
     else
       backend_.matmul(x, false, x, true, a);  // A = X X^T   [m, m]
-    backend_.matmul(a, false, a, false, p, kC);  // P = c A^2 + b A
-    backend_.axpby(kB, a, 1.0f, p);
+    backend_.matmul(a, false, a, false, p, k.c);  // P = c A^2 + b A
+    backend_.axpby(k.b, a, 1.0f, p);
     if (tall)
       backend_.matmul(x, false, p, false, next);  // X' = X P + a X
     else
       backend_.matmul(p, false, x, false, next);  // X' = P X + a X
-    backend_.axpby(kA, x, 1.0f, next);
+    backend_.axpby(k.a, x, 1.0f, next);
     std::swap(x, next);
   }
   return x;
@@ -99,12 +111,13 @@ Tensor NewtonSchulz::run_batched(const Tensor& g, int64_t steps) {
 
   // Round to the act dtype, then normalize each matrix by its own norm.
   if (g.dtype == x3.dtype) {
-    backend_.frobenius_normalize_batched(g, x3, kNormEps);
+    backend_.frobenius_normalize_batched(g, x3, norm_eps());
   } else {
     backend_.copy(g, next3);
-    backend_.frobenius_normalize_batched(next3, x3, kNormEps);
+    backend_.frobenius_normalize_batched(next3, x3, norm_eps());
   }
   for (int64_t i = 0; i < steps; ++i) {
+    const NsCoefficients k = step_coefficients(i);
     Tensor x2 = x3.view({E * m, n}), next2 = next3.view({E * m, n});
     Tensor a2 = a3.view({E * side, side}), p2 = p3.view({E * side, side});
     if (tall)
@@ -112,11 +125,11 @@ Tensor NewtonSchulz::run_batched(const Tensor& g, int64_t steps) {
     else
       backend_.grouped_matmul(x2, x3, true, a2, by_m);  // A_e = X_e X_e^T   [m, m]
     // The polynomial's sums are fused into the products' stores (one rounding, no extra pass).
-    backend_.grouped_matmul(a2, a3, true, p2, by_side, kC, kB, &a2);  // P_e = c A_e A_e^T + b A_e
+    backend_.grouped_matmul(a2, a3, true, p2, by_side, k.c, k.b, &a2);  // P_e = c A_e A_e^T + b A_e
     if (tall)
-      backend_.grouped_matmul(x2, p3, true, next2, by_m, 1.0f, kA, &x2);  // X'_e = X_e P_e^T + a X_e
+      backend_.grouped_matmul(x2, p3, true, next2, by_m, 1.0f, k.a, &x2);  // X'_e = X_e P_e^T + a X_e
     else
-      backend_.grouped_matmul_wgrad(p2, x2, next3, by_m, kA, &x3);  // X'_e = P_e^T X_e + a X_e
+      backend_.grouped_matmul_wgrad(p2, x2, next3, by_m, k.a, &x3);  // X'_e = P_e^T X_e + a X_e
     std::swap(x3, next3);
   }
   return x3;

@@ -25,10 +25,29 @@
 
 namespace moelab {
 
+// Polar Express (optim.muon_variant = normuon): a different (a, b, c) at each of up to five
+// steps, tuned so the composed polynomial reaches the polar factor faster, from
+// X0 = G / (1.02 ||G||_F + 1e-6). The 1.02 is folded into the first step's coefficients
+// (a s, b s^3, c s^5 with s = 1 / 1.02 act on G / (||G|| + 1e-6 / 1.02) as (a, b, c) on X0), so
+// the normalization stays one op.
+struct NsCoefficients {
+  float a, b, c;
+};
+inline constexpr NsCoefficients kPolarExpress[5] = {
+    {8.156554524902461f, -22.48329292557795f, 15.878769915207462f},
+    {4.042929935166739f, -2.808917465908714f, 0.5000178451051316f},
+    {3.8916678022926607f, -2.772484153217685f, 0.5060648178503393f},
+    {3.285753657755655f, -2.3681294933425376f, 0.46449024233003106f},
+    {2.3465413258596377f, -1.7097828382687081f, 0.42323551169305323f},
+};
+
 class NewtonSchulz {
  public:
   static constexpr float kA = 3.4445f, kB = -4.7750f, kC = 2.0315f;
   static constexpr float kNormEps = 1e-7f;
+  static constexpr float kPolarSafety = 1.02f, kPolarEps = 1e-6f;
+  // Switches run() and run_batched() to the Polar Express schedule (at most 5 steps).
+  void use_polar_express(bool on) { polar_ = on; }
 
   // Scratch for stacks of up to max_batch matrices, each with at most max_numel elements and a
   // smaller side of at most max_side (max_numel * max_batch and max_side^2 * max_batch elements).
@@ -58,6 +77,10 @@ class NewtonSchulz {
   Tensor poly_;     // [max_side^2, 1] act dtype: b A + c A^2
 
   void allocate(int64_t iterate_elems, int64_t gram_elems);
+  bool polar_ = false;
+  // Coefficients of step i, and the eps of the normalization before step 0.
+  NsCoefficients step_coefficients(int64_t i) const;
+  float norm_eps() const { return polar_ ? kPolarEps / kPolarSafety : kNormEps; }
 
   // Group offsets {0, rows, 2 rows, ...} [E+1] for E groups of `rows` rows.
   Tensor offsets(int64_t groups, int64_t rows) const;

@@ -10,6 +10,29 @@ namespace moelab {
 
 Optimizer::Optimizer(Backend& backend, ParamTable& params, const OptimConfig& cfg, const ModelConfig& model)
     : cfg_(cfg) {
+  if (cfg.weight_decay_schedule != "constant" || cfg.weight_decay_ref_batch > 0 || cfg.weight_decay_ref_horizon > 0)
+    throw Error("optimizer: optim.weight_decay_schedule / optim.weight_decay_ref_* need the run's steps and batch; "
+                "construct the optimizer from the whole Config");
+  build(backend, params, model);
+}
+
+Optimizer::Optimizer(Backend& backend, ParamTable& params, const Config& cfg)
+    : cfg_(cfg.optim),
+      steps_(cfg.train.steps),
+      tokens_per_step_(cfg.grad_accum_steps() * cfg.train.batch_size * cfg.train.seq_len) {
+  build(backend, params, cfg.model);
+}
+
+double Optimizer::muon_weight_decay(int64_t step) const {
+  double wd = cfg_.weight_decay;
+  if (cfg_.weight_decay_ref_batch > 0) wd *= std::sqrt(double(tokens_per_step_) / double(cfg_.weight_decay_ref_batch));
+  if (cfg_.weight_decay_ref_horizon > 0) wd *= cfg_.weight_decay_ref_horizon / (double(tokens_per_step_) * double(steps_));
+  if (cfg_.weight_decay_schedule == "linear" && steps_ > 0) wd *= 1.0 - double(step) / double(steps_);
+  return wd;
+}
+
+void Optimizer::build(Backend& backend, ParamTable& params, const ModelConfig& model) {
+  const OptimConfig& cfg = cfg_;
   // nanochat tuned the AdamW rates at d_model 768 and scales them by 1/sqrt(d_model / 768).
   const double scale = cfg.scale_lr_by_dmodel ? std::pow(double(model.d_model) / 768.0, -0.5) : 1.0;
   matrix_lr_ = cfg.matrix_lr;
@@ -29,13 +52,20 @@ Optimizer::Optimizer(Backend& backend, ParamTable& params, const OptimConfig& cf
         break;
       case ParamGroup::embedding: adamw_->add(&p, embedding_lr_); break;
       case ParamGroup::unembedding: adamw_->add(&p, unembedding_lr_); break;
+      case ParamGroup::value_embedding: adamw_->add(&p, cfg.value_embedding_lr * scale); break;
+      // nanochat's scalar groups: resid lambdas at scalar_lr * 0.01, x0 lambdas at scalar_lr with
+      // beta1 0.96; neither is decayed.
+      case ParamGroup::scalar:
+        if (p.name == "x0_lambdas") adamw_->add(&p, cfg.scalar_lr, AdamW::Overrides{0.96, 0.0});
+        else adamw_->add(&p, cfg.scalar_lr * 0.01, AdamW::Overrides{-1, 0.0});
+        break;
     }
   }
   if (!matrices.empty()) muon_ = std::make_unique<Muon>(backend, std::move(matrices), cfg);
 }
 
 void Optimizer::step(int64_t step, double lr_multiplier) {
-  if (muon_) muon_->step(matrix_lr_ * lr_multiplier, muon_momentum_at(cfg_, step));
+  if (muon_) muon_->step(matrix_lr_ * lr_multiplier, muon_momentum_at(cfg_, step), muon_weight_decay(step));
   adamw_->step(step, lr_multiplier);
 }
 

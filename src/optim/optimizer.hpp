@@ -22,6 +22,9 @@ class Optimizer {
   // All state and scratch is allocated here. `params` must outlive the optimizer and keep its
   // Param entries in place (the optimizer holds pointers to them).
   Optimizer(Backend& backend, ParamTable& params, const OptimConfig& cfg, const ModelConfig& model);
+  // The same, also knowing the run's length and tokens per step, which Muon's weight decay
+  // schedule (optim.weight_decay_schedule) and its batch/horizon scaling need.
+  Optimizer(Backend& backend, ParamTable& params, const Config& cfg);
 
   // Updates every parameter's value from its grad. step: 0-based training step (sets Muon's
   // momentum ramp and AdamW's bias correction); lr_multiplier: the schedule's factor.
@@ -36,9 +39,15 @@ class Optimizer {
   double matrix_lr() const { return matrix_lr_; }
   double embedding_lr() const { return embedding_lr_; }
   double unembedding_lr() const { return unembedding_lr_; }
+  // Muon's weight decay at 0-based `step`: optim.weight_decay times sqrt(B / ref_batch) and
+  // ref_horizon / (B * steps) where set (B = tokens per step), then times (1 - step / steps)
+  // with the linear schedule.
+  double muon_weight_decay(int64_t step) const;
 
  private:
+  void build(Backend& backend, ParamTable& params, const ModelConfig& model);
   OptimConfig cfg_;
+  int64_t steps_ = 0, tokens_per_step_ = 0;  // 0: unknown (the OptimConfig-only constructor)
   double matrix_lr_, embedding_lr_, unembedding_lr_;
   std::unique_ptr<Muon> muon_;  // null when no matrix goes to Muon
   std::unique_ptr<AdamW> adamw_;

@@ -30,7 +30,7 @@ struct StepRunner::Graph {
 };
 
 StepRunner::StepRunner(Backend& backend, GptMoE& model, const Config& cfg) : be_(backend), model_(model), cfg_(cfg) {
-  for (int64_t m = 0; m < cfg.train.grad_accum; ++m) {
+  for (int64_t m = 0; m < cfg.grad_accum_steps(); ++m) {
     tokens_.push_back(be_.alloc({model.tokens_per_micro_batch()}, DType::i32));
     targets_.push_back(be_.alloc({model.tokens_per_micro_batch()}, DType::i32));
   }

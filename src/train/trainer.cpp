@@ -203,7 +203,7 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
                   std::to_string(loader->vocab()) + " ids, " + loader->describe() + "); raise model.vocab");
     model_ptr = std::make_unique<GptMoE>(*backend, cfg, cfg.train.batch_size, cfg.train.seq_len);
     model_ptr->init_weights(uint64_t(cfg.train.seed));
-    optimizer_ptr = std::make_unique<Optimizer>(*backend, model_ptr->params(), cfg.optim, cfg.model);
+    optimizer_ptr = std::make_unique<Optimizer>(*backend, model_ptr->params(), cfg);
 
     // Resume: weights, optimizer state, step, data position and the loss EMA. With auto, the
     // newest checkpoint that reads back whole; a damaged newer one is named and passed over.
@@ -269,7 +269,7 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
     status.step = step;
     write_status(run_dir, status);
 
-    const int64_t micro = cfg.train.grad_accum;
+    const int64_t micro = cfg.grad_accum_steps();
     const int64_t tokens_per_step = micro * cfg.train.batch_size * cfg.train.seq_len;
     const auto peak = peak_flops(cfg, be);
     const double flops_per_token = model.flops_per_token();

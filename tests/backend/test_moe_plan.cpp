@@ -11,13 +11,13 @@ struct Plan {
 };
 
 Plan run_plan(CpuBackend& be, int64_t T, int64_t k, int E, int capacity,
-              const std::vector<int32_t>& idx) {
+              const std::vector<int32_t>& idx, DropOrder order = DropOrder::rank) {
   Tensor ti = i32_tensor(be, {T, k}, idx);
   Tensor routed = be.alloc({E}, DType::i32), counts = be.alloc({E}, DType::i32);
   Tensor offsets = be.alloc({E + 1}, DType::i32), slot = be.alloc({T * k}, DType::i32);
   Tensor row_token = be.alloc({T * k}, DType::i32);
   be.fill(row_token, -7.0f);
-  be.moe_plan(ti, E, capacity, routed, counts, offsets, slot, row_token);
+  be.moe_plan(ti, E, capacity, routed, counts, offsets, slot, row_token, order);
   return {be.read_i32(routed), be.read_i32(counts), be.read_i32(offsets), be.read_i32(slot),
           be.read_i32(row_token)};
 }
@@ -62,6 +62,22 @@ TEST(MoePlan, CapacityDropsSecondChoicesFirst) {
   // Rows past offsets[E] are left as they were.
   EXPECT_EQ(p.row_token[8], -7);
   EXPECT_EQ(p.row_token[9], -7);
+}
+
+TEST(MoePlan, TokenMajorOrderKeepsEarlierTokensWhateverTheirRank) {
+  CpuBackend be(DType::f32, 2);
+  // The routing of CapacityDropsSecondChoicesFirst, in flat token-major order (t, j): expert 0
+  // sees t0's second, t1's second, t2's second, t3's first, t4's first and keeps the first 3.
+  const std::vector<int32_t> idx = {1, 0, 1, 0, 2, 0, 0, 1, 0, 2};
+  const Plan p = run_plan(be, 5, 2, 3, 3, idx, DropOrder::token);
+  EXPECT_EQ(p.routed, (std::vector<int32_t>{5, 3, 2}));
+  EXPECT_EQ(p.counts, (std::vector<int32_t>{3, 3, 2}));
+  EXPECT_EQ(p.offsets, (std::vector<int32_t>{0, 3, 6, 8}));
+  // Expert 0 rows 0..2: t0, t1, t2 (second choices); t3 and t4's first choices are dropped.
+  // Expert 1 rows 3..5: t0, t1 (first), t3 (second). Expert 2 rows 6, 7: t2 (first), t4 (second).
+  EXPECT_EQ(p.slot, (std::vector<int32_t>{3, 0, 4, 1, 6, 2, -1, 5, -1, 7}));
+  EXPECT_EQ(std::vector<int32_t>(p.row_token.begin(), p.row_token.begin() + 8),
+            (std::vector<int32_t>{0, 1, 2, 0, 1, 3, 2, 4}));
 }
 
 TEST(MoePlan, CapacityDropsLaterTokensWithinARank) {

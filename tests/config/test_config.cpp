@@ -80,8 +80,13 @@ TEST(Config, ValidationNamesKeyForEachInconsistency) {
   const std::vector<BadCase> cases = {
       {"model.head_dim=100", "model.d_model"},       // 768 % 100 != 0
       {"moe.top_k=9", "moe.top_k"},                  // > experts
-      {"moe.capacity_factor=0", "moe.capacity_factor"},
-      {"moe.capacity_factor=-1", "moe.capacity_factor"},
+      {"moe.balance_rule=gshard", "moe.balance_rule"},
+      {"moe.drop_order=random", "moe.drop_order"},
+      {"moe.router_init=normal", "moe.router_init"},
+      {"optim.muon_variant=adam", "optim.muon_variant"},
+      {"optim.weight_decay_schedule=cosine", "optim.weight_decay_schedule"},
+      {"train.total_batch_tokens=100000", "train.total_batch_tokens"},  // not a multiple of 16 * 1024
+      {"train.total_batch_tokens=-1", "train.total_batch_tokens"},
       {"train.seq_len=4096", "train.seq_len"},       // over the rotary table
       {"moe.dispatch=sometimes", "moe.dispatch"},
       {"model.kv_heads=5", "model.kv_heads"},
@@ -102,6 +107,30 @@ TEST(Config, ValidationNamesKeyForEachInconsistency) {
   }
   Config ok;
   EXPECT_NO_THROW(validate_config(ok));
+}
+
+TEST(Config, CapacityFactorAtOrBelowZeroTurnsCapacityOff) {
+  for (const char* cf : {"moe.capacity_factor=0", "moe.capacity_factor=-1"}) {
+    Config c;
+    apply_override(c, "moe.dispatch=capacity");
+    apply_override(c, cf);
+    EXPECT_NO_THROW(validate_config(c)) << cf;
+    EXPECT_EQ(c.expert_capacity(4096), 0) << cf;
+  }
+}
+
+TEST(Config, TotalBatchTokensSetsGradAccum) {
+  Config c;  // 16 x 1024 tokens a micro-batch
+  EXPECT_EQ(c.grad_accum_steps(), 1);
+  apply_override(c, "train.grad_accum=3");
+  EXPECT_EQ(c.grad_accum_steps(), 3);
+  apply_override(c, "train.total_batch_tokens=524288");  // the seed's 2^19
+  EXPECT_NO_THROW(validate_config(c));
+  EXPECT_EQ(c.grad_accum_steps(), 32);
+  apply_override(c, "train.total_batch_tokens=524289");
+  const std::string msg = error_of([&] { validate_config(c); });
+  EXPECT_NE(msg.find("train.total_batch_tokens"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("16384"), std::string::npos) << msg;
 }
 
 TEST(Config, ResolvedTomlRoundTrips) {
@@ -145,7 +174,7 @@ namespace {
 
 // The configs shipped in configs/ load and validate as they are.
 TEST(Config, ShippedConfigsValidate) {
-  for (const char* name : {"tiny-cpu.toml", "d12-moe.toml"}) {
+  for (const char* name : {"tiny-cpu.toml", "d12-moe.toml", "tiny-seed-cpu.toml", "d12-seed.toml"}) {
     Config c = load_config(std::string(MOELAB_SOURCE_DIR) + "/configs/" + name);
     EXPECT_NO_THROW(validate_config(c)) << name;
   }

@@ -454,6 +454,95 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
   }
 }
 
+// The seed's token-major drop order: the same plan on both backends, and it differs from the
+// rank order (so the flag reaches the kernel).
+TEST_F(CudaOps, MoePlanTokenMajorDropOrder) {
+  const int64_t T = 300, E = 6, k = 2;
+  auto logits = rand_pair({T, E}, DType::f32, 2.f);
+  auto probs = out_pair({T, E}, DType::f32), gates = out_pair({T, k}, DType::f32);
+  auto idx = out_pair({T, k}, DType::i32);
+  cpu->router_topk(logits.c, int(k), probs.c, idx.c, gates.c);
+  gpu->router_topk(logits.g, int(k), probs.g, idx.g, gates.g);
+  std::vector<int32_t> rank_slots;
+  for (DropOrder order : {DropOrder::rank, DropOrder::token}) {
+    auto routed = out_pair({E}, DType::i32), counts = out_pair({E}, DType::i32),
+         offsets = out_pair({E + 1}, DType::i32), slot = out_pair({T * k}, DType::i32),
+         row_token = out_pair({T * k}, DType::i32);
+    cpu->moe_plan(idx.c, int(E), 70, routed.c, counts.c, offsets.c, slot.c, row_token.c, order);
+    gpu->moe_plan(idx.g, int(E), 70, routed.g, counts.g, offsets.g, slot.g, row_token.g, order);
+    expect_equal_i32(counts, "plan counts");
+    expect_equal_i32(offsets, "plan offsets");
+    expect_equal_i32(slot, "plan slot");
+    const int32_t kept = cpu->read_i32(offsets.c)[size_t(E)];
+    auto rt_g = gpu->read_i32(row_token.g), rt_c = cpu->read_i32(row_token.c);
+    EXPECT_TRUE(std::equal(rt_c.begin(), rt_c.begin() + kept, rt_g.begin())) << "plan row_token";
+    if (order == DropOrder::rank) rank_slots = cpu->read_i32(slot.c);
+    else EXPECT_NE(rank_slots, cpu->read_i32(slot.c)) << "token-major order must differ from rank order here";
+  }
+}
+
+// The per-layer scalar mix and the gated value embedding, forward and backward, bf16 activations.
+TEST_F(CudaOps, LambdaMixAndValueGate) {
+  const int64_t N = 203, D = 96, H = 3, hd = 32, C = 32;
+  auto a = rand_pair({1}, DType::f32), b = rand_pair({1}, DType::f32);
+  auto x = rand_pair({N, D}, DType::bf16), x0 = rand_pair({N, D}, DType::bf16);
+  auto y = out_pair({N, D}, DType::bf16);
+  cpu->lambda_mix_fwd(a.c, x.c, b.c, x0.c, y.c);
+  gpu->lambda_mix_fwd(a.g, x.g, b.g, x0.g, y.g);
+  expect_close(y, kBf16Tol, "lambda_mix_fwd");
+  auto dy = rand_pair({N, D}, DType::bf16), dx0 = rand_pair({N, D}, DType::bf16);
+  auto da = rand_pair({1}, DType::f32), db = rand_pair({1}, DType::f32);
+  // dx aliases dy, as the model calls it.
+  cpu->lambda_mix_bwd(a.c, x.c, b.c, x0.c, dy.c, dy.c, dx0.c, da.c, db.c);
+  gpu->lambda_mix_bwd(a.g, x.g, b.g, x0.g, dy.g, dy.g, dx0.g, da.g, db.g);
+  expect_close(dy, kBf16Tol, "lambda_mix_bwd dx");
+  expect_close(dx0, kBf16Tol, "lambda_mix_bwd dx0");
+  expect_close(da, 1e-4, "lambda_mix_bwd da");
+  expect_close(db, 1e-4, "lambda_mix_bwd db");
+
+  auto w = rand_pair({H, C}, DType::bf16, 0.3f);
+  auto ve = rand_pair({N, H * hd}, DType::bf16), v = rand_pair({N, H * hd}, DType::bf16);
+  auto gate = out_pair({N, H}, DType::f32);
+  cpu->value_gate_fwd(x.c, w.c, ve.c, v.c, gate.c);
+  gpu->value_gate_fwd(x.g, w.g, ve.g, v.g, gate.g);
+  expect_close(gate, 1e-4, "value_gate_fwd gate");
+  expect_close(v, kBf16Tol, "value_gate_fwd v");
+  auto dv = rand_pair({N, H * hd}, DType::bf16);
+  auto dve = out_pair({N, H * hd}, DType::bf16);
+  auto dw = rand_pair({H, C}, DType::f32);
+  auto dx = rand_pair({N, D}, DType::bf16);
+  cpu->value_gate_bwd(x.c, w.c, ve.c, gate.c, dv.c, dve.c, dw.c, dx.c);
+  gpu->value_gate_bwd(x.g, w.g, ve.g, gate.g, dv.g, dve.g, dw.g, dx.g);
+  expect_close(dve, kBf16Tol, "value_gate_bwd dve");
+  expect_close(dw, 1e-3, "value_gate_bwd dw");
+  expect_close(dx, kBf16Tol, "value_gate_bwd dx");
+}
+
+// NorMuon's tail on a tall and a wide stack (per-row and per-column statistics), cautious and not.
+TEST_F(CudaOps, NorMuonUpdate) {
+  for (const Shape& s : {Shape{3, 48, 24}, Shape{2, 16, 40}}) {
+    for (bool cautious : {true, false}) {
+      SCOPED_TRACE(std::string(s[1] >= s[2] ? "tall" : "wide") + (cautious ? ", cautious" : ""));
+      auto x = rand_pair(s, DType::bf16, 0.1f);
+      auto p = rand_pair(s, DType::f32);
+      const int64_t kept = s[1] >= s[2] ? s[1] : s[2];
+      std::vector<float> v0(size_t(s[0] * kept));
+      for (auto& e : v0) e = float(std::fabs(rng->normal())) * 1e-2f;
+      auto v2 = pair_from({s[0] * kept}, DType::f32, v0);
+      NorMuonStep st;
+      st.lr = 0.05f;
+      st.weight_decay = 0.3f;
+      st.cautious = cautious;
+      for (int step = 0; step < 2; ++step) {
+        cpu->normuon_update(x.c, v2.c, p.c, st);
+        gpu->normuon_update(x.g, v2.g, p.g, st);
+      }
+      expect_close(v2, 1e-4, "normuon second moment");
+      expect_close(p, 1e-4, "normuon params");
+    }
+  }
+}
+
 TEST_F(CudaOps, GroupedGemmUnevenAndEmptyExperts) {
   const int64_t E = 5, R = 700, N = 264, K = 136;
   // offsets with an empty expert, a one-row expert and spare rows past offsets[E]

@@ -1,9 +1,11 @@
 // Whole-model gradient checks: the hand-written backward of GptMoE against central finite
 // differences of the same forward, in f64 on the CPU backend, for tiny configs that exercise
 // every path (dense and MoE layers, GQA, shared expert, router and balance loss, dropless and
-// capacity dispatch with drops).
+// capacity dispatch with drops, and the seed's options: gated value embeddings, resid/x0
+// lambdas, its balance loss and token-major drop order).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "backend/cpu/cpu_backend.hpp"
@@ -60,7 +62,7 @@ double total_loss(CpuBackend& be, GptMoE& model, const Tensor& tokens, const Ten
   double sum = 0;
   for (int64_t i = 0; i < model.losses().numel(); ++i) sum += l[i];
   StepStats s = model.read_stats(1);
-  return sum / double(valid) + s.bal;
+  return sum / double(valid) + s.bal_term;
 }
 
 void check_model_gradients(const Config& cfg, uint64_t seed, bool expect_drops) {
@@ -130,6 +132,81 @@ TEST(GptGradcheck, DenseModel) {
   Config c = tiny_config("dropless", false, "all");
   c.moe.experts = 0;
   check_model_gradients(c, 14, false);
+}
+
+// Every seed option at once: value embeddings (layers 0 and 2 of 3, the gate reading 8 of 16
+// channels), the lambdas, the seed's balance loss and capacity with token-major drops.
+Config seed_config() {
+  Config c = tiny_config("capacity", false, "all");
+  c.model.layers = 3;
+  c.model.value_embeddings = true;
+  c.model.ve_gate_channels = 8;
+  c.model.scalar_lambdas = true;
+  c.moe.balance_rule = "seed";
+  c.moe.drop_order = "token";
+  c.moe.router_init = "zero";
+  return c;
+}
+
+TEST(GptGradcheck, SeedOptionsWithCapacityDrops) { check_model_gradients(seed_config(), 15, true); }
+
+TEST(GptGradcheck, SeedOptionsDroplessMixedDense) {
+  Config c = seed_config();
+  c.moe.dispatch = "dropless";
+  c.moe.layers = "1";
+  check_model_gradients(c, 16, false);
+}
+
+TEST(Gpt, SeedParamsNamesShapesAndInit) {
+  Config c = seed_config();
+  CpuBackend be(DType::f32, 1);
+  GptMoE model(be, c, 2, 6);
+  model.init_weights(3);
+  auto& t = model.params();
+  // Alternating layers with the last included: 0 and 2 of 3.
+  EXPECT_NE(t.find("value_embeds.0.weight"), nullptr);
+  EXPECT_EQ(t.find("value_embeds.1.weight"), nullptr);
+  ASSERT_NE(t.find("value_embeds.2.weight"), nullptr);
+  EXPECT_EQ(t.get("value_embeds.2.weight").value.shape, (Shape{24, 8}));  // [vocab, kv_heads * head_dim]
+  EXPECT_EQ(t.get("transformer.h.2.attn.ve_gate.weight").value.shape, (Shape{1, 8}));
+  EXPECT_EQ(t.find("transformer.h.1.attn.ve_gate.weight"), nullptr);
+  EXPECT_EQ(t.get("value_embeds.0.weight").group, ParamGroup::value_embedding);
+  EXPECT_EQ(t.get("resid_lambdas").group, ParamGroup::scalar);
+  for (float x : be.read(t.get("resid_lambdas").value)) EXPECT_EQ(x, 1.0f);
+  for (float x : be.read(t.get("x0_lambdas").value)) EXPECT_EQ(x, 0.1f);
+  for (float x : be.read(t.get("transformer.h.0.attn.ve_gate.weight").value)) EXPECT_EQ(x, 0.0f);
+  for (float x : be.read(t.get("transformer.h.1.mlp.router.weight").value)) EXPECT_EQ(x, 0.0f);
+  // Experts as the seed: w_fc uniform within sqrt(3 / d_model) (not all zero), w_proj zero.
+  const double bound = std::sqrt(3.0 / 16.0);
+  double max_abs = 0;
+  for (float x : be.read(t.get("transformer.h.1.mlp.experts.w_fc").value)) max_abs = std::max(max_abs, double(std::fabs(x)));
+  EXPECT_GT(max_abs, 0.5 * bound);
+  EXPECT_LE(max_abs, bound);
+  for (float x : be.read(t.get("transformer.h.1.mlp.experts.w_proj").value)) EXPECT_EQ(x, 0.0f);
+}
+
+TEST(Gpt, SeedBalanceLossIsKTimesSwitchAndLoggedWithoutCoefficient) {
+  Config sw = tiny_config("dropless", false, "all");
+  Config seed = sw;
+  seed.moe.balance_rule = "seed";
+  StepStats st[2];
+  for (int i = 0; i < 2; ++i) {
+    CpuBackend be(DType::f64, 1);
+    GptMoE model(be, i ? seed : sw, 2, 6);
+    model.init_weights(9, true);
+    Problem p = random_problem(sw, 10);
+    Tensor tokens = be.alloc({12}, DType::i32), targets = be.alloc({12}, DType::i32);
+    be.write_i32(tokens, p.tokens);
+    be.write_i32(targets, p.targets);
+    model.begin_step();
+    model.forward_eval(tokens, targets);
+    st[i] = model.read_stats(1);
+  }
+  ASSERT_GT(st[0].bal, 0.0);
+  const double k = double(sw.moe.top_k), coef = sw.moe.balance_coef;
+  EXPECT_NEAR(st[0].bal_term, st[0].bal, 1e-15);               // switch: logged with coef
+  EXPECT_NEAR(st[1].bal_term, k * st[0].bal_term, 1e-12);        // f sums to k instead of 1
+  EXPECT_NEAR(st[1].bal, st[1].bal_term / coef, 1e-6 * st[1].bal);  // logged without the coefficient (coef is a float)
 }
 
 TEST(Gpt, NanochatNamesAndActiveParams) {

@@ -191,8 +191,9 @@ class CountingBackend : public Backend {
   void router_topk(const Tensor& lg, int k, Tensor& p, Tensor& i, Tensor& g) override {
     in_.router_topk(lg, k, p, i, g);
   }
-  void moe_plan(const Tensor& ti, int e, int cap, Tensor& r, Tensor& c, Tensor& o, Tensor& s, Tensor& rt) override {
-    in_.moe_plan(ti, e, cap, r, c, o, s, rt);
+  void moe_plan(const Tensor& ti, int e, int cap, Tensor& r, Tensor& c, Tensor& o, Tensor& s, Tensor& rt,
+                DropOrder order = DropOrder::rank) override {
+    in_.moe_plan(ti, e, cap, r, c, o, s, rt, order);
   }
   void balance_loss(const Tensor& p, const Tensor& r, float coef, Tensor& b) override { in_.balance_loss(p, r, coef, b); }
   void router_bwd(const Tensor& p, const Tensor& ti, const Tensor& g, const Tensor& dg, const Tensor& r, float bc,
@@ -229,6 +230,23 @@ class CountingBackend : public Backend {
     in_.muon_momentum(g, m, u, mu, nesterov);
   }
   void sum_squares(const Tensor& x, Tensor& o, bool acc) override { in_.sum_squares(x, o, acc); }
+  void lambda_mix_fwd(const Tensor& a, const Tensor& x, const Tensor& b, const Tensor& x0, Tensor& y) override {
+    in_.lambda_mix_fwd(a, x, b, x0, y);
+  }
+  void lambda_mix_bwd(const Tensor& a, const Tensor& x, const Tensor& b, const Tensor& x0, const Tensor& dy, Tensor& dx,
+                      Tensor& dx0, Tensor& da, Tensor& db) override {
+    in_.lambda_mix_bwd(a, x, b, x0, dy, dx, dx0, da, db);
+  }
+  void value_gate_fwd(const Tensor& x, const Tensor& w, const Tensor& ve, Tensor& v, Tensor& g) override {
+    in_.value_gate_fwd(x, w, ve, v, g);
+  }
+  void value_gate_bwd(const Tensor& x, const Tensor& w, const Tensor& ve, const Tensor& g, const Tensor& dv, Tensor& dve,
+                      Tensor& dw, Tensor& dx) override {
+    in_.value_gate_bwd(x, w, ve, g, dv, dve, dw, dx);
+  }
+  void normuon_update(const Tensor& x, Tensor& v2, Tensor& p, const NorMuonStep& s) override {
+    in_.normuon_update(x, v2, p, s);
+  }
 
  private:
   Backend& in_;

@@ -71,7 +71,8 @@ class CpuBackend : public Backend {
   void router_topk(const Tensor& logits, int k, Tensor& probs, Tensor& topk_idx,
                    Tensor& gates) override;
   void moe_plan(const Tensor& topk_idx, int experts, int capacity, Tensor& routed, Tensor& counts,
-                Tensor& offsets, Tensor& slot, Tensor& row_token) override;
+                Tensor& offsets, Tensor& slot, Tensor& row_token,
+                DropOrder order = DropOrder::rank) override;
   void balance_loss(const Tensor& probs, const Tensor& routed, float coef, Tensor& bal) override;
   void router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& gates,
                   const Tensor& dgates, const Tensor& routed, float bal_coef,
@@ -88,8 +89,17 @@ class CpuBackend : public Backend {
   void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& offsets, float beta,
                             const Tensor* addend = nullptr) override;
 
+  void lambda_mix_fwd(const Tensor& a, const Tensor& x, const Tensor& b, const Tensor& x0,
+                      Tensor& y) override;
+  void lambda_mix_bwd(const Tensor& a, const Tensor& x, const Tensor& b, const Tensor& x0,
+                      const Tensor& dy, Tensor& dx, Tensor& dx0, Tensor& da, Tensor& db) override;
+  void value_gate_fwd(const Tensor& x, const Tensor& w, const Tensor& ve, Tensor& v, Tensor& gate) override;
+  void value_gate_bwd(const Tensor& x, const Tensor& w, const Tensor& ve, const Tensor& gate,
+                      const Tensor& dv, Tensor& dve, Tensor& dw, Tensor& dx) override;
+
   void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                     const AdamWStep& s) override;
+  void normuon_update(const Tensor& x, Tensor& second_moment, Tensor& param, const NorMuonStep& s) override;
   void frobenius_normalize(const Tensor& x, Tensor& y, float eps) override;
   void frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) override;
   void muon_momentum(const Tensor& grad, Tensor& momentum, Tensor& update, float mu, bool nesterov) override;

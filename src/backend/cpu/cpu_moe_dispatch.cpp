@@ -12,7 +12,7 @@ namespace moelab {
 using namespace cpu;
 
 void CpuBackend::moe_plan(const Tensor& topk_idx, int experts, int capacity, Tensor& routed,
-                          Tensor& counts, Tensor& offsets, Tensor& slot, Tensor& row_token) {
+                          Tensor& counts, Tensor& offsets, Tensor& slot, Tensor& row_token, DropOrder order) {
   const char* op = "moe_plan";
   require_i32(topk_idx, op, "topk_idx");
   require(topk_idx.ndim() == 2, op, "topk_idx is " + topk_idx.describe() + " but must be [T, k]");
@@ -30,10 +30,11 @@ void CpuBackend::moe_plan(const Tensor& topk_idx, int experts, int capacity, Ten
   int32_t* sl = ptr<int32_t>(slot);
   int32_t* tok = ptr<int32_t>(row_token);
   std::fill(rt, rt + E, 0);
-  // Pass 1, in priority order (rank j, then token t): each assignment's rank within its expert,
-  // kept in slot for now.
-  for (int64_t j = 0; j < k; ++j)
-    for (int64_t t = 0; t < T; ++t) {
+  // Pass 1, in priority order (rank j, then token t; or flat token-major (t, j)): each
+  // assignment's rank within its expert, kept in slot for now.
+  for (int64_t a = 0; a < T * k; ++a) {
+    const int64_t t = order == DropOrder::token ? a / k : a % T;
+    const int64_t j = order == DropOrder::token ? a % k : a / T;
       const int32_t e = idx[t * k + j];
       require(e >= 0 && e < E, op,
               "topk_idx[" + std::to_string(t) + ", " + std::to_string(j) + "] = " +

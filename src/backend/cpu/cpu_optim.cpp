@@ -121,4 +121,49 @@ void CpuBackend::frobenius_normalize_batched(const Tensor& x, Tensor& y, float e
   }
 }
 
+// Matrix by matrix; each statistic is summed in index order in double.
+void CpuBackend::normuon_update(const Tensor& x, Tensor& second_moment, Tensor& param, const NorMuonStep& st) {
+  const char* op = "normuon_update";
+  require_float(x, op, "x");
+  require_like(x, second_moment, op, "second_moment");
+  require_like(x, param, op, "param");
+  require(x.ndim() == 3 && param.shape == x.shape, op,
+          "x " + x.describe() + " and param " + param.describe() + " must both be one [G, m, n] stack");
+  const int64_t G = x.dim(0), m = x.dim(1), n = x.dim(2);
+  const bool per_row = m >= n;  // reduce over the longer side's partner: columns when tall
+  const int64_t kept = per_row ? m : n, R = per_row ? n : m;
+  require_numel(second_moment, G * kept, op, "second_moment");
+  with_float(x.dtype, [&](auto te) {
+    using T = decltype(te);
+    pool_.parallel_for(G, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<double> q(static_cast<size_t>(kept));
+      for (int64_t g = g0; g < g1; ++g) {
+        const T* xg = ptr<T>(x) + g * m * n;
+        T* pg = ptr<T>(param) + g * m * n;
+        T* v = ptr<T>(second_moment) + g * kept;
+        std::fill(q.begin(), q.end(), 0.0);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < n; ++j) q[size_t(per_row ? i : j)] += double(xg[i * n + j]) * double(xg[i * n + j]);
+        double norm2 = 0, scaled2 = 0;
+        std::vector<double> s(static_cast<size_t>(kept));
+        for (int64_t r = 0; r < kept; ++r) {
+          q[size_t(r)] /= double(R);
+          norm2 += q[size_t(r)] * double(R);
+          v[r] = T(double(v[r]) + (1.0 - double(st.beta2)) * (q[size_t(r)] - double(v[r])));
+          s[size_t(r)] = 1.0 / std::sqrt(std::max(double(v[r]), 1e-10));
+          scaled2 += q[size_t(r)] * double(R) * s[size_t(r)] * s[size_t(r)];
+        }
+        const double keep_norm = std::sqrt(norm2) / std::max(std::sqrt(scaled2), 1e-10);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < n; ++j) {
+            const double u = double(xg[i * n + j]) * s[size_t(per_row ? i : j)] * keep_norm;
+            const double p = double(pg[i * n + j]);
+            const bool decay = !st.cautious || u * p >= 0;
+            pg[i * n + j] = T(p - double(st.lr) * u - (decay ? double(st.lr) * double(st.weight_decay) * p : 0.0));
+          }
+      }
+    });
+  });
+}
+
 }  // namespace moelab

@@ -49,7 +49,8 @@ __global__ void router_topk_kernel(const float* logits, int T, int E, int k, flo
 
 // Single block of 1024 threads. Pass 1 ranks each assignment within its expert in order
 // (j, t) and counts routed[e]; then counts/offsets; pass 2 turns ranks into slots.
-__global__ void moe_plan_kernel(const int32_t* topk_idx, int T, int k, int E, int capacity, int32_t* routed,
+__global__ void moe_plan_kernel(const int32_t* topk_idx, int T, int k, int E, int capacity, bool token_major,
+                                int32_t* routed,
                                 int32_t* counts, int32_t* offsets, int32_t* slot, int32_t* row_token) {
   extern __shared__ int32_t smem[];
   int32_t* warp_counts = smem;                 // [32][E]
@@ -60,8 +61,12 @@ __global__ void moe_plan_kernel(const int32_t* topk_idx, int T, int k, int E, in
   __syncthreads();
   const int n = T * k;
   for (int start = 0; start < n; start += blockDim.x) {
-    int a = start + threadIdx.x;  // assignment in (j, t) order
+    int a = start + threadIdx.x;  // assignment in (j, t) order, or (t, j) when token-major
     int j = a / max(T, 1), t = a - j * T;
+    if (token_major) {
+      t = a / k;
+      j = a - t * k;
+    }
     bool active = a < n;
     int e = active ? topk_idx[int64_t(t) * k + j] : -1;
     for (int q = threadIdx.x; q < 32 * E; q += blockDim.x) warp_counts[q] = 0;
@@ -175,7 +180,7 @@ void CudaBackend::router_topk(const Tensor& logits, int k, Tensor& probs, Tensor
 }
 
 void CudaBackend::moe_plan(const Tensor& topk_idx, int experts, int capacity, Tensor& routed, Tensor& counts,
-                           Tensor& offsets, Tensor& slot, Tensor& row_token) {
+                           Tensor& offsets, Tensor& slot, Tensor& row_token, DropOrder order) {
   const Tensor* index_tensors[] = {&topk_idx, &routed, &counts, &offsets, &slot, &row_token};
   for (const Tensor* t : index_tensors) require_dtype(*t, DType::i32, "moe_plan", "index tensors");
   require(experts >= 1 && experts <= kMaxExperts, "moe_plan", "experts must be in [1, 256]");
@@ -185,7 +190,8 @@ void CudaBackend::moe_plan(const Tensor& topk_idx, int experts, int capacity, Te
   require(slot.numel() == int64_t(T) * k && row_token.numel() >= int64_t(T) * k, "moe_plan",
           "slot must be [T*k] and row_token at least T*k rows");
   size_t shm = size_t(32 * experts + 2 * experts + 1) * sizeof(int32_t);
-  moe_plan_kernel<<<1, 1024, shm, stream_>>>(topk_idx.as<int32_t>(), T, k, experts, capacity, routed.as<int32_t>(),
+  moe_plan_kernel<<<1, 1024, shm, stream_>>>(topk_idx.as<int32_t>(), T, k, experts, capacity,
+                                             order == DropOrder::token, routed.as<int32_t>(),
                                              counts.as<int32_t>(), offsets.as<int32_t>(), slot.as<int32_t>(),
                                              row_token.as<int32_t>());
   MOELAB_CUDA_LAUNCH_CHECK("moe_plan");
