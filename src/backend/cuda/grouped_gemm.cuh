@@ -1,5 +1,5 @@
-// Raw launchers of the grouped BF16 GEMM kernels (grouped_gemm.cu), shared by the backend ops
-// and the kernel benchmark so both time exactly the same code.
+// Raw launchers of the grouped BF16 GEMM kernels (grouped_gemm.cu, grouped_gemm_sm90.cu), shared
+// by the backend ops and the kernel lab's benchmark (dev/cuda) so both time exactly the same code.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -15,16 +15,11 @@ namespace moelab::grouped_gemm {
 constexpr int kDefaultTileN = 256;
 
 // C[rows of e] = A[rows of e] @ op(W[e]): W is [E, N, K] when w_kmajor else [E, K, N]. A [R, K],
-// C [R, N] (bf16 or f32). Rows past offsets[E] are not touched. mma.sync (sm_80-style) kernel.
+// C [R, N] (bf16 or f32). Rows past offsets[E] are not touched. mma.sync (sm_80-style) kernel,
+// the reference the benchmarks check the Hopper kernels against (the engine runs those).
 void forward(const __nv_bfloat16* A, const __nv_bfloat16* W, bool w_kmajor, void* C, DType c_dtype,
              const int32_t* offsets, int E, int64_t R, int N, int K, cudaStream_t stream);
-// The same product on Hopper tensor cores (wgmma), W K-major ([E, N, K]) only.
-void forward_sm90(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, DType c_dtype, const int32_t* offsets,
-                  int E, int64_t R, int N, int K, cudaStream_t stream);
-// The same with the tiles brought in by the tensor-memory accelerator (TMA) and mbarriers.
-void forward_sm90_tma(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, DType c_dtype, const int32_t* offsets,
-                      int E, int64_t R, int N, int K, cudaStream_t stream, int tile_n = kDefaultTileN);
-// The same as a persistent kernel (one block per SM over all tiles, loading the next tile while
+// The same product on Hopper tensor cores (wgmma fed by TMA, W K-major [E, N, K]) as a persistent kernel (one block per SM over all tiles, loading the next tile while
 // storing the current one); `sms` is the GPU's multiprocessor count. With beta != 0 the stored
 // value is alpha A W^T + beta addend (addend [R, N] of C's dtype, may be C), rounded once.
 void forward_sm90_tma_persistent(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, DType c_dtype,

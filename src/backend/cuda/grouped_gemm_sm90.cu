@@ -1,13 +1,12 @@
-// Hopper (sm_90a) grouped GEMM for the row-grouped expert products whose operands are both
-// K-major: C[rows of e] = A[rows of e] @ W[e]^T with W [E, N, K]. Two warpgroups each issue
-// wgmma m64n256k16 from shared memory, so a block computes a 128 x 256 tile; tiles of A and W are
-// brought in by cp.async, 3 stages deep, into the 128-byte-swizzled K-major layout that the wgmma
-// descriptors describe. The tile scheduler is the one of grouped_gemm.cu: grid.y walks
-// (expert, row tile) pairs read from the device offsets, so no host synchronization is needed.
-// The data-gradient product (W N-major) uses this kernel after an expert-wise transpose of W.
-// The backend runs the persistent form of the forward kernel (blocks loop over tiles, loading the
-// next while storing the current) and picks the weight-gradient tile width (256, 192 or 128) that
-// leaves the least of the last wave idle.
+// Hopper (sm_90a) grouped GEMMs for the expert products, reading the expert offsets on the
+// device (no host synchronization): the forward C[rows of e] = A[rows of e] @ W[e]^T with both
+// operands K-major (W [E, N, K]; the data gradient uses it after an expert-wise transpose of W),
+// and the weight gradient dW[e] = beta dW[e] + dY_e^T X_e. Two warpgroups issue wgmma from
+// 128-byte-swizzled shared memory that the tensor-memory accelerator fills, one mbarrier per
+// stage. The forward is persistent (blocks loop over tiles, loading the next while storing the
+// current); the weight gradient picks the tile width (256, 192 or 128) that leaves the least of
+// the last wave idle. The one-tile-per-block variants these were chosen over are in the kernel
+// lab (dev/cuda/grouped_gemm_variants.cu).
 #include <cuda.h>
 
 #include <algorithm>
@@ -16,6 +15,7 @@
 
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/grouped_gemm.cuh"
+#include "backend/cuda/grouped_gemm_sm90.cuh"
 #include "backend/cuda/mma_utils.cuh"
 #include "backend/cuda/wgmma.cuh"
 
@@ -26,202 +26,12 @@ namespace grouped_gemm {
 
 namespace {
 
-constexpr int BM = 128, BN = 256, BK = 64, STAGES = 3, THREADS = 256;
-constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
-constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;  // + room to align the base to 1024
-
-template <int ROWS>
-__device__ __forceinline__ void load_kmajor(uint32_t s, const bf16* base, int64_t ld, int o0, int o_end, int k0,
-                                            int k_end) {
-#pragma unroll
-  for (int it = 0; it < ROWS * 8 / THREADS; ++it) {
-    int q = threadIdx.x + it * THREADS, r = q >> 3, c = q & 7;
-    int o = o0 + r, k = k0 + c * 8;
-    bool ok = o < o_end && k < k_end;
-    const bf16* src = ok ? base + int64_t(o) * ld + k : base;
-    cp_async16(s + swz(r, c, 8), src, ok);
-  }
-}
-
-template <class TC>
-__global__ void __launch_bounds__(THREADS, 1) grouped_fwd_wgmma_kernel(const bf16* A, const bf16* W, TC* C,
-                                                                      const int32_t* offsets, int E, int N, int K) {
-  extern __shared__ char smem_raw[];
-  int tile = blockIdx.y, seen = 0, e = 0, row0 = 0, rows = 0;
-  for (; e < E; ++e) {
-    int lo = offsets[e], hi = offsets[e + 1];
-    int t = (hi - lo + BM - 1) / BM;
-    if (tile < seen + t) {
-      row0 = lo + (tile - seen) * BM;
-      rows = min(BM, hi - row0);
-      break;
-    }
-    seen += t;
-  }
-  if (e == E) return;
-  const uint32_t s0 = (smem_u32(smem_raw) + 1023) & ~1023u;
-  const bf16* a_base = A + int64_t(row0) * K;
-  const bf16* b_base = W + int64_t(e) * N * K;
-  const int n0 = blockIdx.x * BN;
-  const int ktiles = (K + BK - 1) / BK;
-  auto load_stage = [&](int st, int kt) {
-    uint32_t sa = s0 + st * STAGE_BYTES;
-    load_kmajor<BM>(sa, a_base, K, 0, rows, kt * BK, K);
-    load_kmajor<BN>(sa + A_BYTES, b_base, K, n0, N, kt * BK, K);
-  };
-#pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < ktiles) load_stage(st, st);
-    cp_async_commit();
-  }
-  float acc[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = 0.f;
-  const int wg = threadIdx.x >> 7;
-  for (int kt = 0; kt < ktiles; ++kt) {
-    cp_async_wait<STAGES - 2>();
-    fence_proxy_async();
-    __syncthreads();
-    int nk = kt + STAGES - 1;
-    if (nk < ktiles) load_stage(nk % STAGES, nk);
-    cp_async_commit();
-    const uint32_t sa = s0 + (kt % STAGES) * STAGE_BYTES + wg * 64 * 128, sb = s0 + (kt % STAGES) * STAGE_BYTES + A_BYTES;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk)
-      wgmma_m64n256k16(acc, wgmma_desc_kmajor_sw128(sa + kk * 32), wgmma_desc_kmajor_sw128(sb + kk * 32));
-    wgmma_commit();
-    wgmma_wait<0>();
-  }
-  cp_async_wait<0>();
-  const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-  TC* c_base = C + int64_t(row0) * N;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    int m = wg * 64 + w * 16 + g + h * 8;
-    if (m >= rows) continue;
-    TC* crow = c_base + int64_t(m) * N;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      int n = n0 + j * 8 + 2 * t4;
-      if (n >= N) continue;
-      float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-      if constexpr (std::is_same_v<TC, float>)
-        *reinterpret_cast<float2*>(crow + n) = make_float2(v0, v1);
-      else
-        *reinterpret_cast<__nv_bfloat162*>(crow + n) = __floats2bfloat162_rn(v0, v1);
-    }
-  }
-}
+using namespace sm90;
 
 
-// --- TMA variant: the copy engine brings each stage's tiles (one thread issues them), completion
-// is tracked by one mbarrier per stage, and one wgmma group stays in flight while the next is
-// issued. 4 stages of 48 KiB. Rows past an expert's end are loaded (from the next expert or as
-// zeros past the tensor) but never stored.
-// Tile widths (TBN) 256 (one block per SM, 4 stages) or 128 (two blocks per SM, 3 stages, so one
-// block's epilogue overlaps the other's main loop).
-template <int TBN, int TST>
-constexpr int tma_smem_bytes() { return TST * (A_BYTES + TBN * BK * 2) + 1024 + 64; }
 
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n.reg .pred P;\nmbarrier.try_wait.parity.shared::cta.b64 P, [%1], %2;\nselp.u32 %0, 1, 0, P;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  }
-}
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-}
 
-template <int TBN, int TST, class TC>
-__global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2) grouped_fwd_tma_kernel(const __grid_constant__ CUtensorMap map_a,
-                                                                    const __grid_constant__ CUtensorMap map_b, TC* C,
-                                                                    const int32_t* offsets, int E, int N, int K) {
-  extern __shared__ char smem_raw[];
-  int tile = blockIdx.y, seen = 0, e = 0, row0 = 0, rows = 0;
-  for (; e < E; ++e) {
-    int lo = offsets[e], hi = offsets[e + 1];
-    int t = (hi - lo + BM - 1) / BM;
-    if (tile < seen + t) {
-      row0 = lo + (tile - seen) * BM;
-      rows = min(BM, hi - row0);
-      break;
-    }
-    seen += t;
-  }
-  if (e == E) return;
-  const uint32_t s0 = (smem_u32(smem_raw) + 1023) & ~1023u;
-  const uint32_t bars = s0 + TST * (A_BYTES + TBN * BK * 2);
-  const int n0 = blockIdx.x * TBN;
-  const int ktiles = (K + BK - 1) / BK;
-  const bool leader = threadIdx.x == 0;
-  if (leader) {
-    for (int st = 0; st < TST; ++st) mbar_init(bars + st * 8, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-  auto issue = [&](int st, int kt) {
-    uint32_t sa = s0 + st * (A_BYTES + TBN * BK * 2), bar = bars + st * 8;
-    mbar_expect_tx(bar, A_BYTES + TBN * BK * 2);
-    tma_load_2d(sa, &map_a, kt * BK, row0, bar);
-    tma_load_2d(sa + A_BYTES, &map_b, kt * BK, e * N + n0, bar);
-  };
-  if (leader)
-    for (int st = 0; st < TST && st < ktiles; ++st) issue(st, st);
-  float acc[TBN / 2];
-#pragma unroll
-  for (int i = 0; i < TBN / 2; ++i) acc[i] = 0.f;
-  const int wg = threadIdx.x >> 7;
-  for (int kt = 0; kt < ktiles; ++kt) {
-    const int st = kt % TST;
-    mbar_wait(bars + st * 8, uint32_t((kt / TST) & 1));
-    const uint32_t sa = s0 + st * (A_BYTES + TBN * BK * 2) + wg * 64 * 128, sb = s0 + st * (A_BYTES + TBN * BK * 2) + A_BYTES;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk)
-      if constexpr (TBN == 256)
-        wgmma_m64n256k16(acc, wgmma_desc_kmajor_sw128(sa + kk * 32), wgmma_desc_kmajor_sw128(sb + kk * 32));
-      else
-        wgmma_m64n128k16(acc, wgmma_desc_kmajor_sw128(sa + kk * 32), wgmma_desc_kmajor_sw128(sb + kk * 32));
-    wgmma_commit();
-    wgmma_wait<1>();  // the previous group is done: its stage may be refilled
-    __syncthreads();
-    if (leader && kt >= 1 && kt - 1 + TST < ktiles) issue((kt - 1) % TST, kt - 1 + TST);
-  }
-  wgmma_wait<0>();
-  const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-  TC* c_base = C + int64_t(row0) * N;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    int m = wg * 64 + w * 16 + g + h * 8;
-    if (m >= rows) continue;
-    TC* crow = c_base + int64_t(m) * N;
-#pragma unroll
-    for (int j = 0; j < TBN / 8; ++j) {
-      int n = n0 + j * 8 + 2 * t4;
-      if (n >= N) continue;
-      float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-      if constexpr (std::is_same_v<TC, float>)
-        *reinterpret_cast<float2*>(crow + n) = make_float2(v0, v1);
-      else
-        *reinterpret_cast<__nv_bfloat162*>(crow + n) = __floats2bfloat162_rn(v0, v1);
-    }
-  }
-}
+
 
 
 // The forward product as a persistent kernel: one block per SM walks the output tiles
@@ -467,8 +277,10 @@ EncodeTiled encode_tiled() {
   return fn;
 }
 
+}  // namespace
+
 // 2D map of a row-major [rows, cols] bf16 matrix, boxes of box_rows x 64 columns, 128B swizzle.
-CUtensorMap make_map(const bf16* base, int64_t rows, int64_t cols, int box_rows) {
+CUtensorMap sm90::make_map(const bf16* base, int64_t rows, int64_t cols, int box_rows) {
   CUtensorMap m;
   cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
   cuuint64_t strides[1] = {cuuint64_t(cols) * 2};
@@ -482,6 +294,8 @@ CUtensorMap make_map(const bf16* base, int64_t rows, int64_t cols, int box_rows)
                 std::to_string(rows) + ", " + std::to_string(cols) + "] bf16 matrix");
   return m;
 }
+
+namespace {
 
 // Wt[e] = W[e]^T for W [E, R, S] -> Wt [E, S, R], 32 x 32 tiles through shared memory.
 __global__ void transpose_experts_kernel(const bf16* W, bf16* Wt, int R, int S) {
@@ -500,45 +314,10 @@ __global__ void transpose_experts_kernel(const bf16* W, bf16* Wt, int R, int S) 
   }
 }
 
-template <class Kernel>
-void set_smem_sm90(Kernel k) {
-  static std::set<const void*> done;
-  if (done.insert(reinterpret_cast<const void*>(k)).second)
-    MOELAB_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES));
-}
 
 }  // namespace
 
-void forward_sm90(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E, int64_t R,
-                  int N, int K, cudaStream_t stream) {
-  dim3 grid(unsigned((N + BN - 1) / BN), unsigned((R + BM - 1) / BM + E));
-  if (c_dtype == DType::bf16) {
-    set_smem_sm90(grouped_fwd_wgmma_kernel<bf16>);
-    grouped_fwd_wgmma_kernel<bf16><<<grid, THREADS, SMEM_BYTES, stream>>>(A, W, static_cast<bf16*>(C), offsets, E, N, K);
-  } else {
-    set_smem_sm90(grouped_fwd_wgmma_kernel<float>);
-    grouped_fwd_wgmma_kernel<float><<<grid, THREADS, SMEM_BYTES, stream>>>(A, W, static_cast<float*>(C), offsets, E, N,
-                                                                           K);
-  }
-  MOELAB_CUDA_LAUNCH_CHECK("grouped_fwd_wgmma_kernel");
-}
 
-template <int TBN, int TST>
-void forward_tma_cfg(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E, int64_t R,
-                     int N, int K, cudaStream_t stream) {
-  CUtensorMap ma = make_map(A, R, K, BM), mb = make_map(W, int64_t(E) * N, K, TBN);
-  dim3 grid(unsigned((N + TBN - 1) / TBN), unsigned((R + BM - 1) / BM + E));
-  constexpr int smem = tma_smem_bytes<TBN, TST>();
-  auto launch = [&](auto kernel, auto* c) {
-    static std::set<const void*> done;
-    if (done.insert(reinterpret_cast<const void*>(kernel)).second)
-      MOELAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<grid, THREADS, smem, stream>>>(ma, mb, c, offsets, E, N, K);
-  };
-  if (c_dtype == DType::bf16) launch(grouped_fwd_tma_kernel<TBN, TST, bf16>, static_cast<bf16*>(C));
-  else launch(grouped_fwd_tma_kernel<TBN, TST, float>, static_cast<float*>(C));
-  MOELAB_CUDA_LAUNCH_CHECK("grouped_fwd_tma_kernel");
-}
 
 template <int TBN, int TST>
 void forward_tma_persistent_cfg(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E,
@@ -571,11 +350,6 @@ void forward_sm90_tma_persistent(const bf16* A, const bf16* W, void* C, DType c_
     forward_tma_persistent_cfg<256, 4>(A, W, C, c_dtype, offsets, E, R, N, K, sms, stream, alpha, beta, addend);
 }
 
-void forward_sm90_tma(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E,
-                      int64_t R, int N, int K, cudaStream_t stream, int tile_n) {
-  if (tile_n == 128) forward_tma_cfg<128, 3>(A, W, C, c_dtype, offsets, E, R, N, K, stream);
-  else forward_tma_cfg<256, 4>(A, W, C, c_dtype, offsets, E, R, N, K, stream);
-}
 
 template <int TBN, int TST>
 void wgrad_tma_cfg(const bf16* dY, const bf16* X, void* dW, DType dw_dtype, const int32_t* offsets, int E, int64_t R,

@@ -1,9 +1,10 @@
-// Grouped BF16 GEMM benchmark at the seed's MoE shape: 8 experts x 8192 rows, 768 -> 1536 (up)
+// Kernel lab: grouped BF16 GEMM benchmark at the seed's MoE shape: 8 experts x 8192 rows, 768 -> 1536 (up)
 // and 1536 -> 768 (down), each as forward, data gradient and weight gradient. Each grouped GEMM
 // is timed against one cuBLASLt GEMM of the same total size measured in the same run, and checked
 // against per-expert cuBLASLt GEMMs on the same random inputs. The forward is also timed with the
-// earlier kernels (v1 mma.sync, v2 wgmma fed by cp.async) to show what each step gains; the
-// backend runs v3 (wgmma fed by TMA). Also times the attention kernels
+// earlier kernels (v1 mma.sync, v2 wgmma fed by cp.async, v3 one TMA tile per block; the variants
+// are in grouped_gemm_variants.cu) to show what each step gains; the backend runs v3's
+// persistent form. Also times the attention kernels
 // at the seed shape for reference. Prints a table (median of many CUDA-event-timed runs).
 #include <algorithm>
 #include <chrono>
@@ -16,6 +17,7 @@
 #include "backend/cuda/cuda_backend.hpp"
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/grouped_gemm.cuh"
+#include "grouped_gemm_variants.cuh"
 #include "core/rng.hpp"
 #include "bench_check.hpp"
 
@@ -111,7 +113,7 @@ int main(int argc, char** argv) {
                      [&] { be.matmul(X, false, W0, true, Y); }, [] {}, Y, Yref});
     cases.push_back({std::string(d.name) + " fwd (cp.async wgmma v2)",
                      [&] {
-                       grouped_gemm::forward_sm90(X.as<__nv_bfloat16>(), W.as<__nv_bfloat16>(), Y.data, Y.dtype,
+                       grouped_gemm_lab::forward_sm90(X.as<__nv_bfloat16>(), W.as<__nv_bfloat16>(), Y.data, Y.dtype,
                                                   offsets.as<int32_t>(), E, R, N, K, be.stream());
                      },
                      [&] { be.matmul(X, false, W0, true, Y); }, [] {}, Y, Yref});
@@ -141,13 +143,13 @@ int main(int argc, char** argv) {
                      dW, dWref});
     cases.push_back({std::string(d.name) + " fwd (tma tile 128x128)",
                      [&] {
-                       grouped_gemm::forward_sm90_tma(X.as<__nv_bfloat16>(), W.as<__nv_bfloat16>(), Y.data, Y.dtype,
+                       grouped_gemm_lab::forward_sm90_tma(X.as<__nv_bfloat16>(), W.as<__nv_bfloat16>(), Y.data, Y.dtype,
                                                       offsets.as<int32_t>(), E, R, N, K, be.stream(), 128);
                      },
                      [&] { be.matmul(X, false, W0, true, Y); }, [] {}, Y, Yref});
     cases.push_back({std::string(d.name) + " fwd (tma one tile a block, 128x256)",
                      [&] {
-                       grouped_gemm::forward_sm90_tma(X.as<__nv_bfloat16>(), W.as<__nv_bfloat16>(), Y.data, Y.dtype,
+                       grouped_gemm_lab::forward_sm90_tma(X.as<__nv_bfloat16>(), W.as<__nv_bfloat16>(), Y.data, Y.dtype,
                                                       offsets.as<int32_t>(), E, R, N, K, be.stream(), 256);
                      },
                      [&] { be.matmul(X, false, W0, true, Y); }, [] {}, Y, Yref});

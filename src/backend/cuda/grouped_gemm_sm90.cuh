@@ -1,0 +1,50 @@
+// Hopper building blocks of the grouped GEMM's TMA kernels (grouped_gemm_sm90.cu), shared with
+// the kernel lab's variants (dev/cuda/grouped_gemm_variants.cu): the tile constants, mbarrier
+// waits, the 2D bulk tensor copy and the tensor map of a K-major bf16 matrix.
+#pragma once
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace moelab::grouped_gemm::sm90 {
+
+constexpr int BM = 128, BK = 64, THREADS = 256;  // rows of a tile, k-step, two warpgroups
+constexpr int A_BYTES = BM * BK * 2;
+
+// --- TMA variant: the copy engine brings each stage's tiles (one thread issues them), completion
+// is tracked by one mbarrier per stage, and one wgmma group stays in flight while the next is
+// issued. 4 stages of 48 KiB. Rows past an expert's end are loaded (from the next expert or as
+// zeros past the tensor) but never stored.
+// Tile widths (TBN) 256 (one block per SM, 4 stages) or 128 (two blocks per SM, 3 stages, so one
+// block's epilogue overlaps the other's main loop).
+template <int TBN, int TST>
+constexpr int tma_smem_bytes() { return TST * (A_BYTES + TBN * BK * 2) + 1024 + 64; }
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred P;\nmbarrier.try_wait.parity.shared::cta.b64 P, [%1], %2;\nselp.u32 %0, 1, 0, P;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+// 2D map of a row-major [rows, cols] bf16 matrix, boxes of box_rows x 64 columns, 128B swizzle.
+CUtensorMap make_map(const __nv_bfloat16* base, int64_t rows, int64_t cols, int box_rows);
+
+}  // namespace moelab::grouped_gemm::sm90
