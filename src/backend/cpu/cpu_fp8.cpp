@@ -1,0 +1,134 @@
+// FP8 emulation: quantize_fp8 applies the scaling rule of backend.hpp exactly (f32 amax, f32
+// scale divisions, f32 product, round to nearest even, saturation), and matmul_fp8 dequantizes
+// both operands and runs the f32 GEMM. The GPU's FP8 ops are checked against these bits.
+#include <cfloat>
+#include <cmath>
+
+#include "backend/cpu/convert.hpp"
+#include "backend/cpu/cpu_backend.hpp"
+#include "backend/cpu/cpu_common.hpp"
+#include "backend/cpu/gemm.hpp"
+
+namespace moelab {
+
+using namespace cpu;
+
+namespace {
+
+const MiniFloat& format_of(DType d, const char* op) {
+  if (d == DType::e4m3) return kE4M3;
+  if (d == DType::e5m2) return kE5M2;
+  fail(op, std::string("data must be e4m3 or e5m2, got ") + dtype_name(d));
+}
+
+// The quantization multiplier for a group's absolute maximum (backend.hpp's rule).
+float quant_multiplier(float amax, float fmax) {
+  float a = std::fmin(std::fmax(amax, kFp8MinAmax), FLT_MAX);
+  return fmax / a;
+}
+
+void check_operand(const QuantizedOperand& q, const char* op, const char* name) {
+  require_host(q.data, op, name);
+  require(q.data.ndim() == 2, op, std::string(name) + ".data must be a [rows, K] matrix, got " + q.data.describe());
+  (void)format_of(q.data.dtype, op);
+  require(q.scale.dtype == DType::f32, op, std::string(name) + ".scale must be f32, got " + q.scale.describe());
+  require_shape(q.scale, fp8_scale_shape(q.granularity, q.data.dim(0), q.data.dim(1)), op, name);
+}
+
+// Index of the scale of element (r, k) of a [rows, K] operand.
+inline int64_t scale_index(Fp8Granularity g, int64_t rows, int64_t K, int64_t r, int64_t k) {
+  switch (g) {
+    case Fp8Granularity::tensor: return 0;
+    case Fp8Granularity::row: return r;
+    case Fp8Granularity::block_1x128: return (k / 128) * rows + r;
+    case Fp8Granularity::block_128x128: return (r / 128) * ((K + 127) / 128) + k / 128;
+  }
+  return 0;
+}
+
+}  // namespace
+
+void CpuBackend::quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand& out) {
+  const char* op = "quantize_fp8";
+  require_host(x, op, "x");
+  require(x.dtype == DType::f32 || x.dtype == DType::f64 || x.dtype == DType::bf16, op,
+          "x must be f32, f64 or bf16, got " + x.describe());
+  check_operand(out, op, "out");
+  const int64_t xr = matrix_rows(x), xc = x.cols();
+  const int64_t rows = transpose ? xc : xr, K = transpose ? xr : xc;
+  require(out.data.dim(0) == rows && out.data.dim(1) == K, op,
+          "out.data is " + out.data.describe() + " but x" + (transpose ? "^T" : "") + " of " + x.describe() +
+              " is [" + std::to_string(rows) + ", " + std::to_string(K) + "]");
+  // The operand as f32, in out's [rows, K] orientation.
+  std::vector<float> v(size_t(rows * K));
+  std::vector<float> src(size_t(x.numel()));
+  convert_elements(x.dtype, x.data, DType::f32, src.data(), x.numel(), op);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < K; ++k) v[size_t(r * K + k)] = transpose ? src[size_t(k * xc + r)] : src[size_t(r * xc + k)];
+
+  const Fp8Granularity g = out.granularity;
+  const MiniFloat& f = format_of(out.data.dtype, op);
+  const float fmax = fp8_max(out.data.dtype);
+  const int64_t nscale = out.scale.numel();
+  std::vector<float> amax(size_t(nscale), 0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < K; ++k) {
+      float& a = amax[size_t(scale_index(g, rows, K, r, k))];
+      a = std::fmax(a, std::fabs(v[size_t(r * K + k)]));
+    }
+  std::vector<float> mult(static_cast<size_t>(nscale));
+  float* scale = ptr<float>(out.scale);
+  for (int64_t i = 0; i < nscale; ++i) {
+    mult[size_t(i)] = quant_multiplier(amax[size_t(i)], fmax);
+    scale[i] = 1.0f / mult[size_t(i)];
+  }
+  uint8_t* data = ptr<uint8_t>(out.data);
+  pool_.parallel_for(rows, grain_for(K), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t k = 0; k < K; ++k) {
+        const float y = v[size_t(r * K + k)] * mult[size_t(scale_index(g, rows, K, r, k))];
+        data[r * K + k] = encode_minifloat(double(y), f);
+      }
+  });
+}
+
+void CpuBackend::matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& B, Tensor& C, float alpha,
+                            float beta, bool /*fast_accum*/) {
+  const char* op = "matmul_fp8";
+  check_operand(A, op, "A");
+  check_operand(B, op, "B");
+  require_host(C, op, "C");
+  require_float(C, op, "C");
+  const int64_t M = A.data.dim(0), N = B.data.dim(0), K = A.data.dim(1);
+  require(B.data.dim(1) == K, op, "A.data " + A.data.describe() + " and B.data " + B.data.describe() + " differ in K");
+  require(matrix_rows(C) == M && C.cols() == N, op,
+          "C is " + C.describe() + " but A B^T is [" + std::to_string(M) + ", " + std::to_string(N) + "]");
+  const bool pair_ok = A.granularity == B.granularity ? A.granularity != Fp8Granularity::block_128x128
+                                                      : (A.granularity == Fp8Granularity::block_1x128 ||
+                                                         B.granularity == Fp8Granularity::block_1x128) &&
+                                                            (A.granularity == Fp8Granularity::block_128x128 ||
+                                                             B.granularity == Fp8Granularity::block_128x128);
+  require(pair_ok, op,
+          std::string("granularity pair (") + fp8_granularity_name(A.granularity) + ", " +
+              fp8_granularity_name(B.granularity) + ") is not a supported recipe");
+  require(A.data.dtype == DType::e4m3 || B.data.dtype == DType::e4m3, op,
+          "at most one operand may be e5m2 (as on the GPU's tensor cores)");
+  with_float(C.dtype, [&](auto te) {
+    using T = decltype(te);
+    auto dequant = [&](const QuantizedOperand& q) {
+      const int64_t rows = q.data.dim(0);
+      const MiniFloat& f = format_of(q.data.dtype, op);
+      const uint8_t* d = ptr<uint8_t>(q.data);
+      const float* s = ptr<float>(q.scale);
+      std::vector<T> out(size_t(rows * K));
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < K; ++k)
+          out[size_t(r * K + k)] = T(float(decode_minifloat(d[r * K + k], f)) * s[scale_index(q.granularity, rows, K, r, k)]);
+      return out;
+    };
+    std::vector<T> a = dequant(A), b = dequant(B);
+    gemm<T>(pool_, M, N, K, a.data(), false, b.data(), true, ptr<T>(C), T(alpha), T(beta));
+  });
+}
+
+}  // namespace moelab
