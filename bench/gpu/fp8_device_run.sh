@@ -34,13 +34,15 @@ run moe_fp8_noexperts_tensorwise_dynamic --set precision=fp8 --set fp8.recipe=te
 run moe_fp8_noexperts_rowwise_dynamic --set precision=fp8 --set fp8.recipe=rowwise
 run moe_fp8_noexperts_blockwise_dynamic --set precision=fp8 --set fp8.recipe=blockwise
 run moe_fp8_noexperts_nohead_tensorwise_dynamic --set precision=fp8 --set fp8.recipe=tensorwise --set fp8.head=false
-run moe_bf16_static --set precision=bf16 --set moe.dispatch=capacity
-run moe_fp8_noexperts_rowwise_static --set precision=fp8 --set fp8.recipe=rowwise --set moe.dispatch=capacity
+if [ -n "${STATIC:-}" ]; then
+  run moe_bf16_static --set precision=bf16 --set moe.dispatch=capacity
+  run moe_fp8_noexperts_rowwise_static --set precision=fp8 --set fp8.recipe=rowwise --set moe.dispatch=capacity
+fi
 
 echo "== torch peer"
 : > "$OUT/torch.jsonl"
 for f in ${TORCH_FP8:-none dense experts all}; do
-  timeout 200 python3 "$D/torch_moe_ref.py" --mlp moe --compile 1 --steps 20 --fp8 "$f" >> "$OUT/torch.jsonl" 2> "$OUT/torch_$f.err" \
+  timeout ${TORCH_TIMEOUT:-200} python3 "$D/torch_moe_ref.py" --mlp moe --compile 1 --steps 20 --fp8 "$f" >> "$OUT/torch.jsonl" 2> "$OUT/torch_$f.err" \
     || { echo "torch --fp8 $f failed"; tail -3 "$OUT/torch_$f.err"; }
 done
 

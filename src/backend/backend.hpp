@@ -36,7 +36,9 @@ struct AdamWStep {
 //   tensor         [1]
 //   row            [rows]                                (one per row: outer-vector scaling)
 //   block_1x128    [ceil(K / 128), rows], rows contiguous (1 x 128 tiles along K)
-//   block_128x128  [ceil(rows / 128), ceil(K / 128)]      (128 x 128 blocks)
+//   block_128x128  [ceil(rows / 128), kbp]                (128 x 128 blocks; row stride kbp =
+//                  ceil(K / 128) rounded up to a multiple of 4, 16-byte aligned as cuBLASLt reads
+//                  it: padding entries belong to no group and hold 1)
 // Partial groups at the edges hold fewer elements.
 enum class Fp8Granularity : uint8_t { tensor, row, block_1x128, block_128x128 };
 
@@ -56,7 +58,7 @@ inline Shape fp8_scale_shape(Fp8Granularity g, int64_t rows, int64_t k) {
     case Fp8Granularity::tensor: return {1};
     case Fp8Granularity::row: return {std::max<int64_t>(rows, 1)};
     case Fp8Granularity::block_1x128: return {std::max<int64_t>(kb, 1), std::max<int64_t>(rows, 1)};
-    case Fp8Granularity::block_128x128: return {std::max<int64_t>(rb, 1), std::max<int64_t>(kb, 1)};
+    case Fp8Granularity::block_128x128: return {std::max<int64_t>(rb, 1), std::max<int64_t>((kb + 3) / 4 * 4, 4)};
   }
   return {1};
 }

@@ -19,7 +19,7 @@ struct Group {
 // The groups of a [rows, K] operand, from the layout documented in backend.hpp.
 std::vector<Group> groups_of(Fp8Granularity g, int64_t rows, int64_t K) {
   std::vector<Group> out;
-  const int64_t kb = (K + 127) / 128, rb = (rows + 127) / 128;
+  const int64_t kb = (K + 127) / 128, rb = (rows + 127) / 128, kb_stride = (kb + 3) / 4 * 4;
   switch (g) {
     case Fp8Granularity::tensor: out.push_back({0, rows, 0, K, 0}); break;
     case Fp8Granularity::row:
@@ -32,7 +32,7 @@ std::vector<Group> groups_of(Fp8Granularity g, int64_t rows, int64_t K) {
     case Fp8Granularity::block_128x128:
       for (int64_t i = 0; i < rb; ++i)
         for (int64_t b = 0; b < kb; ++b)
-          out.push_back({i * 128, std::min(rows, i * 128 + 128), b * 128, std::min(K, b * 128 + 128), i * kb + b});
+          out.push_back({i * 128, std::min(rows, i * 128 + 128), b * 128, std::min(K, b * 128 + 128), i * kb_stride + b});
       break;
   }
   return out;
@@ -51,7 +51,7 @@ Emulated emulate(const std::vector<float>& v, int64_t rows, int64_t K, Fp8Granul
   e.codes.assign(size_t(rows * K), 0xff);
   int64_t ns = 1;
   for (int64_t d : fp8_scale_shape(g, rows, K)) ns *= d;
-  e.scale.assign(size_t(ns), NAN);
+  e.scale.assign(size_t(ns), 1.0f);  // entries of no group (128x128 row padding) hold 1
   for (const Group& gr : groups_of(g, rows, K)) {
     float amax = 0;
     for (int64_t r = gr.r0; r < gr.r1; ++r)

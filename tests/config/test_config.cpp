@@ -124,6 +124,15 @@ TEST(Config, Fp8RecipeKeysAreValidatedNamingTheKey) {
   auto msg = error_of([&] { validate_config(dense); });
   EXPECT_NE(msg.find("fp8.layers"), std::string::npos) << msg;
   EXPECT_NE(msg.find("fp8.layers = dense"), std::string::npos) << msg;
+  // On the GPU every FP8 GEMM dimension must be a multiple of 16: refused up front, naming the key.
+  Config odd;
+  apply_override(odd, "precision=fp8");
+  apply_override(odd, "device=cuda");
+  apply_override(odd, "model.vocab=1000");
+  msg = error_of([&] { validate_config(odd); });
+  EXPECT_NE(msg.find("model.vocab"), std::string::npos) << msg;
+  apply_override(odd, "fp8.head=false");  // the head stays bf16: the vocabulary no longer matters
+  EXPECT_NO_THROW(validate_config(odd));
   // Every supported combination validates.
   for (std::string recipe : {"tensorwise", "rowwise", "blockwise"})
     for (std::string head : {"true", "false"})

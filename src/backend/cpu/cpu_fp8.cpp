@@ -41,7 +41,7 @@ inline int64_t scale_index(Fp8Granularity g, int64_t rows, int64_t K, int64_t r,
     case Fp8Granularity::tensor: return 0;
     case Fp8Granularity::row: return r;
     case Fp8Granularity::block_1x128: return (k / 128) * rows + r;
-    case Fp8Granularity::block_128x128: return (r / 128) * ((K + 127) / 128) + k / 128;
+    case Fp8Granularity::block_128x128: return (r / 128) * (((K + 127) / 128 + 3) / 4 * 4) + k / 128;
   }
   return 0;
 }
@@ -71,16 +71,18 @@ void CpuBackend::quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand&
   const float fmax = fp8_max(out.data.dtype);
   const int64_t nscale = out.scale.numel();
   std::vector<float> amax(size_t(nscale), 0.0f);
+  std::vector<char> used(size_t(nscale), 0);  // padding entries of the 128x128 layout stay unused
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < K; ++k) {
-      float& a = amax[size_t(scale_index(g, rows, K, r, k))];
-      a = std::fmax(a, std::fabs(v[size_t(r * K + k)]));
+      const size_t i = size_t(scale_index(g, rows, K, r, k));
+      amax[i] = std::fmax(amax[i], std::fabs(v[size_t(r * K + k)]));
+      used[i] = 1;
     }
   std::vector<float> mult(static_cast<size_t>(nscale));
   float* scale = ptr<float>(out.scale);
   for (int64_t i = 0; i < nscale; ++i) {
     mult[size_t(i)] = quant_multiplier(amax[size_t(i)], fmax);
-    scale[i] = 1.0f / mult[size_t(i)];
+    scale[i] = used[size_t(i)] ? 1.0f / mult[size_t(i)] : 1.0f;
   }
   uint8_t* data = ptr<uint8_t>(out.data);
   pool_.parallel_for(rows, grain_for(K), [&](int64_t r0, int64_t r1) {

@@ -99,6 +99,7 @@ void CudaBackend::matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& 
     matmul_fp8(A, B, tmp, alpha, 0.0f, fast_accum);
     axpby(1.0f, tmp, beta, C);
   };
+  if (fast_accum && gemm_->fp8_no_fast.count(key)) return matmul_fp8(A, B, C, alpha, beta, false);
   if (gemm_->fp8_via_bf16.count(key)) return via_bf16();
   auto it = gemm_->fp8_algos.find(key);
   if (it == gemm_->fp8_algos.end()) {
@@ -111,6 +112,11 @@ void CudaBackend::matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& 
     cublasLtMatmulHeuristicResult_t res{};
     int found = 0;
     cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(gemm_->handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &res, &found);
+    if ((st != CUBLAS_STATUS_SUCCESS || found == 0) && fast_accum) {
+      // Some scale modes have no fast-accumulation kernels: run them with full accumulation.
+      gemm_->fp8_no_fast.insert(key);
+      return matmul_fp8(A, B, C, alpha, beta, false);
+    }
     if ((st != CUBLAS_STATUS_SUCCESS || found == 0) && C.dtype == DType::f32) {
       gemm_->fp8_via_bf16.insert(key);
       return via_bf16();

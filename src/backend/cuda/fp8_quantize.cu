@@ -1,7 +1,10 @@
 // quantize_fp8 on the GPU: amax, scales and FP8 data computed on the device (no host sync, so it
 // is captured in the step's graph), bit for bit the rule of backend.hpp that the CPU emulates.
 //
-// One tile kernel does the work for every granularity and both orientations: a block stages a
+// Straight copies with tensor, row or 1x128 groups (activations in the forward, gradients in the
+// data gradient) take a register-only kernel, one warp per row. Everything else (transposed
+// copies, 128x128 weight blocks) takes a tile kernel that serves every granularity and both
+// orientations: a block stages a
 // 128 x 128 tile of x in shared memory as f32, takes the amax its groups need (per tile row, per
 // tile column or the whole tile: 1x128 and 128x128 groups are tile-aligned), then writes FP8
 // codes four to a 32-bit store, straight or transposed (the transposed copy that a weight or
@@ -85,6 +88,58 @@ __device__ __forceinline__ uint32_t encode4(float a, float b, float c, float d) 
   const uint32_t q2 = __nv_cvt_float_to_fp8(c, __NV_SATFINITE, fmt);
   const uint32_t q3 = __nv_cvt_float_to_fp8(d, __NV_SATFINITE, fmt);
   return q0 | (q1 << 8) | (q2 << 16) | (q3 << 24);
+}
+
+// Straight (not transposed) quantization with tensor, row or 1x128 groups, from registers: one
+// warp per row, each lane eight consecutive elements (16-byte loads, 8-byte stores). 1x128
+// groups are half-warps (shuffle amax); a row group takes its amax in a first pass over the row
+// (the second pass reads it back from L2); a tensor group uses the pre-pass amax.
+template <class T, int kFormat>
+__global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, int granularity,
+                                                            const unsigned* __restrict__ amax_all, uint8_t* __restrict__ out,
+                                                            float* __restrict__ scale, float fmax) {
+  const int64_t r = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (r >= rows) return;
+  const auto g = Fp8Granularity(granularity);
+  const T* row = x + r * cols;
+  uint8_t* orow = out + r * cols;
+  float mult = 0.0f;
+  if (g == Fp8Granularity::tensor) {
+    mult = multiplier_of(__uint_as_float(amax_all[0]), fmax);
+    if (r == 0 && lane == 0) scale[0] = __fdiv_rn(1.0f, mult);
+  } else if (g == Fp8Granularity::row) {
+    float m = 0.0f;
+    for (int64_t c = 8 * lane; c < cols; c += 256) {
+      float v[8];
+      load8(row + c, v);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+    }
+    mult = multiplier_of(warp_max(m), fmax);
+    if (lane == 0) scale[r] = __fdiv_rn(1.0f, mult);
+  }
+  for (int64_t c0 = 0; c0 < cols; c0 += 256) {
+    const int64_t c = c0 + 8 * lane;
+    const bool in = c < cols;
+    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (in) load8(row + c, v);
+    if (g == Fp8Granularity::block_1x128) {
+      float m = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+#pragma unroll
+      for (int o = 8; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));  // within 16 lanes
+      mult = multiplier_of(m, fmax);
+      if (in && (lane & 15) == 0) scale[(c / 128) * rows + r] = __fdiv_rn(1.0f, mult);
+    }
+    if (in) {
+      uint2 q;
+      q.x = encode4<kFormat>(__fmul_rn(v[0], mult), __fmul_rn(v[1], mult), __fmul_rn(v[2], mult), __fmul_rn(v[3], mult));
+      q.y = encode4<kFormat>(__fmul_rn(v[4], mult), __fmul_rn(v[5], mult), __fmul_rn(v[6], mult), __fmul_rn(v[7], mult));
+      *reinterpret_cast<uint2*>(orow + c) = q;
+    }
+  }
 }
 
 struct TileArgs {
@@ -202,10 +257,12 @@ __global__ void __launch_bounds__(kThreads) quantize_tile_kernel(const T* __rest
       for (int i = tid; i < kTile && r0 + i < a.xr; i += kThreads) a.scale[blockIdx.x * out_rows + r0 + i] = __fdiv_rn(1.0f, mult_row[i]);
     else
       for (int i = tid; i < kTile && c0 + i < a.xc; i += kThreads) a.scale[blockIdx.y * out_rows + c0 + i] = __fdiv_rn(1.0f, mult_col[i]);
-  } else if (tid == 0) {  // 128x128: scale[row block, k block] of the output
-    const int64_t kblocks = (out_cols + kTile - 1) / kTile;
+  } else if (tid == 0) {  // 128x128: scale[row block, k block] of the output, row stride padded to 4
+    const int64_t kblocks = (out_cols + kTile - 1) / kTile, stride = (kblocks + 3) / 4 * 4;
     const int64_t rb = a.transpose ? blockIdx.x : blockIdx.y, kb = a.transpose ? blockIdx.y : blockIdx.x;
-    a.scale[rb * kblocks + kb] = __fdiv_rn(1.0f, mult_row[0]);
+    a.scale[rb * stride + kb] = __fdiv_rn(1.0f, mult_row[0]);
+    if (kb == kblocks - 1)
+      for (int64_t p = kblocks; p < stride; ++p) a.scale[rb * stride + p] = 1.0f;  // padding: no group
   }
 }
 
@@ -250,7 +307,10 @@ void CudaBackend::quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand
   }
   MOELAB_FLOAT_DISPATCH(x.dtype, T, {
     const T* px = x.as<T>();
-    if (a.source == AmaxSource::global || a.source == AmaxSource::per_col) {
+    const bool straight = !transpose && out.granularity != Fp8Granularity::block_128x128;  // rows kernel below
+    if (straight) {
+      // the rows kernel takes its own amax (tensor: pre-pass there)
+    } else if (a.source == AmaxSource::global || a.source == AmaxSource::per_col) {
       const int64_t n = a.source == AmaxSource::global ? 1 : xc;
       amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, size_t(n) * sizeof(unsigned)));
       MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, size_t(n) * sizeof(unsigned), stream_));
@@ -259,12 +319,24 @@ void CudaBackend::quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand
       else
         amax_cols_kernel<T><<<dim3(unsigned((xc + 255) / 256), unsigned((xr + 255) / 256)), 256, 0, stream_>>>(px, xr, xc, amax);
       MOELAB_CUDA_LAUNCH_CHECK("fp8 amax");
-    } else if (a.source == AmaxSource::per_row) {
+    } else if (a.source == AmaxSource::per_row) {  // (straight rows take the rows kernel)
       amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, size_t(xr) * sizeof(unsigned)));
       amax_rows_kernel<T><<<unsigned((xr + 7) / 8), 256, 0, stream_>>>(px, xr, xc, amax);
       MOELAB_CUDA_LAUNCH_CHECK("fp8 row amax");
     }
     a.amax_in = amax;
+    if (!transpose && out.granularity != Fp8Granularity::block_128x128) {
+      if (out.granularity == Fp8Granularity::tensor) {
+        amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, sizeof(unsigned)));
+        MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, sizeof(unsigned), stream_));
+        amax_all_kernel<T><<<unsigned(std::min<int64_t>(2 * sm_count_, (x.numel() / 8 + 255) / 256 + 1)), 256, 0, stream_>>>(px, x.numel(), amax);
+        MOELAB_CUDA_LAUNCH_CHECK("fp8 amax");
+      }
+      auto rows_kernel = out.data.dtype == DType::e4m3 ? quantize_rows_kernel<T, 0> : quantize_rows_kernel<T, 1>;
+      rows_kernel<<<unsigned((xr + 7) / 8), 256, 0, stream_>>>(px, xr, xc, int(out.granularity), amax, a.out, a.scale, a.fmax);
+      MOELAB_CUDA_LAUNCH_CHECK("fp8 quantize rows");
+      return;
+    }
     const dim3 grid(unsigned((xc + kTile - 1) / kTile), unsigned((xr + kTile - 1) / kTile));
     const size_t smem = size_t(kTile) * (kTile + 1) * sizeof(float);
     auto kernel = out.data.dtype == DType::e4m3 ? quantize_tile_kernel<T, 0> : quantize_tile_kernel<T, 1>;

@@ -35,6 +35,7 @@ struct GemmCache {
   // FP8 problems with f32 output that cuBLASLt serves only with bf16 output: run into bf16
   // scratch, then C = tmp + beta C.
   std::set<Fp8GemmKey> fp8_via_bf16;
+  std::set<Fp8GemmKey> fp8_no_fast;  // problems without a fast-accumulation kernel
   ~GemmCache() {
     if (handle) cublasLtDestroy(handle);
   }
