@@ -134,6 +134,16 @@ class Backend {
   // accumulation (the forward pass uses it, as FP8 recipes usually do); the CPU ignores it.
   virtual void matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& B, Tensor& C, float alpha = 1.0f,
                           float beta = 0.0f, bool fast_accum = false) = 0;
+  // The experts' GEMMs in FP8 (fp8.layers = experts | all): grouped_matmul (alpha 1, beta 0) and
+  // grouped_matmul_wgrad (accumulating, beta 1) with both operands quantized expert by expert,
+  // since expert boundaries are known only on the device. a_gran scales the token-side operand
+  // (A, dY; in the weight gradient both operands, whose 1x128 tiles then run along each expert's
+  // own tokens), w_gran the expert weights; "tensor" means one scale per expert. a_format is the
+  // token-side operand's format (e4m3 forward, the gradient format backward); weights are e4m3.
+  virtual void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W,
+                                  bool trans_w, Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) = 0;
+  virtual void grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran,
+                                        Tensor& dW, const Tensor& offsets) = 0;
 
   // --- embedding --------------------------------------------------------------------------------
   // out[t] = wte[tokens[t]]; out is [N, D] in act dtype.

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/error.hpp"
 #include "core/rng.hpp"
 
 namespace moelab {
@@ -31,6 +32,10 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   validate_config(cfg_);
   fp8_dense_ = lin_.fp8_enabled() && cfg_.fp8.dense_layers();
   fp8_head_ = lin_.fp8_enabled() && cfg_.fp8.head;
+  fp8_experts_ = lin_.fp8_enabled() && cfg_.fp8.expert_layers();
+  if (fp8_experts_ && be_.device() == Device::cuda)
+    throw Error("invalid config: fp8.layers = " + cfg_.fp8.layers + " needs the FP8 grouped expert GEMM, which is "
+                "not built for the GPU yet; use fp8.layers = dense (or device = cpu for the emulation)");
   const ModelConfig& m = cfg_.model;
   d_model_ = m.d_model;
   head_dim_ = m.head_dim;
@@ -308,9 +313,9 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
   be_.moe_plan(l.topk, int(experts_), int(capacity_), l.routed, l.counts, l.offsets, l.slot, l.row_token);
   be_.balance_loss(l.probs, l.routed, float(cfg_.moe.balance_coef), l.bal);
   be_.moe_permute(xn, l.row_token, l.offsets, l.xp);
-  be_.grouped_matmul(l.xp, l.w_fc->compute, true, l.hp, l.offsets);
+  lin_.expert_forward(fp8_experts_, l.xp, l.w_fc->compute, l.hp, l.offsets);
   be_.relu2_fwd(l.hp, l.ap);
-  be_.grouped_matmul(l.ap, l.w_proj->compute, true, l.yp, l.offsets);
+  lin_.expert_forward(fp8_experts_, l.ap, l.w_proj->compute, l.yp, l.offsets);
   be_.moe_combine(l.yp, l.slot, l.gates, out, true);
   if (l.sh_fc) dense_forward(*l.sh_fc, *l.sh_proj, xn, l.h, l.a, out, true);
 }
@@ -388,11 +393,11 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
     return;
   }
   be_.moe_combine_bwd(dy, l.yp, l.slot, l.gates, dyp_, dgates_);
-  be_.grouped_matmul(dyp_, l.w_proj->compute, false, dap_, l.offsets);
-  be_.grouped_matmul_wgrad(dyp_, l.ap, l.w_proj->grad, l.offsets, 1.0f);
+  lin_.expert_dgrad(fp8_experts_, dyp_, l.w_proj->compute, dap_, l.offsets);
+  lin_.expert_wgrad(fp8_experts_, dyp_, l.ap, l.w_proj->grad, l.offsets);
   be_.relu2_bwd(l.hp, dap_, dhp_);
-  be_.grouped_matmul(dhp_, l.w_fc->compute, false, dxp_, l.offsets);
-  be_.grouped_matmul_wgrad(dhp_, l.xp, l.w_fc->grad, l.offsets, 1.0f);
+  lin_.expert_dgrad(fp8_experts_, dhp_, l.w_fc->compute, dxp_, l.offsets);
+  lin_.expert_wgrad(fp8_experts_, dhp_, l.xp, l.w_fc->grad, l.offsets);
   be_.fill(dxn, 0.0f);
   be_.moe_permute_bwd(dxp_, l.slot, dxn);
   be_.router_bwd(l.probs, l.topk, l.gates, dgates_, l.routed, float(cfg_.moe.balance_coef), bal_scale_,

@@ -103,4 +103,19 @@ void LinearGemms::wgrad(bool fp8, const Tensor& dy, const Tensor& x, Tensor& dW,
   be_.matmul_fp8(a, b, dW, 1.0f, 1.0f);
 }
 
+void LinearGemms::expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets) {
+  if (!(fp8 && fp8_)) return be_.grouped_matmul(x, W, true, y, offsets);
+  be_.grouped_matmul_fp8(x, DType::e4m3, act_, W, true, weight_, y, offsets);
+}
+
+void LinearGemms::expert_dgrad(bool fp8, const Tensor& dy, const Tensor& W, Tensor& dx, const Tensor& offsets) {
+  if (!(fp8 && fp8_)) return be_.grouped_matmul(dy, W, false, dx, offsets);
+  be_.grouped_matmul_fp8(dy, grad_format_, act_, W, false, weight_, dx, offsets);
+}
+
+void LinearGemms::expert_wgrad(bool fp8, const Tensor& dy, const Tensor& x, Tensor& dW, const Tensor& offsets) {
+  if (!(fp8 && fp8_)) return be_.grouped_matmul_wgrad(dy, x, dW, offsets, 1.0f);
+  be_.grouped_matmul_wgrad_fp8(dy, grad_format_, x, act_, dW, offsets);
+}
+
 }  // namespace moelab

@@ -43,6 +43,13 @@ class LinearGemms {
   // dW += dy^T x.
   void wgrad(bool fp8, const Tensor& dy, const Tensor& x, Tensor& dW, unsigned reuse = none);
 
+  // The experts' GEMMs over permuted rows grouped by offsets (W [E, N, K]), in FP8 by the same
+  // recipe with one set of scales per expert (the backend quantizes expert by expert):
+  // y = x W_e^T; dx = dy W_e; dW_e += dy_e^T x_e.
+  void expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets);
+  void expert_dgrad(bool fp8, const Tensor& dy, const Tensor& W, Tensor& dx, const Tensor& offsets);
+  void expert_wgrad(bool fp8, const Tensor& dy, const Tensor& x, Tensor& dW, const Tensor& offsets);
+
  private:
   // One quantization buffer per operand role, so an operand that several GEMMs share stays valid
   // while the others are quantized (the head's W and W^T across its chunks).

@@ -276,5 +276,70 @@ TEST(Fp8Matmul, EachRecipeMatchesTheDequantizedProduct) {
   }
 }
 
+// The experts' FP8 GEMMs: each expert gets its own scales, so an expert whose values are 1e4
+// times larger does not flush a small expert to zero (which shared scales would); results stay
+// within the formats' rounding of the f32 grouped GEMMs, and empty experts are skipped.
+TEST(Fp8Grouped, PerExpertScalesForwardDataAndWeightGradients) {
+  CpuBackend be(DType::f32, 2);
+  Rng rng(23);
+  const int64_t E = 4, K = 96, N = 64;
+  const std::vector<int32_t> offs = {0, 40, 40, 170, 200};  // expert 1 empty
+  const int64_t R = 200;
+  Tensor offsets = i32_tensor(be, {E + 1}, offs);
+  std::vector<double> av(size_t(R * K));
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < K; ++k) av[size_t(r * K + k)] = rng.normal() * (r >= 170 ? 1e4 : 1.0);  // expert 3 huge
+  Tensor A = tensor_from(be, {R, K}, av);
+  Tensor W = random_tensor(be, {E, N, K}, rng, 0.1);
+  Tensor dY = random_tensor(be, {R, N}, rng, 0.01);
+  auto per_expert_err = [&](const Tensor& got, const Tensor& ref, int64_t cols) {
+    std::vector<double> errs;
+    const std::vector<double> gv = values(got), fv = values(ref);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = offs[size_t(e)], r1 = offs[size_t(e + 1)];
+      if (r0 == r1) continue;
+      std::vector<double> g(gv.begin() + r0 * cols, gv.begin() + r1 * cols);
+      std::vector<double> f(fv.begin() + r0 * cols, fv.begin() + r1 * cols);
+      errs.push_back(normalized_error(g, f));
+    }
+    return errs;
+  };
+  for (auto [ga, gw] : {std::pair{Fp8Granularity::tensor, Fp8Granularity::tensor}, {Fp8Granularity::row, Fp8Granularity::row},
+                        {Fp8Granularity::block_1x128, Fp8Granularity::block_128x128}}) {
+    SCOPED_TRACE(fp8_granularity_name(ga));
+    Tensor C = be.alloc({R, N}, DType::f32), Cr = be.alloc({R, N}, DType::f32);
+    be.grouped_matmul_fp8(A, DType::e4m3, ga, W, true, gw, C, offsets);
+    be.grouped_matmul(A, W, true, Cr, offsets);
+    for (double e : per_expert_err(C, Cr, N)) {
+      EXPECT_GT(e, 1e-3);
+      EXPECT_LT(e, 0.05);
+    }
+    // Data gradient form: G [R, N] times W_e [N, K] (not transposed), e5m2 operand.
+    Tensor D = be.alloc({R, K}, DType::f32), Dr = be.alloc({R, K}, DType::f32);
+    Tensor G = random_tensor(be, {R, N}, rng, 0.01);
+    be.grouped_matmul_fp8(G, DType::e5m2, ga, W, false, gw, D, offsets);
+    be.grouped_matmul(G, W, false, Dr, offsets);
+    for (double e : per_expert_err(D, Dr, K)) EXPECT_LT(e, 0.08);
+    // Weight gradient: accumulates; the empty expert's dW stays as it was.
+    Tensor dW = be.alloc({E, N, K}, DType::f32), dWr = be.alloc({E, N, K}, DType::f32);
+    be.fill(dW, 0.25f);
+    be.fill(dWr, 0.25f);
+    be.grouped_matmul_wgrad_fp8(dY, DType::e5m2, A, ga, dW, offsets);
+    be.grouped_matmul_wgrad(dY, A, dWr, offsets, 1.0f);
+    for (int64_t e = 0; e < E; ++e) {
+      std::vector<double> g(size_t(N * K)), f(size_t(N * K));
+      for (int64_t i = 0; i < N * K; ++i) {
+        g[size_t(i)] = dW.as<float>()[e * N * K + i] - 0.25;
+        f[size_t(i)] = dWr.as<float>()[e * N * K + i] - 0.25;
+      }
+      if (e == 1) {
+        for (double v : g) ASSERT_EQ(v, 0.0);
+        continue;
+      }
+      EXPECT_LT(normalized_error(g, f), 0.08) << "expert " << e;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moelab::test

@@ -124,6 +124,16 @@ TEST(Config, Fp8RecipeKeysAreValidatedNamingTheKey) {
   auto msg = error_of([&] { validate_config(dense); });
   EXPECT_NE(msg.find("fp8.layers"), std::string::npos) << msg;
   EXPECT_NE(msg.find("fp8.layers = dense"), std::string::npos) << msg;
+  // Experts in FP8: emulated on the CPU, refused for the GPU (no FP8 grouped GEMM there yet).
+  Config experts;
+  apply_override(experts, "precision=fp8");
+  apply_override(experts, "fp8.layers=all");
+  apply_override(experts, "device=cpu");
+  EXPECT_NO_THROW(validate_config(experts));
+  apply_override(experts, "device=cuda");
+  msg = error_of([&] { validate_config(experts); });
+  EXPECT_NE(msg.find("fp8.layers"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("use fp8.layers = dense"), std::string::npos) << msg;
   // On the GPU every FP8 GEMM dimension must be a multiple of 16: refused up front, naming the key.
   Config odd;
   apply_override(odd, "precision=fp8");

@@ -1,5 +1,6 @@
 // precision = fp8 on the CPU: a tiny MoE GPT (one dense-MLP layer, one MoE layer) trains with
-// each FP8 recipe, its GEMMs emulated exactly, and its loss stays within 2% of the f32 run's;
+// each FP8 recipe, on the dense linears and head (fp8.layers = dense) and on the experts too
+// (fp8.layers = all), its GEMMs emulated exactly, and its loss stays within 2% of the f32 run's;
 // the first step's loss differs from f32, so the recipe's rounding really ran.
 #include <gtest/gtest.h>
 
@@ -74,18 +75,21 @@ TEST(Fp8Training, EachRecipeTrainsWithinTwoPercentOfF32) {
   const double ref_tail = tail_mean(ref, 5);
   EXPECT_LT(ref_tail, ref.front() - 1.0) << "the f32 run did not learn";
 
+  for (std::string layers : {"dense", "all"})
   for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
     Config f = c;
     f.precision = "fp8";
     f.fp8.recipe = recipe;
+    f.fp8.layers = layers;
     validate_config(f);
+    recipe += "_" + layers;
     run_training(f, (dir / recipe).string());
     const std::vector<double> l = step_losses(dir / recipe);
     ASSERT_EQ(l.size(), 40u) << recipe;
     for (double v : l) ASSERT_TRUE(std::isfinite(v)) << recipe;
     EXPECT_NE(l.front(), ref.front()) << recipe << ": the first loss is f32's bit for bit; FP8 did not run";
     const double tail = tail_mean(l, 5);
-    std::printf("%-10s first loss %.4f (f32 %.4f), tail loss %.4f (f32 %.4f)\n", recipe.c_str(), l.front(), ref.front(), tail, ref_tail);
+    std::printf("%-16s first loss %.4f (f32 %.4f), tail loss %.4f (f32 %.4f)\n", recipe.c_str(), l.front(), ref.front(), tail, ref_tail);
     EXPECT_LT(std::fabs(tail - ref_tail) / ref_tail, 0.02)
         << recipe << ": tail loss " << tail << " vs f32 " << ref_tail;
   }

@@ -133,4 +133,77 @@ void CpuBackend::matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& B
   });
 }
 
+namespace {
+
+// Expert offsets on the host, checked (E+1 non-decreasing values within rows).
+std::vector<int64_t> host_offsets(const Tensor& offsets, int64_t experts, int64_t rows, const char* op) {
+  require_i32(offsets, op, "offsets");
+  require_numel(offsets, experts + 1, op, "offsets");
+  std::vector<int64_t> out(size_t(experts + 1));
+  for (int64_t e = 0; e <= experts; ++e) {
+    out[size_t(e)] = ptr<int32_t>(offsets)[e];
+    require(out[size_t(e)] >= 0 && out[size_t(e)] <= rows && (e == 0 || out[size_t(e)] >= out[size_t(e - 1)]), op,
+            "offsets are out of order or past the rows; pass the offsets written by moe_plan");
+  }
+  return out;
+}
+
+}  // namespace
+
+// Expert by expert: quantize that expert's rows and weight (its own scales), then the FP8 GEMM.
+void CpuBackend::grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W,
+                                    bool trans_w, Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) {
+  const char* op = "grouped_matmul_fp8";
+  require_host(A, op, "A");
+  require(W.ndim() == 3, op, "W must be [E, N, K] or [E, K, N], got " + W.describe());
+  const int64_t E = W.dim(0), K = A.cols(), R = matrix_rows(A);
+  const int64_t N = trans_w ? W.dim(1) : W.dim(2);
+  require((trans_w ? W.dim(2) : W.dim(1)) == K, op, "W " + W.describe() + " does not match A " + A.describe());
+  require(matrix_rows(C) == R && C.cols() == N, op, "C is " + C.describe() + ", expected [" + std::to_string(R) + ", " + std::to_string(N) + "]");
+  const std::vector<int64_t> o = host_offsets(offsets, E, R, op);
+  const Tensor A2 = A.view({R, K});
+  Tensor C2 = C.view({R, N});
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = o[size_t(e)], r1 = o[size_t(e + 1)];
+    if (r1 == r0) continue;
+    QuantizedOperand qa, qw;
+    qa.granularity = a_gran;
+    qa.data = alloc({r1 - r0, K}, a_format);
+    qa.scale = alloc(fp8_scale_shape(a_gran, r1 - r0, K), DType::f32);
+    qw.granularity = w_gran;
+    qw.data = alloc({N, K}, DType::e4m3);
+    qw.scale = alloc(fp8_scale_shape(w_gran, N, K), DType::f32);
+    quantize_fp8(A2.rows_slice(r0, r1), false, qa);
+    quantize_fp8(W.index(e), !trans_w, qw);
+    Tensor c = C2.rows_slice(r0, r1);
+    matmul_fp8(qa, qw, c);
+  }
+}
+
+void CpuBackend::grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran,
+                                          Tensor& dW, const Tensor& offsets) {
+  const char* op = "grouped_matmul_wgrad_fp8";
+  require_host(dY, op, "dY");
+  require(dW.ndim() == 3, op, "dW must be [E, N, K], got " + dW.describe());
+  const int64_t E = dW.dim(0), N = dW.dim(1), K = dW.dim(2), R = matrix_rows(dY);
+  require(dY.cols() == N && X.cols() == K && matrix_rows(X) == R, op,
+          "dY " + dY.describe() + " and X " + X.describe() + " do not match dW " + dW.describe());
+  const std::vector<int64_t> o = host_offsets(offsets, E, R, op);
+  const Tensor dY2 = dY.view({R, N}), X2 = X.view({R, K});
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = o[size_t(e)], r1 = o[size_t(e + 1)], re = r1 - r0;
+    if (re == 0) continue;
+    QuantizedOperand qa, qb;  // dY_e^T [N, re] and X_e^T [K, re]: K-major along the expert's tokens
+    qa.granularity = qb.granularity = gran;
+    qa.data = alloc({N, re}, dy_format);
+    qa.scale = alloc(fp8_scale_shape(gran, N, re), DType::f32);
+    qb.data = alloc({K, re}, DType::e4m3);
+    qb.scale = alloc(fp8_scale_shape(gran, K, re), DType::f32);
+    quantize_fp8(dY2.rows_slice(r0, r1), true, qa);
+    quantize_fp8(X2.rows_slice(r0, r1), true, qb);
+    Tensor dw = dW.index(e);
+    matmul_fp8(qa, qb, dw, 1.0f, 1.0f);
+  }
+}
+
 }  // namespace moelab

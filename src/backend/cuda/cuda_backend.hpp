@@ -70,6 +70,10 @@ class CudaBackend : public Backend {
   void quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand& out) override;
   void matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& B, Tensor& C, float alpha = 1.0f,
                   float beta = 0.0f, bool fast_accum = false) override;
+  void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W, bool trans_w,
+                          Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) override;
+  void grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran, Tensor& dW,
+                                const Tensor& offsets) override;
 
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
