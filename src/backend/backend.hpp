@@ -13,6 +13,7 @@
 //   in the CPU's gradient checks). Router logits/probs, losses, rstd and lse are always f32 (f64
 //   when the master dtype is f64).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -39,6 +40,57 @@ struct NorMuonStep {
   float weight_decay = 0;  // this step's decay (already scheduled)
   float beta2 = 0.95f;     // EMA of the per-row (or per-column) mean square
   bool cautious = true;    // decay only where update and weight agree in sign
+};
+
+// --- FP8 operands ---------------------------------------------------------------------------------
+// An FP8 GEMM operand is K-major: data [rows, K] in e4m3 or e5m2, each row one run along the
+// reduction dimension (the only layout Hopper's FP8 tensor cores read), plus f32 dequantization
+// scales: value[r, k] ~= decode(data[r, k]) * scale[group(r, k)]. The granularity says which
+// elements share a scale; the scale tensor's layout (what cuBLASLt reads) is:
+//   tensor         [1]
+//   row            [rows]                                (one per row: outer-vector scaling)
+//   block_1x128    [ceil(K / 128), rows], rows contiguous (1 x 128 tiles along K)
+//   block_128x128  [ceil(rows / 128), kbp]                (128 x 128 blocks; row stride kbp =
+//                  ceil(K / 128) rounded up to a multiple of 4, 16-byte aligned as cuBLASLt reads
+//                  it: padding entries belong to no group and hold 1)
+// Partial groups at the edges hold fewer elements.
+enum class Fp8Granularity : uint8_t { tensor, row, block_1x128, block_128x128 };
+
+inline const char* fp8_granularity_name(Fp8Granularity g) {
+  switch (g) {
+    case Fp8Granularity::tensor: return "tensor";
+    case Fp8Granularity::row: return "row";
+    case Fp8Granularity::block_1x128: return "1x128";
+    case Fp8Granularity::block_128x128: return "128x128";
+  }
+  return "?";
+}
+
+inline Shape fp8_scale_shape(Fp8Granularity g, int64_t rows, int64_t k) {
+  const int64_t kb = (k + 127) / 128, rb = (rows + 127) / 128;
+  switch (g) {
+    case Fp8Granularity::tensor: return {1};
+    case Fp8Granularity::row: return {std::max<int64_t>(rows, 1)};
+    case Fp8Granularity::block_1x128: return {std::max<int64_t>(kb, 1), std::max<int64_t>(rows, 1)};
+    case Fp8Granularity::block_128x128: return {std::max<int64_t>(rb, 1), std::max<int64_t>((kb + 3) / 4 * 4, 4)};
+  }
+  return {1};
+}
+
+// Largest finite magnitude of an FP8 format (saturation bound and the scale's target).
+inline float fp8_max(DType d) { return d == DType::e5m2 ? 57344.0f : 448.0f; }
+
+// The scaling rule both backends implement bit for bit, per group with absolute maximum amax:
+//   a = min(max(amax, kFp8MinAmax), FLT_MAX);  q = fp8_max / a;  scale = 1 / q   (f32 divisions)
+//   data = saturate(round_to_nearest_even(x * q))                                (f32 product)
+// The clamps keep every scale finite and non-zero: an all-zero group, one holding a huge value
+// or Inf, and one of denormals all give finite scales (groups below kFp8MinAmax flush to zero).
+inline constexpr float kFp8MinAmax = 1e-30f;
+
+struct QuantizedOperand {
+  Tensor data;   // [rows, K], e4m3 or e5m2
+  Tensor scale;  // f32, fp8_scale_shape(granularity, rows, K)
+  Fp8Granularity granularity = Fp8Granularity::tensor;
 };
 
 class Backend {
@@ -81,6 +133,31 @@ class Backend {
   // contents are ignored (NaN included).
   virtual void matmul(const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, Tensor& C,
                       float alpha = 1.0f, float beta = 0.0f) = 0;
+
+  // --- FP8 GEMMs (precision = fp8) ----------------------------------------------------------------
+  // Quantizes the matrix view of x (any float dtype) into out: out.data's dtype (e4m3 | e5m2)
+  // picks the format, out.granularity the scaling; amax and scales are computed on the device.
+  // transpose = false: out.data [rows, cols] = x; true: out.data [cols, rows] = x^T (the copy a
+  // weight or data gradient needs to be K-major). out.data and out.scale must have the shapes
+  // above. An all-zero x gives zero data and finite scales.
+  virtual void quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand& out) = 0;
+  // C[M, N] = alpha * deq(A) deq(B)^T + beta * C with A.data [M, K], B.data [N, K] (the TN
+  // product), accumulated in f32; C bf16 or f32. Supported granularity pairs: (tensor, tensor),
+  // (row, row), and the block pairs (1x128, 128x128), (128x128, 1x128), (1x128, 1x128); at most
+  // one operand may be e5m2. fast_accum allows the tensor cores' faster, less precise
+  // accumulation (the forward pass uses it, as FP8 recipes usually do); the CPU ignores it.
+  virtual void matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& B, Tensor& C, float alpha = 1.0f,
+                          float beta = 0.0f, bool fast_accum = false) = 0;
+  // The experts' GEMMs in FP8 (fp8.layers = experts | all): grouped_matmul (alpha 1, beta 0) and
+  // grouped_matmul_wgrad (accumulating, beta 1) with both operands quantized expert by expert,
+  // since expert boundaries are known only on the device. a_gran scales the token-side operand
+  // (A, dY; in the weight gradient both operands, whose 1x128 tiles then run along each expert's
+  // own tokens), w_gran the expert weights; "tensor" means one scale per expert. a_format is the
+  // token-side operand's format (e4m3 forward, the gradient format backward); weights are e4m3.
+  virtual void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W,
+                                  bool trans_w, Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) = 0;
+  virtual void grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran,
+                                        Tensor& dW, const Tensor& offsets) = 0;
 
   // --- embedding --------------------------------------------------------------------------------
   // out[t] = wte[tokens[t]]; out is [N, D] in act dtype.

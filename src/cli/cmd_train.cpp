@@ -31,7 +31,7 @@ void add_train_command(CLI::App& app) {
       "  moelab train --config configs/tiny-cpu.toml --out runs/tiny --set train.resume=auto   (continue a run)");
   cmd->callback([args] {
     if (args->help_config) {
-      std::cout << "Config keys (TOML sections [model], [moe], [train], [optim], [data]; top-level device, precision, exec):\n"
+      std::cout << "Config keys (TOML sections [model], [moe], [train], [optim], [data], [fp8]; top-level device, precision, exec):\n"
                 << config_reference();
       return;
     }

@@ -114,6 +114,11 @@ const std::vector<Key>& keys() {
       {"optim.scalar_lr", Kind::real, "AdamW lr of the x0 lambdas (betas 0.96, 0.95); resid lambdas get scalar_lr * 0.01", member(&Config::optim, &OptimConfig::scalar_lr)},
       {"optim.value_embedding_lr", Kind::real, "AdamW lr of the value embeddings (scaled by d_model like embedding_lr)", member(&Config::optim, &OptimConfig::value_embedding_lr)},
 
+      {"fp8.recipe", Kind::text, "precision = fp8: tensorwise | rowwise | blockwise (1x128 activations, 128x128 weights)", member(&Config::fp8, &Fp8Config::recipe)},
+      {"fp8.layers", Kind::text, "precision = fp8: which linears run in FP8: dense (attention, dense MLPs) | experts | all", member(&Config::fp8, &Fp8Config::layers)},
+      {"fp8.head", Kind::boolean, "precision = fp8: lm_head in FP8 too", member(&Config::fp8, &Fp8Config::head)},
+      {"fp8.grad_format", Kind::text, "precision = fp8: format of gradient operands in the backward: e5m2 | e4m3", member(&Config::fp8, &Fp8Config::grad_format)},
+
       {"data.source", Kind::text, "bytes (raw bytes, vocab 256) | shards (data.dir) | corpus (BPE of the embedded corpus, built and cached on first use)", member(&Config::data, &DataConfig::source)},
       {"data.text", Kind::text, "bytes mode: text file; \"\" = embedded default corpus", member(&Config::data, &DataConfig::text)},
       {"data.dir", Kind::text, "shards mode: folder from `moelab data prepare`; corpus mode: cache folder (\"\" = ~/.cache/moelab/...)", member(&Config::data, &DataConfig::dir)},
@@ -411,6 +416,36 @@ void validate_config(const Config& c) {
     invalid("device", "= \"" + c.device + "\" is not a device", "use auto, cpu or cuda");
   if (c.precision != "auto" && c.precision != "f32" && c.precision != "bf16" && c.precision != "fp8")
     invalid("precision", "= \"" + c.precision + "\" is not a precision", "use auto, f32, bf16 or fp8");
+  if (c.fp8.recipe != "tensorwise" && c.fp8.recipe != "rowwise" && c.fp8.recipe != "blockwise")
+    invalid("fp8.recipe", "= \"" + c.fp8.recipe + "\" is not an FP8 recipe", "use tensorwise, rowwise or blockwise");
+  if (c.fp8.layers != "dense" && c.fp8.layers != "experts" && c.fp8.layers != "all")
+    invalid("fp8.layers", "= \"" + c.fp8.layers + "\" is not a layer set", "use dense, experts or all");
+  if (c.fp8.grad_format != "e5m2" && c.fp8.grad_format != "e4m3")
+    invalid("fp8.grad_format", "= \"" + c.fp8.grad_format + "\" is not an FP8 format", "use e5m2 or e4m3");
+  if (c.precision == "fp8" && c.fp8.expert_layers()) {
+    if (!c.moe.enabled())
+      invalid("fp8.layers", "= " + c.fp8.layers + " puts experts in FP8 but the model has none (moe.experts = 0)",
+              "use fp8.layers = dense");
+    // The CPU emulates the experts' FP8 GEMMs; the GPU's FP8 grouped GEMM is not built yet.
+    if (c.device == "cuda")
+      invalid("fp8.layers", "= " + c.fp8.layers + " needs the FP8 grouped expert GEMM, which is not built for the GPU yet",
+              "use fp8.layers = dense (attention, dense MLPs and, with fp8.head, lm_head in FP8), or device = cpu");
+  }
+  if (c.precision == "fp8" && c.device == "cuda") {
+    // FP8 tensor cores read 16-byte aligned K-major rows: every dimension of an FP8 GEMM is a
+    // multiple of 16 (tokens, widths, vocabulary).
+    auto mult16 = [&](const std::string& key, int64_t v, const std::string& what) {
+      if (v % 16 != 0)
+        invalid(key, "= " + std::to_string(v) + " makes " + what + " that is not a multiple of 16, which FP8 GEMMs on the GPU need",
+                "choose a multiple of 16 or use precision = bf16");
+    };
+    mult16("model.d_model", c.model.d_model, "a GEMM dimension");
+    mult16("model.kv_heads", c.model.kv_heads_resolved() * c.model.head_dim, "a key/value width");
+    mult16("model.mlp_hidden", c.model.mlp_hidden_resolved(), "a dense MLP width");
+    if (c.moe.shared_expert) mult16("moe.shared_hidden", c.moe.shared_hidden > 0 ? c.moe.shared_hidden : c.moe.expert_hidden, "a shared expert width");
+    if (c.fp8.head) mult16("model.vocab", c.model.vocab, "an lm_head width");
+    mult16("train.batch_size", c.train.batch_size * c.train.seq_len, "a token count (batch_size * seq_len)");
+  }
   if (c.exec != "graph" && c.exec != "eager")
     invalid("exec", "= \"" + c.exec + "\" is not an execution mode", "use graph or eager");
   if (c.data.source != "bytes" && c.data.source != "shards" && c.data.source != "corpus")

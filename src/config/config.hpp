@@ -106,14 +106,31 @@ struct DataConfig {
   double val_fraction = 0.05;    // bytes mode: tail of the text held out for validation
 };
 
+// FP8 training recipe (precision = fp8). Which GEMMs run in FP8 and how their operands are
+// scaled; router, norms, softmax and the loss stay in bf16/f32 whatever the recipe.
+struct Fp8Config {
+  // tensorwise: one scale per tensor; rowwise: one per row of each K-major operand (outer
+  // vectors); blockwise: 1x128 tiles for activations and gradients, 128x128 blocks for weights.
+  std::string recipe = "tensorwise";
+  std::string layers = "dense";  // dense (attention + dense MLPs) | experts | all
+  bool head = true;              // lm_head in FP8
+  std::string grad_format = "e5m2";  // format of the backward's gradient operands: e5m2 | e4m3
+
+  bool dense_layers() const { return layers == "dense" || layers == "all"; }
+  bool expert_layers() const { return layers == "experts" || layers == "all"; }
+};
+
 struct Config {
   ModelConfig model;
   MoEConfig moe;
   TrainConfig train;
   OptimConfig optim;
   DataConfig data;
+  Fp8Config fp8;
   std::string device = "auto";     // auto | cpu | cuda
-  std::string precision = "auto";  // auto (f32 on cpu, bf16 on cuda) | f32 | bf16 | fp8
+  // auto (f32 on cpu, bf16 on cuda) | f32 | bf16 | fp8 (the [fp8] recipe's GEMMs in FP8, the rest
+  // as auto; on the CPU the FP8 GEMMs are emulated exactly)
+  std::string precision = "auto";
   std::string exec = "graph";      // graph | eager (CUDA only)
 
   // Layers whose MLP is a MoE (resolved from moe.layers).

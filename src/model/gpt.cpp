@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/error.hpp"
 #include "core/rng.hpp"
 
 namespace moelab {
@@ -27,8 +28,14 @@ double read_scalar(Backend& be, const Tensor& t) {
 }  // namespace
 
 GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_len)
-    : be_(backend), cfg_(cfg), rows_(rows), seq_len_(seq_len), n_(rows * seq_len) {
+    : be_(backend), cfg_(cfg), lin_(backend, cfg), rows_(rows), seq_len_(seq_len), n_(rows * seq_len) {
   validate_config(cfg_);
+  fp8_dense_ = lin_.fp8_enabled() && cfg_.fp8.dense_layers();
+  fp8_head_ = lin_.fp8_enabled() && cfg_.fp8.head;
+  fp8_experts_ = lin_.fp8_enabled() && cfg_.fp8.expert_layers();
+  if (fp8_experts_ && be_.device() == Device::cuda)
+    throw Error("invalid config: fp8.layers = " + cfg_.fp8.layers + " needs the FP8 grouped expert GEMM, which is "
+                "not built for the GPU yet; use fp8.layers = dense (or device = cpu for the emulation)");
   const ModelConfig& m = cfg_.model;
   d_model_ = m.d_model;
   head_dim_ = m.head_dim;
@@ -189,6 +196,8 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   rstd_f_ = alloc0({n_}, stat_);
   // Logits are computed in row chunks of at most ~32M elements, never for the whole batch.
   chunk_rows_ = std::clamp<int64_t>((int64_t(1) << 25) / V, 1, n_);
+  // FP8 GEMMs on the GPU need row counts in multiples of 16 (n_ is one, so every chunk is).
+  if (fp8_head_ && chunk_rows_ >= 16) chunk_rows_ -= chunk_rows_ % 16;
   logits_ = alloc0({chunk_rows_, V}, act_);
   losses_ = alloc0({n_}, stat_);
   loss_sum_ = alloc0({1}, stat_);
@@ -222,6 +231,24 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
     dlogits_r_ = alloc0({n_, experts_}, stat_);
     if (act_ != stat_) dlogits_r_act_ = alloc0({n_, experts_}, act_);
   }
+
+  // FP8 quantization buffers, planned over every linear the recipe puts in FP8.
+  if (fp8_dense_) {
+    for (int64_t out : {qdim, kvdim}) lin_.plan(n_, out, D);
+    lin_.plan(n_, D, qdim);
+    bool dense_mlp = false;
+    for (bool moe : moe_mask) dense_mlp = dense_mlp || !moe;
+    if (dense_mlp) {
+      lin_.plan(n_, H, D);
+      lin_.plan(n_, D, H);
+    }
+    if (shared) {
+      lin_.plan(n_, Hs, D);
+      lin_.plan(n_, D, Hs);
+    }
+  }
+  if (fp8_head_) lin_.plan(chunk_rows_, V, D);
+  lin_.allocate();
 }
 
 bool GptMoE::has_value_embedding(int64_t layer) const {
@@ -316,9 +343,9 @@ void GptMoE::begin_step() {
 
 void GptMoE::dense_forward(Param& fc, Param& proj, const Tensor& xn, Tensor& h, Tensor& a, Tensor& out,
                            bool accumulate) {
-  be_.matmul(xn, false, fc.compute, true, h);
+  lin_.forward(fp8_dense_, xn, fc.compute, h);
   be_.relu2_fwd(h, a);
-  be_.matmul(a, false, proj.compute, true, out, 1.0f, accumulate ? 1.0f : 0.0f);
+  lin_.forward(fp8_dense_, a, proj.compute, out, accumulate ? 1.0f : 0.0f);
 }
 
 void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
@@ -332,9 +359,9 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
                drop_order_);
   be_.balance_loss(l.probs, l.routed, bal_log_coef_, l.bal);
   be_.moe_permute(xn, l.row_token, l.offsets, l.xp);
-  be_.grouped_matmul(l.xp, l.w_fc->compute, true, l.hp, l.offsets);
+  lin_.expert_forward(fp8_experts_, l.xp, l.w_fc->compute, l.hp, l.offsets);
   be_.relu2_fwd(l.hp, l.ap);
-  be_.grouped_matmul(l.ap, l.w_proj->compute, true, l.yp, l.offsets);
+  lin_.expert_forward(fp8_experts_, l.ap, l.w_proj->compute, l.yp, l.offsets);
   be_.moe_combine(l.yp, l.slot, l.gates, out, true);
   if (l.sh_fc) dense_forward(*l.sh_fc, *l.sh_proj, xn, l.h, l.a, out, true);
 }
@@ -353,9 +380,9 @@ void GptMoE::forward(const Tensor& tokens) {
                          elements(x0_lambdas_->value, int64_t(i), int64_t(i) + 1), layers_[0].x_pre, l.x_in);
     be_.rmsnorm_fwd(l.x_in, l.xn1, l.rstd1);
     Tensor q = tokens_by_features(l.q), k = tokens_by_features(l.k), v = tokens_by_features(l.v);
-    be_.matmul(l.xn1, false, l.wq->compute, true, q);
-    be_.matmul(l.xn1, false, l.wk->compute, true, k);
-    be_.matmul(l.xn1, false, l.wv->compute, true, v);
+    lin_.forward(fp8_dense_, l.xn1, l.wq->compute, q);
+    lin_.forward(fp8_dense_, l.xn1, l.wk->compute, k, 0.0f, LinearGemms::same_x);
+    lin_.forward(fp8_dense_, l.xn1, l.wv->compute, v, 0.0f, LinearGemms::same_x);
     if (l.ve) {
       be_.embedding_fwd(tokens, l.ve->compute, l.ve_x);
       be_.value_gate_fwd(l.xn1, l.ve_gate->compute, l.ve_x, v, l.gate);
@@ -364,7 +391,7 @@ void GptMoE::forward(const Tensor& tokens) {
     be_.rope_norm_fwd(l.k, cos_, sin_, l.kr, l.rstd_k);
     be_.attention_fwd(l.qr, l.kr, l.v, l.att, l.lse, l.window);
     be_.copy(l.x_in, l.x_mid);
-    be_.matmul(tokens_by_features(l.att), false, l.wo->compute, true, l.x_mid, 1.0f, 1.0f);
+    lin_.forward(fp8_dense_, tokens_by_features(l.att), l.wo->compute, l.x_mid, 1.0f);
     be_.rmsnorm_fwd(l.x_mid, l.xn2, l.rstd2);
     be_.copy(l.x_mid, next);
     mlp_forward(l, l.xn2, next);
@@ -392,13 +419,15 @@ void GptMoE::head_loss(const Tensor& targets, float loss_scale, bool backward) {
     Tensor x = xf_.rows_slice(r0, r1);
     Tensor logits = logits_.rows_slice(0, r1 - r0);
     Tensor loss_rows = losses.rows_slice(r0, r1).view({r1 - r0});
-    be_.matmul(x, false, head_->compute, true, logits);
+    // The head's W (and W^T below) is quantized once per pass, not once per chunk.
+    const unsigned same_w = r0 > 0 ? LinearGemms::same_w : LinearGemms::none;
+    lin_.forward(fp8_head_, x, head_->compute, logits, 0.0f, same_w);
     be_.softcap_xent(logits, tgt.rows_slice(r0, r1).view({r1 - r0}), float(cfg_.model.softcap), loss_scale,
                      loss_rows, logits);
     if (backward) {
       Tensor dx = dxf_.rows_slice(r0, r1);
-      be_.matmul(logits, false, head_->compute, false, dx);
-      be_.matmul(logits, true, x, false, head_->grad, 1.0f, 1.0f);
+      lin_.dgrad(fp8_head_, logits, head_->compute, dx, 0.0f, same_w);
+      lin_.wgrad(fp8_head_, logits, x, head_->grad);
     }
   }
 }
@@ -406,11 +435,11 @@ void GptMoE::head_loss(const Tensor& targets, float loss_scale, bool backward) {
 void GptMoE::dense_backward(Param& fc, Param& proj, const Tensor& xn, const Tensor& h, const Tensor& a,
                             const Tensor& dy, Tensor& dxn, bool accumulate) {
   Tensor da = da_.prefix(h.shape), dh = dh_.prefix(h.shape);
-  be_.matmul(dy, false, proj.compute, false, da);
-  be_.matmul(dy, true, a, false, proj.grad, 1.0f, 1.0f);
+  lin_.dgrad(fp8_dense_, dy, proj.compute, da);
+  lin_.wgrad(fp8_dense_, dy, a, proj.grad);
   be_.relu2_bwd(h, da, dh);
-  be_.matmul(dh, false, fc.compute, false, dxn, 1.0f, accumulate ? 1.0f : 0.0f);
-  be_.matmul(dh, true, xn, false, fc.grad, 1.0f, 1.0f);
+  lin_.dgrad(fp8_dense_, dh, fc.compute, dxn, accumulate ? 1.0f : 0.0f);
+  lin_.wgrad(fp8_dense_, dh, xn, fc.grad);
 }
 
 void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
@@ -419,11 +448,11 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
     return;
   }
   be_.moe_combine_bwd(dy, l.yp, l.slot, l.gates, dyp_, dgates_);
-  be_.grouped_matmul(dyp_, l.w_proj->compute, false, dap_, l.offsets);
-  be_.grouped_matmul_wgrad(dyp_, l.ap, l.w_proj->grad, l.offsets, 1.0f);
+  lin_.expert_dgrad(fp8_experts_, dyp_, l.w_proj->compute, dap_, l.offsets);
+  lin_.expert_wgrad(fp8_experts_, dyp_, l.ap, l.w_proj->grad, l.offsets);
   be_.relu2_bwd(l.hp, dap_, dhp_);
-  be_.grouped_matmul(dhp_, l.w_fc->compute, false, dxp_, l.offsets);
-  be_.grouped_matmul_wgrad(dhp_, l.xp, l.w_fc->grad, l.offsets, 1.0f);
+  lin_.expert_dgrad(fp8_experts_, dhp_, l.w_fc->compute, dxp_, l.offsets);
+  lin_.expert_wgrad(fp8_experts_, dhp_, l.xp, l.w_fc->grad, l.offsets);
   be_.fill(dxn, 0.0f);
   be_.moe_permute_bwd(dxp_, l.slot, dxn);
   be_.router_bwd(l.probs, l.topk, l.gates, dgates_, l.routed, bal_loss_coef_, bal_scale_, dlogits_r_);
@@ -439,17 +468,17 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
 
 void GptMoE::attention_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
   Tensor datt = tokens_by_features(datt_);
-  be_.matmul(dy, false, l.wo->compute, false, datt);
-  be_.matmul(dy, true, tokens_by_features(l.att), false, l.wo->grad, 1.0f, 1.0f);
+  lin_.dgrad(fp8_dense_, dy, l.wo->compute, datt);
+  lin_.wgrad(fp8_dense_, dy, tokens_by_features(l.att), l.wo->grad);
   be_.attention_bwd(l.qr, l.kr, l.v, l.att, l.lse, datt_, dq_, dk_, dv_, l.window);
   be_.rope_norm_bwd(l.q, cos_, sin_, l.rstd_q, dq_, dqraw_);
   be_.rope_norm_bwd(l.k, cos_, sin_, l.rstd_k, dk_, dkraw_);
-  be_.matmul(tokens_by_features(dqraw_), false, l.wq->compute, false, dxn);
-  be_.matmul(tokens_by_features(dkraw_), false, l.wk->compute, false, dxn, 1.0f, 1.0f);
-  be_.matmul(tokens_by_features(dv_), false, l.wv->compute, false, dxn, 1.0f, 1.0f);
-  be_.matmul(tokens_by_features(dqraw_), true, l.xn1, false, l.wq->grad, 1.0f, 1.0f);
-  be_.matmul(tokens_by_features(dkraw_), true, l.xn1, false, l.wk->grad, 1.0f, 1.0f);
-  be_.matmul(tokens_by_features(dv_), true, l.xn1, false, l.wv->grad, 1.0f, 1.0f);
+  lin_.dgrad(fp8_dense_, tokens_by_features(dqraw_), l.wq->compute, dxn);
+  lin_.dgrad(fp8_dense_, tokens_by_features(dkraw_), l.wk->compute, dxn, 1.0f);
+  lin_.dgrad(fp8_dense_, tokens_by_features(dv_), l.wv->compute, dxn, 1.0f);
+  lin_.wgrad(fp8_dense_, tokens_by_features(dqraw_), l.xn1, l.wq->grad);
+  lin_.wgrad(fp8_dense_, tokens_by_features(dkraw_), l.xn1, l.wk->grad, LinearGemms::same_x);
+  lin_.wgrad(fp8_dense_, tokens_by_features(dv_), l.xn1, l.wv->grad, LinearGemms::same_x);
 }
 
 void GptMoE::forward_backward(const Tensor& tokens, const Tensor& targets, float loss_scale, float bal_scale) {

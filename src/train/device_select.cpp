@@ -16,8 +16,8 @@ std::unique_ptr<Backend> make_backend(const Config& cfg) {
   if (want_cuda) {
     if (!CudaBackend::cuda_device_available())
       throw Error("device = cuda but no CUDA GPU is visible; use device = cpu (or auto) on this machine");
-    if (cfg.precision != "auto" && cfg.precision != "bf16")
-      throw Error("precision = " + cfg.precision + " is not supported on device cuda yet; use precision = bf16 (or auto)");
+    if (cfg.precision != "auto" && cfg.precision != "bf16" && cfg.precision != "fp8")
+      throw Error("precision = " + cfg.precision + " is not supported on device cuda; use precision = bf16, fp8 (or auto)");
     // Fast at every shape, or refused: the tensor-core attention kernels cover these head dims.
     if (!CudaBackend::fast_attention_head_dim(int(cfg.model.head_dim)))
       throw Error("model.head_dim = " + std::to_string(cfg.model.head_dim) +
@@ -29,8 +29,11 @@ std::unique_ptr<Backend> make_backend(const Config& cfg) {
     throw Error("device = cuda but this moelab was built without the CUDA backend; rebuild with nvcc present "
                 "(cmake -DMOELAB_CUDA=ON) or use device = cpu");
 #endif
-  if (cfg.precision != "auto" && cfg.precision != "f32")
-    throw Error("precision = " + cfg.precision + " needs device = cuda; the CPU backend computes in f32 (precision = auto or f32)");
+  // precision = fp8 on the CPU: f32 everywhere except the recipe's GEMMs, whose FP8 rounding is
+  // emulated exactly (the reference the GPU's FP8 kernels are checked against).
+  if (cfg.precision != "auto" && cfg.precision != "f32" && cfg.precision != "fp8")
+    throw Error("precision = " + cfg.precision + " needs device = cuda; the CPU backend computes in f32 "
+                "(precision = auto, f32, or fp8 for FP8-emulated GEMMs)");
   return std::make_unique<CpuBackend>(DType::f32, int(cfg.train.threads));
 }
 

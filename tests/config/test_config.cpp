@@ -133,6 +133,65 @@ TEST(Config, TotalBatchTokensSetsGradAccum) {
   EXPECT_NE(msg.find("16384"), std::string::npos) << msg;
 }
 
+TEST(Config, Fp8RecipeKeysAreValidatedNamingTheKey) {
+  const std::vector<std::vector<std::string>> cases = {
+      {"fp8.recipe=channelwise", "fp8.recipe", "tensorwise, rowwise or blockwise"},
+      {"fp8.layers=attention", "fp8.layers", "dense, experts or all"},
+      {"fp8.grad_format=e3m4", "fp8.grad_format", "e5m2 or e4m3"},
+  };
+  for (auto& bc : cases) {
+    Config c;
+    apply_override(c, "precision=fp8");
+    apply_override(c, bc[0]);
+    auto msg = error_of([&] { validate_config(c); });
+    EXPECT_NE(msg.find(bc[1]), std::string::npos) << bc[0] << " gave: " << msg;
+    EXPECT_NE(msg.find(bc[2]), std::string::npos) << bc[0] << " gave: " << msg;
+  }
+  // Experts in FP8 on a dense model: refused naming the key and the fix.
+  Config dense;
+  apply_override(dense, "precision=fp8");
+  apply_override(dense, "moe.experts=0");
+  apply_override(dense, "fp8.layers=experts");
+  auto msg = error_of([&] { validate_config(dense); });
+  EXPECT_NE(msg.find("fp8.layers"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("fp8.layers = dense"), std::string::npos) << msg;
+  // Experts in FP8: emulated on the CPU, refused for the GPU (no FP8 grouped GEMM there yet).
+  Config experts;
+  apply_override(experts, "precision=fp8");
+  apply_override(experts, "fp8.layers=all");
+  apply_override(experts, "device=cpu");
+  EXPECT_NO_THROW(validate_config(experts));
+  apply_override(experts, "device=cuda");
+  msg = error_of([&] { validate_config(experts); });
+  EXPECT_NE(msg.find("fp8.layers"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("use fp8.layers = dense"), std::string::npos) << msg;
+  // On the GPU every FP8 GEMM dimension must be a multiple of 16: refused up front, naming the key.
+  Config odd;
+  apply_override(odd, "precision=fp8");
+  apply_override(odd, "device=cuda");
+  apply_override(odd, "model.vocab=1000");
+  msg = error_of([&] { validate_config(odd); });
+  EXPECT_NE(msg.find("model.vocab"), std::string::npos) << msg;
+  apply_override(odd, "fp8.head=false");  // the head stays bf16: the vocabulary no longer matters
+  EXPECT_NO_THROW(validate_config(odd));
+  // Every supported combination validates.
+  for (std::string recipe : {"tensorwise", "rowwise", "blockwise"})
+    for (std::string head : {"true", "false"})
+      for (std::string grad : {"e5m2", "e4m3"}) {
+        Config c;
+        apply_override(c, "precision=fp8");
+        apply_override(c, "fp8.recipe=" + recipe);
+        apply_override(c, "fp8.head=" + head);
+        apply_override(c, "fp8.grad_format=" + grad);
+        EXPECT_NO_THROW(validate_config(c)) << recipe << " head " << head << " " << grad;
+      }
+  // The [fp8] section loads from TOML and round-trips.
+  Config t = config_from_toml_text("precision = \"fp8\"\n[fp8]\nrecipe = \"blockwise\"\nhead = false\n", "t");
+  EXPECT_EQ(t.fp8.recipe, "blockwise");
+  EXPECT_FALSE(t.fp8.head);
+  EXPECT_EQ(config_to_toml(config_from_toml_text(config_to_toml(t), "r")), config_to_toml(t));
+}
+
 TEST(Config, ResolvedTomlRoundTrips) {
   Config c;
   apply_override(c, "moe.layers=1,3");

@@ -163,6 +163,18 @@ class CountingBackend : public Backend {
   void matmul(const Tensor& A, bool ta, const Tensor& B, bool tb, Tensor& C, float al, float be) override {
     in_.matmul(A, ta, B, tb, C, al, be);
   }
+  void quantize_fp8(const Tensor& x, bool t, QuantizedOperand& out) override { in_.quantize_fp8(x, t, out); }
+  void matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& B, Tensor& C, float al, float be, bool fast) override {
+    in_.matmul_fp8(A, B, C, al, be, fast);
+  }
+  void grouped_matmul_fp8(const Tensor& A, DType af, Fp8Granularity ag, const Tensor& W, bool tw, Fp8Granularity wg,
+                          Tensor& C, const Tensor& o) override {
+    in_.grouped_matmul_fp8(A, af, ag, W, tw, wg, C, o);
+  }
+  void grouped_matmul_wgrad_fp8(const Tensor& dY, DType f, const Tensor& X, Fp8Granularity g, Tensor& dW,
+                                const Tensor& o) override {
+    in_.grouped_matmul_wgrad_fp8(dY, f, X, g, dW, o);
+  }
   void embedding_fwd(const Tensor& t, const Tensor& w, Tensor& o) override { in_.embedding_fwd(t, w, o); }
   void embedding_bwd(const Tensor& t, const Tensor& d, Tensor& w) override { in_.embedding_bwd(t, d, w); }
   void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& r) override { in_.rmsnorm_fwd(x, y, r); }

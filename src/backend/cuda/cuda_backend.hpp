@@ -75,6 +75,14 @@ class CudaBackend : public Backend {
   void matmul(const Tensor& A, bool trans_a, const Tensor& B, bool trans_b, Tensor& C,
               float alpha = 1.0f, float beta = 0.0f) override;
 
+  void quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand& out) override;
+  void matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& B, Tensor& C, float alpha = 1.0f,
+                  float beta = 0.0f, bool fast_accum = false) override;
+  void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W, bool trans_w,
+                          Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) override;
+  void grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran, Tensor& dW,
+                                const Tensor& offsets) override;
+
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
 
@@ -137,7 +145,7 @@ class CudaBackend : public Backend {
   // Device scratch of at least `bytes` for one purpose (slot), grown outside capture only.
   // Contents do not survive other ops using the same slot.
   enum class ScratchSlot : int { reduce, gemm_a, gemm_b, attention, embed_sort, embed_keys, embed_partial,
-                                 value_gate, normuon, count };
+                                 value_gate, normuon, fp8_amax, fp8_out, count };
   void* scratch(ScratchSlot slot, size_t bytes);
 
  private:

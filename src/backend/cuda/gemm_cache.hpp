@@ -5,6 +5,7 @@
 #include <cublasLt.h>
 
 #include <map>
+#include <set>
 #include <memory>
 #include <tuple>
 
@@ -17,11 +18,24 @@ struct GemmKey {
   bool operator<(const GemmKey& o) const { return tie() < o.tie(); }
 };
 
+// An FP8 GEMM problem (fp8_gemm.cpp): shape, operand formats, scale modes, output type.
+struct Fp8GemmKey {
+  int64_t m, n, k;
+  int type_a, type_b, mode_a, mode_b, type_c, beta_nonzero, fast_accum;
+  auto tie() const { return std::tie(m, n, k, type_a, type_b, mode_a, mode_b, type_c, beta_nonzero, fast_accum); }
+  bool operator<(const Fp8GemmKey& o) const { return tie() < o.tie(); }
+};
+
 struct GemmCache {
   cublasLtHandle_t handle = nullptr;
   std::shared_ptr<void> workspace;
   size_t workspace_bytes = 0;
   std::map<GemmKey, cublasLtMatmulAlgo_t> algos;
+  std::map<Fp8GemmKey, cublasLtMatmulAlgo_t> fp8_algos;
+  // FP8 problems with f32 output that cuBLASLt serves only with bf16 output: run into bf16
+  // scratch, then C = tmp + beta C.
+  std::set<Fp8GemmKey> fp8_via_bf16;
+  std::set<Fp8GemmKey> fp8_no_fast;  // problems without a fast-accumulation kernel
   ~GemmCache() {
     if (handle) cublasLtDestroy(handle);
   }

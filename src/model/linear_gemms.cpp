@@ -1,0 +1,121 @@
+// LinearGemms: the recipe -> quantize_fp8 + matmul_fp8 mapping (see linear_gemms.hpp).
+#include "model/linear_gemms.hpp"
+
+#include <algorithm>
+
+#include "core/error.hpp"
+
+namespace moelab {
+
+LinearGemms::LinearGemms(Backend& backend, const Config& cfg) : be_(backend) {
+  fp8_ = cfg.precision == "fp8";
+  grad_format_ = cfg.fp8.grad_format == "e4m3" ? DType::e4m3 : DType::e5m2;
+  if (cfg.fp8.recipe == "rowwise") {
+    act_ = weight_ = Fp8Granularity::row;
+  } else if (cfg.fp8.recipe == "blockwise") {
+    act_ = Fp8Granularity::block_1x128;
+    weight_ = Fp8Granularity::block_128x128;
+  } else {
+    act_ = weight_ = Fp8Granularity::tensor;
+  }
+}
+
+void LinearGemms::Slot::need(int64_t rows, int64_t k, Fp8Granularity g) {
+  data_elems = std::max(data_elems, rows * k);
+  int64_t s = 1;
+  for (int64_t d : fp8_scale_shape(g, rows, k)) s *= d;
+  scale_elems = std::max(scale_elems, s);
+}
+
+void LinearGemms::plan(int64_t tokens, int64_t out, int64_t in) {
+  if (!fp8_) return;
+  a_.need(tokens, in, act_);    // forward: x
+  a_.need(tokens, out, act_);   // dgrad: dy
+  a_.need(out, tokens, act_);   // wgrad: dy^T
+  w_.need(out, in, weight_);    // forward: W
+  wt_.need(in, out, weight_);   // dgrad: W^T
+  xt_.need(in, tokens, act_);   // wgrad: x^T
+}
+
+void LinearGemms::allocate() {
+  if (!fp8_) return;
+  for (Slot* s : {&a_, &w_, &wt_, &xt_}) {
+    s->data = be_.alloc({std::max<int64_t>(s->data_elems, 1)}, DType::e4m3);
+    s->scale = be_.alloc({std::max<int64_t>(s->scale_elems, 1)}, DType::f32);
+    be_.fill(s->scale, 1.0f);
+  }
+}
+
+QuantizedOperand LinearGemms::quantize(Slot& slot, const Tensor& x, bool transpose, DType format, Fp8Granularity g,
+                                       bool reuse) {
+  if (reuse && slot.src == x.data && slot.src_shape == x.shape && slot.src_transposed == transpose &&
+      slot.src_format == format && slot.last.granularity == g)
+    return slot.last;
+  const int64_t xr = x.numel() / std::max<int64_t>(x.cols(), 1), xc = x.cols();
+  const int64_t rows = transpose ? xc : xr, k = transpose ? xr : xc;
+  const Shape sshape = fp8_scale_shape(g, rows, k);
+  int64_t sn = 1;
+  for (int64_t d : sshape) sn *= d;
+  if (rows * k > slot.data_elems || sn > slot.scale_elems)
+    throw Error("LinearGemms: FP8 operand [" + std::to_string(rows) + ", " + std::to_string(k) +
+                "] was not planned; call plan() for every FP8 linear before allocate()");
+  QuantizedOperand q;
+  q.granularity = g;
+  q.data = slot.data.prefix({rows, k});
+  q.data.dtype = format;  // e4m3 and e5m2 share the byte buffer
+  q.scale = slot.scale.prefix(sshape);
+  be_.quantize_fp8(x, transpose, q);
+  slot.src = x.data;
+  slot.src_shape = x.shape;
+  slot.src_transposed = transpose;
+  slot.src_format = format;
+  slot.last = q;
+  return q;
+}
+
+void LinearGemms::forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, float beta, unsigned reuse) {
+  if (!(fp8 && fp8_)) {
+    be_.matmul(x, false, W, true, y, 1.0f, beta);
+    return;
+  }
+  QuantizedOperand a = quantize(a_, x, false, DType::e4m3, act_, reuse & same_x);
+  QuantizedOperand b = quantize(w_, W, false, DType::e4m3, weight_, reuse & same_w);
+  be_.matmul_fp8(a, b, y, 1.0f, beta, /*fast_accum=*/true);
+}
+
+void LinearGemms::dgrad(bool fp8, const Tensor& dy, const Tensor& W, Tensor& dx, float beta, unsigned reuse) {
+  if (!(fp8 && fp8_)) {
+    be_.matmul(dy, false, W, false, dx, 1.0f, beta);
+    return;
+  }
+  QuantizedOperand a = quantize(a_, dy, false, grad_format_, act_, false);
+  QuantizedOperand b = quantize(wt_, W, true, DType::e4m3, weight_, reuse & same_w);
+  be_.matmul_fp8(a, b, dx, 1.0f, beta);
+}
+
+void LinearGemms::wgrad(bool fp8, const Tensor& dy, const Tensor& x, Tensor& dW, unsigned reuse) {
+  if (!(fp8 && fp8_)) {
+    be_.matmul(dy, true, x, false, dW, 1.0f, 1.0f);
+    return;
+  }
+  QuantizedOperand a = quantize(a_, dy, true, grad_format_, act_, false);
+  QuantizedOperand b = quantize(xt_, x, true, DType::e4m3, act_, reuse & same_x);
+  be_.matmul_fp8(a, b, dW, 1.0f, 1.0f);
+}
+
+void LinearGemms::expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets) {
+  if (!(fp8 && fp8_)) return be_.grouped_matmul(x, W, true, y, offsets);
+  be_.grouped_matmul_fp8(x, DType::e4m3, act_, W, true, weight_, y, offsets);
+}
+
+void LinearGemms::expert_dgrad(bool fp8, const Tensor& dy, const Tensor& W, Tensor& dx, const Tensor& offsets) {
+  if (!(fp8 && fp8_)) return be_.grouped_matmul(dy, W, false, dx, offsets);
+  be_.grouped_matmul_fp8(dy, grad_format_, act_, W, false, weight_, dx, offsets);
+}
+
+void LinearGemms::expert_wgrad(bool fp8, const Tensor& dy, const Tensor& x, Tensor& dW, const Tensor& offsets) {
+  if (!(fp8 && fp8_)) return be_.grouped_matmul_wgrad(dy, x, dW, offsets, 1.0f);
+  be_.grouped_matmul_wgrad_fp8(dy, grad_format_, x, act_, dW, offsets);
+}
+
+}  // namespace moelab

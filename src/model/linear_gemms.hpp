@@ -1,0 +1,79 @@
+// The model's linear layers as GEMMs, in the run's precision: plain matmuls (f32 on the CPU,
+// bf16 on CUDA), or, for the linears the [fp8] recipe names, FP8 GEMMs whose operands are
+// quantized just before each product (activations, weights and gradients alike, with the
+// recipe's scaling). The model says which linear it multiplies; this class turns the recipe
+// into quantize_fp8 + matmul_fp8 calls, so GptMoE has one code path for every precision.
+//
+// Per GEMM of a linear W [out, in] over T tokens (all operands K-major, as FP8 tensor cores need):
+//   forward  y  = x W^T    A = x [T, in]          B = W [out, in]
+//   dgrad    dx = dy W     A = dy [T, out]        B = W^T [in, out]   (transposed copy)
+//   wgrad    dW += dy^T x  A = dy^T [out, T]      B = x^T [in, T]     (transposed copies)
+// Quantized copies live in one buffer per role (see Slot), planned in the constructor.
+// Formats: x and W in e4m3, dy in fp8.grad_format. Scaling by fp8.recipe: tensorwise and
+// rowwise everywhere alike; blockwise puts 1x128 tiles on activations and gradients and
+// 128x128 blocks on weights (both wgrad operands are 1x128 tiles along the tokens).
+#pragma once
+#include <cstdint>
+
+#include "backend/backend.hpp"
+#include "config/config.hpp"
+
+namespace moelab {
+
+class LinearGemms {
+ public:
+  LinearGemms(Backend& backend, const Config& cfg);
+
+  bool fp8_enabled() const { return fp8_; }
+  // Call for every linear that may run in FP8 (tokens rows through W [out, in]) before
+  // allocate(), so the quantization buffers are planned once and a step allocates nothing.
+  void plan(int64_t tokens, int64_t out, int64_t in);
+  void allocate();
+
+  // Reuse hints: the caller promises that an operand is the same tensor, unchanged, as in the
+  // previous call of the same kind (q, k and v read one xn; the head's chunks share W), so its
+  // FP8 copy is reused instead of quantized again. A hint whose tensor is not the one last
+  // quantized into that buffer (other memory, shape or format) is ignored.
+  enum Reuse : unsigned { none = 0, same_x = 1, same_w = 2 };
+
+  // y = x W^T + beta y.
+  void forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, float beta = 0.0f, unsigned reuse = none);
+  // dx = dy W + beta dx.
+  void dgrad(bool fp8, const Tensor& dy, const Tensor& W, Tensor& dx, float beta = 0.0f, unsigned reuse = none);
+  // dW += dy^T x.
+  void wgrad(bool fp8, const Tensor& dy, const Tensor& x, Tensor& dW, unsigned reuse = none);
+
+  // The experts' GEMMs over permuted rows grouped by offsets (W [E, N, K]), in FP8 by the same
+  // recipe with one set of scales per expert (the backend quantizes expert by expert):
+  // y = x W_e^T; dx = dy W_e; dW_e += dy_e^T x_e.
+  void expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets);
+  void expert_dgrad(bool fp8, const Tensor& dy, const Tensor& W, Tensor& dx, const Tensor& offsets);
+  void expert_wgrad(bool fp8, const Tensor& dy, const Tensor& x, Tensor& dW, const Tensor& offsets);
+
+ private:
+  // One quantization buffer per operand role, so an operand that several GEMMs share stays valid
+  // while the others are quantized (the head's W and W^T across its chunks).
+  struct Slot {
+    Tensor data, scale;  // flat buffers; each use takes a prefix view
+    int64_t data_elems = 0, scale_elems = 0;
+    void need(int64_t rows, int64_t k, Fp8Granularity g);
+    // What the buffer holds now, for reuse hints.
+    const void* src = nullptr;
+    Shape src_shape;
+    bool src_transposed = false;
+    DType src_format = DType::e4m3;
+    QuantizedOperand last;
+  };
+  QuantizedOperand quantize(Slot& slot, const Tensor& x, bool transpose, DType format, Fp8Granularity g, bool reuse);
+
+  Backend& be_;
+  bool fp8_ = false;
+  DType grad_format_ = DType::e5m2;
+  Fp8Granularity act_, weight_;  // activation/gradient tiles and weight blocks
+  Slot a_;   // A operands: x (forward), dy (dgrad), dy^T (wgrad)
+  Slot w_;   // forward B: W
+  Slot wt_;  // dgrad B: W^T
+  Slot xt_;  // wgrad B: x^T
+};
+
+}  // namespace moelab

@@ -1,0 +1,117 @@
+// LinearGemms, the recipe -> GEMM mapping of the model: without precision = fp8 it is exactly the
+// plain matmuls; with it each product (forward, data gradient, weight gradient) is the FP8 one,
+// within the formats' rounding of the f32 product but not equal to it; reuse hints give the bits
+// of a fresh quantization, and a hint naming another tensor is ignored rather than trusted.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "backend/cpu/cpu_backend.hpp"
+#include "core/rng.hpp"
+#include "model/linear_gemms.hpp"
+
+namespace moelab {
+namespace {
+
+std::vector<float> host(const Tensor& t) { return std::vector<float>(t.as<float>(), t.as<float>() + t.numel()); }
+
+double nerr(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / den);
+}
+
+struct Fixture {
+  CpuBackend be{DType::f32, 2};
+  Rng rng{17};
+  Tensor random(const Shape& s, double scale) {
+    Tensor t = be.alloc(s, DType::f32);
+    for (int64_t i = 0; i < t.numel(); ++i) t.as<float>()[i] = float(rng.normal() * scale);
+    return t;
+  }
+};
+
+TEST(LinearGemms, PlainPrecisionIsExactlyMatmul) {
+  Fixture f;
+  Config c;  // precision = auto
+  LinearGemms lin(f.be, c);
+  lin.plan(32, 48, 64);
+  lin.allocate();
+  Tensor x = f.random({32, 64}, 1.0), w = f.random({48, 64}, 0.1);
+  Tensor y = f.be.alloc({32, 48}, DType::f32), ref = f.be.alloc({32, 48}, DType::f32);
+  lin.forward(true, x, w, y);
+  f.be.matmul(x, false, w, true, ref);
+  EXPECT_EQ(host(y), host(ref));
+}
+
+TEST(LinearGemms, Fp8ProductsAreQuantizedAndReuseIsSafe) {
+  for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
+    SCOPED_TRACE(recipe);
+    Fixture f;
+    Config c;
+    c.precision = "fp8";
+    c.fp8.recipe = recipe;
+    LinearGemms lin(f.be, c);
+    const int64_t T = 160, out = 48, in = 200;
+    lin.plan(T, out, in);
+    lin.allocate();
+    Tensor x = f.random({T, in}, 1.0), x2 = f.random({T, in}, 2.0), w = f.random({out, in}, 0.1);
+    Tensor dy = f.random({T, out}, 0.01);
+    Tensor y = f.be.alloc({T, out}, DType::f32), ref = f.be.alloc({T, out}, DType::f32);
+    // Forward: FP8 differs from f32 by the e4m3 rounding, no more.
+    lin.forward(true, x, w, y);
+    f.be.matmul(x, false, w, true, ref);
+    const std::vector<float> y1 = host(y);
+    EXPECT_GT(nerr(y1, host(ref)), 1e-3);
+    EXPECT_LT(nerr(y1, host(ref)), 0.05);
+    // FP8 off for this linear: the plain product.
+    lin.forward(false, x, w, y);
+    EXPECT_EQ(host(y), host(ref));
+    // A truthful hint reuses the copy: same bits.
+    lin.forward(true, x, w, y);
+    lin.forward(true, x, w, y, 0.0f, LinearGemms::same_x | LinearGemms::same_w);
+    EXPECT_EQ(host(y), y1);
+    // A hint naming another tensor is ignored: x2's product, not x's.
+    lin.forward(true, x2, w, y, 0.0f, LinearGemms::same_x);
+    const std::vector<float> hinted = host(y);
+    lin.forward(true, x2, w, y);
+    EXPECT_EQ(hinted, host(y));
+    f.be.matmul(x2, false, w, true, ref);
+    EXPECT_LT(nerr(hinted, host(ref)), 0.05);
+    // Data gradient (e5m2 dy, transposed W) and weight gradient (accumulating, transposed dy, x).
+    Tensor dx = f.be.alloc({T, in}, DType::f32), dxr = f.be.alloc({T, in}, DType::f32);
+    lin.dgrad(true, dy, w, dx);
+    f.be.matmul(dy, false, w, false, dxr);
+    EXPECT_GT(nerr(host(dx), host(dxr)), 1e-3);
+    EXPECT_LT(nerr(host(dx), host(dxr)), 0.08);
+    Tensor dw = f.random({out, in}, 0.0), dwr = f.be.alloc({out, in}, DType::f32);
+    f.be.fill(dw, 0.5f);
+    f.be.fill(dwr, 0.5f);
+    lin.wgrad(true, dy, x, dw);
+    f.be.matmul(dy, true, x, false, dwr, 1.0f, 1.0f);
+    // Compare the accumulated parts (dW - 0.5).
+    std::vector<float> a = host(dw), b = host(dwr);
+    for (auto& v : a) v -= 0.5f;
+    for (auto& v : b) v -= 0.5f;
+    EXPECT_GT(nerr(a, b), 1e-3);
+    EXPECT_LT(nerr(a, b), 0.08);
+  }
+}
+
+TEST(LinearGemms, UnplannedShapesAreRefused) {
+  Fixture f;
+  Config c;
+  c.precision = "fp8";
+  LinearGemms lin(f.be, c);
+  lin.plan(16, 32, 32);
+  lin.allocate();
+  Tensor x = f.random({64, 32}, 1.0), w = f.random({32, 32}, 0.1), y = f.be.alloc({64, 32}, DType::f32);
+  EXPECT_THROW(lin.forward(true, x, w, y), Error);
+}
+
+}  // namespace
+}  // namespace moelab
