@@ -26,27 +26,17 @@
 #include "core/rng.hpp"
 #include "train/checkpoint.hpp"
 #include "train/trainer.hpp"
+#include "run_test_support.hpp"
 
 namespace moelab {
 namespace {
 namespace fs = std::filesystem;
+using test::fresh_dir;
 
-fs::path fresh_dir(const std::string& name) {
-  static std::random_device rd;
-  fs::path p = fs::temp_directory_path() / ("moelab_rf_" + name + "_" + std::to_string(::getpid()) + "_" + std::to_string(rd()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
 
 std::string write_text(const fs::path& dir) {
-  std::ostringstream o;
-  Rng rng(Rng(std::random_device{}()).next_u64());
-  const char* words[] = {"the", "expert", "router", "sends", "each", "token", "to", "two", "of", "eight"};
-  for (int i = 0; i < 4000; ++i) o << words[rng.below(10)] << (i % 13 == 12 ? "\n" : " ");
-  fs::path f = dir / "text.txt";
-  std::ofstream(f) << o.str();
-  return f.string();
+  return test::write_words(dir, {"the", "expert", "router", "sends", "each", "token", "to", "two", "of", "eight"}, 4000,
+                           Rng(std::random_device{}()).next_u64());
 }
 
 Config small_config(const std::string& text) {

@@ -12,40 +12,22 @@
 #include "config/config.hpp"
 #include "core/rng.hpp"
 #include "train/trainer.hpp"
+#include "run_test_support.hpp"
 
 namespace moelab {
 namespace {
 namespace fs = std::filesystem;
+using test::fresh_dir;
+using test::read_events;
 
-fs::path fresh_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("moelab_test_seed_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
 
 // English-like words as raw bytes, so the test needs no tokenizer build.
 std::string write_text(const fs::path& dir) {
-  std::ostringstream o;
-  Rng rng(11);
-  const char* words[] = {"the", "seed", "router", "keeps", "the", "first", "tokens", "of", "each", "expert",
-                         "and", "value", "embeddings", "gate", "their", "heads", "while", "lambdas", "mix", "."};
-  for (int i = 0; i < 8000; ++i) o << words[rng.below(20)] << (i % 11 == 10 ? "\n" : " ");
-  fs::path f = dir / "text.txt";
-  std::ofstream(f) << o.str();
-  return f.string();
+  return test::write_words(dir, {"the", "seed", "router", "keeps", "the", "first", "tokens", "of", "each", "expert",
+                                 "and", "value", "embeddings", "gate", "their", "heads", "while", "lambdas", "mix", "."},
+                           8000, 11, 11);
 }
 
-std::vector<nlohmann::json> read_events(const fs::path& run, const std::string& event) {
-  std::vector<nlohmann::json> out;
-  std::ifstream in(run / "metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) {
-    auto j = nlohmann::json::parse(line);
-    if (j["event"] == event) out.push_back(j);
-  }
-  return out;
-}
 
 Config seed_config(const fs::path& dir) {
   Config c = load_config(std::string(MOELAB_SOURCE_DIR) + "/configs/tiny-seed-cpu.toml");

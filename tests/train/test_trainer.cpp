@@ -14,28 +14,21 @@
 #include "core/rng.hpp"
 #include "config/config.hpp"
 #include "train/trainer.hpp"
+#include "run_test_support.hpp"
 
 namespace moelab {
 namespace {
 namespace fs = std::filesystem;
+using test::fresh_dir;
+using test::read_events;
+using test::read_status;
 
-fs::path fresh_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("moelab_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
 
 // Some English-like text so the byte model has something to learn.
 std::string write_text(const fs::path& dir) {
-  std::ostringstream o;
-  Rng rng(7);
-  const char* words[] = {"the", "expert", "router", "sends", "each", "token", "to", "two", "of", "eight",
-                         "experts", "and", "a", "balance", "loss", "keeps", "their", "load", "even", "."};
-  for (int i = 0; i < 6000; ++i) o << words[rng.below(20)] << (i % 13 == 12 ? "\n" : " ");
-  fs::path f = dir / "text.txt";
-  std::ofstream(f) << o.str();
-  return f.string();
+  return test::write_words(dir, {"the", "expert", "router", "sends", "each", "token", "to", "two", "of", "eight",
+                                 "experts", "and", "a", "balance", "loss", "keeps", "their", "load", "even", "."},
+                           6000, 7);
 }
 
 Config small_config(const std::string& text) {
@@ -61,21 +54,7 @@ Config small_config(const std::string& text) {
   return c;
 }
 
-std::vector<nlohmann::json> read_events(const fs::path& run, const std::string& event) {
-  std::vector<nlohmann::json> out;
-  std::ifstream in(run / "metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) {
-    auto j = nlohmann::json::parse(line);
-    if (j["event"] == event) out.push_back(j);
-  }
-  return out;
-}
 
-nlohmann::json read_status(const fs::path& run) {
-  std::ifstream in(run / "status.json");
-  return nlohmann::json::parse(in);
-}
 
 TEST(Trainer, LossFallsAndRunFolderIsComplete) {
   fs::path dir = fresh_dir("falls");

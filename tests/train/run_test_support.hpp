@@ -1,0 +1,64 @@
+// What the end-to-end training tests share: a fresh temporary folder, a text file of random
+// words for the byte loader (so a test needs no tokenizer build), and readers of a run folder's
+// metrics.jsonl events and status.json.
+#pragma once
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/rng.hpp"
+
+namespace moelab::test {
+
+// An empty folder of its own under the temp directory: the process id, a counter and a random
+// number keep parallel test processes and repeated calls apart.
+inline std::filesystem::path fresh_dir(const std::string& name) {
+  static std::atomic<int> counter{0};
+  static std::random_device rd;
+  namespace fs = std::filesystem;
+  fs::path p = fs::temp_directory_path() / ("moelab_test_" + name + "_" + std::to_string(::getpid()) + "_" +
+                                            std::to_string(counter++) + "_" + std::to_string(rd()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+// `count` words drawn from `words` by Rng(seed), a line break every `line_words`, into
+// dir/text.txt; returns its path.
+inline std::string write_words(const std::filesystem::path& dir, const std::vector<const char*>& words, int count,
+                               uint64_t seed, int line_words = 13) {
+  std::ostringstream o;
+  Rng rng(seed);
+  for (int i = 0; i < count; ++i)
+    o << words[rng.below(words.size())] << (i % line_words == line_words - 1 ? "\n" : " ");
+  const auto f = dir / "text.txt";
+  std::ofstream(f) << o.str();
+  return f.string();
+}
+
+// The metrics.jsonl records of one event ("step", "val", "end", ...), in order.
+inline std::vector<nlohmann::json> read_events(const std::filesystem::path& run, const std::string& event) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(run / "metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j["event"] == event) out.push_back(j);
+  }
+  return out;
+}
+
+inline nlohmann::json read_status(const std::filesystem::path& run) {
+  std::ifstream in(run / "status.json");
+  return nlohmann::json::parse(in);
+}
+
+}  // namespace moelab::test
