@@ -9,6 +9,8 @@
 // Q/dO) tiles of 64 rows are staged in shared memory as f32. dK/dV loop over the query heads of
 // their kv group, so no atomics are needed and results are deterministic.
 #include <cmath>
+#include <cstdio>
+#include <mutex>
 
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/cudnn_attention.hpp"
@@ -260,11 +262,16 @@ bool CudaBackend::attention_on_cudnn(int B, int T, int Hq, int Hkv, int hd, int 
   if (attention_kernels_ == AttentionKernels::flash) return false;
   std::string why;
   const bool ok = bf16_grads && cudnn_attention::supported(cudnn_shape(B, T, Hq, Hkv, hd, window), &why);
-  if (!ok && attention_kernels_ == AttentionKernels::cudnn)
-    throw Error("attention: cuDNN's fused engine cannot serve B=" + std::to_string(B) + " T=" + std::to_string(T) +
-                " Hq=" + std::to_string(Hq) + " Hkv=" + std::to_string(Hkv) + " head_dim=" + std::to_string(hd) +
-                (bf16_grads ? ": " + why : ": it writes bf16 gradients only"));
-  return ok;
+  if (ok) return true;
+  const std::string what = "cuDNN's fused attention engine cannot serve B=" + std::to_string(B) + " T=" +
+                           std::to_string(T) + " Hq=" + std::to_string(Hq) + " Hkv=" + std::to_string(Hkv) +
+                           " head_dim=" + std::to_string(hd) +
+                           (bf16_grads ? ": " + why : ": it writes bf16 gradients only");
+  if (attention_kernels_ == AttentionKernels::cudnn) throw Error("attention: " + what);
+  // The own kernels take over; say so once, since they are slower at long sequences.
+  static std::once_flag told;
+  if (bf16_grads) std::call_once(told, [&] { std::fprintf(stderr, "moelab: %s; using moelab's attention kernels\n", what.c_str()); });
+  return false;
 }
 
 void CudaBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Tensor& lse,
