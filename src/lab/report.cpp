@@ -10,6 +10,7 @@
 
 #include "core/error.hpp"
 #include "lab/file_io.hpp"
+#include "lab/heatmap_bins.hpp"
 #include "lab/plot.hpp"
 
 namespace moelab::lab {
@@ -59,33 +60,6 @@ bool has_values(const LineChart& c) {
   return false;
 }
 
-// Averages consecutive steps of a heatmap so it keeps at most max_cols columns.
-void bin_heatmap(ExpertHeatmap& map, size_t max_cols) {
-  if (map.load.size() <= max_cols) return;
-  const size_t k = (map.load.size() + max_cols - 1) / max_cols;
-  ExpertHeatmap out;
-  out.title = map.title + " (mean of every " + std::to_string(k) + " steps)";
-  for (size_t i = 0; i < map.load.size(); i += k) {
-    size_t end = std::min(map.load.size(), i + k);
-    auto acc = map.load[i];
-    for (auto& layer : acc)
-      for (auto& v : layer) v = 0;
-    std::vector<std::vector<size_t>> count;
-    for (auto& layer : acc) count.emplace_back(layer.size(), 0);
-    for (size_t j = i; j < end; ++j)
-      for (size_t l = 0; l < acc.size() && l < map.load[j].size(); ++l)
-        for (size_t e = 0; e < acc[l].size() && e < map.load[j][l].size(); ++e)
-          if (known(map.load[j][l][e])) {
-            acc[l][e] += map.load[j][l][e];
-            ++count[l][e];
-          }
-    for (size_t l = 0; l < acc.size(); ++l)
-      for (size_t e = 0; e < acc[l].size(); ++e) acc[l][e] = count[l][e] ? acc[l][e] / double(count[l][e]) : NAN;
-    out.steps.push_back(map.steps[i]);
-    out.load.push_back(std::move(acc));
-  }
-  map = std::move(out);
-}
 
 std::string relative_to(const fs::path& p, const fs::path& base) {
   std::error_code ec;
@@ -268,7 +242,8 @@ ReportResult write_report(const ReportOptions& opt) {
       }
       if (map.load.empty()) continue;
       map.title = run.name + ": expert load per layer";
-      bin_heatmap(map, 400);
+      bin_heatmap_steps(map, 400);
+      bin_heatmap_experts(map, 32);
       std::string file_name = run.name;
       std::replace(file_name.begin(), file_name.end(), '/', '_');
       fs::path png = out_dir / "figures" / (ex.name + "_experts_" + file_name + ".png");
