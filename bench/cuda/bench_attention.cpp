@@ -5,7 +5,7 @@
 // Every shape runs on fresh random bf16 inputs and is checked before it is timed: the last 64
 // query rows of out and dq and the first 64 keys of dk and dv of one (batch, head) against an f64
 // host reference computed from the same bf16 inputs (normalized error under 2e-2; NaN fails).
-// Times are medians of 20 CUDA-event-timed calls after 3 warm-ups. TFLOP/s is counted as the
+// Times are medians of 30 CUDA-event-timed calls after 5 warm-ups. TFLOP/s is counted as the
 // peer counts it (3.5 x the causal forward's 2 * 2*B*H*T*T*D/2), and for a window over the
 // visited span (T*window - window^2/2 instead of T^2/2 score pairs). Exit status 1 on a failed check.
 #include <cuda_runtime.h>
@@ -21,6 +21,7 @@
 #include "backend/cuda/cuda_backend.hpp"
 #include "backend/cuda/cuda_check.hpp"
 #include "bench_check.hpp"
+#include "bench_timing.hpp"
 #include "core/dtype.hpp"
 #include "core/rng.hpp"
 
@@ -111,27 +112,6 @@ std::vector<float> rows_of(const std::vector<float>& all, int r0, int n, int h, 
   return out;
 }
 
-template <class F>
-float median_ms(CudaBackend& gpu, F&& fn) {
-  cudaEvent_t a, b;
-  MOELAB_CUDA_CHECK(cudaEventCreate(&a));
-  MOELAB_CUDA_CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) fn();
-  std::vector<float> ts;
-  for (int i = 0; i < 20; ++i) {
-    MOELAB_CUDA_CHECK(cudaEventRecord(a, gpu.stream()));
-    fn();
-    MOELAB_CUDA_CHECK(cudaEventRecord(b, gpu.stream()));
-    MOELAB_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    MOELAB_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    ts.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
-}
 
 }  // namespace
 
@@ -192,9 +172,9 @@ int main(int argc, char** argv) {
       const double e_dv = nerr(rows_of(gpu.read(dv), 0, kvrow, 0, s.Hkv, s.D), ref.dv);
       const bool pass = e_out < 2e-2 && e_dq < 2e-2 && e_dk < 2e-2 && e_dv < 2e-2;
       ok = ok && pass;
-      const float fwd = median_ms(gpu, [&] { gpu.attention_fwd(q, k, v, out, lse, s.window); });
-      const float bwd = median_ms(gpu, [&] { gpu.attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, s.window); });
-      const float both = median_ms(gpu, [&] {
+      const double fwd = median_event_ms(gpu.stream(), [&] { gpu.attention_fwd(q, k, v, out, lse, s.window); });
+      const double bwd = median_event_ms(gpu.stream(), [&] { gpu.attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, s.window); });
+      const double both = median_event_ms(gpu.stream(), [&] {
         gpu.attention_fwd(q, k, v, out, lse, s.window);
         gpu.attention_bwd(q, k, v, out, lse, dout, dq, dk, dv, s.window);
       });

@@ -33,6 +33,7 @@
 #include "backend/cuda/cudnn_attention.hpp"
 #include "backend/cuda/flash_attention.cuh"
 #include "bench_check.hpp"
+#include "bench_timing.hpp"
 #include "core/dtype.hpp"
 #include "core/rng.hpp"
 
@@ -109,26 +110,6 @@ std::vector<float> fill_random(bf16* dev, size_t n, uint64_t seed) {
   return host;
 }
 
-double median_ms(cudaStream_t stream, const std::function<void()>& fn) {
-  for (int i = 0; i < kWarmup; ++i) fn();
-  cudaEvent_t a, b;
-  MOELAB_CUDA_CHECK(cudaEventCreate(&a));
-  MOELAB_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<double> t;
-  for (int i = 0; i < kReps; ++i) {
-    MOELAB_CUDA_CHECK(cudaEventRecord(a, stream));
-    fn();
-    MOELAB_CUDA_CHECK(cudaEventRecord(b, stream));
-    MOELAB_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    MOELAB_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 // fp64 reference for batch row b and kv head g: out, lse, dq of the group's query heads
 // ([group][T][D], [group][T]) and dk, dv of the kv head ([T][D]). Query i sees keys
@@ -333,6 +314,7 @@ Row run_shape(const Shape& s, uint64_t seed, cudaStream_t stream) {
     cudaGraphDestroy(graph);
   }
 
+  auto median_ms = [](cudaStream_t st, const std::function<void()>& fn) { return median_event_ms(st, fn, kWarmup, kReps); };
   row.fwd_ms = median_ms(stream, cudnn_fwd);
   row.bwd_ms = median_ms(stream, cudnn_bwd);
   row.step_ms = median_ms(stream, [&] {

@@ -16,41 +16,16 @@
 #include "backend/cuda/cuda_backend.hpp"
 #include "backend/cuda/cuda_check.hpp"
 #include "core/rng.hpp"
+#include "bench_check.hpp"
+#include "bench_timing.hpp"
 
 using namespace moelab;
 
 namespace {
 
-double median_ms(CudaBackend& be, const std::function<void()>& fn, int warmup = 3, int reps = 30) {
-  for (int i = 0; i < warmup; ++i) fn();
-  cudaEvent_t a, b;
-  MOELAB_CUDA_CHECK(cudaEventCreate(&a));
-  MOELAB_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    MOELAB_CUDA_CHECK(cudaEventRecord(a, be.stream()));
-    fn();
-    MOELAB_CUDA_CHECK(cudaEventRecord(b, be.stream()));
-    MOELAB_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    MOELAB_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
+double median_ms(CudaBackend& be, const std::function<void()>& fn) { return median_event_ms(be.stream(), fn, 3, 30); }
 
-double nerr(const std::vector<float>& out, const std::vector<float>& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (!std::isfinite(out[i])) return INFINITY;
-    num += double(out[i] - ref[i]) * (out[i] - ref[i]);
-    den += double(ref[i]) * ref[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
+
 
 struct Recipe {
   const char* name;

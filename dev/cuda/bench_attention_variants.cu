@@ -25,6 +25,7 @@
 #include "core/dtype.hpp"
 #include "core/rng.hpp"
 #include "bench_check.hpp"
+#include "bench_timing.hpp"
 
 using namespace moelab;
 using bf16 = __nv_bfloat16;
@@ -33,6 +34,10 @@ namespace {
 
 constexpr int kHd = 64;
 constexpr int kWarmup = 5, kReps = 30;
+
+double median_us(cudaStream_t stream, const std::function<void()>& fn) {
+  return 1e3 * median_event_ms(stream, fn, kWarmup, kReps);
+}
 constexpr double kTol = 1e-2;      // variant vs base, normalized error
 constexpr double kRefTol = 2e-2;   // base (bf16 P and dS in the products) vs fp64
 
@@ -74,26 +79,6 @@ std::vector<float> fill_random(bf16* dev, size_t n, Rng& rng) {
   return host;
 }
 
-double median_us(cudaStream_t stream, const std::function<void()>& fn) {
-  for (int i = 0; i < kWarmup; ++i) fn();
-  cudaEvent_t a, b;
-  MOELAB_CUDA_CHECK(cudaEventCreate(&a));
-  MOELAB_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<double> t;
-  for (int i = 0; i < kReps; ++i) {
-    MOELAB_CUDA_CHECK(cudaEventRecord(a, stream));
-    fn();
-    MOELAB_CUDA_CHECK(cudaEventRecord(b, stream));
-    MOELAB_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    MOELAB_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms * 1e3);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 struct Shape {
   int B, T, Hq, Hkv;

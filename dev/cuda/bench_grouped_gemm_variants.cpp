@@ -18,6 +18,7 @@
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/grouped_gemm.cuh"
 #include "grouped_gemm_variants.cuh"
+#include "bench_timing.hpp"
 #include "core/rng.hpp"
 #include "bench_check.hpp"
 
@@ -26,25 +27,9 @@ using namespace moelab;
 namespace {
 
 double median_ms(CudaBackend& be, const std::function<void()>& fn, int warmup = 5, int reps = 50) {
-  for (int i = 0; i < warmup; ++i) fn();
-  cudaEvent_t a, b;
-  MOELAB_CUDA_CHECK(cudaEventCreate(&a));
-  MOELAB_CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    MOELAB_CUDA_CHECK(cudaEventRecord(a, be.stream()));
-    fn();
-    MOELAB_CUDA_CHECK(cudaEventRecord(b, be.stream()));
-    MOELAB_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    MOELAB_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return median_event_ms(be.stream(), fn, warmup, reps);
 }
+
 
 void fill_random(CudaBackend& be, Tensor& t, Rng& rng, float scale) {
   std::vector<float> v(static_cast<size_t>(t.numel()));
