@@ -26,19 +26,6 @@ cublasLtMatmulMatrixScale_t scale_mode(Fp8Granularity g) {
   return CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F;
 }
 
-struct Fp8Desc {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
-  cublasLtMatmulPreference_t pref = nullptr;
-  ~Fp8Desc() {
-    if (pref) cublasLtMatmulPreferenceDestroy(pref);
-    if (c) cublasLtMatrixLayoutDestroy(c);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (a) cublasLtMatrixLayoutDestroy(a);
-    if (op) cublasLtMatmulDescDestroy(op);
-  }
-};
-
 void check_operand(const QuantizedOperand& q, const char* name) {
   auto bad = [&](const std::string& what) { throw Error(std::string("cuda matmul_fp8: ") + name + " " + what); };
   if (q.data.device != Device::cuda || q.scale.device != Device::cuda) bad("must live on the GPU");
@@ -74,7 +61,7 @@ void CudaBackend::matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& 
   const int8_t fast = fast_accum ? 1 : 0;
   Fp8GemmKey key{M, N, K, int(B.data.dtype), int(A.data.dtype), int(mode_a), int(mode_b), int(C.dtype), beta != 0, fast};
 
-  Fp8Desc d;
+  LtDesc d;
   const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
   MOELAB_CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   MOELAB_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));

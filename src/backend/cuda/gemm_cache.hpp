@@ -26,6 +26,24 @@ struct Fp8GemmKey {
   bool operator<(const Fp8GemmKey& o) const { return tie() < o.tie(); }
 };
 
+// The descriptors of one cuBLASLt GEMM call (operation, the three layouts, the algorithm
+// preference), destroyed together.
+struct LtDesc {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  LtDesc() = default;
+  LtDesc(const LtDesc&) = delete;
+  LtDesc& operator=(const LtDesc&) = delete;
+  ~LtDesc() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (c) cublasLtMatrixLayoutDestroy(c);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
 struct GemmCache {
   cublasLtHandle_t handle = nullptr;
   std::shared_ptr<void> workspace;
