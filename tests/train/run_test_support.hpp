@@ -1,6 +1,6 @@
 // What the end-to-end training tests share: a fresh temporary folder, a text file of random
-// words for the byte loader (so a test needs no tokenizer build), and readers of a run folder's
-// metrics.jsonl events and status.json.
+// words for the byte loader (so a test needs no tokenizer build), the tiny byte-level MoE they
+// train, and readers of a run folder's metrics.jsonl events and status.json.
 #pragma once
 #include <unistd.h>
 
@@ -14,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "config/config.hpp"
 #include "core/rng.hpp"
 
 namespace moelab::test {
@@ -42,6 +43,27 @@ inline std::string write_words(const std::filesystem::path& dir, const std::vect
   const auto f = dir / "text.txt";
   std::ofstream(f) << o.str();
   return f.string();
+}
+
+// A 2-layer MoE (width 32, 4 experts top-2) on the raw bytes of `text`, sequences of 32, on the
+// CPU; each test sets its steps, batch and threads.
+inline Config tiny_byte_config(const std::string& text) {
+  Config c;
+  c.device = "cpu";
+  c.model.d_model = 32;
+  c.model.layers = 2;
+  c.model.head_dim = 16;
+  c.model.vocab = 256;
+  c.model.max_seq = 64;
+  c.moe.experts = 4;
+  c.moe.top_k = 2;
+  c.moe.expert_hidden = 32;
+  c.train.seq_len = 32;
+  c.train.eval_batches = 1;
+  c.optim.scale_lr_by_dmodel = false;
+  c.data.source = "bytes";
+  c.data.text = text;
+  return c;
 }
 
 // The metrics.jsonl records of one event ("step", "val", "end", ...), in order.

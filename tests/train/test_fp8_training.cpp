@@ -15,6 +15,7 @@
 #include "config/config.hpp"
 #include "core/rng.hpp"
 #include "train/trainer.hpp"
+#include "run_test_support.hpp"
 
 namespace moelab {
 namespace {
@@ -22,12 +23,7 @@ namespace fs = std::filesystem;
 
 std::vector<double> step_losses(const fs::path& run) {
   std::vector<double> out;
-  std::ifstream in(run / "metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) {
-    auto j = nlohmann::json::parse(line);
-    if (j["event"] == "step") out.push_back(j["raw_loss"].get<double>());
-  }
+  for (const auto& j : test::read_events(run, "step")) out.push_back(j["raw_loss"].get<double>());
   return out;
 }
 
@@ -38,36 +34,20 @@ double tail_mean(const std::vector<double>& v, size_t n) {
 }
 
 TEST(Fp8Training, EachRecipeTrainsWithinTwoPercentOfF32) {
-  fs::path dir = fs::temp_directory_path() / ("moelab_test_fp8_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  std::ostringstream text;
-  Rng rng(3);
-  const char* words[] = {"the", "expert", "router", "sends", "each", "token", "to", "two", "of", "eight",
-                         "experts", "and", "a", "balance", "loss", "keeps", "their", "load", "even", "."};
-  for (int i = 0; i < 8000; ++i) text << words[rng.below(20)] << (i % 11 == 10 ? "\n" : " ");
-  std::ofstream(dir / "text.txt") << text.str();
-
-  Config c;
-  c.device = "cpu";
+  const fs::path dir = test::fresh_dir("fp8");
+  const std::string text =
+      test::write_words(dir, {"the", "expert", "router", "sends", "each", "token", "to", "two", "of", "eight",
+                              "experts", "and", "a", "balance", "loss", "keeps", "their", "load", "even", "."},
+                        8000, 3, 11);
+  Config c = test::tiny_byte_config(text);
   c.model.d_model = 64;
-  c.model.layers = 2;
-  c.model.head_dim = 16;
-  c.model.vocab = 256;
-  c.model.max_seq = 64;
-  c.moe.experts = 4;
-  c.moe.top_k = 2;
   c.moe.expert_hidden = 64;
   c.moe.layers = "1";  // layer 0 keeps a dense MLP, so its FP8 path is trained too
   c.train.steps = 40;
   c.train.batch_size = 4;
   c.train.seq_len = 64;
   c.train.threads = 2;
-  c.train.eval_batches = 1;
   c.train.save_final = false;
-  c.optim.scale_lr_by_dmodel = false;
-  c.data.source = "bytes";
-  c.data.text = (dir / "text.txt").string();
   validate_config(c);
   run_training(c, (dir / "f32").string());
   const std::vector<double> ref = step_losses(dir / "f32");

@@ -23,7 +23,6 @@ using test::fresh_dir;
 using test::read_events;
 using test::read_status;
 
-
 // Some English-like text so the byte model has something to learn.
 std::string write_text(const fs::path& dir) {
   return test::write_words(dir, {"the", "expert", "router", "sends", "each", "token", "to", "two", "of", "eight",
@@ -32,29 +31,13 @@ std::string write_text(const fs::path& dir) {
 }
 
 Config small_config(const std::string& text) {
-  Config c;
-  c.device = "cpu";
-  c.model.d_model = 32;
-  c.model.layers = 2;
-  c.model.head_dim = 16;
-  c.model.vocab = 256;
-  c.model.max_seq = 64;
-  c.moe.experts = 4;
-  c.moe.top_k = 2;
-  c.moe.expert_hidden = 32;
+  Config c = test::tiny_byte_config(text);
   c.train.steps = 12;
   c.train.batch_size = 4;
-  c.train.seq_len = 32;
   c.train.grad_accum = 2;
   c.train.threads = 2;
-  c.train.eval_batches = 1;
-  c.optim.scale_lr_by_dmodel = false;
-  c.data.source = "bytes";
-  c.data.text = text;
   return c;
 }
-
-
 
 TEST(Trainer, LossFallsAndRunFolderIsComplete) {
   fs::path dir = fresh_dir("falls");
