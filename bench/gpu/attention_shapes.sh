@@ -51,17 +51,7 @@ if [[ $what == *" steps "* ]]; then
   fine=(--set model.head_dim=128 --set train.seq_len=2048 --set train.batch_size=8 --set moe.experts=32
         --set moe.top_k=4 --set moe.expert_hidden=512)
   run d12_hd128_e32_top4 "${fine[@]}"
-  python3 - <<'PY' | tee "$OUT/steps.txt"
-import json, glob, os, statistics as st
-print("| run | median tok/s (steps 10+) | mfu % | median dt ms | peak MiB |")
-print("| --- | ---: | ---: | ---: | ---: |")
-for d in sorted(glob.glob("/tmp/steps/*")):
-    recs = [json.loads(l) for l in open(d + "/metrics.jsonl") if '"event":"step"' in l]
-    tail = [r for r in recs if r["step"] >= 10]
-    if not tail: print(f"| {os.path.basename(d)} | failed | | | |"); continue
-    print(f"| moelab {os.path.basename(d)} | {st.median(r['tok_sec'] for r in tail):,.0f} | {st.median(r['mfu'] or 0 for r in tail):.2f} "
-          f"| {st.median(r['dt_ms'] for r in tail):.1f} | {max(r['peak_mem_mib'] for r in recs):,.0f} |")
-PY
+  python3 bench/gpu/steps_table.py /tmp/steps/* | tee "$OUT/steps.txt"
   T="python3 $B/torch_moe_ref.py --steps 20 --mlp moe --compile 1"
   declare -A peer_args=([d12_hd64]="--head-dim 64" [d12_hd128]="--head-dim 128"
     [d20]="--d-model 1280 --layers 20 --head-dim 128 --seq-len 2048 --batch 8 --expert-hidden 2560"

@@ -27,17 +27,9 @@ $T --what ceilings > "$OUT/torch.jsonl"
 [[ $peer == *" moe "* ]] && $T --mlp moe --compile 1 >> "$OUT/torch.jsonl"
 [[ $peer == *" dense "* ]] && $T --mlp dense --compile 1 >> "$OUT/torch.jsonl"
 [[ $peer == *" moe-eager "* ]] && $T --mlp moe --compile 0 >> "$OUT/torch.jsonl"
-python3 - "$steps" <<'PY' | tee "$OUT/speed.txt"
-import json, sys, glob, statistics as st, os
-steps = int(sys.argv[1])
-print("| run | median tok/s (steps 10+) | mfu % | median dt ms | peak MiB |")
-print("| --- | ---: | ---: | ---: | ---: |")
-for d in sorted(glob.glob("/tmp/speed/*")):
-    recs = [json.loads(l) for l in open(d + "/metrics.jsonl") if '"event":"step"' in l]
-    tail = [r for r in recs if r["step"] >= 10]
-    if not tail: print(f"| {os.path.basename(d)} | failed | | | |"); continue
-    print(f"| moelab {os.path.basename(d)} | {st.median(r['tok_sec'] for r in tail):,.0f} | {st.median(r['mfu'] or 0 for r in tail):.2f} "
-          f"| {st.median(r['dt_ms'] for r in tail):.1f} | {max(r['peak_mem_mib'] for r in recs):,.0f} |")
+python3 bench/gpu/steps_table.py /tmp/speed/* | tee "$OUT/speed.txt"
+python3 - <<'PY' | tee -a "$OUT/speed.txt"
+import json, os
 for l in open(os.environ["OUT"] + "/torch.jsonl"):
     j = json.loads(l)
     if "tok_s" in j:
