@@ -1,74 +1,57 @@
 #!/usr/bin/env bash
-# One device call for FP8 (issue: FP8 training on the GPU), run from a folder holding the staged
-# binaries (bench/gpu/stage_fp8.sh): the FP8 op harness, the FP8 GEMM benchmark, and training
-# speed at the seed shape (AdamW on the matrices, graph, dropless) for BF16 and each FP8 recipe,
-# beside torch_moe_ref.py --mlp moe --compile 1 --fp8 none|dense|experts|all. Logs under $OUT;
-# a summary table at the end.
-#   STEPS=30 TORCH_FP8="none dense" bash fp8_device_run.sh
-set -u
-D=$(cd "$(dirname "$0")" && pwd)
-export LD_LIBRARY_PATH="$D/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-OUT=${OUT:-/tmp/fp8_out}
-mkdir -p "$OUT"
+# Device call for FP8 training (the FP8 issue), from the repository root with binaries staged by
+# bench/gpu/stage.sh: the FP8 op harness (dense and grouped FP8 ops against the CPU emulation),
+# the dense and grouped FP8 GEMM benchmarks, and training speed (AdamW on the matrices, graph,
+# dropless) at the seed shape and at d20 for BF16 and each FP8 setting, beside
+# torch_moe_ref.py --mlp moe --compile 1 --fp8 none|dense|experts|all. Logs under $OUT.
+#   STEPS=30 WHAT="ops bench seed d20 peers" TORCH_FP8="none all" bash bench/gpu/fp8_device_run.sh
+source bench/gpu/device_env.sh
+B=$GPU_BIN
 steps=${STEPS:-30}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/gpu.txt"
-
-echo "== op harness"
-timeout 180 "$D/test_cuda" --gtest_filter="${TEST_FILTER:-CudaFp8*}" > "$OUT/test_cuda.log" 2>&1
-echo "test_cuda rc=$?"; grep -E "^\[  (PASSED|FAILED) |Failure|FAILED  \]" "$OUT/test_cuda.log" | head -20
-grep -B2 -A6 "Failure" "$OUT/test_cuda.log" | head -60
-
-echo "== FP8 GEMM benchmark"
-timeout 120 "$D/bench_fp8_gemm" > "$OUT/bench_fp8_gemm.md" 2>&1; echo "bench rc=$?"
-cat "$OUT/bench_fp8_gemm.md"
-
-echo "== training speed, seed shape, $steps steps"
-run() {  # name, then --set overrides
+what=" ${WHAT:-ops bench seed d20 peers} "
+if [[ $what == *" ops "* ]]; then
+  echo "== op harness: ${TEST_FILTER:-CudaFp8*}"
+  timeout 240 "$B/test_cuda" --gtest_brief=1 --gtest_filter="${TEST_FILTER:-CudaFp8*}" > "$OUT/test_cuda.log" 2>&1
+  echo "test_cuda rc=$?"; grep -E "^\[  (PASSED|FAILED) |FAILED  \]" "$OUT/test_cuda.log" | head -20
+  grep -B2 -A8 "Failure" "$OUT/test_cuda.log" | head -80
+fi
+if [[ $what == *" bench "* ]]; then
+  echo "== FP8 grouped GEMM benchmark"
+  timeout 120 "$B/bench_fp8_grouped_gemm" 2>&1 | tee "$OUT/bench_fp8_grouped_gemm.md"
+  [ -n "${DENSE_BENCH:-}" ] && timeout 120 "$B/bench_fp8_gemm" 2>&1 | tee "$OUT/bench_fp8_gemm.md"
+fi
+run() {  # folder name, then --set overrides
   local name=$1; shift
-  timeout 150 "$D/moelab" train --config "$D/d12-moe.toml" --out "/tmp/fp8speed/$name" --set train.steps=$steps \
+  timeout 150 "$B/moelab" train --config configs/d12-moe.toml --out "/tmp/fp8speed/$name" --set train.steps=$steps \
     --set optim.matrix_optimizer=adamw "$@" > "$OUT/$name.log" 2>&1 || { echo "$name failed"; tail -5 "$OUT/$name.log"; }
 }
-run moe_bf16_dynamic --set precision=bf16
-run moe_fp8_noexperts_tensorwise_dynamic --set precision=fp8 --set fp8.recipe=tensorwise
-run moe_fp8_noexperts_rowwise_dynamic --set precision=fp8 --set fp8.recipe=rowwise
-run moe_fp8_noexperts_blockwise_dynamic --set precision=fp8 --set fp8.recipe=blockwise
-run moe_fp8_noexperts_nohead_tensorwise_dynamic --set precision=fp8 --set fp8.recipe=tensorwise --set fp8.head=false
-if [ -n "${STATIC:-}" ]; then
-  run moe_bf16_static --set precision=bf16 --set moe.dispatch=capacity
-  run moe_fp8_noexperts_rowwise_static --set precision=fp8 --set fp8.recipe=rowwise --set moe.dispatch=capacity
+fp8() { echo --set precision=fp8 --set fp8.layers=$1 --set fp8.recipe=$2; }
+if [[ $what == *" seed "* ]]; then
+  echo "== training speed, seed shape, $steps steps"
+  run seed_bf16 --set precision=bf16
+  run seed_fp8_dense_tensorwise $(fp8 dense tensorwise)
+  run seed_fp8_experts_tensorwise $(fp8 experts tensorwise)
+  for r in tensorwise rowwise blockwise; do run seed_fp8_all_$r $(fp8 all $r); done
 fi
-
-echo "== torch peer"
-: > "$OUT/torch.jsonl"
-for f in ${TORCH_FP8:-none dense experts all}; do
-  timeout ${TORCH_TIMEOUT:-200} python3 "$D/torch_moe_ref.py" --mlp moe --compile 1 --steps 20 --fp8 "$f" >> "$OUT/torch.jsonl" 2> "$OUT/torch_$f.err" \
-    || { echo "torch --fp8 $f failed"; tail -3 "$OUT/torch_$f.err"; }
-done
-
-python3 - "$OUT" <<'PY' | tee "$OUT/speed.md"
-import json, sys, glob, statistics as st, os
-out = sys.argv[1]
-print("| run | median tok/s (steps 10+) | vs BF16 | mfu % | median dt ms | peak MiB | last loss |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-rows = {}
-for d in sorted(glob.glob("/tmp/fp8speed/*")):
-    recs = [json.loads(l) for l in open(d + "/metrics.jsonl") if '"event":"step"' in l]
-    tail = [r for r in recs if r["step"] >= 10]
-    rows[os.path.basename(d)] = (recs, tail)
-base = {k: st.median(r["tok_sec"] for r in v[1]) for k, v in rows.items() if v[1] and k.startswith("moe_bf16")}
-for name, (recs, tail) in rows.items():
-    if not tail: print(f"| moelab {name} | failed | | | | | |"); continue
-    tok = st.median(r["tok_sec"] for r in tail)
-    ref = base.get("moe_bf16_static" if name.endswith("static") else "moe_bf16_dynamic")
-    print(f"| moelab {name} | {tok:,.0f} | {tok / ref if ref else float('nan'):.2f}x | {st.median(r['mfu'] or 0 for r in tail):.2f} "
-          f"| {st.median(r['dt_ms'] for r in tail):.1f} | {max(r['peak_mem_mib'] for r in recs):,.0f} | {recs[-1]['raw_loss']:.4f} |")
-tb = None
-for l in open(out + "/torch.jsonl"):
-    try: j = json.loads(l)
-    except Exception: continue
-    if "tok_s" not in j: continue
-    if j.get("fp8", "none") == "none": tb = j["tok_s"]
-    rel = f"{j['tok_s'] / tb:.2f}x" if tb else ""
-    print(f"| torch moe compile={j['compile']} fp8={j.get('fp8')} | {j['tok_s']:,} | {rel} | {j['mfu']} | {j['dt_ms']} | {j['peak_mib']:,} | |")
-PY
+if [[ $what == *" d20 "* ]]; then
+  echo "== training speed, d20, $steps steps"
+  d20=(--set model.d_model=1280 --set model.layers=20 --set model.head_dim=128 --set train.seq_len=2048
+       --set train.batch_size=8 --set moe.expert_hidden=2560)
+  run d20_bf16 "${d20[@]}" --set precision=bf16
+  run d20_fp8_all_tensorwise "${d20[@]}" $(fp8 all tensorwise)
+  run d20_fp8_all_rowwise "${d20[@]}" $(fp8 all rowwise)
+fi
+[ -d /tmp/fp8speed ] && python3 bench/gpu/steps_table.py /tmp/fp8speed/* | tee "$OUT/speed.md"
+if [[ $what == *" peers "* ]]; then
+  echo "== torch peer (seed shape; d20 with D20_PEER=1)"
+  for f in ${TORCH_FP8:-none dense experts all}; do
+    timeout ${TORCH_TIMEOUT:-200} python3 "$B/torch_moe_ref.py" --mlp moe --compile 1 --steps 20 --fp8 "$f" 2>>"$OUT/torch.err" \
+      | grep '^{' | tee -a "$OUT/torch.jsonl" || echo "torch --fp8 $f failed"
+  done
+  if [ -n "${D20_PEER:-}" ]; then
+    for f in none all; do
+      timeout ${TORCH_TIMEOUT:-200} python3 "$B/torch_moe_ref.py" --mlp moe --compile 1 --steps 20 --fp8 "$f" --d-model 1280 \
+        --layers 20 --head-dim 128 --seq-len 2048 --batch 8 --expert-hidden 2560 2>>"$OUT/torch.err" | grep '^{' | tee -a "$OUT/torch.jsonl"
+    done
+  fi
+fi

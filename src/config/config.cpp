@@ -426,10 +426,13 @@ void validate_config(const Config& c) {
     if (!c.moe.enabled())
       invalid("fp8.layers", "= " + c.fp8.layers + " puts experts in FP8 but the model has none (moe.experts = 0)",
               "use fp8.layers = dense");
-    // The CPU emulates the experts' FP8 GEMMs; the GPU's FP8 grouped GEMM is not built yet.
-    if (c.device == "cuda")
-      invalid("fp8.layers", "= " + c.fp8.layers + " needs the FP8 grouped expert GEMM, which is not built for the GPU yet",
-              "use fp8.layers = dense (attention, dense MLPs and, with fp8.head, lm_head in FP8), or device = cpu");
+    // The GPU's blockwise grouped GEMM gives each output tile whole 128-row weight blocks: both
+    // expert GEMM widths (hidden forward, d_model backward) must be multiples of 128.
+    if (c.device == "cuda" && c.fp8.recipe == "blockwise")
+      for (auto [key, v] : {std::pair{"moe.expert_hidden", int64_t(c.moe.expert_hidden)}, {"model.d_model", int64_t(c.model.d_model)}})
+        if (v % 128 != 0)
+          invalid(key, "= " + std::to_string(v) + " is not a multiple of 128, which the GPU's blockwise FP8 expert GEMMs need",
+                  "choose a multiple of 128, or use fp8.recipe = tensorwise | rowwise, or fp8.layers = dense");
   }
   if (c.precision == "fp8" && c.device == "cuda") {
     // FP8 tensor cores read 16-byte aligned K-major rows: every dimension of an FP8 GEMM is a
@@ -444,6 +447,7 @@ void validate_config(const Config& c) {
     mult16("model.mlp_hidden", c.model.mlp_hidden_resolved(), "a dense MLP width");
     if (c.moe.shared_expert) mult16("moe.shared_hidden", c.moe.shared_hidden > 0 ? c.moe.shared_hidden : c.moe.expert_hidden, "a shared expert width");
     if (c.fp8.head) mult16("model.vocab", c.model.vocab, "an lm_head width");
+    if (c.fp8.expert_layers() && c.moe.enabled()) mult16("moe.expert_hidden", c.moe.expert_hidden, "an expert width");
     mult16("train.batch_size", c.train.batch_size * c.train.seq_len, "a token count (batch_size * seq_len)");
   }
   if (c.exec != "graph" && c.exec != "eager")

@@ -33,9 +33,6 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   fp8_dense_ = lin_.fp8_enabled() && cfg_.fp8.dense_layers();
   fp8_head_ = lin_.fp8_enabled() && cfg_.fp8.head;
   fp8_experts_ = lin_.fp8_enabled() && cfg_.fp8.expert_layers();
-  if (fp8_experts_ && be_.device() == Device::cuda)
-    throw Error("invalid config: fp8.layers = " + cfg_.fp8.layers + " needs the FP8 grouped expert GEMM, which is "
-                "not built for the GPU yet; use fp8.layers = dense (or device = cpu for the emulation)");
   const ModelConfig& m = cfg_.model;
   d_model_ = m.d_model;
   head_dim_ = m.head_dim;

@@ -155,16 +155,24 @@ TEST(Config, Fp8RecipeKeysAreValidatedNamingTheKey) {
   auto msg = error_of([&] { validate_config(dense); });
   EXPECT_NE(msg.find("fp8.layers"), std::string::npos) << msg;
   EXPECT_NE(msg.find("fp8.layers = dense"), std::string::npos) << msg;
-  // Experts in FP8: emulated on the CPU, refused for the GPU (no FP8 grouped GEMM there yet).
+  // Experts in FP8 run on both devices; the GPU's blockwise expert GEMMs need whole 128-row
+  // weight blocks, refused up front naming the width and the fixes.
   Config experts;
   apply_override(experts, "precision=fp8");
   apply_override(experts, "fp8.layers=all");
   apply_override(experts, "device=cpu");
   EXPECT_NO_THROW(validate_config(experts));
   apply_override(experts, "device=cuda");
+  EXPECT_NO_THROW(validate_config(experts));
+  apply_override(experts, "moe.expert_hidden=1040");
+  EXPECT_NO_THROW(validate_config(experts));  // tensorwise: multiples of 16 suffice
+  apply_override(experts, "fp8.recipe=blockwise");
   msg = error_of([&] { validate_config(experts); });
-  EXPECT_NE(msg.find("fp8.layers"), std::string::npos) << msg;
-  EXPECT_NE(msg.find("use fp8.layers = dense"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("moe.expert_hidden"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("multiple of 128"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("fp8.recipe = tensorwise"), std::string::npos) << msg;
+  apply_override(experts, "device=cpu");
+  EXPECT_NO_THROW(validate_config(experts));  // the CPU emulation takes any width
   // On the GPU every FP8 GEMM dimension must be a multiple of 16: refused up front, naming the key.
   Config odd;
   apply_override(odd, "precision=fp8");

@@ -3,7 +3,8 @@
 // orientations, edge cases included (all zeros, one huge value, Inf, denormals), and
 // matmul_fp8 (cuBLASLt) must match the CPU's dequantize-then-f32 product for every supported
 // scaling pair, forward (bf16 out) and weight-gradient style (f32 out, beta = 1), eagerly and
-// replayed from a CUDA graph. Fresh random inputs each run; skips without a GPU.
+// replayed from a CUDA graph; the experts' grouped FP8 GEMMs match the CPU's expert-by-expert
+// emulation for each recipe. Fresh random inputs each run; skips without a GPU.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -227,6 +228,121 @@ TEST_F(CudaFp8, QuantizeAndMatmulReplayFromAGraph) {
   std::vector<float> tripled(first.size());
   for (size_t i = 0; i < first.size(); ++i) tripled[i] = 3.0f * first[i];
   EXPECT_LT(nerr(replayed, tripled), 0.05);
+}
+
+// The experts' FP8 GEMMs (our wgmma kernels) against the CPU's expert-by-expert emulation, for
+// each recipe and format, with uneven experts: an empty one, one under a tile, partial tiles.
+struct GroupedRecipe {
+  Fp8Granularity act, weight;
+};
+const GroupedRecipe kGroupedRecipes[] = {{Fp8Granularity::tensor, Fp8Granularity::tensor},
+                                         {Fp8Granularity::row, Fp8Granularity::row},
+                                         {Fp8Granularity::block_1x128, Fp8Granularity::block_128x128}};
+
+class CudaFp8Grouped : public CudaFp8 {
+ protected:
+  const std::vector<int32_t> counts = {200, 0, 129, 271, 40};
+  int64_t R = 640;
+  int E = 5;
+  std::vector<int32_t> offsets_of(const std::vector<int32_t>& c) {
+    std::vector<int32_t> o(1, 0);
+    for (int32_t n : c) o.push_back(o.back() + n);
+    return o;
+  }
+  std::vector<float> values(int64_t n, double sd) {
+    std::vector<float> v(static_cast<size_t>(n));
+    for (auto& x : v) x = round_to_bf16(float(rng->normal() * sd));
+    return v;
+  }
+  struct Pair {
+    Tensor c, g;
+  };
+  Pair both(const Shape& shape, const std::vector<float>& v, DType gpu_dtype = DType::bf16) {
+    Pair p{cpu->alloc(shape, DType::f32), gpu->alloc(shape, gpu_dtype)};
+    cpu->write(p.c, v);
+    gpu->write(p.g, v);
+    return p;
+  }
+  Pair offsets(const std::vector<int32_t>& o) {
+    Pair p{cpu->alloc({int64_t(o.size())}, DType::i32), gpu->alloc({int64_t(o.size())}, DType::i32)};
+    cpu->write_i32(p.c, o);
+    gpu->write_i32(p.g, o);
+    return p;
+  }
+};
+
+TEST_F(CudaFp8Grouped, ForwardAndDataGradientMatchTheCpuEmulation) {
+  Pair off = offsets(offsets_of(counts));
+  for (const GroupedRecipe& r : kGroupedRecipes)
+    for (DType fmt : {DType::e4m3, DType::e5m2})
+      for (bool trans_w : {true, false})
+        for (bool f32_out : {false, true}) {
+          // trans_w: forward, W [E, N, K]; otherwise the data gradient, W [E, K, N].
+          const int64_t K = trans_w ? 384 : 256, N = trans_w ? 256 : 384;
+          const std::string what = std::string(fp8_granularity_name(r.act)) + " x " + fp8_granularity_name(r.weight) + " " +
+                                   dtype_name(fmt) + (trans_w ? " forward" : " dgrad") + (f32_out ? " -> f32" : " -> bf16");
+          Pair a = both({R, K}, spread(R, K));
+          const Shape ws = trans_w ? Shape{E, N, K} : Shape{E, K, N};
+          Pair w = both(ws, values(E * N * K, 0.05));
+          Pair c{cpu->alloc({R, N}, DType::f32), gpu->alloc({R, N}, f32_out ? DType::f32 : DType::bf16)};
+          cpu->fill(c.c, 0.0f);
+          gpu->fill(c.g, NAN);  // every row of every expert must be written
+          cpu->grouped_matmul_fp8(a.c, fmt, r.act, w.c, trans_w, r.weight, c.c, off.c);
+          try {
+            gpu->grouped_matmul_fp8(a.g, fmt, r.act, w.g, trans_w, r.weight, c.g, off.g);
+          } catch (const Error& e) {
+            ADD_FAILURE() << what << ": " << e.what();
+            continue;
+          }
+          EXPECT_LT(nerr(gpu->read(c.g), cpu->read(c.c)), f32_out ? 2e-3 : 1e-2) << what << " (seed " << seed << ")";
+        }
+}
+
+TEST_F(CudaFp8Grouped, WeightGradientMatchesTheCpuEmulation) {
+  Pair off = offsets(offsets_of(counts));
+  const int64_t N = 256, K = 384;
+  for (Fp8Granularity g : {Fp8Granularity::tensor, Fp8Granularity::row, Fp8Granularity::block_1x128})
+    for (DType fmt : {DType::e5m2, DType::e4m3}) {
+      const std::string what = std::string(fp8_granularity_name(g)) + " " + dtype_name(fmt);
+      Pair dy = both({R, N}, spread(R, N)), x = both({R, K}, values(R * K, 1.0));
+      Pair dw = both({E, N, K}, values(E * N * K, 1.0), DType::f32);  // accumulated into
+      cpu->grouped_matmul_wgrad_fp8(dy.c, fmt, x.c, g, dw.c, off.c);
+      gpu->grouped_matmul_wgrad_fp8(dy.g, fmt, x.g, g, dw.g, off.g);
+      EXPECT_LT(nerr(gpu->read(dw.g), cpu->read(dw.c)), 2e-3) << what << " (seed " << seed << ")";
+    }
+}
+
+TEST_F(CudaFp8Grouped, ReplayFromAGraphFollowsNewOffsetsOnTheDevice) {
+  // Captured once, replayed after the routing changed: the kernels read offsets (and every
+  // scale) on the device, so the replay gives the eager result for the new experts' rows.
+  const int64_t N = 256, K = 384;
+  Pair off = offsets(offsets_of(counts));
+  for (const GroupedRecipe& r : kGroupedRecipes) {
+    Pair a = both({R, K}, spread(R, K)), w = both({E, N, K}, values(E * N * K, 0.05));
+    Pair dy = both({R, N}, spread(R, N));
+    Tensor c = gpu->alloc({R, N}, DType::bf16), dw = gpu->alloc({E, N, K}, DType::f32);
+    auto body = [&] {
+      gpu->fill(dw, 0.0f);
+      gpu->grouped_matmul_fp8(a.g, DType::e4m3, r.act, w.g, true, r.weight, c, off.g);
+      gpu->grouped_matmul_wgrad_fp8(dy.g, DType::e5m2, a.g, r.act, dw, off.g);
+    };
+    body();  // eager warm-up sizes the scratch buffers
+    CudaGraph graph(*gpu);
+    graph.capture(body);
+    const std::vector<int32_t> moved = offsets_of({64, 300, 0, 17, 259});
+    gpu->write_i32(off.g, moved);
+    cpu->write_i32(off.c, moved);
+    graph.replay();
+    const std::vector<float> c_replay = gpu->read(c), dw_replay = gpu->read(dw);
+    body();
+    EXPECT_EQ(nerr(c_replay, gpu->read(c)), 0.0) << fp8_granularity_name(r.act);
+    EXPECT_EQ(nerr(dw_replay, gpu->read(dw)), 0.0) << fp8_granularity_name(r.act);
+    Tensor cc = cpu->alloc({R, N}, DType::f32);
+    cpu->grouped_matmul_fp8(a.c, DType::e4m3, r.act, w.c, true, r.weight, cc, off.c);
+    EXPECT_LT(nerr(c_replay, cpu->read(cc)), 1e-2) << fp8_granularity_name(r.act);
+    gpu->write_i32(off.g, offsets_of(counts));
+    cpu->write_i32(off.c, offsets_of(counts));
+  }
 }
 
 }  // namespace

@@ -145,10 +145,18 @@ class CudaBackend : public Backend {
   // Device scratch of at least `bytes` for one purpose (slot), grown outside capture only.
   // Contents do not survive other ops using the same slot.
   enum class ScratchSlot : int { reduce, gemm_a, gemm_b, attention, embed_sort, embed_keys, embed_partial,
-                                 value_gate, normuon, fp8_amax, fp8_out, count };
+                                 value_gate, normuon, fp8_amax, fp8_out, fp8_grouped_a, fp8_grouped_b,
+                                 fp8_grouped_scale_a, fp8_grouped_scale_b, fp8_grouped_offsets, count };
   void* scratch(ScratchSlot slot, size_t bytes);
 
  private:
+  // quantize_fp8 of `batch` [xr, xc] matrices stored one after another, each with its own
+  // groups: codes [batch * rows, K] into out, scales of one member after another into scale
+  // (fp8_scale_shape's layout each). With segments (E + 1 expert offsets), a single straight
+  // matrix with tensor scaling takes one scale per expert segment instead (scale [E]).
+  void quantize_fp8_batch(const void* x, DType x_dtype, int64_t batch, int64_t xr, int64_t xc, bool transpose,
+                          Fp8Granularity g, uint8_t* out, DType format, float* scale, const int32_t* segments,
+                          int segment_count);
   // Sum of f(x) over all elements into out[0] (square when `squares`); deterministic two-pass.
   void reduce_sum(const Tensor& x, bool squares, Tensor& out, bool accumulate, float scale = 1.0f);
 

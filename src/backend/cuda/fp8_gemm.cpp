@@ -121,15 +121,4 @@ void CudaBackend::matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& 
                                      stream_));
 }
 
-// The FP8 grouped expert GEMM (our own wgmma kernel reading the offsets on the device) is not
-// built yet; config validation refuses fp8.layers = experts | all for device = cuda, and GptMoE
-// for a CUDA backend reached through device = auto.
-void CudaBackend::grouped_matmul_fp8(const Tensor&, DType, Fp8Granularity, const Tensor&, bool, Fp8Granularity, Tensor&,
-                                     const Tensor&) {
-  throw Error("cuda backend: FP8 grouped expert GEMMs are not built yet; use fp8.layers = dense");
-}
-void CudaBackend::grouped_matmul_wgrad_fp8(const Tensor&, DType, const Tensor&, Fp8Granularity, Tensor&, const Tensor&) {
-  throw Error("cuda backend: FP8 grouped expert GEMMs are not built yet; use fp8.layers = dense");
-}
-
 }  // namespace moelab

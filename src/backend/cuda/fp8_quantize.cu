@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/fp8_codes.cuh"
 
 namespace moelab {
 
@@ -30,10 +31,6 @@ constexpr int kThreads = 256;
 // What the tile kernel reads the amax of a group from.
 enum class AmaxSource : int { global, per_row, per_col, tile_row, tile_col, tile };
 
-__device__ __forceinline__ float multiplier_of(float amax, float fmax) {
-  const float a = fminf(fmaxf(amax, kFp8MinAmax), FLT_MAX);
-  return __fdiv_rn(fmax, a);
-}
 
 template <class T>
 __global__ void amax_all_kernel(const T* __restrict__ x, int64_t n, unsigned* __restrict__ out) {
@@ -74,30 +71,61 @@ template <class T>
 __global__ void amax_cols_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, unsigned* __restrict__ out) {
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (c >= cols) return;
+  x += int64_t(blockIdx.z) * rows * cols;  // batch member z
+  out += int64_t(blockIdx.z) * cols;
   const int64_t r0 = int64_t(blockIdx.y) * 256, r1 = min(rows, r0 + 256);
   float m = 0.0f;
   for (int64_t r = r0; r < r1; ++r) m = fmaxf(m, fabsf(to_f32(x[r * cols + c])));
   atomicMax(out + c, __float_as_uint(m));
 }
 
-template <int kFormat>
-__device__ __forceinline__ uint32_t encode4(float a, float b, float c, float d) {
-  const auto fmt = kFormat == 0 ? __NV_E4M3 : __NV_E5M2;
-  const uint32_t q0 = __nv_cvt_float_to_fp8(a, __NV_SATFINITE, fmt);
-  const uint32_t q1 = __nv_cvt_float_to_fp8(b, __NV_SATFINITE, fmt);
-  const uint32_t q2 = __nv_cvt_float_to_fp8(c, __NV_SATFINITE, fmt);
-  const uint32_t q3 = __nv_cvt_float_to_fp8(d, __NV_SATFINITE, fmt);
-  return q0 | (q1 << 8) | (q2 << 16) | (q3 << 24);
-}
 
 // Straight (not transposed) quantization with tensor, row or 1x128 groups, from registers: one
 // warp per row, each lane eight consecutive elements (16-byte loads, 8-byte stores). 1x128
 // groups are half-warps (shuffle amax); a row group takes its amax in a first pass over the row
 // (the second pass reads it back from L2); a tensor group uses the pre-pass amax.
+// Which of the row groups that share one "tensor" scale row r belongs to: groups of group_rows
+// rows, or the expert segments of offsets (E + 1 entries) when given.
+struct RowGroups {
+  int64_t group_rows = INT64_MAX;  // one group: the whole tensor
+  const int32_t* offsets = nullptr;
+  int experts = 0;
+  __device__ __forceinline__ int of(int64_t r) const {
+    if (!offsets) return int(r / group_rows);
+    int e = 0;
+    while (e + 1 < experts && offsets[e + 1] <= r) ++e;
+    return e;
+  }
+};
+
+// amax of each row group (RowGroups) of x [rows, cols], one warp per row, atomicMax into out[group].
+template <class T>
+__global__ void amax_row_groups_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, RowGroups groups,
+                                       unsigned* __restrict__ out) {
+  const int64_t r = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (r >= rows) return;
+  float m = 0.0f;
+  for (int64_t c = 8 * lane; c < cols; c += 256) {
+    float v[8];
+    load8(x + r * cols + c, v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+  }
+  m = warp_max(m);
+  if (lane == 0) atomicMax(out + groups.of(r), __float_as_uint(m));
+}
+
+// scale[g] = 1 / multiplier of group g's amax (every group's scale, empty ones included).
+__global__ void group_scales_kernel(const unsigned* __restrict__ amax, int groups, float fmax, float* __restrict__ scale) {
+  const int g = blockIdx.x * blockDim.x + threadIdx.x;
+  if (g < groups) scale[g] = __fdiv_rn(1.0f, multiplier_of(__uint_as_float(amax[g]), fmax));
+}
+
 template <class T, int kFormat>
 __global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, int granularity,
-                                                            const unsigned* __restrict__ amax_all, uint8_t* __restrict__ out,
-                                                            float* __restrict__ scale, float fmax) {
+                                                            const unsigned* __restrict__ amax_all, RowGroups groups,
+                                                            uint8_t* __restrict__ out, float* __restrict__ scale, float fmax) {
   const int64_t r = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (r >= rows) return;
@@ -105,9 +133,8 @@ __global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict_
   const T* row = x + r * cols;
   uint8_t* orow = out + r * cols;
   float mult = 0.0f;
-  if (g == Fp8Granularity::tensor) {
-    mult = multiplier_of(__uint_as_float(amax_all[0]), fmax);
-    if (r == 0 && lane == 0) scale[0] = __fdiv_rn(1.0f, mult);
+  if (g == Fp8Granularity::tensor) {  // the group's scale is written by group_scales_kernel
+    mult = multiplier_of(__uint_as_float(amax_all[groups.of(r)]), fmax);
   } else if (g == Fp8Granularity::row) {
     float m = 0.0f;
     for (int64_t c = 8 * lane; c < cols; c += 256) {
@@ -143,7 +170,9 @@ __global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict_
 }
 
 struct TileArgs {
-  int64_t xr, xc;            // x is [xr, xc]
+  int64_t xr, xc;            // x is [xr, xc] (blockIdx.z picks one of a batch of them, each its own groups)
+  int64_t scale_stride;      // scale entries of one batch member
+  int64_t amax_stride;       // amax_in entries of one batch member
   bool transpose;            // output [xc, xr] instead of [xr, xc]
   AmaxSource source;
   int granularity;           // Fp8Granularity, for where scales go
@@ -161,6 +190,12 @@ __global__ void __launch_bounds__(kThreads) quantize_tile_kernel(const T* __rest
   __shared__ float mult_row[kTile], mult_col[kTile];
   __shared__ float shm[32];
   const int64_t r0 = int64_t(blockIdx.y) * kTile, c0 = int64_t(blockIdx.x) * kTile;
+  if (blockIdx.z) {  // batch member z: its own matrix, codes, scales and amax
+    x += int64_t(blockIdx.z) * a.xr * a.xc;
+    a.out += int64_t(blockIdx.z) * a.xr * a.xc;
+    a.scale += int64_t(blockIdx.z) * a.scale_stride;
+    if (a.amax_in) a.amax_in += int64_t(blockIdx.z) * a.amax_stride;
+  }
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   // Stage the tile as f32 (zeros outside x): 16 vectors of 8 per tile row.
@@ -288,60 +323,97 @@ void CudaBackend::quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand
           "FP8 operands on the GPU need both dimensions a multiple of 16 and 16-byte aligned data, got " +
               x.describe());
   if (xr == 0 || xc == 0) return;
+  quantize_fp8_batch(x.data, x.dtype, 1, xr, xc, transpose, out.granularity, out.data.as<uint8_t>(), out.data.dtype,
+                     out.scale.as<float>(), nullptr, 0);
+}
 
-  TileArgs a{};
-  a.xr = xr;
-  a.xc = xc;
-  a.transpose = transpose;
-  a.granularity = int(out.granularity);
-  a.out = out.data.as<uint8_t>();
-  a.scale = out.scale.as<float>();
-  a.fmax = fp8_max(out.data.dtype);
-  unsigned* amax = nullptr;
-  const bool per_col = transpose;  // output rows are x's columns
-  switch (out.granularity) {
-    case Fp8Granularity::tensor: a.source = AmaxSource::global; break;
-    case Fp8Granularity::row: a.source = per_col ? AmaxSource::per_col : AmaxSource::per_row; break;
-    case Fp8Granularity::block_1x128: a.source = per_col ? AmaxSource::tile_col : AmaxSource::tile_row; break;
-    case Fp8Granularity::block_128x128: a.source = AmaxSource::tile; break;
-  }
-  MOELAB_FLOAT_DISPATCH(x.dtype, T, {
-    const T* px = x.as<T>();
-    const bool straight = !transpose && out.granularity != Fp8Granularity::block_128x128;  // rows kernel below
+void CudaBackend::quantize_fp8_batch(const void* x, DType x_dtype, int64_t batch, int64_t xr, int64_t xc,
+                                     bool transpose, Fp8Granularity g, uint8_t* out, DType format, float* scale,
+                                     const int32_t* segments, int segment_count) {
+  const int64_t rows = transpose ? xc : xr, K = transpose ? xr : xc;
+  int64_t member_scales = 1;
+  for (int64_t d : fp8_scale_shape(g, rows, K)) member_scales *= d;
+  const float fmax = fp8_max(format);
+  // Straight copies with tensor or row groups (and 1x128 of a single matrix) take the rows
+  // kernel; the rest the tile kernel.
+  const bool straight = !transpose && (g == Fp8Granularity::tensor || g == Fp8Granularity::row ||
+                                       (g == Fp8Granularity::block_1x128 && batch == 1));
+  MOELAB_FLOAT_DISPATCH(x_dtype, T, {
+    const T* px = static_cast<const T*>(x);
+    const int64_t all_rows = batch * xr;
     if (straight) {
-      // the rows kernel takes its own amax (tensor: pre-pass there)
-    } else if (a.source == AmaxSource::global || a.source == AmaxSource::per_col) {
-      const int64_t n = a.source == AmaxSource::global ? 1 : xc;
-      amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, size_t(n) * sizeof(unsigned)));
-      MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, size_t(n) * sizeof(unsigned), stream_));
-      if (a.source == AmaxSource::global)
-        amax_all_kernel<T><<<unsigned(std::min<int64_t>(2 * sm_count_, (x.numel() / 8 + 255) / 256 + 1)), 256, 0, stream_>>>(px, x.numel(), amax);
-      else
-        amax_cols_kernel<T><<<dim3(unsigned((xc + 255) / 256), unsigned((xr + 255) / 256)), 256, 0, stream_>>>(px, xr, xc, amax);
-      MOELAB_CUDA_LAUNCH_CHECK("fp8 amax");
-    } else if (a.source == AmaxSource::per_row) {  // (straight rows take the rows kernel)
-      amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, size_t(xr) * sizeof(unsigned)));
-      amax_rows_kernel<T><<<unsigned((xr + 7) / 8), 256, 0, stream_>>>(px, xr, xc, amax);
-      MOELAB_CUDA_LAUNCH_CHECK("fp8 row amax");
-    }
-    a.amax_in = amax;
-    if (!transpose && out.granularity != Fp8Granularity::block_128x128) {
-      if (out.granularity == Fp8Granularity::tensor) {
-        amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, sizeof(unsigned)));
-        MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, sizeof(unsigned), stream_));
-        amax_all_kernel<T><<<unsigned(std::min<int64_t>(2 * sm_count_, (x.numel() / 8 + 255) / 256 + 1)), 256, 0, stream_>>>(px, x.numel(), amax);
+      RowGroups groups;
+      int ngroups = 1;
+      if (segments) groups.offsets = segments, groups.experts = segment_count, ngroups = segment_count;
+      else groups.group_rows = xr, ngroups = int(batch);
+      unsigned* amax = nullptr;
+      if (g == Fp8Granularity::tensor) {
+        amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, size_t(ngroups) * sizeof(unsigned)));
+        MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, size_t(ngroups) * sizeof(unsigned), stream_));
+        if (ngroups == 1)
+          amax_all_kernel<T><<<unsigned(std::min<int64_t>(2 * sm_count_, (all_rows * xc / 8 + 255) / 256 + 1)), 256, 0, stream_>>>(
+              px, all_rows * xc, amax);
+        else
+          amax_row_groups_kernel<T><<<unsigned((all_rows + 7) / 8), 256, 0, stream_>>>(px, all_rows, xc, groups, amax);
         MOELAB_CUDA_LAUNCH_CHECK("fp8 amax");
+        group_scales_kernel<<<unsigned((ngroups + 255) / 256), 256, 0, stream_>>>(amax, ngroups, fmax, scale);
+        MOELAB_CUDA_LAUNCH_CHECK("fp8 group scales");
       }
-      auto rows_kernel = out.data.dtype == DType::e4m3 ? quantize_rows_kernel<T, 0> : quantize_rows_kernel<T, 1>;
-      rows_kernel<<<unsigned((xr + 7) / 8), 256, 0, stream_>>>(px, xr, xc, int(out.granularity), amax, a.out, a.scale, a.fmax);
+      auto rows_kernel = format == DType::e4m3 ? quantize_rows_kernel<T, 0> : quantize_rows_kernel<T, 1>;
+      rows_kernel<<<unsigned((all_rows + 7) / 8), 256, 0, stream_>>>(px, all_rows, xc, int(g), amax, groups, out, scale, fmax);
       MOELAB_CUDA_LAUNCH_CHECK("fp8 quantize rows");
       return;
     }
-    const dim3 grid(unsigned((xc + kTile - 1) / kTile), unsigned((xr + kTile - 1) / kTile));
+    if (segments) throw Error("quantize_fp8: expert segments apply only to straight tensor-scaled copies");
+    TileArgs a{};
+    a.xr = xr;
+    a.xc = xc;
+    a.transpose = transpose;
+    a.granularity = int(g);
+    a.out = out;
+    a.scale = scale;
+    a.scale_stride = member_scales;
+    a.fmax = fmax;
+    unsigned* amax = nullptr;
+    const bool per_col = transpose;  // output rows are x's columns
+    switch (g) {
+      case Fp8Granularity::tensor: a.source = AmaxSource::global; break;
+      case Fp8Granularity::row: a.source = per_col ? AmaxSource::per_col : AmaxSource::per_row; break;
+      case Fp8Granularity::block_1x128: a.source = per_col ? AmaxSource::tile_col : AmaxSource::tile_row; break;
+      case Fp8Granularity::block_128x128: a.source = AmaxSource::tile; break;
+    }
+    // Groups that span tiles get their amax from a pre-pass, one set per batch member.
+    if (a.source == AmaxSource::global) {
+      a.amax_stride = 1;
+      amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, size_t(batch) * sizeof(unsigned)));
+      MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, size_t(batch) * sizeof(unsigned), stream_));
+      if (batch == 1)
+        amax_all_kernel<T><<<unsigned(std::min<int64_t>(2 * sm_count_, (xr * xc / 8 + 255) / 256 + 1)), 256, 0, stream_>>>(px, xr * xc, amax);
+      else {
+        RowGroups groups;
+        groups.group_rows = xr;
+        amax_row_groups_kernel<T><<<unsigned((all_rows + 7) / 8), 256, 0, stream_>>>(px, all_rows, xc, groups, amax);
+      }
+      MOELAB_CUDA_LAUNCH_CHECK("fp8 amax");
+    } else if (a.source == AmaxSource::per_col) {
+      a.amax_stride = xc;
+      amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, size_t(batch * xc) * sizeof(unsigned)));
+      MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, size_t(batch * xc) * sizeof(unsigned), stream_));
+      amax_cols_kernel<T><<<dim3(unsigned((xc + 255) / 256), unsigned((xr + 255) / 256), unsigned(batch)), 256, 0, stream_>>>(
+          px, xr, xc, amax);
+      MOELAB_CUDA_LAUNCH_CHECK("fp8 column amax");
+    } else if (a.source == AmaxSource::per_row) {
+      a.amax_stride = xr;
+      amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, size_t(all_rows) * sizeof(unsigned)));
+      amax_rows_kernel<T><<<unsigned((all_rows + 7) / 8), 256, 0, stream_>>>(px, all_rows, xc, amax);
+      MOELAB_CUDA_LAUNCH_CHECK("fp8 row amax");
+    }
+    a.amax_in = amax;
+    const dim3 grid(unsigned((xc + kTile - 1) / kTile), unsigned((xr + kTile - 1) / kTile), unsigned(batch));
     const size_t smem = size_t(kTile) * (kTile + 1) * sizeof(float);
-    auto kernel = out.data.dtype == DType::e4m3 ? quantize_tile_kernel<T, 0> : quantize_tile_kernel<T, 1>;
+    auto kernel = format == DType::e4m3 ? quantize_tile_kernel<T, 0> : quantize_tile_kernel<T, 1>;
     static bool raised[2][2] = {};  // per (T, format): lift the 48 KB default once per process
-    bool& done = raised[std::is_same_v<T, float>][out.data.dtype == DType::e4m3];
+    bool& done = raised[std::is_same_v<T, float>][format == DType::e4m3];
     if (!done) {
       MOELAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
       done = true;

@@ -28,12 +28,6 @@ namespace {
 
 using namespace sm90;
 
-
-
-
-
-
-
 // The forward product as a persistent kernel: one block per SM walks the output tiles
 // blockIdx.x, blockIdx.x + gridDim.x, ... (row tile major, so neighbouring blocks share an A
 // tile through L2). With K of 768 or 1536 a tile has only 12 or 24 k-steps, so the one-tile
@@ -41,32 +35,6 @@ using namespace sm90;
 // leader keeps loading the next tile's first stages while the block stores the current one.
 // The k-steps of all of a block's tiles form one sequence g = 0, 1, ...: step g uses stage
 // g % TST with barrier parity (g / TST) & 1, whichever tile it belongs to.
-struct FwdTile {
-  int e = 0, row0 = 0, rows = 0, n0 = 0;
-  bool valid = false;
-};
-
-template <int TBN>
-__device__ __forceinline__ FwdTile fwd_tile(int t, const int32_t* offsets, int E, int n_tiles_n) {
-  FwdTile f;
-  const int rt = t / n_tiles_n;
-  int seen = 0;
-  for (int e = 0; e < E; ++e) {
-    const int lo = offsets[e], hi = offsets[e + 1];
-    const int n = (hi - lo + BM - 1) / BM;
-    if (rt < seen + n) {
-      f.e = e;
-      f.row0 = lo + (rt - seen) * BM;
-      f.rows = min(BM, hi - f.row0);
-      f.n0 = (t % n_tiles_n) * TBN;
-      f.valid = true;
-      return f;
-    }
-    seen += n;
-  }
-  return f;
-}
-
 template <int TBN, int TST, class TC>
 __global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2)
     grouped_fwd_tma_persistent_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
@@ -295,6 +263,21 @@ CUtensorMap sm90::make_map(const bf16* base, int64_t rows, int64_t cols, int box
   return m;
 }
 
+CUtensorMap sm90::make_map_fp8(const uint8_t* base, int64_t rows, int64_t cols, int box_rows) {
+  CUtensorMap m;
+  cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+  cuuint64_t strides[1] = {cuuint64_t(cols)};
+  cuuint32_t box[2] = {128u, uint32_t(box_rows)};
+  cuuint32_t estr[2] = {1, 1};
+  CUresult r = encode_tiled()(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(base), dims, strides, box,
+                              estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw Error("cuda backend: cuTensorMapEncodeTiled failed (" + std::to_string(int(r)) + ") for a [" +
+                std::to_string(rows) + ", " + std::to_string(cols) + "] FP8 matrix");
+  return m;
+}
+
 namespace {
 
 // Wt[e] = W[e]^T for W [E, R, S] -> Wt [E, S, R], 32 x 32 tiles through shared memory.
@@ -316,8 +299,6 @@ __global__ void transpose_experts_kernel(const bf16* W, bf16* Wt, int R, int S) 
 
 
 }  // namespace
-
-
 
 template <int TBN, int TST>
 void forward_tma_persistent_cfg(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E,

@@ -46,5 +46,36 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 
 // 2D map of a row-major [rows, cols] bf16 matrix, boxes of box_rows x 64 columns, 128B swizzle.
 CUtensorMap make_map(const __nv_bfloat16* base, int64_t rows, int64_t cols, int box_rows);
+// The same for a [rows, cols] matrix of FP8 codes (one byte each): boxes of box_rows x 128.
+CUtensorMap make_map_fp8(const uint8_t* base, int64_t rows, int64_t cols, int box_rows);
+
+// The persistent forward kernels' tile order: output tile t of a grouped product walks the
+// experts' row tiles (BM rows, the last of each expert partial) in order, n_tiles_n column tiles
+// of width TBN each, row tile major (neighbouring blocks share an A tile through L2).
+struct FwdTile {
+  int e = 0, row0 = 0, rows = 0, n0 = 0;
+  bool valid = false;
+};
+
+template <int TBN>
+__device__ __forceinline__ FwdTile fwd_tile(int t, const int32_t* offsets, int E, int n_tiles_n) {
+  FwdTile f;
+  const int rt = t / n_tiles_n;
+  int seen = 0;
+  for (int e = 0; e < E; ++e) {
+    const int lo = offsets[e], hi = offsets[e + 1];
+    const int n = (hi - lo + BM - 1) / BM;
+    if (rt < seen + n) {
+      f.e = e;
+      f.row0 = lo + (rt - seen) * BM;
+      f.rows = min(BM, hi - f.row0);
+      f.n0 = (t % n_tiles_n) * TBN;
+      f.valid = true;
+      return f;
+    }
+    seen += n;
+  }
+  return f;
+}
 
 }  // namespace moelab::grouped_gemm::sm90

@@ -1,0 +1,565 @@
+// The experts' GEMMs in FP8 on Hopper (precision = fp8, fp8.layers = experts | all): wgmma k32
+// on e4m3/e5m2 codes fed by TMA, reading the expert offsets on the device (no host sync, so the
+// step is captured in a graph in both dispatch modes), with the recipe's scales applied
+// per expert, per row or per 128-long k-block.
+//
+// The kernels are the BF16 TMA kernels' (grouped_gemm_sm90.cu) shape at twice the k-depth per
+// stage: an FP8 shared-memory row of 128 bytes holds 128 values, so a stage of the same bytes
+// carries twice the products. Forward and data gradient share one persistent kernel (both
+// operands K-major: the data gradient multiplies by the transposed quantized copy of W, which
+// quantization writes at no extra pass). The weight gradient reduces over each expert's tokens,
+// which FP8 wgmma needs K-major too: quantization writes dY^T and X^T with every expert's
+// tokens in a segment padded with zeros to whole 128-token blocks, so each k-block belongs to
+// one expert and needs no masking. Block scaling (1x128 / 128x128) multiplies each k-block's
+// partial sums by its scales before adding them to the f32 accumulator (DeepSeek-V3's
+// promotion), which also bounds how long the tensor cores' own accumulation runs.
+#include <cuda.h>
+
+#include <algorithm>
+#include <set>
+#include <type_traits>
+
+#include "backend/cuda/cuda_backend.hpp"
+#include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/fp8_codes.cuh"
+#include "backend/cuda/grouped_gemm_fp8.cuh"
+#include "backend/cuda/grouped_gemm_sm90.cuh"
+#include "backend/cuda/mma_utils.cuh"
+#include "backend/cuda/wgmma.cuh"
+#include "backend/cuda/wgmma_fp8.cuh"
+
+namespace moelab {
+using namespace cuda_detail;
+
+namespace grouped_gemm {
+
+namespace {
+
+using namespace sm90;
+
+constexpr int TBN = 128;                  // output tile columns
+constexpr int KB = 128;                   // FP8 values per stage row (128 bytes) = one scale block
+constexpr int A_TILE = BM * KB;           // bytes
+constexpr int STAGE = A_TILE + TBN * KB;  // bytes
+// Tensor and row scaling run two blocks per SM (three stages each), so one block's epilogue
+// overlaps the other's products; block scaling keeps a second accumulator and runs one (five stages).
+template <int MODE>
+constexpr int stages() { return MODE == int(Fp8ScaleMode::block) ? 5 : 3; }
+template <int MODE>
+constexpr int smem_bytes() { return stages<MODE>() * STAGE + 1024 + 64; }
+
+template <int AFMT>
+__device__ __forceinline__ void mma_k32(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
+  if constexpr (AFMT == 0) wgmma_m64n128k32_e4m3_e4m3(d, a, b, accumulate);
+  else wgmma_m64n128k32_e5m2_e4m3(d, a, b, accumulate);
+}
+
+// One stage's products: 4 k32 steps over the 128-byte rows.
+template <int AFMT>
+__device__ __forceinline__ void mma_stage(float (&d)[64], uint32_t sa, uint32_t sb, bool overwrite) {
+#pragma unroll
+  for (int kk = 0; kk < KB / 32; ++kk)
+    mma_k32<AFMT>(d, wgmma_desc_kmajor_sw128(sa + kk * 32), wgmma_desc_kmajor_sw128(sb + kk * 32),
+                  overwrite && kk == 0 ? 0 : 1);
+}
+
+template <class TC>
+__device__ __forceinline__ void store2(TC* p, float v0, float v1, bool accumulate) {
+  if constexpr (std::is_same_v<TC, float>) {
+    float2 o = make_float2(v0, v1);
+    if (accumulate) {
+      const float2 old = *reinterpret_cast<const float2*>(p);
+      o.x += old.x, o.y += old.y;
+    }
+    *reinterpret_cast<float2*>(p) = o;
+  } else {
+    if (accumulate) {
+      const float2 old = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+      v0 += old.x, v1 += old.y;
+    }
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v0, v1);
+  }
+}
+
+// Forward / data gradient: C[rows of e] = deq(A) deq(W[e])^T, persistent over the output tiles
+// (the step sequence g runs over all of a block's tiles, as in the BF16 persistent kernel).
+template <int MODE, int AFMT, class TC>
+__global__ void __launch_bounds__(THREADS, MODE == int(Fp8ScaleMode::block) ? 1 : 2)
+    fp8_grouped_fwd_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, TC* C,
+                           const int32_t* offsets, int E, int N, int K, int64_t R, Fp8GroupedScales sc) {
+  constexpr int TST = stages<MODE>();
+  constexpr bool kBlock = MODE == int(Fp8ScaleMode::block);
+  extern __shared__ char smem_raw[];
+  const int n_tiles_n = (N + TBN - 1) / TBN;
+  FwdTile cur = fwd_tile<TBN>(blockIdx.x, offsets, E, n_tiles_n);
+  if (!cur.valid) return;
+  const uint32_t s0 = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32_t bars = s0 + TST * STAGE;
+  const int ktiles = (K + KB - 1) / KB;
+  const bool leader = threadIdx.x == 0;
+  if (leader) {
+    for (int st = 0; st < TST; ++st) mbar_init(bars + st * 8, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  int p_t = blockIdx.x, p_k = 0, p_g = 0;
+  FwdTile p_tile = cur;
+  auto produce = [&] {
+    if (!p_tile.valid) return;
+    const int st = p_g % TST;
+    const uint32_t sa = s0 + st * STAGE, bar = bars + st * 8;
+    mbar_expect_tx(bar, STAGE);
+    tma_load_2d(sa, &map_a, p_k * KB, p_tile.row0, bar);
+    tma_load_2d(sa + A_TILE, &map_b, p_k * KB, p_tile.e * N + p_tile.n0, bar);
+    ++p_g;
+    if (++p_k == ktiles) {
+      p_k = 0;
+      p_t += gridDim.x;
+      p_tile = fwd_tile<TBN>(p_t, offsets, E, n_tiles_n);
+    }
+  };
+  if (leader)
+    for (int st = 0; st < TST; ++st) produce();
+  const int wg = threadIdx.x >> 7;
+  const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g4 = lane >> 2, t4 = lane & 3;
+  const int w_rows = (N + 127) / 128;  // 128-row weight blocks per expert (block mode)
+  int g = 0;
+  for (int t = blockIdx.x; cur.valid; t += gridDim.x, cur = fwd_tile<TBN>(t, offsets, E, n_tiles_n)) {
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    for (int kt = 0; kt < ktiles; ++kt, ++g) {
+      const int st = g % TST;
+      mbar_wait(bars + st * 8, uint32_t((g / TST) & 1));
+      const uint32_t sa = s0 + st * STAGE + wg * 64 * KB, sb = s0 + st * STAGE + A_TILE;
+      wgmma_fence();
+      if constexpr (kBlock) {
+        float part[64];
+        mma_stage<AFMT>(part, sa, sb, true);
+        wgmma_commit();
+        // This k-block's scales, read while the products run: one weight block, a row each.
+        const float sw = sc.w[(int64_t(cur.e) * w_rows + cur.n0 / 128) * sc.w_kb_stride + kt];
+        float f[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int m = wg * 64 + w * 16 + g4 + h * 8;
+          f[h] = m < cur.rows ? sc.a[int64_t(kt) * R + cur.row0 + m] * sw : 0.0f;
+        }
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[i] = fmaf(part[i], f[(i >> 1) & 1], acc[i]);
+      } else {
+        mma_stage<AFMT>(acc, sa, sb, false);
+        wgmma_commit();
+        wgmma_wait<1>();  // step g - 1 is done: its stage may be refilled
+      }
+      __syncthreads();
+      if (leader && g >= 1) produce();
+    }
+    wgmma_wait<0>();
+    float tensor_f = 1.0f;
+    if constexpr (MODE == int(Fp8ScaleMode::tensor)) tensor_f = sc.a[cur.e] * sc.w[cur.e];
+    TC* c_base = C + int64_t(cur.row0) * N;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = wg * 64 + w * 16 + g4 + h * 8;
+      if (m >= cur.rows) continue;
+      float fr = tensor_f;
+      if constexpr (MODE == int(Fp8ScaleMode::row)) fr = sc.a[cur.row0 + m];
+#pragma unroll
+      for (int j = 0; j < TBN / 8; ++j) {
+        const int n = cur.n0 + j * 8 + 2 * t4;
+        if (n >= N) continue;
+        float f0 = fr, f1 = fr;
+        if constexpr (MODE == int(Fp8ScaleMode::row)) {
+          f0 *= sc.w[int64_t(cur.e) * N + n];
+          f1 *= sc.w[int64_t(cur.e) * N + n + 1];
+        }
+        store2(c_base + int64_t(m) * N + n, acc[4 * j + 2 * h] * f0, acc[4 * j + 2 * h + 1] * f1, false);
+      }
+    }
+  }
+}
+
+// Weight gradient: dW[e] (N x K) += deq(dYt_e) deq(Xt_e)^T over the expert's padded token
+// segment, one block per (K tile, N tile, expert).
+template <int MODE, int AFMT, class TC>
+__global__ void __launch_bounds__(THREADS, MODE == int(Fp8ScaleMode::block) ? 1 : 2)
+    fp8_grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_dy, const __grid_constant__ CUtensorMap map_x,
+                             TC* dW, const int32_t* padded, int N, int K, Fp8GroupedScales sc) {
+  constexpr int TST = stages<MODE>();
+  constexpr bool kBlock = MODE == int(Fp8ScaleMode::block);
+  extern __shared__ char smem_raw[];
+  const int e = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * TBN;
+  const int p_begin = padded[e];
+  const int ktiles = (padded[e + 1] - p_begin) / KB;
+  if (ktiles == 0) return;  // no tokens: dW[e] stays as it is
+  const uint32_t s0 = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32_t bars = s0 + TST * STAGE;
+  const bool leader = threadIdx.x == 0;
+  if (leader) {
+    for (int st = 0; st < TST; ++st) mbar_init(bars + st * 8, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  auto issue = [&](int st, int kt) {
+    const uint32_t sa = s0 + st * STAGE, bar = bars + st * 8;
+    mbar_expect_tx(bar, STAGE);
+    tma_load_2d(sa, &map_dy, p_begin + kt * KB, m0, bar);
+    tma_load_2d(sa + A_TILE, &map_x, p_begin + kt * KB, n0, bar);
+  };
+  if (leader)
+    for (int st = 0; st < TST && st < ktiles; ++st) issue(st, st);
+  const int wg = threadIdx.x >> 7;
+  const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g4 = lane >> 2, t4 = lane & 3;
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  for (int kt = 0; kt < ktiles; ++kt) {
+    const int st = kt % TST;
+    mbar_wait(bars + st * 8, uint32_t((kt / TST) & 1));
+    const uint32_t sa = s0 + st * STAGE + wg * 64 * KB, sb = s0 + st * STAGE + A_TILE;
+    wgmma_fence();
+    if constexpr (kBlock) {
+      float part[64];
+      mma_stage<AFMT>(part, sa, sb, true);
+      wgmma_commit();
+      // Scales of this 128-token block: one per output row (dY^T) and one per column (X^T).
+      const int64_t pb = p_begin / KB + kt;
+      float fa[2], fb[TBN / 4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = m0 + wg * 64 + w * 16 + g4 + h * 8;
+        fa[h] = m < N ? sc.a[pb * N + m] : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < TBN / 8; ++j)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int n = n0 + j * 8 + 2 * t4 + q;
+          fb[2 * j + q] = n < K ? sc.w[pb * K + n] : 0.0f;
+        }
+      wgmma_wait<0>();
+#pragma unroll
+      for (int j = 0; j < TBN / 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const int i = 4 * j + 2 * h + q;
+            acc[i] = fmaf(part[i], fa[h] * fb[2 * j + q], acc[i]);
+          }
+    } else {
+      mma_stage<AFMT>(acc, sa, sb, false);
+      wgmma_commit();
+      wgmma_wait<1>();
+    }
+    __syncthreads();
+    if (leader && kt >= 1 && kt - 1 + TST < ktiles) issue((kt - 1) % TST, kt - 1 + TST);
+  }
+  wgmma_wait<0>();
+  TC* base = dW + int64_t(e) * N * K;
+  float tensor_f = 1.0f;
+  if constexpr (MODE == int(Fp8ScaleMode::tensor)) tensor_f = sc.a[e] * sc.w[e];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int m = m0 + wg * 64 + w * 16 + g4 + h * 8;
+    if (m >= N) continue;
+    float fr = tensor_f;
+    if constexpr (MODE == int(Fp8ScaleMode::row)) fr = sc.a[int64_t(e) * N + m];
+#pragma unroll
+    for (int j = 0; j < TBN / 8; ++j) {
+      const int n = n0 + j * 8 + 2 * t4;
+      if (n >= K) continue;
+      float f0 = fr, f1 = fr;
+      if constexpr (MODE == int(Fp8ScaleMode::row)) {
+        f0 *= sc.w[int64_t(e) * K + n];
+        f1 *= sc.w[int64_t(e) * K + n + 1];
+      }
+      store2(base + int64_t(m) * K + n, acc[4 * j + 2 * h] * f0, acc[4 * j + 2 * h + 1] * f1, true);
+    }
+  }
+}
+
+__global__ void padded_offsets_kernel(const int32_t* offsets, int E, int32_t* padded) {
+  if (threadIdx.x != 0) return;
+  int32_t p = 0;
+  for (int e = 0; e < E; ++e) {
+    padded[e] = p;
+    p += (offsets[e + 1] - offsets[e] + KB - 1) / KB * KB;
+  }
+  padded[E] = p;
+}
+
+// Transposed, padded quantization of an expert-segmented x [R, C]: block (column tile, padded
+// 128-token block p) stages its 128 tokens x 128 columns (zeros past the expert's tokens), takes
+// each column's amax over those tokens, then either max-reduces it into the expert's amax (the
+// pre-pass of tensor and row scaling) or writes the codes transposed, 128 tokens of a column per
+// warp as 32 four-code stores, and the scales that the wgrad kernel reads.
+template <class T, int kFormat, bool kAmaxPass>
+__global__ void __launch_bounds__(256)
+    segments_transposed_kernel(const T* __restrict__ x, int C, const int32_t* __restrict__ offsets,
+                               const int32_t* __restrict__ padded, int E, int64_t Rp, int mode, uint8_t* __restrict__ out,
+                               float* __restrict__ scale, unsigned* __restrict__ amax, float fmax) {
+  extern __shared__ float tile_smem[];  // [128][129] f32
+  auto tile = [&](int r, int c) -> float& { return tile_smem[r * (KB + 1) + c]; };
+  __shared__ float col_amax[KB];
+  __shared__ float shm[32];
+  const int64_t prow = int64_t(blockIdx.y) * KB;
+  if (prow >= padded[E]) return;
+  const int c0 = blockIdx.x * KB;
+  int e = 0;
+  while (e + 1 < E && padded[e + 1] <= prow) ++e;
+  const int64_t t0 = offsets[e] + (prow - padded[e]);
+  const int valid = int(offsets[e + 1] - t0 < KB ? offsets[e + 1] - t0 : KB);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int i = tid; i < KB * (KB / 8); i += 256) {
+    const int r = i / (KB / 8), c = (i % (KB / 8)) * 8;
+    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (r < valid && c0 + c < C) load8(x + (t0 + r) * C + c0 + c, v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) tile(r, c + j) = v[j];
+  }
+  __syncthreads();
+  for (int c = warp; c < KB; c += 8) {
+    float m = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) m = fmaxf(m, fabsf(tile(lane + 32 * j, c)));
+    m = warp_max(m);
+    if (lane == 0) col_amax[c] = m;
+  }
+  __syncthreads();
+  const auto smode = Fp8ScaleMode(mode);
+  if constexpr (kAmaxPass) {
+    if (smode == Fp8ScaleMode::row) {
+      for (int c = tid; c < KB && c0 + c < C; c += 256) atomicMax(amax + int64_t(e) * C + c0 + c, __float_as_uint(col_amax[c]));
+    } else {
+      const float m = block_max(tid < KB ? col_amax[tid] : 0.0f, shm);
+      if (tid == 0) atomicMax(amax + e, __float_as_uint(m));
+    }
+    return;
+  } else {
+    __shared__ float mult[KB];
+    for (int c = tid; c < KB; c += 256) {
+      float a = col_amax[c];
+      if (smode == Fp8ScaleMode::tensor) a = __uint_as_float(amax[e]);
+      else if (smode == Fp8ScaleMode::row) a = c0 + c < C ? __uint_as_float(amax[int64_t(e) * C + c0 + c]) : 0.0f;
+      mult[c] = multiplier_of(a, fmax);
+    }
+    __syncthreads();
+    for (int c = warp; c < KB; c += 8) {
+      if (c0 + c >= C) continue;
+      const int r = 4 * lane;
+      const float q = mult[c];
+      const uint32_t codes = encode4<kFormat>(__fmul_rn(tile(r, c), q), __fmul_rn(tile(r + 1, c), q),
+                                              __fmul_rn(tile(r + 2, c), q), __fmul_rn(tile(r + 3, c), q));
+      *reinterpret_cast<uint32_t*>(out + int64_t(c0 + c) * Rp + prow + r) = codes;
+    }
+    const bool first_block = prow == padded[e];
+    for (int c = tid; c < KB && c0 + c < C; c += 256) {
+      if (smode == Fp8ScaleMode::block) scale[int64_t(blockIdx.y) * C + c0 + c] = __fdiv_rn(1.0f, mult[c]);
+      else if (smode == Fp8ScaleMode::row && first_block) scale[int64_t(e) * C + c0 + c] = __fdiv_rn(1.0f, mult[c]);
+    }
+    if (smode == Fp8ScaleMode::tensor && first_block && blockIdx.x == 0 && tid == 0) scale[e] = __fdiv_rn(1.0f, mult[0]);
+  }
+}
+
+template <class Kernel>
+void raise_smem_once(Kernel kernel, int bytes) {
+  static std::set<const void*> done;
+  if (done.insert(reinterpret_cast<const void*>(kernel)).second)
+    MOELAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+// Picks the kernel instance for (scale mode, A format, output type) and launches it.
+template <template <int, int, class> class Launch, class... Args>
+void dispatch(Fp8ScaleMode mode, DType a_format, DType c_dtype, Args&&... args) {
+  auto with_c = [&](auto mode_c, auto fmt_c) {
+    if (c_dtype == DType::f32) Launch<decltype(mode_c)::value, decltype(fmt_c)::value, float>::run(args...);
+    else Launch<decltype(mode_c)::value, decltype(fmt_c)::value, bf16>::run(args...);
+  };
+  auto with_fmt = [&](auto mode_c) {
+    if (a_format == DType::e5m2) with_c(mode_c, std::integral_constant<int, 1>{});
+    else with_c(mode_c, std::integral_constant<int, 0>{});
+  };
+  switch (mode) {
+    case Fp8ScaleMode::tensor: with_fmt(std::integral_constant<int, 0>{}); break;
+    case Fp8ScaleMode::row: with_fmt(std::integral_constant<int, 1>{}); break;
+    case Fp8ScaleMode::block: with_fmt(std::integral_constant<int, 2>{}); break;
+  }
+}
+
+template <int MODE, int AFMT, class TC>
+struct LaunchForward {
+  static void run(const CUtensorMap& ma, const CUtensorMap& mb, void* C, const int32_t* offsets, int E, int N, int K,
+                  int64_t R, const Fp8GroupedScales& sc, int sms, cudaStream_t stream) {
+    auto kernel = fp8_grouped_fwd_kernel<MODE, AFMT, TC>;
+    constexpr int smem = smem_bytes<MODE>();
+    raise_smem_once(kernel, smem);
+    const int per_sm = MODE == int(Fp8ScaleMode::block) ? 1 : 2;
+    const int64_t tiles_max = int64_t((N + TBN - 1) / TBN) * ((R + BM - 1) / BM + E);
+    const unsigned grid = unsigned(std::min<int64_t>(tiles_max, int64_t(sms) * per_sm));
+    kernel<<<grid, THREADS, smem, stream>>>(ma, mb, static_cast<TC*>(C), offsets, E, N, K, R, sc);
+    MOELAB_CUDA_LAUNCH_CHECK("fp8_grouped_fwd_kernel");
+  }
+};
+
+template <int MODE, int AFMT, class TC>
+struct LaunchWgrad {
+  static void run(const CUtensorMap& my, const CUtensorMap& mx, void* dW, const int32_t* padded, int E, int N, int K,
+                  const Fp8GroupedScales& sc, cudaStream_t stream) {
+    auto kernel = fp8_grouped_wgrad_kernel<MODE, AFMT, TC>;
+    constexpr int smem = smem_bytes<MODE>();
+    raise_smem_once(kernel, smem);
+    const dim3 grid(unsigned((K + TBN - 1) / TBN), unsigned((N + BM - 1) / BM), unsigned(E));
+    kernel<<<grid, THREADS, smem, stream>>>(my, mx, static_cast<TC*>(dW), padded, N, K, sc);
+    MOELAB_CUDA_LAUNCH_CHECK("fp8_grouped_wgrad_kernel");
+  }
+};
+
+}  // namespace
+
+void forward_fp8(const uint8_t* A, DType a_format, const uint8_t* W, const Fp8GroupedScales& scales, void* C,
+                 DType c_dtype, const int32_t* offsets, int E, int64_t R, int N, int K, int sms, cudaStream_t stream) {
+  const CUtensorMap ma = make_map_fp8(A, R, K, BM), mb = make_map_fp8(W, int64_t(E) * N, K, TBN);
+  dispatch<LaunchForward>(scales.mode, a_format, c_dtype, ma, mb, C, offsets, E, N, K, R, scales, sms, stream);
+}
+
+void padded_offsets(const int32_t* offsets, int E, int32_t* padded, cudaStream_t stream) {
+  padded_offsets_kernel<<<1, 32, 0, stream>>>(offsets, E, padded);
+  MOELAB_CUDA_LAUNCH_CHECK("padded_offsets_kernel");
+}
+
+void wgrad_fp8(const uint8_t* dYt, DType dy_format, const uint8_t* Xt, const Fp8GroupedScales& scales, void* dW,
+               DType dw_dtype, const int32_t* padded, int E, int64_t Rp, int N, int K, cudaStream_t stream) {
+  const CUtensorMap my = make_map_fp8(dYt, N, Rp, BM), mx = make_map_fp8(Xt, K, Rp, TBN);
+  dispatch<LaunchWgrad>(scales.mode, dy_format, dw_dtype, my, mx, dW, padded, E, N, K, scales, stream);
+}
+
+void quantize_segments_transposed(const void* x, int64_t R, int C, const int32_t* offsets, const int32_t* padded,
+                                  int E, int64_t Rp, Fp8ScaleMode mode, DType format, uint8_t* out, float* scale,
+                                  unsigned* amax, cudaStream_t stream) {
+  (void)R;
+  const dim3 grid(unsigned((C + KB - 1) / KB), unsigned(Rp / KB));
+  const int smem = KB * (KB + 1) * int(sizeof(float));
+  const float fmax = fp8_max(format);
+  const bf16* px = static_cast<const bf16*>(x);
+  if (mode != Fp8ScaleMode::block) {
+    const size_t n = mode == Fp8ScaleMode::row ? size_t(E) * C : size_t(E);
+    MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, n * sizeof(unsigned), stream));
+    auto pass = segments_transposed_kernel<bf16, 0, true>;
+    raise_smem_once(pass, smem);
+    pass<<<grid, 256, smem, stream>>>(px, C, offsets, padded, E, Rp, int(mode), out, scale, amax, fmax);
+    MOELAB_CUDA_LAUNCH_CHECK("segments_transposed_kernel (amax)");
+  }
+  auto kernel = format == DType::e5m2 ? segments_transposed_kernel<bf16, 1, false> : segments_transposed_kernel<bf16, 0, false>;
+  raise_smem_once(kernel, smem);
+  kernel<<<grid, 256, smem, stream>>>(px, C, offsets, padded, E, Rp, int(mode), out, scale, amax, fmax);
+  MOELAB_CUDA_LAUNCH_CHECK("segments_transposed_kernel");
+}
+
+}  // namespace grouped_gemm
+
+// --- the backend ops ------------------------------------------------------------------------------
+
+namespace {
+
+grouped_gemm::Fp8ScaleMode scale_mode_of(Fp8Granularity token_side, Fp8Granularity weights, const char* op) {
+  using M = grouped_gemm::Fp8ScaleMode;
+  if (token_side == Fp8Granularity::tensor && weights == Fp8Granularity::tensor) return M::tensor;
+  if (token_side == Fp8Granularity::row && weights == Fp8Granularity::row) return M::row;
+  if (token_side == Fp8Granularity::block_1x128 && weights == Fp8Granularity::block_128x128) return M::block;
+  throw Error(std::string("cuda ") + op + ": granularity pair (" + fp8_granularity_name(token_side) + ", " +
+              fp8_granularity_name(weights) + ") is not an FP8 recipe of the grouped GEMM; the recipes are "
+              "tensorwise (tensor, tensor), rowwise (row, row) and blockwise (1x128, 128x128)");
+}
+
+int64_t scale_count(Fp8Granularity g, int64_t rows, int64_t k) {
+  int64_t n = 1;
+  for (int64_t d : fp8_scale_shape(g, rows, k)) n *= d;
+  return n;
+}
+
+}  // namespace
+
+void CudaBackend::grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W,
+                                     bool trans_w, Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) {
+  const char* op = "grouped_matmul_fp8";
+  require_dtype(A, DType::bf16, op, "A");
+  require_dtype(W, DType::bf16, op, "W (use the bf16 compute copy)");
+  require_float(C, op, "C");
+  require_dtype(offsets, DType::i32, op, "offsets");
+  require(a_format == DType::e4m3 || a_format == DType::e5m2, op, std::string("a_format must be e4m3 or e5m2, got ") + dtype_name(a_format));
+  require(W.ndim() == 3, op, "W must be [E, N, K] or [E, K, N], got " + W.describe());
+  const int E = int(W.dim(0));
+  const int N = int(trans_w ? W.dim(1) : W.dim(2)), K = int(trans_w ? W.dim(2) : W.dim(1));
+  require(offsets.numel() == E + 1, op, "offsets must be [E+1]");
+  require(A.cols() == K && C.cols() == N && C.rows() == A.rows(), op,
+          "A " + A.describe() + ", W " + W.describe() + ", C " + C.describe() + " do not agree");
+  require(K % 16 == 0 && N % 16 == 0, op, "K and N must be multiples of 16 (16-byte FP8 rows)");
+  const grouped_gemm::Fp8ScaleMode mode = scale_mode_of(a_gran, w_gran, op);
+  if (mode == grouped_gemm::Fp8ScaleMode::block)
+    require(N % 128 == 0, op, "blockwise scaling needs N a multiple of 128 (whole weight blocks per output tile), got " + std::to_string(N));
+  const int64_t R = A.rows();
+  if (R == 0) return;
+  // Token-side operand: straight copy; tensor scaling takes one scale per expert segment.
+  auto* qa = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_a, size_t(R) * K));
+  const int64_t na = a_gran == Fp8Granularity::tensor ? E : scale_count(a_gran, R, K);
+  auto* sa = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_a, size_t(na) * sizeof(float)));
+  const bool segments = a_gran == Fp8Granularity::tensor;
+  quantize_fp8_batch(A.data, A.dtype, 1, R, K, false, a_gran, qa, a_format, sa, segments ? offsets.as<int32_t>() : nullptr,
+                     segments ? E : 0);
+  // Weights, expert by expert, K-major: W^T copies for the data gradient.
+  auto* qw = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_b, size_t(E) * N * K));
+  const int64_t nw = scale_count(w_gran, N, K);
+  auto* sw = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_b, size_t(E * nw) * sizeof(float)));
+  quantize_fp8_batch(W.data, W.dtype, E, trans_w ? N : K, trans_w ? K : N, !trans_w, w_gran, qw, DType::e4m3, sw, nullptr, 0);
+  grouped_gemm::Fp8GroupedScales sc;
+  sc.mode = mode;
+  sc.a = sa;
+  sc.w = sw;
+  sc.w_kb_stride = int(((K + 127) / 128 + 3) / 4 * 4);
+  grouped_gemm::forward_fp8(qa, a_format, qw, sc, C.data, C.dtype, offsets.as<int32_t>(), E, R, N, K, sm_count_, stream_);
+}
+
+void CudaBackend::grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran,
+                                           Tensor& dW, const Tensor& offsets) {
+  const char* op = "grouped_matmul_wgrad_fp8";
+  require_dtype(dY, DType::bf16, op, "dY");
+  require_dtype(X, DType::bf16, op, "X");
+  require_float(dW, op, "dW");
+  require_dtype(offsets, DType::i32, op, "offsets");
+  require(dy_format == DType::e4m3 || dy_format == DType::e5m2, op, std::string("dy_format must be e4m3 or e5m2, got ") + dtype_name(dy_format));
+  require(dW.ndim() == 3, op, "dW must be [E, N, K], got " + dW.describe());
+  const int E = int(dW.dim(0)), N = int(dW.dim(1)), K = int(dW.dim(2));
+  require(offsets.numel() == E + 1 && dY.cols() == N && X.cols() == K && dY.rows() == X.rows(), op,
+          "dY " + dY.describe() + ", X " + X.describe() + ", dW " + dW.describe() + " do not agree");
+  require(K % 16 == 0 && N % 16 == 0, op, "K and N must be multiples of 16 (16-byte FP8 rows)");
+  using M = grouped_gemm::Fp8ScaleMode;
+  M mode = M::tensor;
+  if (gran == Fp8Granularity::row) mode = M::row;
+  else if (gran == Fp8Granularity::block_1x128) mode = M::block;
+  else require(gran == Fp8Granularity::tensor, op, std::string("the weight gradient's operands take tensor, row or 1x128 scaling, got ") + fp8_granularity_name(gran));
+  const int64_t R = dY.rows();
+  if (R == 0) return;
+  const int64_t Rp = grouped_gemm::padded_rows_bound(R, E);
+  auto* padded = static_cast<int32_t*>(scratch(ScratchSlot::fp8_grouped_offsets, size_t(E + 1) * sizeof(int32_t)));
+  grouped_gemm::padded_offsets(offsets.as<int32_t>(), E, padded, stream_);
+  auto* qdy = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_a, size_t(N) * Rp));
+  auto* qx = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_b, size_t(K) * Rp));
+  auto scales = [&](int64_t cols) { return mode == M::tensor ? int64_t(E) : mode == M::row ? E * cols : (Rp / 128) * cols; };
+  auto* sdy = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_a, size_t(scales(N)) * sizeof(float)));
+  auto* sx = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_b, size_t(scales(K)) * sizeof(float)));
+  auto* amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, size_t(E) * std::max(N, K) * sizeof(unsigned)));
+  grouped_gemm::quantize_segments_transposed(dY.data, R, N, offsets.as<int32_t>(), padded, E, Rp, mode, dy_format, qdy, sdy,
+                                             amax, stream_);
+  grouped_gemm::quantize_segments_transposed(X.data, R, K, offsets.as<int32_t>(), padded, E, Rp, mode, DType::e4m3, qx, sx,
+                                             amax, stream_);
+  grouped_gemm::Fp8GroupedScales sc;
+  sc.mode = mode;
+  sc.a = sdy;
+  sc.w = sx;
+  grouped_gemm::wgrad_fp8(qdy, dy_format, qx, sc, dW.data, dW.dtype, padded, E, Rp, N, K, stream_);
+}
+
+}  // namespace moelab
