@@ -37,13 +37,14 @@ TEST(ShippedSweeps, EveryRunHasAValidConfig) {
   EXPECT_GE(files, 4);
 }
 
-// The seed's matrices under its run names: v4's rows (its 13th, a kept failed attempt, comes
-// only from a retry) at 140 steps with the long ones at 360, and the 3 x 3 capacity ablation at
-// 280, all on the seed's recipe with its 2^19 tokens a step.
+// The seed's matrices under its run names: v4's 13 rows at 140 steps with the long ones at 360,
+// each name's precision as the seed's (bf16; fp8 on the dense linears for "noexpert"; fp8 on the
+// experts too for "fp8_experts"), and the 3 x 3 capacity ablation at 280 with FP8 experts, all
+// on the seed's recipe with its 2^19 tokens a step.
 TEST(ShippedSweeps, SeedMatrices) {
   const std::string dir = std::string(MOELAB_SOURCE_DIR) + "/configs/seed/";
   const lab::SweepSpec v4 = lab::load_sweep(dir + "v4.toml");
-  ASSERT_EQ(v4.runs.size(), 12u);
+  ASSERT_EQ(v4.runs.size(), 13u);
   int long_runs = 0;
   for (const lab::PlannedRun& run : v4.runs) {
     Config c = load_config(v4.base_config.string());
@@ -58,6 +59,10 @@ TEST(ShippedSweeps, SeedMatrices) {
     EXPECT_EQ(c.exec, eager ? "eager" : "graph") << run.name;
     EXPECT_EQ(c.optim.muon_variant, "normuon");
     EXPECT_TRUE(c.model.value_embeddings && c.model.scalar_lambdas);
+    const bool bf16 = run.name.find("bf16") != std::string::npos;
+    const bool dense_only = run.name.find("noexpert") != std::string::npos;
+    EXPECT_EQ(c.precision, bf16 ? "bf16" : "fp8") << run.name;
+    if (!bf16) EXPECT_EQ(c.fp8.layers, dense_only ? "dense" : "all") << run.name;
   }
   EXPECT_EQ(long_runs, 2);
   const lab::SweepSpec cap = lab::load_sweep(dir + "capacity.toml");
@@ -66,6 +71,8 @@ TEST(ShippedSweeps, SeedMatrices) {
     Config c = load_config(cap.base_config.string());
     for (const auto& [key, value] : run.overrides) apply_override(c, key + "=" + value);
     EXPECT_EQ(c.train.steps, 280) << run.name;
+    EXPECT_EQ(c.precision, "fp8") << run.name;
+    EXPECT_EQ(c.fp8.layers, "all") << run.name;
   }
 }
 
