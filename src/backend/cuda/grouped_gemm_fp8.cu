@@ -291,8 +291,11 @@ __global__ void padded_offsets_kernel(const int32_t* offsets, int E, int32_t* pa
   padded[E] = p;
 }
 
+// Columns per block of the segment quantizer: 64 keeps its f32 tile at 33 KB (six blocks an SM).
+constexpr int SEG_COLS = 64;
+
 // Transposed, padded quantization of an expert-segmented x [R, C]: block (column tile, padded
-// 128-token block p) stages its 128 tokens x 128 columns (zeros past the expert's tokens), takes
+// 128-token block p) stages its 128 tokens x SEG_COLS columns (zeros past the expert's tokens), takes
 // each column's amax over those tokens, then either max-reduces it into the expert's amax (the
 // pre-pass of tensor and row scaling) or writes the codes transposed, 128 tokens of a column per
 // warp as 32 four-code stores, and the scales that the wgrad kernel reads.
@@ -301,27 +304,27 @@ __global__ void __launch_bounds__(256)
     segments_transposed_kernel(const T* __restrict__ x, int C, const int32_t* __restrict__ offsets,
                                const int32_t* __restrict__ padded, int E, int64_t Rp, int mode, uint8_t* __restrict__ out,
                                float* __restrict__ scale, unsigned* __restrict__ amax, float fmax) {
-  extern __shared__ float tile_smem[];  // [128][129] f32
-  auto tile = [&](int r, int c) -> float& { return tile_smem[r * (KB + 1) + c]; };
-  __shared__ float col_amax[KB];
+  extern __shared__ float tile_smem[];  // [KB][SEG_COLS + 1] f32 (odd row stride: column reads hit 32 banks)
+  auto tile = [&](int r, int c) -> float& { return tile_smem[r * (SEG_COLS + 1) + c]; };
+  __shared__ float col_amax[SEG_COLS];
   __shared__ float shm[32];
   const int64_t prow = int64_t(blockIdx.y) * KB;
   if (prow >= padded[E]) return;
-  const int c0 = blockIdx.x * KB;
+  const int c0 = blockIdx.x * SEG_COLS;
   int e = 0;
   while (e + 1 < E && padded[e + 1] <= prow) ++e;
   const int64_t t0 = offsets[e] + (prow - padded[e]);
   const int valid = int(offsets[e + 1] - t0 < KB ? offsets[e + 1] - t0 : KB);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int i = tid; i < KB * (KB / 8); i += 256) {
-    const int r = i / (KB / 8), c = (i % (KB / 8)) * 8;
+  for (int i = tid; i < KB * (SEG_COLS / 8); i += 256) {
+    const int r = i / (SEG_COLS / 8), c = (i % (SEG_COLS / 8)) * 8;
     float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (r < valid && c0 + c < C) load8(x + (t0 + r) * C + c0 + c, v);
 #pragma unroll
     for (int j = 0; j < 8; ++j) tile(r, c + j) = v[j];
   }
   __syncthreads();
-  for (int c = warp; c < KB; c += 8) {
+  for (int c = warp; c < SEG_COLS; c += 8) {
     float m = 0.0f;
 #pragma unroll
     for (int j = 0; j < 4; ++j) m = fmaxf(m, fabsf(tile(lane + 32 * j, c)));
@@ -332,22 +335,22 @@ __global__ void __launch_bounds__(256)
   const auto smode = Fp8ScaleMode(mode);
   if constexpr (kAmaxPass) {
     if (smode == Fp8ScaleMode::row) {
-      for (int c = tid; c < KB && c0 + c < C; c += 256) atomicMax(amax + int64_t(e) * C + c0 + c, __float_as_uint(col_amax[c]));
+      for (int c = tid; c < SEG_COLS && c0 + c < C; c += 256) atomicMax(amax + int64_t(e) * C + c0 + c, __float_as_uint(col_amax[c]));
     } else {
-      const float m = block_max(tid < KB ? col_amax[tid] : 0.0f, shm);
+      const float m = block_max(tid < SEG_COLS ? col_amax[tid] : 0.0f, shm);
       if (tid == 0) atomicMax(amax + e, __float_as_uint(m));
     }
     return;
   } else {
-    __shared__ float mult[KB];
-    for (int c = tid; c < KB; c += 256) {
+    __shared__ float mult[SEG_COLS];
+    for (int c = tid; c < SEG_COLS; c += 256) {
       float a = col_amax[c];
       if (smode == Fp8ScaleMode::tensor) a = __uint_as_float(amax[e]);
       else if (smode == Fp8ScaleMode::row) a = c0 + c < C ? __uint_as_float(amax[int64_t(e) * C + c0 + c]) : 0.0f;
       mult[c] = multiplier_of(a, fmax);
     }
     __syncthreads();
-    for (int c = warp; c < KB; c += 8) {
+    for (int c = warp; c < SEG_COLS; c += 8) {
       if (c0 + c >= C) continue;
       const int r = 4 * lane;
       const float q = mult[c];
@@ -356,7 +359,7 @@ __global__ void __launch_bounds__(256)
       *reinterpret_cast<uint32_t*>(out + int64_t(c0 + c) * Rp + prow + r) = codes;
     }
     const bool first_block = prow == padded[e];
-    for (int c = tid; c < KB && c0 + c < C; c += 256) {
+    for (int c = tid; c < SEG_COLS && c0 + c < C; c += 256) {
       if (smode == Fp8ScaleMode::block) scale[int64_t(blockIdx.y) * C + c0 + c] = __fdiv_rn(1.0f, mult[c]);
       else if (smode == Fp8ScaleMode::row && first_block) scale[int64_t(e) * C + c0 + c] = __fdiv_rn(1.0f, mult[c]);
     }
@@ -440,8 +443,8 @@ void quantize_segments_transposed(const void* x, int64_t R, int C, const int32_t
                                   int E, int64_t Rp, Fp8ScaleMode mode, DType format, uint8_t* out, float* scale,
                                   unsigned* amax, cudaStream_t stream) {
   (void)R;
-  const dim3 grid(unsigned((C + KB - 1) / KB), unsigned(Rp / KB));
-  const int smem = KB * (KB + 1) * int(sizeof(float));
+  const dim3 grid(unsigned((C + SEG_COLS - 1) / SEG_COLS), unsigned(Rp / KB));
+  const int smem = KB * (SEG_COLS + 1) * int(sizeof(float));
   const float fmax = fp8_max(format);
   const bf16* px = static_cast<const bf16*>(x);
   if (mode != Fp8ScaleMode::block) {
