@@ -45,11 +45,14 @@ std::string val_csv(const Experiment& ex) {
 
 std::string summary_csv(const std::vector<RunSummary>& rows, int64_t tail, const std::string& baseline) {
   std::ostringstream os;
+  // The table's columns with unrounded numbers, then the error line of a failed run.
   auto cols = summary_columns(tail, baseline);
+  cols.push_back("error");
   for (size_t i = 0; i < cols.size(); ++i) os << (i ? "," : "") << csv_field(cols[i]);
   os << '\n';
   for (const auto& r : rows) {
-    auto cells = summary_cells(r, !baseline.empty());
+    auto cells = summary_cells(r, !baseline.empty(), /*exact=*/true);
+    cells.push_back(r.error);
     for (size_t i = 0; i < cells.size(); ++i) os << (i ? "," : "") << csv_field(cells[i] == "-" ? "" : cells[i]);
     os << '\n';
   }

@@ -75,6 +75,24 @@ void failures_section(std::ostringstream& os, const Experiment& ex) {
   os << '\n';
 }
 
+// The seed report's "Dynamic Compile Status": each run whose name says dynamic, with its error
+// when it failed, else its state.
+void dynamic_section(std::ostringstream& os, const Experiment& ex) {
+  std::vector<const RunRecord*> dynamic;
+  for (const auto& r : ex.runs)
+    if (r.name.find("dynamic") != std::string::npos) dynamic.push_back(&r);
+  if (dynamic.empty()) return;
+  os << "## Dynamic Compile Status\n\n";
+  for (const auto* r : dynamic) {
+    if (r->state == RunState::failed)
+      os << "- " << md_code(r->name) << " failed with: " << (r->error.empty() ? "(no error line recorded)" : md_code(r->error))
+         << '\n';
+    else
+      os << "- " << md_code(r->name) << " status: " << md_code(state_name(r->state)) << '\n';
+  }
+  os << '\n';
+}
+
 void moe_section(std::ostringstream& os, const std::vector<RunSummary>& rows, const ReportOptions& opt,
                  const std::vector<std::string>& figures) {
   std::vector<std::vector<std::string>> cells;
@@ -203,6 +221,7 @@ std::string render_markdown(const Experiment& ex, const std::vector<RunSummary>&
 
   repeats_section(os, rows, opt);
   failures_section(os, ex);
+  dynamic_section(os, ex);
   moe_section(os, rows, opt, figures);
   config_section(os, ex);
   problems_section(os, ex);

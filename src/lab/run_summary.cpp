@@ -2,6 +2,7 @@
 #include "lab/run_summary.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -61,6 +62,7 @@ RunSummary summarize_run(const RunRecord& rec, int64_t tail) {
   RunSummary s;
   s.name = rec.name;
   s.state = rec.state;
+  if (rec.state == RunState::failed) s.error = rec.error;
   s.steps_observed = int64_t(rec.steps.size());
   if (!rec.steps.empty()) {
     s.last_step = rec.steps.back().step;
@@ -190,21 +192,29 @@ std::vector<std::string> summary_columns(int64_t tail, const std::string& baseli
   return cols;
 }
 
-std::vector<std::string> summary_cells(const RunSummary& s, bool with_baseline) {
+std::string format_exact(double v) {
+  if (!known(v)) return "-";
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);  // shortest text that reads back as v
+  return ec == std::errc() ? std::string(buf, end) : format_number(v, 6);
+}
+
+std::vector<std::string> summary_cells(const RunSummary& s, bool with_baseline, bool exact) {
+  auto num = [&](double v, int decimals) { return exact ? format_exact(v) : format_number(v, decimals); };
   std::vector<std::string> cells = {s.name,
                                     state_name(s.state),
                                     std::to_string(s.steps_observed),
                                     s.last_step >= 0 ? std::to_string(s.last_step) : "-",
-                                    format_number(s.last_loss, 4),
-                                    format_number(s.tail_tok_sec, 0),
-                                    format_number(s.tail_mfu, 2),
-                                    format_number(s.tail_dt_ms, 1),
-                                    format_number(s.peak_mem_mib, 2),
-                                    format_number(s.total_time_min, 2),
-                                    format_number(s.last_val_loss, 4),
-                                    format_number(s.best_val_loss, 4),
-                                    format_number(s.last_val_bpb, 4),
-                                    format_number(s.best_val_bpb, 4)};
+                                    num(s.last_loss, 4),
+                                    num(s.tail_tok_sec, 0),
+                                    num(s.tail_mfu, 2),
+                                    num(s.tail_dt_ms, 1),
+                                    num(s.peak_mem_mib, 2),
+                                    num(s.total_time_min, 2),
+                                    num(s.last_val_loss, 4),
+                                    num(s.best_val_loss, 4),
+                                    num(s.last_val_bpb, 4),
+                                    num(s.best_val_bpb, 4)};
   if (with_baseline)
     cells.insert(cells.end(), {format_change(s.val_loss_change_pct), format_change(s.val_bpb_change_pct),
                                format_change(s.tok_sec_change_pct)});

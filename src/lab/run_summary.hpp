@@ -29,6 +29,7 @@ struct RunSummary {
   double tail_load_imbalance = kUnknown;  // max expert load / mean expert load, worst layer
   int64_t moe_layers = 0;
   int64_t experts = 0;
+  std::string error;  // the run's error line when it failed
 };
 
 // Mean of the known values among the last `tail` steps' field; unknown when there are none.
@@ -63,6 +64,10 @@ std::string format_stat(const RepeatGroup::Stat& s, int decimals);
 
 // The summary table's header and one row's cells, shared by markdown and CSV.
 std::vector<std::string> summary_columns(int64_t tail, const std::string& baseline);
-std::vector<std::string> summary_cells(const RunSummary& s, bool with_baseline);
+// exact: numbers as the shortest text that reads back to the same double (the CSV), instead of
+// the table's fixed decimals.
+std::vector<std::string> summary_cells(const RunSummary& s, bool with_baseline, bool exact = false);
+// The shortest round-trip text of v ("-" for unknown).
+std::string format_exact(double v);
 
 }  // namespace moelab::lab

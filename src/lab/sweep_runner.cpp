@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <ctime>
+#include <filesystem>
 #include <deque>
 #include <iostream>
 #include <memory>
@@ -394,6 +396,20 @@ class Sweep {
     return true;
   }
 
+  // A timestamped copy of each report the queue writes (reports/report_YYYYMMDD_HHMMSS.md), so
+  // the experiment's history survives as the seed's queue kept it.
+  void keep_report_copy() {
+    const std::time_t now = std::time(nullptr);
+    std::tm tm{};
+    localtime_r(&now, &tm);
+    char stamp[32];
+    std::strftime(stamp, sizeof stamp, "%Y%m%d_%H%M%S", &tm);
+    const std::filesystem::path dir = outcome_.exp_dir / "reports";
+    std::filesystem::create_directories(dir);
+    std::filesystem::copy_file(outcome_.report, dir / (std::string("report_") + stamp + ".md"),
+                               std::filesystem::copy_options::overwrite_existing);
+  }
+
   void write_report() {
     if (!opt_.report) return;
     try {
@@ -401,6 +417,7 @@ class Sweep {
       ro.exp_dir = outcome_.exp_dir;
       ro.tail = opt_.tail;
       outcome_.report = lab::write_report(ro).markdown;
+      keep_report_copy();
     } catch (const std::exception& e) {
       out_ << "[sweep] warning: report not written: " << e.what() << std::endl;
     }

@@ -66,7 +66,27 @@ TEST(Report, NanochatLogsGiveTheSeedTable) {
   EXPECT_NE(md.find("Generated at: 20"), std::string::npos);
   EXPECT_NE(md.find("`metrics/moe-fp8-ablation_steps.csv`"), std::string::npos);
   std::string csv = read_text(dir / "metrics" / "moe-fp8-ablation_summary.csv");
-  EXPECT_NE(csv.find("moe_fp8_experts_dynamic,failed,1,0,10.3978,12912,0.16,40602.2,,,,,,\n"), std::string::npos) << csv;
+  // The CSV: unrounded numbers and the error line; the seed's Dynamic Compile Status section.
+  EXPECT_NE(csv.find(",best_val_bpb,error\n"), std::string::npos) << csv;
+  EXPECT_NE(csv.find("moe_fp8_experts_dynamic,failed,1,0,10.3978,12912,0.16,40602.2,,,,,,,"
+                     "InductorError: AssertionError: -859663773703483/1000000000000000\n"),
+            std::string::npos)
+      << csv;
+  {  // tail means unrounded (the mean of 50 equal values need not print as that value)
+    const std::string head = "moe_fp8_noexperts_static,completed,140,139,4.6716,982070,";
+    const size_t at = csv.find(head);
+    ASSERT_NE(at, std::string::npos) << csv;
+    size_t used = 0;
+    const std::string rest = csv.substr(at + head.size());
+    EXPECT_NEAR(std::stod(rest, &used), 11.88, 1e-9);
+    EXPECT_NEAR(std::stod(rest.substr(used + 1)), 537.8, 1e-9);
+    EXPECT_NE(rest.find(",23231.91,1.59,,,,,\n"), std::string::npos) << rest;
+  }
+  EXPECT_NE(md.find("## Dynamic Compile Status\n\n- `moe_fp8_experts_dynamic` failed with: `InductorError: "
+                    "AssertionError: -859663773703483/1000000000000000`\n- `moe_fp8_dynamic_long` status: `running`\n"),
+            std::string::npos)
+      << md;
+  EXPECT_EQ(md.find("- `moe_fp8_noexperts_static` status:"), std::string::npos) << md;
   std::string steps = read_text(dir / "metrics" / "moe-fp8-ablation_steps.csv");
   EXPECT_EQ(steps.rfind("run,step,loss,bal,dt_ms,tok_sec,mfu\n", 0), 0u);
   EXPECT_NE(steps.find("moe_fp8_noexperts_static,139,4.671600,0.010200,537.80,982070,11.88\n"), std::string::npos);

@@ -111,6 +111,14 @@ set = { exec = "eager" }
   EXPECT_NE(md.find("retry `flaky` status: `completed`"), std::string::npos);
   EXPECT_NE(log.str().find("[sweep] report: "), std::string::npos);
   EXPECT_NE(log.str().find("[sweep] run 5/5 hang: step "), std::string::npos);
+  // A timestamped copy of the report is kept after the runs (reports/report_YYYYMMDD_HHMMSS.md),
+  // the newest equal to report.md.
+  std::vector<std::filesystem::path> copies;
+  for (const auto& e : std::filesystem::directory_iterator(out / "reports")) copies.push_back(e.path());
+  ASSERT_FALSE(copies.empty());
+  std::sort(copies.begin(), copies.end());
+  EXPECT_EQ(copies.back().filename().string().rfind("report_20", 0), 0u) << copies.back();
+  EXPECT_EQ(read_text(copies.back()), md);
 
   // The same command again: completed runs are skipped, failed ones run again with the old
   // attempt kept aside.
