@@ -96,24 +96,49 @@ struct RowGroups {
     while (e + 1 < experts && offsets[e + 1] <= r) ++e;
     return e;
   }
+  // One past the last row of group g.
+  __device__ __forceinline__ int64_t end(int g) const {
+    return offsets ? int64_t(offsets[g + 1]) : (group_rows == INT64_MAX ? INT64_MAX : (g + 1) * group_rows);
+  }
 };
 
-// amax of each row group (RowGroups) of x [rows, cols], one warp per row, atomicMax into out[group].
+// amax of each row group (RowGroups) of x [rows, cols]: each warp takes a run of rows_per_warp
+// consecutive rows and keeps a running maximum while the group stays the same (groups are runs of
+// rows), so it issues one atomicMax into out[group] per group it touches, not one per row (E
+// addresses taking an atomic per row serialize).
 template <class T>
 __global__ void amax_row_groups_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, RowGroups groups,
-                                       unsigned* __restrict__ out) {
-  const int64_t r = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+                                       int64_t rows_per_warp, unsigned* __restrict__ out) {
+  const int64_t w = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
-  if (r >= rows) return;
+  const int64_t r0 = w * rows_per_warp, r1 = min(rows, r0 + rows_per_warp);
+  if (r0 >= rows) return;
+  int g = groups.of(r0);
+  int64_t g_end = groups.end(g);
   float m = 0.0f;
-  for (int64_t c = 8 * lane; c < cols; c += 256) {
-    float v[8];
-    load8(x + r * cols + c, v);
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r >= g_end) {  // the same for every lane of the warp
+      m = warp_max(m);
+      if (lane == 0) atomicMax(out + g, __float_as_uint(m));
+      m = 0.0f;
+      g = groups.of(r);
+      g_end = groups.end(g);
+    }
+    for (int64_t c = 8 * lane; c < cols; c += 256) {
+      float v[8];
+      load8(x + r * cols + c, v);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+      for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+    }
   }
   m = warp_max(m);
-  if (lane == 0) atomicMax(out + groups.of(r), __float_as_uint(m));
+  if (lane == 0) atomicMax(out + g, __float_as_uint(m));
+}
+
+// Launch shape of amax_row_groups_kernel: 16 rows a warp, 8 warps a block.
+constexpr int64_t kAmaxRowsPerWarp = 16;
+inline unsigned amax_row_groups_blocks(int64_t rows) {
+  return unsigned((rows + 8 * kAmaxRowsPerWarp - 1) / (8 * kAmaxRowsPerWarp));
 }
 
 // scale[g] = 1 / multiplier of group g's amax (every group's scale, empty ones included).
@@ -354,7 +379,8 @@ void CudaBackend::quantize_fp8_batch(const void* x, DType x_dtype, int64_t batch
           amax_all_kernel<T><<<unsigned(std::min<int64_t>(2 * sm_count_, (all_rows * xc / 8 + 255) / 256 + 1)), 256, 0, stream_>>>(
               px, all_rows * xc, amax);
         else
-          amax_row_groups_kernel<T><<<unsigned((all_rows + 7) / 8), 256, 0, stream_>>>(px, all_rows, xc, groups, amax);
+          amax_row_groups_kernel<T><<<amax_row_groups_blocks(all_rows), 256, 0, stream_>>>(px, all_rows, xc, groups,
+                                                                                  kAmaxRowsPerWarp, amax);
         MOELAB_CUDA_LAUNCH_CHECK("fp8 amax");
         group_scales_kernel<<<unsigned((ngroups + 255) / 256), 256, 0, stream_>>>(amax, ngroups, fmax, scale);
         MOELAB_CUDA_LAUNCH_CHECK("fp8 group scales");
@@ -392,7 +418,8 @@ void CudaBackend::quantize_fp8_batch(const void* x, DType x_dtype, int64_t batch
       else {
         RowGroups groups;
         groups.group_rows = xr;
-        amax_row_groups_kernel<T><<<unsigned((all_rows + 7) / 8), 256, 0, stream_>>>(px, all_rows, xc, groups, amax);
+        amax_row_groups_kernel<T><<<amax_row_groups_blocks(all_rows), 256, 0, stream_>>>(px, all_rows, xc, groups,
+                                                                                  kAmaxRowsPerWarp, amax);
       }
       MOELAB_CUDA_LAUNCH_CHECK("fp8 amax");
     } else if (a.source == AmaxSource::per_col) {
