@@ -137,11 +137,7 @@ __global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2) grouped_fwd_tma_k
   const int n0 = blockIdx.x * TBN;
   const int ktiles = (K + BK - 1) / BK;
   const bool leader = threadIdx.x == 0;
-  if (leader) {
-    for (int st = 0; st < TST; ++st) mbar_init(bars + st * 8, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
+  init_stage_barriers(bars, TST, leader);
   auto issue = [&](int st, int kt) {
     uint32_t sa = s0 + st * (A_BYTES + TBN * BK * 2), bar = bars + st * 8;
     mbar_expect_tx(bar, A_BYTES + TBN * BK * 2);

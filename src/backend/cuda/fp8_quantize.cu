@@ -32,6 +32,19 @@ constexpr int kThreads = 256;
 enum class AmaxSource : int { global, per_row, per_col, tile_row, tile_col, tile };
 
 
+// This lane's share of a row's amax: elements 8 * lane + 256 i (cols a multiple of 8).
+template <class T>
+__device__ __forceinline__ float lane_row_amax(const T* row, int64_t cols, int lane) {
+  float m = 0.0f;
+  for (int64_t c = 8 * lane; c < cols; c += 256) {
+    float v[8];
+    load8(row + c, v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
+  }
+  return m;
+}
+
 template <class T>
 __global__ void amax_all_kernel(const T* __restrict__ x, int64_t n, unsigned* __restrict__ out) {
   __shared__ float shm[32];
@@ -55,13 +68,7 @@ __global__ void amax_rows_kernel(const T* __restrict__ x, int64_t rows, int64_t 
   const int64_t r = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (r >= rows) return;
-  float m = 0.0f;
-  for (int64_t c = 8 * lane; c < cols; c += 256) {
-    float v[8];
-    load8(x + r * cols + c, v);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
-  }
+  float m = lane_row_amax(x + r * cols, cols, lane);
   m = warp_max(m);
   if (lane == 0) out[r] = __float_as_uint(m);
 }
@@ -124,12 +131,7 @@ __global__ void amax_row_groups_kernel(const T* __restrict__ x, int64_t rows, in
       g = groups.of(r);
       g_end = groups.end(g);
     }
-    for (int64_t c = 8 * lane; c < cols; c += 256) {
-      float v[8];
-      load8(x + r * cols + c, v);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
-    }
+    m = fmaxf(m, lane_row_amax(x + r * cols, cols, lane));
   }
   m = warp_max(m);
   if (lane == 0) atomicMax(out + g, __float_as_uint(m));
@@ -161,14 +163,7 @@ __global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict_
   if (g == Fp8Granularity::tensor) {  // the group's scale is written by group_scales_kernel
     mult = multiplier_of(__uint_as_float(amax_all[groups.of(r)]), fmax);
   } else if (g == Fp8Granularity::row) {
-    float m = 0.0f;
-    for (int64_t c = 8 * lane; c < cols; c += 256) {
-      float v[8];
-      load8(row + c, v);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
-    }
-    mult = multiplier_of(warp_max(m), fmax);
+    mult = multiplier_of(warp_max(lane_row_amax(row, cols, lane)), fmax);
     if (lane == 0) scale[r] = __fdiv_rn(1.0f, mult);
   }
   for (int64_t c0 = 0; c0 < cols; c0 += 256) {

@@ -97,11 +97,7 @@ __global__ void __launch_bounds__(THREADS, MODE == int(Fp8ScaleMode::block) ? 1 
   const uint32_t bars = s0 + TST * STAGE;
   const int ktiles = (K + KB - 1) / KB;
   const bool leader = threadIdx.x == 0;
-  if (leader) {
-    for (int st = 0; st < TST; ++st) mbar_init(bars + st * 8, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
+  init_stage_barriers(bars, TST, leader);
   int p_t = blockIdx.x, p_k = 0, p_g = 0;
   FwdTile p_tile = cur;
   auto produce = [&] {
@@ -197,11 +193,7 @@ __global__ void __launch_bounds__(THREADS, MODE == int(Fp8ScaleMode::block) ? 1 
   const uint32_t s0 = (smem_u32(smem_raw) + 1023) & ~1023u;
   const uint32_t bars = s0 + TST * STAGE;
   const bool leader = threadIdx.x == 0;
-  if (leader) {
-    for (int st = 0; st < TST; ++st) mbar_init(bars + st * 8, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
+  init_stage_barriers(bars, TST, leader);
   auto issue = [&](int st, int kt) {
     const uint32_t sa = s0 + st * STAGE, bar = bars + st * 8;
     mbar_expect_tx(bar, STAGE);

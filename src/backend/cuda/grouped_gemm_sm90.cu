@@ -49,11 +49,7 @@ __global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2)
   const uint32_t bars = s0 + TST * STAGE;
   const int ktiles = (K + BK - 1) / BK;
   const bool leader = threadIdx.x == 0;
-  if (leader) {
-    for (int st = 0; st < TST; ++st) mbar_init(bars + st * 8, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
+  init_stage_barriers(bars, TST, leader);
   // Producer cursor (used by the leader only): the tile and k-step of the next load.
   int p_t = blockIdx.x, p_k = 0, p_g = 0;
   FwdTile p_tile = cur;
@@ -143,11 +139,7 @@ __global__ void __launch_bounds__(THREADS, TBN == 128 ? 2 : 1) grouped_wgrad_tma
   const uint32_t s0 = (smem_u32(smem_raw) + 1023) & ~1023u;
   const uint32_t bars = s0 + TST * (A_BYTES + TBN * BK * 2);
   const bool leader = threadIdx.x == 0;
-  if (leader) {
-    for (int st = 0; st < TST; ++st) mbar_init(bars + st * 8, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
+  init_stage_barriers(bars, TST, leader);
   auto issue = [&](int st, int kt) {
     uint32_t sa = s0 + st * (A_BYTES + TBN * BK * 2), bar = bars + st * 8;
     int r = k_begin + kt * BK;

@@ -24,6 +24,15 @@ constexpr int tma_smem_bytes() { return TST * (A_BYTES + TBN * BK * 2) + 1024 + 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
 }
+// One mbarrier per pipeline stage (8 bytes apart from `bars`), initialised by the leader thread and
+// made visible to the copy engine before any thread of the block waits on them.
+__device__ __forceinline__ void init_stage_barriers(uint32_t bars, int stages, bool leader) {
+  if (leader) {
+    for (int st = 0; st < stages; ++st) mbar_init(bars + st * 8, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+}
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
