@@ -272,6 +272,10 @@ class CudaFp8Grouped : public CudaFp8 {
 };
 
 TEST_F(CudaFp8Grouped, ForwardAndDataGradientMatchTheCpuEmulation) {
+  // Capacity dispatch leaves rows past the last expert's end unused, holding whatever an earlier
+  // step left: 48 such rows of huge values must not reach any expert's scales.
+  const int64_t used = R;
+  R = used + 48;
   Pair off = offsets(offsets_of(counts));
   for (const GroupedRecipe& r : kGroupedRecipes)
     for (DType fmt : {DType::e4m3, DType::e5m2})
@@ -281,7 +285,9 @@ TEST_F(CudaFp8Grouped, ForwardAndDataGradientMatchTheCpuEmulation) {
           const int64_t K = trans_w ? 384 : 256, N = trans_w ? 256 : 384;
           const std::string what = std::string(fp8_granularity_name(r.act)) + " x " + fp8_granularity_name(r.weight) + " " +
                                    dtype_name(fmt) + (trans_w ? " forward" : " dgrad") + (f32_out ? " -> f32" : " -> bf16");
-          Pair a = both({R, K}, spread(R, K));
+          std::vector<float> av = spread(R, K);
+          for (int64_t i = used * K; i < R * K; ++i) av[size_t(i)] = round_to_bf16(3e4f);
+          Pair a = both({R, K}, av);
           const Shape ws = trans_w ? Shape{E, N, K} : Shape{E, K, N};
           Pair w = both(ws, values(E * N * K, 0.05));
           Pair c{cpu->alloc({R, N}, DType::f32), gpu->alloc({R, N}, f32_out ? DType::f32 : DType::bf16)};
@@ -294,7 +300,10 @@ TEST_F(CudaFp8Grouped, ForwardAndDataGradientMatchTheCpuEmulation) {
             ADD_FAILURE() << what << ": " << e.what();
             continue;
           }
-          EXPECT_LT(nerr(gpu->read(c.g), cpu->read(c.c)), f32_out ? 2e-3 : 1e-2) << what << " (seed " << seed << ")";
+          std::vector<float> cg = gpu->read(c.g), cc = cpu->read(c.c);
+          cg.resize(size_t(used * N));  // rows past the experts are not written
+          cc.resize(size_t(used * N));
+          EXPECT_LT(nerr(cg, cc), f32_out ? 2e-3 : 1e-2) << what << " (seed " << seed << ")";
         }
 }
 

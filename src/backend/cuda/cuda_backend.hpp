@@ -153,7 +153,8 @@ class CudaBackend : public Backend {
   // quantize_fp8 of `batch` [xr, xc] matrices stored one after another, each with its own
   // groups: codes [batch * rows, K] into out, scales of one member after another into scale
   // (fp8_scale_shape's layout each). With segments (E + 1 expert offsets), a single straight
-  // matrix with tensor scaling takes one scale per expert segment instead (scale [E]).
+  // matrix with tensor scaling takes one scale per expert segment instead (scale [E]); rows past
+  // the last segment (capacity dispatch's unused tail) enter no scale.
   void quantize_fp8_batch(const void* x, DType x_dtype, int64_t batch, int64_t xr, int64_t xc, bool transpose,
                           Fp8Granularity g, uint8_t* out, DType format, float* scale, const int32_t* segments,
                           int segment_count);

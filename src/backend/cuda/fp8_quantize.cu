@@ -103,6 +103,11 @@ struct RowGroups {
     while (e + 1 < experts && offsets[e + 1] <= r) ++e;
     return e;
   }
+  // One past the last row that belongs to a group: rows past the last expert segment (capacity
+  // dispatch's unused tail, whatever it holds) belong to none.
+  __device__ __forceinline__ int64_t rows_end(int64_t rows) const {
+    return offsets ? min(rows, int64_t(offsets[experts])) : rows;
+  }
   // One past the last row of group g.
   __device__ __forceinline__ int64_t end(int g) const {
     return offsets ? int64_t(offsets[g + 1]) : (group_rows == INT64_MAX ? INT64_MAX : (g + 1) * group_rows);
@@ -118,8 +123,9 @@ __global__ void amax_row_groups_kernel(const T* __restrict__ x, int64_t rows, in
                                        int64_t rows_per_warp, unsigned* __restrict__ out) {
   const int64_t w = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
-  const int64_t r0 = w * rows_per_warp, r1 = min(rows, r0 + rows_per_warp);
-  if (r0 >= rows) return;
+  const int64_t last = groups.rows_end(rows);
+  const int64_t r0 = w * rows_per_warp, r1 = min(last, r0 + rows_per_warp);
+  if (r0 >= last) return;
   int g = groups.of(r0);
   int64_t g_end = groups.end(g);
   float m = 0.0f;
