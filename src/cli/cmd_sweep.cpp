@@ -2,7 +2,8 @@
 // current. Ctrl-C stops the children (their whole process groups), marks them failed as
 // interrupted, writes the report and exits 130; running the same command again resumes. Every
 // run's config is checked before the first run starts; the exit code is 1 when any run failed for
-// good, 0 only when all completed. --dry-run prints the plan and starts nothing.
+// good, 0 only when all completed. --dry-run prints the plan and starts nothing; --only keeps the
+// named runs of the file.
 #include <csignal>
 #include <cstdio>
 #include <optional>
@@ -79,6 +80,7 @@ void add_sweep_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("sweep", "Run a sweep file's training runs (queue, retries) and write its report");
   struct Args {
     std::string file, out, train_cmd;
+    std::vector<std::string> only;
     int workers = 0;
     int64_t tail = 50;
     double progress = 5, grace = 10;
@@ -93,14 +95,18 @@ void add_sweep_command(CLI::App& app) {
   cmd->add_option("--progress", args->progress, "seconds between progress lines");
   cmd->add_option("--grace", args->grace, "seconds between SIGTERM and SIGKILL when stopping a run");
   cmd->add_flag("--no-report", args->no_report, "do not write the report");
+  cmd->add_option("--only", args->only, "run only these runs of the file (names as --dry-run lists them; comma-separated or repeated)")
+      ->delimiter(',');
   cmd->add_flag("--dry-run", args->dry_run, "check every run's config and print each run with what it changes; start nothing");
   cmd->add_option("--train-cmd", args->train_cmd, "program run for each training run instead of `moelab train` (for tests)")
       ->group("");
   cmd->callback([args] {
     lab::SweepSpec spec = lab::load_sweep(args->file);
     std::vector<std::vector<std::string>> diffs;
-    if (args->train_cmd.empty()) {  // the real trainer: its configs can be checked here
+    if (args->train_cmd.empty())  // the real trainer: repeats get their seeds before any selection
       lab::vary_repeat_seeds(spec, load_config(spec.base_config.string()).train.seed);
+    if (!args->only.empty()) lab::select_runs(spec, args->only);
+    if (args->train_cmd.empty()) {  // its configs can be checked here
       diffs = preflight(spec);
     }
     if (args->dry_run) {

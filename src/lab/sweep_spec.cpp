@@ -1,6 +1,8 @@
 // Sweep file loading and expansion into planned runs (see sweep_spec.hpp).
 #include "lab/sweep_spec.hpp"
 
+#include <algorithm>
+
 #include <functional>
 #include <map>
 #include <regex>
@@ -290,6 +292,24 @@ SweepSpec sweep_from_toml_text(const std::string& text, const std::filesystem::p
     spec.on_failure.push_back(std::move(rule));
   });
   return spec;
+}
+
+void select_runs(SweepSpec& spec, const std::vector<std::string>& names) {
+  std::string unknown;
+  for (const auto& n : names) {
+    bool found = false;
+    for (const auto& r : spec.runs) found = found || r.name == n;
+    if (!found) unknown += (unknown.empty() ? "\"" : ", \"") + n + "\"";
+  }
+  if (!unknown.empty()) {
+    std::string all;
+    for (const auto& r : spec.runs) all += (all.empty() ? "" : ", ") + r.name;
+    throw Error(spec.file.string() + ": --only names no run " + unknown + "; its runs are: " + all);
+  }
+  std::vector<PlannedRun> kept;
+  for (auto& r : spec.runs)
+    if (std::find(names.begin(), names.end(), r.name) != names.end()) kept.push_back(std::move(r));
+  spec.runs = std::move(kept);
 }
 
 void vary_repeat_seeds(SweepSpec& spec, int64_t base_seed) {

@@ -70,6 +70,10 @@ double parse_duration(const std::string& text, const std::string& what);
 // Repeat 0 keeps its seed, so a sweep with repeat = 1 runs exactly the configs it names.
 void vary_repeat_seeds(SweepSpec& spec, int64_t base_seed);
 
+// Keeps only the planned runs whose names are listed (in the sweep's order), for rerunning a few
+// rows of a matrix; throws naming each unknown name and the runs there are.
+void select_runs(SweepSpec& spec, const std::vector<std::string>& names);
+
 // Merge overrides: later keys replace earlier ones in place.
 Overrides merge_overrides(Overrides base, const Overrides& more);
 
