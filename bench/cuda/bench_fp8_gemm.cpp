@@ -17,6 +17,7 @@
 #include "backend/cuda/cuda_check.hpp"
 #include "core/rng.hpp"
 #include "bench_check.hpp"
+#include "bench_operands.hpp"
 #include "bench_timing.hpp"
 
 using namespace moelab;
@@ -25,20 +26,10 @@ namespace {
 
 double median_ms(CudaBackend& be, const std::function<void()>& fn) { return median_event_ms(be.stream(), fn, 3, 30); }
 
-
-
 struct Recipe {
   const char* name;
   Fp8Granularity act, weight;
 };
-
-QuantizedOperand operand(CudaBackend& be, int64_t rows, int64_t k, Fp8Granularity g, DType fmt) {
-  QuantizedOperand q;
-  q.granularity = g;
-  q.data = be.alloc({rows, k}, fmt);
-  q.scale = be.alloc(fp8_scale_shape(g, rows, k), DType::f32);
-  return q;
-}
 
 }  // namespace
 
@@ -49,13 +40,7 @@ int main() {
   }
   CudaBackend be;
   Rng rng(1);
-  auto rand = [&](const Shape& s, float scale) {
-    Tensor t = be.alloc(s, DType::bf16);
-    std::vector<float> v(size_t(t.numel()));
-    for (auto& x : v) x = float(rng.normal()) * scale;
-    be.write(t, v);
-    return t;
-  };
+  auto rand = [&](const Shape& s, float scale) { return random_bf16(be, rng, s, scale); };
   struct Linear {
     const char* name;
     int64_t tokens, out, in;
@@ -90,16 +75,16 @@ int main() {
         QuantizedOperand qa, qb;
         std::function<void()> quant;
         if (g == 0) {
-          qa = operand(be, L.tokens, L.in, r.act, DType::e4m3);
-          qb = operand(be, L.out, L.in, r.weight, DType::e4m3);
+          qa = fp8_operand(be, L.tokens, L.in, r.act, DType::e4m3);
+          qb = fp8_operand(be, L.out, L.in, r.weight, DType::e4m3);
           quant = [&] { be.quantize_fp8(x, false, qa); be.quantize_fp8(w, false, qb); };
         } else if (g == 1) {
-          qa = operand(be, L.tokens, L.out, r.act, DType::e5m2);
-          qb = operand(be, L.in, L.out, r.weight, DType::e4m3);
+          qa = fp8_operand(be, L.tokens, L.out, r.act, DType::e5m2);
+          qb = fp8_operand(be, L.in, L.out, r.weight, DType::e4m3);
           quant = [&] { be.quantize_fp8(dy, false, qa); be.quantize_fp8(w, true, qb); };
         } else {
-          qa = operand(be, L.out, L.tokens, r.act, DType::e5m2);
-          qb = operand(be, L.in, L.tokens, r.act, DType::e4m3);
+          qa = fp8_operand(be, L.out, L.tokens, r.act, DType::e5m2);
+          qb = fp8_operand(be, L.in, L.tokens, r.act, DType::e4m3);
           quant = [&] { be.quantize_fp8(dy, true, qa); be.quantize_fp8(x, true, qb); };
         }
         std::function<void()> gemm = [&] {

@@ -18,6 +18,7 @@
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/grouped_gemm_fp8.cuh"
 #include "bench_check.hpp"
+#include "bench_operands.hpp"
 #include "bench_timing.hpp"
 #include "core/rng.hpp"
 
@@ -26,14 +27,6 @@ using namespace moelab;
 namespace {
 
 double median_ms(CudaBackend& be, const std::function<void()>& fn) { return median_event_ms(be.stream(), fn, 3, 20); }
-
-QuantizedOperand operand(CudaBackend& be, int64_t rows, int64_t k, Fp8Granularity g, DType fmt) {
-  QuantizedOperand q;
-  q.granularity = g;
-  q.data = be.alloc({rows, k}, fmt);
-  q.scale = be.alloc(fp8_scale_shape(g, rows, k), DType::f32);
-  return q;
-}
 
 double tflops(double flops, double ms) { return flops / (ms * 1e-3) / 1e12; }
 
@@ -48,13 +41,7 @@ int main() {
   Rng rng(7);
   const int E = 8;
   const int64_t R = 32768, D = 768, H = 1536;
-  auto rand = [&](const Shape& s, float scale) {
-    Tensor t = be.alloc(s, DType::bf16);
-    std::vector<float> v(size_t(t.numel()));
-    for (auto& x : v) x = float(rng.normal()) * scale;
-    be.write(t, v);
-    return t;
-  };
+  auto rand = [&](const Shape& s, float scale) { return random_bf16(be, rng, s, scale); };
   // Uneven routing: each row to a uniformly drawn expert.
   std::vector<int32_t> counts(E, 0);
   for (int64_t r = 0; r < R; ++r) ++counts[size_t(rng.uniform() * E) % E];
@@ -97,8 +84,8 @@ int main() {
       bf16_ms = median_ms(be, [&] { be.grouped_matmul(A, W, g.trans_w, C, offsets); });
       const std::vector<float> ref = be.read(C);
       // The kernel alone: operands quantized once (rowwise; W^T expert by expert for the dgrad).
-      QuantizedOperand qa = operand(be, R, g.K, Fp8Granularity::row, DType::e4m3);
-      QuantizedOperand qw = operand(be, E * g.N, g.K, Fp8Granularity::row, DType::e4m3);
+      QuantizedOperand qa = fp8_operand(be, R, g.K, Fp8Granularity::row, DType::e4m3);
+      QuantizedOperand qw = fp8_operand(be, E * g.N, g.K, Fp8Granularity::row, DType::e4m3);
       be.quantize_fp8(A, false, qa);
       for (int e = 0; e < E; ++e) {
         QuantizedOperand qe;
@@ -117,7 +104,7 @@ int main() {
       });
       err = nerr(be.read(Cf), ref);
       // cuBLASLt of the same total size: [R, K] x [N, K]^T.
-      QuantizedOperand lb = operand(be, g.N, g.K, Fp8Granularity::row, DType::e4m3);
+      QuantizedOperand lb = fp8_operand(be, g.N, g.K, Fp8Granularity::row, DType::e4m3);
       be.quantize_fp8(W.index(0), !g.trans_w, lb);
       lt_fp8_ms = median_ms(be, [&] { be.matmul_fp8(qa, lb, Cf, 1.0f, 0.0f, true); });
       Tensor W0 = W.index(0);
@@ -140,10 +127,10 @@ int main() {
       Tensor sdy = be.alloc({E * g.N}, DType::f32), sx = be.alloc({E * g.K}, DType::f32);
       Tensor amax = be.alloc({E * std::max(g.N, g.K)}, DType::f32);
       grouped_gemm::padded_offsets(offsets.as<int32_t>(), E, padded.as<int32_t>(), be.stream());
-      grouped_gemm::quantize_segments_transposed(dY.data, R, int(g.N), offsets.as<int32_t>(), padded.as<int32_t>(), E, Rp,
+      grouped_gemm::quantize_segments_transposed(dY.data, int(g.N), offsets.as<int32_t>(), padded.as<int32_t>(), E, Rp,
                                                  grouped_gemm::Fp8ScaleMode::row, DType::e5m2, qdy.as<uint8_t>(),
                                                  sdy.as<float>(), static_cast<unsigned*>(amax.data), be.stream());
-      grouped_gemm::quantize_segments_transposed(X.data, R, int(g.K), offsets.as<int32_t>(), padded.as<int32_t>(), E, Rp,
+      grouped_gemm::quantize_segments_transposed(X.data, int(g.K), offsets.as<int32_t>(), padded.as<int32_t>(), E, Rp,
                                                  grouped_gemm::Fp8ScaleMode::row, DType::e4m3, qx.as<uint8_t>(),
                                                  sx.as<float>(), static_cast<unsigned*>(amax.data), be.stream());
       grouped_gemm::Fp8GroupedScales sc;
@@ -159,8 +146,8 @@ int main() {
       err = nerr(be.read(dWf), ref);
       kernel_ms = median_ms(be, kernel);
       // cuBLASLt of the same total size: dY^T [N, R] x X^T [K, R]^T.
-      QuantizedOperand la = operand(be, g.N, R, Fp8Granularity::row, DType::e5m2);
-      QuantizedOperand lb = operand(be, g.K, R, Fp8Granularity::row, DType::e4m3);
+      QuantizedOperand la = fp8_operand(be, g.N, R, Fp8Granularity::row, DType::e5m2);
+      QuantizedOperand lb = fp8_operand(be, g.K, R, Fp8Granularity::row, DType::e4m3);
       be.quantize_fp8(dY, true, la);
       be.quantize_fp8(X, true, lb);
       Tensor dW0 = dWf.index(0);

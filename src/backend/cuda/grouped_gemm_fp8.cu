@@ -431,10 +431,9 @@ void wgrad_fp8(const uint8_t* dYt, DType dy_format, const uint8_t* Xt, const Fp8
   dispatch<LaunchWgrad>(scales.mode, dy_format, dw_dtype, my, mx, dW, padded, E, N, K, scales, stream);
 }
 
-void quantize_segments_transposed(const void* x, int64_t R, int C, const int32_t* offsets, const int32_t* padded,
+void quantize_segments_transposed(const void* x, int C, const int32_t* offsets, const int32_t* padded,
                                   int E, int64_t Rp, Fp8ScaleMode mode, DType format, uint8_t* out, float* scale,
                                   unsigned* amax, cudaStream_t stream) {
-  (void)R;
   const dim3 grid(unsigned((C + SEG_COLS - 1) / SEG_COLS), unsigned(Rp / KB));
   const int smem = KB * (SEG_COLS + 1) * int(sizeof(float));
   const float fmax = fp8_max(format);
@@ -546,9 +545,9 @@ void CudaBackend::grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, co
   auto* sdy = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_a, size_t(scales(N)) * sizeof(float)));
   auto* sx = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_b, size_t(scales(K)) * sizeof(float)));
   auto* amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, size_t(E) * std::max(N, K) * sizeof(unsigned)));
-  grouped_gemm::quantize_segments_transposed(dY.data, R, N, offsets.as<int32_t>(), padded, E, Rp, mode, dy_format, qdy, sdy,
+  grouped_gemm::quantize_segments_transposed(dY.data, N, offsets.as<int32_t>(), padded, E, Rp, mode, dy_format, qdy, sdy,
                                              amax, stream_);
-  grouped_gemm::quantize_segments_transposed(X.data, R, K, offsets.as<int32_t>(), padded, E, Rp, mode, DType::e4m3, qx, sx,
+  grouped_gemm::quantize_segments_transposed(X.data, K, offsets.as<int32_t>(), padded, E, Rp, mode, DType::e4m3, qx, sx,
                                              amax, stream_);
   grouped_gemm::Fp8GroupedScales sc;
   sc.mode = mode;

@@ -50,7 +50,7 @@ void wgrad_fp8(const uint8_t* dYt, DType dy_format, const uint8_t* Xt, const Fp8
 // that wgrad_fp8 reads: out [C, Rp] codes of `format`, scales as wgrad_fp8 lists them for `mode`
 // (tensor and row scales over each expert's own tokens, 1x128 tiles along them). amax is device
 // scratch of at least E * C unsigned values.
-void quantize_segments_transposed(const void* x, int64_t R, int C, const int32_t* offsets, const int32_t* padded,
+void quantize_segments_transposed(const void* x, int C, const int32_t* offsets, const int32_t* padded,
                                   int E, int64_t Rp, Fp8ScaleMode mode, DType format, uint8_t* out, float* scale,
                                   unsigned* amax, cudaStream_t stream);
 
