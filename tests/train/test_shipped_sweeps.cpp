@@ -62,7 +62,9 @@ TEST(ShippedSweeps, SeedMatrices) {
     const bool bf16 = run.name.find("bf16") != std::string::npos;
     const bool dense_only = run.name.find("noexpert") != std::string::npos;
     EXPECT_EQ(c.precision, bf16 ? "bf16" : "fp8") << run.name;
-    if (!bf16) EXPECT_EQ(c.fp8.layers, dense_only ? "dense" : "all") << run.name;
+    if (!bf16) {
+      EXPECT_EQ(c.fp8.layers, dense_only ? "dense" : "all") << run.name;
+    }
   }
   EXPECT_EQ(long_runs, 2);
   const lab::SweepSpec cap = lab::load_sweep(dir + "capacity.toml");
