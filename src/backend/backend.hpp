@@ -141,6 +141,14 @@ class Backend {
   // weight or data gradient needs to be K-major). out.data and out.scale must have the shapes
   // above. An all-zero x gives zero data and finite scales.
   virtual void quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand& out) = 0;
+  // Both copies of x at once, exactly as quantize_fp8(x, false, straight) and
+  // quantize_fp8(x, true, transposed) give them (the data and weight gradients of a linear read
+  // the same dy both ways); both take the same format and granularity. A backend may read x once
+  // for the two (CUDA does).
+  virtual void quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight, QuantizedOperand& transposed) {
+    quantize_fp8(x, false, straight);
+    quantize_fp8(x, true, transposed);
+  }
   // C[M, N] = alpha * deq(A) deq(B)^T + beta * C with A.data [M, K], B.data [N, K] (the TN
   // product), accumulated in f32; C bf16 or f32. Supported granularity pairs: (tensor, tensor),
   // (row, row), and the block pairs (1x128, 128x128), (128x128, 1x128), (1x128, 1x128); at most
@@ -158,6 +166,15 @@ class Backend {
                                   bool trans_w, Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) = 0;
   virtual void grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran,
                                         Tensor& dW, const Tensor& offsets) = 0;
+  // The backward of one expert GEMM y = x W_e^T in FP8: dX = grouped_matmul_fp8(dY, ..., W,
+  // trans_w = false, ...) and dW += grouped_matmul_wgrad_fp8(dY, ..., X, ...), exactly as those two
+  // calls give them. A backend may quantize dY once for both products (CUDA does).
+  virtual void grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran, const Tensor& W,
+                                           Fp8Granularity w_gran, const Tensor& X, Tensor& dX, Tensor& dW,
+                                           const Tensor& offsets) {
+    grouped_matmul_fp8(dY, dy_format, a_gran, W, false, w_gran, dX, offsets);
+    grouped_matmul_wgrad_fp8(dY, dy_format, X, a_gran, dW, offsets);
+  }
 
   // --- embedding --------------------------------------------------------------------------------
   // out[t] = wte[tokens[t]]; out is [N, D] in act dtype.

@@ -423,8 +423,7 @@ void GptMoE::head_loss(const Tensor& targets, float loss_scale, bool backward) {
                      loss_rows, logits);
     if (backward) {
       Tensor dx = dxf_.rows_slice(r0, r1);
-      lin_.dgrad(fp8_head_, logits, head_->compute, dx, 0.0f, same_w);
-      lin_.wgrad(fp8_head_, logits, x, head_->grad);
+      lin_.backward(fp8_head_, logits, head_->compute, x, dx, head_->grad, 0.0f, same_w);
     }
   }
 }
@@ -432,11 +431,9 @@ void GptMoE::head_loss(const Tensor& targets, float loss_scale, bool backward) {
 void GptMoE::dense_backward(Param& fc, Param& proj, const Tensor& xn, const Tensor& h, const Tensor& a,
                             const Tensor& dy, Tensor& dxn, bool accumulate) {
   Tensor da = da_.prefix(h.shape), dh = dh_.prefix(h.shape);
-  lin_.dgrad(fp8_dense_, dy, proj.compute, da);
-  lin_.wgrad(fp8_dense_, dy, a, proj.grad);
+  lin_.backward(fp8_dense_, dy, proj.compute, a, da, proj.grad);
   be_.relu2_bwd(h, da, dh);
-  lin_.dgrad(fp8_dense_, dh, fc.compute, dxn, accumulate ? 1.0f : 0.0f);
-  lin_.wgrad(fp8_dense_, dh, xn, fc.grad);
+  lin_.backward(fp8_dense_, dh, fc.compute, xn, dxn, fc.grad, accumulate ? 1.0f : 0.0f);
 }
 
 void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
@@ -445,11 +442,9 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
     return;
   }
   be_.moe_combine_bwd(dy, l.yp, l.slot, l.gates, dyp_, dgates_);
-  lin_.expert_dgrad(fp8_experts_, dyp_, l.w_proj->compute, dap_, l.offsets);
-  lin_.expert_wgrad(fp8_experts_, dyp_, l.ap, l.w_proj->grad, l.offsets);
+  lin_.expert_backward(fp8_experts_, dyp_, l.w_proj->compute, l.ap, dap_, l.w_proj->grad, l.offsets);
   be_.relu2_bwd(l.hp, dap_, dhp_);
-  lin_.expert_dgrad(fp8_experts_, dhp_, l.w_fc->compute, dxp_, l.offsets);
-  lin_.expert_wgrad(fp8_experts_, dhp_, l.xp, l.w_fc->grad, l.offsets);
+  lin_.expert_backward(fp8_experts_, dhp_, l.w_fc->compute, l.xp, dxp_, l.w_fc->grad, l.offsets);
   be_.fill(dxn, 0.0f);
   be_.moe_permute_bwd(dxp_, l.slot, dxn);
   be_.router_bwd(l.probs, l.topk, l.gates, dgates_, l.routed, bal_loss_coef_, bal_scale_, dlogits_r_);
@@ -465,17 +460,13 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
 
 void GptMoE::attention_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
   Tensor datt = tokens_by_features(datt_);
-  lin_.dgrad(fp8_dense_, dy, l.wo->compute, datt);
-  lin_.wgrad(fp8_dense_, dy, tokens_by_features(l.att), l.wo->grad);
+  lin_.backward(fp8_dense_, dy, l.wo->compute, tokens_by_features(l.att), datt, l.wo->grad);
   be_.attention_bwd(l.qr, l.kr, l.v, l.att, l.lse, datt_, dq_, dk_, dv_, l.window);
   be_.rope_norm_bwd(l.q, cos_, sin_, l.rstd_q, dq_, dqraw_);
   be_.rope_norm_bwd(l.k, cos_, sin_, l.rstd_k, dk_, dkraw_);
-  lin_.dgrad(fp8_dense_, tokens_by_features(dqraw_), l.wq->compute, dxn);
-  lin_.dgrad(fp8_dense_, tokens_by_features(dkraw_), l.wk->compute, dxn, 1.0f);
-  lin_.dgrad(fp8_dense_, tokens_by_features(dv_), l.wv->compute, dxn, 1.0f);
-  lin_.wgrad(fp8_dense_, tokens_by_features(dqraw_), l.xn1, l.wq->grad);
-  lin_.wgrad(fp8_dense_, tokens_by_features(dkraw_), l.xn1, l.wk->grad, LinearGemms::same_x);
-  lin_.wgrad(fp8_dense_, tokens_by_features(dv_), l.xn1, l.wv->grad, LinearGemms::same_x);
+  lin_.backward(fp8_dense_, tokens_by_features(dqraw_), l.wq->compute, l.xn1, dxn, l.wq->grad);
+  lin_.backward(fp8_dense_, tokens_by_features(dkraw_), l.wk->compute, l.xn1, dxn, l.wk->grad, 1.0f, LinearGemms::same_x);
+  lin_.backward(fp8_dense_, tokens_by_features(dv_), l.wv->compute, l.xn1, dxn, l.wv->grad, 1.0f, LinearGemms::same_x);
 }
 
 void GptMoE::forward_backward(const Tensor& tokens, const Tensor& targets, float loss_scale, float bal_scale) {

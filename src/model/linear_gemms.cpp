@@ -31,7 +31,7 @@ void LinearGemms::plan(int64_t tokens, int64_t out, int64_t in) {
   if (!fp8_) return;
   a_.need(tokens, in, act_);    // forward: x
   a_.need(tokens, out, act_);   // dgrad: dy
-  a_.need(out, tokens, act_);   // wgrad: dy^T
+  at_.need(out, tokens, act_);  // wgrad: dy^T
   w_.need(out, in, weight_);    // forward: W
   wt_.need(in, out, weight_);   // dgrad: W^T
   xt_.need(in, tokens, act_);   // wgrad: x^T
@@ -39,18 +39,14 @@ void LinearGemms::plan(int64_t tokens, int64_t out, int64_t in) {
 
 void LinearGemms::allocate() {
   if (!fp8_) return;
-  for (Slot* s : {&a_, &w_, &wt_, &xt_}) {
+  for (Slot* s : {&a_, &at_, &w_, &wt_, &xt_}) {
     s->data = be_.alloc({std::max<int64_t>(s->data_elems, 1)}, DType::e4m3);
     s->scale = be_.alloc({std::max<int64_t>(s->scale_elems, 1)}, DType::f32);
     be_.fill(s->scale, 1.0f);
   }
 }
 
-QuantizedOperand LinearGemms::quantize(Slot& slot, const Tensor& x, bool transpose, DType format, Fp8Granularity g,
-                                       bool reuse) {
-  if (reuse && slot.src == x.data && slot.src_shape == x.shape && slot.src_transposed == transpose &&
-      slot.src_format == format && slot.last.granularity == g)
-    return slot.last;
+QuantizedOperand LinearGemms::operand(Slot& slot, const Tensor& x, bool transpose, DType format, Fp8Granularity g) const {
   const int64_t xr = x.numel() / std::max<int64_t>(x.cols(), 1), xc = x.cols();
   const int64_t rows = transpose ? xc : xr, k = transpose ? xr : xc;
   const Shape sshape = fp8_scale_shape(g, rows, k);
@@ -64,12 +60,25 @@ QuantizedOperand LinearGemms::quantize(Slot& slot, const Tensor& x, bool transpo
   q.data = slot.data.prefix({rows, k});
   q.data.dtype = format;  // e4m3 and e5m2 share the byte buffer
   q.scale = slot.scale.prefix(sshape);
-  be_.quantize_fp8(x, transpose, q);
+  return q;
+}
+
+void LinearGemms::remember(Slot& slot, const Tensor& x, bool transpose, DType format, const QuantizedOperand& q) {
   slot.src = x.data;
   slot.src_shape = x.shape;
   slot.src_transposed = transpose;
   slot.src_format = format;
   slot.last = q;
+}
+
+QuantizedOperand LinearGemms::quantize(Slot& slot, const Tensor& x, bool transpose, DType format, Fp8Granularity g,
+                                       bool reuse) {
+  if (reuse && slot.src == x.data && slot.src_shape == x.shape && slot.src_transposed == transpose &&
+      slot.src_format == format && slot.last.granularity == g)
+    return slot.last;
+  QuantizedOperand q = operand(slot, x, transpose, format, g);
+  be_.quantize_fp8(x, transpose, q);
+  remember(slot, x, transpose, format, q);
   return q;
 }
 
@@ -83,24 +92,22 @@ void LinearGemms::forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y,
   be_.matmul_fp8(a, b, y, 1.0f, beta, /*fast_accum=*/true);
 }
 
-void LinearGemms::dgrad(bool fp8, const Tensor& dy, const Tensor& W, Tensor& dx, float beta, unsigned reuse) {
+void LinearGemms::backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, Tensor& dx, Tensor& dW,
+                           float beta, unsigned reuse) {
   if (!(fp8 && fp8_)) {
     be_.matmul(dy, false, W, false, dx, 1.0f, beta);
-    return;
-  }
-  QuantizedOperand a = quantize(a_, dy, false, grad_format_, act_, false);
-  QuantizedOperand b = quantize(wt_, W, true, DType::e4m3, weight_, reuse & same_w);
-  be_.matmul_fp8(a, b, dx, 1.0f, beta);
-}
-
-void LinearGemms::wgrad(bool fp8, const Tensor& dy, const Tensor& x, Tensor& dW, unsigned reuse) {
-  if (!(fp8 && fp8_)) {
     be_.matmul(dy, true, x, false, dW, 1.0f, 1.0f);
     return;
   }
-  QuantizedOperand a = quantize(a_, dy, true, grad_format_, act_, false);
-  QuantizedOperand b = quantize(xt_, x, true, DType::e4m3, act_, reuse & same_x);
-  be_.matmul_fp8(a, b, dW, 1.0f, 1.0f);
+  QuantizedOperand g = operand(a_, dy, false, grad_format_, act_);
+  QuantizedOperand gt = operand(at_, dy, true, grad_format_, act_);
+  be_.quantize_fp8_pair(dy, g, gt);
+  remember(a_, dy, false, grad_format_, g);
+  remember(at_, dy, true, grad_format_, gt);
+  QuantizedOperand wt = quantize(wt_, W, true, DType::e4m3, weight_, reuse & same_w);
+  be_.matmul_fp8(g, wt, dx, 1.0f, beta);
+  QuantizedOperand xt = quantize(xt_, x, true, DType::e4m3, act_, reuse & same_x);
+  be_.matmul_fp8(gt, xt, dW, 1.0f, 1.0f);
 }
 
 void LinearGemms::expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets) {
@@ -108,14 +115,14 @@ void LinearGemms::expert_forward(bool fp8, const Tensor& x, const Tensor& W, Ten
   be_.grouped_matmul_fp8(x, DType::e4m3, act_, W, true, weight_, y, offsets);
 }
 
-void LinearGemms::expert_dgrad(bool fp8, const Tensor& dy, const Tensor& W, Tensor& dx, const Tensor& offsets) {
-  if (!(fp8 && fp8_)) return be_.grouped_matmul(dy, W, false, dx, offsets);
-  be_.grouped_matmul_fp8(dy, grad_format_, act_, W, false, weight_, dx, offsets);
-}
-
-void LinearGemms::expert_wgrad(bool fp8, const Tensor& dy, const Tensor& x, Tensor& dW, const Tensor& offsets) {
-  if (!(fp8 && fp8_)) return be_.grouped_matmul_wgrad(dy, x, dW, offsets, 1.0f);
-  be_.grouped_matmul_wgrad_fp8(dy, grad_format_, x, act_, dW, offsets);
+void LinearGemms::expert_backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, Tensor& dx, Tensor& dW,
+                                  const Tensor& offsets) {
+  if (!(fp8 && fp8_)) {
+    be_.grouped_matmul(dy, W, false, dx, offsets);
+    be_.grouped_matmul_wgrad(dy, x, dW, offsets, 1.0f);
+    return;
+  }
+  be_.grouped_matmul_backward_fp8(dy, grad_format_, act_, W, weight_, x, dx, dW, offsets);
 }
 
 }  // namespace moelab

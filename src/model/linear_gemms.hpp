@@ -8,6 +8,7 @@
 //   forward  y  = x W^T    A = x [T, in]          B = W [out, in]
 //   dgrad    dx = dy W     A = dy [T, out]        B = W^T [in, out]   (transposed copy)
 //   wgrad    dW += dy^T x  A = dy^T [out, T]      B = x^T [in, T]     (transposed copies)
+// The backward quantizes dy once into its two copies (dy for dgrad, dy^T for wgrad).
 // Quantized copies live in one buffer per role (see Slot), planned in the constructor.
 // Formats: x and W in e4m3, dy in fp8.grad_format. Scaling by fp8.recipe: tensorwise and
 // rowwise everywhere alike; blockwise puts 1x128 tiles on activations and gradients and
@@ -38,17 +39,18 @@ class LinearGemms {
 
   // y = x W^T + beta y.
   void forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, float beta = 0.0f, unsigned reuse = none);
-  // dx = dy W + beta dx.
-  void dgrad(bool fp8, const Tensor& dy, const Tensor& W, Tensor& dx, float beta = 0.0f, unsigned reuse = none);
-  // dW += dy^T x.
-  void wgrad(bool fp8, const Tensor& dy, const Tensor& x, Tensor& dW, unsigned reuse = none);
+  // The backward of y = x W^T: dx = dy W + beta dx and dW += dy^T x. In FP8, dy is quantized
+  // once into both copies the two products read (quantize_fp8_pair). same_w reuses W^T,
+  // same_x reuses x^T.
+  void backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, Tensor& dx, Tensor& dW, float beta = 0.0f,
+                unsigned reuse = none);
 
   // The experts' GEMMs over permuted rows grouped by offsets (W [E, N, K]), in FP8 by the same
   // recipe with one set of scales per expert (the backend quantizes expert by expert):
-  // y = x W_e^T; dx = dy W_e; dW_e += dy_e^T x_e.
+  // y = x W_e^T; backward: dx = dy W_e and dW_e += dy_e^T x_e.
   void expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets);
-  void expert_dgrad(bool fp8, const Tensor& dy, const Tensor& W, Tensor& dx, const Tensor& offsets);
-  void expert_wgrad(bool fp8, const Tensor& dy, const Tensor& x, Tensor& dW, const Tensor& offsets);
+  void expert_backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, Tensor& dx, Tensor& dW,
+                       const Tensor& offsets);
 
  private:
   // One quantization buffer per operand role, so an operand that several GEMMs share stays valid
@@ -65,12 +67,16 @@ class LinearGemms {
     QuantizedOperand last;
   };
   QuantizedOperand quantize(Slot& slot, const Tensor& x, bool transpose, DType format, Fp8Granularity g, bool reuse);
+  // The slot's buffers as the operand for x (or x^T), and what a reuse hint later compares against.
+  QuantizedOperand operand(Slot& slot, const Tensor& x, bool transpose, DType format, Fp8Granularity g) const;
+  static void remember(Slot& slot, const Tensor& x, bool transpose, DType format, const QuantizedOperand& q);
 
   Backend& be_;
   bool fp8_ = false;
   DType grad_format_ = DType::e5m2;
   Fp8Granularity act_, weight_;  // activation/gradient tiles and weight blocks
-  Slot a_;   // A operands: x (forward), dy (dgrad), dy^T (wgrad)
+  Slot a_;   // A operands: x (forward), dy (dgrad)
+  Slot at_;  // wgrad A: dy^T
   Slot w_;   // forward B: W
   Slot wt_;  // dgrad B: W^T
   Slot xt_;  // wgrad B: x^T

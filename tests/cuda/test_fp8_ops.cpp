@@ -126,6 +126,32 @@ TEST_F(CudaFp8, QuantizeEdgeCasesGiveFiniteScalesAsOnTheCpu) {
                            name + " " + fp8_granularity_name(gr) + " " + dtype_name(fmt) + (tr ? " transposed" : ""));
 }
 
+TEST_F(CudaFp8, QuantizePairGivesBothCopiesFromOneCall) {
+  // quantize_fp8_pair must give exactly what the two separate calls give (which the test above
+  // holds to the CPU emulation), on partial tiles, with a huge value in one row and one column.
+  const int64_t xr = 272, xc = 400;
+  std::vector<float> v = spread(xr, xc);
+  v[size_t(130 * xc + 7)] = round_to_bf16(2e30f);
+  Tensor x = gpu->alloc({xr, xc}, DType::bf16);
+  gpu->write(x, v);
+  for (Fp8Granularity gr : kAll)
+    for (DType fmt : {DType::e4m3, DType::e5m2}) {
+      const std::string what = std::string(fp8_granularity_name(gr)) + " " + dtype_name(fmt);
+      QuantizedOperand s1 = operand(*gpu, xr, xc, gr, fmt), t1 = operand(*gpu, xc, xr, gr, fmt);
+      QuantizedOperand s2 = operand(*gpu, xr, xc, gr, fmt), t2 = operand(*gpu, xc, xr, gr, fmt);
+      // Every code must be written: the two sets of buffers start from different bytes.
+      for (auto [q, byte] : {std::pair{&s1, 0x11}, {&t1, 0x11}, {&s2, 0x22}, {&t2, 0x22}})
+        ASSERT_EQ(cudaMemset(q->data.data, byte, q->data.bytes()), cudaSuccess);
+      gpu->quantize_fp8_pair(x, s1, t1);
+      gpu->quantize_fp8(x, false, s2);
+      gpu->quantize_fp8(x, true, t2);
+      EXPECT_EQ(bytes(s1.data), bytes(s2.data)) << what << " straight codes";
+      EXPECT_EQ(bytes(t1.data), bytes(t2.data)) << what << " transposed codes";
+      EXPECT_EQ(bytes(s1.scale), bytes(s2.scale)) << what << " straight scales";
+      EXPECT_EQ(bytes(t1.scale), bytes(t2.scale)) << what << " transposed scales";
+    }
+}
+
 struct PairCase {
   Fp8Granularity ga, gb;
   DType fa;
@@ -318,6 +344,50 @@ TEST_F(CudaFp8Grouped, WeightGradientMatchesTheCpuEmulation) {
       cpu->grouped_matmul_wgrad_fp8(dy.c, fmt, x.c, g, dw.c, off.c);
       gpu->grouped_matmul_wgrad_fp8(dy.g, fmt, x.g, g, dw.g, off.g);
       EXPECT_LT(nerr(gpu->read(dw.g), cpu->read(dw.c)), 2e-3) << what << " (seed " << seed << ")";
+    }
+}
+
+TEST_F(CudaFp8Grouped, BackwardIsTheDataAndWeightGradients) {
+  // grouped_matmul_backward_fp8 quantizes dY once for both products; it must give exactly what
+  // grouped_matmul_fp8 (the data gradient) and grouped_matmul_wgrad_fp8 give, with capacity
+  // dispatch's unused tail rows (huge values) outside every expert.
+  const int64_t used = R;
+  R = used + 48;
+  Pair off = offsets(offsets_of(counts));
+  const int64_t N = 256, K = 384;  // forward y = x W^T: W [E, N, K], dY [R, N], X [R, K]
+  for (const GroupedRecipe& r : kGroupedRecipes)
+    for (DType fmt : {DType::e5m2, DType::e4m3}) {
+      const std::string what = std::string(fp8_granularity_name(r.act)) + " " + dtype_name(fmt);
+      std::vector<float> dyv = spread(R, N), xv = values(R * K, 1.0);
+      for (int64_t i = used * N; i < R * N; ++i) dyv[size_t(i)] = round_to_bf16(1e38f);
+      for (int64_t i = used * K; i < R * K; ++i) xv[size_t(i)] = round_to_bf16(1e38f);
+      Pair dy = both({R, N}, dyv), x = both({R, K}, xv), w = both({E, N, K}, values(E * N * K, 0.05));
+      const std::vector<float> dw0 = values(E * N * K, 1.0);
+      Tensor dx1 = gpu->alloc({R, K}, DType::bf16), dx2 = gpu->alloc({R, K}, DType::bf16);
+      Tensor dw1 = gpu->alloc({E, N, K}, DType::f32), dw2 = gpu->alloc({E, N, K}, DType::f32);
+      gpu->write(dw1, dw0);
+      gpu->write(dw2, dw0);
+      gpu->fill(dx1, NAN);
+      gpu->fill(dx2, 0.0f);
+      try {
+        gpu->grouped_matmul_backward_fp8(dy.g, fmt, r.act, w.g, r.weight, x.g, dx1, dw1, off.g);
+      } catch (const Error& e) {
+        ADD_FAILURE() << what << ": " << e.what();
+        continue;
+      }
+      gpu->grouped_matmul_fp8(dy.g, fmt, r.act, w.g, false, r.weight, dx2, off.g);
+      gpu->grouped_matmul_wgrad_fp8(dy.g, fmt, x.g, r.act, dw2, off.g);
+      std::vector<float> a = gpu->read(dx1), b = gpu->read(dx2);
+      a.resize(size_t(used * K));
+      b.resize(size_t(used * K));
+      EXPECT_EQ(nerr(a, b), 0.0) << what << " data gradient (seed " << seed << ")";
+      EXPECT_EQ(nerr(gpu->read(dw1), gpu->read(dw2)), 0.0) << what << " weight gradient (seed " << seed << ")";
+      // And against the CPU's emulation, so the equal pair is also the right one.
+      Tensor dxc = cpu->alloc({R, K}, DType::f32);
+      cpu->grouped_matmul_fp8(dy.c, fmt, r.act, w.c, false, r.weight, dxc, off.c);
+      std::vector<float> c = cpu->read(dxc);
+      c.resize(size_t(used * K));
+      EXPECT_LT(nerr(a, c), 1e-2) << what << " data gradient against the CPU (seed " << seed << ")";
     }
 }
 

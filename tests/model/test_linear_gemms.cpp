@@ -82,16 +82,16 @@ TEST(LinearGemms, Fp8ProductsAreQuantizedAndReuseIsSafe) {
     EXPECT_EQ(hinted, host(y));
     f.be.matmul(x2, false, w, true, ref);
     EXPECT_LT(nerr(hinted, host(ref)), 0.05);
-    // Data gradient (e5m2 dy, transposed W) and weight gradient (accumulating, transposed dy, x).
+    // Backward: the data gradient (e5m2 dy, transposed W) and the weight gradient (accumulating,
+    // transposed dy and x) from one quantization of dy.
     Tensor dx = f.be.alloc({T, in}, DType::f32), dxr = f.be.alloc({T, in}, DType::f32);
-    lin.dgrad(true, dy, w, dx);
+    Tensor dw = f.be.alloc({out, in}, DType::f32), dwr = f.be.alloc({out, in}, DType::f32);
+    f.be.fill(dw, 0.5f);
+    f.be.fill(dwr, 0.5f);
+    lin.backward(true, dy, w, x, dx, dw);
     f.be.matmul(dy, false, w, false, dxr);
     EXPECT_GT(nerr(host(dx), host(dxr)), 1e-3);
     EXPECT_LT(nerr(host(dx), host(dxr)), 0.08);
-    Tensor dw = f.random({out, in}, 0.0), dwr = f.be.alloc({out, in}, DType::f32);
-    f.be.fill(dw, 0.5f);
-    f.be.fill(dwr, 0.5f);
-    lin.wgrad(true, dy, x, dw);
     f.be.matmul(dy, true, x, false, dwr, 1.0f, 1.0f);
     // Compare the accumulated parts (dW - 0.5).
     std::vector<float> a = host(dw), b = host(dwr);
@@ -99,6 +99,14 @@ TEST(LinearGemms, Fp8ProductsAreQuantizedAndReuseIsSafe) {
     for (auto& v : b) v -= 0.5f;
     EXPECT_GT(nerr(a, b), 1e-3);
     EXPECT_LT(nerr(a, b), 0.08);
+    // beta = 1 adds the data gradient into dx; a true same_x hint reuses x^T: the same bits again.
+    const std::vector<float> dx1 = host(dx), dw1 = a;
+    f.be.fill(dw, 0.5f);
+    lin.backward(true, dy, w, x, dx, dw, 1.0f, LinearGemms::same_x | LinearGemms::same_w);
+    std::vector<float> dx2 = host(dx), dw2 = host(dw);
+    for (size_t i = 0; i < dx2.size(); ++i) EXPECT_EQ(dx2[i], 2.0f * dx1[i]) << i;
+    for (auto& v : dw2) v -= 0.5f;
+    EXPECT_EQ(dw2, dw1);
   }
 }
 

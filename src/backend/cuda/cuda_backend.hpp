@@ -23,6 +23,10 @@ namespace moelab {
 
 class CudaMemory;
 struct GemmCache;
+namespace grouped_gemm {
+enum class Fp8ScaleMode : int;
+struct StraightCopy;
+}  // namespace grouped_gemm
 
 class CudaBackend : public Backend {
  public:
@@ -76,12 +80,16 @@ class CudaBackend : public Backend {
               float alpha = 1.0f, float beta = 0.0f) override;
 
   void quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand& out) override;
+  void quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight, QuantizedOperand& transposed) override;
   void matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& B, Tensor& C, float alpha = 1.0f,
                   float beta = 0.0f, bool fast_accum = false) override;
   void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W, bool trans_w,
                           Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) override;
   void grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran, Tensor& dW,
                                 const Tensor& offsets) override;
+  void grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran, const Tensor& W,
+                                   Fp8Granularity w_gran, const Tensor& X, Tensor& dX, Tensor& dW,
+                                   const Tensor& offsets) override;
 
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
@@ -146,7 +154,8 @@ class CudaBackend : public Backend {
   // Contents do not survive other ops using the same slot.
   enum class ScratchSlot : int { reduce, gemm_a, gemm_b, attention, embed_sort, embed_keys, embed_partial,
                                  value_gate, normuon, fp8_amax, fp8_out, fp8_grouped_a, fp8_grouped_b,
-                                 fp8_grouped_scale_a, fp8_grouped_scale_b, fp8_grouped_offsets, count };
+                                 fp8_grouped_scale_a, fp8_grouped_scale_b, fp8_grouped_offsets, fp8_grouped_at,
+                                 fp8_grouped_scale_at, count };
   void* scratch(ScratchSlot slot, size_t bytes);
 
  private:
@@ -158,6 +167,23 @@ class CudaBackend : public Backend {
   void quantize_fp8_batch(const void* x, DType x_dtype, int64_t batch, int64_t xr, int64_t xc, bool transpose,
                           Fp8Granularity g, uint8_t* out, DType format, float* scale, const int32_t* segments,
                           int segment_count);
+  // The experts' FP8 operands (grouped_gemm_fp8.cu): weights quantized expert by expert as
+  // forward_fp8's B, and token-side operands as wgrad_fp8's transposed padded segments
+  // (optionally with the straight copy from the same read).
+  struct ExpertWeightsFp8 {
+    uint8_t* codes = nullptr;
+    float* scales = nullptr;
+    int kb_stride = 0;
+  };
+  ExpertWeightsFp8 quantize_expert_weights(const Tensor& W, bool trans_w, Fp8Granularity w_gran);
+  struct SegmentsFp8 {
+    uint8_t* codes = nullptr;
+    float* scales = nullptr;
+  };
+  const int32_t* padded_segments(const Tensor& offsets, int E);
+  SegmentsFp8 quantize_segments(const Tensor& x, ScratchSlot codes_slot, ScratchSlot scale_slot, const Tensor& offsets,
+                                const int32_t* padded, int E, int64_t Rp, grouped_gemm::Fp8ScaleMode mode, DType format,
+                                grouped_gemm::StraightCopy* straight);
   // Sum of f(x) over all elements into out[0] (square when `squares`); deterministic two-pass.
   void reduce_sum(const Tensor& x, bool squares, Tensor& out, bool accumulate, float scale = 1.0f);
 

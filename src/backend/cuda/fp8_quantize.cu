@@ -13,6 +13,7 @@
 // atomicMax on the float bits (exact and order-independent, so the result is deterministic).
 #include <cuda_fp8.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <type_traits>
 
@@ -45,21 +46,39 @@ __device__ __forceinline__ float lane_row_amax(const T* row, int64_t cols, int l
   return m;
 }
 
+// amax of a whole tensor: each thread keeps four independent 16-byte loads in flight (one at a
+// time leaves most of HBM's bandwidth idle), then a block maximum and one atomicMax per block.
 template <class T>
 __global__ void amax_all_kernel(const T* __restrict__ x, int64_t n, unsigned* __restrict__ out) {
   __shared__ float shm[32];
   float m = 0.0f;
-  const int64_t n8 = n / 8;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n8; i += int64_t(gridDim.x) * blockDim.x) {
+  const int64_t n8 = n / 8, stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  for (; i + 3 * stride < n8; i += 4 * stride) {
+    float v[4][8];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) load8(x + 8 * (i + u * stride), v[u]);
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[u][j]));
+  }
+  for (; i < n8; i += stride) {
     float v[8];
     load8(x + 8 * i, v);
 #pragma unroll
     for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[j]));
   }
-  for (int64_t i = 8 * n8 + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    m = fmaxf(m, fabsf(to_f32(x[i])));
+  for (int64_t k = 8 * n8 + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += stride)
+    m = fmaxf(m, fabsf(to_f32(x[k])));
   m = block_max(m, shm);
   if (threadIdx.x == 0) atomicMax(out, __float_as_uint(m));
+}
+
+// Launch shape of amax_all_kernel: enough blocks to cover x once with four loads a thread, at
+// most four blocks an SM.
+inline unsigned amax_all_blocks(int64_t n, int sms) {
+  return unsigned(std::max<int64_t>(1, std::min<int64_t>(4 * int64_t(sms), (n / 8 + 1023) / 1024)));
 }
 
 // One warp per row of x [rows, cols] (cols a multiple of 8).
@@ -208,6 +227,85 @@ struct TileArgs {
   float fmax;
 };
 
+// Stages the kTile x kTile tile at (r0, c0) of x [xr, xc] in shared memory as f32 (zeros outside
+// x), row stride kTile + 1: 16 vectors of 8 per tile row, four loads in flight per thread.
+template <class T>
+__device__ __forceinline__ void stage_tile(const T* __restrict__ x, int64_t xr, int64_t xc, int64_t r0, int64_t c0,
+                                           float* tile_smem) {
+  constexpr int kVecs = kTile * (kTile / 8) / kThreads, kBatch = 4;
+#pragma unroll
+  for (int b = 0; b < kVecs; b += kBatch) {
+    float v[kBatch][8];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = threadIdx.x + (b + u) * kThreads, r = i / (kTile / 8), c = (i % (kTile / 8)) * 8;
+      if (r0 + r < xr && c0 + c < xc) load8(x + (r0 + r) * xc + c0 + c, v[u]);
+      else
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[u][j] = 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = threadIdx.x + (b + u) * kThreads, r = i / (kTile / 8), c = (i % (kTile / 8)) * 8;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) tile_smem[r * (kTile + 1) + c + j] = v[u][j];
+    }
+  }
+}
+
+// The staged tile's codes into out [xr, xc] (straight: each warp a tile row, each lane four
+// consecutive codes as one 32-bit store), element (r, c) multiplied by mult(r, c).
+template <int kFormat, class Mult>
+__device__ __forceinline__ void write_tile_straight(const float* tile_smem, int64_t xr, int64_t xc, int64_t r0, int64_t c0,
+                                                    uint8_t* __restrict__ out, Mult mult) {
+  auto tile = [&](int r, int c) { return tile_smem[r * (kTile + 1) + c]; };
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int r = warp; r < kTile; r += kThreads / 32) {
+    const int c = 4 * lane;
+    if (r0 + r >= xr || c0 + c >= xc) continue;
+    const uint32_t q = encode4<kFormat>(__fmul_rn(tile(r, c), mult(r, c)), __fmul_rn(tile(r, c + 1), mult(r, c + 1)),
+                                        __fmul_rn(tile(r, c + 2), mult(r, c + 2)), __fmul_rn(tile(r, c + 3), mult(r, c + 3)));
+    *reinterpret_cast<uint32_t*>(out + (r0 + r) * xc + c0 + c) = q;
+  }
+}
+
+// The same into out [xc, xr] (transposed: each warp a tile column, four consecutive rows a lane).
+template <int kFormat, class Mult>
+__device__ __forceinline__ void write_tile_transposed(const float* tile_smem, int64_t xr, int64_t xc, int64_t r0,
+                                                      int64_t c0, uint8_t* __restrict__ out, Mult mult) {
+  auto tile = [&](int r, int c) { return tile_smem[r * (kTile + 1) + c]; };
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int c = warp; c < kTile; c += kThreads / 32) {
+    const int r = 4 * lane;
+    if (c0 + c >= xc || r0 + r >= xr) continue;
+    const uint32_t q = encode4<kFormat>(__fmul_rn(tile(r, c), mult(r, c)), __fmul_rn(tile(r + 1, c), mult(r + 1, c)),
+                                        __fmul_rn(tile(r + 2, c), mult(r + 2, c)), __fmul_rn(tile(r + 3, c), mult(r + 3, c)));
+    *reinterpret_cast<uint32_t*>(out + (c0 + c) * xr + r0 + r) = q;
+  }
+}
+
+// Multipliers of the staged tile's 1x128 groups: one per tile row (mult[r]) or per tile column.
+__device__ __forceinline__ void tile_row_multipliers(const float* tile_smem, float fmax, float* mult) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int r = warp; r < kTile; r += kThreads / 32) {
+    float m = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) m = fmaxf(m, fabsf(tile_smem[r * (kTile + 1) + lane + 32 * j]));
+    m = warp_max(m);
+    if (lane == 0) mult[r] = multiplier_of(m, fmax);
+  }
+}
+__device__ __forceinline__ void tile_col_multipliers(const float* tile_smem, float fmax, float* mult) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int c = warp; c < kTile; c += kThreads / 32) {
+    float m = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) m = fmaxf(m, fabsf(tile_smem[(lane + 32 * j) * (kTile + 1) + c]));
+    m = warp_max(m);
+    if (lane == 0) mult[c] = multiplier_of(m, fmax);
+  }
+}
+
 // grid (ceil(xc / 128), ceil(xr / 128)), 256 threads. xc and xr multiples of 16.
 template <class T, int kFormat>
 __global__ void __launch_bounds__(kThreads) quantize_tile_kernel(const T* __restrict__ x, TileArgs a) {
@@ -222,16 +320,9 @@ __global__ void __launch_bounds__(kThreads) quantize_tile_kernel(const T* __rest
     a.scale += int64_t(blockIdx.z) * a.scale_stride;
     if (a.amax_in) a.amax_in += int64_t(blockIdx.z) * a.amax_stride;
   }
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x;
 
-  // Stage the tile as f32 (zeros outside x): 16 vectors of 8 per tile row.
-  for (int i = tid; i < kTile * (kTile / 8); i += kThreads) {
-    const int r = i / (kTile / 8), c = (i % (kTile / 8)) * 8;
-    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (r0 + r < a.xr && c0 + c < a.xc) load8(x + (r0 + r) * a.xc + c0 + c, v);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) tile(r, c + j) = v[j];
-  }
+  stage_tile(x, a.xr, a.xc, r0, c0, tile_smem);
   __syncthreads();
 
   // Multipliers per tile row and per tile column (one value for all when the group is wider).
@@ -248,24 +339,8 @@ __global__ void __launch_bounds__(kThreads) quantize_tile_kernel(const T* __rest
       for (int i = tid; i < kTile; i += kThreads)
         mult_col[i] = c0 + i < a.xc ? multiplier_of(__uint_as_float(a.amax_in[c0 + i]), a.fmax) : 1.0f;
       break;
-    case AmaxSource::tile_row:
-      for (int r = warp; r < kTile; r += kThreads / 32) {
-        float m = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) m = fmaxf(m, fabsf(tile(r, lane + 32 * j)));
-        m = warp_max(m);
-        if (lane == 0) mult_row[r] = multiplier_of(m, a.fmax);
-      }
-      break;
-    case AmaxSource::tile_col:
-      for (int c = warp; c < kTile; c += kThreads / 32) {
-        float m = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) m = fmaxf(m, fabsf(tile(lane + 32 * j, c)));
-        m = warp_max(m);
-        if (lane == 0) mult_col[c] = multiplier_of(m, a.fmax);
-      }
-      break;
+    case AmaxSource::tile_row: tile_row_multipliers(tile_smem, a.fmax, mult_row); break;
+    case AmaxSource::tile_col: tile_col_multipliers(tile_smem, a.fmax, mult_col); break;
     case AmaxSource::tile: {
       float m = 0.0f;
       for (int i = tid; i < kTile * kTile; i += kThreads) m = fmaxf(m, fabsf(tile(i / kTile, i % kTile)));
@@ -281,25 +356,9 @@ __global__ void __launch_bounds__(kThreads) quantize_tile_kernel(const T* __rest
   const bool by_row = a.source == AmaxSource::per_row || a.source == AmaxSource::tile_row;
   auto mult_at = [&](int r, int c) { return by_row ? mult_row[r] : mult_col[c]; };
 
-  // Codes: each warp writes output rows, each lane four consecutive codes.
   const int64_t out_cols = a.transpose ? a.xr : a.xc;
-  if (!a.transpose) {
-    for (int r = warp; r < kTile; r += kThreads / 32) {
-      const int c = 4 * lane;
-      if (r0 + r >= a.xr || c0 + c >= a.xc) continue;
-      const uint32_t q = encode4<kFormat>(__fmul_rn(tile(r, c), mult_at(r, c)), __fmul_rn(tile(r, c + 1), mult_at(r, c + 1)),
-                                          __fmul_rn(tile(r, c + 2), mult_at(r, c + 2)), __fmul_rn(tile(r, c + 3), mult_at(r, c + 3)));
-      *reinterpret_cast<uint32_t*>(a.out + (r0 + r) * out_cols + c0 + c) = q;
-    }
-  } else {
-    for (int c = warp; c < kTile; c += kThreads / 32) {
-      const int r = 4 * lane;
-      if (c0 + c >= a.xc || r0 + r >= a.xr) continue;
-      const uint32_t q = encode4<kFormat>(__fmul_rn(tile(r, c), mult_at(r, c)), __fmul_rn(tile(r + 1, c), mult_at(r + 1, c)),
-                                          __fmul_rn(tile(r + 2, c), mult_at(r + 2, c)), __fmul_rn(tile(r + 3, c), mult_at(r + 3, c)));
-      *reinterpret_cast<uint32_t*>(a.out + (c0 + c) * out_cols + r0 + r) = q;
-    }
-  }
+  if (!a.transpose) write_tile_straight<kFormat>(tile_smem, a.xr, a.xc, r0, c0, a.out, mult_at);
+  else write_tile_transposed<kFormat>(tile_smem, a.xr, a.xc, r0, c0, a.out, mult_at);
 
   // Scales (1 / multiplier), each written by exactly one block.
   const auto g = Fp8Granularity(a.granularity);
@@ -327,10 +386,116 @@ __global__ void __launch_bounds__(kThreads) quantize_tile_kernel(const T* __rest
   }
 }
 
+// Row and column amax of x [xr, xc] in one read (the pre-pass of a row-scaled pair): block
+// (column tile, row tile) of 128 x 128, 16 lanes of 8 columns a row; rows reduced by shuffles,
+// columns through shared memory; one atomicMax per row and per column a block.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    amax_rows_cols_kernel(const T* __restrict__ x, int64_t xr, int64_t xc, unsigned* __restrict__ row_amax,
+                          unsigned* __restrict__ col_amax) {
+  constexpr int kLanes = kTile / 8, kRowsAtOnce = kThreads / kLanes, kBatch = 4;  // 16, 16, 4
+  __shared__ float col_part[kRowsAtOnce][kTile];
+  const int tid = threadIdx.x, cv = tid % kLanes, ty = tid / kLanes;
+  const int64_t r0 = int64_t(blockIdx.y) * kTile, c0 = int64_t(blockIdx.x) * kTile + 8 * cv;
+  float cm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+  for (int rr = 0; rr < kTile; rr += kRowsAtOnce * kBatch) {
+    float v[kBatch][8];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t r = r0 + rr + ty + kRowsAtOnce * u;
+      if (r < xr && c0 < xc) load8(x + r * xc + c0, v[u]);
+      else
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[u][j] = 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      float m = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        m = fmaxf(m, fabsf(v[u][j]));
+        cm[j] = fmaxf(cm[j], fabsf(v[u][j]));
+      }
+#pragma unroll
+      for (int o = kLanes / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));  // the row's 16 lanes
+      const int64_t r = r0 + rr + ty + kRowsAtOnce * u;
+      if (cv == 0 && r < xr) atomicMax(row_amax + r, __float_as_uint(m));
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) col_part[ty][8 * cv + j] = cm[j];
+  __syncthreads();
+  if (tid < kTile) {
+    float m = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kRowsAtOnce; ++k) m = fmaxf(m, col_part[k][tid]);
+    const int64_t c = int64_t(blockIdx.x) * kTile + tid;
+    if (c < xc) atomicMax(col_amax + c, __float_as_uint(m));
+  }
+}
+
+struct PairArgs {
+  int64_t xr, xc;             // x is [xr, xc]
+  int granularity;            // tensor, row or 1x128, both copies alike
+  const unsigned* amax_all;   // tensor: [1]
+  const unsigned* amax_rows;  // row: [xr] (the straight copy's groups)
+  const unsigned* amax_cols;  // row: [xc] (the transposed copy's groups)
+  uint8_t* out;               // straight [xr, xc]
+  float* scale;
+  uint8_t* out_t;             // transposed [xc, xr]
+  float* scale_t;
+  float fmax;
+};
+
+// Both copies of one staged tile: the straight one with the groups of its rows, the transposed
+// one with those of its columns, so the pair costs one read of x. Scales as quantize_tile_kernel
+// writes them for each orientation. grid (ceil(xc / 128), ceil(xr / 128)), 256 threads.
+template <class T, int kFormat>
+__global__ void __launch_bounds__(kThreads) quantize_pair_tile_kernel(const T* __restrict__ x, PairArgs a) {
+  extern __shared__ float tile_smem[];  // [kTile][kTile + 1] f32
+  __shared__ float mult_row[kTile], mult_col[kTile];
+  const int64_t r0 = int64_t(blockIdx.y) * kTile, c0 = int64_t(blockIdx.x) * kTile;
+  const int tid = threadIdx.x;
+  stage_tile(x, a.xr, a.xc, r0, c0, tile_smem);
+  __syncthreads();
+  const auto g = Fp8Granularity(a.granularity);
+  if (g == Fp8Granularity::tensor) {
+    const float m = multiplier_of(__uint_as_float(a.amax_all[0]), a.fmax);
+    for (int i = tid; i < kTile; i += kThreads) mult_row[i] = mult_col[i] = m;
+  } else if (g == Fp8Granularity::row) {
+    for (int i = tid; i < kTile; i += kThreads) {
+      mult_row[i] = r0 + i < a.xr ? multiplier_of(__uint_as_float(a.amax_rows[r0 + i]), a.fmax) : 1.0f;
+      mult_col[i] = c0 + i < a.xc ? multiplier_of(__uint_as_float(a.amax_cols[c0 + i]), a.fmax) : 1.0f;
+    }
+  } else {  // 1x128: both groups lie inside the tile
+    tile_row_multipliers(tile_smem, a.fmax, mult_row);
+    tile_col_multipliers(tile_smem, a.fmax, mult_col);
+  }
+  __syncthreads();
+  write_tile_straight<kFormat>(tile_smem, a.xr, a.xc, r0, c0, a.out, [&](int r, int) { return mult_row[r]; });
+  write_tile_transposed<kFormat>(tile_smem, a.xr, a.xc, r0, c0, a.out_t, [&](int, int c) { return mult_col[c]; });
+  if (g == Fp8Granularity::tensor) {
+    if (blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) a.scale[0] = a.scale_t[0] = __fdiv_rn(1.0f, mult_row[0]);
+  } else if (g == Fp8Granularity::row) {
+    if (blockIdx.x == 0)
+      for (int i = tid; i < kTile && r0 + i < a.xr; i += kThreads) a.scale[r0 + i] = __fdiv_rn(1.0f, mult_row[i]);
+    if (blockIdx.y == 0)
+      for (int i = tid; i < kTile && c0 + i < a.xc; i += kThreads) a.scale_t[c0 + i] = __fdiv_rn(1.0f, mult_col[i]);
+  } else {  // scale[k block, output row]
+    for (int i = tid; i < kTile && r0 + i < a.xr; i += kThreads)
+      a.scale[blockIdx.x * a.xr + r0 + i] = __fdiv_rn(1.0f, mult_row[i]);
+    for (int i = tid; i < kTile && c0 + i < a.xc; i += kThreads)
+      a.scale_t[blockIdx.y * a.xc + c0 + i] = __fdiv_rn(1.0f, mult_col[i]);
+  }
+}
+
 }  // namespace
 
-void CudaBackend::quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand& out) {
-  const std::string op = "quantize_fp8";
+namespace {
+
+// Checks x and the operand it is quantized into (transposed or not) as quantize_fp8 needs them.
+void check_quantize_args(const Tensor& x, bool transpose, const QuantizedOperand& out, const std::string& op) {
   require_float(x, op, "x");
   require_cuda(out.data, op, "out.data");
   require(out.data.dtype == DType::e4m3 || out.data.dtype == DType::e5m2, op,
@@ -348,9 +513,69 @@ void CudaBackend::quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand
   require(xr % 16 == 0 && xc % 16 == 0 && aligned16(x.data) && aligned16(out.data.data), op,
           "FP8 operands on the GPU need both dimensions a multiple of 16 and 16-byte aligned data, got " +
               x.describe());
+}
+
+}  // namespace
+
+void CudaBackend::quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand& out) {
+  check_quantize_args(x, transpose, out, "quantize_fp8");
+  const int64_t xc = x.cols(), xr = xc ? x.numel() / xc : 0;
   if (xr == 0 || xc == 0) return;
   quantize_fp8_batch(x.data, x.dtype, 1, xr, xc, transpose, out.granularity, out.data.as<uint8_t>(), out.data.dtype,
                      out.scale.as<float>(), nullptr, 0);
+}
+
+void CudaBackend::quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight, QuantizedOperand& transposed) {
+  const std::string op = "quantize_fp8_pair";
+  check_quantize_args(x, false, straight, op);
+  check_quantize_args(x, true, transposed, op);
+  require(straight.data.dtype == transposed.data.dtype && straight.granularity == transposed.granularity, op,
+          "both copies take one format and granularity, got " + std::string(dtype_name(straight.data.dtype)) + " " +
+              fp8_granularity_name(straight.granularity) + " and " + dtype_name(transposed.data.dtype) + " " +
+              fp8_granularity_name(transposed.granularity));
+  const Fp8Granularity g = straight.granularity;
+  if (g == Fp8Granularity::block_128x128) return Backend::quantize_fp8_pair(x, straight, transposed);  // weights only
+  const int64_t xc = x.cols(), xr = xc ? x.numel() / xc : 0;
+  if (xr == 0 || xc == 0) return;
+  PairArgs a{};
+  a.xr = xr;
+  a.xc = xc;
+  a.granularity = int(g);
+  a.out = straight.data.as<uint8_t>();
+  a.scale = straight.scale.as<float>();
+  a.out_t = transposed.data.as<uint8_t>();
+  a.scale_t = transposed.scale.as<float>();
+  a.fmax = fp8_max(straight.data.dtype);
+  const bool e4m3 = straight.data.dtype == DType::e4m3;
+  MOELAB_FLOAT_DISPATCH(x.dtype, T, {
+    const T* px = x.as<T>();
+    if (g != Fp8Granularity::block_1x128) {
+      const size_t n = g == Fp8Granularity::tensor ? 1 : size_t(xr + xc);
+      auto* amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, n * sizeof(unsigned)));
+      MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, n * sizeof(unsigned), stream_));
+      if (g == Fp8Granularity::tensor) {
+        amax_all_kernel<T><<<amax_all_blocks(xr * xc, sm_count_), 256, 0, stream_>>>(px, xr * xc, amax);
+        a.amax_all = amax;
+      } else {
+        const dim3 grid(unsigned((xc + kTile - 1) / kTile), unsigned((xr + kTile - 1) / kTile));
+        amax_rows_cols_kernel<T><<<grid, kThreads, 0, stream_>>>(px, xr, xc, amax, amax + xr);
+        a.amax_rows = amax;
+        a.amax_cols = amax + xr;
+      }
+      MOELAB_CUDA_LAUNCH_CHECK("fp8 pair amax");
+    }
+    const dim3 grid(unsigned((xc + kTile - 1) / kTile), unsigned((xr + kTile - 1) / kTile));
+    const size_t smem = size_t(kTile) * (kTile + 1) * sizeof(float);
+    auto kernel = e4m3 ? quantize_pair_tile_kernel<T, 0> : quantize_pair_tile_kernel<T, 1>;
+    static bool raised[2][2] = {};  // per (T, format): lift the 48 KB default once per process
+    bool& done = raised[std::is_same_v<T, float>][e4m3];
+    if (!done) {
+      MOELAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      done = true;
+    }
+    kernel<<<grid, kThreads, smem, stream_>>>(px, a);
+    MOELAB_CUDA_LAUNCH_CHECK("fp8 quantize pair");
+  });
 }
 
 void CudaBackend::quantize_fp8_batch(const void* x, DType x_dtype, int64_t batch, int64_t xr, int64_t xc,
@@ -377,8 +602,7 @@ void CudaBackend::quantize_fp8_batch(const void* x, DType x_dtype, int64_t batch
         amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, size_t(ngroups) * sizeof(unsigned)));
         MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, size_t(ngroups) * sizeof(unsigned), stream_));
         if (ngroups == 1)
-          amax_all_kernel<T><<<unsigned(std::min<int64_t>(2 * sm_count_, (all_rows * xc / 8 + 255) / 256 + 1)), 256, 0, stream_>>>(
-              px, all_rows * xc, amax);
+          amax_all_kernel<T><<<amax_all_blocks(all_rows * xc, sm_count_), 256, 0, stream_>>>(px, all_rows * xc, amax);
         else
           amax_row_groups_kernel<T><<<amax_row_groups_blocks(all_rows), 256, 0, stream_>>>(px, all_rows, xc, groups,
                                                                                   kAmaxRowsPerWarp, amax);
@@ -415,7 +639,7 @@ void CudaBackend::quantize_fp8_batch(const void* x, DType x_dtype, int64_t batch
       amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, size_t(batch) * sizeof(unsigned)));
       MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, size_t(batch) * sizeof(unsigned), stream_));
       if (batch == 1)
-        amax_all_kernel<T><<<unsigned(std::min<int64_t>(2 * sm_count_, (xr * xc / 8 + 255) / 256 + 1)), 256, 0, stream_>>>(px, xr * xc, amax);
+        amax_all_kernel<T><<<amax_all_blocks(xr * xc, sm_count_), 256, 0, stream_>>>(px, xr * xc, amax);
       else {
         RowGroups groups;
         groups.group_rows = xr;

@@ -284,78 +284,181 @@ __global__ void padded_offsets_kernel(const int32_t* offsets, int E, int32_t* pa
 }
 
 // Columns per block of the segment quantizer: 64 keeps its f32 tile at 33 KB (six blocks an SM).
+// A pair with block scaling takes 128, so each straight 1x128 group lies inside one block.
 constexpr int SEG_COLS = 64;
 
-// Transposed, padded quantization of an expert-segmented x [R, C]: block (column tile, padded
-// 128-token block p) stages its 128 tokens x SEG_COLS columns (zeros past the expert's tokens), takes
-// each column's amax over those tokens, then either max-reduces it into the expert's amax (the
-// pre-pass of tensor and row scaling) or writes the codes transposed, 128 tokens of a column per
-// warp as 32 four-code stores, and the scales that the wgrad kernel reads.
-template <class T, int kFormat, bool kAmaxPass>
+// Padded 128-token block p of an expert-segmented x: its expert, first token and how many of
+// its 128 tokens exist (the rest are the segment's zero padding).
+struct SegmentBlock {
+  int e = 0;
+  int64_t t0 = 0;
+  int valid = 0;
+};
+__device__ __forceinline__ SegmentBlock segment_block(int64_t prow, const int32_t* offsets, const int32_t* padded, int E) {
+  SegmentBlock b;
+  while (b.e + 1 < E && padded[b.e + 1] <= prow) ++b.e;
+  b.t0 = offsets[b.e] + (prow - padded[b.e]);
+  b.valid = int(offsets[b.e + 1] - b.t0 < KB ? offsets[b.e + 1] - b.t0 : KB);
+  return b;
+}
+
+// The amax pre-pass of tensor and row scaling, from registers: block (column tile of SEG_COLS,
+// padded 128-token block) max-reduces its columns into the expert's amax (tensor: amax[e]; row:
+// amax[e * C + column]) and, given row_amax, each token's amax over these columns into
+// row_amax[token] (the straight copy's row groups). Eight lanes of eight columns a row.
+template <class T>
 __global__ void __launch_bounds__(256)
-    segments_transposed_kernel(const T* __restrict__ x, int C, const int32_t* __restrict__ offsets,
-                               const int32_t* __restrict__ padded, int E, int64_t Rp, int mode, uint8_t* __restrict__ out,
-                               float* __restrict__ scale, unsigned* __restrict__ amax, float fmax) {
-  extern __shared__ float tile_smem[];  // [KB][SEG_COLS + 1] f32 (odd row stride: column reads hit 32 banks)
-  auto tile = [&](int r, int c) -> float& { return tile_smem[r * (SEG_COLS + 1) + c]; };
-  __shared__ float col_amax[SEG_COLS];
+    segments_amax_kernel(const T* __restrict__ x, int C, const int32_t* __restrict__ offsets,
+                         const int32_t* __restrict__ padded, int E, int mode, unsigned* __restrict__ amax,
+                         unsigned* __restrict__ row_amax) {
+  constexpr int kLanes = SEG_COLS / 8, kRowsAtOnce = 256 / kLanes, kBatch = KB / kRowsAtOnce;  // 8, 32, 4
+  __shared__ float col_part[kRowsAtOnce][SEG_COLS];
   __shared__ float shm[32];
   const int64_t prow = int64_t(blockIdx.y) * KB;
   if (prow >= padded[E]) return;
-  const int c0 = blockIdx.x * SEG_COLS;
-  int e = 0;
-  while (e + 1 < E && padded[e + 1] <= prow) ++e;
-  const int64_t t0 = offsets[e] + (prow - padded[e]);
-  const int valid = int(offsets[e + 1] - t0 < KB ? offsets[e + 1] - t0 : KB);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int i = tid; i < KB * (SEG_COLS / 8); i += 256) {
-    const int r = i / (SEG_COLS / 8), c = (i % (SEG_COLS / 8)) * 8;
-    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (r < valid && c0 + c < C) load8(x + (t0 + r) * C + c0 + c, v);
+  const SegmentBlock b = segment_block(prow, offsets, padded, E);
+  const int tid = threadIdx.x, cv = tid % kLanes, ty = tid / kLanes;
+  const int c0 = blockIdx.x * SEG_COLS, c = c0 + 8 * cv;
+  float v[kBatch][8];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) tile(r, c + j) = v[j];
+  for (int u = 0; u < kBatch; ++u) {
+    const int r = ty + kRowsAtOnce * u;
+    if (r < b.valid && c < C) load8(x + (b.t0 + r) * C + c, v[u]);
+    else
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[u][j] = 0.0f;
   }
-  __syncthreads();
-  for (int c = warp; c < SEG_COLS; c += 8) {
+  float cm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+  for (int u = 0; u < kBatch; ++u) {
     float m = 0.0f;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) m = fmaxf(m, fabsf(tile(lane + 32 * j, c)));
-    m = warp_max(m);
-    if (lane == 0) col_amax[c] = m;
+    for (int j = 0; j < 8; ++j) {
+      m = fmaxf(m, fabsf(v[u][j]));
+      cm[j] = fmaxf(cm[j], fabsf(v[u][j]));
+    }
+    if (row_amax) {
+#pragma unroll
+      for (int o = kLanes / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      const int r = ty + kRowsAtOnce * u;
+      if (cv == 0 && r < b.valid) atomicMax(row_amax + b.t0 + r, __float_as_uint(m));
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) col_part[ty][8 * cv + j] = cm[j];
+  __syncthreads();
+  float m = 0.0f;
+  if (tid < SEG_COLS)
+#pragma unroll
+    for (int k = 0; k < kRowsAtOnce; ++k) m = fmaxf(m, col_part[k][tid]);
+  if (Fp8ScaleMode(mode) == Fp8ScaleMode::row) {
+    if (tid < SEG_COLS && c0 + tid < C) atomicMax(amax + int64_t(b.e) * C + c0 + tid, __float_as_uint(m));
+  } else {
+    m = block_max(m, shm);
+    if (tid == 0) atomicMax(amax + b.e, __float_as_uint(m));
+  }
+}
+
+// Codes of an expert-segmented x [R, C], transposed and padded: block (column tile of COLS,
+// padded 128-token block p) stages its 128 tokens x COLS columns (zeros past the expert's tokens)
+// and writes them transposed, 128 tokens of a column per warp as 32 four-code stores, with the
+// scales that the wgrad kernel reads (tensor and row multipliers from the pre-pass amax, 1x128
+// from the staged column). kStraight also writes the straight copy [R, C] of the same tokens,
+// which the data gradient reads: tensor scaling shares the per-expert scales, row scaling takes
+// the pre-pass row amax, 1x128 (COLS = 128) the staged row.
+template <class T, int kFormat, int COLS, bool kStraight>
+__global__ void __launch_bounds__(256)
+    segments_codes_kernel(const T* __restrict__ x, int C, const int32_t* __restrict__ offsets,
+                          const int32_t* __restrict__ padded, int E, int64_t Rp, int mode, uint8_t* __restrict__ out,
+                          float* __restrict__ scale, const unsigned* __restrict__ amax, StraightCopy straight,
+                          float fmax) {
+  static_assert(!kStraight || COLS == 128 || COLS == SEG_COLS);
+  extern __shared__ float tile_smem[];  // [KB][COLS + 1] f32 (odd row stride)
+  auto tile = [&](int r, int c) -> float& { return tile_smem[r * (COLS + 1) + c]; };
+  __shared__ float mult[COLS], mult_s[kStraight ? KB : 1];
+  const int64_t prow = int64_t(blockIdx.y) * KB;
+  if (prow >= padded[E]) return;
+  const SegmentBlock b = segment_block(prow, offsets, padded, E);
+  const int c0 = blockIdx.x * COLS;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  constexpr int kVecs = KB * (COLS / 8) / 256, kBatch = kVecs < 4 ? kVecs : 4;
+#pragma unroll
+  for (int b0 = 0; b0 < kVecs; b0 += kBatch) {
+    float v[kBatch][8];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = tid + (b0 + u) * 256, r = i / (COLS / 8), c = (i % (COLS / 8)) * 8;
+      if (r < b.valid && c0 + c < C) load8(x + (b.t0 + r) * C + c0 + c, v[u]);
+      else
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[u][j] = 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = tid + (b0 + u) * 256, r = i / (COLS / 8), c = (i % (COLS / 8)) * 8;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) tile(r, c + j) = v[u][j];
+    }
   }
   __syncthreads();
   const auto smode = Fp8ScaleMode(mode);
-  if constexpr (kAmaxPass) {
-    if (smode == Fp8ScaleMode::row) {
-      for (int c = tid; c < SEG_COLS && c0 + c < C; c += 256) atomicMax(amax + int64_t(e) * C + c0 + c, __float_as_uint(col_amax[c]));
-    } else {
-      const float m = block_max(tid < SEG_COLS ? col_amax[tid] : 0.0f, shm);
-      if (tid == 0) atomicMax(amax + e, __float_as_uint(m));
+  for (int c = warp; c < COLS; c += 8) {
+    float a = 0.0f;
+    if (smode == Fp8ScaleMode::block) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) a = fmaxf(a, fabsf(tile(lane + 32 * j, c)));
+      a = warp_max(a);
+    } else if (smode == Fp8ScaleMode::tensor) {
+      a = __uint_as_float(amax[b.e]);
+    } else if (c0 + c < C) {
+      a = __uint_as_float(amax[int64_t(b.e) * C + c0 + c]);
     }
-    return;
-  } else {
-    __shared__ float mult[SEG_COLS];
-    for (int c = tid; c < SEG_COLS; c += 256) {
-      float a = col_amax[c];
-      if (smode == Fp8ScaleMode::tensor) a = __uint_as_float(amax[e]);
-      else if (smode == Fp8ScaleMode::row) a = c0 + c < C ? __uint_as_float(amax[int64_t(e) * C + c0 + c]) : 0.0f;
-      mult[c] = multiplier_of(a, fmax);
+    if (lane == 0) mult[c] = multiplier_of(a, fmax);
+  }
+  if constexpr (kStraight) {
+    for (int r = warp; r < KB; r += 8) {
+      float a = 0.0f;
+      if (smode == Fp8ScaleMode::block) {
+#pragma unroll
+        for (int j = 0; j < COLS / 32; ++j) a = fmaxf(a, fabsf(tile(r, lane + 32 * j)));
+        a = warp_max(a);
+      } else if (smode == Fp8ScaleMode::tensor) {
+        a = __uint_as_float(amax[b.e]);
+      } else if (r < b.valid) {
+        a = __uint_as_float(straight.row_amax[b.t0 + r]);
+      }
+      if (lane == 0) mult_s[r] = multiplier_of(a, fmax);
     }
-    __syncthreads();
-    for (int c = warp; c < SEG_COLS; c += 8) {
-      if (c0 + c >= C) continue;
-      const int r = 4 * lane;
-      const float q = mult[c];
-      const uint32_t codes = encode4<kFormat>(__fmul_rn(tile(r, c), q), __fmul_rn(tile(r + 1, c), q),
-                                              __fmul_rn(tile(r + 2, c), q), __fmul_rn(tile(r + 3, c), q));
-      *reinterpret_cast<uint32_t*>(out + int64_t(c0 + c) * Rp + prow + r) = codes;
+  }
+  __syncthreads();
+  for (int c = warp; c < COLS; c += 8) {
+    if (c0 + c >= C) continue;
+    const int r = 4 * lane;
+    const float q = mult[c];
+    const uint32_t codes = encode4<kFormat>(__fmul_rn(tile(r, c), q), __fmul_rn(tile(r + 1, c), q),
+                                            __fmul_rn(tile(r + 2, c), q), __fmul_rn(tile(r + 3, c), q));
+    *reinterpret_cast<uint32_t*>(out + int64_t(c0 + c) * Rp + prow + r) = codes;
+  }
+  const bool first_block = prow == padded[b.e];
+  for (int c = tid; c < COLS && c0 + c < C; c += 256) {
+    if (smode == Fp8ScaleMode::block) scale[int64_t(blockIdx.y) * C + c0 + c] = __fdiv_rn(1.0f, mult[c]);
+    else if (smode == Fp8ScaleMode::row && first_block) scale[int64_t(b.e) * C + c0 + c] = __fdiv_rn(1.0f, mult[c]);
+  }
+  if (smode == Fp8ScaleMode::tensor && first_block && blockIdx.x == 0 && tid == 0) scale[b.e] = __fdiv_rn(1.0f, mult[0]);
+  if constexpr (kStraight) {
+    // Tokens of this block, four codes a lane; the segment's padding has no straight rows.
+    for (int i = tid; i < KB * (COLS / 4); i += 256) {
+      const int r = i / (COLS / 4), c = (i % (COLS / 4)) * 4;
+      if (r >= b.valid || c0 + c >= C) continue;
+      const float q = mult_s[r];
+      const uint32_t codes = encode4<kFormat>(__fmul_rn(tile(r, c), q), __fmul_rn(tile(r, c + 1), q),
+                                              __fmul_rn(tile(r, c + 2), q), __fmul_rn(tile(r, c + 3), q));
+      *reinterpret_cast<uint32_t*>(straight.out + (b.t0 + r) * C + c0 + c) = codes;
     }
-    const bool first_block = prow == padded[e];
-    for (int c = tid; c < SEG_COLS && c0 + c < C; c += 256) {
-      if (smode == Fp8ScaleMode::block) scale[int64_t(blockIdx.y) * C + c0 + c] = __fdiv_rn(1.0f, mult[c]);
-      else if (smode == Fp8ScaleMode::row && first_block) scale[int64_t(e) * C + c0 + c] = __fdiv_rn(1.0f, mult[c]);
-    }
-    if (smode == Fp8ScaleMode::tensor && first_block && blockIdx.x == 0 && tid == 0) scale[e] = __fdiv_rn(1.0f, mult[0]);
+    if (smode == Fp8ScaleMode::row && blockIdx.x == 0)
+      for (int r = tid; r < b.valid; r += 256) straight.scale[b.t0 + r] = __fdiv_rn(1.0f, mult_s[r]);
+    if (smode == Fp8ScaleMode::block)
+      for (int r = tid; r < b.valid; r += 256) straight.scale[int64_t(c0 / 128) * straight.R + b.t0 + r] = __fdiv_rn(1.0f, mult_s[r]);
   }
 }
 
@@ -433,23 +536,38 @@ void wgrad_fp8(const uint8_t* dYt, DType dy_format, const uint8_t* Xt, const Fp8
 
 void quantize_segments_transposed(const void* x, int C, const int32_t* offsets, const int32_t* padded,
                                   int E, int64_t Rp, Fp8ScaleMode mode, DType format, uint8_t* out, float* scale,
-                                  unsigned* amax, cudaStream_t stream) {
-  const dim3 grid(unsigned((C + SEG_COLS - 1) / SEG_COLS), unsigned(Rp / KB));
-  const int smem = KB * (SEG_COLS + 1) * int(sizeof(float));
-  const float fmax = fp8_max(format);
+                                  unsigned* amax, cudaStream_t stream, StraightCopy straight) {
+  const bool with_straight = straight.out != nullptr;
   const bf16* px = static_cast<const bf16*>(x);
+  const float fmax = fp8_max(format);
   if (mode != Fp8ScaleMode::block) {
     const size_t n = mode == Fp8ScaleMode::row ? size_t(E) * C : size_t(E);
-    MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, n * sizeof(unsigned), stream));
-    auto pass = segments_transposed_kernel<bf16, 0, true>;
-    raise_smem_once(pass, smem);
-    pass<<<grid, 256, smem, stream>>>(px, C, offsets, padded, E, Rp, int(mode), out, scale, amax, fmax);
-    MOELAB_CUDA_LAUNCH_CHECK("segments_transposed_kernel (amax)");
+    const bool rows = with_straight && mode == Fp8ScaleMode::row;
+    unsigned* row_amax = rows ? amax + n : nullptr;
+    MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, (n + (rows ? size_t(straight.R) : 0)) * sizeof(unsigned), stream));
+    const dim3 grid(unsigned((C + SEG_COLS - 1) / SEG_COLS), unsigned(Rp / KB));
+    segments_amax_kernel<bf16><<<grid, 256, 0, stream>>>(px, C, offsets, padded, E, int(mode), amax, row_amax);
+    MOELAB_CUDA_LAUNCH_CHECK("segments_amax_kernel");
+    straight.row_amax = row_amax;
   }
-  auto kernel = format == DType::e5m2 ? segments_transposed_kernel<bf16, 1, false> : segments_transposed_kernel<bf16, 0, false>;
-  raise_smem_once(kernel, smem);
-  kernel<<<grid, 256, smem, stream>>>(px, C, offsets, padded, E, Rp, int(mode), out, scale, amax, fmax);
-  MOELAB_CUDA_LAUNCH_CHECK("segments_transposed_kernel");
+  auto launch = [&](auto kernel, int cols) {
+    const int smem = KB * (cols + 1) * int(sizeof(float));
+    raise_smem_once(kernel, smem);
+    const dim3 grid(unsigned((C + cols - 1) / cols), unsigned(Rp / KB));
+    kernel<<<grid, 256, smem, stream>>>(px, C, offsets, padded, E, Rp, int(mode), out, scale, amax, straight, fmax);
+    MOELAB_CUDA_LAUNCH_CHECK("segments_codes_kernel");
+  };
+  const bool e5m2 = format == DType::e5m2;
+  if (!with_straight) {
+    if (e5m2) launch(segments_codes_kernel<bf16, 1, SEG_COLS, false>, SEG_COLS);
+    else launch(segments_codes_kernel<bf16, 0, SEG_COLS, false>, SEG_COLS);
+  } else if (mode == Fp8ScaleMode::block) {
+    if (e5m2) launch(segments_codes_kernel<bf16, 1, 128, true>, 128);
+    else launch(segments_codes_kernel<bf16, 0, 128, true>, 128);
+  } else {
+    if (e5m2) launch(segments_codes_kernel<bf16, 1, SEG_COLS, true>, SEG_COLS);
+    else launch(segments_codes_kernel<bf16, 0, SEG_COLS, true>, SEG_COLS);
+  }
 }
 
 }  // namespace grouped_gemm
@@ -476,84 +594,189 @@ int64_t scale_count(Fp8Granularity g, int64_t rows, int64_t k) {
 
 }  // namespace
 
-void CudaBackend::grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W,
-                                     bool trans_w, Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) {
-  const char* op = "grouped_matmul_fp8";
+// The expert weights quantized for the forward (trans_w: W [E, N, K] as it is) or the data
+// gradient (W [E, K, N]: W^T copies), expert by expert, e4m3, K-major: the B operand of
+// forward_fp8, with its scales.
+CudaBackend::ExpertWeightsFp8 CudaBackend::quantize_expert_weights(const Tensor& W, bool trans_w, Fp8Granularity w_gran) {
+  ExpertWeightsFp8 q;
+  const int E = int(W.dim(0));
+  const int N = int(trans_w ? W.dim(1) : W.dim(2)), K = int(trans_w ? W.dim(2) : W.dim(1));
+  q.codes = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_b, size_t(E) * N * K));
+  const int64_t nw = scale_count(w_gran, N, K);
+  q.scales = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_b, size_t(E * nw) * sizeof(float)));
+  quantize_fp8_batch(W.data, W.dtype, E, trans_w ? N : K, trans_w ? K : N, !trans_w, w_gran, q.codes, DType::e4m3,
+                     q.scales, nullptr, 0);
+  q.kb_stride = int(((K + 127) / 128 + 3) / 4 * 4);
+  return q;
+}
+
+namespace {
+
+// The shapes of a grouped FP8 product C = A W_e^T (trans_w: W [E, N, K]) or A W_e (W [E, K, N]).
+struct GroupedShape {
+  int E = 0, N = 0, K = 0;
+};
+
+GroupedShape check_grouped_fp8(const Tensor& A, DType a_format, const Tensor& W, bool trans_w, const Tensor& C,
+                               const Tensor& offsets, const char* op) {
   require_dtype(A, DType::bf16, op, "A");
   require_dtype(W, DType::bf16, op, "W (use the bf16 compute copy)");
   require_float(C, op, "C");
   require_dtype(offsets, DType::i32, op, "offsets");
-  require(a_format == DType::e4m3 || a_format == DType::e5m2, op, std::string("a_format must be e4m3 or e5m2, got ") + dtype_name(a_format));
+  require(a_format == DType::e4m3 || a_format == DType::e5m2, op,
+          std::string("the token-side format must be e4m3 or e5m2, got ") + dtype_name(a_format));
   require(W.ndim() == 3, op, "W must be [E, N, K] or [E, K, N], got " + W.describe());
-  const int E = int(W.dim(0));
-  const int N = int(trans_w ? W.dim(1) : W.dim(2)), K = int(trans_w ? W.dim(2) : W.dim(1));
-  require(offsets.numel() == E + 1, op, "offsets must be [E+1]");
-  require(A.cols() == K && C.cols() == N && C.rows() == A.rows(), op,
+  GroupedShape g;
+  g.E = int(W.dim(0));
+  g.N = int(trans_w ? W.dim(1) : W.dim(2));
+  g.K = int(trans_w ? W.dim(2) : W.dim(1));
+  require(offsets.numel() == g.E + 1, op, "offsets must be [E+1]");
+  require(A.cols() == g.K && C.cols() == g.N && C.rows() == A.rows(), op,
           "A " + A.describe() + ", W " + W.describe() + ", C " + C.describe() + " do not agree");
-  require(K % 16 == 0 && N % 16 == 0, op, "K and N must be multiples of 16 (16-byte FP8 rows)");
-  const grouped_gemm::Fp8ScaleMode mode = scale_mode_of(a_gran, w_gran, op);
-  if (mode == grouped_gemm::Fp8ScaleMode::block)
-    require(N % 128 == 0, op, "blockwise scaling needs N a multiple of 128 (whole weight blocks per output tile), got " + std::to_string(N));
-  const int64_t R = A.rows();
-  if (R == 0) return;
-  // Token-side operand: straight copy; tensor scaling takes one scale per expert segment.
-  auto* qa = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_a, size_t(R) * K));
-  const int64_t na = a_gran == Fp8Granularity::tensor ? E : scale_count(a_gran, R, K);
-  auto* sa = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_a, size_t(na) * sizeof(float)));
-  const bool segments = a_gran == Fp8Granularity::tensor;
-  quantize_fp8_batch(A.data, A.dtype, 1, R, K, false, a_gran, qa, a_format, sa, segments ? offsets.as<int32_t>() : nullptr,
-                     segments ? E : 0);
-  // Weights, expert by expert, K-major: W^T copies for the data gradient.
-  auto* qw = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_b, size_t(E) * N * K));
-  const int64_t nw = scale_count(w_gran, N, K);
-  auto* sw = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_b, size_t(E * nw) * sizeof(float)));
-  quantize_fp8_batch(W.data, W.dtype, E, trans_w ? N : K, trans_w ? K : N, !trans_w, w_gran, qw, DType::e4m3, sw, nullptr, 0);
-  grouped_gemm::Fp8GroupedScales sc;
-  sc.mode = mode;
-  sc.a = sa;
-  sc.w = sw;
-  sc.w_kb_stride = int(((K + 127) / 128 + 3) / 4 * 4);
-  grouped_gemm::forward_fp8(qa, a_format, qw, sc, C.data, C.dtype, offsets.as<int32_t>(), E, R, N, K, sm_count_, stream_);
+  require(g.K % 16 == 0 && g.N % 16 == 0, op, "K and N must be multiples of 16 (16-byte FP8 rows)");
+  return g;
 }
 
-void CudaBackend::grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran,
-                                           Tensor& dW, const Tensor& offsets) {
-  const char* op = "grouped_matmul_wgrad_fp8";
+void check_grouped_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, const Tensor& dW, const Tensor& offsets,
+                             const char* op) {
   require_dtype(dY, DType::bf16, op, "dY");
   require_dtype(X, DType::bf16, op, "X");
   require_float(dW, op, "dW");
   require_dtype(offsets, DType::i32, op, "offsets");
-  require(dy_format == DType::e4m3 || dy_format == DType::e5m2, op, std::string("dy_format must be e4m3 or e5m2, got ") + dtype_name(dy_format));
+  require(dy_format == DType::e4m3 || dy_format == DType::e5m2, op,
+          std::string("dy_format must be e4m3 or e5m2, got ") + dtype_name(dy_format));
   require(dW.ndim() == 3, op, "dW must be [E, N, K], got " + dW.describe());
   const int E = int(dW.dim(0)), N = int(dW.dim(1)), K = int(dW.dim(2));
   require(offsets.numel() == E + 1 && dY.cols() == N && X.cols() == K && dY.rows() == X.rows(), op,
           "dY " + dY.describe() + ", X " + X.describe() + ", dW " + dW.describe() + " do not agree");
   require(K % 16 == 0 && N % 16 == 0, op, "K and N must be multiples of 16 (16-byte FP8 rows)");
+}
+
+grouped_gemm::Fp8ScaleMode wgrad_mode_of(Fp8Granularity gran, const char* op) {
   using M = grouped_gemm::Fp8ScaleMode;
-  M mode = M::tensor;
-  if (gran == Fp8Granularity::row) mode = M::row;
-  else if (gran == Fp8Granularity::block_1x128) mode = M::block;
-  else require(gran == Fp8Granularity::tensor, op, std::string("the weight gradient's operands take tensor, row or 1x128 scaling, got ") + fp8_granularity_name(gran));
-  const int64_t R = dY.rows();
+  if (gran == Fp8Granularity::tensor) return M::tensor;
+  if (gran == Fp8Granularity::row) return M::row;
+  require(gran == Fp8Granularity::block_1x128, op,
+          std::string("the weight gradient's operands take tensor, row or 1x128 scaling, got ") + fp8_granularity_name(gran));
+  return M::block;
+}
+
+}  // namespace
+
+void CudaBackend::grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W,
+                                     bool trans_w, Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) {
+  const char* op = "grouped_matmul_fp8";
+  const GroupedShape g = check_grouped_fp8(A, a_format, W, trans_w, C, offsets, op);
+  const grouped_gemm::Fp8ScaleMode mode = scale_mode_of(a_gran, w_gran, op);
+  if (mode == grouped_gemm::Fp8ScaleMode::block)
+    require(g.N % 128 == 0, op, "blockwise scaling needs N a multiple of 128 (whole weight blocks per output tile), got " + std::to_string(g.N));
+  const int64_t R = A.rows();
   if (R == 0) return;
-  const int64_t Rp = grouped_gemm::padded_rows_bound(R, E);
-  auto* padded = static_cast<int32_t*>(scratch(ScratchSlot::fp8_grouped_offsets, size_t(E + 1) * sizeof(int32_t)));
-  grouped_gemm::padded_offsets(offsets.as<int32_t>(), E, padded, stream_);
-  auto* qdy = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_a, size_t(N) * Rp));
-  auto* qx = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_b, size_t(K) * Rp));
-  auto scales = [&](int64_t cols) { return mode == M::tensor ? int64_t(E) : mode == M::row ? E * cols : (Rp / 128) * cols; };
-  auto* sdy = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_a, size_t(scales(N)) * sizeof(float)));
-  auto* sx = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_b, size_t(scales(K)) * sizeof(float)));
-  auto* amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, size_t(E) * std::max(N, K) * sizeof(unsigned)));
-  grouped_gemm::quantize_segments_transposed(dY.data, N, offsets.as<int32_t>(), padded, E, Rp, mode, dy_format, qdy, sdy,
-                                             amax, stream_);
-  grouped_gemm::quantize_segments_transposed(X.data, K, offsets.as<int32_t>(), padded, E, Rp, mode, DType::e4m3, qx, sx,
-                                             amax, stream_);
+  // Token-side operand: straight copy; tensor scaling takes one scale per expert segment.
+  auto* qa = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_a, size_t(R) * g.K));
+  const int64_t na = a_gran == Fp8Granularity::tensor ? g.E : scale_count(a_gran, R, g.K);
+  auto* sa = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_a, size_t(na) * sizeof(float)));
+  const bool segments = a_gran == Fp8Granularity::tensor;
+  quantize_fp8_batch(A.data, A.dtype, 1, R, g.K, false, a_gran, qa, a_format, sa, segments ? offsets.as<int32_t>() : nullptr,
+                     segments ? g.E : 0);
+  const ExpertWeightsFp8 qw = quantize_expert_weights(W, trans_w, w_gran);
   grouped_gemm::Fp8GroupedScales sc;
   sc.mode = mode;
-  sc.a = sdy;
-  sc.w = sx;
-  grouped_gemm::wgrad_fp8(qdy, dy_format, qx, sc, dW.data, dW.dtype, padded, E, Rp, N, K, stream_);
+  sc.a = sa;
+  sc.w = qw.scales;
+  sc.w_kb_stride = qw.kb_stride;
+  grouped_gemm::forward_fp8(qa, a_format, qw.codes, sc, C.data, C.dtype, offsets.as<int32_t>(), g.E, R, g.N, g.K,
+                            sm_count_, stream_);
+}
+
+void CudaBackend::grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran,
+                                           Tensor& dW, const Tensor& offsets) {
+  const char* op = "grouped_matmul_wgrad_fp8";
+  check_grouped_wgrad_fp8(dY, dy_format, X, dW, offsets, op);
+  const grouped_gemm::Fp8ScaleMode mode = wgrad_mode_of(gran, op);
+  const int64_t R = dY.rows();
+  if (R == 0) return;
+  const int E = int(dW.dim(0)), N = int(dW.dim(1)), K = int(dW.dim(2));
+  const int64_t Rp = grouped_gemm::padded_rows_bound(R, E);
+  const int32_t* padded = padded_segments(offsets, E);
+  const SegmentsFp8 qdy = quantize_segments(dY, ScratchSlot::fp8_grouped_a, ScratchSlot::fp8_grouped_scale_a, offsets,
+                                            padded, E, Rp, mode, dy_format, nullptr);
+  const SegmentsFp8 qx = quantize_segments(X, ScratchSlot::fp8_grouped_b, ScratchSlot::fp8_grouped_scale_b, offsets,
+                                           padded, E, Rp, mode, DType::e4m3, nullptr);
+  grouped_gemm::Fp8GroupedScales sc;
+  sc.mode = mode;
+  sc.a = qdy.scales;
+  sc.w = qx.scales;
+  grouped_gemm::wgrad_fp8(qdy.codes, dy_format, qx.codes, sc, dW.data, dW.dtype, padded, E, Rp, N, K, stream_);
+}
+
+void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran, const Tensor& W,
+                                              Fp8Granularity w_gran, const Tensor& X, Tensor& dX, Tensor& dW,
+                                              const Tensor& offsets) {
+  const char* op = "grouped_matmul_backward_fp8";
+  // dX = dY W_e: W [E, K, N] read as the data gradient reads it (N = W's inner dim = dY's columns).
+  const GroupedShape g = check_grouped_fp8(dY, dy_format, W, false, dX, offsets, op);
+  check_grouped_wgrad_fp8(dY, dy_format, X, dW, offsets, op);
+  using M = grouped_gemm::Fp8ScaleMode;
+  const M mode = scale_mode_of(a_gran, w_gran, op);
+  if (mode == M::block)
+    require(g.N % 128 == 0, op, "blockwise scaling needs N a multiple of 128 (whole weight blocks per output tile), got " + std::to_string(g.N));
+  const int64_t R = dY.rows();
+  if (R == 0) return;
+  const int E = g.E;
+  const int64_t Rp = grouped_gemm::padded_rows_bound(R, E);
+  const int32_t* padded = padded_segments(offsets, E);
+  // dY once: its transposed segments (the weight gradient's A) and its straight rows (the data
+  // gradient's A) from one read.
+  grouped_gemm::StraightCopy rows;
+  rows.R = R;
+  rows.out = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_a, size_t(R) * g.K));
+  if (mode != M::tensor) {
+    const size_t n = mode == M::row ? size_t(R) : size_t(R) * ((g.K + 127) / 128);
+    rows.scale = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_a, n * sizeof(float)));
+  }
+  const SegmentsFp8 qdy = quantize_segments(dY, ScratchSlot::fp8_grouped_at, ScratchSlot::fp8_grouped_scale_at, offsets,
+                                            padded, E, Rp, mode, dy_format, &rows);
+  const ExpertWeightsFp8 qw = quantize_expert_weights(W, false, w_gran);
+  grouped_gemm::Fp8GroupedScales sd;
+  sd.mode = mode;
+  sd.a = mode == M::tensor ? qdy.scales : rows.scale;
+  sd.w = qw.scales;
+  sd.w_kb_stride = qw.kb_stride;
+  grouped_gemm::forward_fp8(rows.out, dy_format, qw.codes, sd, dX.data, dX.dtype, offsets.as<int32_t>(), E, R, g.N, g.K,
+                            sm_count_, stream_);
+  // X^T segments take the weights' buffer, free once the data gradient's kernel (stream order) read it.
+  const SegmentsFp8 qx = quantize_segments(X, ScratchSlot::fp8_grouped_b, ScratchSlot::fp8_grouped_scale_b, offsets,
+                                           padded, E, Rp, mode, DType::e4m3, nullptr);
+  grouped_gemm::Fp8GroupedScales sw;
+  sw.mode = mode;
+  sw.a = qdy.scales;
+  sw.w = qx.scales;
+  grouped_gemm::wgrad_fp8(qdy.codes, dy_format, qx.codes, sw, dW.data, dW.dtype, padded, E, Rp, int(dW.dim(1)),
+                          int(dW.dim(2)), stream_);
+}
+
+const int32_t* CudaBackend::padded_segments(const Tensor& offsets, int E) {
+  auto* padded = static_cast<int32_t*>(scratch(ScratchSlot::fp8_grouped_offsets, size_t(E + 1) * sizeof(int32_t)));
+  grouped_gemm::padded_offsets(offsets.as<int32_t>(), E, padded, stream_);
+  return padded;
+}
+
+CudaBackend::SegmentsFp8 CudaBackend::quantize_segments(const Tensor& x, ScratchSlot codes_slot, ScratchSlot scale_slot,
+                                                        const Tensor& offsets, const int32_t* padded, int E, int64_t Rp,
+                                                        grouped_gemm::Fp8ScaleMode mode, DType format,
+                                                        grouped_gemm::StraightCopy* straight) {
+  using M = grouped_gemm::Fp8ScaleMode;
+  const int64_t C = x.cols();
+  SegmentsFp8 q;
+  q.codes = static_cast<uint8_t*>(scratch(codes_slot, size_t(C) * Rp));
+  const int64_t n = mode == M::tensor ? int64_t(E) : mode == M::row ? E * C : (Rp / 128) * C;
+  q.scales = static_cast<float*>(scratch(scale_slot, size_t(n) * sizeof(float)));
+  const size_t amax_n = size_t(E) * C + (straight && mode == M::row ? size_t(straight->R) : 0);
+  auto* amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, amax_n * sizeof(unsigned)));
+  grouped_gemm::quantize_segments_transposed(x.data, int(C), offsets.as<int32_t>(), padded, E, Rp, mode, format, q.codes,
+                                             q.scales, amax, stream_, straight ? *straight : grouped_gemm::StraightCopy{});
+  return q;
 }
 
 }  // namespace moelab

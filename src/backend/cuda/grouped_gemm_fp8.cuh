@@ -46,12 +46,25 @@ inline int64_t padded_rows_bound(int64_t R, int E) { return (R + 127 * int64_t(E
 void wgrad_fp8(const uint8_t* dYt, DType dy_format, const uint8_t* Xt, const Fp8GroupedScales& scales, void* dW,
                DType dw_dtype, const int32_t* padded, int E, int64_t Rp, int N, int K, cudaStream_t stream);
 
+// The straight copy that quantize_segments_transposed can write in the same pass (the data
+// gradient's operand, which forward_fp8 reads): out [R, C] codes of each expert's tokens (rows past
+// the last expert are not written), scales as forward_fp8 lists them for a token-side operand:
+// row scale[row], block scale[kb * R + row]; tensor scaling shares the transposed copy's per-expert
+// scales, so scale is unused. row_amax is set by the launcher.
+struct StraightCopy {
+  uint8_t* out = nullptr;
+  float* scale = nullptr;
+  int64_t R = 0;
+  const unsigned* row_amax = nullptr;
+};
+
 // Quantizes x [R, C] (bf16) expert segment by expert segment into the transposed, padded layout
 // that wgrad_fp8 reads: out [C, Rp] codes of `format`, scales as wgrad_fp8 lists them for `mode`
-// (tensor and row scales over each expert's own tokens, 1x128 tiles along them). amax is device
-// scratch of at least E * C unsigned values.
+// (tensor and row scales over each expert's own tokens, 1x128 tiles along them); with
+// straight.out, also the straight copy from the same read of x. amax is device scratch of at
+// least E * C unsigned values (E * C + R with a row-scaled straight copy).
 void quantize_segments_transposed(const void* x, int C, const int32_t* offsets, const int32_t* padded,
                                   int E, int64_t Rp, Fp8ScaleMode mode, DType format, uint8_t* out, float* scale,
-                                  unsigned* amax, cudaStream_t stream);
+                                  unsigned* amax, cudaStream_t stream, StraightCopy straight = {});
 
 }  // namespace moelab::grouped_gemm
