@@ -93,6 +93,16 @@ struct QuantizedOperand {
   Fp8Granularity granularity = Fp8Granularity::tensor;
 };
 
+// An expert GEMM's token-side operand kept from the forward for the weight gradient, in the form
+// the backend's grouped_matmul_backward_fp8 reads it (alloc_saved_expert_operand makes one): on
+// CUDA the FP8 codes of its transposed, padded expert segments with their scales, written by the
+// forward from the same read of the operand; on the CPU a plain copy, quantized in the backward
+// exactly as grouped_matmul_wgrad_fp8 quantizes it.
+struct SavedExpertOperand {
+  Tensor data, scale;
+  Fp8Granularity granularity = Fp8Granularity::tensor;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -166,14 +176,29 @@ class Backend {
                                   bool trans_w, Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) = 0;
   virtual void grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran,
                                         Tensor& dW, const Tensor& offsets) = 0;
-  // The backward of one expert GEMM y = x W_e^T in FP8: dX = grouped_matmul_fp8(dY, ..., W,
-  // trans_w = false, ...) and dW += grouped_matmul_wgrad_fp8(dY, ..., X, ...), exactly as those two
-  // calls give them. A backend may quantize dY once for both products (CUDA does).
+  // Room for a saved expert operand of up to `rows` rows of `cols` (token-side granularity g).
+  virtual SavedExpertOperand alloc_saved_expert_operand(int64_t rows, int64_t cols, int /*experts*/, Fp8Granularity g) {
+    SavedExpertOperand s;
+    s.data = alloc({rows, cols}, act_dtype());
+    s.granularity = g;
+    return s;
+  }
+  // The forward of an expert GEMM (grouped_matmul_fp8 with A e4m3, trans_w) that also keeps A for
+  // the weight gradient in `save`.
+  virtual void grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const Tensor& W, Fp8Granularity w_gran,
+                                         Tensor& C, const Tensor& offsets, SavedExpertOperand& save) {
+    grouped_matmul_fp8(A, DType::e4m3, a_gran, W, true, w_gran, C, offsets);
+    Tensor kept = save.data.prefix(A.shape);
+    copy(A, kept);
+  }
+  // The backward of that GEMM in FP8, X the operand its forward saved: dX = grouped_matmul_fp8(dY,
+  // ..., W, trans_w = false, ...) and dW += grouped_matmul_wgrad_fp8(dY, ..., X, ...), exactly as
+  // those two calls give them. A backend may quantize dY once for both products (CUDA does).
   virtual void grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran, const Tensor& W,
-                                           Fp8Granularity w_gran, const Tensor& X, Tensor& dX, Tensor& dW,
+                                           Fp8Granularity w_gran, const SavedExpertOperand& X, Tensor& dX, Tensor& dW,
                                            const Tensor& offsets) {
     grouped_matmul_fp8(dY, dy_format, a_gran, W, false, w_gran, dX, offsets);
-    grouped_matmul_wgrad_fp8(dY, dy_format, X, a_gran, dW, offsets);
+    grouped_matmul_wgrad_fp8(dY, dy_format, X.data.prefix({dY.rows(), X.data.cols()}), a_gran, dW, offsets);
   }
 
   // --- embedding --------------------------------------------------------------------------------

@@ -153,9 +153,21 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
       l.offsets = alloc0({experts_ + 1}, DType::i32);
       l.slot = alloc0({n_ * top_k_}, DType::i32);
       l.row_token = alloc0({std::max<int64_t>(rows_max_, n_ * top_k_)}, DType::i32);
-      l.xp = alloc0({rows_max_, D}, act_);
+      if (fp8_experts_) {
+        // The backward reads the saved FP8 copies, so the bf16 inputs live only through the forward.
+        if (!expert_x_shared_.data) {
+          expert_x_shared_ = alloc0({rows_max_, D}, act_);
+          expert_a_shared_ = alloc0({rows_max_, He}, act_);
+        }
+        l.xp = expert_x_shared_;
+        l.ap = expert_a_shared_;
+        l.xp_saved = lin_.saved_expert_operand(rows_max_, D, int(experts_));
+        l.ap_saved = lin_.saved_expert_operand(rows_max_, He, int(experts_));
+      } else {
+        l.xp = alloc0({rows_max_, D}, act_);
+        l.ap = alloc0({rows_max_, He}, act_);
+      }
       l.hp = alloc0({rows_max_, He}, act_);
-      l.ap = alloc0({rows_max_, He}, act_);
       l.yp = alloc0({rows_max_, D}, act_);
       l.bal = alloc0({1}, stat_);
       if (shared) {
@@ -356,9 +368,9 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
                drop_order_);
   be_.balance_loss(l.probs, l.routed, bal_log_coef_, l.bal);
   be_.moe_permute(xn, l.row_token, l.offsets, l.xp);
-  lin_.expert_forward(fp8_experts_, l.xp, l.w_fc->compute, l.hp, l.offsets);
+  lin_.expert_forward(fp8_experts_, l.xp, l.w_fc->compute, l.hp, l.offsets, l.xp_saved);
   be_.relu2_fwd(l.hp, l.ap);
-  lin_.expert_forward(fp8_experts_, l.ap, l.w_proj->compute, l.yp, l.offsets);
+  lin_.expert_forward(fp8_experts_, l.ap, l.w_proj->compute, l.yp, l.offsets, l.ap_saved);
   be_.moe_combine(l.yp, l.slot, l.gates, out, true);
   if (l.sh_fc) dense_forward(*l.sh_fc, *l.sh_proj, xn, l.h, l.a, out, true);
 }
@@ -442,9 +454,9 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
     return;
   }
   be_.moe_combine_bwd(dy, l.yp, l.slot, l.gates, dyp_, dgates_);
-  lin_.expert_backward(fp8_experts_, dyp_, l.w_proj->compute, l.ap, dap_, l.w_proj->grad, l.offsets);
+  lin_.expert_backward(fp8_experts_, dyp_, l.w_proj->compute, l.ap, l.ap_saved, dap_, l.w_proj->grad, l.offsets);
   be_.relu2_bwd(l.hp, dap_, dhp_);
-  lin_.expert_backward(fp8_experts_, dhp_, l.w_fc->compute, l.xp, dxp_, l.w_fc->grad, l.offsets);
+  lin_.expert_backward(fp8_experts_, dhp_, l.w_fc->compute, l.xp, l.xp_saved, dxp_, l.w_fc->grad, l.offsets);
   be_.fill(dxn, 0.0f);
   be_.moe_permute_bwd(dxp_, l.slot, dxn);
   be_.router_bwd(l.probs, l.topk, l.gates, dgates_, l.routed, bal_loss_coef_, bal_scale_, dlogits_r_);

@@ -74,6 +74,9 @@ class GptMoE {
     Tensor h, a;                                                   // dense or shared expert
     Tensor router_logits, probs, topk, gates, routed, counts, offsets, slot, row_token;
     Tensor xp, hp, ap, yp, bal;
+    // With FP8 experts, the experts' inputs (xp, ap) as their weight gradients read them, kept
+    // from the forward; xp and ap are then one buffer shared by all layers.
+    SavedExpertOperand xp_saved, ap_saved;
     Tensor x_pre;      // the stream before the lambda mix (scalar_lambdas; layer 0 reads x0)
     Tensor ve_x, gate;  // value embedding rows [N, kvdim] and gate [N, Hkv] (value_embeddings)
   };
@@ -121,6 +124,7 @@ class GptMoE {
   // Backward scratch, shared by all layers.
   Tensor dx_, dxn_, dxf_, dtmp_, datt_, dq_, dk_, dv_, dqraw_, dkraw_, dh_, da_;
   Tensor dyp_, dap_, dhp_, dxp_, dgates_, dlogits_r_, dlogits_r_act_;
+  Tensor expert_x_shared_, expert_a_shared_;  // xp and ap of every layer when the experts run in FP8
   Tensor dx0_;  // gradient reaching x0 through the lambda mixes
 };
 

@@ -110,19 +110,25 @@ void LinearGemms::backward(bool fp8, const Tensor& dy, const Tensor& W, const Te
   be_.matmul_fp8(gt, xt, dW, 1.0f, 1.0f);
 }
 
-void LinearGemms::expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets) {
-  if (!(fp8 && fp8_)) return be_.grouped_matmul(x, W, true, y, offsets);
-  be_.grouped_matmul_fp8(x, DType::e4m3, act_, W, true, weight_, y, offsets);
+SavedExpertOperand LinearGemms::saved_expert_operand(int64_t rows, int64_t cols, int experts) {
+  if (!fp8_) return {};
+  return be_.alloc_saved_expert_operand(rows, cols, experts, act_);
 }
 
-void LinearGemms::expert_backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, Tensor& dx, Tensor& dW,
-                                  const Tensor& offsets) {
+void LinearGemms::expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets,
+                                 SavedExpertOperand& saved) {
+  if (!(fp8 && fp8_)) return be_.grouped_matmul(x, W, true, y, offsets);
+  be_.grouped_matmul_fp8_saving(x, act_, W, weight_, y, offsets, saved);
+}
+
+void LinearGemms::expert_backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x,
+                                  const SavedExpertOperand& saved, Tensor& dx, Tensor& dW, const Tensor& offsets) {
   if (!(fp8 && fp8_)) {
     be_.grouped_matmul(dy, W, false, dx, offsets);
     be_.grouped_matmul_wgrad(dy, x, dW, offsets, 1.0f);
     return;
   }
-  be_.grouped_matmul_backward_fp8(dy, grad_format_, act_, W, weight_, x, dx, dW, offsets);
+  be_.grouped_matmul_backward_fp8(dy, grad_format_, act_, W, weight_, saved, dx, dW, offsets);
 }
 
 }  // namespace moelab

@@ -47,10 +47,14 @@ class LinearGemms {
 
   // The experts' GEMMs over permuted rows grouped by offsets (W [E, N, K]), in FP8 by the same
   // recipe with one set of scales per expert (the backend quantizes expert by expert):
-  // y = x W_e^T; backward: dx = dy W_e and dW_e += dy_e^T x_e.
-  void expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets);
-  void expert_backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, Tensor& dx, Tensor& dW,
-                       const Tensor& offsets);
+  // y = x W_e^T; backward: dx = dy W_e and dW_e += dy_e^T x_e. In FP8 the forward keeps x for
+  // the weight gradient in `saved` (from saved_expert_operand) and the backward reads it from
+  // there, so x itself need not outlive the forward; otherwise the backward reads x.
+  SavedExpertOperand saved_expert_operand(int64_t rows, int64_t cols, int experts);
+  void expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets,
+                      SavedExpertOperand& saved);
+  void expert_backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, const SavedExpertOperand& saved,
+                       Tensor& dx, Tensor& dW, const Tensor& offsets);
 
  private:
   // One quantization buffer per operand role, so an operand that several GEMMs share stays valid

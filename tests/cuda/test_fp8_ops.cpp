@@ -347,14 +347,16 @@ TEST_F(CudaFp8Grouped, WeightGradientMatchesTheCpuEmulation) {
     }
 }
 
-TEST_F(CudaFp8Grouped, BackwardIsTheDataAndWeightGradients) {
-  // grouped_matmul_backward_fp8 quantizes dY once for both products; it must give exactly what
-  // grouped_matmul_fp8 (the data gradient) and grouped_matmul_wgrad_fp8 give, with capacity
-  // dispatch's unused tail rows (huge values) outside every expert.
+TEST_F(CudaFp8Grouped, SavingForwardAndBackwardAreTheSeparateOps) {
+  // grouped_matmul_fp8_saving keeps X's FP8 weight-gradient copy from the forward's read of X;
+  // grouped_matmul_backward_fp8 quantizes dY once for both of its products and reads that copy.
+  // Together they must give exactly what grouped_matmul_fp8 (forward, data gradient) and
+  // grouped_matmul_wgrad_fp8 give, with capacity dispatch's unused tail rows (huge values)
+  // outside every expert.
   const int64_t used = R;
   R = used + 48;
   Pair off = offsets(offsets_of(counts));
-  const int64_t N = 256, K = 384;  // forward y = x W^T: W [E, N, K], dY [R, N], X [R, K]
+  const int64_t N = 256, K = 384;  // forward y = x W^T: W [E, N, K], X [R, K], dY [R, N]
   for (const GroupedRecipe& r : kGroupedRecipes)
     for (DType fmt : {DType::e5m2, DType::e4m3}) {
       const std::string what = std::string(fp8_granularity_name(r.act)) + " " + dtype_name(fmt);
@@ -363,31 +365,39 @@ TEST_F(CudaFp8Grouped, BackwardIsTheDataAndWeightGradients) {
       for (int64_t i = used * K; i < R * K; ++i) xv[size_t(i)] = round_to_bf16(1e38f);
       Pair dy = both({R, N}, dyv), x = both({R, K}, xv), w = both({E, N, K}, values(E * N * K, 0.05));
       const std::vector<float> dw0 = values(E * N * K, 1.0);
+      Tensor y1 = gpu->alloc({R, N}, DType::bf16), y2 = gpu->alloc({R, N}, DType::bf16);
       Tensor dx1 = gpu->alloc({R, K}, DType::bf16), dx2 = gpu->alloc({R, K}, DType::bf16);
       Tensor dw1 = gpu->alloc({E, N, K}, DType::f32), dw2 = gpu->alloc({E, N, K}, DType::f32);
       gpu->write(dw1, dw0);
       gpu->write(dw2, dw0);
+      gpu->fill(y1, NAN);
       gpu->fill(dx1, NAN);
-      gpu->fill(dx2, 0.0f);
+      SavedExpertOperand saved = gpu->alloc_saved_expert_operand(R, K, E, r.act);
       try {
-        gpu->grouped_matmul_backward_fp8(dy.g, fmt, r.act, w.g, r.weight, x.g, dx1, dw1, off.g);
+        gpu->grouped_matmul_fp8_saving(x.g, r.act, w.g, r.weight, y1, off.g, saved);
+        gpu->grouped_matmul_backward_fp8(dy.g, fmt, r.act, w.g, r.weight, saved, dx1, dw1, off.g);
       } catch (const Error& e) {
         ADD_FAILURE() << what << ": " << e.what();
         continue;
       }
+      gpu->grouped_matmul_fp8(x.g, DType::e4m3, r.act, w.g, true, r.weight, y2, off.g);
       gpu->grouped_matmul_fp8(dy.g, fmt, r.act, w.g, false, r.weight, dx2, off.g);
       gpu->grouped_matmul_wgrad_fp8(dy.g, fmt, x.g, r.act, dw2, off.g);
-      std::vector<float> a = gpu->read(dx1), b = gpu->read(dx2);
-      a.resize(size_t(used * K));
-      b.resize(size_t(used * K));
-      EXPECT_EQ(nerr(a, b), 0.0) << what << " data gradient (seed " << seed << ")";
+      auto used_rows = [&](const Tensor& t, int64_t cols) {
+        std::vector<float> v = gpu->read(t);
+        v.resize(size_t(used * cols));
+        return v;
+      };
+      const std::vector<float> ya = used_rows(y1, N), dxa = used_rows(dx1, K);
+      EXPECT_EQ(nerr(ya, used_rows(y2, N)), 0.0) << what << " forward (seed " << seed << ")";
+      EXPECT_EQ(nerr(dxa, used_rows(dx2, K)), 0.0) << what << " data gradient (seed " << seed << ")";
       EXPECT_EQ(nerr(gpu->read(dw1), gpu->read(dw2)), 0.0) << what << " weight gradient (seed " << seed << ")";
       // And against the CPU's emulation, so the equal pair is also the right one.
       Tensor dxc = cpu->alloc({R, K}, DType::f32);
       cpu->grouped_matmul_fp8(dy.c, fmt, r.act, w.c, false, r.weight, dxc, off.c);
       std::vector<float> c = cpu->read(dxc);
       c.resize(size_t(used * K));
-      EXPECT_LT(nerr(a, c), 1e-2) << what << " data gradient against the CPU (seed " << seed << ")";
+      EXPECT_LT(nerr(dxa, c), 1e-2) << what << " data gradient against the CPU (seed " << seed << ")";
     }
 }
 

@@ -1,7 +1,11 @@
 // precision = fp8 on the CPU: a tiny MoE GPT (one dense-MLP layer, one MoE layer) trains with
 // each FP8 recipe, on the dense linears and head (fp8.layers = dense) and on the experts too
 // (fp8.layers = all), its GEMMs emulated exactly, and its loss stays within 2% of the f32 run's;
-// the first step's loss differs from f32, so the recipe's rounding really ran.
+// the first step's loss differs from f32, so the recipe's rounding really ran. On a machine with a
+// GPU the same model trains there in BF16 and in FP8 with each recipe on every linear (the GPU's
+// own kernels: cuBLASLt, the grouped FP8 GEMM, the quantizers), each within 4% of the GPU's BF16:
+// bf16 activations and gradients and the forward's fast accumulation add to the recipe's rounding
+// (measured on an H200: 0.7-2.4% after 40 steps), while a broken scale leaves the loss near its start.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -14,6 +18,7 @@
 
 #include "config/config.hpp"
 #include "core/rng.hpp"
+#include "train/device_select.hpp"
 #include "train/trainer.hpp"
 #include "run_test_support.hpp"
 
@@ -72,6 +77,50 @@ TEST(Fp8Training, EachRecipeTrainsWithinTwoPercentOfF32) {
     std::printf("%-16s first loss %.4f (f32 %.4f), tail loss %.4f (f32 %.4f)\n", recipe.c_str(), l.front(), ref.front(), tail, ref_tail);
     EXPECT_LT(std::fabs(tail - ref_tail) / ref_tail, 0.02)
         << recipe << ": tail loss " << tail << " vs f32 " << ref_tail;
+  }
+  fs::remove_all(dir);
+}
+
+TEST(Fp8Training, OnTheGpuEachRecipeTracksBf16) {
+  Config probe;
+  probe.device = "auto";
+  if (make_backend(probe)->device() != Device::cuda) GTEST_SKIP() << "no CUDA GPU on this machine";
+  const fs::path dir = test::fresh_dir("fp8gpu");
+  const std::string text =
+      test::write_words(dir, {"the", "expert", "router", "sends", "each", "token", "to", "two", "of", "eight",
+                              "experts", "and", "a", "balance", "loss", "keeps", "their", "load", "even", "."},
+                        8000, 3, 11);
+  Config c = test::tiny_byte_config(text);
+  c.device = "cuda";
+  c.model.d_model = 128;  // blockwise scaling needs d_model and expert_hidden multiples of 128
+  c.model.head_dim = 64;
+  c.moe.expert_hidden = 128;
+  c.moe.layers = "1";
+  c.train.steps = 40;
+  c.train.batch_size = 4;
+  c.train.seq_len = 64;
+  c.train.save_final = false;
+  validate_config(c);
+  run_training(c, (dir / "bf16").string());
+  const std::vector<double> ref = step_losses(dir / "bf16");
+  ASSERT_EQ(ref.size(), 40u);
+  const double ref_tail = tail_mean(ref, 5);
+  EXPECT_LT(ref_tail, ref.front() - 1.0) << "the BF16 run did not learn";
+  for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
+    Config f = c;
+    f.precision = "fp8";
+    f.fp8.recipe = recipe;
+    f.fp8.layers = "all";
+    validate_config(f);
+    run_training(f, (dir / recipe).string());
+    const std::vector<double> l = step_losses(dir / recipe);
+    ASSERT_EQ(l.size(), 40u) << recipe;
+    for (double v : l) ASSERT_TRUE(std::isfinite(v)) << recipe;
+    EXPECT_NE(l.front(), ref.front()) << recipe << ": the first loss is BF16's bit for bit; FP8 did not run";
+    const double tail = tail_mean(l, 5);
+    std::printf("gpu %-10s first loss %.4f (bf16 %.4f), tail loss %.4f (bf16 %.4f)\n", recipe.c_str(), l.front(),
+                ref.front(), tail, ref_tail);
+    EXPECT_LT(std::fabs(tail - ref_tail) / ref_tail, 0.04) << recipe << ": tail loss " << tail << " vs BF16 " << ref_tail;
   }
   fs::remove_all(dir);
 }

@@ -87,8 +87,11 @@ class CudaBackend : public Backend {
                           Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) override;
   void grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran, Tensor& dW,
                                 const Tensor& offsets) override;
+  SavedExpertOperand alloc_saved_expert_operand(int64_t rows, int64_t cols, int experts, Fp8Granularity g) override;
+  void grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const Tensor& W, Fp8Granularity w_gran,
+                                 Tensor& C, const Tensor& offsets, SavedExpertOperand& save) override;
   void grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran, const Tensor& W,
-                                   Fp8Granularity w_gran, const Tensor& X, Tensor& dX, Tensor& dW,
+                                   Fp8Granularity w_gran, const SavedExpertOperand& X, Tensor& dX, Tensor& dW,
                                    const Tensor& offsets) override;
 
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
@@ -181,9 +184,10 @@ class CudaBackend : public Backend {
     float* scales = nullptr;
   };
   const int32_t* padded_segments(const Tensor& offsets, int E);
-  SegmentsFp8 quantize_segments(const Tensor& x, ScratchSlot codes_slot, ScratchSlot scale_slot, const Tensor& offsets,
-                                const int32_t* padded, int E, int64_t Rp, grouped_gemm::Fp8ScaleMode mode, DType format,
-                                grouped_gemm::StraightCopy* straight);
+  SegmentsFp8 segments_scratch(ScratchSlot codes_slot, ScratchSlot scale_slot, int64_t cols, int E, int64_t Rp,
+                               grouped_gemm::Fp8ScaleMode mode);
+  void quantize_segments(const Tensor& x, const SegmentsFp8& out, const Tensor& offsets, const int32_t* padded, int E,
+                         int64_t Rp, grouped_gemm::Fp8ScaleMode mode, DType format, grouped_gemm::StraightCopy* straight);
   // Sum of f(x) over all elements into out[0] (square when `squares`); deterministic two-pass.
   void reduce_sum(const Tensor& x, bool squares, Tensor& out, bool accumulate, float scale = 1.0f);
 

@@ -586,6 +586,12 @@ grouped_gemm::Fp8ScaleMode scale_mode_of(Fp8Granularity token_side, Fp8Granulari
               "tensorwise (tensor, tensor), rowwise (row, row) and blockwise (1x128, 128x128)");
 }
 
+// Scales of one operand in wgrad_fp8's padded segment layout (cols columns, Rp padded rows).
+int64_t segment_scale_count(grouped_gemm::Fp8ScaleMode mode, int64_t cols, int E, int64_t Rp) {
+  using M = grouped_gemm::Fp8ScaleMode;
+  return mode == M::tensor ? int64_t(E) : mode == M::row ? E * cols : (Rp / 128) * cols;
+}
+
 int64_t scale_count(Fp8Granularity g, int64_t rows, int64_t k) {
   int64_t n = 1;
   for (int64_t d : fp8_scale_shape(g, rows, k)) n *= d;
@@ -699,10 +705,10 @@ void CudaBackend::grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, co
   const int E = int(dW.dim(0)), N = int(dW.dim(1)), K = int(dW.dim(2));
   const int64_t Rp = grouped_gemm::padded_rows_bound(R, E);
   const int32_t* padded = padded_segments(offsets, E);
-  const SegmentsFp8 qdy = quantize_segments(dY, ScratchSlot::fp8_grouped_a, ScratchSlot::fp8_grouped_scale_a, offsets,
-                                            padded, E, Rp, mode, dy_format, nullptr);
-  const SegmentsFp8 qx = quantize_segments(X, ScratchSlot::fp8_grouped_b, ScratchSlot::fp8_grouped_scale_b, offsets,
-                                           padded, E, Rp, mode, DType::e4m3, nullptr);
+  const SegmentsFp8 qdy = segments_scratch(ScratchSlot::fp8_grouped_a, ScratchSlot::fp8_grouped_scale_a, N, E, Rp, mode);
+  quantize_segments(dY, qdy, offsets, padded, E, Rp, mode, dy_format, nullptr);
+  const SegmentsFp8 qx = segments_scratch(ScratchSlot::fp8_grouped_b, ScratchSlot::fp8_grouped_scale_b, K, E, Rp, mode);
+  quantize_segments(X, qx, offsets, padded, E, Rp, mode, DType::e4m3, nullptr);
   grouped_gemm::Fp8GroupedScales sc;
   sc.mode = mode;
   sc.a = qdy.scales;
@@ -710,21 +716,86 @@ void CudaBackend::grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, co
   grouped_gemm::wgrad_fp8(qdy.codes, dy_format, qx.codes, sc, dW.data, dW.dtype, padded, E, Rp, N, K, stream_);
 }
 
+SavedExpertOperand CudaBackend::alloc_saved_expert_operand(int64_t rows, int64_t cols, int experts, Fp8Granularity g) {
+  const grouped_gemm::Fp8ScaleMode mode = wgrad_mode_of(g, "alloc_saved_expert_operand");
+  const int64_t Rp = grouped_gemm::padded_rows_bound(rows, experts);
+  SavedExpertOperand s;
+  s.granularity = g;
+  s.data = alloc({cols, Rp}, DType::e4m3);
+  s.scale = alloc({segment_scale_count(mode, cols, experts, Rp)}, DType::f32);
+  return s;
+}
+
+namespace {
+
+// The saved operand's codes and scales, checked against the operand the forward is about to save
+// or the backward about to read (x_rows rows of x_cols), and its granularity against the recipe.
+void check_saved(const SavedExpertOperand& s, int64_t x_rows, int64_t x_cols, int E, Fp8Granularity g, const char* op) {
+  const int64_t Rp = grouped_gemm::padded_rows_bound(x_rows, E);
+  require(s.granularity == g, op, std::string("the saved operand has ") + fp8_granularity_name(s.granularity) +
+                                      " scales, the recipe " + fp8_granularity_name(g));
+  require(s.data.dtype == DType::e4m3 && s.data.ndim() == 2 && s.data.dim(0) == x_cols && s.data.dim(1) >= Rp, op,
+          "saved operand " + s.data.describe() + " cannot hold " + std::to_string(x_rows) + " rows of " +
+              std::to_string(x_cols) + " (use alloc_saved_expert_operand)");
+  require(s.scale.dtype == DType::f32 && s.scale.numel() >= segment_scale_count(wgrad_mode_of(g, op), x_cols, E, Rp), op,
+          "saved operand's scales " + s.scale.describe() + " are too few (use alloc_saved_expert_operand)");
+}
+
+}  // namespace
+
+void CudaBackend::grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const Tensor& W, Fp8Granularity w_gran,
+                                            Tensor& C, const Tensor& offsets, SavedExpertOperand& save) {
+  const char* op = "grouped_matmul_fp8_saving";
+  using M = grouped_gemm::Fp8ScaleMode;
+  const GroupedShape g = check_grouped_fp8(A, DType::e4m3, W, true, C, offsets, op);
+  const M mode = scale_mode_of(a_gran, w_gran, op);
+  if (mode == M::block)
+    require(g.N % 128 == 0, op, "blockwise scaling needs N a multiple of 128 (whole weight blocks per output tile), got " + std::to_string(g.N));
+  const int64_t R = A.rows();
+  check_saved(save, R, g.K, g.E, a_gran, op);
+  if (R == 0) return;
+  const int64_t Rp = save.data.dim(1);
+  const int32_t* padded = padded_segments(offsets, g.E);
+  // One read of A: the transposed segments into `save` (the weight gradient's operand, kept) and
+  // the straight rows into scratch (this product's operand).
+  grouped_gemm::StraightCopy rows;
+  rows.R = R;
+  rows.out = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_a, size_t(R) * g.K));
+  if (mode != M::tensor) {
+    const size_t n = mode == M::row ? size_t(R) : size_t(R) * ((g.K + 127) / 128);
+    rows.scale = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_a, n * sizeof(float)));
+  }
+  const SegmentsFp8 kept{save.data.as<uint8_t>(), save.scale.as<float>()};
+  quantize_segments(A, kept, offsets, padded, g.E, Rp, mode, DType::e4m3, &rows);
+  const ExpertWeightsFp8 qw = quantize_expert_weights(W, true, w_gran);
+  grouped_gemm::Fp8GroupedScales sc;
+  sc.mode = mode;
+  sc.a = mode == M::tensor ? kept.scales : rows.scale;
+  sc.w = qw.scales;
+  sc.w_kb_stride = qw.kb_stride;
+  grouped_gemm::forward_fp8(rows.out, DType::e4m3, qw.codes, sc, C.data, C.dtype, offsets.as<int32_t>(), g.E, R, g.N, g.K,
+                            sm_count_, stream_);
+}
+
 void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran, const Tensor& W,
-                                              Fp8Granularity w_gran, const Tensor& X, Tensor& dX, Tensor& dW,
+                                              Fp8Granularity w_gran, const SavedExpertOperand& X, Tensor& dX, Tensor& dW,
                                               const Tensor& offsets) {
   const char* op = "grouped_matmul_backward_fp8";
-  // dX = dY W_e: W [E, K, N] read as the data gradient reads it (N = W's inner dim = dY's columns).
-  const GroupedShape g = check_grouped_fp8(dY, dy_format, W, false, dX, offsets, op);
-  check_grouped_wgrad_fp8(dY, dy_format, X, dW, offsets, op);
   using M = grouped_gemm::Fp8ScaleMode;
+  // dX = dY W_e: W [E, K, N] as the data gradient reads it (K = dY's columns, N = dX's).
+  const GroupedShape g = check_grouped_fp8(dY, dy_format, W, false, dX, offsets, op);
+  require_float(dW, op, "dW");
+  require(dW.ndim() == 3 && dW.dim(0) == g.E && dW.dim(1) == g.K && dW.dim(2) == g.N, op,
+          "dW " + dW.describe() + " must be W's [E, N, K] of the forward: [" + std::to_string(g.E) + ", " +
+              std::to_string(g.K) + ", " + std::to_string(g.N) + "]");
   const M mode = scale_mode_of(a_gran, w_gran, op);
   if (mode == M::block)
     require(g.N % 128 == 0, op, "blockwise scaling needs N a multiple of 128 (whole weight blocks per output tile), got " + std::to_string(g.N));
   const int64_t R = dY.rows();
+  check_saved(X, R, g.N, g.E, a_gran, op);
   if (R == 0) return;
   const int E = g.E;
-  const int64_t Rp = grouped_gemm::padded_rows_bound(R, E);
+  const int64_t Rp = X.data.dim(1);
   const int32_t* padded = padded_segments(offsets, E);
   // dY once: its transposed segments (the weight gradient's A) and its straight rows (the data
   // gradient's A) from one read.
@@ -735,8 +806,8 @@ void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format,
     const size_t n = mode == M::row ? size_t(R) : size_t(R) * ((g.K + 127) / 128);
     rows.scale = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_a, n * sizeof(float)));
   }
-  const SegmentsFp8 qdy = quantize_segments(dY, ScratchSlot::fp8_grouped_at, ScratchSlot::fp8_grouped_scale_at, offsets,
-                                            padded, E, Rp, mode, dy_format, &rows);
+  const SegmentsFp8 qdy = segments_scratch(ScratchSlot::fp8_grouped_at, ScratchSlot::fp8_grouped_scale_at, g.K, E, Rp, mode);
+  quantize_segments(dY, qdy, offsets, padded, E, Rp, mode, dy_format, &rows);
   const ExpertWeightsFp8 qw = quantize_expert_weights(W, false, w_gran);
   grouped_gemm::Fp8GroupedScales sd;
   sd.mode = mode;
@@ -745,15 +816,12 @@ void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format,
   sd.w_kb_stride = qw.kb_stride;
   grouped_gemm::forward_fp8(rows.out, dy_format, qw.codes, sd, dX.data, dX.dtype, offsets.as<int32_t>(), E, R, g.N, g.K,
                             sm_count_, stream_);
-  // X^T segments take the weights' buffer, free once the data gradient's kernel (stream order) read it.
-  const SegmentsFp8 qx = quantize_segments(X, ScratchSlot::fp8_grouped_b, ScratchSlot::fp8_grouped_scale_b, offsets,
-                                           padded, E, Rp, mode, DType::e4m3, nullptr);
   grouped_gemm::Fp8GroupedScales sw;
   sw.mode = mode;
   sw.a = qdy.scales;
-  sw.w = qx.scales;
-  grouped_gemm::wgrad_fp8(qdy.codes, dy_format, qx.codes, sw, dW.data, dW.dtype, padded, E, Rp, int(dW.dim(1)),
-                          int(dW.dim(2)), stream_);
+  sw.w = X.scale.as<float>();
+  grouped_gemm::wgrad_fp8(qdy.codes, dy_format, X.data.as<uint8_t>(), sw, dW.data, dW.dtype, padded, E, Rp, g.K, g.N,
+                          stream_);
 }
 
 const int32_t* CudaBackend::padded_segments(const Tensor& offsets, int E) {
@@ -762,20 +830,22 @@ const int32_t* CudaBackend::padded_segments(const Tensor& offsets, int E) {
   return padded;
 }
 
-CudaBackend::SegmentsFp8 CudaBackend::quantize_segments(const Tensor& x, ScratchSlot codes_slot, ScratchSlot scale_slot,
-                                                        const Tensor& offsets, const int32_t* padded, int E, int64_t Rp,
-                                                        grouped_gemm::Fp8ScaleMode mode, DType format,
-                                                        grouped_gemm::StraightCopy* straight) {
+void CudaBackend::quantize_segments(const Tensor& x, const SegmentsFp8& out, const Tensor& offsets, const int32_t* padded,
+                                    int E, int64_t Rp, grouped_gemm::Fp8ScaleMode mode, DType format,
+                                    grouped_gemm::StraightCopy* straight) {
   using M = grouped_gemm::Fp8ScaleMode;
   const int64_t C = x.cols();
-  SegmentsFp8 q;
-  q.codes = static_cast<uint8_t*>(scratch(codes_slot, size_t(C) * Rp));
-  const int64_t n = mode == M::tensor ? int64_t(E) : mode == M::row ? E * C : (Rp / 128) * C;
-  q.scales = static_cast<float*>(scratch(scale_slot, size_t(n) * sizeof(float)));
   const size_t amax_n = size_t(E) * C + (straight && mode == M::row ? size_t(straight->R) : 0);
   auto* amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, amax_n * sizeof(unsigned)));
-  grouped_gemm::quantize_segments_transposed(x.data, int(C), offsets.as<int32_t>(), padded, E, Rp, mode, format, q.codes,
-                                             q.scales, amax, stream_, straight ? *straight : grouped_gemm::StraightCopy{});
+  grouped_gemm::quantize_segments_transposed(x.data, int(C), offsets.as<int32_t>(), padded, E, Rp, mode, format, out.codes,
+                                             out.scales, amax, stream_, straight ? *straight : grouped_gemm::StraightCopy{});
+}
+
+CudaBackend::SegmentsFp8 CudaBackend::segments_scratch(ScratchSlot codes_slot, ScratchSlot scale_slot, int64_t cols, int E,
+                                                       int64_t Rp, grouped_gemm::Fp8ScaleMode mode) {
+  SegmentsFp8 q;
+  q.codes = static_cast<uint8_t*>(scratch(codes_slot, size_t(cols) * Rp));
+  q.scales = static_cast<float*>(scratch(scale_slot, size_t(segment_scale_count(mode, cols, E, Rp)) * sizeof(float)));
   return q;
 }
 
