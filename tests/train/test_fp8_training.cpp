@@ -38,13 +38,45 @@ double tail_mean(const std::vector<double>& v, size_t n) {
   return s / double(n);
 }
 
+std::string corpus(const fs::path& dir) {
+  return test::write_words(dir, {"the", "expert", "router", "sends", "each", "token", "to", "two", "of", "eight",
+                                 "experts", "and", "a", "balance", "loss", "keeps", "their", "load", "even", "."},
+                           8000, 3, 11);
+}
+
+// Trains `base` (40 steps) as the reference, then each FP8 recipe on `layers`, and expects every
+// FP8 run's tail loss within `tolerance` of the reference's while its first loss differs from it.
+void each_recipe_tracks(const Config& base, const fs::path& dir, const std::vector<std::string>& layer_sets,
+                        double tolerance, const char* ref_name) {
+  run_training(base, (dir / ref_name).string());
+  const std::vector<double> ref = step_losses(dir / ref_name);
+  ASSERT_EQ(ref.size(), 40u);
+  const double ref_tail = tail_mean(ref, 5);
+  EXPECT_LT(ref_tail, ref.front() - 1.0) << "the " << ref_name << " run did not learn";
+  for (const std::string& layers : layer_sets)
+    for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
+      Config f = base;
+      f.precision = "fp8";
+      f.fp8.recipe = recipe;
+      f.fp8.layers = layers;
+      validate_config(f);
+      recipe += "_" + layers;
+      run_training(f, (dir / recipe).string());
+      const std::vector<double> l = step_losses(dir / recipe);
+      ASSERT_EQ(l.size(), 40u) << recipe;
+      for (double v : l) ASSERT_TRUE(std::isfinite(v)) << recipe;
+      EXPECT_NE(l.front(), ref.front()) << recipe << ": the first loss is " << ref_name << "'s bit for bit; FP8 did not run";
+      const double tail = tail_mean(l, 5);
+      std::printf("%s %-16s first loss %.4f (%s %.4f), tail loss %.4f (%s %.4f)\n", base.device.c_str(), recipe.c_str(),
+                  l.front(), ref_name, ref.front(), tail, ref_name, ref_tail);
+      EXPECT_LT(std::fabs(tail - ref_tail) / ref_tail, tolerance)
+          << recipe << ": tail loss " << tail << " vs " << ref_name << " " << ref_tail;
+    }
+}
+
 TEST(Fp8Training, EachRecipeTrainsWithinTwoPercentOfF32) {
   const fs::path dir = test::fresh_dir("fp8");
-  const std::string text =
-      test::write_words(dir, {"the", "expert", "router", "sends", "each", "token", "to", "two", "of", "eight",
-                              "experts", "and", "a", "balance", "loss", "keeps", "their", "load", "even", "."},
-                        8000, 3, 11);
-  Config c = test::tiny_byte_config(text);
+  Config c = test::tiny_byte_config(corpus(dir));
   c.model.d_model = 64;
   c.moe.expert_hidden = 64;
   c.moe.layers = "1";  // layer 0 keeps a dense MLP, so its FP8 path is trained too
@@ -54,30 +86,7 @@ TEST(Fp8Training, EachRecipeTrainsWithinTwoPercentOfF32) {
   c.train.threads = 2;
   c.train.save_final = false;
   validate_config(c);
-  run_training(c, (dir / "f32").string());
-  const std::vector<double> ref = step_losses(dir / "f32");
-  ASSERT_EQ(ref.size(), 40u);
-  const double ref_tail = tail_mean(ref, 5);
-  EXPECT_LT(ref_tail, ref.front() - 1.0) << "the f32 run did not learn";
-
-  for (std::string layers : {"dense", "all"})
-  for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
-    Config f = c;
-    f.precision = "fp8";
-    f.fp8.recipe = recipe;
-    f.fp8.layers = layers;
-    validate_config(f);
-    recipe += "_" + layers;
-    run_training(f, (dir / recipe).string());
-    const std::vector<double> l = step_losses(dir / recipe);
-    ASSERT_EQ(l.size(), 40u) << recipe;
-    for (double v : l) ASSERT_TRUE(std::isfinite(v)) << recipe;
-    EXPECT_NE(l.front(), ref.front()) << recipe << ": the first loss is f32's bit for bit; FP8 did not run";
-    const double tail = tail_mean(l, 5);
-    std::printf("%-16s first loss %.4f (f32 %.4f), tail loss %.4f (f32 %.4f)\n", recipe.c_str(), l.front(), ref.front(), tail, ref_tail);
-    EXPECT_LT(std::fabs(tail - ref_tail) / ref_tail, 0.02)
-        << recipe << ": tail loss " << tail << " vs f32 " << ref_tail;
-  }
+  each_recipe_tracks(c, dir, {"dense", "all"}, 0.02, "f32");
   fs::remove_all(dir);
 }
 
@@ -86,11 +95,7 @@ TEST(Fp8Training, OnTheGpuEachRecipeTracksBf16) {
   probe.device = "auto";
   if (make_backend(probe)->device() != Device::cuda) GTEST_SKIP() << "no CUDA GPU on this machine";
   const fs::path dir = test::fresh_dir("fp8gpu");
-  const std::string text =
-      test::write_words(dir, {"the", "expert", "router", "sends", "each", "token", "to", "two", "of", "eight",
-                              "experts", "and", "a", "balance", "loss", "keeps", "their", "load", "even", "."},
-                        8000, 3, 11);
-  Config c = test::tiny_byte_config(text);
+  Config c = test::tiny_byte_config(corpus(dir));
   c.device = "cuda";
   c.model.d_model = 128;  // blockwise scaling needs d_model and expert_hidden multiples of 128
   c.model.head_dim = 64;
@@ -101,27 +106,7 @@ TEST(Fp8Training, OnTheGpuEachRecipeTracksBf16) {
   c.train.seq_len = 64;
   c.train.save_final = false;
   validate_config(c);
-  run_training(c, (dir / "bf16").string());
-  const std::vector<double> ref = step_losses(dir / "bf16");
-  ASSERT_EQ(ref.size(), 40u);
-  const double ref_tail = tail_mean(ref, 5);
-  EXPECT_LT(ref_tail, ref.front() - 1.0) << "the BF16 run did not learn";
-  for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
-    Config f = c;
-    f.precision = "fp8";
-    f.fp8.recipe = recipe;
-    f.fp8.layers = "all";
-    validate_config(f);
-    run_training(f, (dir / recipe).string());
-    const std::vector<double> l = step_losses(dir / recipe);
-    ASSERT_EQ(l.size(), 40u) << recipe;
-    for (double v : l) ASSERT_TRUE(std::isfinite(v)) << recipe;
-    EXPECT_NE(l.front(), ref.front()) << recipe << ": the first loss is BF16's bit for bit; FP8 did not run";
-    const double tail = tail_mean(l, 5);
-    std::printf("gpu %-10s first loss %.4f (bf16 %.4f), tail loss %.4f (bf16 %.4f)\n", recipe.c_str(), l.front(),
-                ref.front(), tail, ref_tail);
-    EXPECT_LT(std::fabs(tail - ref_tail) / ref_tail, 0.04) << recipe << ": tail loss " << tail << " vs BF16 " << ref_tail;
-  }
+  each_recipe_tracks(c, dir, {"all"}, 0.04, "bf16");
   fs::remove_all(dir);
 }
 

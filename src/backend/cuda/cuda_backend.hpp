@@ -184,6 +184,7 @@ class CudaBackend : public Backend {
     float* scales = nullptr;
   };
   const int32_t* padded_segments(const Tensor& offsets, int E);
+  grouped_gemm::StraightCopy straight_rows_scratch(int64_t R, int K, grouped_gemm::Fp8ScaleMode mode);
   SegmentsFp8 segments_scratch(ScratchSlot codes_slot, ScratchSlot scale_slot, int64_t cols, int E, int64_t Rp,
                                grouped_gemm::Fp8ScaleMode mode);
   void quantize_segments(const Tensor& x, const SegmentsFp8& out, const Tensor& offsets, const int32_t* padded, int E,

@@ -658,6 +658,13 @@ void check_grouped_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X,
   require(K % 16 == 0 && N % 16 == 0, op, "K and N must be multiples of 16 (16-byte FP8 rows)");
 }
 
+// Block scaling reads one 128x128 weight block per output tile, so N must be whole blocks.
+void require_whole_weight_blocks(grouped_gemm::Fp8ScaleMode mode, int N, const char* op) {
+  if (mode == grouped_gemm::Fp8ScaleMode::block)
+    require(N % 128 == 0, op, "blockwise scaling needs N a multiple of 128 (whole weight blocks per output tile), got " +
+                                  std::to_string(N));
+}
+
 grouped_gemm::Fp8ScaleMode wgrad_mode_of(Fp8Granularity gran, const char* op) {
   using M = grouped_gemm::Fp8ScaleMode;
   if (gran == Fp8Granularity::tensor) return M::tensor;
@@ -674,8 +681,7 @@ void CudaBackend::grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granula
   const char* op = "grouped_matmul_fp8";
   const GroupedShape g = check_grouped_fp8(A, a_format, W, trans_w, C, offsets, op);
   const grouped_gemm::Fp8ScaleMode mode = scale_mode_of(a_gran, w_gran, op);
-  if (mode == grouped_gemm::Fp8ScaleMode::block)
-    require(g.N % 128 == 0, op, "blockwise scaling needs N a multiple of 128 (whole weight blocks per output tile), got " + std::to_string(g.N));
+  require_whole_weight_blocks(mode, g.N, op);
   const int64_t R = A.rows();
   if (R == 0) return;
   // Token-side operand: straight copy; tensor scaling takes one scale per expert segment.
@@ -749,8 +755,7 @@ void CudaBackend::grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gr
   using M = grouped_gemm::Fp8ScaleMode;
   const GroupedShape g = check_grouped_fp8(A, DType::e4m3, W, true, C, offsets, op);
   const M mode = scale_mode_of(a_gran, w_gran, op);
-  if (mode == M::block)
-    require(g.N % 128 == 0, op, "blockwise scaling needs N a multiple of 128 (whole weight blocks per output tile), got " + std::to_string(g.N));
+  require_whole_weight_blocks(mode, g.N, op);
   const int64_t R = A.rows();
   check_saved(save, R, g.K, g.E, a_gran, op);
   if (R == 0) return;
@@ -758,13 +763,7 @@ void CudaBackend::grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gr
   const int32_t* padded = padded_segments(offsets, g.E);
   // One read of A: the transposed segments into `save` (the weight gradient's operand, kept) and
   // the straight rows into scratch (this product's operand).
-  grouped_gemm::StraightCopy rows;
-  rows.R = R;
-  rows.out = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_a, size_t(R) * g.K));
-  if (mode != M::tensor) {
-    const size_t n = mode == M::row ? size_t(R) : size_t(R) * ((g.K + 127) / 128);
-    rows.scale = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_a, n * sizeof(float)));
-  }
+  grouped_gemm::StraightCopy rows = straight_rows_scratch(R, g.K, mode);
   const SegmentsFp8 kept{save.data.as<uint8_t>(), save.scale.as<float>()};
   quantize_segments(A, kept, offsets, padded, g.E, Rp, mode, DType::e4m3, &rows);
   const ExpertWeightsFp8 qw = quantize_expert_weights(W, true, w_gran);
@@ -789,8 +788,7 @@ void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format,
           "dW " + dW.describe() + " must be W's [E, N, K] of the forward: [" + std::to_string(g.E) + ", " +
               std::to_string(g.K) + ", " + std::to_string(g.N) + "]");
   const M mode = scale_mode_of(a_gran, w_gran, op);
-  if (mode == M::block)
-    require(g.N % 128 == 0, op, "blockwise scaling needs N a multiple of 128 (whole weight blocks per output tile), got " + std::to_string(g.N));
+  require_whole_weight_blocks(mode, g.N, op);
   const int64_t R = dY.rows();
   check_saved(X, R, g.N, g.E, a_gran, op);
   if (R == 0) return;
@@ -799,13 +797,7 @@ void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format,
   const int32_t* padded = padded_segments(offsets, E);
   // dY once: its transposed segments (the weight gradient's A) and its straight rows (the data
   // gradient's A) from one read.
-  grouped_gemm::StraightCopy rows;
-  rows.R = R;
-  rows.out = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_a, size_t(R) * g.K));
-  if (mode != M::tensor) {
-    const size_t n = mode == M::row ? size_t(R) : size_t(R) * ((g.K + 127) / 128);
-    rows.scale = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_a, n * sizeof(float)));
-  }
+  grouped_gemm::StraightCopy rows = straight_rows_scratch(R, g.K, mode);
   const SegmentsFp8 qdy = segments_scratch(ScratchSlot::fp8_grouped_at, ScratchSlot::fp8_grouped_scale_at, g.K, E, Rp, mode);
   quantize_segments(dY, qdy, offsets, padded, E, Rp, mode, dy_format, &rows);
   const ExpertWeightsFp8 qw = quantize_expert_weights(W, false, w_gran);
@@ -822,6 +814,20 @@ void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format,
   sw.w = X.scale.as<float>();
   grouped_gemm::wgrad_fp8(qdy.codes, dy_format, X.data.as<uint8_t>(), sw, dW.data, dW.dtype, padded, E, Rp, g.K, g.N,
                           stream_);
+}
+
+// Scratch for the straight rows [R, K] that a segment pass writes beside the segments (the
+// operand of forward_fp8), with their scales (tensor scaling shares the segments' scales).
+grouped_gemm::StraightCopy CudaBackend::straight_rows_scratch(int64_t R, int K, grouped_gemm::Fp8ScaleMode mode) {
+  using M = grouped_gemm::Fp8ScaleMode;
+  grouped_gemm::StraightCopy rows;
+  rows.R = R;
+  rows.out = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_a, size_t(R) * K));
+  if (mode != M::tensor) {
+    const size_t n = mode == M::row ? size_t(R) : size_t(R) * ((K + 127) / 128);
+    rows.scale = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_a, n * sizeof(float)));
+  }
+  return rows;
 }
 
 const int32_t* CudaBackend::padded_segments(const Tensor& offsets, int E) {
