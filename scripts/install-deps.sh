@@ -3,7 +3,7 @@
 # CUDA is optional: with /usr/local/cuda/bin/nvcc present the CUDA backend is built too.
 set -euo pipefail
 packages=(build-essential cmake pkg-config libgtest-dev libbenchmark-dev nlohmann-json3-dev
-          libtomlplusplus-dev libcli11-dev libpcre2-dev libcairo2-dev zlib1g-dev)
+          libtomlplusplus-dev libcli11-dev libpcre2-dev libcairo2-dev zlib1g-dev libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,96 @@
+// The communicator seam without other ranks: the launch environment as torchrun, mpirun and Slurm
+// set it (contradictions refused, naming the variable), and the one-rank communicator's
+// collectives (the identity, or a copy of the only chunk). The collectives across ranks run in
+// mpi_collectives.cpp under mpiexec (ctest: MpiCollectives.TwoRanks).
+#include <gtest/gtest.h>
+
+#include <map>
+#include <string>
+
+#include "comm/communicator.hpp"
+#include "core/error.hpp"
+
+namespace moelab {
+namespace {
+
+Tensor host(std::vector<float>& v) {
+  Tensor t;
+  t.data = v.data();
+  t.shape = {int64_t(v.size())};
+  return t;
+}
+
+LaunchEnv env_of(const std::map<std::string, std::string>& vars) {
+  return launch_env([&](const char* name) -> const char* {
+    auto it = vars.find(name);
+    return it == vars.end() ? nullptr : it->second.c_str();
+  });
+}
+
+TEST(LaunchEnv, ReadsEachLaunchersVariables) {
+  LaunchEnv none = env_of({});
+  EXPECT_EQ(none.world, 1);
+  EXPECT_EQ(none.launcher, "none");
+  LaunchEnv t = env_of({{"RANK", "3"}, {"WORLD_SIZE", "8"}, {"LOCAL_RANK", "1"}});
+  EXPECT_EQ(t.launcher, "torchrun");
+  EXPECT_EQ(t.rank, 3);
+  EXPECT_EQ(t.world, 8);
+  EXPECT_EQ(t.local_rank, 1);
+  LaunchEnv m = env_of({{"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}});
+  EXPECT_EQ(m.launcher, "mpirun");
+  EXPECT_EQ(m.rank, 1);
+  EXPECT_EQ(m.world, 2);
+  LaunchEnv s = env_of({{"PMI_RANK", "0"}, {"PMI_SIZE", "4"}});
+  EXPECT_EQ(s.launcher, "slurm");
+  EXPECT_EQ(s.world, 4);
+}
+
+TEST(LaunchEnv, ContradictionsAreRefusedNamingTheVariable) {
+  auto message = [](const std::map<std::string, std::string>& vars) {
+    try {
+      env_of(vars);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(message({{"RANK", "2"}, {"WORLD_SIZE", "2"}}).find("RANK=2"), std::string::npos);
+  EXPECT_NE(message({{"RANK", "0"}}).find("WORLD_SIZE"), std::string::npos);
+  EXPECT_NE(message({{"RANK", "x"}, {"WORLD_SIZE", "2"}}).find("RANK=\"x\""), std::string::npos);
+  EXPECT_NE(message({{"WORLD_SIZE", "0"}, {"RANK", "0"}}).find("WORLD_SIZE=0"), std::string::npos);
+}
+
+TEST(SingleProcessCommunicator, CollectivesOfOneRank) {
+  auto comm = make_communicator(LaunchEnv{});
+  EXPECT_EQ(comm->rank(), 0);
+  EXPECT_EQ(comm->world(), 1);
+  std::vector<float> a = {1, -2, 3.5f}, b(3, 0.0f);
+  Tensor ta = host(a), tb = host(b);
+  comm->all_reduce_sum(ta);
+  EXPECT_EQ(a, (std::vector<float>{1, -2, 3.5f}));
+  comm->reduce_scatter_sum(ta, tb);
+  EXPECT_EQ(b, a);
+  b.assign(3, 0.0f);
+  comm->all_gather(ta, tb);
+  EXPECT_EQ(b, a);
+  b.assign(3, 0.0f);
+  comm->all_to_all(ta, tb);
+  EXPECT_EQ(b, a);
+  comm->broadcast(ta, 0);
+  EXPECT_THROW(comm->broadcast(ta, 1), Error);
+  std::vector<float> small(2);
+  Tensor ts = host(small);
+  EXPECT_THROW(comm->reduce_scatter_sum(ta, ts), Error);
+  comm->barrier();
+}
+
+TEST(SingleProcessCommunicator, ALargerJobNeedsItsLauncher) {
+  LaunchEnv env;
+  env.world = 2;
+  env.rank = 1;
+  env.launcher = "torchrun";
+  EXPECT_THROW(make_communicator(env), Error);  // CPU ranks run on MPI: mpirun
+}
+
+}  // namespace
+}  // namespace moelab
