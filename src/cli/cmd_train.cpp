@@ -1,18 +1,65 @@
 // `moelab train --config FILE --out RUN_DIR [--set section.key=value ...]`
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
 #include <iostream>
 
 #include "cli/commands.hpp"
+#include "comm/communicator.hpp"
 #include "core/error.hpp"
 #include "config/config.hpp"
 #include "train/trainer.hpp"
 
 namespace moelab::cli {
 
-void add_train_command(CLI::App& app) {
+namespace {
+
+// --nproc N: this command again as N ranks on this host, under mpiexec (as torchrun
+// --nproc_per_node does for PyTorch): the ranks read their place from mpiexec's environment, and
+// mpiexec takes the job down when one of them fails.
+[[noreturn]] void relaunch_as_ranks(int nproc, int argc, char** argv) {
+  if (!built_with_mpi())
+    throw Error("--nproc " + std::to_string(nproc) + " needs MPI: install libopenmpi-dev and openmpi-bin "
+                "(scripts/install-deps.sh does) and build again");
+  // Containers often run as root, which mpiexec refuses unless told; and forbid the shared-memory
+  // single copy it tries first.
+  if (geteuid() == 0) {
+    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 0);
+    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 0);
+  }
+  setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 0);
+  // This binary by its real path (/proc/self/exe would name mpiexec itself once exec'd).
+  char self[4096];
+  const ssize_t len = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (len <= 0) throw Error("--nproc: cannot find this program's path (/proc/self/exe)");
+  self[len] = '\0';
+  std::vector<std::string> cmd = {"mpiexec", "-n", std::to_string(nproc), "--oversubscribe", self};
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--nproc") {
+      ++i;  // and its value
+      continue;
+    }
+    if (a.rfind("--nproc=", 0) == 0) continue;
+    cmd.push_back(a);
+  }
+  std::vector<char*> c_argv;
+  for (auto& a : cmd) c_argv.push_back(a.data());
+  c_argv.push_back(nullptr);
+  execvp(c_argv[0], c_argv.data());
+  throw Error(std::string("--nproc: cannot start mpiexec (") + std::strerror(errno) + "); is openmpi-bin installed?");
+}
+
+}  // namespace
+
+void add_train_command(CLI::App& app, int argc, char** argv) {
   struct Args {
     std::string config, out;
     std::vector<std::string> sets;
     bool help_config = false, force = false;
+    int nproc = 1;
   };
   auto args = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("train", "Train a model; everything lands in the run folder (--out)");
@@ -24,12 +71,17 @@ void add_train_command(CLI::App& app) {
   cmd->add_flag("--force", args->force,
                 "start afresh in a folder that holds a run: its files are moved aside to RUN_DIR.oldK/ first");
   cmd->add_flag("--help-config", args->help_config, "list every config key with its default and meaning");
+  cmd->add_option("--nproc", args->nproc,
+                  "train data parallel on N CPU ranks of this host (started under mpiexec; rank 0 writes the run "
+                  "folder). A launcher's own ranks (mpirun, torchrun, Slurm) are honoured without it")
+      ->check(CLI::Range(1, 4096));
   cmd->footer(
       "Examples:\n"
       "  moelab train --config configs/tiny-cpu.toml --out runs/tiny\n"
       "  moelab train --config configs/tiny-cpu.toml --out runs/cap --set moe.dispatch=capacity --set train.steps=20\n"
-      "  moelab train --config configs/tiny-cpu.toml --out runs/tiny --set train.resume=auto   (continue a run)");
-  cmd->callback([args] {
+      "  moelab train --config configs/tiny-cpu.toml --out runs/tiny --set train.resume=auto   (continue a run)\n"
+      "  moelab train --config configs/tiny-cpu.toml --out runs/dp --nproc 2   (two data-parallel CPU ranks)");
+  cmd->callback([args, argc, argv] {
     if (args->help_config) {
       std::cout << "Config keys (TOML sections [model], [moe], [train], [optim], [data], [fp8]; top-level device, precision, exec):\n"
                 << config_reference();
@@ -40,6 +92,7 @@ void add_train_command(CLI::App& app) {
     Config cfg = load_config(args->config);
     for (auto& s : args->sets) apply_override(cfg, s);
     validate_config(cfg);  // before the run folder exists: a bad config leaves nothing behind
+    if (args->nproc > 1 && launch_env().world == 1) relaunch_as_ranks(args->nproc, argc, argv);
     TrainOptions options;
     options.force = args->force;
     run_training(cfg, args->out, options);

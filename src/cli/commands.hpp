@@ -9,7 +9,7 @@
 
 namespace moelab::cli {
 
-void add_train_command(CLI::App& app);      // cmd_train.cpp
+void add_train_command(CLI::App& app, int argc, char** argv);  // cmd_train.cpp (argv: --nproc relaunches it)
 void add_tokenizer_command(CLI::App& app);  // cmd_tokenizer.cpp
 void add_data_command(CLI::App& app);       // cmd_data.cpp
 void add_sweep_command(CLI::App& app);      // cmd_sweep.cpp

@@ -15,7 +15,7 @@ int main(int argc, char** argv) {
       "moelab"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moelab 0.1.0");
-  moelab::cli::add_train_command(app);
+  moelab::cli::add_train_command(app, argc, argv);
   moelab::cli::add_tokenizer_command(app);
   moelab::cli::add_data_command(app);
   moelab::cli::add_sweep_command(app);

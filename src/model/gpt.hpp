@@ -41,6 +41,13 @@ class GptMoE {
   void init_weights(uint64_t seed, bool all_random = false);
   // Copy master weights into their compute copies (after init, load or an optimizer step).
   void refresh_compute_weights();
+  // The gradient arenas (master dtype), every parameter's gradient in a few flat buffers: what
+  // data parallelism sums over ranks before the update.
+  std::vector<Tensor> gradient_arenas() {
+    std::vector<Tensor> out;
+    for (auto& a : arenas_) out.push_back(a.grad);
+    return out;
+  }
 
   // Step accumulators: zero the gradients and statistics before the first micro-batch.
   void begin_step();

@@ -13,7 +13,9 @@
 #include <iostream>
 #include <map>
 #include <memory>
+#include <optional>
 
+#include "comm/communicator.hpp"
 #include "core/error.hpp"
 #include "core/folder_lock.hpp"
 #include "data/loader.hpp"
@@ -44,7 +46,7 @@ struct ValResult {
 };
 
 ValResult evaluate(Backend& be, GptMoE& model, DataLoader& loader, const Config& cfg, Tensor& tokens,
-                   Tensor& targets) {
+                   Tensor& targets, Communicator& comm) {
   loader.reset_val();
   const auto& token_bytes = loader.token_bytes();
   double nats = 0, bytes = 0;
@@ -64,6 +66,16 @@ ValResult evaluate(Backend& be, GptMoE& model, DataLoader& loader, const Config&
       bytes += nb;
     }
   }
+  // Each rank evaluated its own rows: the sums are over all of them.
+  std::vector<double> sums = {nats, bytes, double(count)};
+  Tensor t;
+  t.data = sums.data();
+  t.dtype = DType::f64;
+  t.shape = {3};
+  comm.all_reduce_sum(t);
+  nats = sums[0];
+  bytes = sums[1];
+  count = int64_t(sums[2]);
   ValResult r;
   r.loss = count ? nats / double(count) : 0.0;
   r.bpb = bytes > 0 ? nats / (std::log(2.0) * bytes) : 0.0;
@@ -151,21 +163,27 @@ bool folder_holds_run(const std::string& run_dir) {
 }
 
 TrainResult run_training(const Config& cfg, const std::string& run_dir, const TrainOptions& options) {
+  // 0. The job's ranks (one, unless a launcher started several: data parallel). Rank 0 alone
+  // owns the run folder: it takes the lock and writes every file; the others only read it (resume).
+  std::unique_ptr<Communicator> comm = make_communicator(launch_env());
+  const bool lead = comm->rank() == 0;
   // 1. The folder and its lock; nothing in it changes before the checks below have passed.
-  {
+  std::optional<FolderLock> lock;
+  if (lead) {
     std::error_code ec;
     fs::create_directories(run_dir, ec);
     if (ec) throw Error("cannot create run folder " + run_dir + ": " + ec.message());
+    lock.emplace(FolderLock::acquire(run_dir, "run folder"));
+    if (folder_holds_run(run_dir) && cfg.train.resume.empty()) {
+      if (!options.force)
+        throw Error("run folder " + run_dir + " already holds a run" + describe_existing(run_dir) +
+                    "; continue it with --set train.resume=auto, choose another --out, or pass --force to move the old "
+                    "run aside");
+      std::cout << "--force: moved the earlier run's files to " << move_run_aside(run_dir) << std::endl;
+    }
   }
-  FolderLock lock = FolderLock::acquire(run_dir, "run folder");
-  if (folder_holds_run(run_dir) && cfg.train.resume.empty()) {
-    if (!options.force)
-      throw Error("run folder " + run_dir + " already holds a run" + describe_existing(run_dir) +
-                  "; continue it with --set train.resume=auto, choose another --out, or pass --force to move the old "
-                  "run aside");
-    std::cout << "--force: moved the earlier run's files to " << move_run_aside(run_dir) << std::endl;
-  }
-  const bool fresh = !folder_holds_run(run_dir);
+  comm->barrier();  // the other ranks read the folder only once rank 0 has settled it
+  const bool fresh = lead && !folder_holds_run(run_dir);
 
   RunStatus status;
   status.steps = cfg.train.steps;
@@ -197,7 +215,10 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
   try {
     backend = make_backend(cfg);
     status.device = backend->name();
-    loader = make_loader(cfg.data, uint64_t(cfg.train.seed));
+    if (comm->world() > 1 && backend->device() != Device::cpu)
+      throw Error("data parallel over " + std::to_string(comm->world()) + " ranks runs on CPU ranks for now (" +
+                  comm->name() + "); GPU ranks need the NCCL communicator, which is not built yet: set device = \"cpu\"");
+    loader = make_loader(cfg.data, uint64_t(cfg.train.seed), comm->rank(), comm->world());
     if (loader->vocab() > cfg.model.vocab)
       throw Error("model.vocab = " + std::to_string(cfg.model.vocab) + " is smaller than the data's vocabulary (" +
                   std::to_string(loader->vocab()) + " ids, " + loader->describe() + "); raise model.vocab");
@@ -262,25 +283,34 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
 
   // 3. The run: from here on every failure is recorded in status.json.
   try {
-    write_file_atomic(run_dir + "/config.toml", config_to_toml(cfg));
-    MetricsLog metrics(run_dir, step);
+    std::optional<MetricsLog> metrics;
+    if (lead) {
+      write_file_atomic(run_dir + "/config.toml", config_to_toml(cfg));
+      metrics.emplace(run_dir, step);
+    }
+    auto log = [&](const nlohmann::json& record) {
+      if (metrics) metrics->append(record);
+    };
     if (!resumed_from.empty())
-      metrics.append({{"event", "resume"}, {"step", step}, {"checkpoint", resumed_from}, {"config_changes", changes}});
+      log({{"event", "resume"}, {"step", step}, {"checkpoint", resumed_from}, {"config_changes", changes}});
     status.step = step;
-    write_status(run_dir, status);
+    if (lead) write_status(run_dir, status);
 
     const int64_t micro = cfg.grad_accum_steps();
-    const int64_t tokens_per_step = micro * cfg.train.batch_size * cfg.train.seq_len;
+    const int64_t world = comm->world();
+    const int64_t tokens_per_step = world * micro * cfg.train.batch_size * cfg.train.seq_len;
     const auto peak = peak_flops(cfg, be);
     const double flops_per_token = model.flops_per_token();
-    std::cout << "moelab train: " << be.name() << " | " << model.params().numel() << " params, "
-              << model.active_matmul_params() << " active matmul | " << tokens_per_step << " tokens/step | data "
-              << loader->describe() << std::endl;
+    if (lead)
+      std::cout << "moelab train: " << be.name() << (world > 1 ? " x " + comm->name() : std::string()) << " | "
+                << model.params().numel() << " params, " << model.active_matmul_params() << " active matmul | "
+                << tokens_per_step << " tokens/step | data " << loader->describe() << std::endl;
 
     StepRunner runner(be, model, cfg);
     Tensor val_tokens = be.alloc({model.tokens_per_micro_batch()}, DType::i32);
     Tensor val_targets = be.alloc({model.tokens_per_micro_batch()}, DType::i32);
     auto save = [&](int64_t next_step) {
+      if (!lead) return;  // every rank holds the same weights and optimizer state
       CheckpointMeta meta;
       meta.step = next_step;
       meta.data_state = loader->state();
@@ -318,9 +348,36 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
         valid += count_valid(batches.back().targets);
       }
       const double lrm = lr_multiplier(cfg.train, step);
+      // Data parallel: the loss is the mean over every rank's tokens, so each rank scales by the
+      // global count, the gradients are summed over ranks before the update (which then agrees
+      // on every rank), and the balance loss is the mean of the ranks' own.
+      std::vector<double> reduced = {double(valid)};
+      if (world > 1) {
+        Tensor t;
+        t.data = reduced.data();
+        t.dtype = DType::f64;
+        t.shape = {1};
+        comm->all_reduce_sum(t);
+        valid = int64_t(reduced[0]);
+      }
       if (step == profile_step) be.profiler_range(true);
       StepStats stats = runner.run(batches, float(1.0 / double(std::max<int64_t>(valid, 1))),
-                                   float(1.0 / double(micro)), [&] { optimizer.step(step, lrm); });
+                                   float(1.0 / double(micro * world)), [&] {
+                                     if (world > 1)
+                                       for (Tensor& g : model.gradient_arenas()) comm->all_reduce_sum(g);
+                                     optimizer.step(step, lrm);
+                                   });
+      if (world > 1) {
+        std::vector<double> s2 = {stats.loss_sum, stats.bal, stats.drop_rate};
+        Tensor t;
+        t.data = s2.data();
+        t.dtype = DType::f64;
+        t.shape = {3};
+        comm->all_reduce_sum(t);
+        stats.loss_sum = s2[0];
+        stats.bal = s2[1] / double(world);
+        stats.drop_rate = s2[2] / double(world);
+      }
       if (step == profile_step) be.profiler_range(false);
 
       auto t1 = std::chrono::steady_clock::now();
@@ -339,7 +396,7 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
       const double peak_mib = double(be.peak_memory_bytes()) / (1024.0 * 1024.0);
 
       StepLine line{step, cfg.train.steps, debiased, stats.bal, lrm, dt * 1e3, tok_sec, total_time_s / 60.0, mfu};
-      std::cout << format_step_line(line) << std::endl;
+      if (lead) std::cout << format_step_line(line) << std::endl;
       nlohmann::json rec = {{"event", "step"},  {"step", step},         {"steps", cfg.train.steps},
                             {"loss", debiased}, {"raw_loss", raw_loss}, {"bal", stats.bal},
                             {"lrm", lrm},       {"dt_ms", dt * 1e3},    {"tok_sec", tok_sec},
@@ -347,25 +404,27 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
                             {"total_time_min", total_time_s / 60.0},    {"expert_load", stats.expert_load},
                             {"tokens", (step + 1) * tokens_per_step}};
       rec["mfu"] = mfu ? nlohmann::json(*mfu) : nlohmann::json(nullptr);
-      metrics.append(rec);
+      log(rec);
       result.last_loss = debiased;
       result.last_raw_loss = raw_loss;
 
       const bool last = step + 1 == cfg.train.steps;
       if ((cfg.train.eval_every > 0 && (step + 1) % cfg.train.eval_every == 0) || last) {
-        ValResult v = evaluate(be, model, *loader, cfg, val_tokens, val_targets);
-        std::printf("step %05lld | validation loss: %.6f | bpb: %.4f\n", (long long)step, v.loss, v.bpb);
-        std::fflush(stdout);
-        metrics.append({{"event", "val"}, {"step", step}, {"val_loss", v.loss}, {"val_bpb", v.bpb}});
+        ValResult v = evaluate(be, model, *loader, cfg, val_tokens, val_targets, *comm);
+        if (lead) {
+          std::printf("step %05lld | validation loss: %.6f | bpb: %.4f\n", (long long)step, v.loss, v.bpb);
+          std::fflush(stdout);
+        }
+        log({{"event", "val"}, {"step", step}, {"val_loss", v.loss}, {"val_bpb", v.bpb}});
       }
       if ((cfg.train.checkpoint_every > 0 && (step + 1) % cfg.train.checkpoint_every == 0) ||
           (last && cfg.train.save_final)) {
         save(step + 1);
       }
-      if (cfg.train.checkpoint_every > 0 && (step + 1) % cfg.train.checkpoint_every == 0) write_status(run_dir, status);
+      if (lead && cfg.train.checkpoint_every > 0 && (step + 1) % cfg.train.checkpoint_every == 0) write_status(run_dir, status);
     }
 
-    if (cfg.train.save_final && step > start_step) {
+    if (lead && cfg.train.save_final && step > start_step) {
       // The model for other tools, and one validation batch with the loss moelab computes on
       // it, so a reader (scripts/moelab_torch.py) can show it rebuilt the same model.
       CheckpointMeta meta;
@@ -397,9 +456,11 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
     result.steps_done = step;
     result.peak_mem_mib = double(be.peak_memory_bytes()) / (1024.0 * 1024.0);
     result.total_time_min = total_time_s / 60.0;
-    std::printf("Peak memory usage: %.2fMiB\nTotal training time: %.2fm\n", result.peak_mem_mib, result.total_time_min);
-    std::fflush(stdout);
-    metrics.append({{"event", "end"},
+    if (lead) {
+      std::printf("Peak memory usage: %.2fMiB\nTotal training time: %.2fm\n", result.peak_mem_mib, result.total_time_min);
+      std::fflush(stdout);
+    }
+    log({{"event", "end"},
                     {"step", step - 1},
                     {"peak_mem_mib", result.peak_mem_mib},
                     {"total_time_min", result.total_time_min}});
@@ -407,15 +468,17 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
     status.step = step - 1;  // the last step run, as in the end record
     status.peak_mem_mib = result.peak_mem_mib;
     status.total_time_min = result.total_time_min;
-    write_status(run_dir, status);
+    if (lead) write_status(run_dir, status);
   } catch (const std::exception& e) {
     status.status = "failed";
     status.step = step;
     status.error = e.what();
     try {
-      write_status(run_dir, status);
+      if (lead) write_status(run_dir, status);
     } catch (...) {
     }
+    // Of several ranks, the one that failed says so (mpiexec then stops the others).
+    if (comm->world() > 1) throw Error("rank " + std::to_string(comm->rank()) + " of " + std::to_string(comm->world()) + ": " + e.what());
     throw;
   }
   return result;
