@@ -1,7 +1,8 @@
 // Data parallel on CPU ranks: `moelab train --nproc 2` (two ranks under mpiexec, each reading its
 // own rows, gradients summed over ranks before the update) trains the same model as one rank with
 // twice the batch: the same losses step by step, within f32 reduction-order tolerance, and one
-// set of run-folder records (rank 0 writes, the other rank writes nothing). Skips where moelab
+// set of run-folder records (rank 0 writes, the other rank writes nothing); a two-rank run resumed
+// from a checkpoint logs the uninterrupted two-rank run's losses bit for bit. Skips where moelab
 // was built without MPI.
 #include <gtest/gtest.h>
 
@@ -25,9 +26,7 @@ std::vector<double> values(const fs::path& run, const char* event, const char* k
   return out;
 }
 
-TEST(DataParallel, TwoRanksTrainAsOneRankWithTwiceTheBatch) {
-  if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
-  const fs::path dir = test::fresh_dir("dp");
+Config dp_config(const fs::path& dir) {
   const std::string text =
       test::write_words(dir, {"each", "rank", "reads", "its", "own", "rows", "and", "the", "gradients", "are", "summed"},
                         6000, 3, 5);
@@ -40,14 +39,27 @@ TEST(DataParallel, TwoRanksTrainAsOneRankWithTwiceTheBatch) {
   c.train.threads = 1;
   c.train.save_final = false;
   validate_config(c);
+  return c;
+}
+
+// `moelab train --nproc 2` on cfg into dir / out, with extra arguments.
+int train_two_ranks(const Config& cfg, const fs::path& dir, const std::string& out, const std::string& extra = "") {
+  std::ofstream(dir / (out + ".toml")) << config_to_toml(cfg);
+  const std::string cmd = std::string(MOELAB_BINARY) + " train --config " + (dir / (out + ".toml")).string() +
+                          " --out " + (dir / out).string() + " --nproc 2 " + extra + " >> " +
+                          (dir / (out + ".log")).string() + " 2>&1";
+  return std::system(cmd.c_str());
+}
+
+TEST(DataParallel, TwoRanksTrainAsOneRankWithTwiceTheBatch) {
+  if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
+  const fs::path dir = test::fresh_dir("dp");
+  Config c = dp_config(dir);
   run_training(c, (dir / "one").string());
 
   Config half = c;
   half.train.batch_size = 4;
-  std::ofstream(dir / "half.toml") << config_to_toml(half);
-  const std::string cmd = std::string(MOELAB_BINARY) + " train --config " + (dir / "half.toml").string() + " --out " +
-                          (dir / "two").string() + " --nproc 2 > " + (dir / "two.log").string() + " 2>&1";
-  ASSERT_EQ(std::system(cmd.c_str()), 0) << "see " << (dir / "two.log").string();
+  ASSERT_EQ(train_two_ranks(half, dir, "two"), 0) << "see " << (dir / "two.log").string();
 
   for (const char* key : {"raw_loss"}) {
     const std::vector<double> a = values(dir / "one", "step", key), b = values(dir / "two", "step", key);
@@ -59,6 +71,27 @@ TEST(DataParallel, TwoRanksTrainAsOneRankWithTwiceTheBatch) {
   ASSERT_EQ(va.size(), vb.size());
   for (size_t i = 0; i < va.size(); ++i) EXPECT_NEAR(vb[i], va[i], 1e-5 * std::fabs(va[i])) << "validation " << i;
   EXPECT_EQ(test::read_status(dir / "two")["status"], "completed");
+  fs::remove_all(dir);
+}
+
+TEST(DataParallel, ResumedTwoRankRunLogsTheUninterruptedLosses) {
+  if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
+  const fs::path dir = test::fresh_dir("dpresume");
+  Config c = dp_config(dir);
+  c.train.batch_size = 4;
+  c.train.checkpoint_every = 3;
+  ASSERT_EQ(train_two_ranks(c, dir, "full"), 0) << "see " << (dir / "full.log").string();
+  ASSERT_EQ(train_two_ranks(c, dir, "part"), 0) << "see " << (dir / "part.log").string();
+  // The later checkpoint is lost: the resume starts from step 3 and runs 3..5 again.
+  ASSERT_TRUE(fs::remove(dir / "part" / "checkpoints" / "step_000006.safetensors"));
+  ASSERT_EQ(train_two_ranks(c, dir, "part", "--set train.resume=auto"), 0) << "see " << (dir / "part.log").string();
+  const auto resumes = test::read_events(dir / "part", "resume");
+  ASSERT_EQ(resumes.size(), 1u);
+  EXPECT_EQ(resumes[0]["step"], 3);
+  const std::vector<double> a = values(dir / "full", "step", "raw_loss"), b = values(dir / "part", "step", "raw_loss");
+  ASSERT_EQ(a.size(), 6u);
+  ASSERT_EQ(b.size(), 6u);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(b[i], a[i]) << "step " << i;
   fs::remove_all(dir);
 }
 
