@@ -54,4 +54,21 @@ struct Tensor {
   std::string describe() const;
 };
 
+// A one-dimensional host tensor over a vector the caller owns and keeps alive (values handed to
+// a collective, a test's buffers).
+inline Tensor borrow_host(std::vector<float>& v) {
+  Tensor t;
+  t.data = v.data();
+  t.dtype = DType::f32;
+  t.shape = {int64_t(v.size())};
+  return t;
+}
+inline Tensor borrow_host(std::vector<double>& v) {
+  Tensor t;
+  t.data = v.data();
+  t.dtype = DType::f64;
+  t.shape = {int64_t(v.size())};
+  return t;
+}
+
 }  // namespace moelab

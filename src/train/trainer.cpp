@@ -68,10 +68,7 @@ ValResult evaluate(Backend& be, GptMoE& model, DataLoader& loader, const Config&
   }
   // Each rank evaluated its own rows: the sums are over all of them.
   std::vector<double> sums = {nats, bytes, double(count)};
-  Tensor t;
-  t.data = sums.data();
-  t.dtype = DType::f64;
-  t.shape = {3};
+  Tensor t = borrow_host(sums);
   comm.all_reduce_sum(t);
   nats = sums[0];
   bytes = sums[1];
@@ -351,12 +348,9 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
       // Data parallel: the loss is the mean over every rank's tokens, so each rank scales by the
       // global count, the gradients are summed over ranks before the update (which then agrees
       // on every rank), and the balance loss is the mean of the ranks' own.
-      std::vector<double> reduced = {double(valid)};
       if (world > 1) {
-        Tensor t;
-        t.data = reduced.data();
-        t.dtype = DType::f64;
-        t.shape = {1};
+        std::vector<double> reduced = {double(valid)};
+        Tensor t = borrow_host(reduced);
         comm->all_reduce_sum(t);
         valid = int64_t(reduced[0]);
       }
@@ -369,10 +363,7 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
                                    });
       if (world > 1) {
         std::vector<double> s2 = {stats.loss_sum, stats.bal, stats.drop_rate};
-        Tensor t;
-        t.data = s2.data();
-        t.dtype = DType::f64;
-        t.shape = {3};
+        Tensor t = borrow_host(s2);
         comm->all_reduce_sum(t);
         stats.loss_sum = s2[0];
         stats.bal = s2[1] / double(world);

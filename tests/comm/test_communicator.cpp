@@ -13,13 +13,6 @@
 namespace moelab {
 namespace {
 
-Tensor host(std::vector<float>& v) {
-  Tensor t;
-  t.data = v.data();
-  t.shape = {int64_t(v.size())};
-  return t;
-}
-
 LaunchEnv env_of(const std::map<std::string, std::string>& vars) {
   return launch_env([&](const char* name) -> const char* {
     auto it = vars.find(name);
@@ -65,7 +58,7 @@ TEST(SingleProcessCommunicator, CollectivesOfOneRank) {
   EXPECT_EQ(comm->rank(), 0);
   EXPECT_EQ(comm->world(), 1);
   std::vector<float> a = {1, -2, 3.5f}, b(3, 0.0f);
-  Tensor ta = host(a), tb = host(b);
+  Tensor ta = borrow_host(a), tb = borrow_host(b);
   comm->all_reduce_sum(ta);
   EXPECT_EQ(a, (std::vector<float>{1, -2, 3.5f}));
   comm->reduce_scatter_sum(ta, tb);
@@ -79,7 +72,7 @@ TEST(SingleProcessCommunicator, CollectivesOfOneRank) {
   comm->broadcast(ta, 0);
   EXPECT_THROW(comm->broadcast(ta, 1), Error);
   std::vector<float> small(2);
-  Tensor ts = host(small);
+  Tensor ts = borrow_host(small);
   EXPECT_THROW(comm->reduce_scatter_sum(ta, ts), Error);
   comm->barrier();
 }

@@ -10,17 +10,6 @@
 
 using namespace moelab;
 
-namespace {
-
-Tensor host(std::vector<float>& v) {
-  Tensor t;
-  t.data = v.data();
-  t.shape = {int64_t(v.size())};
-  return t;
-}
-
-}  // namespace
-
 int main() {
   try {
     auto comm = make_communicator(launch_env());
@@ -40,19 +29,19 @@ int main() {
     // all_reduce_sum: element i of rank q holds q * 10 + i.
     std::vector<float> a(n);
     for (size_t i = 0; i < n; ++i) a[i] = float(r * 10) + float(i);
-    Tensor ta = host(a);
+    Tensor ta = borrow_host(a);
     comm->all_reduce_sum(ta);
     for (size_t i = 0; i < n; ++i) expect(a[i] == float(10 * w * (w - 1) / 2) + float(w) * float(i), "all_reduce_sum");
     // reduce_scatter_sum: chunk c of rank q holds q + 100 c; rank r keeps the sum of chunk r.
     std::vector<float> whole(n * size_t(w)), mine(n);
     for (int c = 0; c < w; ++c)
       for (size_t i = 0; i < n; ++i) whole[size_t(c) * n + i] = float(r + 100 * c);
-    Tensor tw = host(whole), tm = host(mine);
+    Tensor tw = borrow_host(whole), tm = borrow_host(mine);
     comm->reduce_scatter_sum(tw, tm);
     for (size_t i = 0; i < n; ++i) expect(mine[i] == float(w * (w - 1) / 2 + 100 * r * w), "reduce_scatter_sum");
     // all_gather: rank q sends q + 0.5; chunk q of the result holds it.
     std::vector<float> part(n, float(r) + 0.5f), all(n * size_t(w), -1.0f);
-    Tensor tp = host(part), tall = host(all);
+    Tensor tp = borrow_host(part), tall = borrow_host(all);
     comm->all_gather(tp, tall);
     for (int q = 0; q < w; ++q)
       for (size_t i = 0; i < n; ++i) expect(all[size_t(q) * n + i] == float(q) + 0.5f, "all_gather");
@@ -60,13 +49,13 @@ int main() {
     std::vector<float> send(n * size_t(w)), recv(n * size_t(w), -1.0f);
     for (int c = 0; c < w; ++c)
       for (size_t i = 0; i < n; ++i) send[size_t(c) * n + i] = float(r * 1000 + c);
-    Tensor ts = host(send), tr = host(recv);
+    Tensor ts = borrow_host(send), tr = borrow_host(recv);
     comm->all_to_all(ts, tr);
     for (int s = 0; s < w; ++s)
       for (size_t i = 0; i < n; ++i) expect(recv[size_t(s) * n + i] == float(s * 1000 + r), "all_to_all");
     // broadcast from the last rank.
     std::vector<float> b(n, float(r));
-    Tensor tb = host(b);
+    Tensor tb = borrow_host(b);
     comm->broadcast(tb, w - 1);
     for (size_t i = 0; i < n; ++i) expect(b[i] == float(w - 1), "broadcast");
     comm->barrier();
