@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../.."
 dest=.dev/gpu
 rm -rf "$dest" && mkdir -p "$dest/lib"
 cp build/moelab "$dest/"
-for b in test_cuda test_train bench_attention bench_fp8_gemm bench_fp8_grouped_gemm dev/cuda/test_dev_cuda dev/cuda/bench_attention_variants dev/cuda/bench_grouped_gemm_variants; do
+for b in test_cuda test_train bench_attention bench_fp8_gemm bench_fp8_grouped_gemm dev/cuda/test_dev_cuda dev/cuda/bench_attention_variants dev/cuda/bench_grouped_gemm_variants dev/cuda/bench_fp8_grouped_ws; do
   [ -x "build/$b" ] && cp "build/$b" "$dest/"
 done
 strip "$dest"/* 2>/dev/null || true
