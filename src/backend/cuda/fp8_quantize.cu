@@ -33,11 +33,22 @@ constexpr int kThreads = 256;
 enum class AmaxSource : int { global, per_row, per_col, tile_row, tile_col, tile };
 
 
-// This lane's share of a row's amax: elements 8 * lane + 256 i (cols a multiple of 8).
+// This lane's share of a row's amax: elements 8 * lane + 256 i (cols a multiple of 8), four
+// 16-byte loads in flight while the row lasts.
 template <class T>
 __device__ __forceinline__ float lane_row_amax(const T* row, int64_t cols, int lane) {
   float m = 0.0f;
-  for (int64_t c = 8 * lane; c < cols; c += 256) {
+  int64_t c = 8 * lane;
+  for (; c + 768 < cols; c += 1024) {
+    float v[4][8];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) load8(row + c + 256 * u, v[u]);
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(v[u][j]));
+  }
+  for (; c < cols; c += 256) {
     float v[8];
     load8(row + c, v);
 #pragma unroll
@@ -162,10 +173,16 @@ __global__ void amax_row_groups_kernel(const T* __restrict__ x, int64_t rows, in
   if (lane == 0) atomicMax(out + g, __float_as_uint(m));
 }
 
-// Launch shape of amax_row_groups_kernel: 16 rows a warp, 8 warps a block.
-constexpr int64_t kAmaxRowsPerWarp = 16;
-inline unsigned amax_row_groups_blocks(int64_t rows) {
-  return unsigned((rows + 8 * kAmaxRowsPerWarp - 1) / (8 * kAmaxRowsPerWarp));
+// Launch shape of amax_row_groups_kernel, 8 warps a block: enough warps to fill the GPU (about
+// 32 an SM), each taking at most 16 rows (fewer rows a warp means more atomics).
+struct AmaxRowGroupsLaunch {
+  int64_t rows_per_warp;
+  unsigned blocks;
+};
+inline AmaxRowGroupsLaunch amax_row_groups_launch(int64_t rows, int sms) {
+  const int64_t warps = 32 * int64_t(sms);
+  const int64_t per_warp = std::clamp<int64_t>((rows + warps - 1) / warps, 1, 16);
+  return {per_warp, unsigned(std::max<int64_t>(1, (rows + 8 * per_warp - 1) / (8 * per_warp)))};
 }
 
 // scale[g] = 1 / multiplier of group g's amax (every group's scale, empty ones included).
@@ -603,9 +620,10 @@ void CudaBackend::quantize_fp8_batch(const void* x, DType x_dtype, int64_t batch
         MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, size_t(ngroups) * sizeof(unsigned), stream_));
         if (ngroups == 1)
           amax_all_kernel<T><<<amax_all_blocks(all_rows * xc, sm_count_), 256, 0, stream_>>>(px, all_rows * xc, amax);
-        else
-          amax_row_groups_kernel<T><<<amax_row_groups_blocks(all_rows), 256, 0, stream_>>>(px, all_rows, xc, groups,
-                                                                                  kAmaxRowsPerWarp, amax);
+        else {
+          const AmaxRowGroupsLaunch l = amax_row_groups_launch(all_rows, sm_count_);
+          amax_row_groups_kernel<T><<<l.blocks, 256, 0, stream_>>>(px, all_rows, xc, groups, l.rows_per_warp, amax);
+        }
         MOELAB_CUDA_LAUNCH_CHECK("fp8 amax");
         group_scales_kernel<<<unsigned((ngroups + 255) / 256), 256, 0, stream_>>>(amax, ngroups, fmax, scale);
         MOELAB_CUDA_LAUNCH_CHECK("fp8 group scales");
@@ -643,8 +661,8 @@ void CudaBackend::quantize_fp8_batch(const void* x, DType x_dtype, int64_t batch
       else {
         RowGroups groups;
         groups.group_rows = xr;
-        amax_row_groups_kernel<T><<<amax_row_groups_blocks(all_rows), 256, 0, stream_>>>(px, all_rows, xc, groups,
-                                                                                  kAmaxRowsPerWarp, amax);
+        const AmaxRowGroupsLaunch l = amax_row_groups_launch(all_rows, sm_count_);
+        amax_row_groups_kernel<T><<<l.blocks, 256, 0, stream_>>>(px, all_rows, xc, groups, l.rows_per_warp, amax);
       }
       MOELAB_CUDA_LAUNCH_CHECK("fp8 amax");
     } else if (a.source == AmaxSource::per_col) {

@@ -294,9 +294,15 @@ struct SegmentBlock {
   int64_t t0 = 0;
   int valid = 0;
 };
+// Called by the whole block (it synchronizes): the threads test the experts' segments in parallel,
+// one round of loads rather than a walk over E dependent ones at the start of every block.
 __device__ __forceinline__ SegmentBlock segment_block(int64_t prow, const int32_t* offsets, const int32_t* padded, int E) {
+  __shared__ int block_expert;
+  for (int e = threadIdx.x; e < E; e += blockDim.x)
+    if (padded[e] <= prow && prow < padded[e + 1]) block_expert = e;  // exactly one (empty segments never hold prow)
+  __syncthreads();
   SegmentBlock b;
-  while (b.e + 1 < E && padded[b.e + 1] <= prow) ++b.e;
+  b.e = block_expert;
   b.t0 = offsets[b.e] + (prow - padded[b.e]);
   b.valid = int(offsets[b.e + 1] - b.t0 < KB ? offsets[b.e + 1] - b.t0 : KB);
   return b;
