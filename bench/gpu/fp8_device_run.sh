@@ -4,7 +4,7 @@
 # the dense and grouped FP8 GEMM benchmarks, and training speed (AdamW on the matrices, graph,
 # dropless) at the seed shape and at d20 for BF16 and each FP8 setting, beside
 # torch_moe_ref.py --mlp moe --compile 1 --fp8 none|dense|experts|all. Logs under $OUT.
-#   STEPS=30 WHAT="ops bench seed d20 peers" TORCH_FP8="none all" bash bench/gpu/fp8_device_run.sh
+#   STEPS=30 WHAT="ops bench seed d20 peers" SEED_RUNS="bf16 all_tensorwise" TORCH_FP8="none all" bash bench/gpu/fp8_device_run.sh
 source bench/gpu/device_env.sh
 B=$GPU_BIN
 steps=${STEPS:-30}
@@ -28,10 +28,12 @@ run() {  # folder name, then --set overrides
 fp8() { echo --set precision=fp8 --set fp8.layers=$1 --set fp8.recipe=$2; }
 if [[ $what == *" seed "* ]]; then
   echo "== training speed, seed shape, $steps steps"
-  run seed_bf16 --set precision=bf16
-  run seed_fp8_dense_tensorwise $(fp8 dense tensorwise)
-  run seed_fp8_experts_tensorwise $(fp8 experts tensorwise)
-  for r in tensorwise rowwise blockwise; do run seed_fp8_all_$r $(fp8 all $r); done
+  # SEED_RUNS picks a subset: bf16, dense, experts, all_tensorwise, all_rowwise, all_blockwise.
+  runs=" ${SEED_RUNS:-bf16 dense experts all_tensorwise all_rowwise all_blockwise} "
+  [[ $runs == *" bf16 "* ]] && run seed_bf16 --set precision=bf16
+  [[ $runs == *" dense "* ]] && run seed_fp8_dense_tensorwise $(fp8 dense tensorwise)
+  [[ $runs == *" experts "* ]] && run seed_fp8_experts_tensorwise $(fp8 experts tensorwise)
+  for r in tensorwise rowwise blockwise; do [[ $runs == *" all_$r "* ]] && run seed_fp8_all_$r $(fp8 all $r); done
 fi
 if [[ $what == *" d20 "* ]]; then
   echo "== training speed, d20, $steps steps"

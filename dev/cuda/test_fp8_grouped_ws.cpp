@@ -19,7 +19,7 @@ TEST(Fp8GroupedWs, MatchesTheEngineKernelBitForBit) {
   if (!CudaBackend::cuda_device_available()) GTEST_SKIP() << "no CUDA GPU on this machine";
   CudaBackend be;
   Rng rng(uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count()));
-  const std::vector<int32_t> counts = {700, 0, 129, 1300, 40, 517};
+  const std::vector<int32_t> counts = {700, 0, 129, 1300, 40, 519};  // 2688 rows: quantize_fp8 needs multiples of 16
   const int E = int(counts.size());
   std::vector<int32_t> off(1, 0);
   for (int32_t c : counts) off.push_back(off.back() + c);
