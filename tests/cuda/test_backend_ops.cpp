@@ -215,9 +215,9 @@ TEST_F(CudaOps, Embedding) {
 
 TEST_F(CudaOps, RmsNormAndRopeNorm) {
   const int64_t B = 2, T = 45, H = 3;
-  // 192 and 768 take the vector kernels (one and three chunks per lane); 100 (not a multiple of
-  // 8) and 1032 (over 1024) the scalar ones.
-  for (const int64_t D : {192, 768, 100, 1032}) {
+  // 192, 768, 1032, 1280 and 2048 keep their rows in registers (1, 3, 5, 5 and 8 chunks per lane);
+  // 2064 (over 2048) takes the streamed kernels, 100 (not a multiple of 8) the scalar ones.
+  for (const int64_t D : {192, 768, 1032, 1280, 2048, 2064, 100}) {
     SCOPED_TRACE("D = " + std::to_string(D));
     auto x = rand_pair({B, T, D}, DType::bf16, 3.f);
     auto y = out_pair({B, T, D}, DType::bf16), r = out_pair({B, T}, DType::f32);
@@ -479,6 +479,41 @@ TEST_F(CudaOps, MoePlanTokenMajorDropOrder) {
     if (order == DropOrder::rank) rank_slots = cpu->read_i32(slot.c);
     else EXPECT_NE(rank_slots, cpu->read_i32(slot.c)) << "token-major order must differ from rank order here";
   }
+}
+
+// A fine-grained MoE's routing: 10,000 assignments span ten plan chunks and 40 experts two
+// column blocks of the balance loss, so the cross-chunk ranks and the partial sums are exercised.
+TEST_F(CudaOps, MoePlanAndBalanceLossOverManyChunks) {
+  const int64_t T = 2500, E = 40, k = 4;
+  auto logits = rand_pair({T, E}, DType::f32, 2.f);
+  auto probs = out_pair({T, E}, DType::f32), gates = out_pair({T, k}, DType::f32);
+  auto idx = out_pair({T, k}, DType::i32);
+  cpu->router_topk(logits.c, int(k), probs.c, idx.c, gates.c);
+  gpu->router_topk(logits.g, int(k), probs.g, idx.g, gates.g);
+  expect_equal_i32(idx, "router topk");
+  for (int capacity : {0, 200})
+    for (DropOrder order : {DropOrder::rank, DropOrder::token}) {
+      const std::string tag = " capacity " + std::to_string(capacity) + (order == DropOrder::token ? " token" : " rank");
+      auto routed = out_pair({E}, DType::i32), counts = out_pair({E}, DType::i32),
+           offsets = out_pair({E + 1}, DType::i32), slot = out_pair({T * k}, DType::i32),
+           row_token = out_pair({T * k}, DType::i32);
+      cpu->moe_plan(idx.c, int(E), capacity, routed.c, counts.c, offsets.c, slot.c, row_token.c, order);
+      gpu->moe_plan(idx.g, int(E), capacity, routed.g, counts.g, offsets.g, slot.g, row_token.g, order);
+      expect_equal_i32(routed, "plan routed" + tag);
+      expect_equal_i32(counts, "plan counts" + tag);
+      expect_equal_i32(offsets, "plan offsets" + tag);
+      expect_equal_i32(slot, "plan slot" + tag);
+      const int32_t kept = cpu->read_i32(offsets.c)[size_t(E)];
+      if (capacity) {
+        EXPECT_LT(kept, T * k) << "capacity 200 must drop something" << tag;
+      }
+      auto rt_g = gpu->read_i32(row_token.g), rt_c = cpu->read_i32(row_token.c);
+      EXPECT_TRUE(std::equal(rt_c.begin(), rt_c.begin() + kept, rt_g.begin())) << "plan row_token" << tag;
+      auto bal = out_pair({1}, DType::f32);
+      cpu->balance_loss(probs.c, routed.c, 0.01f, bal.c);
+      gpu->balance_loss(probs.g, routed.g, 0.01f, bal.g);
+      expect_close(bal, 1e-5, "balance_loss" + tag);
+    }
 }
 
 // The per-layer scalar mix and the gated value embedding, forward and backward, bf16 activations.

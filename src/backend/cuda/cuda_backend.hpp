@@ -158,7 +158,7 @@ class CudaBackend : public Backend {
   enum class ScratchSlot : int { reduce, gemm_a, gemm_b, attention, embed_sort, embed_keys, embed_partial,
                                  value_gate, normuon, fp8_amax, fp8_out, fp8_grouped_a, fp8_grouped_b,
                                  fp8_grouped_scale_a, fp8_grouped_scale_b, fp8_grouped_offsets, fp8_grouped_at,
-                                 fp8_grouped_scale_at, count };
+                                 fp8_grouped_scale_at, moe_plan, count };
   void* scratch(ScratchSlot slot, size_t bytes);
 
  private:

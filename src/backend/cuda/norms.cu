@@ -1,8 +1,10 @@
 // Parameter-free RMSNorm over the last dim, and rotary embedding followed by per-head RMSNorm
 // (QK-norm), forward and backward. One warp per row: rows are short (d_model or head_dim), so a
 // warp keeps the row's statistics in registers and needs no shared memory or block barriers.
-// RMSNorm rows of up to 1024 elements (a multiple of 8, 16-byte aligned) take the vector kernels:
-// each lane holds its 8-element chunks in registers, so x and dy are read from memory once.
+// RMSNorm rows of a multiple of 8 elements, 16-byte aligned, take the vector kernels: up to 2048
+// elements (nanochat's d_model through d32) each lane holds its 8-element chunks in registers, so
+// x and dy are read from memory once; longer rows stream their chunks twice (the second read
+// mostly from cache). Other rows take the scalar kernels.
 // The backward recomputes the rotated values instead of storing them.
 #include "backend/cuda/cuda_common.cuh"
 
@@ -113,12 +115,82 @@ __global__ void rmsnorm_bwd_vec_kernel(const T* x, const float* rstd, const T* d
   }
 }
 
-// Chunks per lane for the vector kernels (0: the row does not fit them; use the scalar kernel).
-int row_chunks_per_lane(int64_t d, std::initializer_list<const void*> ptrs) {
-  if (d % 8 != 0 || d > 8 * 32 * 4) return 0;
-  for (const void* p : ptrs)
-    if (!aligned16(p)) return 0;
-  return int((d / 8 + 31) / 32);
+// Rows of d = 8 * chunks streamed by each warp in two passes (statistics, then output), for rows
+// too long to keep in registers.
+template <class TX, class TY>
+__global__ void rmsnorm_fwd_stream_kernel(const TX* x, TY* y, float* rstd, int64_t rows, int d, float eps) {
+  const int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31, chunks = d / 8;
+  if (row >= rows) return;
+  float ss = 0.f;
+  for (int c = lane; c < chunks; c += 32) {
+    float v[8];
+    load8(x + row * d + c * 8, v);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) ss += v[k] * v[k];
+  }
+  const float r = rsqrtf(warp_sum(ss) / float(d) + eps);
+  for (int c = lane; c < chunks; c += 32) {
+    float v[8];
+    load8(x + row * d + c * 8, v);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] *= r;
+    store8(y + row * d + c * 8, v);
+  }
+  if (lane == 0) rstd[row] = r;
+}
+
+template <class T, class TO>
+__global__ void rmsnorm_bwd_stream_kernel(const T* x, const float* rstd, const T* dy, TO* dx, int64_t rows, int d,
+                                          bool accumulate) {
+  const int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31, chunks = d / 8;
+  if (row >= rows) return;
+  float dot = 0.f;
+  for (int c = lane; c < chunks; c += 32) {
+    float xv[8], gv[8];
+    load8(x + row * d + c * 8, xv);
+    load8(dy + row * d + c * 8, gv);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) dot += xv[k] * gv[k];
+  }
+  dot = warp_sum(dot);
+  const float r = rstd[row];
+  const float coef = r * r * r * dot / float(d);
+  for (int c = lane; c < chunks; c += 32) {
+    float xv[8], gv[8], out[8];
+    load8(x + row * d + c * 8, xv);
+    load8(dy + row * d + c * 8, gv);
+    if (accumulate) load8(dx + row * d + c * 8, out);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) out[k] = r * gv[k] - coef * xv[k] + (accumulate ? out[k] : 0.f);
+    store8(dx + row * d + c * 8, out);
+  }
+}
+
+// Which RMSNorm kernel a row of d elements takes.
+enum class RowKernel { scalar, streamed, registers };
+
+struct RowPlan {
+  RowKernel kernel = RowKernel::scalar;
+  int chunks_per_lane = 0;  // registers: 8-element chunks each lane holds (1..8)
+};
+
+constexpr int kMaxChunksPerLane = 8;  // rows of up to 8 * 32 * 8 = 2048 elements stay in registers
+
+RowPlan plan_row(int64_t d, std::initializer_list<const void*> ptrs) {
+  RowPlan p;
+  if (d % 8 != 0) return p;
+  for (const void* q : ptrs)
+    if (!aligned16(q)) return p;
+  const int64_t per_lane = (d / 8 + 31) / 32;
+  if (per_lane > kMaxChunksPerLane) {
+    p.kernel = RowKernel::streamed;
+    return p;
+  }
+  p.kernel = RowKernel::registers;
+  p.chunks_per_lane = int(per_lane);
+  return p;
 }
 
 #define MOELAB_CHUNKS_DISPATCH(u, U, ...)        \
@@ -126,7 +198,11 @@ int row_chunks_per_lane(int64_t d, std::initializer_list<const void*> ptrs) {
     case 1: { constexpr int U = 1; __VA_ARGS__; break; } \
     case 2: { constexpr int U = 2; __VA_ARGS__; break; } \
     case 3: { constexpr int U = 3; __VA_ARGS__; break; } \
-    default: { constexpr int U = 4; __VA_ARGS__; break; } \
+    case 4: { constexpr int U = 4; __VA_ARGS__; break; } \
+    case 5: { constexpr int U = 5; __VA_ARGS__; break; } \
+    case 6: { constexpr int U = 6; __VA_ARGS__; break; } \
+    case 7: { constexpr int U = 7; __VA_ARGS__; break; } \
+    default: { constexpr int U = 8; __VA_ARGS__; break; } \
   }
 
 // x [B, T, H, hd]; position of row (b, t, h) is t. hd <= 256 so a lane holds at most 4 pairs.
@@ -326,10 +402,15 @@ void CudaBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd) {
   int64_t rows = x.rows();
   if (rows == 0) return;
   unsigned nb = unsigned((rows + kWarps - 1) / kWarps);
-  if (int u = row_chunks_per_lane(x.cols(), {x.data, y.data})) {
-    MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY, MOELAB_CHUNKS_DISPATCH(u, U,
+  const RowPlan plan = plan_row(x.cols(), {x.data, y.data});
+  if (plan.kernel == RowKernel::registers) {
+    MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY, MOELAB_CHUNKS_DISPATCH(plan.chunks_per_lane, U,
         rmsnorm_fwd_vec_kernel<TX, TY, U><<<nb, 32 * kWarps, 0, stream_>>>(x.as<TX>(), y.as<TY>(), rstd.as<float>(),
                                                                           rows, int(x.cols()), kNormEps))));
+  } else if (plan.kernel == RowKernel::streamed) {
+    MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY,
+        rmsnorm_fwd_stream_kernel<TX, TY><<<nb, 32 * kWarps, 0, stream_>>>(x.as<TX>(), y.as<TY>(), rstd.as<float>(),
+                                                                           rows, int(x.cols()), kNormEps)));
   } else {
     MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY,
         rmsnorm_fwd_kernel<TX, TY><<<nb, 32 * kWarps, 0, stream_>>>(x.as<TX>(), y.as<TY>(), rstd.as<float>(), rows,
@@ -349,11 +430,17 @@ void CudaBackend::rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor&
   int64_t rows = x.rows();
   if (rows == 0) return;
   unsigned nb = unsigned((rows + kWarps - 1) / kWarps);
-  if (int u = row_chunks_per_lane(x.cols(), {x.data, dy.data, dx.data})) {
-    MOELAB_FLOAT_DISPATCH(x.dtype, T, MOELAB_FLOAT_DISPATCH(dx.dtype, TO, MOELAB_CHUNKS_DISPATCH(u, U,
+  const RowPlan plan = plan_row(x.cols(), {x.data, dy.data, dx.data});
+  if (plan.kernel == RowKernel::registers) {
+    MOELAB_FLOAT_DISPATCH(x.dtype, T, MOELAB_FLOAT_DISPATCH(dx.dtype, TO, MOELAB_CHUNKS_DISPATCH(plan.chunks_per_lane, U,
         rmsnorm_bwd_vec_kernel<T, TO, U><<<nb, 32 * kWarps, 0, stream_>>>(x.as<T>(), rstd.as<float>(), dy.as<T>(),
                                                                           dx.as<TO>(), rows, int(x.cols()),
                                                                           accumulate))));
+  } else if (plan.kernel == RowKernel::streamed) {
+    MOELAB_FLOAT_DISPATCH(x.dtype, T, MOELAB_FLOAT_DISPATCH(dx.dtype, TO,
+        rmsnorm_bwd_stream_kernel<T, TO><<<nb, 32 * kWarps, 0, stream_>>>(x.as<T>(), rstd.as<float>(), dy.as<T>(),
+                                                                          dx.as<TO>(), rows, int(x.cols()),
+                                                                          accumulate)));
   } else {
     MOELAB_FLOAT_DISPATCH(x.dtype, T, MOELAB_FLOAT_DISPATCH(dx.dtype, TO,
         rmsnorm_bwd_kernel<T, T, TO><<<nb, 32 * kWarps, 0, stream_>>>(x.as<T>(), rstd.as<float>(), dy.as<T>(),
