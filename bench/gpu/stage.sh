@@ -6,7 +6,10 @@ cd "$(dirname "$0")/../.."
 dest=.dev/gpu
 rm -rf "$dest" && mkdir -p "$dest/lib"
 cp build/moelab "$dest/"
-for b in test_cuda test_train bench_attention bench_fp8_gemm bench_fp8_grouped_gemm dev/cuda/test_dev_cuda dev/cuda/bench_attention_variants dev/cuda/bench_grouped_gemm_variants dev/cuda/bench_fp8_grouped_ws; do
+# BINS narrows the list when a call needs fewer (a call carries 64 MiB at most).
+all_bins="test_cuda test_train bench_attention bench_fp8_gemm bench_fp8_grouped_gemm bench_grouped_gemm dev/cuda/test_dev_cuda
+  dev/cuda/bench_attention_variants dev/cuda/bench_grouped_gemm_variants dev/cuda/bench_fp8_grouped_ws"
+for b in ${BINS:-$all_bins}; do
   [ -x "build/$b" ] && cp "build/$b" "$dest/"
 done
 strip "$dest"/* 2>/dev/null || true
@@ -17,7 +20,7 @@ ldd build/moelab | awk '/=> \// {print $3}' | while read -r lib; do
   esac
 done
 cp ../shared/anchors/torch_moe_ref.py ../shared/anchors/torch_attention_ref.py "$dest/"
-cp -r ../shared/anchors/torchao "$dest/torchao"  # torch_moe_ref.py --fp8 imports it from beside itself
+[ -z "${NO_TORCHAO:-}" ] && cp -r ../shared/anchors/torchao "$dest/torchao"  # torch_moe_ref.py --fp8 imports it from beside itself
 # Compressed, so a device call carries them within its 64 MiB (device_env.sh unpacks them).
 (cd "$dest" && bins=$(find . -maxdepth 1 -type f -perm -u+x -printf "%f\n") && tar czf bins.tgz $bins && rm $bins)
 du -sh "$dest"

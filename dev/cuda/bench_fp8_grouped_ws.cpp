@@ -1,11 +1,13 @@
 // Kernel lab benchmark: the warp-specialized FP8 grouped GEMM (grouped_gemm_fp8_ws.cu) against the
 // engine's kernel (grouped_gemm::forward_fp8) and one cuBLASLt FP8 GEMM of the same total size, at
 // the seed's expert shapes (32768 rows over 8 experts, uneven random routing; d_model 768, hidden
-// 1536), rowwise scales, operands quantized beforehand. The variant's output is compared with the
-// engine's bit for bit (the same products in the same order). Medians of CUDA-event-timed runs.
+// 1536), rowwise scales (tensorwise with `bench_fp8_grouped_ws tensor`), operands quantized
+// beforehand. The variant's output is compared with the engine's bit for bit (the same products
+// in the same order). Medians of CUDA-event-timed runs.
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "backend/cuda/cuda_backend.hpp"
@@ -17,7 +19,8 @@
 
 using namespace moelab;
 
-int main() {
+int main(int argc, char** argv) {
+  const bool tensorwise = argc > 1 && std::string(argv[1]) == "tensor";
   if (!CudaBackend::cuda_device_available()) {
     std::fprintf(stderr, "bench_fp8_grouped_ws: no CUDA GPU\n");
     return 1;
@@ -33,8 +36,8 @@ int main() {
   Tensor offsets = be.alloc({E + 1}, DType::i32);
   be.write_i32(offsets, off);
   auto median_ms = [&](const std::function<void()>& fn) { return median_event_ms(be.stream(), fn, 3, 20); };
-  std::printf("# FP8 grouped GEMM variants, %s: %lld rows over %d experts, rowwise scales\n\n", be.name().c_str(),
-              (long long)R, E);
+  std::printf("# FP8 grouped GEMM variants, %s: %lld rows over %d experts, %s scales\n\n", be.name().c_str(),
+              (long long)R, E, tensorwise ? "tensorwise" : "rowwise");
   std::printf("| product | A format | engine ms (TFLOP/s) | warp-specialized ms (TFLOP/s) | ws vs engine | cuBLASLt FP8 ms | ws vs cuBLASLt | differing outputs |\n");
   std::printf("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   struct Shape2 {
@@ -52,6 +55,12 @@ int main() {
       sc.mode = grouped_gemm::Fp8ScaleMode::row;
       sc.a = qa.scale.as<float>();
       sc.w = qw.scale.as<float>();
+      Tensor per_expert = be.alloc({E}, DType::f32);  // tensorwise: one scale per expert and side
+      be.fill(per_expert, 0.01f);
+      if (tensorwise) {
+        sc.mode = grouped_gemm::Fp8ScaleMode::tensor;
+        sc.a = sc.w = per_expert.as<float>();
+      }
       Tensor c1 = be.alloc({R, s.N}, DType::bf16), c2 = be.alloc({R, s.N}, DType::bf16);
       const double engine = median_ms([&] {
         grouped_gemm::forward_fp8(qa.data.as<uint8_t>(), fmt, qw.data.as<uint8_t>(), sc, c1.data, DType::bf16,

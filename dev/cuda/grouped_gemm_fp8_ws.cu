@@ -11,6 +11,7 @@
 #include "backend/cuda/grouped_gemm_sm90.cuh"
 #include "backend/cuda/mma_utils.cuh"
 #include "backend/cuda/wgmma.cuh"
+#include "backend/cuda/wgmma_epilogue.cuh"
 #include "wgmma_fp8_n256.cuh"
 
 namespace moelab::grouped_gemm_lab {
@@ -121,16 +122,26 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
       if (m >= cur.rows) continue;
       float fr = tensor_f;
       if constexpr (MODE == int(Fp8ScaleMode::row)) fr = sc.a[cur.row0 + m];
+      float v[WS_BN / 8][2];
 #pragma unroll
       for (int j = 0; j < WS_BN / 8; ++j) {
         const int n = cur.n0 + j * 8 + 2 * t4;
-        if (n >= N) continue;
         float f0 = fr, f1 = fr;
         if constexpr (MODE == int(Fp8ScaleMode::row)) {
-          f0 *= sc.w[int64_t(cur.e) * N + n];
-          f1 *= sc.w[int64_t(cur.e) * N + n + 1];
+          f0 *= n < N ? sc.w[int64_t(cur.e) * N + n] : 0.0f;
+          f1 *= n < N ? sc.w[int64_t(cur.e) * N + n + 1] : 0.0f;
         }
-        store2(c_base + int64_t(m) * N + n, acc[4 * j + 2 * h] * f0, acc[4 * j + 2 * h + 1] * f1);
+        v[j][0] = acc[4 * j + 2 * h] * f0;
+        v[j][1] = acc[4 * j + 2 * h + 1] * f1;
+      }
+      if constexpr (std::is_same_v<TC, __nv_bfloat16>) {
+        store_row_bf16(c_base + int64_t(m) * N, cur.n0, N, v, lane);
+      } else {
+#pragma unroll
+        for (int j = 0; j < WS_BN / 8; ++j) {
+          const int n = cur.n0 + j * 8 + 2 * t4;
+          if (n < N) store2(c_base + int64_t(m) * N + n, v[j][0], v[j][1]);
+        }
       }
     }
   }

@@ -307,8 +307,10 @@ TEST_F(CudaFp8Grouped, ForwardAndDataGradientMatchTheCpuEmulation) {
     for (DType fmt : {DType::e4m3, DType::e5m2})
       for (bool trans_w : {true, false})
         for (bool f32_out : {false, true}) {
-          // trans_w: forward, W [E, N, K]; otherwise the data gradient, W [E, K, N].
-          const int64_t K = trans_w ? 384 : 256, N = trans_w ? 256 : 384;
+          // trans_w: forward, W [E, N, K]; otherwise the data gradient, W [E, K, N]. Block scaling
+          // needs whole 128-column weight blocks; the others take N off the 32-column store groups.
+          const bool block = r.weight == Fp8Granularity::block_128x128;
+          const int64_t K = trans_w ? 384 : 256, N = trans_w ? (block ? 256 : 272) : (block ? 384 : 400);
           const std::string what = std::string(fp8_granularity_name(r.act)) + " x " + fp8_granularity_name(r.weight) + " " +
                                    dtype_name(fmt) + (trans_w ? " forward" : " dgrad") + (f32_out ? " -> f32" : " -> bf16");
           std::vector<float> av = spread(R, K);

@@ -26,6 +26,7 @@
 #include "backend/cuda/grouped_gemm_sm90.cuh"
 #include "backend/cuda/mma_utils.cuh"
 #include "backend/cuda/wgmma.cuh"
+#include "backend/cuda/wgmma_epilogue.cuh"
 #include "backend/cuda/wgmma_fp8.cuh"
 
 namespace moelab {
@@ -159,19 +160,28 @@ __global__ void __launch_bounds__(THREADS, MODE == int(Fp8ScaleMode::block) ? 1 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int m = wg * 64 + w * 16 + g4 + h * 8;
-      if (m >= cur.rows) continue;
+      if (m >= cur.rows) continue;  // the same for the four lanes of a quad (one row)
       float fr = tensor_f;
       if constexpr (MODE == int(Fp8ScaleMode::row)) fr = sc.a[cur.row0 + m];
-#pragma unroll
-      for (int j = 0; j < TBN / 8; ++j) {
-        const int n = cur.n0 + j * 8 + 2 * t4;
-        if (n >= N) continue;
-        float f0 = fr, f1 = fr;
+      auto scaled = [&](int j, int i) {  // accumulator value i (0, 1) of step j, dequantized
+        float f = fr;
         if constexpr (MODE == int(Fp8ScaleMode::row)) {
-          f0 *= sc.w[int64_t(cur.e) * N + n];
-          f1 *= sc.w[int64_t(cur.e) * N + n + 1];
+          const int n = cur.n0 + j * 8 + 2 * t4 + i;
+          f *= n < N ? sc.w[int64_t(cur.e) * N + n] : 0.0f;
         }
-        store2(c_base + int64_t(m) * N + n, acc[4 * j + 2 * h] * f0, acc[4 * j + 2 * h + 1] * f1, false);
+        return acc[4 * j + 2 * h + i] * f;
+      };
+      if constexpr (std::is_same_v<TC, bf16>) {
+        float v[TBN / 8][2];
+#pragma unroll
+        for (int j = 0; j < TBN / 8; ++j) v[j][0] = scaled(j, 0), v[j][1] = scaled(j, 1);
+        store_row_bf16(c_base + int64_t(m) * N, cur.n0, N, v, lane);  // whole sectors
+      } else {
+#pragma unroll
+        for (int j = 0; j < TBN / 8; ++j) {  // f32 pairs of a quad already fill a sector
+          const int n = cur.n0 + j * 8 + 2 * t4;
+          if (n < N) store2(c_base + int64_t(m) * N + n, scaled(j, 0), scaled(j, 1), false);
+        }
       }
     }
   }

@@ -18,6 +18,7 @@
 #include "backend/cuda/grouped_gemm_sm90.cuh"
 #include "backend/cuda/mma_utils.cuh"
 #include "backend/cuda/wgmma.cuh"
+#include "backend/cuda/wgmma_epilogue.cuh"
 
 namespace moelab {
 using namespace cuda_detail;
@@ -99,25 +100,33 @@ __global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2)
       const int m = wg * 64 + w * 16 + g4 + h * 8;
       if (m >= cur.rows) continue;
       const int64_t row_off = int64_t(m) * N;
-#pragma unroll
-      for (int j = 0; j < TBN / 8; ++j) {
+      auto pair = [&](int j) {  // C = alpha A W^T + beta addend at step j's two columns, rounded once
+        float2 v = make_float2(alpha * acc[4 * j + 2 * h], alpha * acc[4 * j + 2 * h + 1]);
         const int n = cur.n0 + j * 8 + 2 * t4;
-        if (n >= N) continue;
-        float v0 = alpha * acc[4 * j + 2 * h], v1 = alpha * acc[4 * j + 2 * h + 1];
-        if (addend) {  // C = alpha A W^T + beta addend, the sum rounded once
+        if (addend && n < N) {
           const TC* a = addend + int64_t(cur.row0) * N + row_off + n;
-          if constexpr (std::is_same_v<TC, float>) {
-            const float2 o = *reinterpret_cast<const float2*>(a);
-            v0 += beta * o.x, v1 += beta * o.y;
-          } else {
-            const float2 o = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a));
-            v0 += beta * o.x, v1 += beta * o.y;
-          }
+          float2 o;
+          if constexpr (std::is_same_v<TC, float>) o = *reinterpret_cast<const float2*>(a);
+          else o = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a));
+          v.x += beta * o.x;
+          v.y += beta * o.y;
         }
-        if constexpr (std::is_same_v<TC, float>)
-          *reinterpret_cast<float2*>(c_base + row_off + n) = make_float2(v0, v1);
-        else
-          *reinterpret_cast<__nv_bfloat162*>(c_base + row_off + n) = __floats2bfloat162_rn(v0, v1);
+        return v;
+      };
+      if constexpr (std::is_same_v<TC, bf16>) {
+        float v[TBN / 8][2];
+#pragma unroll
+        for (int j = 0; j < TBN / 8; ++j) {
+          const float2 p = pair(j);
+          v[j][0] = p.x, v[j][1] = p.y;
+        }
+        store_row_bf16(c_base + row_off, cur.n0, N, v, lane);  // whole sectors (wgmma_epilogue.cuh)
+      } else {
+#pragma unroll
+        for (int j = 0; j < TBN / 8; ++j) {  // f32 pairs of a quad already fill a sector
+          const int n = cur.n0 + j * 8 + 2 * t4;
+          if (n < N) *reinterpret_cast<float2*>(c_base + row_off + n) = pair(j);
+        }
       }
     }
   }
