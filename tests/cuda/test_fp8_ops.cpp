@@ -13,6 +13,7 @@
 
 #include "backend/cpu/cpu_backend.hpp"
 #include "backend/cuda/cuda_backend.hpp"
+#include "backend/cuda/grouped_gemm_fp8.cuh"
 #include "core/rng.hpp"
 #include "normalized_error.hpp"
 
@@ -346,6 +347,74 @@ TEST_F(CudaFp8Grouped, WeightGradientMatchesTheCpuEmulation) {
       cpu->grouped_matmul_wgrad_fp8(dy.c, fmt, x.c, g, dw.c, off.c);
       gpu->grouped_matmul_wgrad_fp8(dy.g, fmt, x.g, g, dw.g, off.g);
       EXPECT_LT(nerr(gpu->read(dw.g), cpu->read(dw.c)), 2e-3) << what << " (seed " << seed << ")";
+    }
+}
+
+// The segment quantizer's codes, byte for byte, against the CPU quantizing each expert's tokens
+// on its own: the transposed segments are x_e^T with tensor or row scales (a row of x_e^T is a
+// column over the expert's tokens), zeros in the padding; the straight copy beside them is x_e
+// with the expert's scale (tensor) or x with row scales. C = 272 leaves a partial column tile.
+TEST_F(CudaFp8Grouped, SegmentCodesMatchTheCpuExpertByExpert) {
+  const int64_t C = 272, Rp = grouped_gemm::padded_rows_bound(R, E);
+  const std::vector<int32_t> off = offsets_of(counts);
+  std::vector<int32_t> pad(1, 0);
+  for (int32_t n : counts) pad.push_back(pad.back() + (n + 127) / 128 * 128);
+  const std::vector<float> xv = spread(R, C);
+  Pair x = both({R, C}, xv), o = offsets(off);
+  Tensor padded = gpu->alloc({E + 1}, DType::i32);
+  grouped_gemm::padded_offsets(o.g.as<int32_t>(), E, padded.as<int32_t>(), gpu->stream());
+  EXPECT_EQ(gpu->read_i32(padded), pad);
+  for (auto mode : {grouped_gemm::Fp8ScaleMode::tensor, grouped_gemm::Fp8ScaleMode::row})
+    for (DType fmt : {DType::e4m3, DType::e5m2}) {
+      const bool row = mode == grouped_gemm::Fp8ScaleMode::row;
+      const Fp8Granularity g = row ? Fp8Granularity::row : Fp8Granularity::tensor;
+      const std::string what = std::string(row ? "row " : "tensor ") + dtype_name(fmt);
+      Tensor out = gpu->alloc({C, Rp}, fmt), scale = gpu->alloc({row ? E * C : E}, DType::f32);
+      Tensor amax = gpu->alloc({E * C + R}, DType::i32);
+      Tensor straight = gpu->alloc({R, C}, fmt), straight_scale = gpu->alloc({R}, DType::f32);
+      ASSERT_EQ(cudaMemset(out.data, 0xff, out.bytes()), cudaSuccess);  // every code and padding byte must be written
+      grouped_gemm::StraightCopy sc;
+      sc.out = straight.as<uint8_t>();
+      sc.scale = row ? straight_scale.as<float>() : nullptr;
+      sc.R = R;
+      grouped_gemm::quantize_segments_transposed(x.g.data, int(C), o.g.as<int32_t>(), padded.as<int32_t>(), E, Rp, mode,
+                                                 fmt, out.as<uint8_t>(), scale.as<float>(),
+                                                 reinterpret_cast<unsigned*>(amax.data), gpu->stream(), sc);
+      const std::vector<uint8_t> got = bytes(out), got_straight = bytes(straight);
+      const std::vector<float> got_scale = gpu->read(scale), got_straight_scale = gpu->read(straight_scale);
+      int64_t code_diff = 0, pad_diff = 0, scale_diff = 0, straight_diff = 0;
+      for (int e = 0; e < E; ++e) {
+        const int64_t n = counts[size_t(e)];
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t i = n; i < pad[size_t(e) + 1] - pad[size_t(e)]; ++i) pad_diff += got[size_t(c * Rp + pad[size_t(e)] + i)] != 0;
+        if (n == 0) continue;
+        const Tensor xe = x.c.rows_slice(off[size_t(e)], off[size_t(e)] + n);
+        QuantizedOperand t = operand(*cpu, C, n, g, fmt);
+        cpu->quantize_fp8(xe, true, t);
+        const uint8_t* tc = t.data.as<uint8_t>();
+        const std::vector<float> ts = cpu->read(t.scale);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t i = 0; i < n; ++i) code_diff += got[size_t(c * Rp + pad[size_t(e)] + i)] != tc[c * n + i];
+        for (size_t k = 0; k < ts.size(); ++k)
+          scale_diff += std::memcmp(&ts[k], &got_scale[row ? size_t(e) * C + k : size_t(e)], 4) != 0;
+        if (!row) {  // the straight copy shares the expert's scale
+          QuantizedOperand st = operand(*cpu, n, C, g, fmt);
+          cpu->quantize_fp8(xe, false, st);
+          for (int64_t k = 0; k < n * C; ++k)
+            straight_diff += got_straight[size_t(off[size_t(e)] * C + k)] != st.data.as<uint8_t>()[k];
+        }
+      }
+      if (row) {
+        QuantizedOperand st = operand(*cpu, R, C, g, fmt);
+        cpu->quantize_fp8(x.c, false, st);
+        for (int64_t k = 0; k < R * C; ++k) straight_diff += got_straight[size_t(k)] != st.data.as<uint8_t>()[k];
+        const std::vector<float> ss = cpu->read(st.scale);
+        for (int64_t r = 0; r < R; ++r) scale_diff += std::memcmp(&ss[size_t(r)], &got_straight_scale[size_t(r)], 4) != 0;
+      }
+      EXPECT_EQ(code_diff, 0) << what << ": transposed codes differ (seed " << seed << ")";
+      EXPECT_EQ(pad_diff, 0) << what << ": padding is not zero";
+      EXPECT_EQ(scale_diff, 0) << what << ": scales differ";
+      EXPECT_EQ(straight_diff, 0) << what << ": straight codes differ";
     }
 }
 

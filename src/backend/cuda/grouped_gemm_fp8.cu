@@ -293,8 +293,9 @@ __global__ void padded_offsets_kernel(const int32_t* offsets, int E, int32_t* pa
   padded[E] = p;
 }
 
-// Columns per block of the segment quantizer: 64 keeps its f32 tile at 33 KB (six blocks an SM).
-// A pair with block scaling takes 128, so each straight 1x128 group lies inside one block.
+// Columns per block of the amax pre-pass and of block scaling's segment codes without a straight
+// copy: 64 keeps the f32 tile at 33 KB (six blocks an SM). With the straight copy block scaling
+// takes 128, so each straight 1x128 group lies inside one block.
 constexpr int SEG_COLS = 64;
 
 // Padded 128-token block p of an expert-segmented x: its expert, first token and how many of
@@ -375,20 +376,19 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Codes of an expert-segmented x [R, C], transposed and padded: block (column tile of COLS,
-// padded 128-token block p) stages its 128 tokens x COLS columns (zeros past the expert's tokens)
-// and writes them transposed, 128 tokens of a column per warp as 32 four-code stores, with the
-// scales that the wgrad kernel reads (tensor and row multipliers from the pre-pass amax, 1x128
-// from the staged column). kStraight also writes the straight copy [R, C] of the same tokens,
-// which the data gradient reads: tensor scaling shares the per-expert scales, row scaling takes
-// the pre-pass row amax, 1x128 (COLS = 128) the staged row.
+// Block scaling's codes of an expert-segmented x [R, C], transposed and padded: block (column
+// tile of COLS, padded 128-token block p) stages its 128 tokens x COLS columns in f32 (zeros past
+// the expert's tokens), takes each 1x128 group's amax from the staged column, and writes them
+// transposed, 128 tokens of a column per warp as 32 four-code stores, with the scales the wgrad
+// kernel reads. kStraight (COLS = 128) also writes the straight copy [R, C] of the same tokens,
+// which the data gradient reads, its 1x128 groups from the staged row. Tensor and row scaling
+// take segments_codes_scaled_kernel below.
 template <class T, int kFormat, int COLS, bool kStraight>
 __global__ void __launch_bounds__(256)
     segments_codes_kernel(const T* __restrict__ x, int C, const int32_t* __restrict__ offsets,
-                          const int32_t* __restrict__ padded, int E, int64_t Rp, int mode, uint8_t* __restrict__ out,
-                          float* __restrict__ scale, const unsigned* __restrict__ amax, StraightCopy straight,
-                          float fmax) {
-  static_assert(!kStraight || COLS == 128 || COLS == SEG_COLS);
+                          const int32_t* __restrict__ padded, int E, int64_t Rp, uint8_t* __restrict__ out,
+                          float* __restrict__ scale, StraightCopy straight, float fmax) {
+  static_assert(!kStraight || COLS == 128, "a straight 1x128 group must lie inside one block");
   extern __shared__ float tile_smem[];  // [KB][COLS + 1] f32 (odd row stride)
   auto tile = [&](int r, int c) -> float& { return tile_smem[r * (COLS + 1) + c]; };
   __shared__ float mult[COLS], mult_s[kStraight ? KB : 1];
@@ -417,32 +417,19 @@ __global__ void __launch_bounds__(256)
     }
   }
   __syncthreads();
-  const auto smode = Fp8ScaleMode(mode);
   for (int c = warp; c < COLS; c += 8) {
     float a = 0.0f;
-    if (smode == Fp8ScaleMode::block) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) a = fmaxf(a, fabsf(tile(lane + 32 * j, c)));
-      a = warp_max(a);
-    } else if (smode == Fp8ScaleMode::tensor) {
-      a = __uint_as_float(amax[b.e]);
-    } else if (c0 + c < C) {
-      a = __uint_as_float(amax[int64_t(b.e) * C + c0 + c]);
-    }
+    for (int j = 0; j < 4; ++j) a = fmaxf(a, fabsf(tile(lane + 32 * j, c)));
+    a = warp_max(a);
     if (lane == 0) mult[c] = multiplier_of(a, fmax);
   }
   if constexpr (kStraight) {
     for (int r = warp; r < KB; r += 8) {
       float a = 0.0f;
-      if (smode == Fp8ScaleMode::block) {
 #pragma unroll
-        for (int j = 0; j < COLS / 32; ++j) a = fmaxf(a, fabsf(tile(r, lane + 32 * j)));
-        a = warp_max(a);
-      } else if (smode == Fp8ScaleMode::tensor) {
-        a = __uint_as_float(amax[b.e]);
-      } else if (r < b.valid) {
-        a = __uint_as_float(straight.row_amax[b.t0 + r]);
-      }
+      for (int j = 0; j < COLS / 32; ++j) a = fmaxf(a, fabsf(tile(r, lane + 32 * j)));
+      a = warp_max(a);
       if (lane == 0) mult_s[r] = multiplier_of(a, fmax);
     }
   }
@@ -455,12 +442,7 @@ __global__ void __launch_bounds__(256)
                                             __fmul_rn(tile(r + 2, c), q), __fmul_rn(tile(r + 3, c), q));
     *reinterpret_cast<uint32_t*>(out + int64_t(c0 + c) * Rp + prow + r) = codes;
   }
-  const bool first_block = prow == padded[b.e];
-  for (int c = tid; c < COLS && c0 + c < C; c += 256) {
-    if (smode == Fp8ScaleMode::block) scale[int64_t(blockIdx.y) * C + c0 + c] = __fdiv_rn(1.0f, mult[c]);
-    else if (smode == Fp8ScaleMode::row && first_block) scale[int64_t(b.e) * C + c0 + c] = __fdiv_rn(1.0f, mult[c]);
-  }
-  if (smode == Fp8ScaleMode::tensor && first_block && blockIdx.x == 0 && tid == 0) scale[b.e] = __fdiv_rn(1.0f, mult[0]);
+  for (int c = tid; c < COLS && c0 + c < C; c += 256) scale[int64_t(blockIdx.y) * C + c0 + c] = __fdiv_rn(1.0f, mult[c]);
   if constexpr (kStraight) {
     // Tokens of this block, four codes a lane; the segment's padding has no straight rows.
     for (int i = tid; i < KB * (COLS / 4); i += 256) {
@@ -471,10 +453,7 @@ __global__ void __launch_bounds__(256)
                                               __fmul_rn(tile(r, c + 2), q), __fmul_rn(tile(r, c + 3), q));
       *reinterpret_cast<uint32_t*>(straight.out + (b.t0 + r) * C + c0 + c) = codes;
     }
-    if (smode == Fp8ScaleMode::row && blockIdx.x == 0)
-      for (int r = tid; r < b.valid; r += 256) straight.scale[b.t0 + r] = __fdiv_rn(1.0f, mult_s[r]);
-    if (smode == Fp8ScaleMode::block)
-      for (int r = tid; r < b.valid; r += 256) straight.scale[int64_t(c0 / 128) * straight.R + b.t0 + r] = __fdiv_rn(1.0f, mult_s[r]);
+    for (int r = tid; r < b.valid; r += 256) straight.scale[int64_t(c0 / 128) * straight.R + b.t0 + r] = __fdiv_rn(1.0f, mult_s[r]);
   }
 }
 
@@ -550,6 +529,84 @@ void wgrad_fp8(const uint8_t* dYt, DType dy_format, const uint8_t* Xt, const Fp8
   dispatch<LaunchWgrad>(scales.mode, dy_format, dw_dtype, my, mx, dW, padded, E, N, K, scales, stream);
 }
 
+// Tensor and row scaling know every multiplier before the block reads x (the pre-pass amax), so
+// their codes come straight from registers, without the f32 tile above (which ran at about
+// 1.2 TB/s): a thread reads four tokens x 8 columns, writes its straight codes to global memory
+// with the row multipliers, and its transposed codes to shared memory as one 32-bit word of four
+// tokens per column; then each warp stores whole columns of 128 tokens. Word q of column group
+// cg sits at q ^ 2 cg, which keeps both the writes and the reads free of bank conflicts.
+constexpr int SCALED_COLS = 128;
+
+template <class T, int kFormat, bool kStraight>
+__global__ void __launch_bounds__(256)
+    segments_codes_scaled_kernel(const T* __restrict__ x, int C, const int32_t* __restrict__ offsets,
+                                 const int32_t* __restrict__ padded, int E, int64_t Rp, int mode,
+                                 uint8_t* __restrict__ out, float* __restrict__ scale, const unsigned* __restrict__ amax,
+                                 StraightCopy straight, float fmax) {
+  __shared__ uint32_t words[SCALED_COLS][KB / 4];  // [column][four-token word, swizzled]
+  const int64_t prow = int64_t(blockIdx.y) * KB;
+  if (prow >= padded[E]) return;
+  const SegmentBlock b = segment_block(prow, offsets, padded, E);
+  const bool row_mode = Fp8ScaleMode(mode) == Fp8ScaleMode::row;
+  const int c0 = blockIdx.x * SCALED_COLS;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int cg = tid % (SCALED_COLS / 8), c = c0 + 8 * cg;  // this thread's 8 columns
+  const bool col_ok = c < C;
+  const float expert_mult = row_mode ? 0.0f : multiplier_of(__uint_as_float(amax[b.e]), fmax);
+  float col_mult[8];  // the transposed copy's multipliers of the 8 columns
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    col_mult[j] = !row_mode ? expert_mult
+                  : col_ok  ? multiplier_of(__uint_as_float(amax[int64_t(b.e) * C + c + j]), fmax)
+                            : 0.0f;
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass) {
+    const int q = pass * (KB / 8) + tid / (SCALED_COLS / 8);  // four-token word: tokens 4q .. 4q + 3
+    float v[4][8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = 4 * q + i;
+      if (r < b.valid && col_ok) load8(x + (b.t0 + r) * C + c, v[i]);
+      else
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[i][j] = 0.0f;  // the segment's padding
+    }
+    if constexpr (kStraight) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = 4 * q + i;
+        if (r >= b.valid || !col_ok) continue;
+        const float m = row_mode ? multiplier_of(__uint_as_float(straight.row_amax[b.t0 + r]), fmax) : expert_mult;
+        const uint32_t lo = encode4<kFormat>(__fmul_rn(v[i][0], m), __fmul_rn(v[i][1], m), __fmul_rn(v[i][2], m),
+                                             __fmul_rn(v[i][3], m));
+        const uint32_t hi = encode4<kFormat>(__fmul_rn(v[i][4], m), __fmul_rn(v[i][5], m), __fmul_rn(v[i][6], m),
+                                             __fmul_rn(v[i][7], m));
+        *reinterpret_cast<uint2*>(straight.out + (b.t0 + r) * C + c) = make_uint2(lo, hi);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float m = col_mult[j];
+      words[8 * cg + j][q ^ (2 * cg)] = encode4<kFormat>(__fmul_rn(v[0][j], m), __fmul_rn(v[1][j], m),
+                                                         __fmul_rn(v[2][j], m), __fmul_rn(v[3][j], m));
+    }
+  }
+  __syncthreads();
+  for (int col = warp; col < SCALED_COLS && c0 + col < C; col += 8)
+    *reinterpret_cast<uint32_t*>(out + int64_t(c0 + col) * Rp + prow + 4 * lane) = words[col][lane ^ (2 * (col / 8))];
+  const bool first_block = prow == padded[b.e];
+  if (!row_mode) {
+    if (first_block && blockIdx.x == 0 && tid == 0) scale[b.e] = __fdiv_rn(1.0f, expert_mult);
+    return;
+  }
+  if (first_block && tid < SCALED_COLS / 8 && col_ok)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) scale[int64_t(b.e) * C + c + j] = __fdiv_rn(1.0f, col_mult[j]);
+  if (kStraight && blockIdx.x == 0)
+    for (int r = tid; r < b.valid; r += 256)
+      straight.scale[b.t0 + r] = __fdiv_rn(1.0f, multiplier_of(__uint_as_float(straight.row_amax[b.t0 + r]), fmax));
+}
+
 void quantize_segments_transposed(const void* x, int C, const int32_t* offsets, const int32_t* padded,
                                   int E, int64_t Rp, Fp8ScaleMode mode, DType format, uint8_t* out, float* scale,
                                   unsigned* amax, cudaStream_t stream, StraightCopy straight) {
@@ -570,19 +627,24 @@ void quantize_segments_transposed(const void* x, int C, const int32_t* offsets, 
     const int smem = KB * (cols + 1) * int(sizeof(float));
     raise_smem_once(kernel, smem);
     const dim3 grid(unsigned((C + cols - 1) / cols), unsigned(Rp / KB));
-    kernel<<<grid, 256, smem, stream>>>(px, C, offsets, padded, E, Rp, int(mode), out, scale, amax, straight, fmax);
+    kernel<<<grid, 256, smem, stream>>>(px, C, offsets, padded, E, Rp, out, scale, straight, fmax);
     MOELAB_CUDA_LAUNCH_CHECK("segments_codes_kernel");
   };
   const bool e5m2 = format == DType::e5m2;
-  if (!with_straight) {
+  if (mode != Fp8ScaleMode::block) {
+    const dim3 grid(unsigned((C + SCALED_COLS - 1) / SCALED_COLS), unsigned(Rp / KB));
+    auto run = [&](auto kernel) {
+      kernel<<<grid, 256, 0, stream>>>(px, C, offsets, padded, E, Rp, int(mode), out, scale, amax, straight, fmax);
+      MOELAB_CUDA_LAUNCH_CHECK("segments_codes_scaled_kernel");
+    };
+    if (with_straight) e5m2 ? run(segments_codes_scaled_kernel<bf16, 1, true>) : run(segments_codes_scaled_kernel<bf16, 0, true>);
+    else e5m2 ? run(segments_codes_scaled_kernel<bf16, 1, false>) : run(segments_codes_scaled_kernel<bf16, 0, false>);
+  } else if (!with_straight) {
     if (e5m2) launch(segments_codes_kernel<bf16, 1, SEG_COLS, false>, SEG_COLS);
     else launch(segments_codes_kernel<bf16, 0, SEG_COLS, false>, SEG_COLS);
-  } else if (mode == Fp8ScaleMode::block) {
+  } else {
     if (e5m2) launch(segments_codes_kernel<bf16, 1, 128, true>, 128);
     else launch(segments_codes_kernel<bf16, 0, 128, true>, 128);
-  } else {
-    if (e5m2) launch(segments_codes_kernel<bf16, 1, SEG_COLS, true>, SEG_COLS);
-    else launch(segments_codes_kernel<bf16, 0, SEG_COLS, true>, SEG_COLS);
   }
 }
 
