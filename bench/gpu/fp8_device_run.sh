@@ -28,12 +28,14 @@ run() {  # folder name, then --set overrides
 fp8() { echo --set precision=fp8 --set fp8.layers=$1 --set fp8.recipe=$2; }
 if [[ $what == *" seed "* ]]; then
   echo "== training speed, seed shape, $steps steps"
-  # SEED_RUNS picks a subset: bf16, dense, experts, all_tensorwise, all_rowwise, all_blockwise.
+  # SEED_RUNS picks a subset: bf16, dense, experts, all_tensorwise, all_rowwise, all_blockwise,
+  # all_tensorwise_nohead (lm_head in BF16).
   runs=" ${SEED_RUNS:-bf16 dense experts all_tensorwise all_rowwise all_blockwise} "
   [[ $runs == *" bf16 "* ]] && run seed_bf16 --set precision=bf16
   [[ $runs == *" dense "* ]] && run seed_fp8_dense_tensorwise $(fp8 dense tensorwise)
   [[ $runs == *" experts "* ]] && run seed_fp8_experts_tensorwise $(fp8 experts tensorwise)
   for r in tensorwise rowwise blockwise; do [[ $runs == *" all_$r "* ]] && run seed_fp8_all_$r $(fp8 all $r); done
+  [[ $runs == *" all_tensorwise_nohead "* ]] && run seed_fp8_all_tensorwise_nohead $(fp8 all tensorwise) --set fp8.head=false
 fi
 if [[ $what == *" d20 "* ]]; then
   echo "== training speed, d20, $steps steps"
