@@ -492,8 +492,8 @@ __global__ void __launch_bounds__(kThreads) quantize_pair_tile_kernel(const T* _
 // The pair for tensor and row groups, whose multipliers the amax pre-pass already knows: no f32
 // tile (the kernel above runs at about 1.9 TB/s). A thread reads four rows x 8 columns, writes
 // its straight codes as read and its transposed codes to shared memory as one 32-bit word of
-// four rows per column; the warps then store whole 128-row columns. Word q of column group cg
-// sits at q ^ 2 cg, so neither side has bank conflicts. Same grid and scales as above.
+// four rows per column (word_slot's swizzle); the warps then store whole 128-row columns. Same
+// grid and scales as above.
 template <class T, int kFormat>
 __global__ void __launch_bounds__(kThreads) quantize_pair_scaled_kernel(const T* __restrict__ x, PairArgs a) {
   __shared__ uint32_t words[kTile][kTile / 4];  // [tile column][four-row word, swizzled]
@@ -525,23 +525,15 @@ __global__ void __launch_bounds__(kThreads) quantize_pair_scaled_kernel(const T*
       for (int i = 0; i < 4; ++i) {
         const int64_t r = r0 + 4 * q + i;
         const float m = row ? multiplier_of(__uint_as_float(a.amax_rows[r]), a.fmax) : all;
-        const uint32_t lo = encode4<kFormat>(__fmul_rn(v[i][0], m), __fmul_rn(v[i][1], m), __fmul_rn(v[i][2], m),
-                                             __fmul_rn(v[i][3], m));
-        const uint32_t hi = encode4<kFormat>(__fmul_rn(v[i][4], m), __fmul_rn(v[i][5], m), __fmul_rn(v[i][6], m),
-                                             __fmul_rn(v[i][7], m));
-        *reinterpret_cast<uint2*>(a.out + r * a.xc + c) = make_uint2(lo, hi);
+        *reinterpret_cast<uint2*>(a.out + r * a.xc + c) = encode8<kFormat>(v[i], m);
       }
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float m = col_mult[j];
-      words[8 * cg + j][q ^ (2 * cg)] = encode4<kFormat>(__fmul_rn(v[0][j], m), __fmul_rn(v[1][j], m),
-                                                         __fmul_rn(v[2][j], m), __fmul_rn(v[3][j], m));
-    }
+    for (int j = 0; j < 8; ++j) words[8 * cg + j][word_slot(q, cg)] = encode_column4<kFormat>(v, j, col_mult[j]);
   }
   __syncthreads();
   if (r0 + 4 * lane < a.xr)
     for (int col = warp; col < kTile && c0 + col < a.xc; col += kThreads / 32)
-      *reinterpret_cast<uint32_t*>(a.out_t + (c0 + col) * a.xr + r0 + 4 * lane) = words[col][lane ^ (2 * (col / 8))];
+      *reinterpret_cast<uint32_t*>(a.out_t + (c0 + col) * a.xr + r0 + 4 * lane) = words[col][word_slot(lane, col / 8)];
   if (!row) {
     if (blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) a.scale[0] = a.scale_t[0] = __fdiv_rn(1.0f, all);
     return;

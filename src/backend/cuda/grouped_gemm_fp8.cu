@@ -533,8 +533,7 @@ void wgrad_fp8(const uint8_t* dYt, DType dy_format, const uint8_t* Xt, const Fp8
 // their codes come straight from registers, without the f32 tile above (which ran at about
 // 1.2 TB/s): a thread reads four tokens x 8 columns, writes its straight codes to global memory
 // with the row multipliers, and its transposed codes to shared memory as one 32-bit word of four
-// tokens per column; then each warp stores whole columns of 128 tokens. Word q of column group
-// cg sits at q ^ 2 cg, which keeps both the writes and the reads free of bank conflicts.
+// tokens per column (word_slot's swizzle); then each warp stores whole columns of 128 tokens.
 constexpr int SCALED_COLS = 128;
 
 template <class T, int kFormat, bool kStraight>
@@ -577,23 +576,15 @@ __global__ void __launch_bounds__(256)
         const int r = 4 * q + i;
         if (r >= b.valid || !col_ok) continue;
         const float m = row_mode ? multiplier_of(__uint_as_float(straight.row_amax[b.t0 + r]), fmax) : expert_mult;
-        const uint32_t lo = encode4<kFormat>(__fmul_rn(v[i][0], m), __fmul_rn(v[i][1], m), __fmul_rn(v[i][2], m),
-                                             __fmul_rn(v[i][3], m));
-        const uint32_t hi = encode4<kFormat>(__fmul_rn(v[i][4], m), __fmul_rn(v[i][5], m), __fmul_rn(v[i][6], m),
-                                             __fmul_rn(v[i][7], m));
-        *reinterpret_cast<uint2*>(straight.out + (b.t0 + r) * C + c) = make_uint2(lo, hi);
+        *reinterpret_cast<uint2*>(straight.out + (b.t0 + r) * C + c) = encode8<kFormat>(v[i], m);
       }
     }
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float m = col_mult[j];
-      words[8 * cg + j][q ^ (2 * cg)] = encode4<kFormat>(__fmul_rn(v[0][j], m), __fmul_rn(v[1][j], m),
-                                                         __fmul_rn(v[2][j], m), __fmul_rn(v[3][j], m));
-    }
+    for (int j = 0; j < 8; ++j) words[8 * cg + j][word_slot(q, cg)] = encode_column4<kFormat>(v, j, col_mult[j]);
   }
   __syncthreads();
   for (int col = warp; col < SCALED_COLS && c0 + col < C; col += 8)
-    *reinterpret_cast<uint32_t*>(out + int64_t(c0 + col) * Rp + prow + 4 * lane) = words[col][lane ^ (2 * (col / 8))];
+    *reinterpret_cast<uint32_t*>(out + int64_t(c0 + col) * Rp + prow + 4 * lane) = words[col][word_slot(lane, col / 8)];
   const bool first_block = prow == padded[b.e];
   if (!row_mode) {
     if (first_block && blockIdx.x == 0 && tid == 0) scale[b.e] = __fdiv_rn(1.0f, expert_mult);
