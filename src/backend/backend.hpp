@@ -264,12 +264,15 @@ class Backend {
                         Tensor& counts, Tensor& offsets, Tensor& slot, Tensor& row_token,
                         DropOrder order = DropOrder::rank) = 0;
 
-  // Switch balance loss: bal[0] = coef * E * sum_e (routed[e] / (T*k)) * mean_t probs[t, e].
+  // Switch balance loss: bal[0] = coef * E * sum_e f_e * mean_t probs[t, e], with the routed
+  // fractions f_e = routed[e] / sum(routed) (sum(routed) is T*k for one rank's own routing;
+  // routed may hold a data-parallel group's counts, so f_e is the group's).
   virtual void balance_loss(const Tensor& probs, const Tensor& routed, float coef, Tensor& bal) = 0;
 
   // Router backward: from dgates [T, k] (loss gradient w.r.t. the renormalized gates) and the
   // balance loss (scaled by bal_grad_scale, its weight in the total loss, times coef), writes
-  // dlogits [T, E] f32. The top-k selection and the routed fractions are treated as constants.
+  // dlogits [T, E] f32. The top-k selection and the routed fractions (f_e as balance_loss
+  // reads them from routed) are treated as constants.
   virtual void router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& gates,
                           const Tensor& dgates, const Tensor& routed, float bal_coef,
                           float bal_grad_scale, Tensor& dlogits) = 0;

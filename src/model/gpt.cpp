@@ -149,6 +149,7 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
       l.topk = alloc0({n_, top_k_}, DType::i32);
       l.gates = alloc0({n_, top_k_}, stat_);
       l.routed = alloc0({experts_}, DType::i32);
+      l.routed_group = alloc0({experts_}, DType::i32);
       l.counts = alloc0({experts_}, DType::i32);
       l.offsets = alloc0({experts_ + 1}, DType::i32);
       l.slot = alloc0({n_ * top_k_}, DType::i32);
@@ -366,7 +367,11 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
   be_.router_topk(l.router_logits, int(top_k_), l.probs, l.topk, l.gates);
   be_.moe_plan(l.topk, int(experts_), int(capacity_), l.routed, l.counts, l.offsets, l.slot, l.row_token,
                drop_order_);
-  be_.balance_loss(l.probs, l.routed, bal_log_coef_, l.bal);
+  if (group_routing_) {  // the group's routing: f_e over every rank's assignments
+    be_.copy(l.routed, l.routed_group);
+    group_->all_reduce_sum(l.routed_group);
+  }
+  be_.balance_loss(l.probs, group_routing_ ? l.routed_group : l.routed, bal_log_coef_, l.bal);
   be_.moe_permute(xn, l.row_token, l.offsets, l.xp);
   lin_.expert_forward(fp8_experts_, l.xp, l.w_fc->compute, l.hp, l.offsets, l.xp_saved);
   be_.relu2_fwd(l.hp, l.ap);
@@ -459,7 +464,10 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
   lin_.expert_backward(fp8_experts_, dhp_, l.w_fc->compute, l.xp, l.xp_saved, dxp_, l.w_fc->grad, l.offsets);
   be_.fill(dxn, 0.0f);
   be_.moe_permute_bwd(dxp_, l.slot, dxn);
-  be_.router_bwd(l.probs, l.topk, l.gates, dgates_, l.routed, bal_loss_coef_, bal_scale_, dlogits_r_);
+  // With the group's routing f_e is the group's; bal_scale_ already carries 1 / world (P_e is a
+  // mean over the group's tokens), as it does for the mean of the ranks' own balance losses.
+  be_.router_bwd(l.probs, l.topk, l.gates, dgates_, group_routing_ ? l.routed_group : l.routed, bal_loss_coef_,
+                 bal_scale_, dlogits_r_);
   Tensor dl = dlogits_r_;
   if (act_ != stat_) {
     be_.copy(dlogits_r_, dlogits_r_act_);
@@ -481,8 +489,12 @@ void GptMoE::attention_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
   lin_.backward(fp8_dense_, tokens_by_features(dv_), l.wv->compute, l.xn1, dxn, l.wv->grad, 1.0f, LinearGemms::same_x);
 }
 
+void GptMoE::set_group(Communicator* group) { group_ = group; }
+
 void GptMoE::forward_backward(const Tensor& tokens, const Tensor& targets, float loss_scale, float bal_scale) {
   bal_scale_ = bal_scale;
+  // Evaluation forwards keep their routing local: the ranks need not evaluate in step.
+  group_routing_ = group_ != nullptr && group_->world() > 1 && experts_ > 0;
   forward(tokens);
   head_loss(targets, loss_scale, true);
   be_.sum(losses_, loss_sum_, true);
@@ -513,6 +525,7 @@ void GptMoE::forward_backward(const Tensor& tokens, const Tensor& targets, float
   if (lambdas) be_.axpby(1.0f, dx0_, 1.0f, dx_);  // x0 is layer 0's x_pre: both paths meet here
   be_.rmsnorm_bwd(emb_, rstd0_, dx_, dtmp_, false);
   be_.embedding_bwd(tokens, dtmp_, wte_->grad);
+  group_routing_ = false;
 }
 
 void GptMoE::forward_eval(const Tensor& tokens, const Tensor& targets) {

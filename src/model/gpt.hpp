@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "comm/communicator.hpp"
 #include "config/config.hpp"
 #include "model/linear_gemms.hpp"
 #include "model/params.hpp"
@@ -49,6 +50,13 @@ class GptMoE {
     return out;
   }
 
+  // Data parallel: the ranks of `group` train one model on their own rows. The balance loss then
+  // counts every rank's routing (each expert's routed assignments summed over the group before
+  // the loss and its router gradient), as one rank with the whole batch would; capacity drops
+  // stay each rank's own. Every rank calls forward_backward in step; nullptr (the default) is one
+  // rank. The group must outlive the model.
+  void set_group(Communicator* group);
+
   // Step accumulators: zero the gradients and statistics before the first micro-batch.
   void begin_step();
   // One micro-batch: forward, loss, backward; gradients accumulate into Param::grad.
@@ -80,6 +88,7 @@ class GptMoE {
     Tensor x_in, xn1, rstd1, q, k, v, qr, kr, rstd_q, rstd_k, att, lse, x_mid, xn2, rstd2;
     Tensor h, a;                                                   // dense or shared expert
     Tensor router_logits, probs, topk, gates, routed, counts, offsets, slot, row_token;
+    Tensor routed_group;  // routed summed over the data-parallel group (with set_group)
     Tensor xp, hp, ap, yp, bal;
     // With FP8 experts, the experts' inputs (xp, ap) as their weight gradients read them, kept
     // from the forward; xp and ap are then one buffer shared by all layers.
@@ -128,6 +137,8 @@ class GptMoE {
   Tensor emb_, rstd0_, x_out_, xf_, rstd_f_, logits_, losses_, loss_sum_, bal_sum_, load_acc_, kept_acc_, tmp1_;
   int64_t chunk_rows_ = 0;
   float bal_scale_ = 0;  // balance-loss weight of the micro-batch being differentiated
+  Communicator* group_ = nullptr;  // set_group; training forwards sum the routing over it
+  bool group_routing_ = false;     // inside forward_backward with a group of several ranks
   // Backward scratch, shared by all layers.
   Tensor dx_, dxn_, dxf_, dtmp_, datt_, dq_, dk_, dv_, dqraw_, dkraw_, dh_, da_;
   Tensor dyp_, dap_, dhp_, dxp_, dgates_, dlogits_r_, dlogits_r_act_;

@@ -275,6 +275,7 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
   }
   Backend& be = *backend;
   GptMoE& model = *model_ptr;
+  if (comm->world() > 1) model.set_group(comm.get());  // the balance loss over every rank's routing
   Optimizer& optimizer = *optimizer_ptr;
   const int64_t start_step = step;
 
@@ -347,7 +348,8 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
       const double lrm = lr_multiplier(cfg.train, step);
       // Data parallel: the loss is the mean over every rank's tokens, so each rank scales by the
       // global count, the gradients are summed over ranks before the update (which then agrees
-      // on every rank), and the balance loss is the mean of the ranks' own.
+      // on every rank), and the balance loss takes the group's routing (GptMoE::set_group): the
+      // mean of the ranks' logged values is the group's.
       if (world > 1) {
         std::vector<double> reduced = {double(valid)};
         Tensor t = borrow_host(reduced);

@@ -1,6 +1,7 @@
 // Data parallel on CPU ranks: `moelab train --nproc 2` (two ranks under mpiexec, each reading its
 // own rows, gradients summed over ranks before the update) trains the same model as one rank with
-// twice the batch: the same losses step by step, within f32 reduction-order tolerance, and one
+// twice the batch: the same losses and balance losses step by step (the balance loss over both
+// ranks' routing), within f32 reduction-order tolerance, and one
 // set of run-folder records (rank 0 writes, the other rank writes nothing); a two-rank run resumed
 // from a checkpoint logs the uninterrupted two-rank run's losses bit for bit. Skips where moelab
 // was built without MPI.
@@ -31,7 +32,7 @@ Config dp_config(const fs::path& dir) {
       test::write_words(dir, {"each", "rank", "reads", "its", "own", "rows", "and", "the", "gradients", "are", "summed"},
                         6000, 3, 5);
   Config c = test::tiny_byte_config(text);
-  c.moe.balance_coef = 0.0;  // the balance loss is each rank's own (nonlinear in the batch's routing)
+  c.moe.balance_coef = 0.05;  // over the group's routing, so it matches one rank's whole batch
   c.moe.dispatch = "dropless";
   c.train.steps = 6;
   c.train.eval_every = 3;
@@ -61,7 +62,7 @@ TEST(DataParallel, TwoRanksTrainAsOneRankWithTwiceTheBatch) {
   half.train.batch_size = 4;
   ASSERT_EQ(train_two_ranks(half, dir, "two"), 0) << "see " << (dir / "two.log").string();
 
-  for (const char* key : {"raw_loss"}) {
+  for (const char* key : {"raw_loss", "bal"}) {
     const std::vector<double> a = values(dir / "one", "step", key), b = values(dir / "two", "step", key);
     ASSERT_EQ(a.size(), 6u);
     ASSERT_EQ(b.size(), 6u) << "each step recorded once: only rank 0 writes";

@@ -201,7 +201,11 @@ __global__ void router_bwd_kernel(const float* probs, const int32_t* topk_idx, c
     S += p[topk_idx[int64_t(t) * k + j]];
     gdot += dgates[int64_t(t) * k + j] * gates[int64_t(t) * k + j];
   }
-  float bal_scale = bal_grad_scale * bal_coef * float(E) / (float(T) * float(T * k));
+  // f_e = routed[e] / sum(routed): the sum is T k for one rank's routing, and the group's total
+  // when routed sums a data-parallel group's (GptMoE::set_group), as the CPU reference reads it.
+  int total = 0;
+  for (int e = 0; e < E; ++e) total += routed[e];
+  float bal_scale = bal_grad_scale * bal_coef * float(E) / (float(T) * float(max(total, 1)));
   // dp[e] = balance term + gate term (if chosen); dlogit = p * (dp - <p, dp>)
   float pdp = 0.f;
   for (int e = 0; e < E; ++e) {
