@@ -8,8 +8,10 @@
 
 #include "cli/commands.hpp"
 #include "comm/communicator.hpp"
+#include "comm/rank_launcher.hpp"
 #include "core/error.hpp"
 #include "config/config.hpp"
+#include "train/run_files.hpp"
 #include "train/trainer.hpp"
 
 namespace moelab::cli {
@@ -18,24 +20,18 @@ namespace {
 
 // --nproc N: this command again as N ranks on this host, under mpiexec (as torchrun
 // --nproc_per_node does for PyTorch): the ranks read their place from mpiexec's environment, and
-// mpiexec takes the job down when one of them fails.
-[[noreturn]] void relaunch_as_ranks(int nproc, int argc, char** argv) {
+// mpiexec takes the job down when one of them fails. This process stays the job's parent, so a
+// failed job's run is marked failed with the rank that failed first named (rank_launcher.hpp).
+void train_as_ranks(int nproc, int argc, char** argv, const std::string& run_dir) {
   if (!built_with_mpi())
     throw Error("--nproc " + std::to_string(nproc) + " needs MPI: install libopenmpi-dev and openmpi-bin "
                 "(scripts/install-deps.sh does) and build again");
-  // Containers often run as root, which mpiexec refuses unless told; and forbid the shared-memory
-  // single copy it tries first.
-  if (geteuid() == 0) {
-    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 0);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 0);
-  }
-  setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 0);
-  // This binary by its real path (/proc/self/exe would name mpiexec itself once exec'd).
+  // This binary by its real path, and this command's arguments without --nproc.
   char self[4096];
   const ssize_t len = readlink("/proc/self/exe", self, sizeof(self) - 1);
   if (len <= 0) throw Error("--nproc: cannot find this program's path (/proc/self/exe)");
   self[len] = '\0';
-  std::vector<std::string> cmd = {"mpiexec", "-n", std::to_string(nproc), "--oversubscribe", self};
+  std::vector<std::string> rank_argv = {self};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--nproc") {
@@ -43,13 +39,17 @@ namespace {
       continue;
     }
     if (a.rfind("--nproc=", 0) == 0) continue;
-    cmd.push_back(a);
+    rank_argv.push_back(a);
   }
-  std::vector<char*> c_argv;
-  for (auto& a : cmd) c_argv.push_back(a.data());
-  c_argv.push_back(nullptr);
-  execvp(c_argv[0], c_argv.data());
-  throw Error(std::string("--nproc: cannot start mpiexec (") + std::strerror(errno) + "); is openmpi-bin installed?");
+  const RankJobResult job = run_rank_job(nproc, rank_argv);
+  if (job.exit_code == 0) return;
+  if (job.interrupted) throw CLI::RuntimeError(130);  // stopped by the user: rank 0 recorded it
+  const std::string cause = !job.failure.empty()
+                                ? job.failure
+                                : "the job of " + std::to_string(nproc) + " ranks failed (mpiexec exit status " +
+                                      std::to_string(job.exit_code) + ")";
+  mark_run_failed(run_dir, cause);
+  throw Error(cause + " (run folder " + run_dir + ")");
 }
 
 }  // namespace
@@ -92,7 +92,7 @@ void add_train_command(CLI::App& app, int argc, char** argv) {
     Config cfg = load_config(args->config);
     for (auto& s : args->sets) apply_override(cfg, s);
     validate_config(cfg);  // before the run folder exists: a bad config leaves nothing behind
-    if (args->nproc > 1 && launch_env().world == 1) relaunch_as_ranks(args->nproc, argc, argv);
+    if (args->nproc > 1 && launch_env().world == 1) return train_as_ranks(args->nproc, argc, argv, args->out);
     TrainOptions options;
     options.force = args->force;
     run_training(cfg, args->out, options);

@@ -12,6 +12,7 @@
 
 #include "core/atomic_file.hpp"
 #include "core/error.hpp"
+#include "core/folder_lock.hpp"
 
 namespace moelab {
 namespace fs = std::filesystem;
@@ -29,6 +30,22 @@ void write_status(const std::string& run_dir, const RunStatus& s) {
   j["peak_mem_mib"] = s.peak_mem_mib ? nlohmann::json(*s.peak_mem_mib) : nlohmann::json(nullptr);
   j["total_time_min"] = s.total_time_min ? nlohmann::json(*s.total_time_min) : nlohmann::json(nullptr);
   write_file_atomic(run_dir + "/status.json", j.dump(1) + "\n");
+}
+
+bool mark_run_failed(const std::string& run_dir, const std::string& cause) {
+  const fs::path path = fs::path(run_dir) / "status.json";
+  if (!fs::exists(path)) return false;
+  const std::optional<FolderLock> lock = FolderLock::try_acquire(run_dir);
+  if (!lock) return false;  // a writer still holds the folder: it records its own end
+  std::ifstream in(path);
+  nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+  if (j.is_discarded() || !j.is_object() || j.value("status", "") == "completed") return false;
+  const std::string before = j.value("error", "");
+  j["status"] = "failed";
+  j["error"] = before.empty() ? cause : cause + "; " + before;
+  j["updated_at"] = utc_timestamp();
+  write_file_atomic(path.string(), j.dump(1) + "\n");
+  return true;
 }
 
 MetricsLog::MetricsLog(const std::string& run_dir, int64_t keep_before_step) {

@@ -22,6 +22,11 @@ struct RunStatus {
   std::optional<double> peak_mem_mib, total_time_min;
 };
 void write_status(const std::string& run_dir, const RunStatus& s);
+// After the writer is gone (a data-parallel job that died under its launcher): marks the run in
+// run_dir failed with `cause` first in its error, keeping the rest of status.json. Leaves a
+// completed run, a folder without status.json, or one locked by a live writer alone; returns
+// whether it wrote.
+bool mark_run_failed(const std::string& run_dir, const std::string& cause);
 
 class MetricsLog {
  public:

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "comm/communicator.hpp"
+#include "comm/rank_launcher.hpp"
 #include "core/error.hpp"
 
 namespace moelab {
@@ -83,6 +84,19 @@ TEST(SingleProcessCommunicator, ALargerJobNeedsItsLauncher) {
   env.rank = 1;
   env.launcher = "torchrun";
   EXPECT_THROW(make_communicator(env), Error);  // CPU ranks run on MPI: mpirun
+}
+
+// What the supervising launcher reads from a job's error output: a rank's own error as the
+// trainer words it, and Open MPI's notice of a rank that died; other lines say nothing.
+TEST(RankLauncher, ReadsWhichRankFailed) {
+  EXPECT_EQ(rank_failure_in("moelab: error: rank 1 of 2: data: the corpus is empty"),
+            "rank 1 of 2 failed: data: the corpus is empty");
+  EXPECT_EQ(rank_failure_in("mpiexec noticed that process rank 3 with PID 0 on node vm exited on signal 9 (Killed)."),
+            "rank 3 died on signal 9 (Killed)");
+  EXPECT_EQ(rank_failure_in("mpiexec noticed that process rank 0 with PID 4242 on node gpu-7 exited on signal 11"),
+            "rank 0 died on signal 11");
+  EXPECT_EQ(rank_failure_in("step 00003/02000 (0.15%) | loss: 8.210512 | bal: 0.0401 | lrm: 1.00"), std::nullopt);
+  EXPECT_EQ(rank_failure_in("Primary job  terminated normally, but 1 process returned"), std::nullopt);
 }
 
 }  // namespace

@@ -7,6 +7,11 @@
 // was built without MPI.
 #include <gtest/gtest.h>
 
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -93,6 +98,71 @@ TEST(DataParallel, ResumedTwoRankRunLogsTheUninterruptedLosses) {
   ASSERT_EQ(a.size(), 6u);
   ASSERT_EQ(b.size(), 6u);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(b[i], a[i]) << "step " << i;
+  fs::remove_all(dir);
+}
+
+// The ranks of this machine whose command line names `needle` and whose environment says
+// OMPI_COMM_WORLD_RANK=rank (read from /proc).
+std::vector<pid_t> rank_processes(const std::string& needle, int rank) {
+  std::vector<pid_t> out;
+  const std::string want = "OMPI_COMM_WORLD_RANK=" + std::to_string(rank);
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.empty() || !std::all_of(name.begin(), name.end(), ::isdigit)) continue;
+    std::ifstream cmd(e.path() / "cmdline"), env(e.path() / "environ");
+    const std::string c((std::istreambuf_iterator<char>(cmd)), {}), v((std::istreambuf_iterator<char>(env)), {});
+    if (c.find(needle) == std::string::npos) continue;
+    size_t pos = 0;
+    for (size_t end; (end = v.find('\0', pos)) != std::string::npos; pos = end + 1)
+      if (v.compare(pos, end - pos, want) == 0) out.push_back(pid_t(std::stoi(name)));
+  }
+  return out;
+}
+
+// A rank that dies (SIGKILL, so it cannot say so itself) takes the job down, and the launcher
+// marks the run failed naming that rank: before, rank 0 was killed waiting for it in a collective
+// and the run stayed "running".
+TEST(DataParallel, ARankThatDiesFailsTheRunNamingIt) {
+  if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
+  const fs::path dir = test::fresh_dir("dpdies");
+  Config c = dp_config(dir);
+  c.train.steps = 100000;  // long enough to be killed mid-run
+  c.train.eval_every = 0;
+  std::ofstream(dir / "job.toml") << config_to_toml(c);
+  const std::string out = (dir / "run").string();
+  const std::string cmd = std::string(MOELAB_BINARY) + " train --config " + (dir / "job.toml").string() + " --out " +
+                          out + " --nproc 2 > " + (dir / "job.log").string() + " 2>&1";
+  const pid_t job = fork();
+  ASSERT_GE(job, 0);
+  if (job == 0) {
+    execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  // Wait for training to be under way, then kill rank 1.
+  std::vector<pid_t> victims;
+  for (int i = 0; i < 600 && victims.empty(); ++i) {
+    size_t steps = 0;
+    try {
+      steps = test::read_events(out, "step").size();
+    } catch (const std::exception&) {  // a line being written
+    }
+    if (steps >= 2) victims = rank_processes(out, 1);
+    if (victims.empty()) usleep(100 * 1000);
+  }
+  ASSERT_EQ(victims.size(), 1u) << "rank 1 of the job not found; see " << (dir / "job.log").string();
+  ASSERT_EQ(kill(victims[0], SIGKILL), 0);
+  int status = 0;
+  pid_t done = 0;
+  for (int i = 0; i < 600 && done == 0; ++i) {
+    done = waitpid(job, &status, WNOHANG);
+    if (done == 0) usleep(100 * 1000);
+  }
+  if (done == 0) kill(job, SIGKILL);
+  ASSERT_EQ(done, job) << "the job did not end within 60 s of its rank 1 dying";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1) << "exit status " << status;
+  const auto st = test::read_status(out);
+  EXPECT_EQ(st["status"], "failed");
+  EXPECT_NE(st["error"].get<std::string>().find("rank 1 died on signal 9"), std::string::npos) << st.dump();
   fs::remove_all(dir);
 }
 
