@@ -36,6 +36,16 @@ class SingleProcess final : public Communicator {
   void reduce_scatter_sum(const Tensor& in, Tensor& out) override { copy_chunk(in, out, "reduce_scatter_sum"); }
   void all_gather(const Tensor& in, Tensor& out) override { copy_chunk(out, in, "all_gather", true); }
   void all_to_all(const Tensor& in, Tensor& out) override { copy_chunk(in, out, "all_to_all"); }
+  void all_to_all_v(const Tensor& in, const std::vector<int64_t>& send, Tensor& out,
+                    const std::vector<int64_t>& recv) override {
+    if (send.size() != 1 || recv.size() != 1 || send[0] != recv[0] || send[0] > in.numel() || recv[0] > out.numel() ||
+        in.dtype != out.dtype)
+      throw Error("communicator all_to_all_v: one rank sends itself its one chunk (counts " + std::to_string(send.size()) +
+                  ", " + std::to_string(recv.size()) + ")");
+    if (in.device != Device::cpu || out.device != Device::cpu)
+      throw Error("communicator all_to_all_v: the single-process communicator takes host tensors");
+    std::memmove(out.data, in.data, size_t(send[0]) * dtype_size(in.dtype));
+  }
   void broadcast(Tensor&, int root) override {
     if (root != 0) throw Error("communicator broadcast: root " + std::to_string(root) + " of a one-rank job");
   }

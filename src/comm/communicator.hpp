@@ -10,6 +10,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/tensor.hpp"
 
@@ -30,6 +31,11 @@ class Communicator {
   virtual void all_gather(const Tensor& in, Tensor& out) = 0;
   // in and out are world equal chunks: chunk s of rank r's out is chunk r of rank s's in.
   virtual void all_to_all(const Tensor& in, Tensor& out) = 0;
+  // The same with chunks of their own sizes (in elements, one per rank, chunks back to back from
+  // the start): rank r's send[s] elements for rank s land as chunk r of rank s's out, whose
+  // recv[r] must match. Expert parallelism moves each expert's rows this way.
+  virtual void all_to_all_v(const Tensor& in, const std::vector<int64_t>& send, Tensor& out,
+                            const std::vector<int64_t>& recv) = 0;
   // Every rank's t becomes root's t.
   virtual void broadcast(Tensor& t, int root) = 0;
   virtual void barrier() = 0;

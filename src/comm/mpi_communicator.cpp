@@ -83,6 +83,24 @@ class Mpi final : public Communicator {
     const int n = int(in.numel() / world_);
     mpi_check(MPI_Alltoall(in.data, n, t, out.data, n, t, MPI_COMM_WORLD), "all_to_all");
   }
+  void all_to_all_v(const Tensor& in, const std::vector<int64_t>& send, Tensor& out,
+                    const std::vector<int64_t>& recv) override {
+    if (int(send.size()) != world_ || int(recv.size()) != world_ || in.dtype != out.dtype)
+      throw Error("mpi all_to_all_v: one send and one receive count per rank (" + std::to_string(world_) + ")");
+    const size_t n = static_cast<size_t>(world_);
+    std::vector<int> sc(n), sd(n), rc(n), rd(n);
+    int64_t so = 0, ro = 0;
+    for (int r = 0; r < world_; ++r) {
+      sc[size_t(r)] = int(send[size_t(r)]), sd[size_t(r)] = int(so), so += send[size_t(r)];
+      rc[size_t(r)] = int(recv[size_t(r)]), rd[size_t(r)] = int(ro), ro += recv[size_t(r)];
+    }
+    if (so > in.numel() || ro > out.numel())
+      throw Error("mpi all_to_all_v: " + std::to_string(so) + " elements to send from " + in.describe() + ", " +
+                  std::to_string(ro) + " to receive into " + out.describe());
+    const MPI_Datatype t = mpi_type(in, "all_to_all_v");
+    mpi_check(MPI_Alltoallv(in.data, sc.data(), sd.data(), t, out.data, rc.data(), rd.data(), t, MPI_COMM_WORLD),
+              "all_to_all_v");
+  }
   void broadcast(Tensor& t, int root) override {
     if (root < 0 || root >= world_) throw Error("mpi broadcast: root " + std::to_string(root) + " of " + std::to_string(world_) + " ranks");
     mpi_check(MPI_Bcast(t.data, int(t.numel()), mpi_type(t, "broadcast"), root, MPI_COMM_WORLD), "broadcast");

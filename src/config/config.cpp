@@ -119,6 +119,8 @@ const std::vector<Key>& keys() {
       {"fp8.head", Kind::boolean, "precision = fp8: lm_head in FP8 too", member(&Config::fp8, &Fp8Config::head)},
       {"fp8.grad_format", Kind::text, "precision = fp8: format of gradient operands in the backward: e5m2 | e4m3", member(&Config::fp8, &Fp8Config::grad_format)},
 
+      {"parallel.expert", Kind::integer, "expert parallel: ranks that split each MoE layer's experts (moe.experts / P each; CPU ranks, P = the job's ranks); 1 = every rank holds every expert", member(&Config::parallel, &ParallelConfig::expert)},
+
       {"data.source", Kind::text, "bytes (raw bytes, vocab 256) | shards (data.dir) | corpus (BPE of the embedded corpus, built and cached on first use)", member(&Config::data, &DataConfig::source)},
       {"data.text", Kind::text, "bytes mode: text file; \"\" = embedded default corpus", member(&Config::data, &DataConfig::text)},
       {"data.dir", Kind::text, "shards mode: folder from `moelab data prepare`; corpus mode: cache folder (\"\" = ~/.cache/moelab/...)", member(&Config::data, &DataConfig::dir)},
@@ -420,6 +422,18 @@ void validate_config(const Config& c) {
     invalid("fp8.recipe", "= \"" + c.fp8.recipe + "\" is not an FP8 recipe", "use tensorwise, rowwise or blockwise");
   if (c.fp8.layers != "dense" && c.fp8.layers != "experts" && c.fp8.layers != "all")
     invalid("fp8.layers", "= \"" + c.fp8.layers + "\" is not a layer set", "use dense, experts or all");
+  if (c.parallel.expert < 1) invalid("parallel.expert", "= " + std::to_string(c.parallel.expert) + " is below 1", "use 1 (no expert parallelism) or the number of ranks");
+  if (c.parallel.expert > 1) {
+    const std::string p = "= " + std::to_string(c.parallel.expert);
+    if (c.moe.experts == 0 || c.moe.experts % c.parallel.expert != 0)
+      invalid("parallel.expert", p + " does not divide moe.experts = " + std::to_string(c.moe.experts),
+              "use a divisor of moe.experts");
+    if (c.precision == "fp8" && c.fp8.expert_layers())
+      invalid("parallel.expert", p + " with FP8 experts is not built yet", "set fp8.layers = \"dense\" or parallel.expert = 1");
+    if (c.train.checkpoint_every > 0 || c.train.save_final || !c.train.resume.empty())
+      invalid("parallel.expert", p + ": checkpoints of expert-parallel runs (each rank holds other experts) are not built yet",
+              "set train.checkpoint_every = 0, train.save_final = false and no train.resume, or parallel.expert = 1");
+  }
   if (c.fp8.grad_format != "e5m2" && c.fp8.grad_format != "e4m3")
     invalid("fp8.grad_format", "= \"" + c.fp8.grad_format + "\" is not an FP8 format", "use e5m2 or e4m3");
   if (c.precision == "fp8" && c.fp8.expert_layers()) {

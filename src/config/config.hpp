@@ -120,6 +120,13 @@ struct Fp8Config {
   bool expert_layers() const { return layers == "experts" || layers == "all"; }
 };
 
+// How the ranks of a multi-process job split the model.
+struct ParallelConfig {
+  // Expert parallel: P ranks each hold moe.experts / P experts of every MoE layer, and tokens go
+  // to their experts' ranks and back by all-to-all. 1: every rank holds every expert.
+  int64_t expert = 1;
+};
+
 struct Config {
   ModelConfig model;
   MoEConfig moe;
@@ -127,6 +134,7 @@ struct Config {
   OptimConfig optim;
   DataConfig data;
   Fp8Config fp8;
+  ParallelConfig parallel;
   std::string device = "auto";     // auto | cpu | cuda
   // auto (f32 on cpu, bf16 on cuda) | f32 | bf16 | fp8 (the [fp8] recipe's GEMMs in FP8, the rest
   // as auto; on the CPU the FP8 GEMMs are emulated exactly)

@@ -70,5 +70,12 @@ inline Tensor borrow_host(std::vector<double>& v) {
   t.shape = {int64_t(v.size())};
   return t;
 }
+inline Tensor borrow_host(std::vector<int32_t>& v) {
+  Tensor t;
+  t.data = v.data();
+  t.dtype = DType::i32;
+  t.shape = {int64_t(v.size())};
+  return t;
+}
 
 }  // namespace moelab

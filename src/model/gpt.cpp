@@ -27,7 +27,9 @@ double read_scalar(Backend& be, const Tensor& t) {
 
 }  // namespace
 
-GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_len)
+GptMoE::~GptMoE() = default;
+
+GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_len, Communicator* expert_group)
     : be_(backend), cfg_(cfg), lin_(backend, cfg), rows_(rows), seq_len_(seq_len), n_(rows * seq_len) {
   validate_config(cfg_);
   fp8_dense_ = lin_.fp8_enabled() && cfg_.fp8.dense_layers();
@@ -40,6 +42,16 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   kv_heads_ = m.kv_heads_resolved();
   experts_ = cfg_.moe.enabled() ? cfg_.moe.experts : 0;
   top_k_ = experts_ ? cfg_.moe.top_k : 0;
+  if (expert_group && expert_group->world() > 1 && experts_ > 0) {
+    if (be_.device() != Device::cpu)
+      throw Error("expert parallel runs on CPU ranks for now: set device = \"cpu\" (GPU ranks need NCCL)");
+    if (experts_ % expert_group->world() != 0)
+      throw Error("parallel.expert: " + std::to_string(experts_) + " experts do not split over " +
+                  std::to_string(expert_group->world()) + " ranks");
+    expert_group_ = expert_group;
+  }
+  experts_local_ = expert_group_ ? experts_ / expert_group_->world() : experts_;
+  expert_first_ = expert_group_ ? expert_group_->rank() * experts_local_ : 0;
   capacity_ = cfg_.expert_capacity(n_);
   rows_max_ = experts_ ? (capacity_ > 0 ? std::min(n_ * top_k_, experts_ * capacity_) : n_ * top_k_) : 0;
   act_ = be_.act_dtype();
@@ -74,8 +86,8 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
     if (has_value_embedding(i)) add_param(p + "attn.ve_gate.weight", ParamGroup::matrix, {kv_heads_, gate_channels});
     if (moe_mask[size_t(i)]) {
       add_param(p + "mlp.router.weight", ParamGroup::matrix, {experts_, D});
-      add_param(p + "mlp.experts.w_fc", ParamGroup::matrix, {experts_, He, D});
-      add_param(p + "mlp.experts.w_proj", ParamGroup::matrix, {experts_, D, He});
+      add_param(p + "mlp.experts.w_fc", ParamGroup::matrix, {experts_local_, He, D});
+      add_param(p + "mlp.experts.w_proj", ParamGroup::matrix, {experts_local_, D, He});
       if (shared) {
         add_param(p + "mlp.shared.c_fc.weight", ParamGroup::matrix, {Hs, D});
         add_param(p + "mlp.shared.c_proj.weight", ParamGroup::matrix, {D, Hs});
@@ -171,6 +183,16 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
       l.hp = alloc0({rows_max_, He}, act_);
       l.yp = alloc0({rows_max_, D}, act_);
       l.bal = alloc0({1}, stat_);
+      if (expert_group_) {
+        // Every rank's rows may come to this rank's experts.
+        const int64_t local_rows = rows_max_ * expert_group_->world();
+        l.exchange = std::make_unique<ExpertExchange>(*expert_group_, int(experts_));
+        l.offsets_local = alloc0({experts_local_ + 1}, DType::i32);
+        l.xp_local = alloc0({local_rows, D}, act_);
+        l.hp_local = alloc0({local_rows, He}, act_);
+        l.ap_local = alloc0({local_rows, He}, act_);
+        l.yp_local = alloc0({local_rows, D}, act_);
+      }
       if (shared) {
         l.sh_fc = &params_.get(p + "mlp.shared.c_fc.weight");
         l.sh_proj = &params_.get(p + "mlp.shared.c_proj.weight");
@@ -237,6 +259,14 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
     dap_ = alloc0({rows_max_, He}, act_);
     dhp_ = alloc0({rows_max_, He}, act_);
     dxp_ = alloc0({rows_max_, D}, act_);
+    if (expert_group_) {
+      const int64_t local_rows = rows_max_ * expert_group_->world();
+      ep_stage_ = alloc0({local_rows * std::max(D, He)}, act_);
+      dyp_local_ = alloc0({local_rows, D}, act_);
+      dap_local_ = alloc0({local_rows, He}, act_);
+      dhp_local_ = alloc0({local_rows, He}, act_);
+      dxp_local_ = alloc0({local_rows, D}, act_);
+    }
     dgates_ = alloc0({n_, top_k_}, stat_);
     dlogits_r_ = alloc0({n_, experts_}, stat_);
     if (act_ != stat_) dlogits_r_act_ = alloc0({n_, experts_}, act_);
@@ -293,6 +323,7 @@ void GptMoE::place_params() {
     a.compute = act_ == master ? a.value : be_.alloc({total, 1}, act_);
     be_.fill(a.value, 0.0f);
     be_.fill(a.grad, 0.0f);
+    a.rank_own = expert_group_ && kind.front()->name.find("mlp.experts.") != std::string::npos;
     for (size_t i = 0; i < kind.size(); ++i) {
       Param& p = *kind[i];
       const Shape shape = p.value.shape;
@@ -310,7 +341,10 @@ void GptMoE::init_weights(uint64_t seed, bool all_random) {
   uint64_t stream = 0;
   for (auto& p : params_.params) {
     Rng rng(seed, ++stream);
-    std::vector<float> v(size_t(p.value.numel()));
+    // An expert-parallel rank draws the whole stack, as one rank would, and keeps its experts.
+    const bool shard = expert_group_ && p.name.find("mlp.experts.") != std::string::npos;
+    const int64_t per_expert = shard ? p.value.numel() / experts_local_ : 0;
+    std::vector<float> v(size_t(shard ? per_expert * experts_ : p.value.numel()));
     const bool is_proj = p.name.ends_with("c_proj.weight") || p.name.ends_with("w_proj");
     if (p.name == "resid_lambdas" || p.name == "x0_lambdas") {
       // nanochat: 1.0 (plain residual) and 0.1 (a weak skip to x0); spread for gradient checks.
@@ -333,6 +367,8 @@ void GptMoE::init_weights(uint64_t seed, bool all_random) {
       double bound = is_proj ? std::sqrt(3.0 / double(p.value.dim(-1))) : s;
       for (auto& x : v) x = float((2.0 * rng.uniform() - 1.0) * bound);
     }
+    if (shard)
+      v = std::vector<float>(v.begin() + expert_first_ * per_expert, v.begin() + (expert_first_ + experts_local_) * per_expert);
     be_.write(p.value, v);
   }
   refresh_compute_weights();
@@ -373,9 +409,22 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
   }
   be_.balance_loss(l.probs, group_routing_ ? l.routed_group : l.routed, bal_log_coef_, l.bal);
   be_.moe_permute(xn, l.row_token, l.offsets, l.xp);
-  lin_.expert_forward(fp8_experts_, l.xp, l.w_fc->compute, l.hp, l.offsets, l.xp_saved);
-  be_.relu2_fwd(l.hp, l.ap);
-  lin_.expert_forward(fp8_experts_, l.ap, l.w_proj->compute, l.yp, l.offsets, l.ap_saved);
+  if (l.exchange) {  // this rank's experts over every rank's rows for them, then back
+    ExpertExchange& ex = *l.exchange;
+    ex.plan(be_.read_i32(l.offsets));
+    be_.write_i32(l.offsets_local, ex.local_offsets());
+    ex.dispatch(l.xp, l.xp_local, ep_stage_);
+    const int64_t R = ex.received_rows();
+    lin_.expert_forward(false, l.xp_local, l.w_fc->compute, l.hp_local, l.offsets_local, l.xp_saved);
+    Tensor h = l.hp_local.rows_slice(0, R), a = l.ap_local.rows_slice(0, R);
+    be_.relu2_fwd(h, a);
+    lin_.expert_forward(false, l.ap_local, l.w_proj->compute, l.yp_local, l.offsets_local, l.ap_saved);
+    ex.gather(l.yp_local, l.yp, ep_stage_);
+  } else {
+    lin_.expert_forward(fp8_experts_, l.xp, l.w_fc->compute, l.hp, l.offsets, l.xp_saved);
+    be_.relu2_fwd(l.hp, l.ap);
+    lin_.expert_forward(fp8_experts_, l.ap, l.w_proj->compute, l.yp, l.offsets, l.ap_saved);
+  }
   be_.moe_combine(l.yp, l.slot, l.gates, out, true);
   if (l.sh_fc) dense_forward(*l.sh_fc, *l.sh_proj, xn, l.h, l.a, out, true);
 }
@@ -459,9 +508,22 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
     return;
   }
   be_.moe_combine_bwd(dy, l.yp, l.slot, l.gates, dyp_, dgates_);
-  lin_.expert_backward(fp8_experts_, dyp_, l.w_proj->compute, l.ap, l.ap_saved, dap_, l.w_proj->grad, l.offsets);
-  be_.relu2_bwd(l.hp, dap_, dhp_);
-  lin_.expert_backward(fp8_experts_, dhp_, l.w_fc->compute, l.xp, l.xp_saved, dxp_, l.w_fc->grad, l.offsets);
+  if (l.exchange) {  // the rows' gradients to the experts' ranks, the inputs' gradients back
+    ExpertExchange& ex = *l.exchange;
+    const int64_t R = ex.received_rows();
+    ex.dispatch(dyp_, dyp_local_, ep_stage_);
+    lin_.expert_backward(false, dyp_local_, l.w_proj->compute, l.ap_local, l.ap_saved, dap_local_, l.w_proj->grad,
+                         l.offsets_local);
+    Tensor h = l.hp_local.rows_slice(0, R), da = dap_local_.rows_slice(0, R), dh = dhp_local_.rows_slice(0, R);
+    be_.relu2_bwd(h, da, dh);
+    lin_.expert_backward(false, dhp_local_, l.w_fc->compute, l.xp_local, l.xp_saved, dxp_local_, l.w_fc->grad,
+                         l.offsets_local);
+    ex.gather(dxp_local_, dxp_, ep_stage_);
+  } else {
+    lin_.expert_backward(fp8_experts_, dyp_, l.w_proj->compute, l.ap, l.ap_saved, dap_, l.w_proj->grad, l.offsets);
+    be_.relu2_bwd(l.hp, dap_, dhp_);
+    lin_.expert_backward(fp8_experts_, dhp_, l.w_fc->compute, l.xp, l.xp_saved, dxp_, l.w_fc->grad, l.offsets);
+  }
   be_.fill(dxn, 0.0f);
   be_.moe_permute_bwd(dxp_, l.slot, dxn);
   // With the group's routing f_e is the group's; bal_scale_ already carries 1 / world (P_e is a

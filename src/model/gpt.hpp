@@ -8,11 +8,13 @@
 // expert loads, drops) accumulate in device tensors and are read once, after the step.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "backend/backend.hpp"
 #include "comm/communicator.hpp"
 #include "config/config.hpp"
+#include "model/expert_exchange.hpp"
 #include "model/linear_gemms.hpp"
 #include "model/params.hpp"
 
@@ -30,8 +32,12 @@ struct StepStats {
 
 class GptMoE {
  public:
-  // Plans every buffer for micro-batches of `rows` sequences of `seq_len` tokens.
-  GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_len);
+  // Plans every buffer for micro-batches of `rows` sequences of `seq_len` tokens. With an
+  // expert-parallel group (parallel.expert = its ranks, CPU ranks), this rank holds only its
+  // share of every MoE layer's experts and exchanges token rows with the others (ExpertExchange);
+  // the group must outlive the model, and every rank calls every forward in step.
+  GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_len, Communicator* expert_group = nullptr);
+  ~GptMoE();
 
   ParamTable& params() { return params_; }
   const Config& config() const { return cfg_; }
@@ -42,11 +48,13 @@ class GptMoE {
   void init_weights(uint64_t seed, bool all_random = false);
   // Copy master weights into their compute copies (after init, load or an optimizer step).
   void refresh_compute_weights();
-  // The gradient arenas (master dtype), every parameter's gradient in a few flat buffers: what
-  // data parallelism sums over ranks before the update.
+  // The gradient arenas (master dtype) of the parameters every rank holds alike, every such
+  // gradient in a few flat buffers: what data parallelism sums over ranks before the update. An
+  // expert-parallel rank's own experts are not among them (no other rank holds them).
   std::vector<Tensor> gradient_arenas() {
     std::vector<Tensor> out;
-    for (auto& a : arenas_) out.push_back(a.grad);
+    for (auto& a : arenas_)
+      if (!a.rank_own) out.push_back(a.grad);
     return out;
   }
 
@@ -89,6 +97,9 @@ class GptMoE {
     Tensor h, a;                                                   // dense or shared expert
     Tensor router_logits, probs, topk, gates, routed, counts, offsets, slot, row_token;
     Tensor routed_group;  // routed summed over the data-parallel group (with set_group)
+    // Expert parallel: the exchange, and this rank's experts' rows (by local expert).
+    std::unique_ptr<ExpertExchange> exchange;
+    Tensor offsets_local, xp_local, hp_local, ap_local, yp_local;
     Tensor xp, hp, ap, yp, bal;
     // With FP8 experts, the experts' inputs (xp, ap) as their weight gradients read them, kept
     // from the forward; xp and ap are then one buffer shared by all layers.
@@ -125,6 +136,7 @@ class GptMoE {
   ParamTable params_;
   struct ParamArena {
     Tensor value, grad, compute;  // [elements, 1]; compute aliases value when act == master dtype
+    bool rank_own = false;        // this rank's expert-parallel share of the experts
   };
   std::vector<ParamArena> arenas_;
   Param *wte_ = nullptr, *head_ = nullptr;
@@ -138,6 +150,9 @@ class GptMoE {
   int64_t chunk_rows_ = 0;
   float bal_scale_ = 0;  // balance-loss weight of the micro-batch being differentiated
   Communicator* group_ = nullptr;  // set_group; training forwards sum the routing over it
+  Communicator* expert_group_ = nullptr;  // expert parallel over its ranks
+  int64_t experts_local_ = 0, expert_first_ = 0;  // this rank's experts: [first, first + local)
+  Tensor ep_stage_, dyp_local_, dap_local_, dhp_local_, dxp_local_;  // expert-parallel scratch
   bool group_routing_ = false;     // inside forward_backward with a group of several ranks
   // Backward scratch, shared by all layers.
   Tensor dx_, dxn_, dxf_, dtmp_, datt_, dq_, dk_, dv_, dqraw_, dkraw_, dh_, da_;

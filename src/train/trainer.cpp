@@ -219,7 +219,12 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
     if (loader->vocab() > cfg.model.vocab)
       throw Error("model.vocab = " + std::to_string(cfg.model.vocab) + " is smaller than the data's vocabulary (" +
                   std::to_string(loader->vocab()) + " ids, " + loader->describe() + "); raise model.vocab");
-    model_ptr = std::make_unique<GptMoE>(*backend, cfg, cfg.train.batch_size, cfg.train.seq_len);
+    if (cfg.parallel.expert > 1 && cfg.parallel.expert != comm->world())
+      throw Error("parallel.expert = " + std::to_string(cfg.parallel.expert) + " needs as many ranks, this job has " +
+                  std::to_string(comm->world()) + ": run with --nproc " + std::to_string(cfg.parallel.expert) +
+                  " (expert groups smaller than the job are not built yet)");
+    model_ptr = std::make_unique<GptMoE>(*backend, cfg, cfg.train.batch_size, cfg.train.seq_len,
+                                         cfg.parallel.expert > 1 ? comm.get() : nullptr);
     model_ptr->init_weights(uint64_t(cfg.train.seed));
     optimizer_ptr = std::make_unique<Optimizer>(*backend, model_ptr->params(), cfg);
 

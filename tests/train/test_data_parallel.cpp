@@ -101,6 +101,35 @@ TEST(DataParallel, ResumedTwoRankRunLogsTheUninterruptedLosses) {
   fs::remove_all(dir);
 }
 
+// Expert parallel on CPU ranks: two ranks, each holding two of the four experts of every MoE
+// layer and reading its own rows, train as one rank holding all four with twice the batch (the
+// token rows go to their experts' ranks and back by all-to-all): the same losses, balance losses
+// and validation losses within f32 reduction-order tolerance.
+TEST(ExpertParallel, TwoRanksSplittingTheExpertsTrainAsOneRank) {
+  if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
+  const fs::path dir = test::fresh_dir("ep");
+  Config c = dp_config(dir);
+  ASSERT_EQ(c.moe.experts, 4);
+  run_training(c, (dir / "one").string());
+
+  Config ep = c;
+  ep.train.batch_size = 4;
+  ep.parallel.expert = 2;
+  ASSERT_EQ(train_two_ranks(ep, dir, "ep"), 0) << "see " << (dir / "ep.log").string();
+
+  for (const char* key : {"raw_loss", "bal"}) {
+    const std::vector<double> a = values(dir / "one", "step", key), b = values(dir / "ep", "step", key);
+    ASSERT_EQ(a.size(), 6u);
+    ASSERT_EQ(b.size(), 6u);
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(b[i], a[i], 1e-5 * std::fabs(a[i])) << key << " at step " << i;
+  }
+  const std::vector<double> va = values(dir / "one", "val", "val_loss"), vb = values(dir / "ep", "val", "val_loss");
+  ASSERT_EQ(va.size(), vb.size());
+  for (size_t i = 0; i < va.size(); ++i) EXPECT_NEAR(vb[i], va[i], 1e-5 * std::fabs(va[i])) << "validation " << i;
+  EXPECT_EQ(test::read_status(dir / "ep")["status"], "completed");
+  fs::remove_all(dir);
+}
+
 // The ranks of this machine whose command line names `needle` and whose environment says
 // OMPI_COMM_WORLD_RANK=rank (read from /proc).
 std::vector<pid_t> rank_processes(const std::string& needle, int rank) {
