@@ -70,6 +70,10 @@ TEST(SingleProcessCommunicator, CollectivesOfOneRank) {
   b.assign(3, 0.0f);
   comm->all_to_all(ta, tb);
   EXPECT_EQ(b, a);
+  b.assign(3, 0.0f);
+  comm->all_to_all_v(ta, {2}, tb, {2});
+  EXPECT_EQ(b, (std::vector<float>{1, -2, 0}));
+  EXPECT_THROW(comm->all_to_all_v(ta, {2}, tb, {3}), Error);
   comm->broadcast(ta, 0);
   EXPECT_THROW(comm->broadcast(ta, 1), Error);
   std::vector<float> small(2);

@@ -53,6 +53,24 @@ int main() {
     comm->all_to_all(ts, tr);
     for (int s = 0; s < w; ++s)
       for (size_t i = 0; i < n; ++i) expect(recv[size_t(s) * n + i] == float(s * 1000 + r), "all_to_all");
+    // all_to_all_v: rank q sends rank c (c + 1) * (q + 1) values q * 1000 + c, so every pair's
+    // count differs; chunk s of rank r's out holds rank s's values for r.
+    const size_t ranks = static_cast<size_t>(w);
+    std::vector<int64_t> vs(ranks), vr(ranks);
+    std::vector<float> vsend, vrecv;
+    for (int c = 0; c < w; ++c) {
+      vs[size_t(c)] = int64_t(c + 1) * (r + 1);
+      vsend.insert(vsend.end(), size_t(vs[size_t(c)]), float(r * 1000 + c));
+    }
+    for (int q = 0; q < w; ++q) vr[size_t(q)] = int64_t(r + 1) * (q + 1);
+    int64_t vtotal = 0;
+    for (int64_t x : vr) vtotal += x;
+    vrecv.assign(size_t(vtotal), -1.0f);
+    Tensor tvs = borrow_host(vsend), tvr = borrow_host(vrecv);
+    comm->all_to_all_v(tvs, vs, tvr, vr);
+    size_t at = 0;
+    for (int q = 0; q < w; ++q)
+      for (int64_t i = 0; i < vr[size_t(q)]; ++i) expect(vrecv[at++] == float(q * 1000 + r), "all_to_all_v");
     // broadcast from the last rank.
     std::vector<float> b(n, float(r));
     Tensor tb = borrow_host(b);
