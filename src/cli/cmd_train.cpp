@@ -73,14 +73,17 @@ void add_train_command(CLI::App& app, int argc, char** argv) {
   cmd->add_flag("--help-config", args->help_config, "list every config key with its default and meaning");
   cmd->add_option("--nproc", args->nproc,
                   "train data parallel on N CPU ranks of this host (started under mpiexec; rank 0 writes the run "
-                  "folder). A launcher's own ranks (mpirun, torchrun, Slurm) are honoured without it")
+                  "folder; a rank that dies fails the run, named). parallel.expert = N also splits the experts over "
+                  "them. A launcher's own ranks (mpirun, torchrun, Slurm) are honoured without it")
       ->check(CLI::Range(1, 4096));
   cmd->footer(
       "Examples:\n"
       "  moelab train --config configs/tiny-cpu.toml --out runs/tiny\n"
       "  moelab train --config configs/tiny-cpu.toml --out runs/cap --set moe.dispatch=capacity --set train.steps=20\n"
       "  moelab train --config configs/tiny-cpu.toml --out runs/tiny --set train.resume=auto   (continue a run)\n"
-      "  moelab train --config configs/tiny-cpu.toml --out runs/dp --nproc 2   (two data-parallel CPU ranks)");
+      "  moelab train --config configs/tiny-cpu.toml --out runs/dp --nproc 2   (two data-parallel CPU ranks)\n"
+      "  moelab train --config configs/tiny-cpu.toml --out runs/ep --nproc 2 --set parallel.expert=2 --set train.save_final=false\n"
+      "      (the experts split over the two ranks)");
   cmd->callback([args, argc, argv] {
     if (args->help_config) {
       std::cout << "Config keys (TOML sections [model], [moe], [train], [optim], [data], [fp8]; top-level device, precision, exec):\n"
