@@ -2,6 +2,7 @@
 #include "comm/rank_launcher.hpp"
 
 #include <fcntl.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -28,17 +29,31 @@ void forward_to_job(int sig) {
 
 }  // namespace
 
-std::optional<std::string> rank_failure_in(const std::string& line) {
+std::optional<RankFailure> rank_failure_in(const std::string& line) {
   static const std::regex own(R"(rank (\d+) of (\d+): (.*)$)");
   static const std::regex died(R"(process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)(?: \(([^)]*)\))?)");
   std::smatch m;
-  if (std::regex_search(line, m, own)) return "rank " + m[1].str() + " of " + m[2].str() + " failed: " + m[3].str();
+  RankFailure f;
+  if (std::regex_search(line, m, own)) {
+    f.text = "rank " + m[1].str() + " of " + m[2].str() + " failed: " + m[3].str();
+    f.interrupted = m[3].str().rfind("interrupted by signal", 0) == 0;
+    return f;
+  }
   if (std::regex_search(line, m, died)) {
-    std::string what = "rank " + m[1].str() + " died on signal " + m[2].str();
-    if (m[3].matched) what += " (" + m[3].str() + ")";
-    return what;
+    f.text = "rank " + m[1].str() + " died on signal " + m[2].str();
+    if (m[3].matched) f.text += " (" + m[3].str() + ")";
+    f.died = true;
+    return f;
   }
   return std::nullopt;
+}
+
+std::string first_cause(const std::vector<RankFailure>& failures) {
+  for (const RankFailure& f : failures)
+    if (f.died) return f.text;
+  for (const RankFailure& f : failures)
+    if (!f.interrupted) return f.text;
+  return failures.empty() ? std::string() : failures.front().text;
 }
 
 RankJobResult run_rank_job(int nproc, const std::vector<std::string>& argv) {
@@ -61,6 +76,7 @@ RankJobResult run_rank_job(int nproc, const std::vector<std::string>& argv) {
   if (child < 0) throw Error(std::string("--nproc: cannot fork: ") + std::strerror(errno));
   if (child == 0) {
     setpgid(0, 0);  // a terminal's Ctrl-C reaches the job once, through forward_to_job
+    prctl(PR_SET_PDEATHSIG, SIGTERM);  // and the job ends if this launcher is killed
     dup2(err[1], STDERR_FILENO);
     close(err[0]);
     close(err[1]);
@@ -88,6 +104,7 @@ RankJobResult run_rank_job(int nproc, const std::vector<std::string>& argv) {
   auto old_term = std::signal(SIGTERM, forward_to_job);
 
   RankJobResult result;
+  std::vector<RankFailure> failures;
   std::string pending;
   char buf[4096];
   for (;;) {
@@ -97,9 +114,10 @@ RankJobResult run_rank_job(int nproc, const std::vector<std::string>& argv) {
     (void)!write(STDERR_FILENO, buf, size_t(n));  // the ranks' messages reach the user as they come
     pending.append(buf, size_t(n));
     for (size_t nl; (nl = pending.find('\n')) != std::string::npos; pending.erase(0, nl + 1))
-      if (result.failure.empty())
-        if (auto f = rank_failure_in(pending.substr(0, nl))) result.failure = *f;
+      if (auto f = rank_failure_in(pending.substr(0, nl))) failures.push_back(*f);
   }
+  if (auto f = rank_failure_in(pending)) failures.push_back(*f);  // a last line without its newline
+  result.failure = first_cause(failures);
   close(err[0]);
   int status = 0;
   while (waitpid(child, &status, 0) < 0 && errno == EINTR) {

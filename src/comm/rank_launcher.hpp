@@ -13,7 +13,7 @@ namespace moelab {
 
 struct RankJobResult {
   int exit_code = 0;    // mpiexec's exit status (128 + the signal when it was killed by one)
-  std::string failure;  // the first failure the job reported, naming the rank; "" if none was read
+  std::string failure;  // what failed, naming the rank (first_cause); "" if the job reported none
   bool interrupted = false;  // SIGINT or SIGTERM reached this process and was passed to the job
 };
 
@@ -21,9 +21,18 @@ struct RankJobResult {
 // to this process are passed to the job. Throws moelab::Error if mpiexec cannot be started.
 RankJobResult run_rank_job(int nproc, const std::vector<std::string>& argv);
 
-// The failure a line of a job's error output reports: a rank's own error ("moelab: error: rank 1
+// A failure a line of a job's error output reports: a rank's own error ("moelab: error: rank 1
 // of 2: ..." as the trainer words it), or mpiexec's notice of a rank that died ("... process
-// rank 1 with PID 0 on node vm exited on signal 9 (Killed)."). nullopt for any other line.
-std::optional<std::string> rank_failure_in(const std::string& line);
+// rank 1 with PID 0 on node vm exited on signal 9 (Killed).").
+struct RankFailure {
+  std::string text;          // e.g. "rank 1 died on signal 9 (Killed)"
+  bool died = false;         // mpiexec's notice: the rank was killed by a signal
+  bool interrupted = false;  // the rank's error is its stop on a signal (how the others end when one dies)
+};
+// nullopt for any other line.
+std::optional<RankFailure> rank_failure_in(const std::string& line);
+// Which of a job's reported failures caused it: mpiexec's notice of a rank killed by a signal,
+// else the first rank error that is not an interruption, else the first one; "" if none.
+std::string first_cause(const std::vector<RankFailure>& failures);
 
 }  // namespace moelab

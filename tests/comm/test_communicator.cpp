@@ -91,16 +91,30 @@ TEST(SingleProcessCommunicator, ALargerJobNeedsItsLauncher) {
 }
 
 // What the supervising launcher reads from a job's error output: a rank's own error as the
-// trainer words it, and Open MPI's notice of a rank that died; other lines say nothing.
+// trainer words it, and Open MPI's notice of a rank that died; other lines say nothing. The cause
+// of a job's end is a rank that died before the others' interruptions (mpiexec stops them when
+// one fails, and their own errors may come first).
 TEST(RankLauncher, ReadsWhichRankFailed) {
-  EXPECT_EQ(rank_failure_in("moelab: error: rank 1 of 2: data: the corpus is empty"),
-            "rank 1 of 2 failed: data: the corpus is empty");
-  EXPECT_EQ(rank_failure_in("mpiexec noticed that process rank 3 with PID 0 on node vm exited on signal 9 (Killed)."),
+  auto text = [](const std::string& line) {
+    auto f = rank_failure_in(line);
+    return f ? f->text : std::string("-");
+  };
+  EXPECT_EQ(text("moelab: error: rank 1 of 2: data: the corpus is empty"), "rank 1 of 2 failed: data: the corpus is empty");
+  EXPECT_EQ(text("mpiexec noticed that process rank 3 with PID 0 on node vm exited on signal 9 (Killed)."),
             "rank 3 died on signal 9 (Killed)");
-  EXPECT_EQ(rank_failure_in("mpiexec noticed that process rank 0 with PID 4242 on node gpu-7 exited on signal 11"),
+  EXPECT_EQ(text("mpiexec noticed that process rank 0 with PID 4242 on node gpu-7 exited on signal 11"),
             "rank 0 died on signal 11");
-  EXPECT_EQ(rank_failure_in("step 00003/02000 (0.15%) | loss: 8.210512 | bal: 0.0401 | lrm: 1.00"), std::nullopt);
-  EXPECT_EQ(rank_failure_in("Primary job  terminated normally, but 1 process returned"), std::nullopt);
+  EXPECT_EQ(text("step 00003/02000 (0.15%) | loss: 8.210512 | bal: 0.0401 | lrm: 1.00"), "-");
+  EXPECT_EQ(text("Primary job  terminated normally, but 1 process returned"), "-");
+
+  const RankFailure stopped = *rank_failure_in("moelab: error: rank 0 of 2: interrupted by signal 15 (SIGTERM) before step 9");
+  const RankFailure died = *rank_failure_in("mpiexec noticed that process rank 1 with PID 0 on node vm exited on signal 9 (Killed).");
+  const RankFailure broke = *rank_failure_in("moelab: error: rank 1 of 2: loss is NaN at step 3");
+  EXPECT_TRUE(stopped.interrupted);
+  EXPECT_EQ(first_cause({stopped, died}), died.text);
+  EXPECT_EQ(first_cause({stopped, broke}), broke.text);
+  EXPECT_EQ(first_cause({stopped}), stopped.text);
+  EXPECT_EQ(first_cause({}), "");
 }
 
 }  // namespace
