@@ -6,6 +6,7 @@
 #include <initializer_list>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/dtype.hpp"
@@ -55,25 +56,14 @@ struct Tensor {
 };
 
 // A one-dimensional host tensor over a vector the caller owns and keeps alive (values handed to
-// a collective, a test's buffers).
-inline Tensor borrow_host(std::vector<float>& v) {
+// a collective, a test's buffers): f32, f64 or i32 elements.
+template <class T>
+inline Tensor borrow_host(std::vector<T>& v) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, int32_t>,
+                "borrow_host takes float, double or int32_t vectors");
   Tensor t;
   t.data = v.data();
-  t.dtype = DType::f32;
-  t.shape = {int64_t(v.size())};
-  return t;
-}
-inline Tensor borrow_host(std::vector<double>& v) {
-  Tensor t;
-  t.data = v.data();
-  t.dtype = DType::f64;
-  t.shape = {int64_t(v.size())};
-  return t;
-}
-inline Tensor borrow_host(std::vector<int32_t>& v) {
-  Tensor t;
-  t.data = v.data();
-  t.dtype = DType::i32;
+  t.dtype = std::is_same_v<T, float> ? DType::f32 : std::is_same_v<T, double> ? DType::f64 : DType::i32;
   t.shape = {int64_t(v.size())};
   return t;
 }

@@ -27,8 +27,6 @@ double read_scalar(Backend& be, const Tensor& t) {
 
 }  // namespace
 
-GptMoE::~GptMoE() = default;
-
 GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_len, Communicator* expert_group)
     : be_(backend), cfg_(cfg), lin_(backend, cfg), rows_(rows), seq_len_(seq_len), n_(rows * seq_len) {
   validate_config(cfg_);

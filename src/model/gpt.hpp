@@ -37,7 +37,6 @@ class GptMoE {
   // share of every MoE layer's experts and exchanges token rows with the others (ExpertExchange);
   // the group must outlive the model, and every rank calls every forward in step.
   GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_len, Communicator* expert_group = nullptr);
-  ~GptMoE();
 
   ParamTable& params() { return params_; }
   const Config& config() const { return cfg_; }
