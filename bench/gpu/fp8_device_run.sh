@@ -4,7 +4,8 @@
 # the dense and grouped FP8 GEMM benchmarks, and training speed (AdamW on the matrices, graph,
 # dropless) at the seed shape and at d20 for BF16 and each FP8 setting, beside
 # torch_moe_ref.py --mlp moe --compile 1 --fp8 none|dense|experts|all. Logs under $OUT.
-#   STEPS=30 WHAT="ops bench seed d20 peers" SEED_RUNS="bf16 all_tensorwise" TORCH_FP8="none all" bash bench/gpu/fp8_device_run.sh
+#   STEPS=30 WHAT="ops bench seed d20 peers" SEED_RUNS="bf16 all_tensorwise" ACCUM=8 TORCH_FP8="none all" \
+#     bash bench/gpu/fp8_device_run.sh
 source bench/gpu/device_env.sh
 B=$GPU_BIN
 steps=${STEPS:-30}
@@ -36,6 +37,11 @@ if [[ $what == *" seed "* ]]; then
   [[ $runs == *" experts "* ]] && run seed_fp8_experts_tensorwise $(fp8 experts tensorwise)
   for r in tensorwise rowwise blockwise; do [[ $runs == *" all_$r "* ]] && run seed_fp8_all_$r $(fp8 all $r); done
   [[ $runs == *" all_tensorwise_nohead "* ]] && run seed_fp8_all_tensorwise_nohead $(fp8 all tensorwise) --set fp8.head=false
+  # ACCUM=8: BF16 and FP8 all with that many micro-batches a step (the seed's runs take 32).
+  if [ -n "${ACCUM:-}" ]; then
+    run seed_bf16_accum$ACCUM --set precision=bf16 --set train.grad_accum=$ACCUM --set train.steps=14
+    run seed_fp8_all_tensorwise_accum$ACCUM $(fp8 all tensorwise) --set train.grad_accum=$ACCUM --set train.steps=14
+  fi
 fi
 if [[ $what == *" d20 "* ]]; then
   echo "== training speed, d20, $steps steps"

@@ -103,6 +103,27 @@ struct SavedExpertOperand {
   Fp8Granularity granularity = Fp8Granularity::tensor;
 };
 
+// A stack of expert weights in FP8 as a grouped GEMM reads them: one K-major B operand per
+// expert, e4m3, each with its own scales. data [E, N, K] holds expert e's [N, K] codes at
+// data.index(e); scale [E, n] holds its fp8_scale_shape(granularity, N, K) scales, flattened.
+// From W [E, N, K]: the forward's form (quantize_experts_fp8 without transpose) and the data
+// gradient's (with transpose: each expert's W_e^T [K, N]).
+struct QuantizedExperts {
+  Tensor data;   // [E, N, K], e4m3
+  Tensor scale;  // [E, n], f32
+  Fp8Granularity granularity = Fp8Granularity::tensor;
+
+  int64_t experts() const { return data.dim(0); }
+  // Expert e's operand: views into data and scale.
+  QuantizedOperand expert(int64_t e) const {
+    QuantizedOperand q;
+    q.granularity = granularity;
+    q.data = data.index(e);
+    q.scale = scale.index(e).view(fp8_scale_shape(granularity, data.dim(1), data.dim(2)));
+    return q;
+  }
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -176,6 +197,20 @@ class Backend {
                                   bool trans_w, Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) = 0;
   virtual void grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran,
                                         Tensor& dW, const Tensor& offsets) = 0;
+  // Expert weights W [E, N, K] (bf16 or f32) quantized expert by expert into out (shaped for W,
+  // or for W^T per expert when transpose): exactly what grouped_matmul_fp8 makes of W inside.
+  // The model keeps both forms and refreshes them when the weights change, so a step quantizes
+  // its weights once, not in every forward and backward.
+  virtual void quantize_experts_fp8(const Tensor& W, bool transpose, QuantizedExperts& out) {
+    for (int64_t e = 0; e < W.dim(0); ++e) {
+      QuantizedOperand q = out.expert(e);
+      quantize_fp8(W.index(e), transpose, q);
+    }
+  }
+  // grouped_matmul_fp8 with the weights already quantized: the rows of expert e of C are
+  // deq(A_e) deq(W.expert(e))^T, A quantized as above.
+  virtual void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const QuantizedExperts& W,
+                                  Tensor& C, const Tensor& offsets) = 0;
   // Room for a saved expert operand of up to `rows` rows of `cols` (token-side granularity g).
   virtual SavedExpertOperand alloc_saved_expert_operand(int64_t rows, int64_t cols, int /*experts*/, Fp8Granularity g) {
     SavedExpertOperand s;
@@ -183,21 +218,22 @@ class Backend {
     s.granularity = g;
     return s;
   }
-  // The forward of an expert GEMM (grouped_matmul_fp8 with A e4m3, trans_w) that also keeps A for
-  // the weight gradient in `save`.
-  virtual void grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const Tensor& W, Fp8Granularity w_gran,
-                                         Tensor& C, const Tensor& offsets, SavedExpertOperand& save) {
-    grouped_matmul_fp8(A, DType::e4m3, a_gran, W, true, w_gran, C, offsets);
+  // The forward of an expert GEMM (grouped_matmul_fp8 with A e4m3 and W the forward's form of the
+  // weights) that also keeps A for the weight gradient in `save`.
+  virtual void grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const QuantizedExperts& W, Tensor& C,
+                                         const Tensor& offsets, SavedExpertOperand& save) {
+    grouped_matmul_fp8(A, DType::e4m3, a_gran, W, C, offsets);
     Tensor kept = save.data.prefix(A.shape);
     copy(A, kept);
   }
-  // The backward of that GEMM in FP8, X the operand its forward saved: dX = grouped_matmul_fp8(dY,
-  // ..., W, trans_w = false, ...) and dW += grouped_matmul_wgrad_fp8(dY, ..., X, ...), exactly as
-  // those two calls give them. A backend may quantize dY once for both products (CUDA does).
-  virtual void grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran, const Tensor& W,
-                                           Fp8Granularity w_gran, const SavedExpertOperand& X, Tensor& dX, Tensor& dW,
-                                           const Tensor& offsets) {
-    grouped_matmul_fp8(dY, dy_format, a_gran, W, false, w_gran, dX, offsets);
+  // The backward of that GEMM in FP8, Wt the data gradient's form of the weights (W_e^T per
+  // expert) and X the operand its forward saved: dX = grouped_matmul_fp8(dY, ..., Wt, ...) and
+  // dW += grouped_matmul_wgrad_fp8(dY, ..., X, ...), exactly as those two calls give them. A
+  // backend may quantize dY once for both products (CUDA does).
+  virtual void grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran,
+                                           const QuantizedExperts& Wt, const SavedExpertOperand& X, Tensor& dX,
+                                           Tensor& dW, const Tensor& offsets) {
+    grouped_matmul_fp8(dY, dy_format, a_gran, Wt, dX, offsets);
     grouped_matmul_wgrad_fp8(dY, dy_format, X.data.prefix({dY.rows(), X.data.cols()}), a_gran, dW, offsets);
   }
 

@@ -286,7 +286,20 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
     }
   }
   if (fp8_head_) lin_.plan(chunk_rows_, V, D);
+  // The weights those linears multiply keep their FP8 forms (refreshed with the compute copies).
+  for (const Param& p : params_.params)
+    if (read_in_fp8_only(p)) lin_.add_weight(p.compute);
   lin_.allocate();
+}
+
+bool GptMoE::read_in_fp8_only(const Param& p) const {
+  const std::string& n = p.name;
+  if (n == "lm_head.weight") return fp8_head_;
+  if (n.ends_with("mlp.experts.w_fc") || n.ends_with("mlp.experts.w_proj")) return fp8_experts_;
+  // Attention's q, k, v and output projections, the dense MLP's and the shared expert's.
+  for (const char* dense : {".c_q.weight", ".c_k.weight", ".c_v.weight", ".c_proj.weight", ".c_fc.weight"})
+    if (n.ends_with(dense)) return fp8_dense_;
+  return false;
 }
 
 bool GptMoE::has_value_embedding(int64_t layer) const {
@@ -318,7 +331,10 @@ void GptMoE::place_params() {
     ParamArena a;
     a.value = be_.alloc({total, 1}, master);
     a.grad = be_.alloc({total, 1}, master);
-    a.compute = act_ == master ? a.value : be_.alloc({total, 1}, act_);
+    // Weights that only FP8 products read need no bf16 copy: their FP8 forms come from the master.
+    const bool fp8_only =
+        std::all_of(kind.begin(), kind.end(), [&](const Param* p) { return read_in_fp8_only(*p); });
+    a.compute = act_ == master || fp8_only ? a.value : be_.alloc({total, 1}, act_);
     be_.fill(a.value, 0.0f);
     be_.fill(a.grad, 0.0f);
     a.rank_own = expert_group_ && kind.front()->name.find("mlp.experts.") != std::string::npos;
@@ -375,6 +391,7 @@ void GptMoE::init_weights(uint64_t seed, bool all_random) {
 void GptMoE::refresh_compute_weights() {
   for (auto& a : arenas_)
     if (a.compute.data != a.value.data) be_.copy(a.value, a.compute);
+  lin_.refresh_weights();
 }
 
 void GptMoE::begin_step() {
@@ -480,14 +497,12 @@ void GptMoE::head_loss(const Tensor& targets, float loss_scale, bool backward) {
     Tensor x = xf_.rows_slice(r0, r1);
     Tensor logits = logits_.rows_slice(0, r1 - r0);
     Tensor loss_rows = losses.rows_slice(r0, r1).view({r1 - r0});
-    // The head's W (and W^T below) is quantized once per pass, not once per chunk.
-    const unsigned same_w = r0 > 0 ? LinearGemms::same_w : LinearGemms::none;
-    lin_.forward(fp8_head_, x, head_->compute, logits, 0.0f, same_w);
+    lin_.forward(fp8_head_, x, head_->compute, logits);
     be_.softcap_xent(logits, tgt.rows_slice(r0, r1).view({r1 - r0}), float(cfg_.model.softcap), loss_scale,
                      loss_rows, logits);
     if (backward) {
       Tensor dx = dxf_.rows_slice(r0, r1);
-      lin_.backward(fp8_head_, logits, head_->compute, x, dx, head_->grad, 0.0f, same_w);
+      lin_.backward(fp8_head_, logits, head_->compute, x, dx, head_->grad);
     }
   }
 }

@@ -109,11 +109,15 @@ class GptMoE {
   // Whether layer i carries a value embedding: alternating, the last layer always included.
   bool has_value_embedding(int64_t layer) const;
 
+  // Whether the FP8 products of the recipe's linears are all that read p (then p keeps no bf16
+  // compute copy; LinearGemms holds its FP8 forms).
+  bool read_in_fp8_only(const Param& p) const;
   // Records a parameter; place_params() then gives it memory.
   void add_param(const std::string& name, ParamGroup group, const Shape& shape);
   // Parameters of one (group, shape) go back to back into one allocation each for values,
   // gradients and compute copies, in table order: zeroing every gradient and refreshing every
-  // bf16 copy take a few kernels, and Muon finds each same-shape stack contiguous.
+  // bf16 copy take a few kernels, and Muon finds each same-shape stack contiguous. A kind that
+  // only FP8 products read has no compute copy (compute aliases the master).
   void place_params();
   void forward(const Tensor& tokens);
   void mlp_forward(Layer& l, const Tensor& xn, Tensor& out);
@@ -134,7 +138,8 @@ class GptMoE {
   DType act_, stat_;
   ParamTable params_;
   struct ParamArena {
-    Tensor value, grad, compute;  // [elements, 1]; compute aliases value when act == master dtype
+    Tensor value, grad, compute;  // [elements, 1]; compute aliases value when act == master dtype or
+                                  // only FP8 products read the kind
     bool rank_own = false;        // this rank's expert-parallel share of the experts
   };
   std::vector<ParamArena> arenas_;

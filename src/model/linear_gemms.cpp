@@ -32,18 +32,84 @@ void LinearGemms::plan(int64_t tokens, int64_t out, int64_t in) {
   a_.need(tokens, in, act_);    // forward: x
   a_.need(tokens, out, act_);   // dgrad: dy
   at_.need(out, tokens, act_);  // wgrad: dy^T
-  w_.need(out, in, weight_);    // forward: W
-  wt_.need(in, out, weight_);   // dgrad: W^T
   xt_.need(in, tokens, act_);   // wgrad: x^T
 }
 
+void LinearGemms::add_weight(const Tensor& W) {
+  if (!fp8_) return;
+  MOELAB_CHECK(W.ndim() == 2 || W.ndim() == 3, "LinearGemms::add_weight: W must be [out, in] or [E, out, in]");
+  WeightForms f;
+  f.source = W;
+  f.experts = W.ndim() == 3;
+  weights_.push_back(f);
+}
+
+namespace {
+
+int64_t count_of(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+}  // namespace
+
 void LinearGemms::allocate() {
   if (!fp8_) return;
-  for (Slot* s : {&a_, &at_, &w_, &wt_, &xt_}) {
+  for (Slot* s : {&a_, &at_, &xt_}) {
     s->data = be_.alloc({std::max<int64_t>(s->data_elems, 1)}, DType::e4m3);
     s->scale = be_.alloc({std::max<int64_t>(s->scale_elems, 1)}, DType::f32);
     be_.fill(s->scale, 1.0f);
   }
+  // Scales start at 1: block scaling's padding entries belong to no block and stay so.
+  auto operand = [&](int64_t rows, int64_t k) {
+    QuantizedOperand q;
+    q.granularity = weight_;
+    q.data = be_.alloc({rows, k}, DType::e4m3);
+    q.scale = be_.alloc(fp8_scale_shape(weight_, rows, k), DType::f32);
+    be_.fill(q.scale, 1.0f);
+    return q;
+  };
+  auto stack = [&](int64_t E, int64_t rows, int64_t k) {
+    QuantizedExperts q;
+    q.granularity = weight_;
+    q.data = be_.alloc({E, rows, k}, DType::e4m3);
+    q.scale = be_.alloc({E, count_of(fp8_scale_shape(weight_, rows, k))}, DType::f32);
+    be_.fill(q.scale, 1.0f);
+    return q;
+  };
+  for (WeightForms& f : weights_) {
+    const int64_t out = f.source.dim(-2), in = f.source.dim(-1);
+    if (f.experts) {
+      f.ew = stack(f.source.dim(0), out, in);
+      f.ewt = stack(f.source.dim(0), in, out);
+    } else {
+      f.w = operand(out, in);
+      f.wt = operand(in, out);
+    }
+  }
+}
+
+void LinearGemms::refresh_weights() {
+  for (WeightForms& f : weights_) {
+    if (f.experts) {
+      be_.quantize_experts_fp8(f.source, false, f.ew);
+      be_.quantize_experts_fp8(f.source, true, f.ewt);
+    } else {
+      be_.quantize_fp8_pair(f.source, f.w, f.wt);
+    }
+  }
+}
+
+const LinearGemms::WeightForms& LinearGemms::forms_of(const Tensor& W) const {
+  for (const WeightForms& f : weights_)
+    if (f.source.data == W.data && f.source.shape == W.shape && f.source.dtype == W.dtype) {
+      MOELAB_CHECK((f.experts ? f.ew.data.data : f.w.data.data) != nullptr,
+                   "LinearGemms: weights were declared but allocate() was not called");
+      return f;
+    }
+  throw Error("LinearGemms: the FP8 product's weight " + W.describe() +
+              " was not declared; call add_weight() for every weight an FP8 linear multiplies before allocate()");
 }
 
 QuantizedOperand LinearGemms::operand(Slot& slot, const Tensor& x, bool transpose, DType format, Fp8Granularity g) const {
@@ -88,8 +154,7 @@ void LinearGemms::forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y,
     return;
   }
   QuantizedOperand a = quantize(a_, x, false, DType::e4m3, act_, reuse & same_x);
-  QuantizedOperand b = quantize(w_, W, false, DType::e4m3, weight_, reuse & same_w);
-  be_.matmul_fp8(a, b, y, 1.0f, beta, /*fast_accum=*/true);
+  be_.matmul_fp8(a, forms_of(W).w, y, 1.0f, beta, /*fast_accum=*/true);
 }
 
 void LinearGemms::backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, Tensor& dx, Tensor& dW,
@@ -104,8 +169,7 @@ void LinearGemms::backward(bool fp8, const Tensor& dy, const Tensor& W, const Te
   be_.quantize_fp8_pair(dy, g, gt);
   remember(a_, dy, false, grad_format_, g);
   remember(at_, dy, true, grad_format_, gt);
-  QuantizedOperand wt = quantize(wt_, W, true, DType::e4m3, weight_, reuse & same_w);
-  be_.matmul_fp8(g, wt, dx, 1.0f, beta);
+  be_.matmul_fp8(g, forms_of(W).wt, dx, 1.0f, beta);
   QuantizedOperand xt = quantize(xt_, x, true, DType::e4m3, act_, reuse & same_x);
   be_.matmul_fp8(gt, xt, dW, 1.0f, 1.0f);
 }
@@ -118,7 +182,7 @@ SavedExpertOperand LinearGemms::saved_expert_operand(int64_t rows, int64_t cols,
 void LinearGemms::expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets,
                                  SavedExpertOperand& saved) {
   if (!(fp8 && fp8_)) return be_.grouped_matmul(x, W, true, y, offsets);
-  be_.grouped_matmul_fp8_saving(x, act_, W, weight_, y, offsets, saved);
+  be_.grouped_matmul_fp8_saving(x, act_, forms_of(W).ew, y, offsets, saved);
 }
 
 void LinearGemms::expert_backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x,
@@ -128,7 +192,7 @@ void LinearGemms::expert_backward(bool fp8, const Tensor& dy, const Tensor& W, c
     be_.grouped_matmul_wgrad(dy, x, dW, offsets, 1.0f);
     return;
   }
-  be_.grouped_matmul_backward_fp8(dy, grad_format_, act_, W, weight_, saved, dx, dW, offsets);
+  be_.grouped_matmul_backward_fp8(dy, grad_format_, act_, forms_of(W).ewt, saved, dx, dW, offsets);
 }
 
 }  // namespace moelab

@@ -9,12 +9,16 @@
 //   dgrad    dx = dy W     A = dy [T, out]        B = W^T [in, out]   (transposed copy)
 //   wgrad    dW += dy^T x  A = dy^T [out, T]      B = x^T [in, T]     (transposed copies)
 // The backward quantizes dy once into its two copies (dy for dgrad, dy^T for wgrad).
-// Quantized copies live in one buffer per role (see Slot), planned in the constructor.
+// Weights are not quantized per product: every FP8 weight is declared (add_weight) and keeps
+// its two forms, W and W^T (an expert stack: each expert's), remade by refresh_weights() when
+// the weights change, so a step quantizes each weight once however many micro-batches it runs.
+// Activation and gradient copies live in one buffer per role (see Slot), planned up front.
 // Formats: x and W in e4m3, dy in fp8.grad_format. Scaling by fp8.recipe: tensorwise and
 // rowwise everywhere alike; blockwise puts 1x128 tiles on activations and gradients and
 // 128x128 blocks on weights (both wgrad operands are 1x128 tiles along the tokens).
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "backend/backend.hpp"
 #include "config/config.hpp"
@@ -29,19 +33,25 @@ class LinearGemms {
   // Call for every linear that may run in FP8 (tokens rows through W [out, in]) before
   // allocate(), so the quantization buffers are planned once and a step allocates nothing.
   void plan(int64_t tokens, int64_t out, int64_t in);
+  // Declares a weight the FP8 products multiply: W [out, in], or an expert stack [E, out, in]
+  // (the tensor the model passes, its compute copy). Before allocate(); no-op without FP8.
+  void add_weight(const Tensor& W);
   void allocate();
+  // Quantizes every declared weight into its forms, as it is now. Call after allocate() and
+  // whenever the weights change (the model does, with its compute copies); the products read
+  // the forms as last refreshed.
+  void refresh_weights();
 
-  // Reuse hints: the caller promises that an operand is the same tensor, unchanged, as in the
-  // previous call of the same kind (q, k and v read one xn; the head's chunks share W), so its
-  // FP8 copy is reused instead of quantized again. A hint whose tensor is not the one last
-  // quantized into that buffer (other memory, shape or format) is ignored.
-  enum Reuse : unsigned { none = 0, same_x = 1, same_w = 2 };
+  // Reuse hint: the caller promises that x is the same tensor, unchanged, as in the previous
+  // call of the same kind (q, k and v read one xn), so its FP8 copy is reused instead of
+  // quantized again. A hint whose tensor is not the one last quantized into that buffer (other
+  // memory, shape or format) is ignored.
+  enum Reuse : unsigned { none = 0, same_x = 1 };
 
   // y = x W^T + beta y.
   void forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, float beta = 0.0f, unsigned reuse = none);
   // The backward of y = x W^T: dx = dy W + beta dx and dW += dy^T x. In FP8, dy is quantized
-  // once into both copies the two products read (quantize_fp8_pair). same_w reuses W^T,
-  // same_x reuses x^T.
+  // once into both copies the two products read (quantize_fp8_pair); same_x reuses x^T.
   void backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, Tensor& dx, Tensor& dW, float beta = 0.0f,
                 unsigned reuse = none);
 
@@ -58,7 +68,7 @@ class LinearGemms {
 
  private:
   // One quantization buffer per operand role, so an operand that several GEMMs share stays valid
-  // while the others are quantized (the head's W and W^T across its chunks).
+  // while the others are quantized (xn across q, k and v and their backward).
   struct Slot {
     Tensor data, scale;  // flat buffers; each use takes a prefix view
     int64_t data_elems = 0, scale_elems = 0;
@@ -70,6 +80,15 @@ class LinearGemms {
     DType src_format = DType::e4m3;
     QuantizedOperand last;
   };
+  // A declared weight and its forms: dense (w, wt) or an expert stack (ew, ewt).
+  struct WeightForms {
+    Tensor source;
+    bool experts = false;
+    QuantizedOperand w, wt;    // forward B = W [out, in]; dgrad B = W^T [in, out]
+    QuantizedExperts ew, ewt;  // per expert: W_e [out, in]; W_e^T [in, out]
+  };
+  // The forms of W; a weight that was not declared is refused, naming the fix.
+  const WeightForms& forms_of(const Tensor& W) const;
   QuantizedOperand quantize(Slot& slot, const Tensor& x, bool transpose, DType format, Fp8Granularity g, bool reuse);
   // The slot's buffers as the operand for x (or x^T), and what a reuse hint later compares against.
   QuantizedOperand operand(Slot& slot, const Tensor& x, bool transpose, DType format, Fp8Granularity g) const;
@@ -81,9 +100,8 @@ class LinearGemms {
   Fp8Granularity act_, weight_;  // activation/gradient tiles and weight blocks
   Slot a_;   // A operands: x (forward), dy (dgrad)
   Slot at_;  // wgrad A: dy^T
-  Slot w_;   // forward B: W
-  Slot wt_;  // dgrad B: W^T
   Slot xt_;  // wgrad B: x^T
+  std::vector<WeightForms> weights_;
 };
 
 }  // namespace moelab

@@ -18,7 +18,8 @@ struct Param {
   ParamGroup group = ParamGroup::matrix;
   Tensor value;    // master weights (master dtype)
   Tensor grad;     // same shape and dtype as value
-  Tensor compute;  // what ops read: aliases value when act dtype == master dtype
+  Tensor compute;  // what ops read: aliases value when act dtype == master dtype, or when only FP8
+                   // products read it (they read its FP8 forms, quantized from the master)
 };
 
 struct ParamTable {

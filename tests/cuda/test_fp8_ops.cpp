@@ -290,6 +290,17 @@ class CudaFp8Grouped : public CudaFp8 {
     gpu->write(p.g, v);
     return p;
   }
+  // Room for an expert stack's FP8 form: E operands [rows, k] with their scales.
+  static QuantizedExperts experts_operand(Backend& be, int64_t E, int64_t rows, int64_t k, Fp8Granularity g) {
+    QuantizedExperts q;
+    q.granularity = g;
+    q.data = be.alloc({E, rows, k}, DType::e4m3);
+    int64_t n = 1;
+    for (int64_t d : fp8_scale_shape(g, rows, k)) n *= d;
+    q.scale = be.alloc({E, n}, DType::f32);
+    be.fill(q.scale, 1.0f);
+    return q;
+  }
   Pair offsets(const std::vector<int32_t>& o) {
     Pair p{cpu->alloc({int64_t(o.size())}, DType::i32), gpu->alloc({int64_t(o.size())}, DType::i32)};
     cpu->write_i32(p.c, o);
@@ -418,6 +429,39 @@ TEST_F(CudaFp8Grouped, SegmentCodesMatchTheCpuExpertByExpert) {
     }
 }
 
+TEST_F(CudaFp8Grouped, ExpertWeightFormsMatchTheCpu) {
+  // The model quantizes its expert stacks once per step (quantize_experts_fp8), both forms: the
+  // codes and scales must be the CPU's, expert by expert, for every recipe's weight scaling.
+  const int64_t N = 256, K = 384;
+  std::vector<float> wv = values(E * N * K, 0.05);
+  wv[7] = 3.0f;                                       // one large value in expert 0
+  for (int64_t i = 0; i < N * K; ++i) wv[size_t(2 * N * K + i)] = 0.0f;  // expert 2 all zero
+  // The model quantizes f32 masters (weights only FP8 products read keep no bf16 copy).
+  for (DType wdtype : {DType::f32, DType::bf16}) {
+    for (const GroupedRecipe& r : kGroupedRecipes)
+      for (bool transpose : {false, true}) {
+        Pair w = both({E, N, K}, wv, wdtype);
+        const std::string what = std::string(dtype_name(wdtype)) + " " + fp8_granularity_name(r.weight) +
+                                 (transpose ? " transposed" : "");
+        const int64_t rows = transpose ? K : N, k = transpose ? N : K;
+        QuantizedExperts g = experts_operand(*gpu, E, rows, k, r.weight), c = experts_operand(*cpu, E, rows, k, r.weight);
+        gpu->quantize_experts_fp8(w.g, transpose, g);
+        cpu->quantize_experts_fp8(w.c, transpose, c);
+        const std::vector<float> gd = gpu->read(g.data), cd = cpu->read(c.data);
+        const std::vector<float> gs = gpu->read(g.scale), cs = cpu->read(c.scale);
+        int64_t code_diff = 0, scale_diff = 0, bad = 0;
+        for (size_t i = 0; i < gd.size(); ++i) code_diff += gd[i] != cd[i];
+        for (size_t i = 0; i < gs.size(); ++i) {
+          scale_diff += gs[i] != cs[i];
+          bad += !std::isfinite(gs[i]) || gs[i] <= 0.0f;
+        }
+        EXPECT_EQ(code_diff, 0) << what;
+        EXPECT_EQ(scale_diff, 0) << what;
+        EXPECT_EQ(bad, 0) << what << ": a scale is not finite and positive";
+      }
+  }
+}
+
 TEST_F(CudaFp8Grouped, SavingForwardAndBackwardAreTheSeparateOps) {
   // grouped_matmul_fp8_saving keeps X's FP8 weight-gradient copy from the forward's read of X;
   // grouped_matmul_backward_fp8 quantizes dY once for both of its products and reads that copy.
@@ -444,9 +488,12 @@ TEST_F(CudaFp8Grouped, SavingForwardAndBackwardAreTheSeparateOps) {
       gpu->fill(y1, NAN);
       gpu->fill(dx1, NAN);
       SavedExpertOperand saved = gpu->alloc_saved_expert_operand(R, K, E, r.act);
+      QuantizedExperts qw = experts_operand(*gpu, E, N, K, r.weight), qwt = experts_operand(*gpu, E, K, N, r.weight);
       try {
-        gpu->grouped_matmul_fp8_saving(x.g, r.act, w.g, r.weight, y1, off.g, saved);
-        gpu->grouped_matmul_backward_fp8(dy.g, fmt, r.act, w.g, r.weight, saved, dx1, dw1, off.g);
+        gpu->quantize_experts_fp8(w.g, false, qw);
+        gpu->quantize_experts_fp8(w.g, true, qwt);
+        gpu->grouped_matmul_fp8_saving(x.g, r.act, qw, y1, off.g, saved);
+        gpu->grouped_matmul_backward_fp8(dy.g, fmt, r.act, qwt, saved, dx1, dw1, off.g);
       } catch (const Error& e) {
         ADD_FAILURE() << what << ": " << e.what();
         continue;

@@ -57,9 +57,11 @@ TEST(LinearGemms, Fp8ProductsAreQuantizedAndReuseIsSafe) {
     c.fp8.recipe = recipe;
     LinearGemms lin(f.be, c);
     const int64_t T = 160, out = 48, in = 200;
-    lin.plan(T, out, in);
-    lin.allocate();
     Tensor x = f.random({T, in}, 1.0), x2 = f.random({T, in}, 2.0), w = f.random({out, in}, 0.1);
+    lin.plan(T, out, in);
+    lin.add_weight(w);
+    lin.allocate();
+    lin.refresh_weights();
     Tensor dy = f.random({T, out}, 0.01);
     Tensor y = f.be.alloc({T, out}, DType::f32), ref = f.be.alloc({T, out}, DType::f32);
     // Forward: FP8 differs from f32 by the e4m3 rounding, no more.
@@ -73,7 +75,7 @@ TEST(LinearGemms, Fp8ProductsAreQuantizedAndReuseIsSafe) {
     EXPECT_EQ(host(y), host(ref));
     // A truthful hint reuses the copy: same bits.
     lin.forward(true, x, w, y);
-    lin.forward(true, x, w, y, 0.0f, LinearGemms::same_x | LinearGemms::same_w);
+    lin.forward(true, x, w, y, 0.0f, LinearGemms::same_x);
     EXPECT_EQ(host(y), y1);
     // A hint naming another tensor is ignored: x2's product, not x's.
     lin.forward(true, x2, w, y, 0.0f, LinearGemms::same_x);
@@ -102,7 +104,7 @@ TEST(LinearGemms, Fp8ProductsAreQuantizedAndReuseIsSafe) {
     // beta = 1 adds the data gradient into dx; a true same_x hint reuses x^T: the same bits again.
     const std::vector<float> dx1 = host(dx), dw1 = a;
     f.be.fill(dw, 0.5f);
-    lin.backward(true, dy, w, x, dx, dw, 1.0f, LinearGemms::same_x | LinearGemms::same_w);
+    lin.backward(true, dy, w, x, dx, dw, 1.0f, LinearGemms::same_x);
     std::vector<float> dx2 = host(dx), dw2 = host(dw);
     for (size_t i = 0; i < dx2.size(); ++i) EXPECT_EQ(dx2[i], 2.0f * dx1[i]) << i;
     for (auto& v : dw2) v -= 0.5f;
@@ -115,10 +117,111 @@ TEST(LinearGemms, UnplannedShapesAreRefused) {
   Config c;
   c.precision = "fp8";
   LinearGemms lin(f.be, c);
-  lin.plan(16, 32, 32);
-  lin.allocate();
   Tensor x = f.random({64, 32}, 1.0), w = f.random({32, 32}, 0.1), y = f.be.alloc({64, 32}, DType::f32);
+  lin.plan(16, 32, 32);
+  lin.add_weight(w);
+  lin.allocate();
+  lin.refresh_weights();
   EXPECT_THROW(lin.forward(true, x, w, y), Error);
+}
+
+TEST(LinearGemms, Fp8WeightsAreTheirFormsAsLastRefreshed) {
+  // A step quantizes each weight once (refresh_weights): the products read those forms, which
+  // are exactly quantize_fp8 of W and of W^T, and follow the weights only when refreshed.
+  for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
+    SCOPED_TRACE(recipe);
+    Fixture f;
+    Config c;
+    c.precision = "fp8";
+    c.fp8.recipe = recipe;
+    const Fp8Granularity act = recipe == "rowwise"     ? Fp8Granularity::row
+                               : recipe == "blockwise" ? Fp8Granularity::block_1x128
+                                                       : Fp8Granularity::tensor;
+    const Fp8Granularity wg = recipe == "blockwise" ? Fp8Granularity::block_128x128 : act;
+    LinearGemms lin(f.be, c);
+    const int64_t T = 96, out = 144, in = 160;
+    Tensor x = f.random({T, in}, 1.0), w = f.random({out, in}, 0.1), dy = f.random({T, out}, 0.01);
+    Tensor other = f.random({out, in}, 0.1);
+    lin.plan(T, out, in);
+    lin.add_weight(w);
+    lin.allocate();
+    lin.refresh_weights();
+    auto quantized = [&](const Tensor& t, bool transpose, DType fmt, Fp8Granularity g) {
+      const int64_t rows = transpose ? t.cols() : t.rows(), k = transpose ? t.rows() : t.cols();
+      QuantizedOperand q;
+      q.granularity = g;
+      q.data = f.be.alloc({rows, k}, fmt);
+      q.scale = f.be.alloc(fp8_scale_shape(g, rows, k), DType::f32);
+      f.be.fill(q.scale, 1.0f);
+      f.be.quantize_fp8(t, transpose, q);
+      return q;
+    };
+    auto by_hand = [&](const Tensor& weights) {
+      Tensor y = f.be.alloc({T, out}, DType::f32), dx = f.be.alloc({T, in}, DType::f32);
+      f.be.matmul_fp8(quantized(x, false, DType::e4m3, act), quantized(weights, false, DType::e4m3, wg), y);
+      f.be.matmul_fp8(quantized(dy, false, DType::e5m2, act), quantized(weights, true, DType::e4m3, wg), dx);
+      return std::make_pair(host(y), host(dx));
+    };
+    auto through_lin = [&] {
+      Tensor y = f.be.alloc({T, out}, DType::f32), dx = f.be.alloc({T, in}, DType::f32);
+      Tensor dw = f.be.alloc({out, in}, DType::f32);
+      f.be.fill(dw, 0.0f);
+      lin.forward(true, x, w, y);
+      lin.backward(true, dy, w, x, dx, dw);
+      return std::make_pair(host(y), host(dx));
+    };
+    const auto first = through_lin();
+    EXPECT_EQ(first, by_hand(w));
+    // The weights change (an optimizer step): the products keep the old forms until a refresh.
+    f.be.copy(other, w);
+    EXPECT_EQ(through_lin(), first);
+    lin.refresh_weights();
+    const auto second = through_lin();
+    EXPECT_EQ(second, by_hand(w));
+    EXPECT_NE(second.first, first.first);
+    // A weight that was not declared is refused, not quantized on the fly.
+    Tensor y = f.be.alloc({T, out}, DType::f32);
+    EXPECT_THROW(lin.forward(true, x, other, y), Error);
+  }
+}
+
+TEST(LinearGemms, Fp8ExpertsReadTheirStacksForms) {
+  // An expert stack's forms give the products grouped_matmul_fp8 makes of the bf16 stack itself.
+  for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
+    SCOPED_TRACE(recipe);
+    Fixture f;
+    Config c;
+    c.precision = "fp8";
+    c.fp8.recipe = recipe;
+    const Fp8Granularity act = recipe == "rowwise"     ? Fp8Granularity::row
+                               : recipe == "blockwise" ? Fp8Granularity::block_1x128
+                                                       : Fp8Granularity::tensor;
+    const Fp8Granularity wg = recipe == "blockwise" ? Fp8Granularity::block_128x128 : act;
+    LinearGemms lin(f.be, c);
+    const int64_t E = 3, R = 70, N = 128, K = 160;
+    Tensor W = f.random({E, N, K}, 0.1), x = f.random({R, K}, 1.0), dy = f.random({R, N}, 0.01);
+    Tensor offsets = f.be.alloc({E + 1}, DType::i32);
+    f.be.write_i32(offsets, {0, 30, 30, R});
+    lin.add_weight(W);
+    lin.allocate();
+    lin.refresh_weights();
+    SavedExpertOperand saved = lin.saved_expert_operand(R, K, int(E));
+    Tensor y = f.be.alloc({R, N}, DType::f32), dx = f.be.alloc({R, K}, DType::f32);
+    Tensor dW = f.be.alloc({E, N, K}, DType::f32);
+    f.be.fill(dW, 0.0f);
+    lin.expert_forward(true, x, W, y, offsets, saved);
+    lin.expert_backward(true, dy, W, x, saved, dx, dW, offsets);
+    Tensor yr = f.be.alloc({R, N}, DType::f32), dxr = f.be.alloc({R, K}, DType::f32);
+    f.be.grouped_matmul_fp8(x, DType::e4m3, act, W, true, wg, yr, offsets);
+    f.be.grouped_matmul_fp8(dy, DType::e5m2, act, W, false, wg, dxr, offsets);
+    EXPECT_EQ(host(y), host(yr));
+    EXPECT_EQ(host(dx), host(dxr));
+    // And the forward is the FP8 product, not the f32 one: within e4m3 rounding of it.
+    Tensor yf = f.be.alloc({R, N}, DType::f32);
+    f.be.grouped_matmul(x, W, true, yf, offsets);
+    EXPECT_GT(nerr(host(y), host(yf)), 1e-3);
+    EXPECT_LT(nerr(host(y), host(yf)), 0.05);
+  }
 }
 
 }  // namespace

@@ -171,6 +171,10 @@ class CountingBackend : public Backend {
                           Tensor& C, const Tensor& o) override {
     in_.grouped_matmul_fp8(A, af, ag, W, tw, wg, C, o);
   }
+  void grouped_matmul_fp8(const Tensor& A, DType af, Fp8Granularity ag, const QuantizedExperts& W, Tensor& C,
+                          const Tensor& o) override {
+    in_.grouped_matmul_fp8(A, af, ag, W, C, o);
+  }
   void grouped_matmul_wgrad_fp8(const Tensor& dY, DType f, const Tensor& X, Fp8Granularity g, Tensor& dW,
                                 const Tensor& o) override {
     in_.grouped_matmul_wgrad_fp8(dY, f, X, g, dW, o);

@@ -50,6 +50,8 @@ class CpuBackend : public Backend {
                   float beta = 0.0f, bool fast_accum = false) override;
   void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W, bool trans_w,
                           Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) override;
+  void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const QuantizedExperts& W, Tensor& C,
+                          const Tensor& offsets) override;
   void grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran, Tensor& dW,
                                 const Tensor& offsets) override;
 

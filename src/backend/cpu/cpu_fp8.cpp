@@ -150,15 +150,32 @@ std::vector<int64_t> host_offsets(const Tensor& offsets, int64_t experts, int64_
 
 }  // namespace
 
-// Expert by expert: quantize that expert's rows and weight (its own scales), then the FP8 GEMM.
+// Expert by expert: the weights quantized (each expert its own scales), then the product below.
 void CpuBackend::grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W,
                                     bool trans_w, Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) {
   const char* op = "grouped_matmul_fp8";
-  require_host(A, op, "A");
   require(W.ndim() == 3, op, "W must be [E, N, K] or [E, K, N], got " + W.describe());
-  const int64_t E = W.dim(0), K = A.cols(), R = matrix_rows(A);
-  const int64_t N = trans_w ? W.dim(1) : W.dim(2);
-  require((trans_w ? W.dim(2) : W.dim(1)) == K, op, "W " + W.describe() + " does not match A " + A.describe());
+  const int64_t E = W.dim(0), N = trans_w ? W.dim(1) : W.dim(2), K = trans_w ? W.dim(2) : W.dim(1);
+  QuantizedExperts qw;
+  qw.granularity = w_gran;
+  qw.data = alloc({E, N, K}, DType::e4m3);
+  int64_t per = 1;
+  for (int64_t d : fp8_scale_shape(w_gran, N, K)) per *= d;
+  qw.scale = alloc({E, per}, DType::f32);
+  quantize_experts_fp8(W, !trans_w, qw);
+  grouped_matmul_fp8(A, a_format, a_gran, qw, C, offsets);
+}
+
+// Expert by expert: quantize that expert's rows (its own scales), then the FP8 GEMM with its weights.
+void CpuBackend::grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const QuantizedExperts& W,
+                                    Tensor& C, const Tensor& offsets) {
+  const char* op = "grouped_matmul_fp8";
+  require_host(A, op, "A");
+  require(W.data.ndim() == 3 && W.scale.ndim() == 2 && W.scale.dim(0) == W.data.dim(0), op,
+          "W must be a QuantizedExperts of data [E, N, K] and scale [E, n], got " + W.data.describe() + " and " +
+              W.scale.describe());
+  const int64_t E = W.experts(), N = W.data.dim(1), K = A.cols(), R = matrix_rows(A);
+  require(W.data.dim(2) == K, op, "W " + W.data.describe() + " does not match A " + A.describe());
   require(matrix_rows(C) == R && C.cols() == N, op, "C is " + C.describe() + ", expected [" + std::to_string(R) + ", " + std::to_string(N) + "]");
   const std::vector<int64_t> o = host_offsets(offsets, E, R, op);
   const Tensor A2 = A.view({R, K});
@@ -166,17 +183,13 @@ void CpuBackend::grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granular
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = o[size_t(e)], r1 = o[size_t(e + 1)];
     if (r1 == r0) continue;
-    QuantizedOperand qa, qw;
+    QuantizedOperand qa;
     qa.granularity = a_gran;
     qa.data = alloc({r1 - r0, K}, a_format);
     qa.scale = alloc(fp8_scale_shape(a_gran, r1 - r0, K), DType::f32);
-    qw.granularity = w_gran;
-    qw.data = alloc({N, K}, DType::e4m3);
-    qw.scale = alloc(fp8_scale_shape(w_gran, N, K), DType::f32);
     quantize_fp8(A2.rows_slice(r0, r1), false, qa);
-    quantize_fp8(W.index(e), !trans_w, qw);
     Tensor c = C2.rows_slice(r0, r1);
-    matmul_fp8(qa, qw, c);
+    matmul_fp8(qa, W.expert(e), c);
   }
 }
 

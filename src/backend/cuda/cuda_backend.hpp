@@ -85,14 +85,16 @@ class CudaBackend : public Backend {
                   float beta = 0.0f, bool fast_accum = false) override;
   void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W, bool trans_w,
                           Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) override;
+  void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const QuantizedExperts& W, Tensor& C,
+                          const Tensor& offsets) override;
+  void quantize_experts_fp8(const Tensor& W, bool transpose, QuantizedExperts& out) override;
   void grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran, Tensor& dW,
                                 const Tensor& offsets) override;
   SavedExpertOperand alloc_saved_expert_operand(int64_t rows, int64_t cols, int experts, Fp8Granularity g) override;
-  void grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const Tensor& W, Fp8Granularity w_gran,
-                                 Tensor& C, const Tensor& offsets, SavedExpertOperand& save) override;
-  void grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran, const Tensor& W,
-                                   Fp8Granularity w_gran, const SavedExpertOperand& X, Tensor& dX, Tensor& dW,
-                                   const Tensor& offsets) override;
+  void grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const QuantizedExperts& W, Tensor& C,
+                                 const Tensor& offsets, SavedExpertOperand& save) override;
+  void grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran, const QuantizedExperts& Wt,
+                                   const SavedExpertOperand& X, Tensor& dX, Tensor& dW, const Tensor& offsets) override;
 
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
@@ -178,7 +180,7 @@ class CudaBackend : public Backend {
     float* scales = nullptr;
     int kb_stride = 0;
   };
-  ExpertWeightsFp8 quantize_expert_weights(const Tensor& W, bool trans_w, Fp8Granularity w_gran);
+  static ExpertWeightsFp8 expert_weights_of(const QuantizedExperts& W);
   struct SegmentsFp8 {
     uint8_t* codes = nullptr;
     float* scales = nullptr;

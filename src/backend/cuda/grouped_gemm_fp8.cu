@@ -661,6 +661,16 @@ int64_t segment_scale_count(grouped_gemm::Fp8ScaleMode mode, int64_t cols, int E
   return mode == M::tensor ? int64_t(E) : mode == M::row ? E * cols : (Rp / 128) * cols;
 }
 
+// A tensor over backend scratch (no ownership).
+Tensor device_view(void* p, Shape shape, DType dtype) {
+  Tensor t;
+  t.data = p;
+  t.dtype = dtype;
+  t.device = Device::cuda;
+  t.shape = std::move(shape);
+  return t;
+}
+
 int64_t scale_count(Fp8Granularity g, int64_t rows, int64_t k) {
   int64_t n = 1;
   for (int64_t d : fp8_scale_shape(g, rows, k)) n *= d;
@@ -669,19 +679,32 @@ int64_t scale_count(Fp8Granularity g, int64_t rows, int64_t k) {
 
 }  // namespace
 
-// The expert weights quantized for the forward (trans_w: W [E, N, K] as it is) or the data
-// gradient (W [E, K, N]: W^T copies), expert by expert, e4m3, K-major: the B operand of
-// forward_fp8, with its scales.
-CudaBackend::ExpertWeightsFp8 CudaBackend::quantize_expert_weights(const Tensor& W, bool trans_w, Fp8Granularity w_gran) {
+// Expert weights W [E, rows, cols] quantized expert by expert into out: K-major B operands of
+// forward_fp8 (W_e as it is, or W_e^T per expert with transpose), e4m3, with their scales.
+void CudaBackend::quantize_experts_fp8(const Tensor& W, bool transpose, QuantizedExperts& out) {
+  const char* op = "quantize_experts_fp8";
+  require_float(W, op, "W");
+  require(W.ndim() == 3, op, "W must be [E, N, K], got " + W.describe());
+  const int64_t E = W.dim(0), N = transpose ? W.dim(2) : W.dim(1), K = transpose ? W.dim(1) : W.dim(2);
+  require_dtype(out.data, DType::e4m3, op, "out.data");
+  require_dtype(out.scale, DType::f32, op, "out.scale");
+  require(out.data.shape == Shape{E, N, K}, op,
+          "out.data must be [" + std::to_string(E) + ", " + std::to_string(N) + ", " + std::to_string(K) + "] for W " +
+              W.describe() + (transpose ? " transposed" : "") + ", got " + out.data.describe());
+  require(out.scale.shape == Shape{E, scale_count(out.granularity, N, K)}, op,
+          "out.scale must hold each expert's " + std::string(fp8_granularity_name(out.granularity)) + " scales, got " +
+              out.scale.describe());
+  if (E == 0) return;
+  quantize_fp8_batch(W.data, W.dtype, E, W.dim(1), W.dim(2), transpose, out.granularity, out.data.as<uint8_t>(),
+                     DType::e4m3, out.scale.as<float>(), nullptr, 0);
+}
+
+// forward_fp8's view of quantized expert weights.
+CudaBackend::ExpertWeightsFp8 CudaBackend::expert_weights_of(const QuantizedExperts& W) {
   ExpertWeightsFp8 q;
-  const int E = int(W.dim(0));
-  const int N = int(trans_w ? W.dim(1) : W.dim(2)), K = int(trans_w ? W.dim(2) : W.dim(1));
-  q.codes = static_cast<uint8_t*>(scratch(ScratchSlot::fp8_grouped_b, size_t(E) * N * K));
-  const int64_t nw = scale_count(w_gran, N, K);
-  q.scales = static_cast<float*>(scratch(ScratchSlot::fp8_grouped_scale_b, size_t(E * nw) * sizeof(float)));
-  quantize_fp8_batch(W.data, W.dtype, E, trans_w ? N : K, trans_w ? K : N, !trans_w, w_gran, q.codes, DType::e4m3,
-                     q.scales, nullptr, 0);
-  q.kb_stride = int(((K + 127) / 128 + 3) / 4 * 4);
+  q.codes = W.data.as<uint8_t>();
+  q.scales = W.scale.as<float>();
+  q.kb_stride = int(((W.data.dim(2) + 127) / 128 + 3) / 4 * 4);
   return q;
 }
 
@@ -692,22 +715,25 @@ struct GroupedShape {
   int E = 0, N = 0, K = 0;
 };
 
-GroupedShape check_grouped_fp8(const Tensor& A, DType a_format, const Tensor& W, bool trans_w, const Tensor& C,
+GroupedShape check_grouped_fp8(const Tensor& A, DType a_format, const QuantizedExperts& W, const Tensor& C,
                                const Tensor& offsets, const char* op) {
   require_dtype(A, DType::bf16, op, "A");
-  require_dtype(W, DType::bf16, op, "W (use the bf16 compute copy)");
+  require_dtype(W.data, DType::e4m3, op, "W.data (quantize_experts_fp8 makes it)");
+  require_dtype(W.scale, DType::f32, op, "W.scale");
   require_float(C, op, "C");
   require_dtype(offsets, DType::i32, op, "offsets");
   require(a_format == DType::e4m3 || a_format == DType::e5m2, op,
           std::string("the token-side format must be e4m3 or e5m2, got ") + dtype_name(a_format));
-  require(W.ndim() == 3, op, "W must be [E, N, K] or [E, K, N], got " + W.describe());
+  require(W.data.ndim() == 3, op, "W.data must be [E, N, K], got " + W.data.describe());
   GroupedShape g;
-  g.E = int(W.dim(0));
-  g.N = int(trans_w ? W.dim(1) : W.dim(2));
-  g.K = int(trans_w ? W.dim(2) : W.dim(1));
+  g.E = int(W.data.dim(0));
+  g.N = int(W.data.dim(1));
+  g.K = int(W.data.dim(2));
+  require(W.scale.shape == Shape{g.E, scale_count(W.granularity, g.N, g.K)}, op,
+          "W.scale " + W.scale.describe() + " is not one set of scales per expert");
   require(offsets.numel() == g.E + 1, op, "offsets must be [E+1]");
   require(A.cols() == g.K && C.cols() == g.N && C.rows() == A.rows(), op,
-          "A " + A.describe() + ", W " + W.describe() + ", C " + C.describe() + " do not agree");
+          "A " + A.describe() + ", W " + W.data.describe() + ", C " + C.describe() + " do not agree");
   require(g.K % 16 == 0 && g.N % 16 == 0, op, "K and N must be multiples of 16 (16-byte FP8 rows)");
   return g;
 }
@@ -748,8 +774,23 @@ grouped_gemm::Fp8ScaleMode wgrad_mode_of(Fp8Granularity gran, const char* op) {
 void CudaBackend::grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W,
                                      bool trans_w, Fp8Granularity w_gran, Tensor& C, const Tensor& offsets) {
   const char* op = "grouped_matmul_fp8";
-  const GroupedShape g = check_grouped_fp8(A, a_format, W, trans_w, C, offsets, op);
-  const grouped_gemm::Fp8ScaleMode mode = scale_mode_of(a_gran, w_gran, op);
+  require_dtype(W, DType::bf16, op, "W (use the bf16 compute copy)");
+  require(W.ndim() == 3, op, "W must be [E, N, K] or [E, K, N], got " + W.describe());
+  const int64_t E = W.dim(0), N = trans_w ? W.dim(1) : W.dim(2), K = trans_w ? W.dim(2) : W.dim(1);
+  QuantizedExperts qw;
+  qw.granularity = w_gran;
+  qw.data = device_view(scratch(ScratchSlot::fp8_grouped_b, size_t(E * N * K)), {E, N, K}, DType::e4m3);
+  const int64_t nw = scale_count(w_gran, N, K);
+  qw.scale = device_view(scratch(ScratchSlot::fp8_grouped_scale_b, size_t(E * nw) * sizeof(float)), {E, nw}, DType::f32);
+  quantize_experts_fp8(W, !trans_w, qw);
+  grouped_matmul_fp8(A, a_format, a_gran, qw, C, offsets);
+}
+
+void CudaBackend::grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const QuantizedExperts& W,
+                                     Tensor& C, const Tensor& offsets) {
+  const char* op = "grouped_matmul_fp8";
+  const GroupedShape g = check_grouped_fp8(A, a_format, W, C, offsets, op);
+  const grouped_gemm::Fp8ScaleMode mode = scale_mode_of(a_gran, W.granularity, op);
   require_whole_weight_blocks(mode, g.N, op);
   const int64_t R = A.rows();
   if (R == 0) return;
@@ -760,7 +801,7 @@ void CudaBackend::grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granula
   const bool segments = a_gran == Fp8Granularity::tensor;
   quantize_fp8_batch(A.data, A.dtype, 1, R, g.K, false, a_gran, qa, a_format, sa, segments ? offsets.as<int32_t>() : nullptr,
                      segments ? g.E : 0);
-  const ExpertWeightsFp8 qw = quantize_expert_weights(W, trans_w, w_gran);
+  const ExpertWeightsFp8 qw = expert_weights_of(W);
   grouped_gemm::Fp8GroupedScales sc;
   sc.mode = mode;
   sc.a = sa;
@@ -818,12 +859,12 @@ void check_saved(const SavedExpertOperand& s, int64_t x_rows, int64_t x_cols, in
 
 }  // namespace
 
-void CudaBackend::grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const Tensor& W, Fp8Granularity w_gran,
-                                            Tensor& C, const Tensor& offsets, SavedExpertOperand& save) {
+void CudaBackend::grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const QuantizedExperts& W, Tensor& C,
+                                            const Tensor& offsets, SavedExpertOperand& save) {
   const char* op = "grouped_matmul_fp8_saving";
   using M = grouped_gemm::Fp8ScaleMode;
-  const GroupedShape g = check_grouped_fp8(A, DType::e4m3, W, true, C, offsets, op);
-  const M mode = scale_mode_of(a_gran, w_gran, op);
+  const GroupedShape g = check_grouped_fp8(A, DType::e4m3, W, C, offsets, op);
+  const M mode = scale_mode_of(a_gran, W.granularity, op);
   require_whole_weight_blocks(mode, g.N, op);
   const int64_t R = A.rows();
   check_saved(save, R, g.K, g.E, a_gran, op);
@@ -835,7 +876,7 @@ void CudaBackend::grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gr
   grouped_gemm::StraightCopy rows = straight_rows_scratch(R, g.K, mode);
   const SegmentsFp8 kept{save.data.as<uint8_t>(), save.scale.as<float>()};
   quantize_segments(A, kept, offsets, padded, g.E, Rp, mode, DType::e4m3, &rows);
-  const ExpertWeightsFp8 qw = quantize_expert_weights(W, true, w_gran);
+  const ExpertWeightsFp8 qw = expert_weights_of(W);
   grouped_gemm::Fp8GroupedScales sc;
   sc.mode = mode;
   sc.a = mode == M::tensor ? kept.scales : rows.scale;
@@ -845,18 +886,18 @@ void CudaBackend::grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gr
                             sm_count_, stream_);
 }
 
-void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran, const Tensor& W,
-                                              Fp8Granularity w_gran, const SavedExpertOperand& X, Tensor& dX, Tensor& dW,
-                                              const Tensor& offsets) {
+void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran,
+                                              const QuantizedExperts& Wt, const SavedExpertOperand& X, Tensor& dX,
+                                              Tensor& dW, const Tensor& offsets) {
   const char* op = "grouped_matmul_backward_fp8";
   using M = grouped_gemm::Fp8ScaleMode;
-  // dX = dY W_e: W [E, K, N] as the data gradient reads it (K = dY's columns, N = dX's).
-  const GroupedShape g = check_grouped_fp8(dY, dy_format, W, false, dX, offsets, op);
+  // dX = dY W_e: Wt holds W_e^T [N, K] per expert (K = dY's columns, N = dX's).
+  const GroupedShape g = check_grouped_fp8(dY, dy_format, Wt, dX, offsets, op);
   require_float(dW, op, "dW");
   require(dW.ndim() == 3 && dW.dim(0) == g.E && dW.dim(1) == g.K && dW.dim(2) == g.N, op,
           "dW " + dW.describe() + " must be W's [E, N, K] of the forward: [" + std::to_string(g.E) + ", " +
               std::to_string(g.K) + ", " + std::to_string(g.N) + "]");
-  const M mode = scale_mode_of(a_gran, w_gran, op);
+  const M mode = scale_mode_of(a_gran, Wt.granularity, op);
   require_whole_weight_blocks(mode, g.N, op);
   const int64_t R = dY.rows();
   check_saved(X, R, g.N, g.E, a_gran, op);
@@ -869,7 +910,7 @@ void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format,
   grouped_gemm::StraightCopy rows = straight_rows_scratch(R, g.K, mode);
   const SegmentsFp8 qdy = segments_scratch(ScratchSlot::fp8_grouped_at, ScratchSlot::fp8_grouped_scale_at, g.K, E, Rp, mode);
   quantize_segments(dY, qdy, offsets, padded, E, Rp, mode, dy_format, &rows);
-  const ExpertWeightsFp8 qw = quantize_expert_weights(W, false, w_gran);
+  const ExpertWeightsFp8 qw = expert_weights_of(Wt);
   grouped_gemm::Fp8GroupedScales sd;
   sd.mode = mode;
   sd.a = mode == M::tensor ? qdy.scales : rows.scale;
