@@ -140,6 +140,10 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
     l.rstd_k = alloc0({n_ * kv_heads_}, stat_);
     l.att = alloc0({B, T, heads_, head_dim_}, act_);
     l.lse = alloc0({B, heads_, T}, stat_);
+    if (fp8_dense_) {  // the q, k, v and output projections' inputs, transposed for their weight gradients
+      l.xn1_t = lin_.saved_input(n_, D);
+      l.att_t = lin_.saved_input(n_, qdim);
+    }
     l.x_mid = alloc0({n_, D}, act_);
     l.xn2 = alloc0({n_, D}, act_);
     l.rstd2 = alloc0({n_}, stat_);
@@ -285,7 +289,10 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
       lin_.plan(n_, D, Hs);
     }
   }
-  if (fp8_head_) lin_.plan(chunk_rows_, V, D);
+  if (fp8_head_) {
+    lin_.plan(chunk_rows_, V, D);
+    head_xt_ = lin_.saved_input(chunk_rows_, D);  // one chunk's x^T, from its forward to its backward
+  }
   // The weights those linears multiply keep their FP8 forms (refreshed with the compute copies).
   for (const Param& p : params_.params)
     if (read_in_fp8_only(p)) lin_.add_weight(p.compute);
@@ -458,7 +465,7 @@ void GptMoE::forward(const Tensor& tokens) {
                          elements(x0_lambdas_->value, int64_t(i), int64_t(i) + 1), layers_[0].x_pre, l.x_in);
     be_.rmsnorm_fwd(l.x_in, l.xn1, l.rstd1);
     Tensor q = tokens_by_features(l.q), k = tokens_by_features(l.k), v = tokens_by_features(l.v);
-    lin_.forward(fp8_dense_, l.xn1, l.wq->compute, q);
+    lin_.forward(fp8_dense_, l.xn1, l.wq->compute, q, 0.0f, LinearGemms::none, fp8_dense_ ? &l.xn1_t : nullptr);
     lin_.forward(fp8_dense_, l.xn1, l.wk->compute, k, 0.0f, LinearGemms::same_x);
     lin_.forward(fp8_dense_, l.xn1, l.wv->compute, v, 0.0f, LinearGemms::same_x);
     if (l.ve) {
@@ -469,7 +476,8 @@ void GptMoE::forward(const Tensor& tokens) {
     be_.rope_norm_fwd(l.k, cos_, sin_, l.kr, l.rstd_k);
     be_.attention_fwd(l.qr, l.kr, l.v, l.att, l.lse, l.window);
     be_.copy(l.x_in, l.x_mid);
-    lin_.forward(fp8_dense_, tokens_by_features(l.att), l.wo->compute, l.x_mid, 1.0f);
+    lin_.forward(fp8_dense_, tokens_by_features(l.att), l.wo->compute, l.x_mid, 1.0f, LinearGemms::none,
+                 fp8_dense_ ? &l.att_t : nullptr);
     be_.rmsnorm_fwd(l.x_mid, l.xn2, l.rstd2);
     be_.copy(l.x_mid, next);
     mlp_forward(l, l.xn2, next);
@@ -497,12 +505,13 @@ void GptMoE::head_loss(const Tensor& targets, float loss_scale, bool backward) {
     Tensor x = xf_.rows_slice(r0, r1);
     Tensor logits = logits_.rows_slice(0, r1 - r0);
     Tensor loss_rows = losses.rows_slice(r0, r1).view({r1 - r0});
-    lin_.forward(fp8_head_, x, head_->compute, logits);
+    lin_.forward(fp8_head_, x, head_->compute, logits, 0.0f, LinearGemms::none, fp8_head_ ? &head_xt_ : nullptr);
     be_.softcap_xent(logits, tgt.rows_slice(r0, r1).view({r1 - r0}), float(cfg_.model.softcap), loss_scale,
                      loss_rows, logits);
     if (backward) {
       Tensor dx = dxf_.rows_slice(r0, r1);
-      lin_.backward(fp8_head_, logits, head_->compute, x, dx, head_->grad);
+      lin_.backward(fp8_head_, logits, head_->compute, x, dx, head_->grad, 0.0f, LinearGemms::none,
+                    fp8_head_ ? &head_xt_ : nullptr);
     }
   }
 }
@@ -555,13 +564,19 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
 
 void GptMoE::attention_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
   Tensor datt = tokens_by_features(datt_);
-  lin_.backward(fp8_dense_, dy, l.wo->compute, tokens_by_features(l.att), datt, l.wo->grad);
+  const LinearGemms::SavedInput* att_t = fp8_dense_ ? &l.att_t : nullptr;
+  const LinearGemms::SavedInput* xn1_t = fp8_dense_ ? &l.xn1_t : nullptr;
+  lin_.backward(fp8_dense_, dy, l.wo->compute, tokens_by_features(l.att), datt, l.wo->grad, 0.0f, LinearGemms::none,
+                att_t);
   be_.attention_bwd(l.qr, l.kr, l.v, l.att, l.lse, datt_, dq_, dk_, dv_, l.window);
   be_.rope_norm_bwd(l.q, cos_, sin_, l.rstd_q, dq_, dqraw_);
   be_.rope_norm_bwd(l.k, cos_, sin_, l.rstd_k, dk_, dkraw_);
-  lin_.backward(fp8_dense_, tokens_by_features(dqraw_), l.wq->compute, l.xn1, dxn, l.wq->grad);
-  lin_.backward(fp8_dense_, tokens_by_features(dkraw_), l.wk->compute, l.xn1, dxn, l.wk->grad, 1.0f, LinearGemms::same_x);
-  lin_.backward(fp8_dense_, tokens_by_features(dv_), l.wv->compute, l.xn1, dxn, l.wv->grad, 1.0f, LinearGemms::same_x);
+  lin_.backward(fp8_dense_, tokens_by_features(dqraw_), l.wq->compute, l.xn1, dxn, l.wq->grad, 0.0f, LinearGemms::none,
+                xn1_t);
+  lin_.backward(fp8_dense_, tokens_by_features(dkraw_), l.wk->compute, l.xn1, dxn, l.wk->grad, 1.0f, LinearGemms::none,
+                xn1_t);
+  lin_.backward(fp8_dense_, tokens_by_features(dv_), l.wv->compute, l.xn1, dxn, l.wv->grad, 1.0f, LinearGemms::none,
+                xn1_t);
 }
 
 void GptMoE::set_group(Communicator* group) { group_ = group; }

@@ -93,6 +93,7 @@ class GptMoE {
     // Saved activations.
     int window = 0;  // sliding window of this layer's attention (0: full causal)
     Tensor x_in, xn1, rstd1, q, k, v, qr, kr, rstd_q, rstd_k, att, lse, x_mid, xn2, rstd2;
+    LinearGemms::SavedInput xn1_t, att_t;  // FP8 dense: xn1^T and att^T from the forward
     Tensor h, a;                                                   // dense or shared expert
     Tensor router_logits, probs, topk, gates, routed, counts, offsets, slot, row_token;
     Tensor routed_group;  // routed summed over the data-parallel group (with set_group)
@@ -152,6 +153,7 @@ class GptMoE {
   Tensor cos_, sin_;
   Tensor emb_, rstd0_, x_out_, xf_, rstd_f_, logits_, losses_, loss_sum_, bal_sum_, load_acc_, kept_acc_, tmp1_;
   int64_t chunk_rows_ = 0;
+  LinearGemms::SavedInput head_xt_;  // FP8 head: the chunk's x^T from its forward
   float bal_scale_ = 0;  // balance-loss weight of the micro-batch being differentiated
   Communicator* group_ = nullptr;  // set_group; training forwards sum the routing over it
   Communicator* expert_group_ = nullptr;  // expert parallel over its ranks

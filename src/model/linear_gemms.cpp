@@ -148,17 +148,43 @@ QuantizedOperand LinearGemms::quantize(Slot& slot, const Tensor& x, bool transpo
   return q;
 }
 
-void LinearGemms::forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, float beta, unsigned reuse) {
+LinearGemms::SavedInput LinearGemms::saved_input(int64_t tokens, int64_t in) {
+  SavedInput s;
+  if (!fp8_) return s;
+  s.xt.granularity = act_;
+  s.xt.data = be_.alloc({in, tokens}, DType::e4m3);
+  s.xt.scale = be_.alloc(fp8_scale_shape(act_, in, tokens), DType::f32);
+  be_.fill(s.xt.scale, 1.0f);
+  return s;
+}
+
+void LinearGemms::forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, float beta, unsigned reuse,
+                          SavedInput* save) {
   if (!(fp8 && fp8_)) {
     be_.matmul(x, false, W, true, y, 1.0f, beta);
     return;
   }
-  QuantizedOperand a = quantize(a_, x, false, DType::e4m3, act_, reuse & same_x);
+  QuantizedOperand a;
+  if (save) {
+    const int64_t rows = x.numel() / std::max<int64_t>(x.cols(), 1);
+    MOELAB_CHECK(save->xt.data.dim(0) == x.cols() && save->xt.data.dim(1) >= rows,
+                 "LinearGemms::forward: the saved input cannot hold x^T of " + x.describe());
+    a = operand(a_, x, false, DType::e4m3, act_);
+    QuantizedOperand xt = save->xt;
+    xt.data = save->xt.data.prefix({x.cols(), rows});
+    xt.scale = save->xt.scale.prefix(fp8_scale_shape(act_, x.cols(), rows));
+    be_.quantize_fp8_pair(x, a, xt);
+    remember(a_, x, false, DType::e4m3, a);
+    save->src = x.data;
+    save->src_shape = x.shape;
+  } else {
+    a = quantize(a_, x, false, DType::e4m3, act_, reuse & same_x);
+  }
   be_.matmul_fp8(a, forms_of(W).w, y, 1.0f, beta, /*fast_accum=*/true);
 }
 
 void LinearGemms::backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, Tensor& dx, Tensor& dW,
-                           float beta, unsigned reuse) {
+                           float beta, unsigned reuse, const SavedInput* saved) {
   if (!(fp8 && fp8_)) {
     be_.matmul(dy, false, W, false, dx, 1.0f, beta);
     be_.matmul(dy, true, x, false, dW, 1.0f, 1.0f);
@@ -170,7 +196,17 @@ void LinearGemms::backward(bool fp8, const Tensor& dy, const Tensor& W, const Te
   remember(a_, dy, false, grad_format_, g);
   remember(at_, dy, true, grad_format_, gt);
   be_.matmul_fp8(g, forms_of(W).wt, dx, 1.0f, beta);
-  QuantizedOperand xt = quantize(xt_, x, true, DType::e4m3, act_, reuse & same_x);
+  QuantizedOperand xt;
+  if (saved) {
+    MOELAB_CHECK(saved->src == x.data && saved->src_shape == x.shape,
+                 "LinearGemms::backward: the saved input holds another tensor than x " + x.describe());
+    const int64_t rows = x.numel() / std::max<int64_t>(x.cols(), 1);
+    xt = saved->xt;
+    xt.data = saved->xt.data.prefix({x.cols(), rows});
+    xt.scale = saved->xt.scale.prefix(fp8_scale_shape(act_, x.cols(), rows));
+  } else {
+    xt = quantize(xt_, x, true, DType::e4m3, act_, reuse & same_x);
+  }
   be_.matmul_fp8(gt, xt, dW, 1.0f, 1.0f);
 }
 

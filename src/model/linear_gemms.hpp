@@ -48,12 +48,24 @@ class LinearGemms {
   // memory, shape or format) is ignored.
   enum Reuse : unsigned { none = 0, same_x = 1 };
 
-  // y = x W^T + beta y.
-  void forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, float beta = 0.0f, unsigned reuse = none);
+  // An input's x^T copy (the weight gradient's B) made by the forward from the same read of x as
+  // its straight copy, and kept for the backward: it then needs neither an amax pass nor a second
+  // read of x. From saved_input(); empty (and ignored) without FP8.
+  struct SavedInput {
+    QuantizedOperand xt;
+    const void* src = nullptr;  // the x it holds, checked by the backward
+    Shape src_shape;
+  };
+  SavedInput saved_input(int64_t tokens, int64_t in);
+
+  // y = x W^T + beta y. With save (FP8), x^T is quantized into it as well.
+  void forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, float beta = 0.0f, unsigned reuse = none,
+               SavedInput* save = nullptr);
   // The backward of y = x W^T: dx = dy W + beta dx and dW += dy^T x. In FP8, dy is quantized
-  // once into both copies the two products read (quantize_fp8_pair); same_x reuses x^T.
+  // once into both copies the two products read (quantize_fp8_pair); x^T comes from `saved` (the
+  // forward's) when given, else same_x reuses the last x^T, else x is quantized.
   void backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, Tensor& dx, Tensor& dW, float beta = 0.0f,
-                unsigned reuse = none);
+                unsigned reuse = none, const SavedInput* saved = nullptr);
 
   // The experts' GEMMs over permuted rows grouped by offsets (W [E, N, K]), in FP8 by the same
   // recipe with one set of scales per expert (the backend quantizes expert by expert):

@@ -447,7 +447,8 @@ TEST_F(CudaFp8Grouped, ExpertWeightFormsMatchTheCpu) {
         QuantizedExperts g = experts_operand(*gpu, E, rows, k, r.weight), c = experts_operand(*cpu, E, rows, k, r.weight);
         gpu->quantize_experts_fp8(w.g, transpose, g);
         cpu->quantize_experts_fp8(w.c, transpose, c);
-        const std::vector<float> gd = gpu->read(g.data), cd = cpu->read(c.data);
+        const std::vector<uint8_t> gd = bytes(g.data);
+        const uint8_t* cd = c.data.as<uint8_t>();
         const std::vector<float> gs = gpu->read(g.scale), cs = cpu->read(c.scale);
         int64_t code_diff = 0, scale_diff = 0, bad = 0;
         for (size_t i = 0; i < gd.size(); ++i) code_diff += gd[i] != cd[i];

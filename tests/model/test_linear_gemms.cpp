@@ -185,6 +185,40 @@ TEST(LinearGemms, Fp8WeightsAreTheirFormsAsLastRefreshed) {
   }
 }
 
+TEST(LinearGemms, TheForwardsSavedInputGivesTheBackwardsBits) {
+  // forward(..., save) quantizes x^T with x's read; the backward reading it gives exactly the
+  // weight gradient of quantizing x^T there, and refuses a saved input of another tensor.
+  for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
+    SCOPED_TRACE(recipe);
+    Fixture f;
+    Config c;
+    c.precision = "fp8";
+    c.fp8.recipe = recipe;
+    LinearGemms lin(f.be, c);
+    const int64_t T = 144, out = 64, in = 160;
+    Tensor x = f.random({T, in}, 1.0), x2 = f.random({T, in}, 1.0), w = f.random({out, in}, 0.1);
+    Tensor dy = f.random({T, out}, 0.01);
+    lin.plan(T, out, in);
+    lin.add_weight(w);
+    lin.allocate();
+    lin.refresh_weights();
+    LinearGemms::SavedInput saved = lin.saved_input(T, in);
+    Tensor y1 = f.be.alloc({T, out}, DType::f32), y2 = f.be.alloc({T, out}, DType::f32);
+    Tensor dx = f.be.alloc({T, in}, DType::f32), dw1 = f.be.alloc({out, in}, DType::f32);
+    Tensor dw2 = f.be.alloc({out, in}, DType::f32);
+    f.be.fill(dw1, 0.0f);
+    f.be.fill(dw2, 0.0f);
+    lin.forward(true, x, w, y1, 0.0f, LinearGemms::none, &saved);
+    lin.forward(true, x2, w, y2);  // the buffers move on to another input
+    lin.backward(true, dy, w, x, dx, dw1, 0.0f, LinearGemms::none, &saved);
+    lin.backward(true, dy, w, x, dx, dw2);
+    EXPECT_EQ(host(dw1), host(dw2));
+    lin.forward(true, x, w, y2);
+    EXPECT_EQ(host(y1), host(y2));
+    EXPECT_THROW(lin.backward(true, dy, w, x2, dx, dw1, 0.0f, LinearGemms::none, &saved), Error);
+  }
+}
+
 TEST(LinearGemms, Fp8ExpertsReadTheirStacksForms) {
   // An expert stack's forms give the products grouped_matmul_fp8 makes of the bf16 stack itself.
   for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
