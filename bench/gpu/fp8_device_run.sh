@@ -9,6 +9,7 @@
 source bench/gpu/device_env.sh
 B=$GPU_BIN
 steps=${STEPS:-30}
+rm -rf /tmp/fp8speed  # a warm machine keeps the last call's runs: each call measures its own
 what=" ${WHAT:-ops bench seed d20 peers} "
 if [[ $what == *" ops "* ]]; then
   echo "== op harness: ${TEST_FILTER:-CudaFp8*}"
