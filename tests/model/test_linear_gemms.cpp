@@ -35,6 +35,21 @@ struct Fixture {
   }
 };
 
+// precision = fp8 with a recipe, and the scaling it gives activations and weights.
+struct Fp8Recipe {
+  Config config;
+  Fp8Granularity act, weight;
+};
+Fp8Recipe fp8_recipe(const std::string& recipe) {
+  Fp8Recipe r;
+  r.config.precision = "fp8";
+  r.config.fp8.recipe = recipe;
+  r.act = recipe == "rowwise" ? Fp8Granularity::row : recipe == "blockwise" ? Fp8Granularity::block_1x128
+                                                                             : Fp8Granularity::tensor;
+  r.weight = recipe == "blockwise" ? Fp8Granularity::block_128x128 : r.act;
+  return r;
+}
+
 TEST(LinearGemms, PlainPrecisionIsExactlyMatmul) {
   Fixture f;
   Config c;  // precision = auto
@@ -131,14 +146,9 @@ TEST(LinearGemms, Fp8WeightsAreTheirFormsAsLastRefreshed) {
   for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
     SCOPED_TRACE(recipe);
     Fixture f;
-    Config c;
-    c.precision = "fp8";
-    c.fp8.recipe = recipe;
-    const Fp8Granularity act = recipe == "rowwise"     ? Fp8Granularity::row
-                               : recipe == "blockwise" ? Fp8Granularity::block_1x128
-                                                       : Fp8Granularity::tensor;
-    const Fp8Granularity wg = recipe == "blockwise" ? Fp8Granularity::block_128x128 : act;
-    LinearGemms lin(f.be, c);
+    const Fp8Recipe r = fp8_recipe(recipe);
+    const Fp8Granularity act = r.act, wg = r.weight;
+    LinearGemms lin(f.be, r.config);
     const int64_t T = 96, out = 144, in = 160;
     Tensor x = f.random({T, in}, 1.0), w = f.random({out, in}, 0.1), dy = f.random({T, out}, 0.01);
     Tensor other = f.random({out, in}, 0.1);
@@ -191,10 +201,7 @@ TEST(LinearGemms, TheForwardsSavedInputGivesTheBackwardsBits) {
   for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
     SCOPED_TRACE(recipe);
     Fixture f;
-    Config c;
-    c.precision = "fp8";
-    c.fp8.recipe = recipe;
-    LinearGemms lin(f.be, c);
+    LinearGemms lin(f.be, fp8_recipe(recipe).config);
     const int64_t T = 144, out = 64, in = 160;
     Tensor x = f.random({T, in}, 1.0), x2 = f.random({T, in}, 1.0), w = f.random({out, in}, 0.1);
     Tensor dy = f.random({T, out}, 0.01);
@@ -224,14 +231,9 @@ TEST(LinearGemms, Fp8ExpertsReadTheirStacksForms) {
   for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
     SCOPED_TRACE(recipe);
     Fixture f;
-    Config c;
-    c.precision = "fp8";
-    c.fp8.recipe = recipe;
-    const Fp8Granularity act = recipe == "rowwise"     ? Fp8Granularity::row
-                               : recipe == "blockwise" ? Fp8Granularity::block_1x128
-                                                       : Fp8Granularity::tensor;
-    const Fp8Granularity wg = recipe == "blockwise" ? Fp8Granularity::block_128x128 : act;
-    LinearGemms lin(f.be, c);
+    const Fp8Recipe r = fp8_recipe(recipe);
+    const Fp8Granularity act = r.act, wg = r.weight;
+    LinearGemms lin(f.be, r.config);
     const int64_t E = 3, R = 70, N = 128, K = 160;
     Tensor W = f.random({E, N, K}, 0.1), x = f.random({R, K}, 1.0), dy = f.random({R, N}, 0.01);
     Tensor offsets = f.be.alloc({E + 1}, DType::i32);
