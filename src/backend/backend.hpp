@@ -124,6 +124,17 @@ struct QuantizedExperts {
   }
 };
 
+// Each expert's absolute maximum of an expert-ordered operand, recorded by the op that writes
+// it (the permute, ReLU² of the experts' hidden rows, the combine's backward and ReLU²'s): for
+// every row r < offsets[E] it writes, amax[e] is raised to the largest |value| as stored (after
+// rounding to the output's dtype), e the expert whose rows [offsets[e], offsets[e+1]) hold r.
+// Raised, never lowered: the caller zeroes amax first. An FP8 expert GEMM with tensor scaling
+// given it then needs no amax pass over its operand.
+struct ExpertAmax {
+  Tensor amax;     // f32 [E]
+  Tensor offsets;  // i32 [E + 1]
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -220,8 +231,11 @@ class Backend {
   }
   // The forward of an expert GEMM (grouped_matmul_fp8 with A e4m3 and W the forward's form of the
   // weights) that also keeps A for the weight gradient in `save`.
+  // a_amax: A's per-expert amax from its producer (ExpertAmax), used with tensor scaling in place
+  // of an amax pass; it must be exact. Backends may ignore it (the CPU does).
   virtual void grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const QuantizedExperts& W, Tensor& C,
-                                         const Tensor& offsets, SavedExpertOperand& save) {
+                                         const Tensor& offsets, SavedExpertOperand& save,
+                                         const Tensor* /*a_amax*/ = nullptr) {
     grouped_matmul_fp8(A, DType::e4m3, a_gran, W, C, offsets);
     Tensor kept = save.data.prefix(A.shape);
     copy(A, kept);
@@ -230,9 +244,10 @@ class Backend {
   // expert) and X the operand its forward saved: dX = grouped_matmul_fp8(dY, ..., Wt, ...) and
   // dW += grouped_matmul_wgrad_fp8(dY, ..., X, ...), exactly as those two calls give them. A
   // backend may quantize dY once for both products (CUDA does).
+  // dy_amax: dY's per-expert amax from its producer, as a_amax above.
   virtual void grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran,
                                            const QuantizedExperts& Wt, const SavedExpertOperand& X, Tensor& dX,
-                                           Tensor& dW, const Tensor& offsets) {
+                                           Tensor& dW, const Tensor& offsets, const Tensor* /*dy_amax*/ = nullptr) {
     grouped_matmul_fp8(dY, dy_format, a_gran, Wt, dX, offsets);
     grouped_matmul_wgrad_fp8(dY, dy_format, X.data.prefix({dY.rows(), X.data.cols()}), a_gran, dW, offsets);
   }
@@ -270,8 +285,9 @@ class Backend {
                              Tensor& dv, int window = 0) = 0;
 
   // --- ReLU^2 ------------------------------------------------------------------------------------
-  virtual void relu2_fwd(const Tensor& h, Tensor& a) = 0;
-  virtual void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) = 0;
+  // With amax (rows of h in expert order), each expert's amax of a (of dh) is raised too.
+  virtual void relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax = nullptr) = 0;
+  virtual void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* amax = nullptr) = 0;
 
   // --- logit softcap + cross-entropy, in f32 -----------------------------------------------------
   // logits [N, V]; z = cap * tanh(logits / cap); losses[n] = logsumexp(z) - z[target] (0 where
@@ -314,16 +330,18 @@ class Backend {
                           float bal_grad_scale, Tensor& dlogits) = 0;
 
   // xp[r] = x[row_token[r]] for r < offsets[E]; rows past offsets[E] are left untouched.
-  virtual void moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets,
-                           Tensor& xp) = 0;
+  // With amax (its offsets these offsets), each expert's amax of xp is raised too.
+  virtual void moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets, Tensor& xp,
+                           const ExpertAmax* amax = nullptr) = 0;
   // dx[t] += sum_j dxp[slot[t, j]] over kept assignments.
   virtual void moe_permute_bwd(const Tensor& dxp, const Tensor& slot, Tensor& dx) = 0;
   // y[t] (+)= sum_j gates[t, j] * yp[slot[t, j]] over kept assignments.
   virtual void moe_combine(const Tensor& yp, const Tensor& slot, const Tensor& gates, Tensor& y,
                            bool accumulate) = 0;
   // dyp[slot[t, j]] = gates[t, j] * dy[t]; dgates[t, j] = <dy[t], yp[slot[t, j]]> (0 if dropped).
-  virtual void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot,
-                               const Tensor& gates, Tensor& dyp, Tensor& dgates) = 0;
+  // With amax, each expert's amax of dyp is raised too.
+  virtual void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot, const Tensor& gates,
+                               Tensor& dyp, Tensor& dgates, const ExpertAmax* amax = nullptr) = 0;
 
   // Expert GEMMs over the permuted rows, reading offsets [E+1] on the device. For each expert e,
   // rows [offsets[e], offsets[e+1]) of A [R, K] times op(W[e]) go to the same rows of C [R, N]:

@@ -238,6 +238,13 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   bal_sum_ = alloc0({1}, stat_);
   int64_t moe_layers = std::count(moe_mask.begin(), moe_mask.end(), true);
   load_acc_ = alloc0({std::max<int64_t>(moe_layers * experts_, 1)}, stat_);
+  // FP8 experts with tensor scaling: the experts' operands' amax, raised by their producers.
+  if (fp8_experts_ && cfg_.fp8.recipe == "tensorwise" && !expert_group_ && moe_layers > 0) {
+    expert_amax_ = alloc0({moe_layers, 4, experts_}, DType::f32);
+    int64_t mi = 0;
+    for (Layer& l : layers_)
+      if (l.moe) l.expert_amax = expert_amax_.index(mi++);
+  }
   kept_acc_ = alloc0({std::max<int64_t>(moe_layers, 1)}, stat_);
   tmp1_ = alloc0({std::max<int64_t>(experts_, 1)}, stat_);
 
@@ -430,7 +437,12 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
     group_->all_reduce_sum(l.routed_group);
   }
   be_.balance_loss(l.probs, group_routing_ ? l.routed_group : l.routed, bal_log_coef_, l.bal);
-  be_.moe_permute(xn, l.row_token, l.offsets, l.xp);
+  // With FP8 experts under tensor scaling, each producer of an expert GEMM's operand (the
+  // permute, ReLU², the combine's backward, ReLU²'s backward) raises its experts' amax.
+  const bool amax = l.expert_amax.data != nullptr;
+  auto amax_of = [&](int which) { return ExpertAmax{l.expert_amax.index(which), l.offsets}; };
+  const ExpertAmax xp_amax = amax ? amax_of(0) : ExpertAmax{}, ap_amax = amax ? amax_of(1) : ExpertAmax{};
+  be_.moe_permute(xn, l.row_token, l.offsets, l.xp, amax ? &xp_amax : nullptr);
   if (l.exchange) {  // this rank's experts over every rank's rows for them, then back
     ExpertExchange& ex = *l.exchange;
     ex.plan(be_.read_i32(l.offsets));
@@ -443,9 +455,11 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
     lin_.expert_forward(false, l.ap_local, l.w_proj->compute, l.yp_local, l.offsets_local, l.ap_saved);
     ex.gather(l.yp_local, l.yp, ep_stage_);
   } else {
-    lin_.expert_forward(fp8_experts_, l.xp, l.w_fc->compute, l.hp, l.offsets, l.xp_saved);
-    be_.relu2_fwd(l.hp, l.ap);
-    lin_.expert_forward(fp8_experts_, l.ap, l.w_proj->compute, l.yp, l.offsets, l.ap_saved);
+    lin_.expert_forward(fp8_experts_, l.xp, l.w_fc->compute, l.hp, l.offsets, l.xp_saved,
+                        amax ? &xp_amax.amax : nullptr);
+    be_.relu2_fwd(l.hp, l.ap, amax ? &ap_amax : nullptr);
+    lin_.expert_forward(fp8_experts_, l.ap, l.w_proj->compute, l.yp, l.offsets, l.ap_saved,
+                        amax ? &ap_amax.amax : nullptr);
   }
   be_.moe_combine(l.yp, l.slot, l.gates, out, true);
   if (l.sh_fc) dense_forward(*l.sh_fc, *l.sh_proj, xn, l.h, l.a, out, true);
@@ -453,6 +467,7 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
 
 void GptMoE::forward(const Tensor& tokens) {
   const bool lambdas = resid_lambdas_ != nullptr;
+  if (expert_amax_.data) be_.fill(expert_amax_, 0.0f);  // raised again by this micro-batch's producers
   be_.embedding_fwd(tokens, wte_->compute, emb_);
   // With the lambdas, each block's input is a mix of the stream (x_pre) and x0 (layer 0's x_pre).
   be_.rmsnorm_fwd(emb_, lambdas ? layers_[0].x_pre : layers_[0].x_in, rstd0_);
@@ -529,7 +544,10 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
     dense_backward(*l.fc, *l.proj, l.xn2, l.h, l.a, dy, dxn, false);
     return;
   }
-  be_.moe_combine_bwd(dy, l.yp, l.slot, l.gates, dyp_, dgates_);
+  const bool amax = l.expert_amax.data != nullptr;  // as in mlp_forward
+  auto amax_of = [&](int which) { return ExpertAmax{l.expert_amax.index(which), l.offsets}; };
+  const ExpertAmax dyp_amax = amax ? amax_of(2) : ExpertAmax{}, dhp_amax = amax ? amax_of(3) : ExpertAmax{};
+  be_.moe_combine_bwd(dy, l.yp, l.slot, l.gates, dyp_, dgates_, amax ? &dyp_amax : nullptr);
   if (l.exchange) {  // the rows' gradients to the experts' ranks, the inputs' gradients back
     ExpertExchange& ex = *l.exchange;
     const int64_t R = ex.received_rows();
@@ -542,9 +560,11 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
                          l.offsets_local);
     ex.gather(dxp_local_, dxp_, ep_stage_);
   } else {
-    lin_.expert_backward(fp8_experts_, dyp_, l.w_proj->compute, l.ap, l.ap_saved, dap_, l.w_proj->grad, l.offsets);
-    be_.relu2_bwd(l.hp, dap_, dhp_);
-    lin_.expert_backward(fp8_experts_, dhp_, l.w_fc->compute, l.xp, l.xp_saved, dxp_, l.w_fc->grad, l.offsets);
+    lin_.expert_backward(fp8_experts_, dyp_, l.w_proj->compute, l.ap, l.ap_saved, dap_, l.w_proj->grad, l.offsets,
+                         amax ? &dyp_amax.amax : nullptr);
+    be_.relu2_bwd(l.hp, dap_, dhp_, amax ? &dhp_amax : nullptr);
+    lin_.expert_backward(fp8_experts_, dhp_, l.w_fc->compute, l.xp, l.xp_saved, dxp_, l.w_fc->grad, l.offsets,
+                         amax ? &dhp_amax.amax : nullptr);
   }
   be_.fill(dxn, 0.0f);
   be_.moe_permute_bwd(dxp_, l.slot, dxn);

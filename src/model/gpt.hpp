@@ -94,6 +94,7 @@ class GptMoE {
     int window = 0;  // sliding window of this layer's attention (0: full causal)
     Tensor x_in, xn1, rstd1, q, k, v, qr, kr, rstd_q, rstd_k, att, lse, x_mid, xn2, rstd2;
     LinearGemms::SavedInput xn1_t, att_t;  // FP8 dense: xn1^T and att^T from the forward
+    Tensor expert_amax;  // [4, E]: amax of xp, relu²(hp), dyp, dhp (FP8 experts, tensor scaling)
     Tensor h, a;                                                   // dense or shared expert
     Tensor router_logits, probs, topk, gates, routed, counts, offsets, slot, row_token;
     Tensor routed_group;  // routed summed over the data-parallel group (with set_group)
@@ -163,6 +164,7 @@ class GptMoE {
   // Backward scratch, shared by all layers.
   Tensor dx_, dxn_, dxf_, dtmp_, datt_, dq_, dk_, dv_, dqraw_, dkraw_, dh_, da_;
   Tensor dyp_, dap_, dhp_, dxp_, dgates_, dlogits_r_, dlogits_r_act_;
+  Tensor expert_amax_;  // [moe layers, 4, E] f32, each layer's Layer::expert_amax
   Tensor expert_x_shared_, expert_a_shared_;  // xp and ap of every layer when the experts run in FP8
   Tensor dx0_;  // gradient reaching x0 through the lambda mixes
 };

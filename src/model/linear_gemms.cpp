@@ -216,19 +216,22 @@ SavedExpertOperand LinearGemms::saved_expert_operand(int64_t rows, int64_t cols,
 }
 
 void LinearGemms::expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets,
-                                 SavedExpertOperand& saved) {
+                                 SavedExpertOperand& saved, const Tensor* x_amax) {
   if (!(fp8 && fp8_)) return be_.grouped_matmul(x, W, true, y, offsets);
-  be_.grouped_matmul_fp8_saving(x, act_, forms_of(W).ew, y, offsets, saved);
+  be_.grouped_matmul_fp8_saving(x, act_, forms_of(W).ew, y, offsets, saved,
+                                act_ == Fp8Granularity::tensor ? x_amax : nullptr);
 }
 
 void LinearGemms::expert_backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x,
-                                  const SavedExpertOperand& saved, Tensor& dx, Tensor& dW, const Tensor& offsets) {
+                                  const SavedExpertOperand& saved, Tensor& dx, Tensor& dW, const Tensor& offsets,
+                                  const Tensor* dy_amax) {
   if (!(fp8 && fp8_)) {
     be_.grouped_matmul(dy, W, false, dx, offsets);
     be_.grouped_matmul_wgrad(dy, x, dW, offsets, 1.0f);
     return;
   }
-  be_.grouped_matmul_backward_fp8(dy, grad_format_, act_, forms_of(W).ewt, saved, dx, dW, offsets);
+  be_.grouped_matmul_backward_fp8(dy, grad_format_, act_, forms_of(W).ewt, saved, dx, dW, offsets,
+                                  act_ == Fp8Granularity::tensor ? dy_amax : nullptr);
 }
 
 }  // namespace moelab

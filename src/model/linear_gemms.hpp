@@ -73,10 +73,12 @@ class LinearGemms {
   // the weight gradient in `saved` (from saved_expert_operand) and the backward reads it from
   // there, so x itself need not outlive the forward; otherwise the backward reads x.
   SavedExpertOperand saved_expert_operand(int64_t rows, int64_t cols, int experts);
+  // x_amax / dy_amax: the operand's per-expert amax from its producer (ExpertAmax), which tensor
+  // scaling then uses instead of an amax pass; ignored by the other recipes.
   void expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets,
-                      SavedExpertOperand& saved);
+                      SavedExpertOperand& saved, const Tensor* x_amax = nullptr);
   void expert_backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, const SavedExpertOperand& saved,
-                       Tensor& dx, Tensor& dW, const Tensor& offsets);
+                       Tensor& dx, Tensor& dW, const Tensor& offsets, const Tensor* dy_amax = nullptr);
 
  private:
   // One quantization buffer per operand role, so an operand that several GEMMs share stays valid

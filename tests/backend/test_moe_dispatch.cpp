@@ -210,3 +210,65 @@ TEST(GroupedMatmul, GradientsMatchFiniteDifferences) {
 
 }  // namespace
 }  // namespace moelab::test
+
+namespace moelab::test {
+namespace {
+
+// Each expert's max |value| over its rows of t (rows [offsets[e], offsets[e+1])), from the host.
+std::vector<float> segment_amax(const Tensor& t, const Tensor& offsets) {
+  const int64_t E = offsets.numel() - 1, D = t.cols();
+  std::vector<float> m(size_t(E), 0.0f);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t i = int64_t(offsets.as<int32_t>()[e]) * D; i < int64_t(offsets.as<int32_t>()[e + 1]) * D; ++i)
+      m[size_t(e)] = std::max(m[size_t(e)], float(std::fabs(t.as<double>()[i])));
+  return m;
+}
+
+TEST(MoeDispatch, ProducersRaiseEachExpertsAmaxOfWhatTheyWrote) {
+  // The permute, ReLU² and its backward and the combine's backward record each expert's amax
+  // of their output, over the experts' rows only (capacity leaves a tail past offsets[E]), and
+  // raise it: a larger value already there stays.
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  Rng rng(seed);
+  CpuBackend be(DType::f64, 2);
+  const int64_t T = 29, E = 6, D = 8, k = 2;
+  Routing r = random_routing(be, rng, T, E, int(k), 7);  // capacity 7: drops, maybe an empty expert
+  const int64_t R = T * k;
+  Tensor x = random_tensor(be, {T, D}, rng);
+  Tensor xp = be.alloc({R, D}, DType::f64);
+  be.fill(xp, 1e30f);  // the tail rows past offsets[E] keep this and must not count
+  Tensor amax = be.alloc({E}, DType::f32);
+  auto fresh = [&] {
+    be.fill(amax, 0.0f);
+    return ExpertAmax{amax, r.offsets};
+  };
+  auto host = [&] { return std::vector<float>(amax.as<float>(), amax.as<float>() + E); };
+  ExpertAmax a = fresh();
+  be.moe_permute(x, r.row_token, r.offsets, xp, &a);
+  EXPECT_EQ(host(), segment_amax(xp, r.offsets)) << "moe_permute";
+  Tensor h = random_tensor(be, {R, D}, rng), act = be.alloc({R, D}, DType::f64);
+  a = fresh();
+  be.relu2_fwd(h, act, &a);
+  EXPECT_EQ(host(), segment_amax(act, r.offsets)) << "relu2_fwd";
+  Tensor da = random_tensor(be, {R, D}, rng), dh = be.alloc({R, D}, DType::f64);
+  a = fresh();
+  be.relu2_bwd(h, da, dh, &a);
+  const std::vector<float> want = segment_amax(dh, r.offsets);
+  EXPECT_EQ(host(), want) << "relu2_bwd";
+  Tensor dy = random_tensor(be, {T, D}, rng), dyp = be.alloc({R, D}, DType::f64), dg = be.alloc({T, k}, DType::f64);
+  be.fill(dyp, 1e30f);
+  a = fresh();
+  be.moe_combine_bwd(dy, xp, r.slot, r.gates, dyp, dg, &a);
+  EXPECT_EQ(host(), segment_amax(dyp, r.offsets)) << "moe_combine_bwd";
+  // Raised, never lowered.
+  be.fill(amax, 1e20f);
+  be.relu2_bwd(h, da, dh, &a);
+  for (float v : host()) EXPECT_EQ(v, 1e20f);
+  int64_t nonzero = 0;
+  for (float v : want) nonzero += v > 0.0f;
+  EXPECT_GT(nonzero, 0);
+}
+
+}  // namespace
+}  // namespace moelab::test

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <functional>
 #include <random>
 
 #include "backend/cpu/cpu_backend.hpp"
@@ -370,6 +371,26 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
       EXPECT_LT(kept, T * k) << "capacity case must drop something to test the rule";
     }
 
+    // A producer's ExpertAmax on the GPU: exactly each expert's max |value| of the bf16 rows it
+    // wrote, read back (the tail rows past offsets[E] excluded), raised from zero.
+    const std::vector<int32_t> off_host = cpu->read_i32(offsets.c);
+    auto check_amax = [&](const std::function<void(const ExpertAmax*)>& op, const Tensor& out, const std::string& what) {
+      ExpertAmax a{gpu->alloc({E}, DType::f32), offsets.g};
+      gpu->fill(a.amax, 0.0f);
+      op(&a);
+      const std::vector<float> v = gpu->read(out), got = gpu->read(a.amax);
+      const int64_t C = out.cols();
+      int64_t nonzero = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        float want = 0.0f;
+        for (int64_t i = int64_t(off_host[size_t(e)]) * C; i < int64_t(off_host[size_t(e) + 1]) * C; ++i)
+          want = std::max(want, std::fabs(v[size_t(i)]));
+        EXPECT_EQ(got[size_t(e)], want) << what << " expert " << e;
+        nonzero += want > 0.0f;
+      }
+      EXPECT_GT(nonzero, 0) << what;
+    };
+
     auto bal = out_pair({1}, DType::f32);
     cpu->balance_loss(probs.c, routed.c, 0.01f, bal.c);
     gpu->balance_loss(probs.g, routed.g, 0.01f, bal.g);
@@ -384,6 +405,9 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
     xpc.resize(size_t(kept) * D);
     xpg.resize(size_t(kept) * D);
     EXPECT_LT(nerr(xpg, xpc), 1e-7) << "moe_permute" << tag;
+    gpu->fill(xp.g, 1e30f);  // the tail rows keep this
+    check_amax([&](const ExpertAmax* a) { gpu->moe_permute(x.g, row_token.g, offsets.g, xp.g, a); }, xp.g,
+               "moe_permute amax" + tag);
 
     auto w1 = rand_pair({E, Hd, D}, DType::bf16, 0.2f);  // [E, N, K]
     auto w2 = rand_pair({E, Hd, D}, DType::bf16, 0.2f);  // [E, K, N] for the down projection
@@ -408,6 +432,16 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
     ypg.resize(size_t(kept) * D);
     EXPECT_LT(nerr(ypg, ypc), kBf16Tol) << "grouped_matmul no trans, f32 out" << tag;
 
+    {  // ReLU² and its backward over the experts' rows, with their amax
+      auto act = out_pair({T * k, Hd}, DType::bf16), dact = rand_pair({T * k, Hd}, DType::bf16);
+      auto dhh = out_pair({T * k, Hd}, DType::bf16);
+      check_amax([&](const ExpertAmax* a) { gpu->relu2_fwd(hb.g, act.g, a); }, act.g, "relu2_fwd amax" + tag);
+      cpu->relu2_fwd(hb.c, act.c);
+      expect_close(act, kBf16Tol, "relu2_fwd with amax" + tag);
+      check_amax([&](const ExpertAmax* a) { gpu->relu2_bwd(hb.g, dact.g, dhh.g, a); }, dhh.g, "relu2_bwd amax" + tag);
+      cpu->relu2_bwd(hb.c, dact.c, dhh.c);
+      expect_close(dhh, kBf16Tol, "relu2_bwd with amax" + tag);
+    }
     auto ypb = pair_from(yp.c.shape, DType::bf16, cpu->read(yp.c));
     for (bool acc : {false, true}) {
       auto y = rand_pair({T, D}, DType::bf16);
@@ -424,6 +458,9 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
     dypc.resize(size_t(kept) * D);
     dypg.resize(size_t(kept) * D);
     EXPECT_LT(nerr(dypg, dypc), kBf16Tol) << "moe_combine_bwd dyp" << tag;
+    gpu->fill(dyp.g, 1e30f);
+    check_amax([&](const ExpertAmax* a) { gpu->moe_combine_bwd(dy.g, ypb.g, slot.g, gates.g, dyp.g, dgates.g, a); },
+               dyp.g, "moe_combine_bwd amax" + tag);
 
     // weight gradients: dW [E, N, K] = dY^T X per expert, f32 with beta 0 and 1, and bf16
     auto dh = rand_pair({T * k, Hd}, DType::bf16);

@@ -508,6 +508,30 @@ TEST_F(CudaFp8Grouped, SavingForwardAndBackwardAreTheSeparateOps) {
         return v;
       };
       const std::vector<float> ya = used_rows(y1, N), dxa = used_rows(dx1, K);
+      if (r.act == Fp8Granularity::tensor) {
+        // With the operands' per-expert amax from their producers (exact), the same bits.
+        auto segment_amax = [&](const Tensor& t) {
+          const std::vector<float> v = gpu->read(t);
+          const std::vector<int32_t> off_host = offsets_of(counts);
+          std::vector<float> m(size_t(E), 0.0f);
+          for (int e = 0; e < E; ++e)
+            for (int64_t i = int64_t(off_host[size_t(e)]) * t.cols(); i < int64_t(off_host[size_t(e) + 1]) * t.cols(); ++i)
+              m[size_t(e)] = std::max(m[size_t(e)], std::fabs(v[size_t(i)]));
+          Tensor a = gpu->alloc({E}, DType::f32);
+          gpu->write(a, m);
+          return a;
+        };
+        const Tensor x_amax = segment_amax(x.g), dy_amax = segment_amax(dy.g);
+        Tensor y3 = gpu->alloc({R, N}, DType::bf16), dx3 = gpu->alloc({R, K}, DType::bf16);
+        Tensor dw3 = gpu->alloc({E, N, K}, DType::f32);
+        gpu->write(dw3, dw0);
+        SavedExpertOperand saved3 = gpu->alloc_saved_expert_operand(R, K, E, r.act);
+        gpu->grouped_matmul_fp8_saving(x.g, r.act, qw, y3, off.g, saved3, &x_amax);
+        gpu->grouped_matmul_backward_fp8(dy.g, fmt, r.act, qwt, saved3, dx3, dw3, off.g, &dy_amax);
+        EXPECT_EQ(nerr(ya, used_rows(y3, N)), 0.0) << what << " forward with the producer's amax";
+        EXPECT_EQ(nerr(dxa, used_rows(dx3, K)), 0.0) << what << " data gradient with the producer's amax";
+        EXPECT_EQ(nerr(gpu->read(dw1), gpu->read(dw3)), 0.0) << what << " weight gradient with the producer's amax";
+      }
       EXPECT_EQ(nerr(ya, used_rows(y2, N)), 0.0) << what << " forward (seed " << seed << ")";
       EXPECT_EQ(nerr(dxa, used_rows(dx2, K)), 0.0) << what << " data gradient (seed " << seed << ")";
       EXPECT_EQ(nerr(gpu->read(dw1), gpu->read(dw2)), 0.0) << what << " weight gradient (seed " << seed << ")";

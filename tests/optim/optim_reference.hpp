@@ -199,8 +199,10 @@ class CountingBackend : public Backend {
                      const Tensor& d, Tensor& dq, Tensor& dk, Tensor& dv, int window) override {
     in_.attention_bwd(q, k, v, o, l, d, dq, dk, dv, window);
   }
-  void relu2_fwd(const Tensor& h, Tensor& a) override { in_.relu2_fwd(h, a); }
-  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) override { in_.relu2_bwd(h, da, dh); }
+  void relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* m) override { in_.relu2_fwd(h, a, m); }
+  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* m) override {
+    in_.relu2_bwd(h, da, dh, m);
+  }
   void softcap_xent(const Tensor& lg, const Tensor& t, float cap, float gs, Tensor& l, Tensor& d) override {
     in_.softcap_xent(lg, t, cap, gs, l, d);
   }
@@ -216,16 +218,16 @@ class CountingBackend : public Backend {
                   float bs, Tensor& dl) override {
     in_.router_bwd(p, ti, g, dg, r, bc, bs, dl);
   }
-  void moe_permute(const Tensor& x, const Tensor& rt, const Tensor& o, Tensor& xp) override {
-    in_.moe_permute(x, rt, o, xp);
+  void moe_permute(const Tensor& x, const Tensor& rt, const Tensor& o, Tensor& xp, const ExpertAmax* m) override {
+    in_.moe_permute(x, rt, o, xp, m);
   }
   void moe_permute_bwd(const Tensor& d, const Tensor& s, Tensor& dx) override { in_.moe_permute_bwd(d, s, dx); }
   void moe_combine(const Tensor& yp, const Tensor& s, const Tensor& g, Tensor& y, bool acc) override {
     in_.moe_combine(yp, s, g, y, acc);
   }
   void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& s, const Tensor& g, Tensor& dyp,
-                       Tensor& dg) override {
-    in_.moe_combine_bwd(dy, yp, s, g, dyp, dg);
+                       Tensor& dg, const ExpertAmax* m) override {
+    in_.moe_combine_bwd(dy, yp, s, g, dyp, dg, m);
   }
   void grouped_matmul(const Tensor& A, const Tensor& W, bool tw, Tensor& C, const Tensor& o, float alpha = 1.0f,
                       float beta = 0.0f, const Tensor* addend = nullptr) override {

@@ -72,8 +72,8 @@ class CpuBackend : public Backend {
                      const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
                      Tensor& dv, int window = 0) override;
 
-  void relu2_fwd(const Tensor& h, Tensor& a) override;
-  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) override;
+  void relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax = nullptr) override;
+  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* amax = nullptr) override;
 
   void softcap_xent(const Tensor& logits, const Tensor& targets, float cap, float grad_scale,
                     Tensor& losses, Tensor& dlogits) override;
@@ -87,13 +87,13 @@ class CpuBackend : public Backend {
   void router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& gates,
                   const Tensor& dgates, const Tensor& routed, float bal_coef,
                   float bal_grad_scale, Tensor& dlogits) override;
-  void moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets,
-                   Tensor& xp) override;
+  void moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets, Tensor& xp,
+                   const ExpertAmax* amax = nullptr) override;
   void moe_permute_bwd(const Tensor& dxp, const Tensor& slot, Tensor& dx) override;
   void moe_combine(const Tensor& yp, const Tensor& slot, const Tensor& gates, Tensor& y,
                    bool accumulate) override;
-  void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot,
-                       const Tensor& gates, Tensor& dyp, Tensor& dgates) override;
+  void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot, const Tensor& gates, Tensor& dyp,
+                       Tensor& dgates, const ExpertAmax* amax = nullptr) override;
   void grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
                       float alpha = 1.0f, float beta = 0.0f, const Tensor* addend = nullptr) override;
   void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& offsets, float beta,
@@ -123,6 +123,9 @@ class CpuBackend : public Backend {
   };
 
  private:
+  // ExpertAmax on the CPU: each expert's max |value| of rows [offsets[e], offsets[e+1]) of out,
+  // raised into amax.amax (read after the op wrote out).
+  void raise_expert_amax(const Tensor& out, const ExpertAmax& amax, const char* op);
   DType master_;
   cpu::ThreadPool pool_;
   std::shared_ptr<MemoryCounter> memory_;

@@ -87,7 +87,7 @@ void CpuBackend::sum(const Tensor& x, Tensor& out, bool accumulate) {
   });
 }
 
-void CpuBackend::relu2_fwd(const Tensor& h, Tensor& a) {
+void CpuBackend::relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax) {
   require_float(h, "relu2_fwd", "h");
   require_like(h, a, "relu2_fwd", "a");
   require_numel(a, h.numel(), "relu2_fwd", "a");
@@ -102,9 +102,10 @@ void CpuBackend::relu2_fwd(const Tensor& h, Tensor& a) {
       }
     });
   });
+  if (amax) raise_expert_amax(a, *amax, "relu2_fwd");
 }
 
-void CpuBackend::relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) {
+void CpuBackend::relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* amax) {
   require_float(h, "relu2_bwd", "h");
   require_like(h, da, "relu2_bwd", "da");
   require_like(h, dh, "relu2_bwd", "dh");
@@ -119,6 +120,7 @@ void CpuBackend::relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) {
       for (int64_t i = b; i < e; ++i) dhp[i] = hp[i] > T(0) ? T(2) * hp[i] * dap[i] : T(0);
     });
   });
+  if (amax) raise_expert_amax(dh, *amax, "relu2_bwd");
 }
 
 }  // namespace moelab

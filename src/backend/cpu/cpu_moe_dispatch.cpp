@@ -3,6 +3,7 @@
 // their backwards. The plan is a serial counting pass (it is O(T k)); the data movement is split
 // over tokens or permuted rows so every output row is written by one thread.
 #include <algorithm>
+#include <cmath>
 
 #include "backend/cpu/cpu_backend.hpp"
 #include "backend/cpu/cpu_common.hpp"
@@ -83,8 +84,27 @@ void check_slots(const Tensor& slot, int64_t rows, const char* op) {
 
 }  // namespace
 
-void CpuBackend::moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets,
-                             Tensor& xp) {
+void CpuBackend::raise_expert_amax(const Tensor& out, const ExpertAmax& amax, const char* op) {
+  require_i32(amax.offsets, op, "amax.offsets");
+  require(amax.amax.dtype == DType::f32 && amax.amax.numel() + 1 == amax.offsets.numel(), op,
+          "amax.amax must be f32 [E] beside offsets [E+1], got " + amax.amax.describe() + " and " +
+              amax.offsets.describe());
+  const int64_t E = amax.amax.numel(), D = out.cols();
+  const int32_t* o = ptr<int32_t>(amax.offsets);
+  require(E == 0 || (o[0] >= 0 && int64_t(o[E]) * D <= out.numel()), op,
+          "amax.offsets run past the rows of " + out.describe());
+  float* m = ptr<float>(amax.amax);
+  with_float(out.dtype, [&](auto te) {
+    using T = decltype(te);
+    const T* v = ptr<T>(out);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t i = int64_t(o[e]) * D; i < int64_t(o[e + 1]) * D; ++i)
+        m[e] = std::max(m[e], float(std::fabs(double(v[i]))));
+  });
+}
+
+void CpuBackend::moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets, Tensor& xp,
+                             const ExpertAmax* amax) {
   const char* op = "moe_permute";
   require_float(x, op, "x");
   require_like(x, xp, op, "xp");
@@ -109,6 +129,7 @@ void CpuBackend::moe_permute(const Tensor& x, const Tensor& row_token, const Ten
         std::copy(xs + int64_t(tok[r]) * D, xs + int64_t(tok[r]) * D + D, xd + r * D);
     });
   });
+  if (amax) raise_expert_amax(xp, *amax, op);
 }
 
 void CpuBackend::moe_permute_bwd(const Tensor& dxp, const Tensor& slot, Tensor& dx) {
@@ -167,8 +188,8 @@ void CpuBackend::moe_combine(const Tensor& yp, const Tensor& slot, const Tensor&
   });
 }
 
-void CpuBackend::moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot,
-                                 const Tensor& gates, Tensor& dyp, Tensor& dgates) {
+void CpuBackend::moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot, const Tensor& gates,
+                                 Tensor& dyp, Tensor& dgates, const ExpertAmax* amax) {
   const char* op = "moe_combine_bwd";
   require_float(dy, op, "dy");
   require_like(dy, yp, op, "yp");
@@ -210,6 +231,7 @@ void CpuBackend::moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tenso
         }
     });
   });
+  if (amax) raise_expert_amax(dyp, *amax, op);
 }
 
 }  // namespace moelab

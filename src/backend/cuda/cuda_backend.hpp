@@ -92,9 +92,10 @@ class CudaBackend : public Backend {
                                 const Tensor& offsets) override;
   SavedExpertOperand alloc_saved_expert_operand(int64_t rows, int64_t cols, int experts, Fp8Granularity g) override;
   void grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const QuantizedExperts& W, Tensor& C,
-                                 const Tensor& offsets, SavedExpertOperand& save) override;
+                                 const Tensor& offsets, SavedExpertOperand& save, const Tensor* a_amax = nullptr) override;
   void grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran, const QuantizedExperts& Wt,
-                                   const SavedExpertOperand& X, Tensor& dX, Tensor& dW, const Tensor& offsets) override;
+                                   const SavedExpertOperand& X, Tensor& dX, Tensor& dW, const Tensor& offsets,
+                                   const Tensor* dy_amax = nullptr) override;
 
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
@@ -113,8 +114,8 @@ class CudaBackend : public Backend {
                      const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
                      Tensor& dv, int window = 0) override;
 
-  void relu2_fwd(const Tensor& h, Tensor& a) override;
-  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) override;
+  void relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax = nullptr) override;
+  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* amax = nullptr) override;
 
   void softcap_xent(const Tensor& logits, const Tensor& targets, float cap, float grad_scale,
                     Tensor& losses, Tensor& dlogits) override;
@@ -127,13 +128,13 @@ class CudaBackend : public Backend {
   void router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& gates,
                   const Tensor& dgates, const Tensor& routed, float bal_coef, float bal_grad_scale,
                   Tensor& dlogits) override;
-  void moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets,
-                   Tensor& xp) override;
+  void moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets, Tensor& xp,
+                   const ExpertAmax* amax = nullptr) override;
   void moe_permute_bwd(const Tensor& dxp, const Tensor& slot, Tensor& dx) override;
   void moe_combine(const Tensor& yp, const Tensor& slot, const Tensor& gates, Tensor& y,
                    bool accumulate) override;
-  void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot, const Tensor& gates,
-                       Tensor& dyp, Tensor& dgates) override;
+  void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot, const Tensor& gates, Tensor& dyp,
+                       Tensor& dgates, const ExpertAmax* amax = nullptr) override;
   void grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
                       float alpha = 1.0f, float beta = 0.0f, const Tensor* addend = nullptr) override;
   void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& offsets, float beta,
@@ -190,7 +191,8 @@ class CudaBackend : public Backend {
   SegmentsFp8 segments_scratch(ScratchSlot codes_slot, ScratchSlot scale_slot, int64_t cols, int E, int64_t Rp,
                                grouped_gemm::Fp8ScaleMode mode);
   void quantize_segments(const Tensor& x, const SegmentsFp8& out, const Tensor& offsets, const int32_t* padded, int E,
-                         int64_t Rp, grouped_gemm::Fp8ScaleMode mode, DType format, grouped_gemm::StraightCopy* straight);
+                         int64_t Rp, grouped_gemm::Fp8ScaleMode mode, DType format, grouped_gemm::StraightCopy* straight,
+                         const Tensor* known_amax = nullptr);
   // Sum of f(x) over all elements into out[0] (square when `squares`); deterministic two-pass.
   void reduce_sum(const Tensor& x, bool squares, Tensor& out, bool accumulate, float scale = 1.0f);
 

@@ -4,6 +4,7 @@
 // length a multiple of 8, the loops move 8 elements per access (the scalar bf16 loops reach only
 // part of the memory bandwidth these bandwidth-bound ops live on).
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/expert_amax.cuh"
 
 namespace moelab {
 using namespace cuda_detail;
@@ -90,6 +91,54 @@ __global__ void relu2_bwd_vec_kernel(const T* h, const T* da, T* dh, int64_t n8)
   }
 }
 
+// ReLU² of the experts' hidden rows (rows of cols8 8-element chunks, in expert order) that also
+// raises each expert's amax of its output: each block walks a contiguous range of chunks, so a
+// thread's rows stay with one expert for long stretches.
+template <class TH, class TA>
+__global__ void relu2_fwd_experts_kernel(const TH* h, TA* a, int64_t n8, int64_t cols8, ExpertAmaxArgs am) {
+  __shared__ unsigned s_amax[kSharedExperts];
+  unsigned* shared = begin_block_amax(am, s_amax);
+  ExpertAmaxRun run;
+  const int64_t per_block = (n8 + gridDim.x - 1) / gridDim.x, b0 = blockIdx.x * per_block;
+  const int64_t b1 = b0 + per_block < n8 ? b0 + per_block : n8;
+  for (int64_t i = b0 + threadIdx.x; i < b1; i += blockDim.x) {
+    float v[8], m = 0.f;
+    load8(h + 8 * i, v);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float r = fmaxf(v[k], 0.f);
+      v[k] = r * r;
+      m = fmaxf(m, stored<TA>(v[k]));
+    }
+    store8(a + 8 * i, v);
+    run.add(i / cols8, m, am, shared);
+  }
+  finish_block_amax(run, am, shared);
+}
+
+// ReLU²'s backward over the experts' rows, raising each expert's amax of dh (as above).
+template <class T>
+__global__ void relu2_bwd_experts_kernel(const T* h, const T* da, T* dh, int64_t n8, int64_t cols8, ExpertAmaxArgs am) {
+  __shared__ unsigned s_amax[kSharedExperts];
+  unsigned* shared = begin_block_amax(am, s_amax);
+  ExpertAmaxRun run;
+  const int64_t per_block = (n8 + gridDim.x - 1) / gridDim.x, b0 = blockIdx.x * per_block;
+  const int64_t b1 = b0 + per_block < n8 ? b0 + per_block : n8;
+  for (int64_t i = b0 + threadIdx.x; i < b1; i += blockDim.x) {
+    float hv[8], dv[8], m = 0.f;
+    load8(h + 8 * i, hv);
+    load8(da + 8 * i, dv);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      dv[k] *= 2.f * fmaxf(hv[k], 0.f);
+      m = fmaxf(m, fabsf(stored<T>(dv[k])));
+    }
+    store8(dh + 8 * i, dv);
+    run.add(i / cols8, m, am, shared);
+  }
+  finish_block_amax(run, am, shared);
+}
+
 template <class TH, class TA>
 __global__ void relu2_fwd_kernel(const TH* h, TA* a, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -174,13 +223,19 @@ void CudaBackend::axpby(float a, const Tensor& x, float b, Tensor& y) {
   MOELAB_CUDA_LAUNCH_CHECK("axpby");
 }
 
-void CudaBackend::relu2_fwd(const Tensor& h, Tensor& a) {
+
+void CudaBackend::relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax) {
   require_float(h, "relu2_fwd", "h");
   require_float(a, "relu2_fwd", "a");
   require_same_numel(h, a, "relu2_fwd");
   int64_t n = h.numel();
   if (n == 0) return;
-  if (vectorizable(n, {h.data, a.data})) {
+  if (amax) {
+    const ExpertAmaxArgs am = expert_amax_args(*amax, a, vectorizable(n, {h.data, a.data}), "relu2_fwd");
+    MOELAB_FLOAT_DISPATCH(h.dtype, TH, MOELAB_FLOAT_DISPATCH(a.dtype, TA,
+        relu2_fwd_experts_kernel<TH, TA><<<blocks(n / 8), kThreads, 0, stream_>>>(h.as<TH>(), a.as<TA>(), n / 8,
+                                                                                  a.cols() / 8, am)));
+  } else if (vectorizable(n, {h.data, a.data})) {
     MOELAB_FLOAT_DISPATCH(h.dtype, TH, MOELAB_FLOAT_DISPATCH(a.dtype, TA,
         relu2_fwd_vec_kernel<TH, TA><<<blocks(n / 8), kThreads, 0, stream_>>>(h.as<TH>(), a.as<TA>(), n / 8)));
   } else {
@@ -190,7 +245,7 @@ void CudaBackend::relu2_fwd(const Tensor& h, Tensor& a) {
   MOELAB_CUDA_LAUNCH_CHECK("relu2_fwd");
 }
 
-void CudaBackend::relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) {
+void CudaBackend::relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* amax) {
   require_float(h, "relu2_bwd", "h");
   require_float(da, "relu2_bwd", "da");
   require_float(dh, "relu2_bwd", "dh");
@@ -199,7 +254,13 @@ void CudaBackend::relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh) {
   int64_t n = h.numel();
   if (n == 0) return;
   require(h.dtype == da.dtype && da.dtype == dh.dtype, "relu2_bwd", "h, da and dh must share one dtype");
-  if (vectorizable(n, {h.data, da.data, dh.data})) {
+  if (amax) {
+    const ExpertAmaxArgs am =
+        expert_amax_args(*amax, dh, vectorizable(n, {h.data, da.data, dh.data}), "relu2_bwd");
+    MOELAB_FLOAT_DISPATCH(h.dtype, T,
+        relu2_bwd_experts_kernel<T><<<blocks(n / 8), kThreads, 0, stream_>>>(h.as<T>(), da.as<T>(), dh.as<T>(), n / 8,
+                                                                          dh.cols() / 8, am));
+  } else if (vectorizable(n, {h.data, da.data, dh.data})) {
     MOELAB_FLOAT_DISPATCH(h.dtype, T,
         relu2_bwd_vec_kernel<T><<<blocks(n / 8), kThreads, 0, stream_>>>(h.as<T>(), da.as<T>(), dh.as<T>(), n / 8));
   } else {

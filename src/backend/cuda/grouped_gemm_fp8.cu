@@ -600,11 +600,12 @@ __global__ void __launch_bounds__(256)
 
 void quantize_segments_transposed(const void* x, int C, const int32_t* offsets, const int32_t* padded,
                                   int E, int64_t Rp, Fp8ScaleMode mode, DType format, uint8_t* out, float* scale,
-                                  unsigned* amax, cudaStream_t stream, StraightCopy straight) {
+                                  unsigned* amax, cudaStream_t stream, StraightCopy straight, bool amax_known) {
   const bool with_straight = straight.out != nullptr;
   const bf16* px = static_cast<const bf16*>(x);
   const float fmax = fp8_max(format);
-  if (mode != Fp8ScaleMode::block) {
+  MOELAB_CHECK(!amax_known || mode == Fp8ScaleMode::tensor, "a producer's expert amax serves tensor scaling only");
+  if (mode != Fp8ScaleMode::block && !amax_known) {
     const size_t n = mode == Fp8ScaleMode::row ? size_t(E) * C : size_t(E);
     const bool rows = with_straight && mode == Fp8ScaleMode::row;
     unsigned* row_amax = rows ? amax + n : nullptr;
@@ -860,7 +861,7 @@ void check_saved(const SavedExpertOperand& s, int64_t x_rows, int64_t x_cols, in
 }  // namespace
 
 void CudaBackend::grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const QuantizedExperts& W, Tensor& C,
-                                            const Tensor& offsets, SavedExpertOperand& save) {
+                                            const Tensor& offsets, SavedExpertOperand& save, const Tensor* a_amax) {
   const char* op = "grouped_matmul_fp8_saving";
   using M = grouped_gemm::Fp8ScaleMode;
   const GroupedShape g = check_grouped_fp8(A, DType::e4m3, W, C, offsets, op);
@@ -875,7 +876,7 @@ void CudaBackend::grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gr
   // the straight rows into scratch (this product's operand).
   grouped_gemm::StraightCopy rows = straight_rows_scratch(R, g.K, mode);
   const SegmentsFp8 kept{save.data.as<uint8_t>(), save.scale.as<float>()};
-  quantize_segments(A, kept, offsets, padded, g.E, Rp, mode, DType::e4m3, &rows);
+  quantize_segments(A, kept, offsets, padded, g.E, Rp, mode, DType::e4m3, &rows, a_amax);
   const ExpertWeightsFp8 qw = expert_weights_of(W);
   grouped_gemm::Fp8GroupedScales sc;
   sc.mode = mode;
@@ -888,7 +889,7 @@ void CudaBackend::grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gr
 
 void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran,
                                               const QuantizedExperts& Wt, const SavedExpertOperand& X, Tensor& dX,
-                                              Tensor& dW, const Tensor& offsets) {
+                                              Tensor& dW, const Tensor& offsets, const Tensor* dy_amax) {
   const char* op = "grouped_matmul_backward_fp8";
   using M = grouped_gemm::Fp8ScaleMode;
   // dX = dY W_e: Wt holds W_e^T [N, K] per expert (K = dY's columns, N = dX's).
@@ -909,7 +910,7 @@ void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format,
   // gradient's A) from one read.
   grouped_gemm::StraightCopy rows = straight_rows_scratch(R, g.K, mode);
   const SegmentsFp8 qdy = segments_scratch(ScratchSlot::fp8_grouped_at, ScratchSlot::fp8_grouped_scale_at, g.K, E, Rp, mode);
-  quantize_segments(dY, qdy, offsets, padded, E, Rp, mode, dy_format, &rows);
+  quantize_segments(dY, qdy, offsets, padded, E, Rp, mode, dy_format, &rows, dy_amax);
   const ExpertWeightsFp8 qw = expert_weights_of(Wt);
   grouped_gemm::Fp8GroupedScales sd;
   sd.mode = mode;
@@ -948,13 +949,21 @@ const int32_t* CudaBackend::padded_segments(const Tensor& offsets, int E) {
 
 void CudaBackend::quantize_segments(const Tensor& x, const SegmentsFp8& out, const Tensor& offsets, const int32_t* padded,
                                     int E, int64_t Rp, grouped_gemm::Fp8ScaleMode mode, DType format,
-                                    grouped_gemm::StraightCopy* straight) {
+                                    grouped_gemm::StraightCopy* straight, const Tensor* known_amax) {
   using M = grouped_gemm::Fp8ScaleMode;
   const int64_t C = x.cols();
+  const grouped_gemm::StraightCopy copy = straight ? *straight : grouped_gemm::StraightCopy{};
+  if (known_amax && mode == M::tensor) {  // the producer's amax: no pre-pass
+    require(known_amax->dtype == DType::f32 && known_amax->numel() == E, "FP8 expert GEMM",
+            "the operand's expert amax must be f32 [" + std::to_string(E) + "], got " + known_amax->describe());
+    grouped_gemm::quantize_segments_transposed(x.data, int(C), offsets.as<int32_t>(), padded, E, Rp, mode, format,
+                                               out.codes, out.scales, known_amax->as<unsigned>(), stream_, copy, true);
+    return;
+  }
   const size_t amax_n = size_t(E) * C + (straight && mode == M::row ? size_t(straight->R) : 0);
   auto* amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, amax_n * sizeof(unsigned)));
   grouped_gemm::quantize_segments_transposed(x.data, int(C), offsets.as<int32_t>(), padded, E, Rp, mode, format, out.codes,
-                                             out.scales, amax, stream_, straight ? *straight : grouped_gemm::StraightCopy{});
+                                             out.scales, amax, stream_, copy);
 }
 
 CudaBackend::SegmentsFp8 CudaBackend::segments_scratch(ScratchSlot codes_slot, ScratchSlot scale_slot, int64_t cols, int E,

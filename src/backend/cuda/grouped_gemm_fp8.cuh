@@ -62,9 +62,11 @@ struct StraightCopy {
 // that wgrad_fp8 reads: out [C, Rp] codes of `format`, scales as wgrad_fp8 lists them for `mode`
 // (tensor and row scales over each expert's own tokens, 1x128 tiles along them); with
 // straight.out, also the straight copy from the same read of x. amax is device scratch of at
-// least E * C unsigned values (E * C + R with a row-scaled straight copy).
+// least E * C unsigned values (E * C + R with a row-scaled straight copy); with amax_known
+// (tensor scaling only) it already holds each expert's amax as f32 bits and the pre-pass is skipped.
 void quantize_segments_transposed(const void* x, int C, const int32_t* offsets, const int32_t* padded,
                                   int E, int64_t Rp, Fp8ScaleMode mode, DType format, uint8_t* out, float* scale,
-                                  unsigned* amax, cudaStream_t stream, StraightCopy straight = {});
+                                  unsigned* amax, cudaStream_t stream, StraightCopy straight = {},
+                                  bool amax_known = false);
 
 }  // namespace moelab::grouped_gemm

@@ -4,6 +4,7 @@
 // order j = 0..k-1, so backward passes need no atomics and stay deterministic. Rows that are
 // 16-byte aligned multiples of 8 elements move 8 elements per lane access.
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/expert_amax.cuh"
 
 namespace moelab {
 using namespace cuda_detail;
@@ -13,17 +14,27 @@ namespace {
 constexpr int kWarps = 8;
 
 // W: elements per lane access, 8 where rows are 16-byte aligned multiples of 8 elements, else 1.
+// With am.amax, each expert's amax of the rows written is raised too (the block combines its warps').
 template <int W, class TX, class TP>
 __global__ void permute_kernel(const TX* x, const int32_t* row_token, const int32_t* offsets, int E, TP* xp,
-                               int64_t rows_alloc, int d) {
-  int64_t r = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
-  if (r >= rows_alloc || r >= offsets[E]) return;
-  int64_t t = row_token[r];
-  for (int i = (threadIdx.x & 31) * W; i < d; i += 32 * W) {
-    float v[W];
-    load_w<W>(x + t * d + i, v);
-    store_w<W>(xp + r * d + i, v);
+                               int64_t rows_alloc, int d, ExpertAmaxArgs am) {
+  const int64_t r = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  const bool live = r < rows_alloc && r < offsets[E];
+  float m = 0.f;
+  if (live) {
+    const int64_t t = row_token[r];
+    for (int i = (threadIdx.x & 31) * W; i < d; i += 32 * W) {
+      float v[W];
+      load_w<W>(x + t * d + i, v);
+      store_w<W>(xp + r * d + i, v);
+      if (am.amax)
+#pragma unroll
+        for (int q = 0; q < W; ++q) m = fmaxf(m, fabsf(stored<TP>(v[q])));
+    }
   }
+  if (!am.amax) return;  // uniform over the grid
+  m = warp_max(m);
+  raise_rows_amax<kWarps>(am, live ? expert_of_row(r, offsets, E) : -1, m);
 }
 
 template <int W, class TP, class TX>
@@ -70,32 +81,36 @@ __global__ void combine_kernel(const TP* yp, const int32_t* slot, const float* g
 }
 
 // One warp per (t, j): writes dyp's row and reduces the gate gradient across the warp.
+// With am.amax (offsets of E experts), each expert's amax of the dyp rows written is raised too.
 template <int W, class TD, class TP, class TO>
 __global__ void combine_bwd_kernel(const TD* dy, const TP* yp, const int32_t* slot, const float* gates, int64_t T,
-                                   int k, int d, TO* dyp, float* dgates) {
-  int64_t a = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
-  if (a >= T * k) return;
-  int64_t t = a / k;
-  int s = slot[a];
-  int lane = threadIdx.x & 31;
-  if (s < 0) {
-    if (lane == 0) dgates[a] = 0.f;
-    return;
-  }
-  float g = gates[a], dot = 0.f;
-  for (int i = lane * W; i < d; i += 32 * W) {
-    float dv[W], yv[W], out[W];
-    load_w<W>(dy + t * d + i, dv);
-    load_w<W>(yp + int64_t(s) * d + i, yv);
+                                   int k, int d, TO* dyp, float* dgates, ExpertAmaxArgs am) {
+  const int64_t a = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  const int s = a < T * k ? slot[a] : -1;
+  float m = 0.f;
+  if (a < T * k && s < 0 && lane == 0) dgates[a] = 0.f;
+  if (s >= 0) {
+    const int64_t t = a / k;
+    float g = gates[a], dot = 0.f;
+    for (int i = lane * W; i < d; i += 32 * W) {
+      float dv[W], yv[W], out[W];
+      load_w<W>(dy + t * d + i, dv);
+      load_w<W>(yp + int64_t(s) * d + i, yv);
 #pragma unroll
-    for (int q = 0; q < W; ++q) {
-      dot += dv[q] * yv[q];
-      out[q] = g * dv[q];
+      for (int q = 0; q < W; ++q) {
+        dot += dv[q] * yv[q];
+        out[q] = g * dv[q];
+        if (am.amax) m = fmaxf(m, fabsf(stored<TO>(out[q])));
+      }
+      store_w<W>(dyp + int64_t(s) * d + i, out);
     }
-    store_w<W>(dyp + int64_t(s) * d + i, out);
+    dot = warp_sum(dot);
+    if (lane == 0) dgates[a] = dot;
   }
-  dot = warp_sum(dot);
-  if (lane == 0) dgates[a] = dot;
+  if (!am.amax) return;  // uniform over the grid
+  m = warp_max(m);
+  raise_rows_amax<kWarps>(am, s >= 0 ? expert_of_row(s, am.offsets, am.E) : -1, m);
 }
 
 // 8 when every row pointer is 16-byte aligned and rows are multiples of 8 elements.
@@ -121,7 +136,8 @@ unsigned warps_grid(int64_t n) { return unsigned((n + kWarps - 1) / kWarps); }
 
 }  // namespace
 
-void CudaBackend::moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets, Tensor& xp) {
+void CudaBackend::moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets, Tensor& xp,
+                              const ExpertAmax* amax) {
   require_float(x, "moe_permute", "x");
   require_float(xp, "moe_permute", "xp");
   require_dtype(row_token, DType::i32, "moe_permute", "row_token");
@@ -132,9 +148,14 @@ void CudaBackend::moe_permute(const Tensor& x, const Tensor& row_token, const Te
   int E = int(offsets.numel()) - 1;
   if (R == 0) return;
   const int w = row_width(x.cols(), {x.data, xp.data});
+  ExpertAmaxArgs am;
+  if (amax) {
+    am = expert_amax_args(*amax, xp, true, "moe_permute");
+    require(amax->offsets.data == offsets.data, "moe_permute", "amax.offsets must be the permute's offsets");
+  }
   MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(xp.dtype, TP, MOELAB_WIDTH_DISPATCH(w, W,
       permute_kernel<W, TX, TP><<<warps_grid(R), 32 * kWarps, 0, stream_>>>(
-          x.as<TX>(), row_token.as<int32_t>(), offsets.as<int32_t>(), E, xp.as<TP>(), R, int(x.cols())))));
+          x.as<TX>(), row_token.as<int32_t>(), offsets.as<int32_t>(), E, xp.as<TP>(), R, int(x.cols()), am))));
   MOELAB_CUDA_LAUNCH_CHECK("moe_permute");
 }
 
@@ -170,7 +191,7 @@ void CudaBackend::moe_combine(const Tensor& yp, const Tensor& slot, const Tensor
 }
 
 void CudaBackend::moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot, const Tensor& gates,
-                                  Tensor& dyp, Tensor& dgates) {
+                                  Tensor& dyp, Tensor& dgates, const ExpertAmax* amax) {
   require_float(dy, "moe_combine_bwd", "dy");
   require_float(yp, "moe_combine_bwd", "yp");
   require_float(dyp, "moe_combine_bwd", "dyp");
@@ -184,10 +205,11 @@ void CudaBackend::moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tens
   int k = int(slot.numel() / T);
   require(yp.dtype == dy.dtype, "moe_combine_bwd", "yp and dy must share one dtype");
   const int w = row_width(dy.cols(), {dy.data, yp.data, dyp.data});
+  const ExpertAmaxArgs am = amax ? expert_amax_args(*amax, dyp, true, "moe_combine_bwd") : ExpertAmaxArgs{};
   MOELAB_FLOAT_DISPATCH(dy.dtype, TD, MOELAB_FLOAT_DISPATCH(dyp.dtype, TO, MOELAB_WIDTH_DISPATCH(w, W,
       combine_bwd_kernel<W, TD, TD, TO><<<warps_grid(T * k), 32 * kWarps, 0, stream_>>>(
           dy.as<TD>(), reinterpret_cast<const TD*>(yp.data), slot.as<int32_t>(), gates.as<float>(), T, k,
-          int(dy.cols()), dyp.as<TO>(), dgates.as<float>()))));
+          int(dy.cols()), dyp.as<TO>(), dgates.as<float>(), am))));
   MOELAB_CUDA_LAUNCH_CHECK("moe_combine_bwd");
 }
 
