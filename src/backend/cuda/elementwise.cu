@@ -99,9 +99,8 @@ __global__ void relu2_fwd_experts_kernel(const TH* h, TA* a, int64_t n8, int64_t
   __shared__ unsigned s_amax[kSharedExperts];
   unsigned* shared = begin_block_amax(am, s_amax);
   ExpertAmaxRun run;
-  const int64_t per_block = (n8 + gridDim.x - 1) / gridDim.x, b0 = blockIdx.x * per_block;
-  const int64_t b1 = b0 + per_block < n8 ? b0 + per_block : n8;
-  for (int64_t i = b0 + threadIdx.x; i < b1; i += blockDim.x) {
+  const ChunkRange range = block_chunks(n8);
+  for (int64_t i = range.begin + threadIdx.x; i < range.end; i += blockDim.x) {
     float v[8], m = 0.f;
     load8(h + 8 * i, v);
 #pragma unroll
@@ -122,9 +121,8 @@ __global__ void relu2_bwd_experts_kernel(const T* h, const T* da, T* dh, int64_t
   __shared__ unsigned s_amax[kSharedExperts];
   unsigned* shared = begin_block_amax(am, s_amax);
   ExpertAmaxRun run;
-  const int64_t per_block = (n8 + gridDim.x - 1) / gridDim.x, b0 = blockIdx.x * per_block;
-  const int64_t b1 = b0 + per_block < n8 ? b0 + per_block : n8;
-  for (int64_t i = b0 + threadIdx.x; i < b1; i += blockDim.x) {
+  const ChunkRange range = block_chunks(n8);
+  for (int64_t i = range.begin + threadIdx.x; i < range.end; i += blockDim.x) {
     float hv[8], dv[8], m = 0.f;
     load8(h + 8 * i, hv);
     load8(da + 8 * i, dv);

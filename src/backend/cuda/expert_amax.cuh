@@ -109,6 +109,15 @@ struct ExpertAmaxRun {
   }
 };
 
+// This block's contiguous share [begin, end) of n8 chunks (the walk ExpertAmaxRun expects).
+struct ChunkRange {
+  int64_t begin, end;
+};
+__device__ __forceinline__ ChunkRange block_chunks(int64_t n8) {
+  const int64_t per_block = (n8 + gridDim.x - 1) / gridDim.x, begin = blockIdx.x * per_block;
+  return {begin, begin + per_block < n8 ? begin + per_block : n8};
+}
+
 // The block's shared maxima, zeroed (null when there are too many experts). Call from every
 // thread at the start of the kernel.
 __device__ __forceinline__ unsigned* begin_block_amax(const ExpertAmaxArgs& a, unsigned* s) {
