@@ -218,6 +218,13 @@ class Backend {
       quantize_fp8(W.index(e), transpose, q);
     }
   }
+  // Both forms of a stack, exactly as quantize_experts_fp8 without and with transpose give them
+  // (one granularity). A backend may read W once and share one amax pass (CUDA does, for tensor
+  // and row scaling).
+  virtual void quantize_experts_fp8_pair(const Tensor& W, QuantizedExperts& straight, QuantizedExperts& transposed) {
+    quantize_experts_fp8(W, false, straight);
+    quantize_experts_fp8(W, true, transposed);
+  }
   // grouped_matmul_fp8 with the weights already quantized: the rows of expert e of C are
   // deq(A_e) deq(W.expert(e))^T, A quantized as above.
   virtual void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const QuantizedExperts& W,

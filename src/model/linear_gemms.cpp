@@ -93,8 +93,7 @@ void LinearGemms::allocate() {
 void LinearGemms::refresh_weights() {
   for (WeightForms& f : weights_) {
     if (f.experts) {
-      be_.quantize_experts_fp8(f.source, false, f.ew);
-      be_.quantize_experts_fp8(f.source, true, f.ewt);
+      be_.quantize_experts_fp8_pair(f.source, f.ew, f.ewt);
     } else {
       be_.quantize_fp8_pair(f.source, f.w, f.wt);
     }

@@ -343,9 +343,11 @@ TEST_F(CudaOps, SoftcapCrossEntropy) {
 // Router, plan (dropless and capacity), balance loss, permute, combine, grouped GEMMs, router bwd:
 // the whole MoE layer path op by op.
 TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
-  const int64_t T = 300, E = 6, k = 2, D = 64, Hd = 96;
+  const int64_t E = 6, k = 2, D = 64, Hd = 96;
+  // 3000 tokens: more assignments than the combine backward's amax grid has warps, so they stride.
+  for (int64_t T : {int64_t(300), int64_t(3000)})
   for (int capacity : {0, 70}) {
-    const std::string tag = capacity ? " (capacity 70)" : " (dropless)";
+    const std::string tag = (capacity ? " (capacity 70, T " : " (dropless, T ") + std::to_string(T) + ")";
     auto logits = rand_pair({T, E}, DType::f32, 2.f);
     auto probs = out_pair({T, E}, DType::f32), gates = out_pair({T, k}, DType::f32);
     auto idx = out_pair({T, k}, DType::i32);
@@ -459,8 +461,15 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
     dypg.resize(size_t(kept) * D);
     EXPECT_LT(nerr(dypg, dypc), kBf16Tol) << "moe_combine_bwd dyp" << tag;
     gpu->fill(dyp.g, 1e30f);
+    const std::vector<float> dgates_plain = gpu->read(dgates.g);
+    gpu->fill(dgates.g, 1e30f);
     check_amax([&](const ExpertAmax* a) { gpu->moe_combine_bwd(dy.g, ypb.g, slot.g, gates.g, dyp.g, dgates.g, a); },
                dyp.g, "moe_combine_bwd amax" + tag);
+    EXPECT_EQ(gpu->read(dgates.g), dgates_plain) << "moe_combine_bwd with amax: dgates" << tag;
+    const std::vector<float> dyp_amax = gpu->read(dyp.g);
+    EXPECT_EQ(std::vector<float>(dyp_amax.begin(), dyp_amax.begin() + kept * D),
+              std::vector<float>(dypg.begin(), dypg.begin() + kept * D))
+        << "moe_combine_bwd with amax: dyp" << tag;
 
     // weight gradients: dW [E, N, K] = dY^T X per expert, f32 with beta 0 and 1, and bf16
     auto dh = rand_pair({T * k, Hd}, DType::bf16);

@@ -430,36 +430,45 @@ TEST_F(CudaFp8Grouped, SegmentCodesMatchTheCpuExpertByExpert) {
 }
 
 TEST_F(CudaFp8Grouped, ExpertWeightFormsMatchTheCpu) {
-  // The model quantizes its expert stacks once per step (quantize_experts_fp8), both forms: the
-  // codes and scales must be the CPU's, expert by expert, for every recipe's weight scaling.
+  // The model quantizes its expert stacks once per step, both forms from one read
+  // (quantize_experts_fp8_pair): the codes and scales must be the CPU's, expert by expert, for
+  // every recipe's weight scaling, and the pair must be the two single forms.
   const int64_t N = 256, K = 384;
   std::vector<float> wv = values(E * N * K, 0.05);
   wv[7] = 3.0f;                                       // one large value in expert 0
   for (int64_t i = 0; i < N * K; ++i) wv[size_t(2 * N * K + i)] = 0.0f;  // expert 2 all zero
+  auto expect_same = [&](const QuantizedExperts& g, const QuantizedExperts& c, const std::string& what) {
+    const std::vector<uint8_t> gd = bytes(g.data);
+    const uint8_t* cd = c.data.as<uint8_t>();
+    const std::vector<float> gs = gpu->read(g.scale), cs = cpu->read(c.scale);
+    int64_t code_diff = 0, scale_diff = 0, bad = 0;
+    for (size_t i = 0; i < gd.size(); ++i) code_diff += gd[i] != cd[i];
+    for (size_t i = 0; i < gs.size(); ++i) {
+      scale_diff += gs[i] != cs[i];
+      bad += !std::isfinite(gs[i]) || gs[i] <= 0.0f;
+    }
+    EXPECT_EQ(code_diff, 0) << what;
+    EXPECT_EQ(scale_diff, 0) << what;
+    EXPECT_EQ(bad, 0) << what << ": a scale is not finite and positive";
+  };
   // The model quantizes f32 masters (weights only FP8 products read keep no bf16 copy).
   for (DType wdtype : {DType::f32, DType::bf16}) {
-    for (const GroupedRecipe& r : kGroupedRecipes)
+    for (const GroupedRecipe& r : kGroupedRecipes) {
+      Pair w = both({E, N, K}, wv, wdtype);
+      const std::string what = std::string(dtype_name(wdtype)) + " " + fp8_granularity_name(r.weight);
+      QuantizedExperts forms[2] = {experts_operand(*cpu, E, N, K, r.weight), experts_operand(*cpu, E, K, N, r.weight)};
       for (bool transpose : {false, true}) {
-        Pair w = both({E, N, K}, wv, wdtype);
-        const std::string what = std::string(dtype_name(wdtype)) + " " + fp8_granularity_name(r.weight) +
-                                 (transpose ? " transposed" : "");
         const int64_t rows = transpose ? K : N, k = transpose ? N : K;
-        QuantizedExperts g = experts_operand(*gpu, E, rows, k, r.weight), c = experts_operand(*cpu, E, rows, k, r.weight);
+        QuantizedExperts g = experts_operand(*gpu, E, rows, k, r.weight);
         gpu->quantize_experts_fp8(w.g, transpose, g);
-        cpu->quantize_experts_fp8(w.c, transpose, c);
-        const std::vector<uint8_t> gd = bytes(g.data);
-        const uint8_t* cd = c.data.as<uint8_t>();
-        const std::vector<float> gs = gpu->read(g.scale), cs = cpu->read(c.scale);
-        int64_t code_diff = 0, scale_diff = 0, bad = 0;
-        for (size_t i = 0; i < gd.size(); ++i) code_diff += gd[i] != cd[i];
-        for (size_t i = 0; i < gs.size(); ++i) {
-          scale_diff += gs[i] != cs[i];
-          bad += !std::isfinite(gs[i]) || gs[i] <= 0.0f;
-        }
-        EXPECT_EQ(code_diff, 0) << what;
-        EXPECT_EQ(scale_diff, 0) << what;
-        EXPECT_EQ(bad, 0) << what << ": a scale is not finite and positive";
+        cpu->quantize_experts_fp8(w.c, transpose, forms[transpose]);
+        expect_same(g, forms[transpose], what + (transpose ? " transposed" : ""));
       }
+      QuantizedExperts gs = experts_operand(*gpu, E, N, K, r.weight), gt = experts_operand(*gpu, E, K, N, r.weight);
+      gpu->quantize_experts_fp8_pair(w.g, gs, gt);
+      expect_same(gs, forms[0], what + " pair, straight");
+      expect_same(gt, forms[1], what + " pair, transposed");
+    }
   }
 }
 

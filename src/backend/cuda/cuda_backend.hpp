@@ -88,6 +88,7 @@ class CudaBackend : public Backend {
   void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const QuantizedExperts& W, Tensor& C,
                           const Tensor& offsets) override;
   void quantize_experts_fp8(const Tensor& W, bool transpose, QuantizedExperts& out) override;
+  void quantize_experts_fp8_pair(const Tensor& W, QuantizedExperts& straight, QuantizedExperts& transposed) override;
   void grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran, Tensor& dW,
                                 const Tensor& offsets) override;
   SavedExpertOperand alloc_saved_expert_operand(int64_t rows, int64_t cols, int experts, Fp8Granularity g) override;
@@ -173,6 +174,11 @@ class CudaBackend : public Backend {
   void quantize_fp8_batch(const void* x, DType x_dtype, int64_t batch, int64_t xr, int64_t xc, bool transpose,
                           Fp8Granularity g, uint8_t* out, DType format, float* scale, const int32_t* segments,
                           int segment_count);
+  // Both copies of each of `batch` matrices x [xr, xc] (straight and transposed, one format and
+  // granularity) from one read, with one amax pre-pass for the two; scales as quantize_fp8_batch's.
+  // A batch > 1 takes tensor or row groups (an expert stack's weight forms).
+  void quantize_fp8_pair_batch(const void* x, DType x_dtype, int64_t batch, int64_t xr, int64_t xc, Fp8Granularity g,
+                               uint8_t* out, float* scale, uint8_t* out_t, float* scale_t, DType format);
   // The experts' FP8 operands (grouped_gemm_fp8.cu): weights quantized expert by expert as
   // forward_fp8's B, and token-side operands as wgrad_fp8's transposed padded segments
   // (optionally with the straight copy from the same read).

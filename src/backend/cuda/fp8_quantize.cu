@@ -414,6 +414,10 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float col_part[kRowsAtOnce][kTile];
   const int tid = threadIdx.x, cv = tid % kLanes, ty = tid / kLanes;
   const int64_t r0 = int64_t(blockIdx.y) * kTile, c0 = int64_t(blockIdx.x) * kTile + 8 * cv;
+  // Batch member z along the grid's z: its x, and its row and column maxima (xr + xc of them).
+  x += int64_t(blockIdx.z) * xr * xc;
+  row_amax += int64_t(blockIdx.z) * (xr + xc);
+  col_amax += int64_t(blockIdx.z) * (xr + xc);
   float cm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #pragma unroll
   for (int rr = 0; rr < kTile; rr += kRowsAtOnce * kBatch) {
@@ -453,7 +457,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 struct PairArgs {
-  int64_t xr, xc;             // x is [xr, xc]
+  int64_t xr, xc;             // x is [xr, xc] (per batch member)
   int granularity;            // tensor, row or 1x128, both copies alike
   const unsigned* amax_all;   // tensor: [1]
   const unsigned* amax_rows;  // row: [xr] (the straight copy's groups)
@@ -463,6 +467,20 @@ struct PairArgs {
   uint8_t* out_t;             // transposed [xc, xr]
   float* scale_t;
   float fmax;
+  // A batch of matrices (an expert stack) along the grid's z: member z's x, codes, scales and
+  // maxima start these many elements after member 0's.
+  int64_t amax_stride = 0, scale_stride = 0, scale_t_stride = 0;
+
+  __device__ __forceinline__ void select_member(int64_t z) {
+    const int64_t elems = xr * xc;
+    out += z * elems;
+    out_t += z * elems;
+    scale += z * scale_stride;
+    scale_t += z * scale_t_stride;
+    if (amax_all) amax_all += z * amax_stride;
+    if (amax_rows) amax_rows += z * amax_stride;
+    if (amax_cols) amax_cols += z * amax_stride;
+  }
 };
 
 // The pair with 1x128 groups: both copies of one staged tile, the straight one with the groups of
@@ -497,6 +515,8 @@ __global__ void __launch_bounds__(kThreads) quantize_pair_tile_kernel(const T* _
 template <class T, int kFormat>
 __global__ void __launch_bounds__(kThreads) quantize_pair_scaled_kernel(const T* __restrict__ x, PairArgs a) {
   __shared__ uint32_t words[kTile][kTile / 4];  // [tile column][four-row word, swizzled]
+  x += int64_t(blockIdx.z) * a.xr * a.xc;
+  a.select_member(blockIdx.z);
   const int64_t r0 = int64_t(blockIdx.y) * kTile, c0 = int64_t(blockIdx.x) * kTile;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const bool row = Fp8Granularity(a.granularity) == Fp8Granularity::row;
@@ -593,34 +613,54 @@ void CudaBackend::quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight,
   if (g == Fp8Granularity::block_128x128) return Backend::quantize_fp8_pair(x, straight, transposed);  // weights only
   const int64_t xc = x.cols(), xr = xc ? x.numel() / xc : 0;
   if (xr == 0 || xc == 0) return;
+  quantize_fp8_pair_batch(x.data, x.dtype, 1, xr, xc, g, straight.data.as<uint8_t>(), straight.scale.as<float>(),
+                          transposed.data.as<uint8_t>(), transposed.scale.as<float>(), straight.data.dtype);
+}
+
+void CudaBackend::quantize_fp8_pair_batch(const void* x, DType x_dtype, int64_t batch, int64_t xr, int64_t xc,
+                                          Fp8Granularity g, uint8_t* out, float* scale, uint8_t* out_t,
+                                          float* scale_t, DType format) {
+  MOELAB_CHECK(batch == 1 || g == Fp8Granularity::tensor || g == Fp8Granularity::row,
+               "quantize_fp8_pair_batch: a batch takes tensor or row groups");
   PairArgs a{};
   a.xr = xr;
   a.xc = xc;
   a.granularity = int(g);
-  a.out = straight.data.as<uint8_t>();
-  a.scale = straight.scale.as<float>();
-  a.out_t = transposed.data.as<uint8_t>();
-  a.scale_t = transposed.scale.as<float>();
-  a.fmax = fp8_max(straight.data.dtype);
-  const bool e4m3 = straight.data.dtype == DType::e4m3;
-  MOELAB_FLOAT_DISPATCH(x.dtype, T, {
-    const T* px = x.as<T>();
+  a.out = out;
+  a.scale = scale;
+  a.out_t = out_t;
+  a.scale_t = scale_t;
+  a.fmax = fp8_max(format);
+  const bool row = g == Fp8Granularity::row;
+  a.amax_stride = row ? xr + xc : 1;
+  a.scale_stride = row ? xr : 1;
+  a.scale_t_stride = row ? xc : 1;
+  const bool e4m3 = format == DType::e4m3;
+  MOELAB_FLOAT_DISPATCH(x_dtype, T, {
+    const T* px = static_cast<const T*>(x);
     if (g != Fp8Granularity::block_1x128) {
-      const size_t n = g == Fp8Granularity::tensor ? 1 : size_t(xr + xc);
+      const size_t n = size_t(batch) * size_t(a.amax_stride);
       auto* amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, n * sizeof(unsigned)));
       MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, n * sizeof(unsigned), stream_));
       if (g == Fp8Granularity::tensor) {
-        amax_all_kernel<T><<<amax_all_blocks(xr * xc, sm_count_), 256, 0, stream_>>>(px, xr * xc, amax);
+        if (batch == 1) {
+          amax_all_kernel<T><<<amax_all_blocks(xr * xc, sm_count_), 256, 0, stream_>>>(px, xr * xc, amax);
+        } else {  // one maximum per member, shared by its two copies
+          RowGroups groups;
+          groups.group_rows = xr;
+          const AmaxRowGroupsLaunch l = amax_row_groups_launch(batch * xr, sm_count_);
+          amax_row_groups_kernel<T><<<l.blocks, 256, 0, stream_>>>(px, batch * xr, xc, groups, l.rows_per_warp, amax);
+        }
         a.amax_all = amax;
       } else {
-        const dim3 grid(unsigned((xc + kTile - 1) / kTile), unsigned((xr + kTile - 1) / kTile));
+        const dim3 grid(unsigned((xc + kTile - 1) / kTile), unsigned((xr + kTile - 1) / kTile), unsigned(batch));
         amax_rows_cols_kernel<T><<<grid, kThreads, 0, stream_>>>(px, xr, xc, amax, amax + xr);
         a.amax_rows = amax;
         a.amax_cols = amax + xr;
       }
       MOELAB_CUDA_LAUNCH_CHECK("fp8 pair amax");
     }
-    const dim3 grid(unsigned((xc + kTile - 1) / kTile), unsigned((xr + kTile - 1) / kTile));
+    const dim3 grid(unsigned((xc + kTile - 1) / kTile), unsigned((xr + kTile - 1) / kTile), unsigned(batch));
     if (g != Fp8Granularity::block_1x128) {
       auto scaled = e4m3 ? quantize_pair_scaled_kernel<T, 0> : quantize_pair_scaled_kernel<T, 1>;
       scaled<<<grid, kThreads, 0, stream_>>>(px, a);

@@ -3,6 +3,8 @@
 // fused in. Each token (or permuted row) is handled by one warp, summing its k assignments in
 // order j = 0..k-1, so backward passes need no atomics and stay deterministic. Rows that are
 // 16-byte aligned multiples of 8 elements move 8 elements per lane access.
+#include <algorithm>
+
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/expert_amax.cuh"
 
@@ -82,17 +84,25 @@ __global__ void combine_kernel(const TP* yp, const int32_t* slot, const float* g
 
 // One warp per (t, j): writes dyp's row and reduces the gate gradient across the warp.
 // With am.amax (offsets of E experts), each expert's amax of the dyp rows written is raised too.
+// Neighbouring assignments go to different experts, so then the grid is a few blocks a SM whose
+// warps stride over the assignments and gather their maxima in the block's shared array: one
+// global atomic per block and expert, where a block per 8 assignments made the atomics on E
+// addresses the kernel's bottleneck.
 template <int W, class TD, class TP, class TO>
 __global__ void combine_bwd_kernel(const TD* dy, const TP* yp, const int32_t* slot, const float* gates, int64_t T,
                                    int k, int d, TO* dyp, float* dgates, ExpertAmaxArgs am) {
-  const int64_t a = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  __shared__ unsigned block_amax[kSharedExperts];
+  unsigned* shared = am.amax ? begin_block_amax(am, block_amax) : nullptr;  // uniform over the grid
   const int lane = threadIdx.x & 31;
-  const int s = a < T * k ? slot[a] : -1;
-  float m = 0.f;
-  if (a < T * k && s < 0 && lane == 0) dgates[a] = 0.f;
-  if (s >= 0) {
+  const int64_t n = T * k, stride = int64_t(gridDim.x) * kWarps;
+  for (int64_t a = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5); a < n; a += stride) {
+    const int s = slot[a];
+    if (s < 0) {
+      if (lane == 0) dgates[a] = 0.f;
+      continue;
+    }
     const int64_t t = a / k;
-    float g = gates[a], dot = 0.f;
+    float g = gates[a], dot = 0.f, m = 0.f;
     for (int i = lane * W; i < d; i += 32 * W) {
       float dv[W], yv[W], out[W];
       load_w<W>(dy + t * d + i, dv);
@@ -107,10 +117,16 @@ __global__ void combine_bwd_kernel(const TD* dy, const TP* yp, const int32_t* sl
     }
     dot = warp_sum(dot);
     if (lane == 0) dgates[a] = dot;
+    if (am.amax) {
+      m = warp_max(m);
+      const int e = expert_of_row(s, am.offsets, am.E);
+      if (lane == 0 && e >= 0) raise_amax(shared ? shared + e : am.amax + e, m);
+    }
   }
-  if (!am.amax) return;  // uniform over the grid
-  m = warp_max(m);
-  raise_rows_amax<kWarps>(am, s >= 0 ? expert_of_row(s, am.offsets, am.E) : -1, m);
+  if (!shared) return;
+  __syncthreads();
+  for (int i = int(threadIdx.x); i < am.E; i += int(blockDim.x))
+    if (shared[i]) atomicMax(am.amax + i, shared[i]);
 }
 
 // 8 when every row pointer is 16-byte aligned and rows are multiples of 8 elements.
@@ -206,8 +222,10 @@ void CudaBackend::moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tens
   require(yp.dtype == dy.dtype, "moe_combine_bwd", "yp and dy must share one dtype");
   const int w = row_width(dy.cols(), {dy.data, yp.data, dyp.data});
   const ExpertAmaxArgs am = amax ? expert_amax_args(*amax, dyp, true, "moe_combine_bwd") : ExpertAmaxArgs{};
+  // With an amax, four blocks a SM stride over the assignments (see the kernel); else one pass.
+  const unsigned blocks = amax ? std::min(warps_grid(T * k), unsigned(4 * sm_count_)) : warps_grid(T * k);
   MOELAB_FLOAT_DISPATCH(dy.dtype, TD, MOELAB_FLOAT_DISPATCH(dyp.dtype, TO, MOELAB_WIDTH_DISPATCH(w, W,
-      combine_bwd_kernel<W, TD, TD, TO><<<warps_grid(T * k), 32 * kWarps, 0, stream_>>>(
+      combine_bwd_kernel<W, TD, TD, TO><<<blocks, 32 * kWarps, 0, stream_>>>(
           dy.as<TD>(), reinterpret_cast<const TD*>(yp.data), slot.as<int32_t>(), gates.as<float>(), T, k,
           int(dy.cols()), dyp.as<TO>(), dgates.as<float>(), am))));
   MOELAB_CUDA_LAUNCH_CHECK("moe_combine_bwd");
