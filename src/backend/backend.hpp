@@ -134,6 +134,9 @@ struct ExpertAmax {
   Tensor amax;     // f32 [E]
   Tensor offsets;  // i32 [E + 1]
 };
+// The same for a whole tensor (the dense linears' operands under tensor scaling): an op given
+// `amax` (f32 [1], zeroed by the caller) raises it to the largest |value| it wrote, as stored.
+// quantize_fp8_pair given it then needs no amax pass.
 
 class Backend {
  public:
@@ -187,7 +190,11 @@ class Backend {
   // quantize_fp8(x, true, transposed) give them (the data and weight gradients of a linear read
   // the same dy both ways); both take the same format and granularity. A backend may read x once
   // for the two (CUDA does).
-  virtual void quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight, QuantizedOperand& transposed) {
+  // amax (tensor scaling only): x's amax from its producer, in place of the amax pass; a backend
+  // may ignore it and compute its own (the CPU does: it gives the same scales).
+  virtual void quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight, QuantizedOperand& transposed,
+                                 const Tensor* amax = nullptr) {
+    (void)amax;
     quantize_fp8(x, false, straight);
     quantize_fp8(x, true, transposed);
   }
@@ -267,10 +274,11 @@ class Backend {
 
   // --- parameter-free RMSNorm over the last dim: y = x * rstd, rstd = 1/sqrt(mean(x^2) + eps) -----
   static constexpr float kNormEps = 1e-6f;
-  virtual void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd) = 0;
+  // amax here and below: the output's amax, raised as the op writes it (see ExpertAmax).
+  virtual void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const Tensor* amax = nullptr) = 0;
   // dx (+)= d/dx given dy; accumulate adds into dx (residual stream) instead of overwriting.
   virtual void rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dx,
-                           bool accumulate) = 0;
+                           bool accumulate, const Tensor* amax = nullptr) = 0;
 
   // --- rotary embedding then per-head RMSNorm (QK-norm), on x [B, T, H, hd] ---------------------
   // cos, sin: [max_seq, hd/2] f32 tables; position of x[b, t] is t. Rotation pairs (i, i + hd/2):
@@ -278,7 +286,7 @@ class Backend {
   virtual void rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& y,
                              Tensor& rstd) = 0;
   virtual void rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor& sin,
-                             const Tensor& rstd, const Tensor& dy, Tensor& dx) = 0;
+                             const Tensor& rstd, const Tensor& dy, Tensor& dx, const Tensor* amax = nullptr) = 0;
 
   // --- causal self-attention, softmax scale 1/sqrt(hd) ------------------------------------------
   // q [B, T, Hq, hd]; k, v [B, T, Hkv, hd] with Hq % Hkv == 0 (grouped-query: query head h reads
@@ -299,9 +307,9 @@ class Backend {
   // --- logit softcap + cross-entropy, in f32 -----------------------------------------------------
   // logits [N, V]; z = cap * tanh(logits / cap); losses[n] = logsumexp(z) - z[target] (0 where
   // target < 0, i.e. ignored); dlogits = grad_scale * d losses[n] / d logits (0 for ignored rows).
-  // dlogits may alias logits.
+  // dlogits may alias logits. amax: dlogits' amax.
   virtual void softcap_xent(const Tensor& logits, const Tensor& targets, float cap,
-                            float grad_scale, Tensor& losses, Tensor& dlogits) = 0;
+                            float grad_scale, Tensor& losses, Tensor& dlogits, const Tensor* amax = nullptr) = 0;
 
   // --- MoE routing -------------------------------------------------------------------------------
   // logits [T, E] f32 -> probs = softmax (f32 [T, E]); topk_idx [T, k] i32, experts by descending

@@ -13,6 +13,9 @@ namespace {
 // A [B, T, H, hd] activation as the [B*T, H*hd] matrix that matmuls see.
 Tensor tokens_by_features(const Tensor& t) { return t.view({t.dim(0) * t.dim(1), t.numel() / (t.dim(0) * t.dim(1))}); }
 
+// An optional per-op tensor as the backend takes it: null when empty.
+const Tensor* present(const Tensor& t) { return t.data ? &t : nullptr; }
+
 // Elements [begin, end) of a flat tensor.
 Tensor elements(const Tensor& t, int64_t begin, int64_t end) {
   return t.view({t.numel(), 1}).rows_slice(begin, end).view({end - begin});
@@ -245,6 +248,17 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
     for (Layer& l : layers_)
       if (l.moe) l.expert_amax = expert_amax_.index(mi++);
   }
+  // FP8 dense layers and head with tensor scaling: their operands' amax, raised by the norms and
+  // the loss that write them.
+  const bool tensorwise = cfg_.fp8.recipe == "tensorwise";
+  const int64_t dense_slots = fp8_dense_ && tensorwise ? int64_t(layers_.size()) * 4 : 0;
+  const int64_t head_slots = fp8_head_ && tensorwise ? (n_ + chunk_rows_ - 1) / chunk_rows_ : 0;
+  if (dense_slots + head_slots > 0) {
+    dense_amax_ = alloc0({dense_slots + head_slots}, DType::f32);
+    for (int64_t i = 0; i < dense_slots; ++i) layers_[size_t(i / 4)].dense_amax[size_t(i % 4)] = elements(dense_amax_, i, i + 1);
+    for (int64_t c = 0; c < head_slots; ++c)
+      head_dy_amax_.push_back(elements(dense_amax_, dense_slots + c, dense_slots + c + 1));
+  }
   kept_acc_ = alloc0({std::max<int64_t>(moe_layers, 1)}, stat_);
   tmp1_ = alloc0({std::max<int64_t>(experts_, 1)}, stat_);
 
@@ -468,6 +482,7 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
 void GptMoE::forward(const Tensor& tokens) {
   const bool lambdas = resid_lambdas_ != nullptr;
   if (expert_amax_.data) be_.fill(expert_amax_, 0.0f);  // raised again by this micro-batch's producers
+  if (dense_amax_.data) be_.fill(dense_amax_, 0.0f);
   be_.embedding_fwd(tokens, wte_->compute, emb_);
   // With the lambdas, each block's input is a mix of the stream (x_pre) and x0 (layer 0's x_pre).
   be_.rmsnorm_fwd(emb_, lambdas ? layers_[0].x_pre : layers_[0].x_in, rstd0_);
@@ -478,9 +493,11 @@ void GptMoE::forward(const Tensor& tokens) {
     if (lambdas)
       be_.lambda_mix_fwd(elements(resid_lambdas_->value, int64_t(i), int64_t(i) + 1), l.x_pre,
                          elements(x0_lambdas_->value, int64_t(i), int64_t(i) + 1), layers_[0].x_pre, l.x_in);
-    be_.rmsnorm_fwd(l.x_in, l.xn1, l.rstd1);
+    const Tensor* xn1_amax = present(l.dense_amax[Layer::xn1_amax]);
+    be_.rmsnorm_fwd(l.x_in, l.xn1, l.rstd1, xn1_amax);
     Tensor q = tokens_by_features(l.q), k = tokens_by_features(l.k), v = tokens_by_features(l.v);
-    lin_.forward(fp8_dense_, l.xn1, l.wq->compute, q, 0.0f, LinearGemms::none, fp8_dense_ ? &l.xn1_t : nullptr);
+    lin_.forward(fp8_dense_, l.xn1, l.wq->compute, q, 0.0f, LinearGemms::none, fp8_dense_ ? &l.xn1_t : nullptr,
+                 xn1_amax);
     lin_.forward(fp8_dense_, l.xn1, l.wk->compute, k, 0.0f, LinearGemms::same_x);
     lin_.forward(fp8_dense_, l.xn1, l.wv->compute, v, 0.0f, LinearGemms::same_x);
     if (l.ve) {
@@ -517,16 +534,17 @@ void GptMoE::head_loss(const Tensor& targets, float loss_scale, bool backward) {
   const Tensor losses = losses_.view({n_, 1});
   for (int64_t r0 = 0; r0 < n_; r0 += chunk_rows_) {
     int64_t r1 = std::min(n_, r0 + chunk_rows_);
+    const Tensor* dy_amax = head_dy_amax_.empty() ? nullptr : &head_dy_amax_[size_t(r0 / chunk_rows_)];
     Tensor x = xf_.rows_slice(r0, r1);
     Tensor logits = logits_.rows_slice(0, r1 - r0);
     Tensor loss_rows = losses.rows_slice(r0, r1).view({r1 - r0});
     lin_.forward(fp8_head_, x, head_->compute, logits, 0.0f, LinearGemms::none, fp8_head_ ? &head_xt_ : nullptr);
     be_.softcap_xent(logits, tgt.rows_slice(r0, r1).view({r1 - r0}), float(cfg_.model.softcap), loss_scale,
-                     loss_rows, logits);
+                     loss_rows, logits, dy_amax);
     if (backward) {
       Tensor dx = dxf_.rows_slice(r0, r1);
       lin_.backward(fp8_head_, logits, head_->compute, x, dx, head_->grad, 0.0f, LinearGemms::none,
-                    fp8_head_ ? &head_xt_ : nullptr);
+                    fp8_head_ ? &head_xt_ : nullptr, dy_amax);
     }
   }
 }
@@ -586,15 +604,18 @@ void GptMoE::attention_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
   Tensor datt = tokens_by_features(datt_);
   const LinearGemms::SavedInput* att_t = fp8_dense_ ? &l.att_t : nullptr;
   const LinearGemms::SavedInput* xn1_t = fp8_dense_ ? &l.xn1_t : nullptr;
+  // dy's amax: raised by the RMSNorm backward that wrote it (forward_backward).
   lin_.backward(fp8_dense_, dy, l.wo->compute, tokens_by_features(l.att), datt, l.wo->grad, 0.0f, LinearGemms::none,
-                att_t);
+                att_t, present(l.dense_amax[Layer::proj_dy_amax]));
   be_.attention_bwd(l.qr, l.kr, l.v, l.att, l.lse, datt_, dq_, dk_, dv_, l.window);
-  be_.rope_norm_bwd(l.q, cos_, sin_, l.rstd_q, dq_, dqraw_);
-  be_.rope_norm_bwd(l.k, cos_, sin_, l.rstd_k, dk_, dkraw_);
+  const Tensor* dq_amax = present(l.dense_amax[Layer::dq_amax]);
+  const Tensor* dk_amax = present(l.dense_amax[Layer::dk_amax]);
+  be_.rope_norm_bwd(l.q, cos_, sin_, l.rstd_q, dq_, dqraw_, dq_amax);
+  be_.rope_norm_bwd(l.k, cos_, sin_, l.rstd_k, dk_, dkraw_, dk_amax);
   lin_.backward(fp8_dense_, tokens_by_features(dqraw_), l.wq->compute, l.xn1, dxn, l.wq->grad, 0.0f, LinearGemms::none,
-                xn1_t);
+                xn1_t, dq_amax);
   lin_.backward(fp8_dense_, tokens_by_features(dkraw_), l.wk->compute, l.xn1, dxn, l.wk->grad, 1.0f, LinearGemms::none,
-                xn1_t);
+                xn1_t, dk_amax);
   lin_.backward(fp8_dense_, tokens_by_features(dv_), l.wv->compute, l.xn1, dxn, l.wv->grad, 1.0f, LinearGemms::none,
                 xn1_t);
 }
@@ -614,7 +635,7 @@ void GptMoE::forward_backward(const Tensor& tokens, const Tensor& targets, float
   for (size_t i = layers_.size(); i-- > 0;) {
     Layer& l = layers_[i];
     mlp_backward(l, dx_, dxn_);
-    be_.rmsnorm_bwd(l.x_mid, l.rstd2, dxn_, dx_, true);
+    be_.rmsnorm_bwd(l.x_mid, l.rstd2, dxn_, dx_, true, present(l.dense_amax[Layer::proj_dy_amax]));
     attention_backward(l, dx_, dxn_);
     if (l.ve) {
       // dv_ is the gradient w.r.t. v after the gated add; dkraw_ is free again as scratch for dve.

@@ -7,6 +7,7 @@
 // allocates nothing and can be captured in a CUDA graph. Statistics (loss sum, balance loss,
 // expert loads, drops) accumulate in device tensors and are read once, after the step.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -95,6 +96,10 @@ class GptMoE {
     Tensor x_in, xn1, rstd1, q, k, v, qr, kr, rstd_q, rstd_k, att, lse, x_mid, xn2, rstd2;
     LinearGemms::SavedInput xn1_t, att_t;  // FP8 dense: xn1^T and att^T from the forward
     Tensor expert_amax;  // [4, E]: amax of xp, relu²(hp), dyp, dhp (FP8 experts, tensor scaling)
+    // FP8 dense layers, tensor scaling: f32 [1] each, the amax of xn1, of the output projection's
+    // dy and of dq and dk (before RoPE), raised by the norms that write them (else empty).
+    enum DenseAmax { xn1_amax, proj_dy_amax, dq_amax, dk_amax };
+    std::array<Tensor, 4> dense_amax;
     Tensor h, a;                                                   // dense or shared expert
     Tensor router_logits, probs, topk, gates, routed, counts, offsets, slot, row_token;
     Tensor routed_group;  // routed summed over the data-parallel group (with set_group)
@@ -165,6 +170,10 @@ class GptMoE {
   Tensor dx_, dxn_, dxf_, dtmp_, datt_, dq_, dk_, dv_, dqraw_, dkraw_, dh_, da_;
   Tensor dyp_, dap_, dhp_, dxp_, dgates_, dlogits_r_, dlogits_r_act_;
   Tensor expert_amax_;  // [moe layers, 4, E] f32, each layer's Layer::expert_amax
+  // [layers * 4 + head chunks] f32: each layer's Layer::dense_amax, then each head chunk's dlogits
+  // amax (head_dy_amax_, FP8 head with tensor scaling), raised by the loss.
+  Tensor dense_amax_;
+  std::vector<Tensor> head_dy_amax_;
   Tensor expert_x_shared_, expert_a_shared_;  // xp and ap of every layer when the experts run in FP8
   Tensor dx0_;  // gradient reaching x0 through the lambda mixes
 };

@@ -158,7 +158,7 @@ LinearGemms::SavedInput LinearGemms::saved_input(int64_t tokens, int64_t in) {
 }
 
 void LinearGemms::forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, float beta, unsigned reuse,
-                          SavedInput* save) {
+                          SavedInput* save, const Tensor* x_amax) {
   if (!(fp8 && fp8_)) {
     be_.matmul(x, false, W, true, y, 1.0f, beta);
     return;
@@ -172,7 +172,7 @@ void LinearGemms::forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y,
     QuantizedOperand xt = save->xt;
     xt.data = save->xt.data.prefix({x.cols(), rows});
     xt.scale = save->xt.scale.prefix(fp8_scale_shape(act_, x.cols(), rows));
-    be_.quantize_fp8_pair(x, a, xt);
+    be_.quantize_fp8_pair(x, a, xt, act_ == Fp8Granularity::tensor ? x_amax : nullptr);
     remember(a_, x, false, DType::e4m3, a);
     save->src = x.data;
     save->src_shape = x.shape;
@@ -183,7 +183,7 @@ void LinearGemms::forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y,
 }
 
 void LinearGemms::backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, Tensor& dx, Tensor& dW,
-                           float beta, unsigned reuse, const SavedInput* saved) {
+                           float beta, unsigned reuse, const SavedInput* saved, const Tensor* dy_amax) {
   if (!(fp8 && fp8_)) {
     be_.matmul(dy, false, W, false, dx, 1.0f, beta);
     be_.matmul(dy, true, x, false, dW, 1.0f, 1.0f);
@@ -191,7 +191,7 @@ void LinearGemms::backward(bool fp8, const Tensor& dy, const Tensor& W, const Te
   }
   QuantizedOperand g = operand(a_, dy, false, grad_format_, act_);
   QuantizedOperand gt = operand(at_, dy, true, grad_format_, act_);
-  be_.quantize_fp8_pair(dy, g, gt);
+  be_.quantize_fp8_pair(dy, g, gt, act_ == Fp8Granularity::tensor ? dy_amax : nullptr);
   remember(a_, dy, false, grad_format_, g);
   remember(at_, dy, true, grad_format_, gt);
   be_.matmul_fp8(g, forms_of(W).wt, dx, 1.0f, beta);

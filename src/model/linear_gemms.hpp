@@ -58,14 +58,16 @@ class LinearGemms {
   };
   SavedInput saved_input(int64_t tokens, int64_t in);
 
-  // y = x W^T + beta y. With save (FP8), x^T is quantized into it as well.
+  // y = x W^T + beta y. With save (FP8), x^T is quantized into it as well. x_amax / dy_amax
+  // below: the operand's amax from its producer (f32 [1], see backend.hpp), which tensor scaling
+  // then uses instead of an amax pass (with save, and in the backward); the other recipes ignore it.
   void forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, float beta = 0.0f, unsigned reuse = none,
-               SavedInput* save = nullptr);
+               SavedInput* save = nullptr, const Tensor* x_amax = nullptr);
   // The backward of y = x W^T: dx = dy W + beta dx and dW += dy^T x. In FP8, dy is quantized
   // once into both copies the two products read (quantize_fp8_pair); x^T comes from `saved` (the
   // forward's) when given, else same_x reuses the last x^T, else x is quantized.
   void backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, Tensor& dx, Tensor& dW, float beta = 0.0f,
-                unsigned reuse = none, const SavedInput* saved = nullptr);
+                unsigned reuse = none, const SavedInput* saved = nullptr, const Tensor* dy_amax = nullptr);
 
   // The experts' GEMMs over permuted rows grouped by offsets (W [E, N, K]), in FP8 by the same
   // recipe with one set of scales per expert (the backend quantizes expert by expert):

@@ -58,6 +58,20 @@ class CudaOps : public ::testing::Test {
     gpu->write(p.g, v);
     return p;
   }
+  // A dense producer given a tensor amax (f32 [1], zeroed) must raise it to exactly the largest
+  // |value| it wrote, as read back, and write what it wrote without one (`plain`).
+  void expect_producer_amax(const std::function<void(const Tensor*)>& op, const Tensor& out,
+                            const std::vector<float>& plain, const std::string& what) {
+    Tensor amax = gpu->alloc({1}, DType::f32);
+    gpu->fill(amax, 0.f);
+    op(&amax);
+    const std::vector<float> v = gpu->read(out);
+    float want = 0.f;
+    for (float f : v) want = std::max(want, std::fabs(f));
+    EXPECT_EQ(gpu->read(amax)[0], want) << what << ": amax";
+    EXPECT_GT(want, 0.f) << what;
+    EXPECT_EQ(v, plain) << what << ": the output with an amax differs";
+  }
   Pair rand_pair(const Shape& s, DType dt, float scale = 1.f) {
     int64_t n = 1;
     for (auto d : s) n *= d;
@@ -225,13 +239,18 @@ TEST_F(CudaOps, RmsNormAndRopeNorm) {
     cpu->rmsnorm_fwd(x.c, y.c, r.c);
     gpu->rmsnorm_fwd(x.g, y.g, r.g);
     expect_close(y, kBf16Tol, "rmsnorm_fwd y");
+    expect_producer_amax([&](const Tensor* a) { gpu->rmsnorm_fwd(x.g, y.g, r.g, a); }, y.g, gpu->read(y.g),
+                         "rmsnorm_fwd");
     expect_close(r, 1e-5, "rmsnorm_fwd rstd");
     auto dy = rand_pair({B, T, D}, DType::bf16);
     for (bool acc : {false, true})
       for (DType dxt : {DType::f32, DType::bf16}) {
         auto dx = rand_pair({B, T, D}, dxt);
+        auto dx_again = pair_from({B, T, D}, dxt, gpu->read(dx.g));  // for the run with an amax
         cpu->rmsnorm_bwd(x.c, r.c, dy.c, dx.c, acc);
         gpu->rmsnorm_bwd(x.g, r.g, dy.g, dx.g, acc);
+        expect_producer_amax([&](const Tensor* a) { gpu->rmsnorm_bwd(x.g, r.g, dy.g, dx_again.g, acc, a); },
+                             dx_again.g, gpu->read(dx.g), std::string("rmsnorm_bwd ") + dtype_name(dxt));
         expect_close(dx, dxt == DType::f32 ? 1e-4 : kBf16Tol,
                      std::string("rmsnorm_bwd accumulate=") + (acc ? "1 " : "0 ") + dtype_name(dxt));
       }
@@ -258,6 +277,8 @@ TEST_F(CudaOps, RmsNormAndRopeNorm) {
     cpu->rope_norm_bwd(q.c, cosp.c, sinp.c, qr.c, dqy.c, dq.c);
     gpu->rope_norm_bwd(q.g, cosp.g, sinp.g, qr.g, dqy.g, dq.g);
     expect_close(dq, kBf16Tol, "rope_norm_bwd");
+    expect_producer_amax([&](const Tensor* a) { gpu->rope_norm_bwd(q.g, cosp.g, sinp.g, qr.g, dqy.g, dq.g, a); },
+                         dq.g, gpu->read(dq.g), "rope_norm_bwd");
   }
 }
 
@@ -331,6 +352,8 @@ TEST_F(CudaOps, SoftcapCrossEntropy) {
       gpu->softcap_xent(logits.g, targets.g, 15.f, 0.25f, losses.g, dl.g);
       expect_close(losses, 1e-4, std::string("softcap_xent losses ") + dtype_name(dt));
       expect_close(dl, dt == DType::f32 ? 1e-4 : kBf16Tol, std::string("softcap_xent dlogits ") + dtype_name(dt));
+      expect_producer_amax([&](const Tensor* a) { gpu->softcap_xent(logits.g, targets.g, 15.f, 0.25f, losses.g, dl.g, a); },
+                           dl.g, gpu->read(dl.g), std::string("softcap_xent ") + dtype_name(dt));
       // In place: dlogits aliases logits.
       auto alias_losses = out_pair({N}, DType::f32);
       gpu->softcap_xent(logits.g, targets.g, 15.f, 0.25f, alias_losses.g, logits.g);

@@ -150,6 +150,22 @@ TEST_F(CudaFp8, QuantizePairGivesBothCopiesFromOneCall) {
       EXPECT_EQ(bytes(t1.data), bytes(t2.data)) << what << " transposed codes";
       EXPECT_EQ(bytes(s1.scale), bytes(s2.scale)) << what << " straight scales";
       EXPECT_EQ(bytes(t1.scale), bytes(t2.scale)) << what << " transposed scales";
+      if (gr != Fp8Granularity::tensor) continue;
+      // With x's amax from its producer (here the value it must be), the pair skips its own pass
+      // and gives the same bits.
+      float m = 0.f;
+      for (float f : v) m = std::max(m, std::fabs(round_to_bf16(f)));  // x holds bf16
+      Tensor amax = gpu->alloc({1}, DType::f32);
+      gpu->write(amax, {m});
+      QuantizedOperand s3 = operand(*gpu, xr, xc, gr, fmt), t3 = operand(*gpu, xc, xr, gr, fmt);
+      gpu->quantize_fp8_pair(x, s3, t3, &amax);
+      EXPECT_EQ(bytes(s3.data), bytes(s2.data)) << what << " straight codes, producer's amax";
+      EXPECT_EQ(bytes(t3.data), bytes(t2.data)) << what << " transposed codes, producer's amax";
+      EXPECT_EQ(bytes(s3.scale), bytes(s2.scale)) << what << " straight scales, producer's amax";
+      // A wrong amax must change the scale: the pair does read it.
+      gpu->write(amax, {2.0f * m});
+      gpu->quantize_fp8_pair(x, s3, t3, &amax);
+      EXPECT_NE(bytes(s3.scale), bytes(s2.scale)) << what << " the producer's amax is not used";
     }
 }
 

@@ -181,16 +181,17 @@ class CountingBackend : public Backend {
   }
   void embedding_fwd(const Tensor& t, const Tensor& w, Tensor& o) override { in_.embedding_fwd(t, w, o); }
   void embedding_bwd(const Tensor& t, const Tensor& d, Tensor& w) override { in_.embedding_bwd(t, d, w); }
-  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& r) override { in_.rmsnorm_fwd(x, y, r); }
-  void rmsnorm_bwd(const Tensor& x, const Tensor& r, const Tensor& dy, Tensor& dx, bool acc) override {
-    in_.rmsnorm_bwd(x, r, dy, dx, acc);
+  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& r, const Tensor* m) override { in_.rmsnorm_fwd(x, y, r, m); }
+  void rmsnorm_bwd(const Tensor& x, const Tensor& r, const Tensor& dy, Tensor& dx, bool acc,
+                   const Tensor* m) override {
+    in_.rmsnorm_bwd(x, r, dy, dx, acc, m);
   }
   void rope_norm_fwd(const Tensor& x, const Tensor& c, const Tensor& s, Tensor& y, Tensor& r) override {
     in_.rope_norm_fwd(x, c, s, y, r);
   }
   void rope_norm_bwd(const Tensor& x, const Tensor& c, const Tensor& s, const Tensor& r, const Tensor& dy,
-                     Tensor& dx) override {
-    in_.rope_norm_bwd(x, c, s, r, dy, dx);
+                     Tensor& dx, const Tensor* m) override {
+    in_.rope_norm_bwd(x, c, s, r, dy, dx, m);
   }
   void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& o, Tensor& l, int window) override {
     in_.attention_fwd(q, k, v, o, l, window);
@@ -203,8 +204,9 @@ class CountingBackend : public Backend {
   void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* m) override {
     in_.relu2_bwd(h, da, dh, m);
   }
-  void softcap_xent(const Tensor& lg, const Tensor& t, float cap, float gs, Tensor& l, Tensor& d) override {
-    in_.softcap_xent(lg, t, cap, gs, l, d);
+  void softcap_xent(const Tensor& lg, const Tensor& t, float cap, float gs, Tensor& l, Tensor& d,
+                    const Tensor* m) override {
+    in_.softcap_xent(lg, t, cap, gs, l, d, m);
   }
   void router_topk(const Tensor& lg, int k, Tensor& p, Tensor& i, Tensor& g) override {
     in_.router_topk(lg, k, p, i, g);

@@ -58,13 +58,13 @@ class CpuBackend : public Backend {
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
 
-  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd) override;
+  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const Tensor* amax = nullptr) override;
   void rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dx,
-                   bool accumulate) override;
+                   bool accumulate, const Tensor* amax = nullptr) override;
   void rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& y,
                      Tensor& rstd) override;
   void rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tensor& rstd,
-                     const Tensor& dy, Tensor& dx) override;
+                     const Tensor& dy, Tensor& dx, const Tensor* amax = nullptr) override;
 
   void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                      Tensor& lse, int window = 0) override;
@@ -76,7 +76,7 @@ class CpuBackend : public Backend {
   void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* amax = nullptr) override;
 
   void softcap_xent(const Tensor& logits, const Tensor& targets, float cap, float grad_scale,
-                    Tensor& losses, Tensor& dlogits) override;
+                    Tensor& losses, Tensor& dlogits, const Tensor* amax = nullptr) override;
 
   void router_topk(const Tensor& logits, int k, Tensor& probs, Tensor& topk_idx,
                    Tensor& gates) override;
@@ -126,6 +126,8 @@ class CpuBackend : public Backend {
   // ExpertAmax on the CPU: each expert's max |value| of rows [offsets[e], offsets[e+1]) of out,
   // raised into amax.amax (read after the op wrote out).
   void raise_expert_amax(const Tensor& out, const ExpertAmax& amax, const char* op);
+  // amax (f32 [1]) raised to out's largest |value| (a producer's tensor amax).
+  void raise_tensor_amax(const Tensor& out, const Tensor& amax, const char* op);
   DType master_;
   cpu::ThreadPool pool_;
   std::shared_ptr<MemoryCounter> memory_;

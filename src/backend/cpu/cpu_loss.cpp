@@ -13,7 +13,7 @@ namespace moelab {
 using namespace cpu;
 
 void CpuBackend::softcap_xent(const Tensor& logits, const Tensor& targets, float cap,
-                              float grad_scale, Tensor& losses, Tensor& dlogits) {
+                              float grad_scale, Tensor& losses, Tensor& dlogits, const Tensor* amax) {
   const char* op = "softcap_xent";
   require_float(logits, op, "logits");
   require_i32(targets, op, "targets");
@@ -74,6 +74,7 @@ void CpuBackend::softcap_xent(const Tensor& logits, const Tensor& targets, float
       }
     });
   });
+  if (amax) raise_tensor_amax(dlogits, *amax, op);
 }
 
 }  // namespace moelab

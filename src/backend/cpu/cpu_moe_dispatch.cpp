@@ -103,6 +103,16 @@ void CpuBackend::raise_expert_amax(const Tensor& out, const ExpertAmax& amax, co
   });
 }
 
+void CpuBackend::raise_tensor_amax(const Tensor& out, const Tensor& amax, const char* op) {
+  require(amax.dtype == DType::f32 && amax.numel() == 1, op, "amax must be f32 [1], got " + amax.describe());
+  float* m = ptr<float>(amax);
+  with_float(out.dtype, [&](auto te) {
+    using T = decltype(te);
+    const T* v = ptr<T>(out);
+    for (int64_t i = 0; i < out.numel(); ++i) m[0] = std::max(m[0], float(std::fabs(double(v[i]))));
+  });
+}
+
 void CpuBackend::moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets, Tensor& xp,
                              const ExpertAmax* amax) {
   const char* op = "moe_permute";

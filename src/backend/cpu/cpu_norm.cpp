@@ -10,7 +10,7 @@ namespace moelab {
 
 using namespace cpu;
 
-void CpuBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd) {
+void CpuBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const Tensor* amax) {
   const char* op = "rmsnorm_fwd";
   require_float(x, op, "x");
   require_like(x, y, op, "y");
@@ -34,10 +34,11 @@ void CpuBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd) {
       }
     });
   });
+  if (amax) raise_tensor_amax(y, *amax, op);
 }
 
 void CpuBackend::rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dx,
-                             bool accumulate) {
+                             bool accumulate, const Tensor* amax) {
   const char* op = "rmsnorm_bwd";
   require_float(x, op, "x");
   require_like(x, rstd, op, "rstd");
@@ -70,6 +71,7 @@ void CpuBackend::rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& 
       }
     });
   });
+  if (amax) raise_tensor_amax(dx, *amax, op);
 }
 
 namespace {
@@ -146,7 +148,7 @@ void CpuBackend::rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor&
 }
 
 void CpuBackend::rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor& sin,
-                               const Tensor& rstd, const Tensor& dy, Tensor& dx) {
+                               const Tensor& rstd, const Tensor& dy, Tensor& dx, const Tensor* amax) {
   const char* op = "rope_norm_bwd";
   const RopeDims d = check_rope(x, cos, sin, op);
   require_like(x, rstd, op, "rstd");
@@ -197,6 +199,7 @@ void CpuBackend::rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor&
       }
     });
   });
+  if (amax) raise_tensor_amax(dx, *amax, op);
 }
 
 }  // namespace moelab

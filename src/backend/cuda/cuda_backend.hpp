@@ -80,7 +80,8 @@ class CudaBackend : public Backend {
               float alpha = 1.0f, float beta = 0.0f) override;
 
   void quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand& out) override;
-  void quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight, QuantizedOperand& transposed) override;
+  void quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight, QuantizedOperand& transposed,
+                         const Tensor* amax = nullptr) override;
   void matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& B, Tensor& C, float alpha = 1.0f,
                   float beta = 0.0f, bool fast_accum = false) override;
   void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W, bool trans_w,
@@ -101,13 +102,13 @@ class CudaBackend : public Backend {
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
 
-  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd) override;
+  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const Tensor* amax = nullptr) override;
   void rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dx,
-                   bool accumulate) override;
+                   bool accumulate, const Tensor* amax = nullptr) override;
   void rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& y,
                      Tensor& rstd) override;
   void rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tensor& rstd,
-                     const Tensor& dy, Tensor& dx) override;
+                     const Tensor& dy, Tensor& dx, const Tensor* amax = nullptr) override;
 
   void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                      Tensor& lse, int window = 0) override;
@@ -119,7 +120,7 @@ class CudaBackend : public Backend {
   void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* amax = nullptr) override;
 
   void softcap_xent(const Tensor& logits, const Tensor& targets, float cap, float grad_scale,
-                    Tensor& losses, Tensor& dlogits) override;
+                    Tensor& losses, Tensor& dlogits, const Tensor* amax = nullptr) override;
 
   void router_topk(const Tensor& logits, int k, Tensor& probs, Tensor& topk_idx,
                    Tensor& gates) override;
@@ -177,8 +178,13 @@ class CudaBackend : public Backend {
   // Both copies of each of `batch` matrices x [xr, xc] (straight and transposed, one format and
   // granularity) from one read, with one amax pre-pass for the two; scales as quantize_fp8_batch's.
   // A batch > 1 takes tensor or row groups (an expert stack's weight forms).
+  // known_amax (batch 1, tensor groups): x's amax from its producer, so no amax pass runs.
   void quantize_fp8_pair_batch(const void* x, DType x_dtype, int64_t batch, int64_t xr, int64_t xc, Fp8Granularity g,
-                               uint8_t* out, float* scale, uint8_t* out_t, float* scale_t, DType format);
+                               uint8_t* out, float* scale, uint8_t* out_t, float* scale_t, DType format,
+                               const unsigned* known_amax = nullptr);
+  // Raises amax (f32 [1]) to out's amax by a pass over out: for the producers whose kernel for
+  // this shape cannot raise it as it writes.
+  void raise_amax_by_pass(const Tensor& out, const Tensor& amax);
   // The experts' FP8 operands (grouped_gemm_fp8.cu): weights quantized expert by expert as
   // forward_fp8's B, and token-side operands as wgrad_fp8's transposed padded segments
   // (optionally with the straight copy from the same read).

@@ -58,6 +58,29 @@ __device__ __forceinline__ float stored(float v) {
   return to_f32(from_f32<T>(v));
 }
 
+// A whole tensor's amax (the dense producers): every thread of the block calls this with the
+// largest |value| it wrote, and the block raises *amax once. Call from uniform control flow (it
+// synchronizes).
+__device__ __forceinline__ void raise_block_amax(unsigned* amax, float m) {
+  __shared__ float part[32];
+  m = warp_max(m);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float b = 0.f;
+    for (int w = 0; w < int(blockDim.x >> 5); ++w) b = fmaxf(b, part[w]);
+    raise_amax(amax, b);
+  }
+}
+
+// The kernels' view of a tensor amax (f32 [1] on the device), null when none is wanted.
+inline unsigned* tensor_amax_arg(const Tensor* amax, const char* op) {
+  if (!amax) return nullptr;
+  require_dtype(*amax, DType::f32, op, "amax");
+  require(amax->numel() == 1, op, "amax must be f32 [1], got " + amax->describe());
+  return amax->as<unsigned>();
+}
+
 // For kernels whose warps each write one row: every thread of the block calls this with its
 // warp's row expert e and maximum m (read from lane 0), and the block raises each expert it
 // touched once. Call from uniform control flow (it synchronizes).

@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/expert_amax.cuh"
 #include "backend/cuda/fp8_codes.cuh"
 
 namespace moelab {
@@ -601,7 +602,20 @@ void CudaBackend::quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand
                      out.scale.as<float>(), nullptr, 0);
 }
 
-void CudaBackend::quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight, QuantizedOperand& transposed) {
+void CudaBackend::raise_amax_by_pass(const Tensor& out, const Tensor& amax) {
+  const int64_t n = out.numel();
+  if (n == 0) return;
+  unsigned* am = tensor_amax_arg(&amax, "amax pass");
+  MOELAB_FLOAT_DISPATCH(out.dtype, T, {
+    const T* p = out.as<T>();
+    if (!aligned16(p)) throw Error("amax pass: the output " + out.describe() + " is not 16-byte aligned");
+    amax_all_kernel<T><<<amax_all_blocks(n, sm_count_), 256, 0, stream_>>>(p, n, am);
+  });
+  MOELAB_CUDA_LAUNCH_CHECK("amax pass");
+}
+
+void CudaBackend::quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight, QuantizedOperand& transposed,
+                                    const Tensor* amax) {
   const std::string op = "quantize_fp8_pair";
   check_quantize_args(x, false, straight, op);
   check_quantize_args(x, true, transposed, op);
@@ -613,15 +627,18 @@ void CudaBackend::quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight,
   if (g == Fp8Granularity::block_128x128) return Backend::quantize_fp8_pair(x, straight, transposed);  // weights only
   const int64_t xc = x.cols(), xr = xc ? x.numel() / xc : 0;
   if (xr == 0 || xc == 0) return;
+  const unsigned* known = g == Fp8Granularity::tensor ? tensor_amax_arg(amax, op.c_str()) : nullptr;
   quantize_fp8_pair_batch(x.data, x.dtype, 1, xr, xc, g, straight.data.as<uint8_t>(), straight.scale.as<float>(),
-                          transposed.data.as<uint8_t>(), transposed.scale.as<float>(), straight.data.dtype);
+                          transposed.data.as<uint8_t>(), transposed.scale.as<float>(), straight.data.dtype, known);
 }
 
 void CudaBackend::quantize_fp8_pair_batch(const void* x, DType x_dtype, int64_t batch, int64_t xr, int64_t xc,
                                           Fp8Granularity g, uint8_t* out, float* scale, uint8_t* out_t,
-                                          float* scale_t, DType format) {
+                                          float* scale_t, DType format, const unsigned* known_amax) {
   MOELAB_CHECK(batch == 1 || g == Fp8Granularity::tensor || g == Fp8Granularity::row,
                "quantize_fp8_pair_batch: a batch takes tensor or row groups");
+  MOELAB_CHECK(!known_amax || (batch == 1 && g == Fp8Granularity::tensor),
+               "quantize_fp8_pair_batch: a known amax is one matrix's, with tensor groups");
   PairArgs a{};
   a.xr = xr;
   a.xc = xc;
@@ -638,7 +655,9 @@ void CudaBackend::quantize_fp8_pair_batch(const void* x, DType x_dtype, int64_t 
   const bool e4m3 = format == DType::e4m3;
   MOELAB_FLOAT_DISPATCH(x_dtype, T, {
     const T* px = static_cast<const T*>(x);
-    if (g != Fp8Granularity::block_1x128) {
+    if (known_amax) {
+      a.amax_all = known_amax;
+    } else if (g != Fp8Granularity::block_1x128) {
       const size_t n = size_t(batch) * size_t(a.amax_stride);
       auto* amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, n * sizeof(unsigned)));
       MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, n * sizeof(unsigned), stream_));

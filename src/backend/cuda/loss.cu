@@ -4,6 +4,7 @@
 // from memory once: each thread keeps its capped logits in registers through the max, the sum
 // and the gradient. Other rows take the scalar kernel, which reads the row three times.
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/expert_amax.cuh"
 
 namespace moelab {
 using namespace cuda_detail;
@@ -61,11 +62,12 @@ __device__ __forceinline__ float capped_fast(float l, float cap) {
   return cap > 0.f ? cap * (1.f - 2.f / (1.f + __expf(2.f * l / cap))) : l;
 }
 
-// CPT: 8-element chunks per thread; chunk c of the row is held by thread c % 1024.
+// CPT: 8-element chunks per thread; chunk c of the row is held by thread c % 1024. With amax,
+// the block raises it to the largest |gradient| written.
 template <class TL, class TD, int CPT>
 __global__ void __launch_bounds__(kVecThreads, 1)
     softcap_xent_vec_kernel(const TL* logits, const int32_t* targets, int V, float cap, float grad_scale,
-                            float* losses, TD* dlogits) {
+                            float* losses, TD* dlogits, unsigned* amax) {
   __shared__ float shm[32];
   const int64_t row = blockIdx.x;
   const TL* lr = logits + row * V;
@@ -103,6 +105,7 @@ __global__ void __launch_bounds__(kVecThreads, 1)
   zt = block_sum(zt, shm);  // only the target's holder contributes
   if (threadIdx.x == 0) losses[row] = ignored ? 0.f : m + logf(s) - zt;
   const float inv_s = 1.f / s;
+  float gmax = 0.f;
 #pragma unroll
   for (int u = 0; u < CPT; ++u) {
     const int c = threadIdx.x + u * kVecThreads;
@@ -118,15 +121,18 @@ __global__ void __launch_bounds__(kVecThreads, 1)
         dzdl = 1.f - th * th;
       }
       g[k] = ignored ? 0.f : grad_scale * dz * dzdl;
+      if (amax) gmax = fmaxf(gmax, fabsf(stored<TD>(g[k])));
     }
     store8(dr + 8 * c, g);
   }
+  if (amax) raise_block_amax(amax, gmax);  // uniform over the grid
 }
 
 }  // namespace
 
 void CudaBackend::softcap_xent(const Tensor& logits, const Tensor& targets, float cap, float grad_scale,
-                               Tensor& losses, Tensor& dlogits) {
+                               Tensor& losses, Tensor& dlogits, const Tensor* amax) {
+  unsigned* am = tensor_amax_arg(amax, "softcap_xent");
   require_float(logits, "softcap_xent", "logits");
   require_float(dlogits, "softcap_xent", "dlogits");
   require_dtype(targets, DType::i32, "softcap_xent", "targets");
@@ -150,7 +156,9 @@ void CudaBackend::softcap_xent(const Tensor& logits, const Tensor& targets, floa
   case C:                                                                                                 \
     MOELAB_FLOAT_DISPATCH(logits.dtype, TL, MOELAB_FLOAT_DISPATCH(dlogits.dtype, TD,                       \
         softcap_xent_vec_kernel<TL, TD, C><<<rows, kVecThreads, 0, stream_>>>(                            \
-            logits.as<TL>(), targets.as<int32_t>(), int(V), cap, grad_scale, losses.as<float>(), dlogits.as<TD>()))); \
+            logits.as<TL>(), targets.as<int32_t>(), int(V), cap, grad_scale, losses.as<float>(), dlogits.as<TD>(), \
+            am)));                                                                                        \
+    am = nullptr; /* raised */                                                                            \
     break;
   switch (cpt) {
     MOELAB_XENT_VEC(1)
@@ -163,6 +171,7 @@ void CudaBackend::softcap_xent(const Tensor& logits, const Tensor& targets, floa
   }
 #undef MOELAB_XENT_VEC
   MOELAB_CUDA_LAUNCH_CHECK("softcap_xent");
+  if (am) raise_amax_by_pass(dlogits, *amax);  // the scalar kernel does not raise it
 }
 
 }  // namespace moelab

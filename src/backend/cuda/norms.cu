@@ -7,6 +7,7 @@
 // mostly from cache). Other rows take the scalar kernels.
 // The backward recomputes the rotated values instead of storing them.
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/expert_amax.cuh"
 
 namespace moelab {
 using namespace cuda_detail;
@@ -56,63 +57,77 @@ __global__ void rmsnorm_bwd_kernel(const TX* x, const float* rstd, const TD* dy,
 }
 
 // Lane `lane` holds chunks lane, lane + 32, ... (U of them at most) of a row of d = 8 * chunks.
+// With amax, the block raises it to the largest |y| written.
 template <class TX, class TY, int U>
-__global__ void rmsnorm_fwd_vec_kernel(const TX* x, TY* y, float* rstd, int64_t rows, int d, float eps) {
+__global__ void rmsnorm_fwd_vec_kernel(const TX* x, TY* y, float* rstd, int64_t rows, int d, float eps,
+                                       unsigned* amax) {
   const int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31, chunks = d / 8;
-  if (row >= rows) return;
-  float v[U][8];
-  float ss = 0.f;
+  float m = 0.f;
+  if (row < rows) {
+    float v[U][8];
+    float ss = 0.f;
 #pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int c = lane + 32 * u;
-    if (c >= chunks) continue;
-    load8(x + row * d + c * 8, v[u]);
+    for (int u = 0; u < U; ++u) {
+      const int c = lane + 32 * u;
+      if (c >= chunks) continue;
+      load8(x + row * d + c * 8, v[u]);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) ss += v[u][k] * v[u][k];
+      for (int k = 0; k < 8; ++k) ss += v[u][k] * v[u][k];
+    }
+    const float r = rsqrtf(warp_sum(ss) / float(d) + eps);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = lane + 32 * u;
+      if (c >= chunks) continue;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        v[u][k] *= r;
+        if (amax) m = fmaxf(m, fabsf(stored<TY>(v[u][k])));
+      }
+      store8(y + row * d + c * 8, v[u]);
+    }
+    if (lane == 0) rstd[row] = r;
   }
-  const float r = rsqrtf(warp_sum(ss) / float(d) + eps);
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int c = lane + 32 * u;
-    if (c >= chunks) continue;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) v[u][k] *= r;
-    store8(y + row * d + c * 8, v[u]);
-  }
-  if (lane == 0) rstd[row] = r;
+  if (amax) raise_block_amax(amax, m);  // uniform over the grid
 }
 
 template <class T, class TO, int U>
 __global__ void rmsnorm_bwd_vec_kernel(const T* x, const float* rstd, const T* dy, TO* dx, int64_t rows, int d,
-                                       bool accumulate) {
+                                       bool accumulate, unsigned* amax) {
   const int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31, chunks = d / 8;
-  if (row >= rows) return;
-  float xv[U][8], gv[U][8];
-  float dot = 0.f;
+  float m = 0.f;
+  if (row < rows) {
+    float xv[U][8], gv[U][8];
+    float dot = 0.f;
 #pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int c = lane + 32 * u;
-    if (c >= chunks) continue;
-    load8(x + row * d + c * 8, xv[u]);
-    load8(dy + row * d + c * 8, gv[u]);
+    for (int u = 0; u < U; ++u) {
+      const int c = lane + 32 * u;
+      if (c >= chunks) continue;
+      load8(x + row * d + c * 8, xv[u]);
+      load8(dy + row * d + c * 8, gv[u]);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) dot += xv[u][k] * gv[u][k];
+      for (int k = 0; k < 8; ++k) dot += xv[u][k] * gv[u][k];
+    }
+    dot = warp_sum(dot);
+    const float r = rstd[row];
+    const float coef = r * r * r * dot / float(d);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = lane + 32 * u;
+      if (c >= chunks) continue;
+      float out[8];
+      if (accumulate) load8(dx + row * d + c * 8, out);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        out[k] = r * gv[u][k] - coef * xv[u][k] + (accumulate ? out[k] : 0.f);
+        if (amax) m = fmaxf(m, fabsf(stored<TO>(out[k])));
+      }
+      store8(dx + row * d + c * 8, out);
+    }
   }
-  dot = warp_sum(dot);
-  const float r = rstd[row];
-  const float coef = r * r * r * dot / float(d);
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int c = lane + 32 * u;
-    if (c >= chunks) continue;
-    float out[8];
-    if (accumulate) load8(dx + row * d + c * 8, out);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) out[k] = r * gv[u][k] - coef * xv[u][k] + (accumulate ? out[k] : 0.f);
-    store8(dx + row * d + c * 8, out);
-  }
+  if (amax) raise_block_amax(amax, m);  // uniform over the grid
 }
 
 // Rows of d = 8 * chunks streamed by each warp in two passes (statistics, then output), for rows
@@ -326,7 +341,7 @@ __global__ void rope_norm_fwd_vec_kernel(const TX* x, const float* cos_t, const 
 
 template <class T, class TO, int LPR>
 __global__ void rope_norm_bwd_vec_kernel(const T* x, const float* cos_t, const float* sin_t, const float* rstd,
-                                         const T* dy, TO* dx, int64_t rows, int Tn, int H) {
+                                         const T* dy, TO* dx, int64_t rows, int Tn, int H, unsigned* amax) {
   constexpr int hd = 16 * LPR, half = hd / 2;
   const int lane = threadIdx.x & 31;
   const int64_t row = (blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5)) * (32 / LPR) + lane / LPR;
@@ -350,18 +365,22 @@ __global__ void rope_norm_bwd_vec_kernel(const T* x, const float* cos_t, const f
     }
   }
   dot = group_sum<LPR>(dot);
-  if (!active) return;
-  const float r = rstd[row];
-  const float coef = r * r * r * dot / float(hd);
-  float o1[8], o2[8];
+  float m = 0.f;
+  if (active) {
+    const float r = rstd[row];
+    const float coef = r * r * r * dot / float(hd);
+    float o1[8], o2[8];
 #pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const float g1 = r * d1[k] - coef * y1[k], g2 = r * d2[k] - coef * y2[k];
-    o1[k] = g1 * c[k] - g2 * s[k];
-    o2[k] = g1 * s[k] + g2 * c[k];
+    for (int k = 0; k < 8; ++k) {
+      const float g1 = r * d1[k] - coef * y1[k], g2 = r * d2[k] - coef * y2[k];
+      o1[k] = g1 * c[k] - g2 * s[k];
+      o2[k] = g1 * s[k] + g2 * c[k];
+      if (amax) m = fmaxf(m, fmaxf(fabsf(stored<TO>(o1[k])), fabsf(stored<TO>(o2[k]))));
+    }
+    store8(dx + row * hd + i, o1);
+    store8(dx + row * hd + half + i, o2);
   }
-  store8(dx + row * hd + i, o1);
-  store8(dx + row * hd + half + i, o2);
+  if (amax) raise_block_amax(amax, m);  // uniform over the grid
 }
 
 // Lanes per row for the vector rope kernels, 0 where they do not apply.
@@ -393,7 +412,8 @@ void check_rope(const Tensor& x, const Tensor& cos, const Tensor& sin, const cha
 
 }  // namespace
 
-void CudaBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd) {
+void CudaBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const Tensor* amax) {
+  unsigned* am = tensor_amax_arg(amax, "rmsnorm_fwd");
   require_float(x, "rmsnorm_fwd", "x");
   require_float(y, "rmsnorm_fwd", "y");
   require_dtype(rstd, DType::f32, "rmsnorm_fwd", "rstd");
@@ -406,7 +426,8 @@ void CudaBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd) {
   if (plan.kernel == RowKernel::registers) {
     MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY, MOELAB_CHUNKS_DISPATCH(plan.chunks_per_lane, U,
         rmsnorm_fwd_vec_kernel<TX, TY, U><<<nb, 32 * kWarps, 0, stream_>>>(x.as<TX>(), y.as<TY>(), rstd.as<float>(),
-                                                                          rows, int(x.cols()), kNormEps))));
+                                                                          rows, int(x.cols()), kNormEps, am))));
+    am = nullptr;  // raised
   } else if (plan.kernel == RowKernel::streamed) {
     MOELAB_FLOAT_DISPATCH(x.dtype, TX, MOELAB_FLOAT_DISPATCH(y.dtype, TY,
         rmsnorm_fwd_stream_kernel<TX, TY><<<nb, 32 * kWarps, 0, stream_>>>(x.as<TX>(), y.as<TY>(), rstd.as<float>(),
@@ -417,9 +438,12 @@ void CudaBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd) {
                                                                     int(x.cols()), kNormEps)));
   }
   MOELAB_CUDA_LAUNCH_CHECK("rmsnorm_fwd");
+  if (am) raise_amax_by_pass(y, *amax);
 }
 
-void CudaBackend::rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dx, bool accumulate) {
+void CudaBackend::rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dx, bool accumulate,
+                              const Tensor* amax) {
+  unsigned* am = tensor_amax_arg(amax, "rmsnorm_bwd");
   require_float(x, "rmsnorm_bwd", "x");
   require_float(dy, "rmsnorm_bwd", "dy");
   require_float(dx, "rmsnorm_bwd", "dx");
@@ -435,7 +459,8 @@ void CudaBackend::rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor&
     MOELAB_FLOAT_DISPATCH(x.dtype, T, MOELAB_FLOAT_DISPATCH(dx.dtype, TO, MOELAB_CHUNKS_DISPATCH(plan.chunks_per_lane, U,
         rmsnorm_bwd_vec_kernel<T, TO, U><<<nb, 32 * kWarps, 0, stream_>>>(x.as<T>(), rstd.as<float>(), dy.as<T>(),
                                                                           dx.as<TO>(), rows, int(x.cols()),
-                                                                          accumulate))));
+                                                                          accumulate, am))));
+    am = nullptr;  // raised
   } else if (plan.kernel == RowKernel::streamed) {
     MOELAB_FLOAT_DISPATCH(x.dtype, T, MOELAB_FLOAT_DISPATCH(dx.dtype, TO,
         rmsnorm_bwd_stream_kernel<T, TO><<<nb, 32 * kWarps, 0, stream_>>>(x.as<T>(), rstd.as<float>(), dy.as<T>(),
@@ -447,6 +472,7 @@ void CudaBackend::rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor&
                                                                       dx.as<TO>(), rows, int(x.cols()), accumulate)));
   }
   MOELAB_CUDA_LAUNCH_CHECK("rmsnorm_bwd");
+  if (am) raise_amax_by_pass(dx, *amax);
 }
 
 void CudaBackend::rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& y, Tensor& rstd) {
@@ -475,7 +501,8 @@ void CudaBackend::rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor
 }
 
 void CudaBackend::rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tensor& rstd,
-                                const Tensor& dy, Tensor& dx) {
+                                const Tensor& dy, Tensor& dx, const Tensor* amax) {
+  unsigned* am = tensor_amax_arg(amax, "rope_norm_bwd");
   check_rope(x, cos, sin, "rope_norm_bwd");
   require_float(dy, "rope_norm_bwd", "dy");
   require_float(dx, "rope_norm_bwd", "dx");
@@ -490,7 +517,7 @@ void CudaBackend::rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor
     MOELAB_FLOAT_DISPATCH(x.dtype, T, MOELAB_FLOAT_DISPATCH(dx.dtype, TO, MOELAB_LPR_DISPATCH(lpr, LPR,
         rope_norm_bwd_vec_kernel<T, TO, LPR><<<nbv, 32 * kWarps, 0, stream_>>>(
             x.as<T>(), cos.as<float>(), sin.as<float>(), rstd.as<float>(), dy.as<T>(), dx.as<TO>(), rows,
-            int(x.dim(1)), int(x.dim(2))))));
+            int(x.dim(1)), int(x.dim(2)), am))));
     MOELAB_CUDA_LAUNCH_CHECK("rope_norm_bwd");
     return;
   }
@@ -500,6 +527,7 @@ void CudaBackend::rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor
           x.as<T>(), cos.as<float>(), sin.as<float>(), rstd.as<float>(), dy.as<T>(), dx.as<TO>(), rows,
           int(x.dim(1)), int(x.dim(2)), int(x.dim(3)))));
   MOELAB_CUDA_LAUNCH_CHECK("rope_norm_bwd");
+  if (am) raise_amax_by_pass(dx, *amax);
 }
 
 }  // namespace moelab
