@@ -59,7 +59,9 @@ __device__ __forceinline__ float stored(float v) {
 }
 
 // A whole tensor's amax (the dense producers): every thread of the block calls this with the
-// largest |value| it wrote, and the block raises *amax once. Call from uniform control flow (it
+// largest |value| it wrote, and the block raises *amax once. Rounding to the output's dtype is
+// monotonic and odd, so a producer may take the max in f32 and round it once (stored(max) is the
+// max of the stored values). Call from uniform control flow (it
 // synchronizes).
 __device__ __forceinline__ void raise_block_amax(unsigned* amax, float m) {
   __shared__ float part[32];

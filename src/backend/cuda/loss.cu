@@ -121,11 +121,11 @@ __global__ void __launch_bounds__(kVecThreads, 1)
         dzdl = 1.f - th * th;
       }
       g[k] = ignored ? 0.f : grad_scale * dz * dzdl;
-      if (amax) gmax = fmaxf(gmax, fabsf(stored<TD>(g[k])));
+      if (amax) gmax = fmaxf(gmax, fabsf(g[k]));
     }
     store8(dr + 8 * c, g);
   }
-  if (amax) raise_block_amax(amax, gmax);  // uniform over the grid
+  if (amax) raise_block_amax(amax, stored<TD>(gmax));  // uniform over the grid
 }
 
 }  // namespace

@@ -83,13 +83,13 @@ __global__ void rmsnorm_fwd_vec_kernel(const TX* x, TY* y, float* rstd, int64_t 
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         v[u][k] *= r;
-        if (amax) m = fmaxf(m, fabsf(stored<TY>(v[u][k])));
+        if (amax) m = fmaxf(m, fabsf(v[u][k]));
       }
       store8(y + row * d + c * 8, v[u]);
     }
     if (lane == 0) rstd[row] = r;
   }
-  if (amax) raise_block_amax(amax, m);  // uniform over the grid
+  if (amax) raise_block_amax(amax, stored<TY>(m));  // uniform over the grid
 }
 
 template <class T, class TO, int U>
@@ -122,12 +122,12 @@ __global__ void rmsnorm_bwd_vec_kernel(const T* x, const float* rstd, const T* d
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         out[k] = r * gv[u][k] - coef * xv[u][k] + (accumulate ? out[k] : 0.f);
-        if (amax) m = fmaxf(m, fabsf(stored<TO>(out[k])));
+        if (amax) m = fmaxf(m, fabsf(out[k]));
       }
       store8(dx + row * d + c * 8, out);
     }
   }
-  if (amax) raise_block_amax(amax, m);  // uniform over the grid
+  if (amax) raise_block_amax(amax, stored<TO>(m));  // uniform over the grid
 }
 
 // Rows of d = 8 * chunks streamed by each warp in two passes (statistics, then output), for rows
@@ -375,12 +375,12 @@ __global__ void rope_norm_bwd_vec_kernel(const T* x, const float* cos_t, const f
       const float g1 = r * d1[k] - coef * y1[k], g2 = r * d2[k] - coef * y2[k];
       o1[k] = g1 * c[k] - g2 * s[k];
       o2[k] = g1 * s[k] + g2 * c[k];
-      if (amax) m = fmaxf(m, fmaxf(fabsf(stored<TO>(o1[k])), fabsf(stored<TO>(o2[k]))));
+      if (amax) m = fmaxf(m, fmaxf(fabsf(o1[k]), fabsf(o2[k])));
     }
     store8(dx + row * hd + i, o1);
     store8(dx + row * hd + half + i, o2);
   }
-  if (amax) raise_block_amax(amax, m);  // uniform over the grid
+  if (amax) raise_block_amax(amax, stored<TO>(m));  // uniform over the grid
 }
 
 // Lanes per row for the vector rope kernels, 0 where they do not apply.
