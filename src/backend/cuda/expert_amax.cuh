@@ -61,8 +61,7 @@ __device__ __forceinline__ float stored(float v) {
 // A whole tensor's amax (the dense producers): every thread of the block calls this with the
 // largest |value| it wrote, and the block raises *amax once. Rounding to the output's dtype is
 // monotonic and odd, so a producer may take the max in f32 and round it once (stored(max) is the
-// max of the stored values). Call from uniform control flow (it
-// synchronizes).
+// max of the stored values). Call from uniform control flow (it synchronizes).
 __device__ __forceinline__ void raise_block_amax(unsigned* amax, float m) {
   __shared__ float part[32];
   m = warp_max(m);
@@ -152,6 +151,15 @@ __device__ __forceinline__ unsigned* begin_block_amax(const ExpertAmaxArgs& a, u
   return s;
 }
 
+// Every thread at the end of a kernel that gathered its maxima in the block's shared array
+// (begin_block_amax): the block raises the global maxima once per expert. No-op without one.
+__device__ __forceinline__ void flush_block_amax(const ExpertAmaxArgs& a, unsigned* shared) {
+  if (!shared) return;
+  __syncthreads();
+  for (int i = int(threadIdx.x); i < a.E; i += int(blockDim.x))
+    if (shared[i]) atomicMax(a.amax + i, shared[i]);
+}
+
 // Every thread at the end: a warp whose lanes share one expert reduces first, then the block
 // raises the global maxima once per expert.
 __device__ __forceinline__ void finish_block_amax(ExpertAmaxRun& run, const ExpertAmaxArgs& a, unsigned* shared) {
@@ -165,10 +173,7 @@ __device__ __forceinline__ void finish_block_amax(ExpertAmaxRun& run, const Expe
   } else {
     run.flush(a, shared);
   }
-  if (!shared) return;
-  __syncthreads();
-  for (int i = int(threadIdx.x); i < a.E; i += int(blockDim.x))
-    if (shared[i]) atomicMax(a.amax + i, shared[i]);
+  flush_block_amax(a, shared);
 }
 
 }  // namespace moelab::cuda_detail

@@ -678,12 +678,9 @@ int64_t scale_count(Fp8Granularity g, int64_t rows, int64_t k) {
   return n;
 }
 
-}  // namespace
-
-// Expert weights W [E, rows, cols] quantized expert by expert into out: K-major B operands of
-// forward_fp8 (W_e as it is, or W_e^T per expert with transpose), e4m3, with their scales.
-void CudaBackend::quantize_experts_fp8(const Tensor& W, bool transpose, QuantizedExperts& out) {
-  const char* op = "quantize_experts_fp8";
+// Checks out as the form of W [E, N, K] that quantize_experts_fp8 writes (W_e, or W_e^T per
+// expert with transpose): e4m3 [E, rows, k] with each expert's scales, rows of 16-byte multiples.
+void check_experts_form(const Tensor& W, bool transpose, const QuantizedExperts& out, const char* op) {
   require_float(W, op, "W");
   require(W.ndim() == 3, op, "W must be [E, N, K], got " + W.describe());
   const int64_t E = W.dim(0), N = transpose ? W.dim(2) : W.dim(1), K = transpose ? W.dim(1) : W.dim(2);
@@ -696,33 +693,30 @@ void CudaBackend::quantize_experts_fp8(const Tensor& W, bool transpose, Quantize
           "out.scale must hold each expert's " + std::string(fp8_granularity_name(out.granularity)) + " scales, got " +
               out.scale.describe());
   require(N % 16 == 0 && K % 16 == 0, op, "N and K must be multiples of 16 (16-byte FP8 rows), got W " + W.describe());
-  if (E == 0) return;
-  quantize_fp8_batch(W.data, W.dtype, E, W.dim(1), W.dim(2), transpose, out.granularity, out.data.as<uint8_t>(),
-                     DType::e4m3, out.scale.as<float>(), nullptr, 0);
+}
+
+}  // namespace
+
+// Expert weights W [E, rows, cols] quantized expert by expert into out: K-major B operands of
+// forward_fp8 (W_e as it is, or W_e^T per expert with transpose), e4m3, with their scales.
+void CudaBackend::quantize_experts_fp8(const Tensor& W, bool transpose, QuantizedExperts& out) {
+  check_experts_form(W, transpose, out, "quantize_experts_fp8");
+  if (W.dim(0) == 0) return;
+  quantize_fp8_batch(W.data, W.dtype, W.dim(0), W.dim(1), W.dim(2), transpose, out.granularity,
+                     out.data.as<uint8_t>(), DType::e4m3, out.scale.as<float>(), nullptr, 0);
 }
 
 void CudaBackend::quantize_experts_fp8_pair(const Tensor& W, QuantizedExperts& straight, QuantizedExperts& transposed) {
   const char* op = "quantize_experts_fp8_pair";
-  require_float(W, op, "W");
-  require(W.ndim() == 3, op, "W must be [E, N, K], got " + W.describe());
+  check_experts_form(W, false, straight, op);
+  check_experts_form(W, true, transposed, op);
   require(straight.granularity == transposed.granularity, op, "both forms take one granularity");
   const Fp8Granularity g = straight.granularity;
   // 128x128 blocks (and tiles) keep the two passes: their groups come from the tile itself.
   if (g != Fp8Granularity::tensor && g != Fp8Granularity::row)
     return Backend::quantize_experts_fp8_pair(W, straight, transposed);
+  require(aligned16(W.data), op, "FP8 expert weights on the GPU need 16-byte aligned data, got " + W.describe());
   const int64_t E = W.dim(0), N = W.dim(1), K = W.dim(2);
-  auto check_form = [&](const QuantizedExperts& form, int64_t rows, int64_t k, const std::string& name) {
-    require_dtype(form.data, DType::e4m3, op, (name + ".data").c_str());
-    require_dtype(form.scale, DType::f32, op, (name + ".scale").c_str());
-    require(form.data.shape == Shape{E, rows, k} && form.scale.shape == Shape{E, scale_count(g, rows, k)}, op,
-            "the " + name + " form must be [" + std::to_string(E) + ", " + std::to_string(rows) + ", " +
-                std::to_string(k) + "] with each expert's scales for W " + W.describe() + ", got " +
-                form.data.describe() + " and " + form.scale.describe());
-  };
-  check_form(straight, N, K, "straight");
-  check_form(transposed, K, N, "transposed");
-  require(N % 16 == 0 && K % 16 == 0 && aligned16(W.data), op,
-          "FP8 expert weights on the GPU need N and K multiples of 16 and 16-byte aligned data, got " + W.describe());
   if (E == 0 || N == 0 || K == 0) return;
   quantize_fp8_pair_batch(W.data, W.dtype, E, N, K, g, straight.data.as<uint8_t>(), straight.scale.as<float>(),
                           transposed.data.as<uint8_t>(), transposed.scale.as<float>(), DType::e4m3);

@@ -123,10 +123,7 @@ __global__ void combine_bwd_kernel(const TD* dy, const TP* yp, const int32_t* sl
       if (lane == 0 && e >= 0) raise_amax(shared ? shared + e : am.amax + e, m);
     }
   }
-  if (!shared) return;
-  __syncthreads();
-  for (int i = int(threadIdx.x); i < am.E; i += int(blockDim.x))
-    if (shared[i]) atomicMax(am.amax + i, shared[i]);
+  flush_block_amax(am, shared);
 }
 
 // 8 when every row pointer is 16-byte aligned and rows are multiples of 8 elements.
