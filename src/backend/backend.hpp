@@ -93,6 +93,13 @@ struct QuantizedOperand {
   Fp8Granularity granularity = Fp8Granularity::tensor;
 };
 
+// One matrix's two FP8 copies to make (Backend::quantize_fp8_pairs).
+struct Fp8PairJob {
+  const Tensor* x = nullptr;
+  QuantizedOperand* straight = nullptr;
+  QuantizedOperand* transposed = nullptr;
+};
+
 // An expert GEMM's token-side operand kept from the forward for the weight gradient, in the form
 // the backend's grouped_matmul_backward_fp8 reads it (alloc_saved_expert_operand makes one): on
 // CUDA the FP8 codes of its transposed, padded expert segments with their scales, written by the
@@ -101,6 +108,22 @@ struct QuantizedOperand {
 struct SavedExpertOperand {
   Tensor data, scale;
   Fp8Granularity granularity = Fp8Granularity::tensor;
+};
+
+// The expert MLP's ReLU² folded into its FP8 GEMMs, so that no relu2_fwd or relu2_bwd pass runs
+// over the experts' hidden rows (h the up projection's output, a = relu²(h) the down projection's
+// operand). Each field gives exactly the values the unfolded ops give:
+//   forward of the up projection (C = h): relu2_amax raises each expert's amax of relu²(C), as
+//     relu2_fwd(C, a, amax) would (C's rows in expert order; zeroed by the caller);
+//   forward of the down projection: relu2_operand makes A the hidden pre-activation h and the
+//     operand relu²(h), rounded as relu2_fwd writes it (what the saved operand keeps, too);
+//   backward of the down projection: relu2_input (h) makes dX relu2_bwd(h, dX), dX rounded to
+//     its dtype first, so dX holds dh; dx_amax then raises each expert's amax of that dh.
+struct ExpertRelu2Fold {
+  const Tensor* relu2_amax = nullptr;
+  bool relu2_operand = false;
+  const Tensor* relu2_input = nullptr;
+  const Tensor* dx_amax = nullptr;
 };
 
 // A stack of expert weights in FP8 as a grouped GEMM reads them: one K-major B operand per
@@ -198,6 +221,11 @@ class Backend {
     quantize_fp8(x, false, straight);
     quantize_fp8(x, true, transposed);
   }
+  // quantize_fp8_pair of each job (the dense weights' forms after an optimizer step), exactly. A
+  // backend may batch same-shaped matrices into a few launches (CUDA does, for tensor scaling).
+  virtual void quantize_fp8_pairs(const std::vector<Fp8PairJob>& jobs) {
+    for (const Fp8PairJob& j : jobs) quantize_fp8_pair(*j.x, *j.straight, *j.transposed);
+  }
   // C[M, N] = alpha * deq(A) deq(B)^T + beta * C with A.data [M, K], B.data [N, K] (the TN
   // product), accumulated in f32; C bf16 or f32. Supported granularity pairs: (tensor, tensor),
   // (row, row), and the block pairs (1x128, 128x128), (128x128, 1x128), (1x128, 1x128); at most
@@ -247,23 +275,39 @@ class Backend {
   // weights) that also keeps A for the weight gradient in `save`.
   // a_amax: A's per-expert amax from its producer (ExpertAmax), used with tensor scaling in place
   // of an amax pass; it must be exact. Backends may ignore it (the CPU does).
+  // fold: ReLU² folded in (ExpertRelu2Fold); this default runs the unfolded ops.
   virtual void grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const QuantizedExperts& W, Tensor& C,
                                          const Tensor& offsets, SavedExpertOperand& save,
-                                         const Tensor* /*a_amax*/ = nullptr) {
-    grouped_matmul_fp8(A, DType::e4m3, a_gran, W, C, offsets);
+                                         const Tensor* /*a_amax*/ = nullptr, const ExpertRelu2Fold& fold = {}) {
+    Tensor operand = A;
+    if (fold.relu2_operand) {
+      operand = alloc(A.shape, A.dtype);
+      relu2_fwd(A, operand);
+    }
+    grouped_matmul_fp8(operand, DType::e4m3, a_gran, W, C, offsets);
     Tensor kept = save.data.prefix(A.shape);
-    copy(A, kept);
+    copy(operand, kept);
+    if (fold.relu2_amax) {
+      Tensor relu2_of_c = alloc(C.shape, C.dtype);
+      const ExpertAmax amax{*fold.relu2_amax, offsets};
+      relu2_fwd(C, relu2_of_c, &amax);
+    }
   }
   // The backward of that GEMM in FP8, Wt the data gradient's form of the weights (W_e^T per
   // expert) and X the operand its forward saved: dX = grouped_matmul_fp8(dY, ..., Wt, ...) and
   // dW += grouped_matmul_wgrad_fp8(dY, ..., X, ...), exactly as those two calls give them. A
   // backend may quantize dY once for both products (CUDA does).
-  // dy_amax: dY's per-expert amax from its producer, as a_amax above.
+  // dy_amax: dY's per-expert amax from its producer, as a_amax above; fold as above.
   virtual void grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran,
                                            const QuantizedExperts& Wt, const SavedExpertOperand& X, Tensor& dX,
-                                           Tensor& dW, const Tensor& offsets, const Tensor* /*dy_amax*/ = nullptr) {
+                                           Tensor& dW, const Tensor& offsets, const Tensor* /*dy_amax*/ = nullptr,
+                                           const ExpertRelu2Fold& fold = {}) {
     grouped_matmul_fp8(dY, dy_format, a_gran, Wt, dX, offsets);
     grouped_matmul_wgrad_fp8(dY, dy_format, X.data.prefix({dY.rows(), X.data.cols()}), a_gran, dW, offsets);
+    if (fold.relu2_input) {
+      const ExpertAmax amax{fold.dx_amax ? *fold.dx_amax : Tensor{}, offsets};
+      relu2_bwd(*fold.relu2_input, dX, dX, fold.dx_amax ? &amax : nullptr);
+    }
   }
 
   // --- embedding --------------------------------------------------------------------------------

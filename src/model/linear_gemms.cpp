@@ -91,13 +91,12 @@ void LinearGemms::allocate() {
 }
 
 void LinearGemms::refresh_weights() {
+  std::vector<Fp8PairJob> dense;  // one call for all of them: the backend may batch them
   for (WeightForms& f : weights_) {
-    if (f.experts) {
-      be_.quantize_experts_fp8_pair(f.source, f.ew, f.ewt);
-    } else {
-      be_.quantize_fp8_pair(f.source, f.w, f.wt);
-    }
+    if (f.experts) be_.quantize_experts_fp8_pair(f.source, f.ew, f.ewt);
+    else dense.push_back({&f.source, &f.w, &f.wt});
   }
+  be_.quantize_fp8_pairs(dense);
 }
 
 const LinearGemms::WeightForms& LinearGemms::forms_of(const Tensor& W) const {
@@ -215,22 +214,27 @@ SavedExpertOperand LinearGemms::saved_expert_operand(int64_t rows, int64_t cols,
 }
 
 void LinearGemms::expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets,
-                                 SavedExpertOperand& saved, const Tensor* x_amax) {
-  if (!(fp8 && fp8_)) return be_.grouped_matmul(x, W, true, y, offsets);
+                                 SavedExpertOperand& saved, const Tensor* x_amax, const ExpertRelu2Fold& fold) {
+  const bool folded = fold.relu2_amax || fold.relu2_operand;
+  if (!(fp8 && fp8_)) {
+    MOELAB_CHECK(!folded, "expert_forward: ReLU² folds into the FP8 expert GEMMs only");
+    return be_.grouped_matmul(x, W, true, y, offsets);
+  }
   be_.grouped_matmul_fp8_saving(x, act_, forms_of(W).ew, y, offsets, saved,
-                                act_ == Fp8Granularity::tensor ? x_amax : nullptr);
+                                act_ == Fp8Granularity::tensor ? x_amax : nullptr, fold);
 }
 
 void LinearGemms::expert_backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x,
                                   const SavedExpertOperand& saved, Tensor& dx, Tensor& dW, const Tensor& offsets,
-                                  const Tensor* dy_amax) {
+                                  const Tensor* dy_amax, const ExpertRelu2Fold& fold) {
   if (!(fp8 && fp8_)) {
+    MOELAB_CHECK(!fold.relu2_input, "expert_backward: ReLU² folds into the FP8 expert GEMMs only");
     be_.grouped_matmul(dy, W, false, dx, offsets);
     be_.grouped_matmul_wgrad(dy, x, dW, offsets, 1.0f);
     return;
   }
   be_.grouped_matmul_backward_fp8(dy, grad_format_, act_, forms_of(W).ewt, saved, dx, dW, offsets,
-                                  act_ == Fp8Granularity::tensor ? dy_amax : nullptr);
+                                  act_ == Fp8Granularity::tensor ? dy_amax : nullptr, fold);
 }
 
 }  // namespace moelab

@@ -77,10 +77,12 @@ class LinearGemms {
   SavedExpertOperand saved_expert_operand(int64_t rows, int64_t cols, int experts);
   // x_amax / dy_amax: the operand's per-expert amax from its producer (ExpertAmax), which tensor
   // scaling then uses instead of an amax pass; ignored by the other recipes.
+  // fold: the expert MLP's ReLU² folded into the FP8 GEMMs (ExpertRelu2Fold; FP8 only).
   void expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets,
-                      SavedExpertOperand& saved, const Tensor* x_amax = nullptr);
+                      SavedExpertOperand& saved, const Tensor* x_amax = nullptr, const ExpertRelu2Fold& fold = {});
   void expert_backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, const SavedExpertOperand& saved,
-                       Tensor& dx, Tensor& dW, const Tensor& offsets, const Tensor* dy_amax = nullptr);
+                       Tensor& dx, Tensor& dW, const Tensor& offsets, const Tensor* dy_amax = nullptr,
+                       const ExpertRelu2Fold& fold = {});
 
  private:
   // One quantization buffer per operand role, so an operand that several GEMMs share stays valid

@@ -341,5 +341,67 @@ TEST(Fp8Grouped, PerExpertScalesForwardDataAndWeightGradients) {
   }
 }
 
+TEST(Fp8Grouped, Relu2FoldGivesTheUnfoldedOps) {
+  // ExpertRelu2Fold on a backend without fused kernels (the CPU): the same values as relu2_fwd
+  // and relu2_bwd around the plain FP8 expert GEMMs, the amax of relu²(h) and of dh included.
+  CpuBackend be(DType::f32, 2);
+  Rng rng(29);
+  const int64_t E = 3, D = 32, H = 48, R = 90;
+  Tensor offsets = i32_tensor(be, {E + 1}, {0, 50, 50, 90});
+  Tensor x = random_tensor(be, {R, D}, rng, 1.0), dy = random_tensor(be, {R, D}, rng, 0.1);
+  Tensor w1 = random_tensor(be, {E, H, D}, rng, 0.2), w2 = random_tensor(be, {E, D, H}, rng, 0.2);
+  auto forms = [&](const Tensor& w, bool transpose) {
+    QuantizedExperts q;
+    q.granularity = Fp8Granularity::tensor;
+    const int64_t rows = transpose ? w.dim(2) : w.dim(1), k = transpose ? w.dim(1) : w.dim(2);
+    q.data = be.alloc({E, rows, k}, DType::e4m3);
+    q.scale = be.alloc({E, 1}, DType::f32);
+    be.quantize_experts_fp8(w, transpose, q);
+    return q;
+  };
+  const QuantizedExperts q1 = forms(w1, false), q2 = forms(w2, false), q2t = forms(w2, true);
+  auto zeros = [&](const Shape& shape) {
+    Tensor t = be.alloc(shape, DType::f32);
+    be.fill(t, 0.0f);
+    return t;
+  };
+  const Fp8Granularity g = Fp8Granularity::tensor;
+  // Unfolded.
+  Tensor h1 = zeros({R, H}), a1 = zeros({R, H}), y1 = zeros({R, D}), da1 = zeros({R, H}), dh1 = zeros({R, H});
+  Tensor am1 = zeros({E}), dm1 = zeros({E}), dw1 = zeros({E, D, H});
+  SavedExpertOperand sx1 = be.alloc_saved_expert_operand(R, D, int(E), g), sa1 = be.alloc_saved_expert_operand(R, H, int(E), g);
+  be.grouped_matmul_fp8_saving(x, g, q1, h1, offsets, sx1);
+  const ExpertAmax am1_of{am1, offsets}, dm1_of{dm1, offsets};
+  be.relu2_fwd(h1, a1, &am1_of);
+  be.grouped_matmul_fp8_saving(a1, g, q2, y1, offsets, sa1);
+  be.grouped_matmul_backward_fp8(dy, DType::e5m2, g, q2t, sa1, da1, dw1, offsets);
+  be.relu2_bwd(h1, da1, dh1, &dm1_of);
+  // Folded.
+  Tensor h2 = zeros({R, H}), y2 = zeros({R, D}), dh2 = zeros({R, H}), am2 = zeros({E}), dm2 = zeros({E});
+  Tensor dw2 = zeros({E, D, H});
+  SavedExpertOperand sx2 = be.alloc_saved_expert_operand(R, D, int(E), g), sa2 = be.alloc_saved_expert_operand(R, H, int(E), g);
+  ExpertRelu2Fold up, down, back;
+  up.relu2_amax = &am2;
+  down.relu2_operand = true;
+  back.relu2_input = &h2;
+  back.dx_amax = &dm2;
+  be.grouped_matmul_fp8_saving(x, g, q1, h2, offsets, sx2, nullptr, up);
+  be.grouped_matmul_fp8_saving(h2, g, q2, y2, offsets, sa2, nullptr, down);
+  be.grouped_matmul_backward_fp8(dy, DType::e5m2, g, q2t, sa2, dh2, dw2, offsets, nullptr, back);
+  EXPECT_EQ(values(h1), values(h2));
+  EXPECT_EQ(values(am1), values(am2));
+  EXPECT_GT(values(am2)[0], 0.0);
+  EXPECT_EQ(values(am2)[1], 0.0);  // the empty expert
+  EXPECT_EQ(values(y1), values(y2));
+  EXPECT_EQ(values(dh1), values(dh2));
+  EXPECT_EQ(values(dm1), values(dm2));
+  EXPECT_EQ(values(dw1), values(dw2));
+  // The fold does change the operand: the product of h itself is far from y.
+  Tensor y3 = zeros({R, D});
+  SavedExpertOperand sa3 = be.alloc_saved_expert_operand(R, H, int(E), g);
+  be.grouped_matmul_fp8_saving(h2, g, q2, y3, offsets, sa3);
+  EXPECT_GT(normalized_error(values(y3), values(y2)), 0.1);
+}
+
 }  // namespace
 }  // namespace moelab::test

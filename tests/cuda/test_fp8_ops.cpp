@@ -7,6 +7,7 @@
 // emulation for each recipe. Fresh random inputs each run; skips without a GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -167,6 +168,84 @@ TEST_F(CudaFp8, QuantizePairGivesBothCopiesFromOneCall) {
       gpu->quantize_fp8_pair(x, s3, t3, &amax);
       EXPECT_NE(bytes(s3.scale), bytes(s2.scale)) << what << " the producer's amax is not used";
     }
+}
+
+TEST_F(CudaFp8, QuantizePairsAreEachPairAlone) {
+  // quantize_fp8_pairs batches same-shaped matrices under tensor scaling through a device table
+  // of their addresses: each matrix's copies and scales must be quantize_fp8_pair's, in a batch
+  // that mixes shapes, dtypes, formats and a row-scaled matrix, on its first call (the table is
+  // made) and its second (the table is reused), after the inputs change.
+  struct Case {
+    int64_t r, c;
+    DType dtype, fmt;
+    Fp8Granularity g;
+  };
+  const Case cases[] = {{272, 400, DType::f32, DType::e4m3, Fp8Granularity::tensor},
+                        {272, 400, DType::f32, DType::e4m3, Fp8Granularity::tensor},
+                        {64, 96, DType::bf16, DType::e5m2, Fp8Granularity::tensor},
+                        {272, 400, DType::f32, DType::e4m3, Fp8Granularity::tensor},
+                        {64, 96, DType::bf16, DType::e5m2, Fp8Granularity::tensor},
+                        {272, 400, DType::f32, DType::e4m3, Fp8Granularity::row},
+                        {128, 32, DType::f32, DType::e4m3, Fp8Granularity::tensor}};
+  const size_t n = std::size(cases);
+  std::vector<Tensor> xs;
+  std::vector<QuantizedOperand> s1, t1, s2, t2;
+  for (const Case& c : cases) {
+    xs.push_back(gpu->alloc({c.r, c.c}, c.dtype));
+    for (auto* v : {&s1, &s2}) v->push_back(operand(*gpu, c.r, c.c, c.g, c.fmt));
+    for (auto* v : {&t1, &t2}) v->push_back(operand(*gpu, c.c, c.r, c.g, c.fmt));
+  }
+  for (int round = 0; round < 2; ++round) {
+    for (size_t i = 0; i < n; ++i) {
+      std::vector<float> v = spread(cases[i].r, cases[i].c);
+      v[size_t(i * 7)] = round_to_bf16(float(1 + i + 10 * round) * 1e4f);  // a different amax each matrix
+      gpu->write(xs[i], v);
+      for (QuantizedOperand* q : {&s1[i], &t1[i]}) ASSERT_EQ(cudaMemset(q->data.data, 0x11, q->data.bytes()), cudaSuccess);
+    }
+    std::vector<Fp8PairJob> jobs;
+    for (size_t i = 0; i < n; ++i) jobs.push_back({&xs[i], &s1[i], &t1[i]});
+    gpu->quantize_fp8_pairs(jobs);
+    for (size_t i = 0; i < n; ++i) {
+      gpu->quantize_fp8_pair(xs[i], s2[i], t2[i]);
+      const std::string what = "matrix " + std::to_string(i) + " round " + std::to_string(round);
+      EXPECT_EQ(bytes(s1[i].data), bytes(s2[i].data)) << what << " straight codes";
+      EXPECT_EQ(bytes(t1[i].data), bytes(t2[i].data)) << what << " transposed codes";
+      EXPECT_EQ(bytes(s1[i].scale), bytes(s2[i].scale)) << what << " straight scales";
+      EXPECT_EQ(bytes(t1[i].scale), bytes(t2[i].scale)) << what << " transposed scales";
+    }
+  }
+  // In a graph: a group first met while recording goes one by one (no table upload can run
+  // then); once a call outside a recording has made its table, a recording uses it.
+  std::vector<Tensor> ys;
+  std::vector<QuantizedOperand> ys1, yt1, ys2, yt2;
+  std::vector<Fp8PairJob> jobs;
+  for (int i = 0; i < 3; ++i) {
+    ys.push_back(gpu->alloc({64, 64}, DType::f32));
+    ys1.push_back(operand(*gpu, 64, 64, Fp8Granularity::tensor, DType::e4m3));
+    yt1.push_back(operand(*gpu, 64, 64, Fp8Granularity::tensor, DType::e4m3));
+    ys2.push_back(operand(*gpu, 64, 64, Fp8Granularity::tensor, DType::e4m3));
+    yt2.push_back(operand(*gpu, 64, 64, Fp8Granularity::tensor, DType::e4m3));
+  }
+  for (int i = 0; i < 3; ++i) jobs.push_back({&ys[size_t(i)], &ys1[size_t(i)], &yt1[size_t(i)]});
+  for (int pass = 0; pass < 2; ++pass) {
+    for (size_t i = 0; i < 3; ++i) {
+      std::vector<float> v = spread(64, 64);
+      v[i] = float(100 * (i + 1) * (pass + 1));
+      gpu->write(ys[i], v);
+    }
+    if (pass == 1) gpu->quantize_fp8_pairs(jobs);  // makes the table outside a recording
+    CudaGraph graph(*gpu);
+    graph.capture([&] { gpu->quantize_fp8_pairs(jobs); });
+    for (auto& q : ys1) gpu->fill(q.scale, NAN);
+    graph.replay();
+    for (size_t i = 0; i < 3; ++i) {
+      gpu->quantize_fp8_pair(ys[i], ys2[i], yt2[i]);
+      const std::string what = "graph pass " + std::to_string(pass) + " matrix " + std::to_string(i);
+      EXPECT_EQ(bytes(ys1[i].data), bytes(ys2[i].data)) << what;
+      EXPECT_EQ(bytes(yt1[i].data), bytes(yt2[i].data)) << what;
+      EXPECT_EQ(bytes(ys1[i].scale), bytes(ys2[i].scale)) << what;
+    }
+  }
 }
 
 struct PairCase {
@@ -566,6 +645,97 @@ TEST_F(CudaFp8Grouped, SavingForwardAndBackwardAreTheSeparateOps) {
       std::vector<float> c = cpu->read(dxc);
       c.resize(size_t(used * K));
       EXPECT_LT(nerr(dxa, c), 1e-2) << what << " data gradient against the CPU (seed " << seed << ")";
+    }
+}
+
+TEST_F(CudaFp8Grouped, Relu2FoldedIntoTheGemmsIsTheUnfoldedOps) {
+  // The expert MLP h = x W1^T, a = relu²(h), y = a W2^T and the down projection's backward, with
+  // ReLU² folded into the FP8 GEMMs (ExpertRelu2Fold) and as relu2_fwd / relu2_bwd passes: the
+  // same bits for h, relu²(h)'s amax, y, dh, dh's amax and the weight gradient, in each recipe,
+  // with capacity dispatch's unused tail rows (huge values) outside every expert.
+  const int64_t used = R;
+  R = used + 48;
+  Pair off = offsets(offsets_of(counts));
+  const int64_t D = 128, H = 256;
+  auto used_rows = [&](const Tensor& t) {
+    std::vector<float> v = gpu->read(t);
+    v.resize(size_t(used * t.cols()));
+    return v;
+  };
+  auto zeros = [&](const Shape& shape, DType dtype) {
+    Tensor t = gpu->alloc(shape, dtype);
+    gpu->fill(t, 0.0f);
+    return t;
+  };
+  for (const GroupedRecipe& r : kGroupedRecipes)
+    for (DType fmt : {DType::e5m2, DType::e4m3}) {
+      const std::string what = std::string(fp8_granularity_name(r.act)) + " " + dtype_name(fmt);
+      const bool tensor = r.act == Fp8Granularity::tensor;
+      std::vector<float> xv = values(R * D, 1.0), dyv = spread(R, D);
+      for (int64_t i = used * D; i < R * D; ++i) xv[size_t(i)] = dyv[size_t(i)] = round_to_bf16(1e38f);
+      Pair x = both({R, D}, xv), dy = both({R, D}, dyv);
+      Pair w1 = both({E, H, D}, values(E * H * D, 0.08)), w2 = both({E, D, H}, values(E * D * H, 0.05));
+      QuantizedExperts q1 = experts_operand(*gpu, E, H, D, r.weight), q2 = experts_operand(*gpu, E, D, H, r.weight);
+      QuantizedExperts q2t = experts_operand(*gpu, E, H, D, r.weight);
+      gpu->quantize_experts_fp8(w1.g, false, q1);
+      gpu->quantize_experts_fp8_pair(w2.g, q2, q2t);
+      // Unfolded.
+      Tensor h1 = gpu->alloc({R, H}, DType::bf16), a1 = gpu->alloc({R, H}, DType::bf16), y1 = gpu->alloc({R, D}, DType::bf16);
+      Tensor da1 = gpu->alloc({R, H}, DType::bf16), dh1 = gpu->alloc({R, H}, DType::bf16);
+      Tensor a_amax1 = zeros({E}, DType::f32), dh_amax1 = zeros({E}, DType::f32), dw1 = zeros({E, D, H}, DType::f32);
+      SavedExpertOperand sx1 = gpu->alloc_saved_expert_operand(R, D, E, r.act), sa1 = gpu->alloc_saved_expert_operand(R, H, E, r.act);
+      gpu->grouped_matmul_fp8_saving(x.g, r.act, q1, h1, off.g, sx1);
+      const ExpertAmax a_amax_of1{a_amax1, off.g}, dh_amax_of1{dh_amax1, off.g};
+      gpu->relu2_fwd(h1, a1, &a_amax_of1);
+      gpu->grouped_matmul_fp8_saving(a1, r.act, q2, y1, off.g, sa1, tensor ? &a_amax1 : nullptr);
+      gpu->grouped_matmul_backward_fp8(dy.g, fmt, r.act, q2t, sa1, da1, dw1, off.g);
+      gpu->relu2_bwd(h1, da1, dh1, &dh_amax_of1);
+      // Folded.
+      Tensor h2 = gpu->alloc({R, H}, DType::bf16), y2 = gpu->alloc({R, D}, DType::bf16), dh2 = gpu->alloc({R, H}, DType::bf16);
+      Tensor a_amax2 = zeros({E}, DType::f32), dh_amax2 = zeros({E}, DType::f32), dw2 = zeros({E, D, H}, DType::f32);
+      gpu->fill(dh2, NAN);
+      SavedExpertOperand sx2 = gpu->alloc_saved_expert_operand(R, D, E, r.act), sa2 = gpu->alloc_saved_expert_operand(R, H, E, r.act);
+      ExpertRelu2Fold up, down, back;
+      up.relu2_amax = &a_amax2;
+      down.relu2_operand = true;
+      back.relu2_input = &h2;
+      back.dx_amax = &dh_amax2;
+      try {
+        gpu->grouped_matmul_fp8_saving(x.g, r.act, q1, h2, off.g, sx2, nullptr, up);
+        gpu->grouped_matmul_fp8_saving(h2, r.act, q2, y2, off.g, sa2, tensor ? &a_amax2 : nullptr, down);
+        gpu->grouped_matmul_backward_fp8(dy.g, fmt, r.act, q2t, sa2, dh2, dw2, off.g, nullptr, back);
+      } catch (const Error& e) {
+        ADD_FAILURE() << what << ": " << e.what();
+        continue;
+      }
+      EXPECT_EQ(nerr(used_rows(h1), used_rows(h2)), 0.0) << what << " h (seed " << seed << ")";
+      const std::vector<float> am1 = gpu->read(a_amax1), am2 = gpu->read(a_amax2);
+      EXPECT_EQ(am1, am2) << what << " relu²(h)'s amax from the up projection's epilogue";
+      EXPECT_GT(*std::max_element(am2.begin(), am2.end()), 0.0f) << what;
+      EXPECT_EQ(nerr(used_rows(y1), used_rows(y2)), 0.0) << what << " y with relu²(h) quantized from h";
+      const std::vector<float> dh = used_rows(dh2);
+      EXPECT_EQ(nerr(used_rows(dh1), dh), 0.0) << what << " dh from the data gradient's epilogue";
+      EXPECT_EQ(gpu->read(dh_amax1), gpu->read(dh_amax2)) << what << " dh's amax";
+      EXPECT_EQ(nerr(gpu->read(dw1), gpu->read(dw2)), 0.0) << what << " weight gradient from the saved relu²(h)";
+      // And the folded chain against the CPU's (its default runs the unfolded ops in f32).
+      Tensor yc = cpu->alloc({R, D}, DType::f32), hc = cpu->alloc({R, H}, DType::f32), dhc = cpu->alloc({R, H}, DType::f32);
+      Tensor dwc = cpu->alloc({E, D, H}, DType::f32);
+      cpu->fill(dwc, 0.0f);
+      SavedExpertOperand sxc = cpu->alloc_saved_expert_operand(R, D, E, r.act), sac = cpu->alloc_saved_expert_operand(R, H, E, r.act);
+      QuantizedExperts c1 = experts_operand(*cpu, E, H, D, r.weight), c2 = experts_operand(*cpu, E, D, H, r.weight);
+      QuantizedExperts c2t = experts_operand(*cpu, E, H, D, r.weight);
+      cpu->quantize_experts_fp8(w1.c, false, c1);
+      cpu->quantize_experts_fp8_pair(w2.c, c2, c2t);
+      ExpertRelu2Fold back_c;
+      back_c.relu2_input = &hc;
+      cpu->grouped_matmul_fp8_saving(x.c, r.act, c1, hc, off.c, sxc);
+      cpu->grouped_matmul_fp8_saving(hc, r.act, c2, yc, off.c, sac, nullptr, down);
+      cpu->grouped_matmul_backward_fp8(dy.c, fmt, r.act, c2t, sac, dhc, dwc, off.c, nullptr, back_c);
+      std::vector<float> yr = cpu->read(yc), dhr = cpu->read(dhc);
+      yr.resize(size_t(used * D));
+      dhr.resize(size_t(used * H));
+      EXPECT_LT(nerr(used_rows(y2), yr), 5e-2) << what << " y against the CPU (seed " << seed << ")";
+      EXPECT_LT(nerr(dh, dhr), 5e-2) << what << " dh against the CPU (seed " << seed << ")";
     }
 }
 

@@ -82,6 +82,7 @@ class CudaBackend : public Backend {
   void quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand& out) override;
   void quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight, QuantizedOperand& transposed,
                          const Tensor* amax = nullptr) override;
+  void quantize_fp8_pairs(const std::vector<Fp8PairJob>& jobs) override;
   void matmul_fp8(const QuantizedOperand& A, const QuantizedOperand& B, Tensor& C, float alpha = 1.0f,
                   float beta = 0.0f, bool fast_accum = false) override;
   void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const Tensor& W, bool trans_w,
@@ -94,10 +95,11 @@ class CudaBackend : public Backend {
                                 const Tensor& offsets) override;
   SavedExpertOperand alloc_saved_expert_operand(int64_t rows, int64_t cols, int experts, Fp8Granularity g) override;
   void grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const QuantizedExperts& W, Tensor& C,
-                                 const Tensor& offsets, SavedExpertOperand& save, const Tensor* a_amax = nullptr) override;
+                                 const Tensor& offsets, SavedExpertOperand& save, const Tensor* a_amax = nullptr,
+                                 const ExpertRelu2Fold& fold = {}) override;
   void grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran, const QuantizedExperts& Wt,
                                    const SavedExpertOperand& X, Tensor& dX, Tensor& dW, const Tensor& offsets,
-                                   const Tensor* dy_amax = nullptr) override;
+                                   const Tensor* dy_amax = nullptr, const ExpertRelu2Fold& fold = {}) override;
 
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
@@ -182,6 +184,11 @@ class CudaBackend : public Backend {
   void quantize_fp8_pair_batch(const void* x, DType x_dtype, int64_t batch, int64_t xr, int64_t xc, Fp8Granularity g,
                                uint8_t* out, float* scale, uint8_t* out_t, float* scale_t, DType format,
                                const unsigned* known_amax = nullptr);
+  // quantize_fp8_pairs' launches over the same-shaped matrices of one group: a device table of
+  // their addresses (x, codes, scales of both copies), kept from the first call that meets them,
+  // or null where none is kept and a graph is recording (no upload can run then).
+  const void* pair_member_table(const std::vector<uint64_t>& addresses);
+  std::map<std::vector<uint64_t>, Tensor> pair_member_tables_;
   // Raises amax (f32 [1]) to out's amax by a pass over out: for the producers whose kernel for
   // this shape cannot raise it as it writes.
   void raise_amax_by_pass(const Tensor& out, const Tensor& amax);
@@ -204,7 +211,7 @@ class CudaBackend : public Backend {
                                grouped_gemm::Fp8ScaleMode mode);
   void quantize_segments(const Tensor& x, const SegmentsFp8& out, const Tensor& offsets, const int32_t* padded, int E,
                          int64_t Rp, grouped_gemm::Fp8ScaleMode mode, DType format, grouped_gemm::StraightCopy* straight,
-                         const Tensor* known_amax = nullptr);
+                         const Tensor* known_amax = nullptr, bool relu2_of_x = false);
   // Sum of f(x) over all elements into out[0] (square when `squares`); deterministic two-pass.
   void reduce_sum(const Tensor& x, bool squares, Tensor& out, bool accumulate, float scale = 1.0f);
 

@@ -61,7 +61,7 @@ __device__ __forceinline__ float lane_row_amax(const T* row, int64_t cols, int l
 // amax of a whole tensor: each thread keeps four independent 16-byte loads in flight (one at a
 // time leaves most of HBM's bandwidth idle), then a block maximum and one atomicMax per block.
 template <class T>
-__global__ void amax_all_kernel(const T* __restrict__ x, int64_t n, unsigned* __restrict__ out) {
+__device__ __forceinline__ void block_amax_into(const T* __restrict__ x, int64_t n, unsigned* __restrict__ out) {
   __shared__ float shm[32];
   float m = 0.0f;
   const int64_t n8 = n / 8, stride = int64_t(gridDim.x) * blockDim.x;
@@ -85,6 +85,26 @@ __global__ void amax_all_kernel(const T* __restrict__ x, int64_t n, unsigned* __
     m = fmaxf(m, fabsf(to_f32(x[k])));
   m = block_max(m, shm);
   if (threadIdx.x == 0) atomicMax(out, __float_as_uint(m));
+}
+
+template <class T>
+__global__ void amax_all_kernel(const T* __restrict__ x, int64_t n, unsigned* __restrict__ out) {
+  block_amax_into(x, n, out);
+}
+
+// The addresses of one matrix of quantize_fp8_pairs' batch: x and both copies' codes and scales.
+struct PairMember {
+  const void* x;
+  uint8_t* out;
+  float* scale;
+  uint8_t* out_t;
+  float* scale_t;
+};
+
+// Each member's amax (blockIdx.y the member) into out[member], as amax_all_kernel.
+template <class T>
+__global__ void amax_members_kernel(const PairMember* __restrict__ members, int64_t n, unsigned* __restrict__ out) {
+  block_amax_into(static_cast<const T*>(members[blockIdx.y].x), n, out + blockIdx.y);
 }
 
 // Launch shape of amax_all_kernel: enough blocks to cover x once with four loads a thread, at
@@ -468,12 +488,23 @@ struct PairArgs {
   uint8_t* out_t;             // transposed [xc, xr]
   float* scale_t;
   float fmax;
-  // A batch of matrices (an expert stack) along the grid's z: member z's x, codes, scales and
-  // maxima start these many elements after member 0's.
+  // A batch of matrices along the grid's z: member z's x, codes, scales and maxima start these
+  // many elements after member 0's (an expert stack), or, given members, at members[z]'s
+  // addresses (tensor groups; its amax at amax_all[z]).
   int64_t amax_stride = 0, scale_stride = 0, scale_t_stride = 0;
+  const PairMember* members = nullptr;
 
-  __device__ __forceinline__ void select_member(int64_t z) {
+  // Points this thread's arguments at member z; returns its x.
+  template <class T>
+  __device__ __forceinline__ const T* select_member(const T* x, int64_t z) {
+    if (members) {
+      const PairMember m = members[z];
+      out = m.out, scale = m.scale, out_t = m.out_t, scale_t = m.scale_t;
+      amax_all += z;
+      return static_cast<const T*>(m.x);
+    }
     const int64_t elems = xr * xc;
+    x += z * elems;
     out += z * elems;
     out_t += z * elems;
     scale += z * scale_stride;
@@ -481,6 +512,7 @@ struct PairArgs {
     if (amax_all) amax_all += z * amax_stride;
     if (amax_rows) amax_rows += z * amax_stride;
     if (amax_cols) amax_cols += z * amax_stride;
+    return x;
   }
 };
 
@@ -516,8 +548,7 @@ __global__ void __launch_bounds__(kThreads) quantize_pair_tile_kernel(const T* _
 template <class T, int kFormat>
 __global__ void __launch_bounds__(kThreads) quantize_pair_scaled_kernel(const T* __restrict__ x, PairArgs a) {
   __shared__ uint32_t words[kTile][kTile / 4];  // [tile column][four-row word, swizzled]
-  x += int64_t(blockIdx.z) * a.xr * a.xc;
-  a.select_member(blockIdx.z);
+  x = a.select_member(x, blockIdx.z);
   const int64_t r0 = int64_t(blockIdx.y) * kTile, c0 = int64_t(blockIdx.x) * kTile;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const bool row = Fp8Granularity(a.granularity) == Fp8Granularity::row;
@@ -630,6 +661,73 @@ void CudaBackend::quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight,
   const unsigned* known = g == Fp8Granularity::tensor ? tensor_amax_arg(amax, op.c_str()) : nullptr;
   quantize_fp8_pair_batch(x.data, x.dtype, 1, xr, xc, g, straight.data.as<uint8_t>(), straight.scale.as<float>(),
                           transposed.data.as<uint8_t>(), transposed.scale.as<float>(), straight.data.dtype, known);
+}
+
+void CudaBackend::quantize_fp8_pairs(const std::vector<Fp8PairJob>& jobs) {
+  // Same-shaped matrices under tensor scaling (a model's attention weights) take two launches
+  // over a table of their addresses, an amax pass and the pair, where one launch each a matrix
+  // left a small one mostly latency; the rest go one by one.
+  std::map<std::tuple<int64_t, int64_t, int, int>, std::vector<const Fp8PairJob*>> groups;
+  for (const Fp8PairJob& j : jobs) {
+    const Tensor& x = *j.x;
+    const int64_t xc = x.cols(), xr = xc ? x.numel() / xc : 0;
+    if (j.straight->granularity != Fp8Granularity::tensor || j.transposed->granularity != Fp8Granularity::tensor ||
+        xr == 0) {
+      quantize_fp8_pair(x, *j.straight, *j.transposed);
+      continue;
+    }
+    groups[{xr, xc, int(x.dtype), int(j.straight->data.dtype)}].push_back(&j);
+  }
+  for (const auto& [key, members] : groups) {
+    const auto [xr, xc, x_dtype, format] = key;
+    std::vector<uint64_t> addresses;
+    for (const Fp8PairJob* j : members) {
+      check_quantize_args(*j->x, false, *j->straight, "quantize_fp8_pairs");
+      check_quantize_args(*j->x, true, *j->transposed, "quantize_fp8_pairs");
+      require(j->transposed->data.dtype == j->straight->data.dtype, "quantize_fp8_pairs",
+              "both copies of " + j->x->describe() + " take one format");
+      for (const void* p : {j->x->data, j->straight->data.data, j->straight->scale.data, j->transposed->data.data,
+                            j->transposed->scale.data})
+        addresses.push_back(reinterpret_cast<uint64_t>(p));
+    }
+    const auto* table = members.size() > 1 ? static_cast<const PairMember*>(pair_member_table(addresses)) : nullptr;
+    if (!table) {
+      for (const Fp8PairJob* j : members) quantize_fp8_pair(*j->x, *j->straight, *j->transposed);
+      continue;
+    }
+    const unsigned n = unsigned(members.size());
+    auto* amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, n * sizeof(unsigned)));
+    MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, n * sizeof(unsigned), stream_));
+    PairArgs a{};
+    a.xr = xr;
+    a.xc = xc;
+    a.granularity = int(Fp8Granularity::tensor);
+    a.amax_all = amax;
+    a.fmax = fp8_max(DType(format));
+    a.members = table;
+    const bool e4m3 = DType(format) == DType::e4m3;
+    MOELAB_FLOAT_DISPATCH(DType(x_dtype), T, {
+      const dim3 amax_grid(amax_all_blocks(xr * xc, sm_count_), n);  // each member as amax_all_kernel covers it
+      amax_members_kernel<T><<<amax_grid, 256, 0, stream_>>>(table, xr * xc, amax);
+      MOELAB_CUDA_LAUNCH_CHECK("fp8 pairs amax");
+      const dim3 grid(unsigned((xc + kTile - 1) / kTile), unsigned((xr + kTile - 1) / kTile), n);
+      auto scaled = e4m3 ? quantize_pair_scaled_kernel<T, 0> : quantize_pair_scaled_kernel<T, 1>;
+      scaled<<<grid, kThreads, 0, stream_>>>(static_cast<const T*>(nullptr), a);
+      MOELAB_CUDA_LAUNCH_CHECK("fp8 pairs");
+    });
+  }
+}
+
+const void* CudaBackend::pair_member_table(const std::vector<uint64_t>& addresses) {
+  auto it = pair_member_tables_.find(addresses);
+  if (it != pair_member_tables_.end()) return it->second.data;
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  MOELAB_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capturing));
+  if (capturing != cudaStreamCaptureStatusNone) return nullptr;
+  Tensor table = alloc({int64_t(addresses.size()) * 2}, DType::i32);  // 64-bit addresses as i32 pairs
+  MOELAB_CUDA_CHECK(cudaMemcpyAsync(table.data, addresses.data(), addresses.size() * sizeof(uint64_t),
+                                    cudaMemcpyHostToDevice, stream_));
+  return pair_member_tables_.emplace(addresses, table).first->second.data;
 }
 
 void CudaBackend::quantize_fp8_pair_batch(const void* x, DType x_dtype, int64_t batch, int64_t xr, int64_t xc,

@@ -21,6 +21,7 @@
 
 #include "backend/cuda/cuda_backend.hpp"
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/expert_amax.cuh"
 #include "backend/cuda/fp8_codes.cuh"
 #include "backend/cuda/grouped_gemm_fp8.cuh"
 #include "backend/cuda/grouped_gemm_sm90.cuh"
@@ -82,12 +83,32 @@ __device__ __forceinline__ void store2(TC* p, float v0, float v1, bool accumulat
   }
 }
 
+// The forward kernel's epilogues (Fp8Epilogue): store C; also raise relu²(C)'s amax; store
+// relu2_bwd(H, C).
+enum Fp8Epi : int { kEpiStore, kEpiRelu2Amax, kEpiRelu2Bwd };
+
+// relu2_bwd of 8 packed bf16 values da given the same columns' h, as relu2_bwd rounds it:
+// dh = da * 2 relu(h) in f32, stored as bf16; raises m to the largest |dh| as stored.
+__device__ __forceinline__ void relu2_bwd8(uint32_t (&da)[4], uint4 hv, float& m) {
+  const uint32_t hw[4] = {hv.x, hv.y, hv.z, hv.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 d = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&da[k]));
+    const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hw[k]));
+    const float g0 = d.x * (2.f * fmaxf(x.x, 0.f)), g1 = d.y * (2.f * fmaxf(x.y, 0.f));
+    da[k] = pack_bf16x2(g0, g1);
+    m = fmaxf(m, fmaxf(fabsf(stored<bf16>(g0)), fabsf(stored<bf16>(g1))));
+  }
+}
+
 // Forward / data gradient: C[rows of e] = deq(A) deq(W[e])^T, persistent over the output tiles
 // (the step sequence g runs over all of a block's tiles, as in the BF16 persistent kernel).
-template <int MODE, int AFMT, class TC>
+template <int MODE, int AFMT, class TC, int EPI>
 __global__ void __launch_bounds__(THREADS, MODE == int(Fp8ScaleMode::block) ? 1 : 2)
     fp8_grouped_fwd_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, TC* C,
-                           const int32_t* offsets, int E, int N, int K, int64_t R, Fp8GroupedScales sc) {
+                           const int32_t* offsets, int E, int N, int K, int64_t R, Fp8GroupedScales sc,
+                           Fp8Epilogue epi) {
+  static_assert(EPI == kEpiStore || std::is_same_v<TC, bf16>, "the ReLU² epilogues write bf16");
   constexpr int TST = stages<MODE>();
   constexpr bool kBlock = MODE == int(Fp8ScaleMode::block);
   extern __shared__ char smem_raw[];
@@ -120,8 +141,36 @@ __global__ void __launch_bounds__(THREADS, MODE == int(Fp8ScaleMode::block) ? 1 
   const int wg = threadIdx.x >> 7;
   const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g4 = lane >> 2, t4 = lane & 3;
   const int w_rows = (N + 127) / 128;  // 128-row weight blocks per expert (block mode)
+  // The ReLU² epilogues' amax over this thread's values (all >= 0) of the tiles of one expert in a
+  // row; a warp raises it once per such run (its rows all belong to the tile's expert).
+  float run_max = 0.0f;
+  int run_e = cur.e;
+  auto flush_run = [&] {
+    float m = run_max;
+    if constexpr (EPI == kEpiRelu2Amax) {  // rounding is monotonic: relu²(stored(max)), stored, is the largest
+      const float r = stored<bf16>(m);
+      m = stored<bf16>(r * r);
+    }
+    m = warp_max(m);
+    unsigned* amax = EPI == kEpiRelu2Amax ? epi.relu2_amax : epi.out_amax;
+    if (lane == 0 && amax) raise_amax(amax + run_e, m);
+    run_max = 0.0f;
+  };
   int g = 0;
   for (int t = blockIdx.x; cur.valid; t += gridDim.x, cur = fwd_tile<TBN>(t, offsets, E, n_tiles_n)) {
+    if constexpr (EPI != kEpiStore)
+      if (cur.e != run_e) {
+        flush_run();
+        run_e = cur.e;
+      }
+    if constexpr (EPI == kEpiRelu2Bwd) {
+      // The tile's h into L2 while its products run (two 128-byte lines of a row a thread), so
+      // the epilogue's reads of it wait on L2, not DRAM.
+      const int r = threadIdx.x >> 1, n = cur.n0 + 64 * (threadIdx.x & 1);
+      if (r < cur.rows && n < N)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const bf16*>(epi.relu2_input) +
+                                                      (int64_t(cur.row0) + r) * N + n));
+    }
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.f;
@@ -153,12 +202,31 @@ __global__ void __launch_bounds__(THREADS, MODE == int(Fp8ScaleMode::block) ? 1 
       __syncthreads();
       if (leader && g >= 1) produce();
     }
+    // The ReLU² backward's h at this thread's places of a row of the tile (8 columns of each
+    // 32-column group, as store_row_bf16 hands them out), loaded ahead: row 0's while the last
+    // products run, row 1's while row 0 is stored (loaded where it is used, each load's latency
+    // stood between a row's stores; both rows at once spill).
+    constexpr int kGroups = TBN / 32;
+    uint4 h_pre[kGroups];
+    auto load_h = [&](int h, uint4 (&dst)[kGroups]) {
+      const int m = wg * 64 + w * 16 + g4 + h * 8;
+      const bf16* h_row = static_cast<const bf16*>(epi.relu2_input) + (int64_t(cur.row0) + m) * N;
+#pragma unroll
+      for (int q = 0; q < kGroups; ++q) {
+        const int n = cur.n0 + 32 * q + 8 * t4;
+        dst[q] = m < cur.rows && n < N ? __ldg(reinterpret_cast<const uint4*>(h_row + n)) : make_uint4(0, 0, 0, 0);
+      }
+    };
+    if constexpr (EPI == kEpiRelu2Bwd) load_h(0, h_pre);
     wgmma_wait<0>();
     float tensor_f = 1.0f;
     if constexpr (MODE == int(Fp8ScaleMode::tensor)) tensor_f = sc.a[cur.e] * sc.w[cur.e];
     TC* c_base = C + int64_t(cur.row0) * N;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      uint4 h_next[kGroups];
+      if constexpr (EPI == kEpiRelu2Bwd)
+        if (h == 0) load_h(1, h_next);
       const int m = wg * 64 + w * 16 + g4 + h * 8;
       if (m >= cur.rows) continue;  // the same for the four lanes of a quad (one row)
       float fr = tensor_f;
@@ -175,7 +243,18 @@ __global__ void __launch_bounds__(THREADS, MODE == int(Fp8ScaleMode::block) ? 1 
         float v[TBN / 8][2];
 #pragma unroll
         for (int j = 0; j < TBN / 8; ++j) v[j][0] = scaled(j, 0), v[j][1] = scaled(j, 1);
-        store_row_bf16(c_base + int64_t(m) * N, cur.n0, N, v, lane);  // whole sectors
+        TC* c_row = c_base + int64_t(m) * N;
+        if constexpr (EPI == kEpiRelu2Bwd) {
+          store_row_bf16(c_row, cur.n0, N, v, lane, [&](int q, int, uint32_t (&w)[4]) { relu2_bwd8(w, h_pre[q], run_max); });
+          if (h == 0)
+#pragma unroll
+            for (int q = 0; q < kGroups; ++q) h_pre[q] = h_next[q];
+        } else {
+          if constexpr (EPI == kEpiRelu2Amax)  // columns past N hold zeros (TMA fills them)
+#pragma unroll
+            for (int j = 0; j < TBN / 8; ++j) run_max = fmaxf(run_max, fmaxf(v[j][0], v[j][1]));
+          store_row_bf16(c_row, cur.n0, N, v, lane);  // whole sectors
+        }
       } else {
 #pragma unroll
         for (int j = 0; j < TBN / 8; ++j) {  // f32 pairs of a quad already fill a sector
@@ -185,6 +264,7 @@ __global__ void __launch_bounds__(THREADS, MODE == int(Fp8ScaleMode::block) ? 1 
       }
     }
   }
+  if constexpr (EPI != kEpiStore) flush_run();
 }
 
 // Weight gradient: dW[e] (N x K) += deq(dYt_e) deq(Xt_e)^T over the expert's padded token
@@ -319,11 +399,23 @@ __device__ __forceinline__ SegmentBlock segment_block(int64_t prow, const int32_
   return b;
 }
 
+// The operand as quantization reads it: x itself, or with kRelu2 (the down projection's operand
+// folded into its quantization) relu²(x) rounded to bf16, as relu2_fwd stores it.
+template <bool kRelu2>
+__device__ __forceinline__ void operand_values(float (&v)[8]) {
+  if constexpr (kRelu2)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float r = fmaxf(v[j], 0.f);
+      v[j] = stored<bf16>(r * r);
+    }
+}
+
 // The amax pre-pass of tensor and row scaling, from registers: block (column tile of SEG_COLS,
 // padded 128-token block) max-reduces its columns into the expert's amax (tensor: amax[e]; row:
 // amax[e * C + column]) and, given row_amax, each token's amax over these columns into
 // row_amax[token] (the straight copy's row groups). Eight lanes of eight columns a row.
-template <class T>
+template <class T, bool kRelu2>
 __global__ void __launch_bounds__(256)
     segments_amax_kernel(const T* __restrict__ x, int C, const int32_t* __restrict__ offsets,
                          const int32_t* __restrict__ padded, int E, int mode, unsigned* __restrict__ amax,
@@ -345,6 +437,8 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
       for (int j = 0; j < 8; ++j) v[u][j] = 0.0f;
   }
+#pragma unroll
+  for (int u = 0; u < kBatch; ++u) operand_values<kRelu2>(v[u]);  // after the loads: all in flight at once
   float cm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #pragma unroll
   for (int u = 0; u < kBatch; ++u) {
@@ -383,7 +477,7 @@ __global__ void __launch_bounds__(256)
 // kernel reads. kStraight (COLS = 128) also writes the straight copy [R, C] of the same tokens,
 // which the data gradient reads, its 1x128 groups from the staged row. Tensor and row scaling
 // take segments_codes_scaled_kernel below.
-template <class T, int kFormat, int COLS, bool kStraight>
+template <class T, int kFormat, int COLS, bool kStraight, bool kRelu2>
 __global__ void __launch_bounds__(256)
     segments_codes_kernel(const T* __restrict__ x, int C, const int32_t* __restrict__ offsets,
                           const int32_t* __restrict__ padded, int E, int64_t Rp, uint8_t* __restrict__ out,
@@ -409,6 +503,8 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int j = 0; j < 8; ++j) v[u][j] = 0.0f;
     }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) operand_values<kRelu2>(v[u]);
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int i = tid + (b0 + u) * 256, r = i / (COLS / 8), c = (i % (COLS / 8)) * 8;
@@ -484,16 +580,28 @@ void dispatch(Fp8ScaleMode mode, DType a_format, DType c_dtype, Args&&... args) 
 
 template <int MODE, int AFMT, class TC>
 struct LaunchForward {
-  static void run(const CUtensorMap& ma, const CUtensorMap& mb, void* C, const int32_t* offsets, int E, int N, int K,
-                  int64_t R, const Fp8GroupedScales& sc, int sms, cudaStream_t stream) {
-    auto kernel = fp8_grouped_fwd_kernel<MODE, AFMT, TC>;
+  template <int EPI>
+  static void launch(const CUtensorMap& ma, const CUtensorMap& mb, void* C, const int32_t* offsets, int E, int N, int K,
+                     int64_t R, const Fp8GroupedScales& sc, int sms, cudaStream_t stream, const Fp8Epilogue& epi) {
+    auto kernel = fp8_grouped_fwd_kernel<MODE, AFMT, TC, EPI>;
     constexpr int smem = smem_bytes<MODE>();
     raise_smem_once(kernel, smem);
     const int per_sm = MODE == int(Fp8ScaleMode::block) ? 1 : 2;
     const int64_t tiles_max = int64_t((N + TBN - 1) / TBN) * ((R + BM - 1) / BM + E);
     const unsigned grid = unsigned(std::min<int64_t>(tiles_max, int64_t(sms) * per_sm));
-    kernel<<<grid, THREADS, smem, stream>>>(ma, mb, static_cast<TC*>(C), offsets, E, N, K, R, sc);
+    kernel<<<grid, THREADS, smem, stream>>>(ma, mb, static_cast<TC*>(C), offsets, E, N, K, R, sc, epi);
     MOELAB_CUDA_LAUNCH_CHECK("fp8_grouped_fwd_kernel");
+  }
+  static void run(const CUtensorMap& ma, const CUtensorMap& mb, void* C, const int32_t* offsets, int E, int N, int K,
+                  int64_t R, const Fp8GroupedScales& sc, int sms, cudaStream_t stream, const Fp8Epilogue& epi) {
+    if constexpr (std::is_same_v<TC, bf16>) {
+      // The up projection's amax epilogue reads e4m3 activations; the ReLU² backward, a gradient.
+      if constexpr (AFMT == 0)
+        if (epi.relu2_amax) return launch<kEpiRelu2Amax>(ma, mb, C, offsets, E, N, K, R, sc, sms, stream, epi);
+      if (epi.relu2_input) return launch<kEpiRelu2Bwd>(ma, mb, C, offsets, E, N, K, R, sc, sms, stream, epi);
+    }
+    MOELAB_CHECK(!epi.relu2_amax && !epi.relu2_input, "forward_fp8: the ReLU² epilogues need a bf16 C (and the amax one e4m3 A)");
+    launch<kEpiStore>(ma, mb, C, offsets, E, N, K, R, sc, sms, stream, epi);
   }
 };
 
@@ -513,9 +621,10 @@ struct LaunchWgrad {
 }  // namespace
 
 void forward_fp8(const uint8_t* A, DType a_format, const uint8_t* W, const Fp8GroupedScales& scales, void* C,
-                 DType c_dtype, const int32_t* offsets, int E, int64_t R, int N, int K, int sms, cudaStream_t stream) {
+                 DType c_dtype, const int32_t* offsets, int E, int64_t R, int N, int K, int sms, cudaStream_t stream,
+                 const Fp8Epilogue& epilogue) {
   const CUtensorMap ma = make_map_fp8(A, R, K, BM), mb = make_map_fp8(W, int64_t(E) * N, K, TBN);
-  dispatch<LaunchForward>(scales.mode, a_format, c_dtype, ma, mb, C, offsets, E, N, K, R, scales, sms, stream);
+  dispatch<LaunchForward>(scales.mode, a_format, c_dtype, ma, mb, C, offsets, E, N, K, R, scales, sms, stream, epilogue);
 }
 
 void padded_offsets(const int32_t* offsets, int E, int32_t* padded, cudaStream_t stream) {
@@ -536,7 +645,7 @@ void wgrad_fp8(const uint8_t* dYt, DType dy_format, const uint8_t* Xt, const Fp8
 // tokens per column (word_slot's swizzle); then each warp stores whole columns of 128 tokens.
 constexpr int SCALED_COLS = 128;
 
-template <class T, int kFormat, bool kStraight>
+template <class T, int kFormat, bool kStraight, bool kRelu2>
 __global__ void __launch_bounds__(256)
     segments_codes_scaled_kernel(const T* __restrict__ x, int C, const int32_t* __restrict__ offsets,
                                  const int32_t* __restrict__ padded, int E, int64_t Rp, int mode,
@@ -570,6 +679,8 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int j = 0; j < 8; ++j) v[i][j] = 0.0f;  // the segment's padding
     }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) operand_values<kRelu2>(v[i]);  // relu²(0) = 0 keeps the padding
     if constexpr (kStraight) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -600,18 +711,23 @@ __global__ void __launch_bounds__(256)
 
 void quantize_segments_transposed(const void* x, int C, const int32_t* offsets, const int32_t* padded,
                                   int E, int64_t Rp, Fp8ScaleMode mode, DType format, uint8_t* out, float* scale,
-                                  unsigned* amax, cudaStream_t stream, StraightCopy straight, bool amax_known) {
+                                  unsigned* amax, cudaStream_t stream, StraightCopy straight, bool amax_known,
+                                  bool relu2_of_x) {
   const bool with_straight = straight.out != nullptr;
   const bf16* px = static_cast<const bf16*>(x);
   const float fmax = fp8_max(format);
+  const bool e5m2 = format == DType::e5m2;
   MOELAB_CHECK(!amax_known || mode == Fp8ScaleMode::tensor, "a producer's expert amax serves tensor scaling only");
+  MOELAB_CHECK(!relu2_of_x || (with_straight && !e5m2),
+               "relu2_of_x quantizes the down projection's operand: e4m3 with the straight copy");
   if (mode != Fp8ScaleMode::block && !amax_known) {
     const size_t n = mode == Fp8ScaleMode::row ? size_t(E) * C : size_t(E);
     const bool rows = with_straight && mode == Fp8ScaleMode::row;
     unsigned* row_amax = rows ? amax + n : nullptr;
     MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, (n + (rows ? size_t(straight.R) : 0)) * sizeof(unsigned), stream));
     const dim3 grid(unsigned((C + SEG_COLS - 1) / SEG_COLS), unsigned(Rp / KB));
-    segments_amax_kernel<bf16><<<grid, 256, 0, stream>>>(px, C, offsets, padded, E, int(mode), amax, row_amax);
+    auto amax_pass = relu2_of_x ? segments_amax_kernel<bf16, true> : segments_amax_kernel<bf16, false>;
+    amax_pass<<<grid, 256, 0, stream>>>(px, C, offsets, padded, E, int(mode), amax, row_amax);
     MOELAB_CUDA_LAUNCH_CHECK("segments_amax_kernel");
     straight.row_amax = row_amax;
   }
@@ -622,21 +738,24 @@ void quantize_segments_transposed(const void* x, int C, const int32_t* offsets, 
     kernel<<<grid, 256, smem, stream>>>(px, C, offsets, padded, E, Rp, out, scale, straight, fmax);
     MOELAB_CUDA_LAUNCH_CHECK("segments_codes_kernel");
   };
-  const bool e5m2 = format == DType::e5m2;
   if (mode != Fp8ScaleMode::block) {
     const dim3 grid(unsigned((C + SCALED_COLS - 1) / SCALED_COLS), unsigned(Rp / KB));
     auto run = [&](auto kernel) {
       kernel<<<grid, 256, 0, stream>>>(px, C, offsets, padded, E, Rp, int(mode), out, scale, amax, straight, fmax);
       MOELAB_CUDA_LAUNCH_CHECK("segments_codes_scaled_kernel");
     };
-    if (with_straight) e5m2 ? run(segments_codes_scaled_kernel<bf16, 1, true>) : run(segments_codes_scaled_kernel<bf16, 0, true>);
-    else e5m2 ? run(segments_codes_scaled_kernel<bf16, 1, false>) : run(segments_codes_scaled_kernel<bf16, 0, false>);
+    if (relu2_of_x) run(segments_codes_scaled_kernel<bf16, 0, true, true>);
+    else if (with_straight)
+      e5m2 ? run(segments_codes_scaled_kernel<bf16, 1, true, false>) : run(segments_codes_scaled_kernel<bf16, 0, true, false>);
+    else e5m2 ? run(segments_codes_scaled_kernel<bf16, 1, false, false>) : run(segments_codes_scaled_kernel<bf16, 0, false, false>);
+  } else if (relu2_of_x) {
+    launch(segments_codes_kernel<bf16, 0, 128, true, true>, 128);
   } else if (!with_straight) {
-    if (e5m2) launch(segments_codes_kernel<bf16, 1, SEG_COLS, false>, SEG_COLS);
-    else launch(segments_codes_kernel<bf16, 0, SEG_COLS, false>, SEG_COLS);
+    if (e5m2) launch(segments_codes_kernel<bf16, 1, SEG_COLS, false, false>, SEG_COLS);
+    else launch(segments_codes_kernel<bf16, 0, SEG_COLS, false, false>, SEG_COLS);
   } else {
-    if (e5m2) launch(segments_codes_kernel<bf16, 1, 128, true>, 128);
-    else launch(segments_codes_kernel<bf16, 0, 128, true>, 128);
+    if (e5m2) launch(segments_codes_kernel<bf16, 1, 128, true, false>, 128);
+    else launch(segments_codes_kernel<bf16, 0, 128, true, false>, 128);
   }
 }
 
@@ -883,10 +1002,20 @@ void check_saved(const SavedExpertOperand& s, int64_t x_rows, int64_t x_cols, in
 }  // namespace
 
 void CudaBackend::grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gran, const QuantizedExperts& W, Tensor& C,
-                                            const Tensor& offsets, SavedExpertOperand& save, const Tensor* a_amax) {
+                                            const Tensor& offsets, SavedExpertOperand& save, const Tensor* a_amax,
+                                            const ExpertRelu2Fold& fold) {
   const char* op = "grouped_matmul_fp8_saving";
   using M = grouped_gemm::Fp8ScaleMode;
   const GroupedShape g = check_grouped_fp8(A, DType::e4m3, W, C, offsets, op);
+  require(!fold.relu2_input && !fold.dx_amax, op, "fold.relu2_input and fold.dx_amax belong to the backward");
+  if (fold.relu2_operand) require_dtype(A, DType::bf16, op, "A (ReLU²'s input)");
+  grouped_gemm::Fp8Epilogue epi;
+  if (fold.relu2_amax) {
+    require_dtype(C, DType::bf16, op, "C (with fold.relu2_amax)");
+    require(fold.relu2_amax->dtype == DType::f32 && fold.relu2_amax->numel() == g.E, op,
+            "fold.relu2_amax must be f32 [" + std::to_string(g.E) + "], got " + fold.relu2_amax->describe());
+    epi.relu2_amax = fold.relu2_amax->as<unsigned>();
+  }
   const M mode = scale_mode_of(a_gran, W.granularity, op);
   require_whole_weight_blocks(mode, g.N, op);
   const int64_t R = A.rows();
@@ -898,7 +1027,7 @@ void CudaBackend::grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gr
   // the straight rows into scratch (this product's operand).
   grouped_gemm::StraightCopy rows = straight_rows_scratch(R, g.K, mode);
   const SegmentsFp8 kept{save.data.as<uint8_t>(), save.scale.as<float>()};
-  quantize_segments(A, kept, offsets, padded, g.E, Rp, mode, DType::e4m3, &rows, a_amax);
+  quantize_segments(A, kept, offsets, padded, g.E, Rp, mode, DType::e4m3, &rows, a_amax, fold.relu2_operand);
   const ExpertWeightsFp8 qw = expert_weights_of(W);
   grouped_gemm::Fp8GroupedScales sc;
   sc.mode = mode;
@@ -906,12 +1035,13 @@ void CudaBackend::grouped_matmul_fp8_saving(const Tensor& A, Fp8Granularity a_gr
   sc.w = qw.scales;
   sc.w_kb_stride = qw.kb_stride;
   grouped_gemm::forward_fp8(rows.out, DType::e4m3, qw.codes, sc, C.data, C.dtype, offsets.as<int32_t>(), g.E, R, g.N, g.K,
-                            sm_count_, stream_);
+                            sm_count_, stream_, epi);
 }
 
 void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format, Fp8Granularity a_gran,
                                               const QuantizedExperts& Wt, const SavedExpertOperand& X, Tensor& dX,
-                                              Tensor& dW, const Tensor& offsets, const Tensor* dy_amax) {
+                                              Tensor& dW, const Tensor& offsets, const Tensor* dy_amax,
+                                              const ExpertRelu2Fold& fold) {
   const char* op = "grouped_matmul_backward_fp8";
   using M = grouped_gemm::Fp8ScaleMode;
   // dX = dY W_e: Wt holds W_e^T [N, K] per expert (K = dY's columns, N = dX's).
@@ -924,6 +1054,21 @@ void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format,
   require_whole_weight_blocks(mode, g.N, op);
   const int64_t R = dY.rows();
   check_saved(X, R, g.N, g.E, a_gran, op);
+  require(!fold.relu2_amax && !fold.relu2_operand, op, "fold.relu2_amax and fold.relu2_operand belong to the forward");
+  require(fold.relu2_input || !fold.dx_amax, op, "fold.dx_amax is dh's amax: it needs fold.relu2_input");
+  grouped_gemm::Fp8Epilogue epi;
+  if (fold.relu2_input) {
+    require_dtype(dX, DType::bf16, op, "dX (with fold.relu2_input)");
+    require_dtype(*fold.relu2_input, DType::bf16, op, "fold.relu2_input");
+    require(fold.relu2_input->shape == dX.shape, op,
+            "fold.relu2_input " + fold.relu2_input->describe() + " must be shaped as dX " + dX.describe());
+    epi.relu2_input = fold.relu2_input->data;
+    if (fold.dx_amax) {
+      require(fold.dx_amax->dtype == DType::f32 && fold.dx_amax->numel() == g.E, op,
+              "fold.dx_amax must be f32 [" + std::to_string(g.E) + "], got " + fold.dx_amax->describe());
+      epi.out_amax = fold.dx_amax->as<unsigned>();
+    }
+  }
   if (R == 0) return;
   const int E = g.E;
   const int64_t Rp = X.data.dim(1);
@@ -940,7 +1085,7 @@ void CudaBackend::grouped_matmul_backward_fp8(const Tensor& dY, DType dy_format,
   sd.w = qw.scales;
   sd.w_kb_stride = qw.kb_stride;
   grouped_gemm::forward_fp8(rows.out, dy_format, qw.codes, sd, dX.data, dX.dtype, offsets.as<int32_t>(), E, R, g.N, g.K,
-                            sm_count_, stream_);
+                            sm_count_, stream_, epi);
   grouped_gemm::Fp8GroupedScales sw;
   sw.mode = mode;
   sw.a = qdy.scales;
@@ -971,7 +1116,7 @@ const int32_t* CudaBackend::padded_segments(const Tensor& offsets, int E) {
 
 void CudaBackend::quantize_segments(const Tensor& x, const SegmentsFp8& out, const Tensor& offsets, const int32_t* padded,
                                     int E, int64_t Rp, grouped_gemm::Fp8ScaleMode mode, DType format,
-                                    grouped_gemm::StraightCopy* straight, const Tensor* known_amax) {
+                                    grouped_gemm::StraightCopy* straight, const Tensor* known_amax, bool relu2_of_x) {
   using M = grouped_gemm::Fp8ScaleMode;
   const int64_t C = x.cols();
   const grouped_gemm::StraightCopy copy = straight ? *straight : grouped_gemm::StraightCopy{};
@@ -979,13 +1124,14 @@ void CudaBackend::quantize_segments(const Tensor& x, const SegmentsFp8& out, con
     require(known_amax->dtype == DType::f32 && known_amax->numel() == E, "FP8 expert GEMM",
             "the operand's expert amax must be f32 [" + std::to_string(E) + "], got " + known_amax->describe());
     grouped_gemm::quantize_segments_transposed(x.data, int(C), offsets.as<int32_t>(), padded, E, Rp, mode, format,
-                                               out.codes, out.scales, known_amax->as<unsigned>(), stream_, copy, true);
+                                               out.codes, out.scales, known_amax->as<unsigned>(), stream_, copy, true,
+                                               relu2_of_x);
     return;
   }
   const size_t amax_n = size_t(E) * C + (straight && mode == M::row ? size_t(straight->R) : 0);
   auto* amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, amax_n * sizeof(unsigned)));
   grouped_gemm::quantize_segments_transposed(x.data, int(C), offsets.as<int32_t>(), padded, E, Rp, mode, format, out.codes,
-                                             out.scales, amax, stream_, copy);
+                                             out.scales, amax, stream_, copy, false, relu2_of_x);
 }
 
 CudaBackend::SegmentsFp8 CudaBackend::segments_scratch(ScratchSlot codes_slot, ScratchSlot scale_slot, int64_t cols, int E,

@@ -26,11 +26,23 @@ struct Fp8GroupedScales {
   int w_kb_stride = 0;       // block mode: row stride of w's 128x128 scales
 };
 
+// What forward_fp8's epilogue does beside storing a bf16 C (the expert MLP's ReLU² folded in;
+// amax values are f32 bits, raised per expert e over the rows of e):
+//   relu2_amax    raise amax[e] to the max of relu²(C) as relu2_fwd stores it (the up projection);
+//   relu2_input   store relu2_bwd(H, C) in place of C, H [R, N] bf16 (the down projection's data
+//                 gradient: C is da, the stored value dh); with out_amax, raise it to max |dh|.
+struct Fp8Epilogue {
+  unsigned* relu2_amax = nullptr;
+  const void* relu2_input = nullptr;
+  unsigned* out_amax = nullptr;
+};
+
 // C[rows of e] = deq(A[rows of e]) deq(W[e])^T: A [R, K] codes (e4m3 or e5m2: a_format),
-// W [E, N, K] e4m3 codes, C [R, N] bf16 or f32. Persistent wgmma kernel on `sms` multiprocessors.
-// K a multiple of 16; N a multiple of 128 in block mode.
+// W [E, N, K] e4m3 codes, C [R, N] bf16 or f32 (bf16 with an epilogue). Persistent wgmma kernel
+// on `sms` multiprocessors. K a multiple of 16; N a multiple of 128 in block mode.
 void forward_fp8(const uint8_t* A, DType a_format, const uint8_t* W, const Fp8GroupedScales& scales, void* C,
-                 DType c_dtype, const int32_t* offsets, int E, int64_t R, int N, int K, int sms, cudaStream_t stream);
+                 DType c_dtype, const int32_t* offsets, int E, int64_t R, int N, int K, int sms, cudaStream_t stream,
+                 const Fp8Epilogue& epilogue = {});
 
 // Expert row segments padded to whole 128-row blocks, for the weight gradient's transposed
 // operands: padded[e] = sum over experts before e of ceil(count / 128) * 128 (E + 1 entries),
@@ -64,9 +76,11 @@ struct StraightCopy {
 // straight.out, also the straight copy from the same read of x. amax is device scratch of at
 // least E * C unsigned values (E * C + R with a row-scaled straight copy); with amax_known
 // (tensor scaling only) it already holds each expert's amax as f32 bits and the pre-pass is skipped.
+// relu2_of_x (e4m3 with the straight copy: the down projection's operand) quantizes relu²(x)
+// as relu2_fwd would store it, in place of x; a known amax is then relu²(x)'s.
 void quantize_segments_transposed(const void* x, int C, const int32_t* offsets, const int32_t* padded,
                                   int E, int64_t Rp, Fp8ScaleMode mode, DType format, uint8_t* out, float* scale,
                                   unsigned* amax, cudaStream_t stream, StraightCopy straight = {},
-                                  bool amax_known = false);
+                                  bool amax_known = false, bool relu2_of_x = false);
 
 }  // namespace moelab::grouped_gemm

@@ -35,8 +35,11 @@ __device__ __forceinline__ void quad_transpose(const uint32_t (&in)[4], uint32_t
 // One accumulator row of a tile starting at column n0 into `row` (the output row, N columns):
 // v[j] holds this lane's two values of step j (columns n0 + 8j + 2 t4, +1). NJ is a multiple of
 // 4; N a multiple of 8 (and row 16-byte aligned), so a lane's 8 columns are all in or all out.
-template <int NJ>
-__device__ __forceinline__ void store_row_bf16(__nv_bfloat16* row, int n0, int N, const float (&v)[NJ][2], int lane) {
+// finish(g, n, words) may rewrite a lane's 8 packed values of columns n .. n + 7 (its part of
+// 32-column group g) before the store: an epilogue that reads another tensor at the same place.
+template <int NJ, class Finish>
+__device__ __forceinline__ void store_row_bf16(__nv_bfloat16* row, int n0, int N, const float (&v)[NJ][2], int lane,
+                                               Finish&& finish) {
   static_assert(NJ % 4 == 0, "store_row_bf16 trades four 8-column steps at a time");
   const int t4 = lane & 3;
 #pragma unroll
@@ -46,8 +49,16 @@ __device__ __forceinline__ void store_row_bf16(__nv_bfloat16* row, int n0, int N
     for (int jj = 0; jj < 4; ++jj) words[jj] = pack_bf16x2(v[4 * g + jj][0], v[4 * g + jj][1]);
     quad_transpose(words, mine, lane);
     const int n = n0 + 32 * g + 8 * t4;
-    if (n < N) *reinterpret_cast<uint4*>(row + n) = make_uint4(mine[0], mine[1], mine[2], mine[3]);
+    if (n < N) {
+      finish(g, n, mine);
+      *reinterpret_cast<uint4*>(row + n) = make_uint4(mine[0], mine[1], mine[2], mine[3]);
+    }
   }
+}
+
+template <int NJ>
+__device__ __forceinline__ void store_row_bf16(__nv_bfloat16* row, int n0, int N, const float (&v)[NJ][2], int lane) {
+  store_row_bf16(row, n0, N, v, lane, [](int, int, uint32_t (&)[4]) {});
 }
 
 }  // namespace moelab::cuda_detail
