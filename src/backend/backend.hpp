@@ -98,6 +98,7 @@ struct Fp8PairJob {
   const Tensor* x = nullptr;
   QuantizedOperand* straight = nullptr;
   QuantizedOperand* transposed = nullptr;
+  const Tensor* amax = nullptr;  // as quantize_fp8_pair's
 };
 
 // An expert GEMM's token-side operand kept from the forward for the weight gradient, in the form
@@ -224,7 +225,7 @@ class Backend {
   // quantize_fp8_pair of each job (the dense weights' forms after an optimizer step), exactly. A
   // backend may batch same-shaped matrices into a few launches (CUDA does, for tensor scaling).
   virtual void quantize_fp8_pairs(const std::vector<Fp8PairJob>& jobs) {
-    for (const Fp8PairJob& j : jobs) quantize_fp8_pair(*j.x, *j.straight, *j.transposed);
+    for (const Fp8PairJob& j : jobs) quantize_fp8_pair(*j.x, *j.straight, *j.transposed, j.amax);
   }
   // C[M, N] = alpha * deq(A) deq(B)^T + beta * C with A.data [M, K], B.data [N, K] (the TN
   // product), accumulated in f32; C bf16 or f32. Supported granularity pairs: (tensor, tensor),
@@ -255,8 +256,10 @@ class Backend {
   }
   // Both forms of a stack, exactly as quantize_experts_fp8 without and with transpose give them
   // (one granularity). A backend may read W once and share one amax pass (CUDA does, for tensor
-  // and row scaling).
-  virtual void quantize_experts_fp8_pair(const Tensor& W, QuantizedExperts& straight, QuantizedExperts& transposed) {
+  // and row scaling). amax (tensor scaling only): each expert's amax of W (f32 [E]) from W's
+  // producer, in place of the amax pass; it must be exact. Backends may ignore it (the CPU does).
+  virtual void quantize_experts_fp8_pair(const Tensor& W, QuantizedExperts& straight, QuantizedExperts& transposed,
+                                         const Tensor* /*amax*/ = nullptr) {
     quantize_experts_fp8(W, false, straight);
     quantize_experts_fp8(W, true, transposed);
   }
@@ -435,8 +438,11 @@ class Backend {
                               const Tensor& dv, Tensor& dve, Tensor& dw, Tensor& dx) = 0;
 
   // --- optimizers --------------------------------------------------------------------------------
+  // group_amax (f32 [G], G dividing param's size): raised to the largest |value| of each of G
+  // equal consecutive parts of the updated param (a stack's experts, or a matrix as one part),
+  // for the FP8 weight forms' tensor scaling, which then needs no amax pass.
   virtual void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
-                            const AdamWStep& s) = 0;
+                            const AdamWStep& s, const Tensor* group_amax = nullptr) = 0;
   // Muon's momentum in one pass: momentum = mu momentum + (1 - mu) grad, then update =
   // (nesterov ? mu momentum + (1 - mu) grad : momentum), written in update's dtype (the act dtype,
   // which Newton-Schulz runs in). grad and momentum share the master dtype.

@@ -318,8 +318,23 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
     head_xt_ = lin_.saved_input(chunk_rows_, D);  // one chunk's x^T, from its forward to its backward
   }
   // The weights those linears multiply keep their FP8 forms (refreshed with the compute copies).
+  // Under tensor scaling the optimizer raises their amax as it writes them (Param::value_amax),
+  // one per expert of a stack and one per matrix, so the refresh needs no amax pass.
+  int64_t amax_slots = 0;
+  const bool forms_amax = cfg_.fp8.recipe == "tensorwise";
   for (const Param& p : params_.params)
-    if (read_in_fp8_only(p)) lin_.add_weight(p.compute);
+    if (read_in_fp8_only(p) && forms_amax) amax_slots += p.value.ndim() == 3 ? p.value.dim(0) : 1;
+  if (amax_slots > 0) weights_amax_ = alloc0({amax_slots}, DType::f32);
+  int64_t slot = 0;
+  for (Param& p : params_.params) {
+    if (!read_in_fp8_only(p)) continue;
+    if (forms_amax) {
+      const int64_t groups = p.value.ndim() == 3 ? p.value.dim(0) : 1;
+      p.value_amax = elements(weights_amax_, slot, slot + groups);
+      slot += groups;
+    }
+    lin_.add_weight(p.compute, forms_amax ? &p : nullptr);
+  }
   lin_.allocate();
 }
 
@@ -423,6 +438,7 @@ void GptMoE::refresh_compute_weights() {
   for (auto& a : arenas_)
     if (a.compute.data != a.value.data) be_.copy(a.value, a.compute);
   lin_.refresh_weights();
+  if (weights_amax_.data) be_.fill(weights_amax_, 0.0f);  // for the next update to raise
 }
 
 void GptMoE::begin_step() {

@@ -141,6 +141,7 @@ class GptMoE {
   LinearGemms lin_;                           // every linear except the router goes through it
   bool fp8_dense_ = false, fp8_head_ = false, fp8_experts_ = false;  // linears the [fp8] recipe puts in FP8
   bool fold_relu2_ = false;  // the experts' ReLU² folded into their FP8 GEMMs (ExpertRelu2Fold)
+  Tensor weights_amax_;      // the FP8 weights' Param::value_amax, all in one buffer
   int64_t rows_, seq_len_, n_;  // n_ = rows_ * seq_len_
   int64_t heads_, kv_heads_, head_dim_, d_model_, experts_, top_k_, capacity_, rows_max_;
   DType act_, stat_;

@@ -35,11 +35,13 @@ void LinearGemms::plan(int64_t tokens, int64_t out, int64_t in) {
   xt_.need(in, tokens, act_);   // wgrad: x^T
 }
 
-void LinearGemms::add_weight(const Tensor& W) {
+void LinearGemms::add_weight(const Tensor& W, Param* origin) {
   if (!fp8_) return;
   MOELAB_CHECK(W.ndim() == 2 || W.ndim() == 3, "LinearGemms::add_weight: W must be [out, in] or [E, out, in]");
   WeightForms f;
   f.source = W;
+  // The optimizer's amax is the master's: it serves forms quantized from the master itself.
+  f.origin = weight_ == Fp8Granularity::tensor && origin && origin->value.data == W.data ? origin : nullptr;
   f.experts = W.ndim() == 3;
   weights_.push_back(f);
 }
@@ -93,8 +95,12 @@ void LinearGemms::allocate() {
 void LinearGemms::refresh_weights() {
   std::vector<Fp8PairJob> dense;  // one call for all of them: the backend may batch them
   for (WeightForms& f : weights_) {
-    if (f.experts) be_.quantize_experts_fp8_pair(f.source, f.ew, f.ewt);
-    else dense.push_back({&f.source, &f.w, &f.wt});
+    // The optimizer's amax of this update, taken once (its owner zeroes it for the next).
+    const bool raised = f.origin && f.origin->value_amax_raised;
+    const Tensor* amax = raised ? &f.origin->value_amax : nullptr;
+    if (f.origin) f.origin->value_amax_raised = false;
+    if (f.experts) be_.quantize_experts_fp8_pair(f.source, f.ew, f.ewt, amax);
+    else dense.push_back({&f.source, &f.w, &f.wt, amax});
   }
   be_.quantize_fp8_pairs(dense);
 }

@@ -22,6 +22,7 @@
 
 #include "backend/backend.hpp"
 #include "config/config.hpp"
+#include "model/params.hpp"
 
 namespace moelab {
 
@@ -35,7 +36,9 @@ class LinearGemms {
   void plan(int64_t tokens, int64_t out, int64_t in);
   // Declares a weight the FP8 products multiply: W [out, in], or an expert stack [E, out, in]
   // (the tensor the model passes, its compute copy). Before allocate(); no-op without FP8.
-  void add_weight(const Tensor& W);
+  // origin: W's Param, whose value_amax (once raised by the optimizer) a refresh under tensor
+  // scaling takes in place of an amax pass (when W is origin's value, not a copy of it).
+  void add_weight(const Tensor& W, Param* origin = nullptr);
   void allocate();
   // Quantizes every declared weight into its forms, as it is now. Call after allocate() and
   // whenever the weights change (the model does, with its compute copies); the products read
@@ -101,6 +104,7 @@ class LinearGemms {
   // A declared weight and its forms: dense (w, wt) or an expert stack (ew, ewt).
   struct WeightForms {
     Tensor source;
+    Param* origin = nullptr;  // its Param when the optimizer may raise the source's amax
     bool experts = false;
     QuantizedOperand w, wt;    // forward B = W [out, in]; dgrad B = W^T [in, out]
     QuantizedExperts ew, ewt;  // per expert: W_e [out, in]; W_e^T [in, out]

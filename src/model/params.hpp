@@ -20,6 +20,11 @@ struct Param {
   Tensor grad;     // same shape and dtype as value
   Tensor compute;  // what ops read: aliases value when act dtype == master dtype, or when only FP8
                    // products read it (they read its FP8 forms, quantized from the master)
+  // FP8 forms under tensor scaling: value's amax per expert (f32 [E]) or per matrix (f32 [1]),
+  // raised by an optimizer that writes value (AdamW), which then sets value_amax_raised; the
+  // forms' refresh takes it in place of an amax pass, clears the flag and the owner re-zeroes it.
+  Tensor value_amax;
+  bool value_amax_raised = false;
 };
 
 struct ParamTable {

@@ -26,7 +26,9 @@ void AdamW::step(int64_t step, double lr_multiplier) {
     const double wd = cfg_.adamw_weight_decay >= 0 ? cfg_.adamw_weight_decay : cfg_.weight_decay;
     a.weight_decay = float(s.overrides.weight_decay >= 0 ? s.overrides.weight_decay : wd);
     a.step = step + 1;
-    backend_.adamw_update(s.param->value, s.param->grad, s.m, s.v, a);
+    Param& p = *s.param;
+    backend_.adamw_update(p.value, p.grad, s.m, s.v, a, p.value_amax.data ? &p.value_amax : nullptr);
+    p.value_amax_raised = p.value_amax.data != nullptr;
   }
 }
 

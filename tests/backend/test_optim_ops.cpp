@@ -1,11 +1,39 @@
 // Optimizer-side ops: AdamW over several steps against a naive double implementation,
 // Frobenius normalization and the sum of squares (with accumulate).
+#include <algorithm>
 #include <cmath>
 
 #include "gradcheck.hpp"
 
 namespace moelab::test {
 namespace {
+
+TEST(AdamW, RaisesEachPartsAmaxOfTheNewWeights) {
+  // group_amax: the largest |value| of each of G equal parts of the updated param, raised (an
+  // FP8 weight form's tensor scale then needs no pass); a G that does not split it is refused.
+  Rng rng(fresh_seed());
+  CpuBackend be(DType::f32, 2);
+  const int64_t G = 3, per = 500;
+  Tensor p = random_tensor(be, {G, per}, rng), g = random_tensor(be, {G, per}, rng);
+  Tensor m = be.alloc({G, per}, DType::f32), v = be.alloc({G, per}, DType::f32), amax = be.alloc({G}, DType::f32);
+  be.fill(m, 0.0f);
+  be.fill(v, 0.0f);
+  be.fill(amax, 0.0f);
+  p.as<float>()[per + 17] = 40.0f;  // part 1's maximum stands out
+  AdamWStep s;
+  s.lr = 0.01f;
+  be.adamw_update(p, g, m, v, s, &amax);
+  const std::vector<double> pv = values(p), av = values(amax);
+  for (int64_t e = 0; e < G; ++e) {
+    double want = 0;
+    for (int64_t i = e * per; i < (e + 1) * per; ++i) want = std::max(want, std::fabs(pv[size_t(i)]));
+    EXPECT_EQ(av[size_t(e)], want) << "part " << e;
+  }
+  EXPECT_GT(av[1], 39.0);
+  Tensor bad = be.alloc({7}, DType::f32);
+  be.fill(bad, 0.0f);
+  EXPECT_THROW(be.adamw_update(p, g, m, v, s, &bad), Error);
+}
 
 TEST(AdamW, MatchesNaiveOverSeveralSteps) {
   const uint64_t seed = fresh_seed();

@@ -685,6 +685,40 @@ TEST_F(CudaOps, Optimizers) {
   expect_close(p, 1e-6, "adamw param");
   expect_close(m, 1e-6, "adamw m");
   expect_close(v, 1e-6, "adamw v");
+  {  // 64 x 136 takes the 8-wide kernel (123 x 77 above the scalar one)
+    const Shape s8{64, 136};
+    auto p8 = rand_pair(s8, DType::f32), g8 = rand_pair(s8, DType::f32), m8 = rand_pair(s8, DType::f32, 0.1f);
+    std::vector<float> v8v = randn(p8.c.numel(), 0.1f);
+    for (auto& x : v8v) x = x * x;
+    auto v8 = pair_from(s8, DType::f32, v8v);
+    cpu->adamw_update(p8.c, g8.c, m8.c, v8.c, st);
+    gpu->adamw_update(p8.g, g8.g, m8.g, v8.g, st);
+    expect_close(p8, 1e-6, "adamw param, 8-wide");
+    expect_close(m8, 1e-6, "adamw m, 8-wide");
+    expect_close(v8, 1e-6, "adamw v, 8-wide");
+  }
+  // With group_amax: the same update, and each part's amax of the new weights as they are (3
+  // parts, one with a large weight; and 300 parts, past the kernel's shared array).
+  for (auto [parts, per] : {std::pair<int64_t, int64_t>{3, 120}, {300, 120}, {5, 77}}) {  // 77: the fallback
+    const Shape gs{parts, per};
+    auto gp = rand_pair(gs, DType::f32), gg = rand_pair(gs, DType::f32), gm = rand_pair(gs, DType::f32, 0.1f);
+    auto gv = pair_from(gs, DType::f32, std::vector<float>(size_t(parts * per), 0.01f));
+    std::vector<float> big = gpu->read(gp.g);
+    big[size_t(per + 5)] = 30.0f;
+    gpu->write(gp.g, big);
+    Tensor amax = gpu->alloc({parts}, DType::f32);
+    gpu->fill(amax, 0.0f);
+    gpu->adamw_update(gp.g, gg.g, gm.g, gv.g, st, &amax);
+    const std::vector<float> pw = gpu->read(gp.g), am = gpu->read(amax);
+    int64_t wrong = 0;
+    for (int64_t e = 0; e < parts; ++e) {
+      float want = 0.0f;
+      for (int64_t i = e * per; i < (e + 1) * per; ++i) want = std::max(want, std::fabs(pw[size_t(i)]));
+      wrong += am[size_t(e)] != want;
+    }
+    EXPECT_EQ(wrong, 0) << parts << " parts of " << per;
+    EXPECT_GT(am[1], 29.0f);
+  }
   // Muon momentum: 123 x 77 takes the scalar kernel, 64 x 136 the 8-wide one.
   for (const Shape& ms : {s, Shape{64, 136}})
     for (bool nesterov : {true, false}) {

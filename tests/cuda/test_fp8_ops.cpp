@@ -202,8 +202,21 @@ TEST_F(CudaFp8, QuantizePairsAreEachPairAlone) {
       gpu->write(xs[i], v);
       for (QuantizedOperand* q : {&s1[i], &t1[i]}) ASSERT_EQ(cudaMemset(q->data.data, 0x11, q->data.bytes()), cudaSuccess);
     }
+    // Round 1 hands most matrices their amax (as the optimizer does): those skip the pass.
+    std::vector<Tensor> amax(n);
     std::vector<Fp8PairJob> jobs;
-    for (size_t i = 0; i < n; ++i) jobs.push_back({&xs[i], &s1[i], &t1[i]});
+    for (size_t i = 0; i < n; ++i) {
+      const Tensor* known = nullptr;
+      if (round == 1 && i != 1 && cases[i].g == Fp8Granularity::tensor) {
+        const std::vector<float> v = gpu->read(xs[i]);
+        float m = 0.0f;
+        for (float f : v) m = std::max(m, std::fabs(f));
+        amax[i] = gpu->alloc({1}, DType::f32);
+        gpu->write(amax[i], {m});
+        known = &amax[i];
+      }
+      jobs.push_back({&xs[i], &s1[i], &t1[i], known});
+    }
     gpu->quantize_fp8_pairs(jobs);
     for (size_t i = 0; i < n; ++i) {
       gpu->quantize_fp8_pair(xs[i], s2[i], t2[i]);
@@ -563,6 +576,22 @@ TEST_F(CudaFp8Grouped, ExpertWeightFormsMatchTheCpu) {
       gpu->quantize_experts_fp8_pair(w.g, gs, gt);
       expect_same(gs, forms[0], what + " pair, straight");
       expect_same(gt, forms[1], what + " pair, transposed");
+      if (r.weight != Fp8Granularity::tensor) continue;
+      // With each expert's amax from W's producer (the optimizer), the same forms without a pass;
+      // a wrong amax changes the scales (it is read).
+      std::vector<float> am(size_t(E), 0.0f);
+      const std::vector<float> stored = gpu->read(w.g);
+      for (int64_t i = 0; i < E * N * K; ++i) am[size_t(i / (N * K))] = std::max(am[size_t(i / (N * K))], std::fabs(stored[size_t(i)]));
+      Tensor amax = gpu->alloc({E}, DType::f32);
+      gpu->write(amax, am);
+      QuantizedExperts ks = experts_operand(*gpu, E, N, K, r.weight), kt = experts_operand(*gpu, E, K, N, r.weight);
+      gpu->quantize_experts_fp8_pair(w.g, ks, kt, &amax);
+      expect_same(ks, forms[0], what + " pair with the producer's amax, straight");
+      expect_same(kt, forms[1], what + " pair with the producer's amax, transposed");
+      am[0] *= 2.0f;
+      gpu->write(amax, am);
+      gpu->quantize_experts_fp8_pair(w.g, ks, kt, &amax);
+      EXPECT_NE(gpu->read(ks.scale), cpu->read(forms[0].scale)) << what << ": the producer's amax is not used";
     }
   }
 }

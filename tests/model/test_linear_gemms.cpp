@@ -226,6 +226,60 @@ TEST(LinearGemms, TheForwardsSavedInputGivesTheBackwardsBits) {
   }
 }
 
+// Records which weight forms a refresh quantizes with an amax handed in (Param::value_amax).
+class AmaxRecordingBackend : public CpuBackend {
+ public:
+  AmaxRecordingBackend() : CpuBackend(DType::f32, 2) {}
+  std::vector<bool> stack_amax, matrix_amax;
+  void quantize_experts_fp8_pair(const Tensor& W, QuantizedExperts& s, QuantizedExperts& t, const Tensor* amax) override {
+    stack_amax.push_back(amax != nullptr);
+    CpuBackend::quantize_experts_fp8_pair(W, s, t, amax);
+  }
+  void quantize_fp8_pairs(const std::vector<Fp8PairJob>& jobs) override {
+    for (const Fp8PairJob& j : jobs) matrix_amax.push_back(j.amax != nullptr);
+    CpuBackend::quantize_fp8_pairs(jobs);
+  }
+};
+
+TEST(LinearGemms, RefreshTakesTheOptimizersAmaxOncePerRaise) {
+  // Under tensor scaling a weight declared with its Param takes Param::value_amax in place of an
+  // amax pass, only after the optimizer raised it and once per raise (the flag is cleared); a
+  // weight that is a copy of its master, and the other recipes, never take it.
+  for (std::string recipe : {"tensorwise", "rowwise"}) {
+    SCOPED_TRACE(recipe);
+    AmaxRecordingBackend be;
+    Rng rng(5);
+    auto random = [&](const Shape& shape) {
+      Tensor t = be.alloc(shape, DType::f32);
+      for (int64_t i = 0; i < t.numel(); ++i) t.as<float>()[i] = float(rng.normal() * 0.1);
+      return t;
+    };
+    LinearGemms lin(be, fp8_recipe(recipe).config);
+    Param stack, matrix, copied;
+    stack.value = random({2, 32, 48});
+    matrix.value = random({32, 48});
+    copied.value = random({32, 48});
+    Tensor copy = random({32, 48});
+    for (Param* p : {&stack, &matrix, &copied}) {
+      p->value_amax = be.alloc({p->value.ndim() == 3 ? p->value.dim(0) : 1}, DType::f32);
+      be.fill(p->value_amax, 0.0f);
+    }
+    lin.add_weight(stack.value, &stack);
+    lin.add_weight(matrix.value, &matrix);
+    lin.add_weight(copy, &copied);  // not copied's value: its amax would be another tensor's
+    lin.allocate();
+    const bool tensor = recipe == "tensorwise";
+    lin.refresh_weights();  // nothing raised yet (the first refresh after init or a load)
+    for (Param* p : {&stack, &matrix, &copied}) p->value_amax_raised = true;
+    lin.refresh_weights();
+    lin.refresh_weights();  // taken once: a second refresh without a new raise makes its own pass
+    EXPECT_EQ(be.stack_amax, (std::vector<bool>{false, tensor, false}));
+    EXPECT_EQ(be.matrix_amax, (std::vector<bool>{false, false, tensor, false, false, false}));
+    EXPECT_FALSE(stack.value_amax_raised && tensor);
+    EXPECT_FALSE(matrix.value_amax_raised && tensor);
+  }
+}
+
 TEST(LinearGemms, Fp8ExpertsReadTheirStacksForms) {
   // An expert stack's forms give the products grouped_matmul_fp8 makes of the bf16 stack itself.
   for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {

@@ -239,8 +239,9 @@ class CountingBackend : public Backend {
                             const Tensor* addend = nullptr) override {
     in_.grouped_matmul_wgrad(dY, X, dW, o, beta, addend);
   }
-  void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWStep& s) override {
-    in_.adamw_update(p, g, m, v, s);
+  void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWStep& s,
+                    const Tensor* group_amax = nullptr) override {
+    in_.adamw_update(p, g, m, v, s, group_amax);
   }
   void frobenius_normalize(const Tensor& x, Tensor& y, float eps) override { in_.frobenius_normalize(x, y, eps); }
   void frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) override {

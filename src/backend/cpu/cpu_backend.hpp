@@ -108,7 +108,7 @@ class CpuBackend : public Backend {
                       const Tensor& dv, Tensor& dve, Tensor& dw, Tensor& dx) override;
 
   void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
-                    const AdamWStep& s) override;
+                    const AdamWStep& s, const Tensor* group_amax = nullptr) override;
   void normuon_update(const Tensor& x, Tensor& second_moment, Tensor& param, const NorMuonStep& s) override;
   void frobenius_normalize(const Tensor& x, Tensor& y, float eps) override;
   void frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) override;

@@ -15,7 +15,7 @@ constexpr int64_t kElemGrain = 1 << 14;
 }
 
 void CpuBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
-                              const AdamWStep& s) {
+                              const AdamWStep& s, const Tensor* group_amax) {
   const char* op = "adamw_update";
   require_float(param, op, "param");
   require_like(param, grad, op, "grad");
@@ -47,6 +47,15 @@ void CpuBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tens
         p[i] = p[i] * tdecay - lr * mhat / denom;
       }
     });
+  });
+  if (!group_amax) return;
+  const int64_t G = group_amax->numel();
+  require(group_amax->dtype == DType::f32 && G > 0 && n % G == 0, op, "group_amax " + group_amax->describe() + " must split " + param.describe() + " evenly");
+  float* am = ptr<float>(*group_amax);
+  with_float(param.dtype, [&](auto te) {
+    using T = decltype(te);
+    const T* p = ptr<T>(param);
+    for (int64_t i = 0; i < n; ++i) am[i / (n / G)] = std::max(am[i / (n / G)], float(std::fabs(double(p[i]))));
   });
 }
 

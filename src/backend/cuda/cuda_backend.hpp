@@ -90,7 +90,8 @@ class CudaBackend : public Backend {
   void grouped_matmul_fp8(const Tensor& A, DType a_format, Fp8Granularity a_gran, const QuantizedExperts& W, Tensor& C,
                           const Tensor& offsets) override;
   void quantize_experts_fp8(const Tensor& W, bool transpose, QuantizedExperts& out) override;
-  void quantize_experts_fp8_pair(const Tensor& W, QuantizedExperts& straight, QuantizedExperts& transposed) override;
+  void quantize_experts_fp8_pair(const Tensor& W, QuantizedExperts& straight, QuantizedExperts& transposed,
+                                 const Tensor* amax = nullptr) override;
   void grouped_matmul_wgrad_fp8(const Tensor& dY, DType dy_format, const Tensor& X, Fp8Granularity gran, Tensor& dW,
                                 const Tensor& offsets) override;
   SavedExpertOperand alloc_saved_expert_operand(int64_t rows, int64_t cols, int experts, Fp8Granularity g) override;
@@ -153,7 +154,7 @@ class CudaBackend : public Backend {
                       const Tensor& dv, Tensor& dve, Tensor& dw, Tensor& dx) override;
 
   void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
-                    const AdamWStep& s) override;
+                    const AdamWStep& s, const Tensor* group_amax = nullptr) override;
   void normuon_update(const Tensor& x, Tensor& second_moment, Tensor& param, const NorMuonStep& s) override;
   void frobenius_normalize(const Tensor& x, Tensor& y, float eps) override;
   void frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) override;

@@ -99,6 +99,7 @@ struct PairMember {
   float* scale;
   uint8_t* out_t;
   float* scale_t;
+  const unsigned* amax;  // x's amax from its producer, or null: the batch's pass wrote amax_all[z]
 };
 
 // Each member's amax (blockIdx.y the member) into out[member], as amax_all_kernel.
@@ -500,7 +501,7 @@ struct PairArgs {
     if (members) {
       const PairMember m = members[z];
       out = m.out, scale = m.scale, out_t = m.out_t, scale_t = m.scale_t;
-      amax_all += z;
+      amax_all = m.amax ? m.amax : amax_all + z;
       return static_cast<const T*>(m.x);
     }
     const int64_t elems = xr * xc;
@@ -666,38 +667,42 @@ void CudaBackend::quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight,
 void CudaBackend::quantize_fp8_pairs(const std::vector<Fp8PairJob>& jobs) {
   // Same-shaped matrices under tensor scaling (a model's attention weights) take two launches
   // over a table of their addresses, an amax pass and the pair, where one launch each a matrix
-  // left a small one mostly latency; the rest go one by one.
-  std::map<std::tuple<int64_t, int64_t, int, int>, std::vector<const Fp8PairJob*>> groups;
+  // left a small one mostly latency; with their producers' amax, the pair alone. The rest go one
+  // by one.
+  std::map<std::tuple<int64_t, int64_t, int, int, bool>, std::vector<const Fp8PairJob*>> groups;
   for (const Fp8PairJob& j : jobs) {
     const Tensor& x = *j.x;
     const int64_t xc = x.cols(), xr = xc ? x.numel() / xc : 0;
     if (j.straight->granularity != Fp8Granularity::tensor || j.transposed->granularity != Fp8Granularity::tensor ||
         xr == 0) {
-      quantize_fp8_pair(x, *j.straight, *j.transposed);
+      quantize_fp8_pair(x, *j.straight, *j.transposed, j.amax);
       continue;
     }
-    groups[{xr, xc, int(x.dtype), int(j.straight->data.dtype)}].push_back(&j);
+    groups[{xr, xc, int(x.dtype), int(j.straight->data.dtype), j.amax != nullptr}].push_back(&j);
   }
   for (const auto& [key, members] : groups) {
-    const auto [xr, xc, x_dtype, format] = key;
+    const auto [xr, xc, x_dtype, format, known] = key;
     std::vector<uint64_t> addresses;
     for (const Fp8PairJob* j : members) {
       check_quantize_args(*j->x, false, *j->straight, "quantize_fp8_pairs");
       check_quantize_args(*j->x, true, *j->transposed, "quantize_fp8_pairs");
       require(j->transposed->data.dtype == j->straight->data.dtype, "quantize_fp8_pairs",
               "both copies of " + j->x->describe() + " take one format");
-      for (const void* p : {j->x->data, j->straight->data.data, j->straight->scale.data, j->transposed->data.data,
-                            j->transposed->scale.data})
+      const void* amax = known ? tensor_amax_arg(j->amax, "quantize_fp8_pairs") : nullptr;
+      for (const void* p : {static_cast<const void*>(j->x->data), static_cast<const void*>(j->straight->data.data),
+                            static_cast<const void*>(j->straight->scale.data),
+                            static_cast<const void*>(j->transposed->data.data),
+                            static_cast<const void*>(j->transposed->scale.data), amax})
         addresses.push_back(reinterpret_cast<uint64_t>(p));
     }
     const auto* table = members.size() > 1 ? static_cast<const PairMember*>(pair_member_table(addresses)) : nullptr;
     if (!table) {
-      for (const Fp8PairJob* j : members) quantize_fp8_pair(*j->x, *j->straight, *j->transposed);
+      for (const Fp8PairJob* j : members) quantize_fp8_pair(*j->x, *j->straight, *j->transposed, j->amax);
       continue;
     }
     const unsigned n = unsigned(members.size());
-    auto* amax = static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, n * sizeof(unsigned)));
-    MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, n * sizeof(unsigned), stream_));
+    auto* amax = known ? nullptr : static_cast<unsigned*>(scratch(ScratchSlot::fp8_amax, n * sizeof(unsigned)));
+    if (!known) MOELAB_CUDA_CHECK(cudaMemsetAsync(amax, 0, n * sizeof(unsigned), stream_));
     PairArgs a{};
     a.xr = xr;
     a.xc = xc;
@@ -707,9 +712,11 @@ void CudaBackend::quantize_fp8_pairs(const std::vector<Fp8PairJob>& jobs) {
     a.members = table;
     const bool e4m3 = DType(format) == DType::e4m3;
     MOELAB_FLOAT_DISPATCH(DType(x_dtype), T, {
-      const dim3 amax_grid(amax_all_blocks(xr * xc, sm_count_), n);  // each member as amax_all_kernel covers it
-      amax_members_kernel<T><<<amax_grid, 256, 0, stream_>>>(table, xr * xc, amax);
-      MOELAB_CUDA_LAUNCH_CHECK("fp8 pairs amax");
+      if (!known) {
+        const dim3 amax_grid(amax_all_blocks(xr * xc, sm_count_), n);  // each member as amax_all_kernel covers it
+        amax_members_kernel<T><<<amax_grid, 256, 0, stream_>>>(table, xr * xc, amax);
+        MOELAB_CUDA_LAUNCH_CHECK("fp8 pairs amax");
+      }
       const dim3 grid(unsigned((xc + kTile - 1) / kTile), unsigned((xr + kTile - 1) / kTile), n);
       auto scaled = e4m3 ? quantize_pair_scaled_kernel<T, 0> : quantize_pair_scaled_kernel<T, 1>;
       scaled<<<grid, kThreads, 0, stream_>>>(static_cast<const T*>(nullptr), a);
@@ -735,8 +742,8 @@ void CudaBackend::quantize_fp8_pair_batch(const void* x, DType x_dtype, int64_t 
                                           float* scale_t, DType format, const unsigned* known_amax) {
   MOELAB_CHECK(batch == 1 || g == Fp8Granularity::tensor || g == Fp8Granularity::row,
                "quantize_fp8_pair_batch: a batch takes tensor or row groups");
-  MOELAB_CHECK(!known_amax || (batch == 1 && g == Fp8Granularity::tensor),
-               "quantize_fp8_pair_batch: a known amax is one matrix's, with tensor groups");
+  MOELAB_CHECK(!known_amax || g == Fp8Granularity::tensor,
+               "quantize_fp8_pair_batch: a known amax (one per member) serves tensor groups");
   PairArgs a{};
   a.xr = xr;
   a.xc = xc;

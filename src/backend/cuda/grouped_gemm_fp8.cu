@@ -825,7 +825,8 @@ void CudaBackend::quantize_experts_fp8(const Tensor& W, bool transpose, Quantize
                      out.data.as<uint8_t>(), DType::e4m3, out.scale.as<float>(), nullptr, 0);
 }
 
-void CudaBackend::quantize_experts_fp8_pair(const Tensor& W, QuantizedExperts& straight, QuantizedExperts& transposed) {
+void CudaBackend::quantize_experts_fp8_pair(const Tensor& W, QuantizedExperts& straight, QuantizedExperts& transposed,
+                                            const Tensor* amax) {
   const char* op = "quantize_experts_fp8_pair";
   check_experts_form(W, false, straight, op);
   check_experts_form(W, true, transposed, op);
@@ -837,8 +838,13 @@ void CudaBackend::quantize_experts_fp8_pair(const Tensor& W, QuantizedExperts& s
   require(aligned16(W.data), op, "FP8 expert weights on the GPU need 16-byte aligned data, got " + W.describe());
   const int64_t E = W.dim(0), N = W.dim(1), K = W.dim(2);
   if (E == 0 || N == 0 || K == 0) return;
+  const bool known = amax && g == Fp8Granularity::tensor;
+  if (known)
+    require(amax->dtype == DType::f32 && amax->numel() == E, op,
+            "amax must be each expert's: f32 [" + std::to_string(E) + "], got " + amax->describe());
   quantize_fp8_pair_batch(W.data, W.dtype, E, N, K, g, straight.data.as<uint8_t>(), straight.scale.as<float>(),
-                          transposed.data.as<uint8_t>(), transposed.scale.as<float>(), DType::e4m3);
+                          transposed.data.as<uint8_t>(), transposed.scale.as<float>(), DType::e4m3,
+                          known ? amax->as<unsigned>() : nullptr);
 }
 
 // forward_fp8's view of quantized expert weights.

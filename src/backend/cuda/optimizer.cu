@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/expert_amax.cuh"
 
 namespace moelab {
 using namespace cuda_detail;
@@ -27,6 +28,66 @@ __global__ void adamw_kernel(float* p, const TG* g, float* m, float* v, int64_t 
     float denom = sqrtf(vi / bc2) + eps;
     p[i] = pi - lr * (mi / bc1) / denom;
   }
+}
+
+// The same update 8 elements a thread at a time, each block over a contiguous range. With kAmax
+// it raises each of G equal parts' amax of the new weights (f32 bits; the parts are multiples of
+// 8): a thread's chunks change part rarely, the block gathers its maxima in shared memory (up to
+// kSharedExperts parts, else global atomics) and raises each once. The pointers are restrict so
+// the loads need not wait on the maxima's atomics.
+template <class TG, bool kAmax>
+__global__ void adamw_vec_kernel(float* __restrict__ p, const TG* __restrict__ g, float* __restrict__ m,
+                                 float* __restrict__ v, int64_t n8, float lr, float b1, float b2, float eps, float wd,
+                                 float bc1, float bc2, unsigned* __restrict__ amax, int64_t part8, int G) {
+  __shared__ unsigned s_amax[kSharedExperts];
+  const bool in_shared = kAmax && G <= kSharedExperts;
+  if (in_shared)
+    for (int i = threadIdx.x; i < G; i += blockDim.x) s_amax[i] = 0;
+  if constexpr (kAmax) __syncthreads();
+  unsigned* maxima = in_shared ? s_amax : amax;
+  const ChunkRange range = block_chunks(n8);
+  int cur = -1;
+  int64_t cur_end = 0;
+  float cm = 0.f;
+  for (int64_t c = range.begin + threadIdx.x; c < range.end; c += blockDim.x) {
+    float pv[8], gv[8], mv[8], vv[8];
+    load8(p + 8 * c, pv);
+    load8(g + 8 * c, gv);
+    load8(m + 8 * c, mv);
+    load8(v + 8 * c, vv);
+    float chunk_max = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      mv[k] = b1 * mv[k] + (1.f - b1) * gv[k];
+      vv[k] = b2 * vv[k] + (1.f - b2) * gv[k] * gv[k];
+      const float denom = sqrtf(vv[k] / bc2) + eps;
+      pv[k] = pv[k] * (1.f - lr * wd) - lr * (mv[k] / bc1) / denom;
+      chunk_max = fmaxf(chunk_max, fabsf(pv[k]));
+    }
+    store8(p + 8 * c, pv);
+    store8(m + 8 * c, mv);
+    store8(v + 8 * c, vv);
+    if constexpr (!kAmax) continue;
+    if (c >= cur_end) {  // into the next part (c only grows)
+      if (cur >= 0) raise_amax(maxima + cur, cm);
+      cur = int(c / part8);
+      cur_end = (int64_t(cur) + 1) * part8;
+      cm = 0.f;
+    }
+    cm = fmaxf(cm, chunk_max);
+  }
+  if constexpr (!kAmax) return;
+  if (cur >= 0) raise_amax(maxima + cur, cm);
+  if (!in_shared) return;
+  __syncthreads();
+  for (int i = threadIdx.x; i < G; i += blockDim.x)
+    if (s_amax[i]) atomicMax(amax + i, s_amax[i]);
+}
+
+// Each part's amax of x, element by element (adamw_update's fallback for uneven parts).
+__global__ void raise_parts_amax_kernel(const float* x, int64_t n, int64_t part, unsigned* amax) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    raise_amax(amax + i / part, fabsf(x[i]));
 }
 
 // Muon's momentum and Nesterov blend; W = 8 moves 8 elements per access where aligned.
@@ -84,7 +145,8 @@ __global__ void slice_scale_kernel(const TX* x, TY* y, int64_t per, const float*
 
 }  // namespace
 
-void CudaBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWStep& s) {
+void CudaBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWStep& s,
+                               const Tensor* group_amax) {
   require_dtype(param, DType::f32, "adamw_update", "param");
   require_dtype(m, DType::f32, "adamw_update", "m");
   require_dtype(v, DType::f32, "adamw_update", "v");
@@ -96,10 +158,32 @@ void CudaBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Ten
   float bc1 = float(1.0 - std::pow(double(s.beta1), double(s.step)));
   float bc2 = float(1.0 - std::pow(double(s.beta2), double(s.step)));
   unsigned nb = grid_for(n, 256, 132 * 16);
+  const int64_t G = group_amax ? group_amax->numel() : 1, part = n / std::max<int64_t>(G, 1);
+  if (group_amax) {
+    require_dtype(*group_amax, DType::f32, "adamw_update", "group_amax");
+    require(G > 0 && n % G == 0 && G <= INT32_MAX, "adamw_update",
+            "group_amax " + group_amax->describe() + " must split " + param.describe() + " evenly");
+  }
+  if (part % 8 == 0 && aligned16(param.data) && aligned16(grad.data) && aligned16(m.data) && aligned16(v.data)) {
+    const unsigned blocks = grid_for(n / 8, 256, 132 * 16);
+    unsigned* am = group_amax ? group_amax->as<unsigned>() : nullptr;
+    MOELAB_FLOAT_DISPATCH(grad.dtype, TG, {
+      auto kernel = am ? adamw_vec_kernel<TG, true> : adamw_vec_kernel<TG, false>;
+      kernel<<<blocks, 256, 0, stream_>>>(param.as<float>(), grad.as<TG>(), m.as<float>(), v.as<float>(), n / 8, s.lr,
+                                          s.beta1, s.beta2, s.eps, s.weight_decay, bc1, bc2, am, part / 8, int(G));
+    });
+    MOELAB_CUDA_LAUNCH_CHECK("adamw");
+    return;
+  }
   MOELAB_FLOAT_DISPATCH(grad.dtype, TG,
       adamw_kernel<TG><<<nb, 256, 0, stream_>>>(param.as<float>(), grad.as<TG>(), m.as<float>(), v.as<float>(), n,
                                                 s.lr, s.beta1, s.beta2, s.eps, s.weight_decay, bc1, bc2));
   MOELAB_CUDA_LAUNCH_CHECK("adamw");
+  if (group_amax) {  // parts that are not whole aligned 8-element chunks (no FP8 weight's): a pass
+    raise_parts_amax_kernel<<<nb, 256, 0, stream_>>>(param.as<float>(), n, n / group_amax->numel(),
+                                                     group_amax->as<unsigned>());
+    MOELAB_CUDA_LAUNCH_CHECK("adamw parts amax");
+  }
 }
 
 void CudaBackend::frobenius_normalize(const Tensor& x, Tensor& y, float eps) {
