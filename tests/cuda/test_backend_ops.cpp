@@ -685,18 +685,6 @@ TEST_F(CudaOps, Optimizers) {
   expect_close(p, 1e-6, "adamw param");
   expect_close(m, 1e-6, "adamw m");
   expect_close(v, 1e-6, "adamw v");
-  {  // 64 x 136 takes the 8-wide kernel (123 x 77 above the scalar one)
-    const Shape s8{64, 136};
-    auto p8 = rand_pair(s8, DType::f32), g8 = rand_pair(s8, DType::f32), m8 = rand_pair(s8, DType::f32, 0.1f);
-    std::vector<float> v8v = randn(p8.c.numel(), 0.1f);
-    for (auto& x : v8v) x = x * x;
-    auto v8 = pair_from(s8, DType::f32, v8v);
-    cpu->adamw_update(p8.c, g8.c, m8.c, v8.c, st);
-    gpu->adamw_update(p8.g, g8.g, m8.g, v8.g, st);
-    expect_close(p8, 1e-6, "adamw param, 8-wide");
-    expect_close(m8, 1e-6, "adamw m, 8-wide");
-    expect_close(v8, 1e-6, "adamw v, 8-wide");
-  }
   // With group_amax: the same update, and each part's amax of the new weights as they are (3
   // parts, one with a large weight; and 300 parts, past the kernel's shared array).
   for (auto [parts, per] : {std::pair<int64_t, int64_t>{3, 120}, {300, 120}, {5, 77}}) {  // 77: the fallback

@@ -30,20 +30,20 @@ __global__ void adamw_kernel(float* p, const TG* g, float* m, float* v, int64_t 
   }
 }
 
-// The same update 8 elements a thread at a time, each block over a contiguous range. With kAmax
-// it raises each of G equal parts' amax of the new weights (f32 bits; the parts are multiples of
-// 8): a thread's chunks change part rarely, the block gathers its maxima in shared memory (up to
+// The same update raising each of G equal parts' amax of the new weights (f32 bits), 8 elements
+// a thread at a time (the parts are multiples of 8): each block walks a contiguous range, so a
+// thread's chunks change part rarely; the block gathers its maxima in shared memory (up to
 // kSharedExperts parts, else global atomics) and raises each once. The pointers are restrict so
 // the loads need not wait on the maxima's atomics.
-template <class TG, bool kAmax>
-__global__ void adamw_vec_kernel(float* __restrict__ p, const TG* __restrict__ g, float* __restrict__ m,
-                                 float* __restrict__ v, int64_t n8, float lr, float b1, float b2, float eps, float wd,
-                                 float bc1, float bc2, unsigned* __restrict__ amax, int64_t part8, int G) {
+template <class TG>
+__global__ void adamw_amax_kernel(float* __restrict__ p, const TG* __restrict__ g, float* __restrict__ m,
+                                  float* __restrict__ v, int64_t n8, float lr, float b1, float b2, float eps, float wd,
+                                  float bc1, float bc2, unsigned* __restrict__ amax, int64_t part8, int G) {
   __shared__ unsigned s_amax[kSharedExperts];
-  const bool in_shared = kAmax && G <= kSharedExperts;
+  const bool in_shared = G <= kSharedExperts;
   if (in_shared)
     for (int i = threadIdx.x; i < G; i += blockDim.x) s_amax[i] = 0;
-  if constexpr (kAmax) __syncthreads();
+  __syncthreads();
   unsigned* maxima = in_shared ? s_amax : amax;
   const ChunkRange range = block_chunks(n8);
   int cur = -1;
@@ -67,7 +67,6 @@ __global__ void adamw_vec_kernel(float* __restrict__ p, const TG* __restrict__ g
     store8(p + 8 * c, pv);
     store8(m + 8 * c, mv);
     store8(v + 8 * c, vv);
-    if constexpr (!kAmax) continue;
     if (c >= cur_end) {  // into the next part (c only grows)
       if (cur >= 0) raise_amax(maxima + cur, cm);
       cur = int(c / part8);
@@ -76,7 +75,6 @@ __global__ void adamw_vec_kernel(float* __restrict__ p, const TG* __restrict__ g
     }
     cm = fmaxf(cm, chunk_max);
   }
-  if constexpr (!kAmax) return;
   if (cur >= 0) raise_amax(maxima + cur, cm);
   if (!in_shared) return;
   __syncthreads();
@@ -158,22 +156,22 @@ void CudaBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Ten
   float bc1 = float(1.0 - std::pow(double(s.beta1), double(s.step)));
   float bc2 = float(1.0 - std::pow(double(s.beta2), double(s.step)));
   unsigned nb = grid_for(n, 256, 132 * 16);
-  const int64_t G = group_amax ? group_amax->numel() : 1, part = n / std::max<int64_t>(G, 1);
   if (group_amax) {
     require_dtype(*group_amax, DType::f32, "adamw_update", "group_amax");
+    const int64_t G = group_amax->numel();
     require(G > 0 && n % G == 0 && G <= INT32_MAX, "adamw_update",
             "group_amax " + group_amax->describe() + " must split " + param.describe() + " evenly");
-  }
-  if (part % 8 == 0 && aligned16(param.data) && aligned16(grad.data) && aligned16(m.data) && aligned16(v.data)) {
-    const unsigned blocks = grid_for(n / 8, 256, 132 * 16);
-    unsigned* am = group_amax ? group_amax->as<unsigned>() : nullptr;
-    MOELAB_FLOAT_DISPATCH(grad.dtype, TG, {
-      auto kernel = am ? adamw_vec_kernel<TG, true> : adamw_vec_kernel<TG, false>;
-      kernel<<<blocks, 256, 0, stream_>>>(param.as<float>(), grad.as<TG>(), m.as<float>(), v.as<float>(), n / 8, s.lr,
-                                          s.beta1, s.beta2, s.eps, s.weight_decay, bc1, bc2, am, part / 8, int(G));
-    });
-    MOELAB_CUDA_LAUNCH_CHECK("adamw");
-    return;
+    const int64_t part = n / G;
+    if (part % 8 == 0 && aligned16(param.data) && aligned16(grad.data) && aligned16(m.data) && aligned16(v.data)) {
+      const unsigned blocks = grid_for(n / 8, 256, 132 * 16);
+      MOELAB_FLOAT_DISPATCH(grad.dtype, TG,
+          adamw_amax_kernel<TG><<<blocks, 256, 0, stream_>>>(param.as<float>(), grad.as<TG>(), m.as<float>(),
+                                                             v.as<float>(), n / 8, s.lr, s.beta1, s.beta2, s.eps,
+                                                             s.weight_decay, bc1, bc2, group_amax->as<unsigned>(),
+                                                             part / 8, int(G)));
+      MOELAB_CUDA_LAUNCH_CHECK("adamw");
+      return;
+    }
   }
   MOELAB_FLOAT_DISPATCH(grad.dtype, TG,
       adamw_kernel<TG><<<nb, 256, 0, stream_>>>(param.as<float>(), grad.as<TG>(), m.as<float>(), v.as<float>(), n,
