@@ -35,8 +35,14 @@ void write_status(const std::string& run_dir, const RunStatus& s) {
 bool mark_run_failed(const std::string& run_dir, const std::string& cause) {
   const fs::path path = fs::path(run_dir) / "status.json";
   if (!fs::exists(path)) return false;
-  const std::optional<FolderLock> lock = FolderLock::try_acquire(run_dir);
-  if (!lock) return false;  // a writer still holds the folder: it records its own end
+  // The job's last rank may still be going down when mpiexec returns (it is killed after its peer
+  // died, and on a loaded machine that takes a moment): wait a while for it to let the folder go.
+  std::optional<FolderLock> lock = FolderLock::try_acquire(run_dir);
+  for (int i = 0; i < 200 && !lock; ++i) {
+    usleep(50 * 1000);
+    lock = FolderLock::try_acquire(run_dir);
+  }
+  if (!lock) return false;  // a writer still holds the folder after 10 s: it records its own end
   std::ifstream in(path);
   nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
   if (j.is_discarded() || !j.is_object() || j.value("status", "") == "completed") return false;

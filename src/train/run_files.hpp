@@ -24,8 +24,8 @@ struct RunStatus {
 void write_status(const std::string& run_dir, const RunStatus& s);
 // After the writer is gone (a data-parallel job that died under its launcher): marks the run in
 // run_dir failed with `cause` first in its error, keeping the rest of status.json. Leaves a
-// completed run, a folder without status.json, or one locked by a live writer alone; returns
-// whether it wrote.
+// completed run, a folder without status.json, or one a live writer still holds after 10 s
+// alone; returns whether it wrote.
 bool mark_run_failed(const std::string& run_dir, const std::string& cause);
 
 class MetricsLog {
