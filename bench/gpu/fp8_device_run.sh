@@ -3,7 +3,9 @@
 # bench/gpu/stage.sh: the FP8 op harness (dense and grouped FP8 ops against the CPU emulation),
 # the dense and grouped FP8 GEMM benchmarks, and training speed (AdamW on the matrices, graph,
 # dropless) at the seed shape and at d20 for BF16 and each FP8 setting, beside
-# torch_moe_ref.py --mlp moe --compile 1 --fp8 none|dense|experts|all. Logs under $OUT.
+# torch_moe_ref.py --mlp moe --compile 1 --fp8 none|dense|experts|all. Logs under $OUT: the
+# training runs' logs go into run_logs.tgz, since a call brings back at most 8 files (speed.md,
+# the table, must be among them).
 #   STEPS=30 WHAT="ops bench seed d20 peers" SEED_RUNS="bf16 all_tensorwise" ACCUM=8 TORCH_FP8="none all" \
 #     bash bench/gpu/fp8_device_run.sh
 source bench/gpu/device_env.sh
@@ -22,10 +24,12 @@ if [[ $what == *" bench "* ]]; then
   timeout 120 "$B/bench_fp8_grouped_gemm" 2>&1 | tee "$OUT/bench_fp8_grouped_gemm.md"
   [ -n "${DENSE_BENCH:-}" ] && timeout 120 "$B/bench_fp8_gemm" 2>&1 | tee "$OUT/bench_fp8_gemm.md"
 fi
+logs=/tmp/fp8speed_logs
+rm -rf "$logs" && mkdir -p "$logs"
 run() {  # folder name, then --set overrides
   local name=$1; shift
   timeout 150 "$B/moelab" train --config configs/d12-moe.toml --out "/tmp/fp8speed/$name" --set train.steps=$steps \
-    --set optim.matrix_optimizer=adamw "$@" > "$OUT/$name.log" 2>&1 || { echo "$name failed"; tail -5 "$OUT/$name.log"; }
+    --set optim.matrix_optimizer=adamw "$@" > "$logs/$name.log" 2>&1 || { echo "$name failed"; tail -5 "$logs/$name.log"; }
 }
 fp8() { echo --set precision=fp8 --set fp8.layers=$1 --set fp8.recipe=$2; }
 if [[ $what == *" seed "* ]]; then
@@ -53,6 +57,7 @@ if [[ $what == *" d20 "* ]]; then
   run d20_fp8_all_rowwise "${d20[@]}" $(fp8 all rowwise)
 fi
 [ -d /tmp/fp8speed ] && python3 bench/gpu/steps_table.py /tmp/fp8speed/* | tee "$OUT/speed.md"
+[ -n "$(ls "$logs")" ] && tar czf "$OUT/run_logs.tgz" -C "$logs" .
 if [[ $what == *" peers "* ]]; then
   echo "== torch peer (seed shape; d20 with D20_PEER=1)"
   for f in ${TORCH_FP8:-none dense experts all}; do
