@@ -322,16 +322,16 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   // one per expert of a stack and one per matrix, so the refresh needs no amax pass.
   int64_t amax_slots = 0;
   const bool forms_amax = cfg_.fp8.recipe == "tensorwise";
+  auto amax_groups = [](const Param& p) { return p.value.ndim() == 3 ? p.value.dim(0) : int64_t(1); };
   for (const Param& p : params_.params)
-    if (read_in_fp8_only(p) && forms_amax) amax_slots += p.value.ndim() == 3 ? p.value.dim(0) : 1;
+    if (read_in_fp8_only(p) && forms_amax) amax_slots += amax_groups(p);
   if (amax_slots > 0) weights_amax_ = alloc0({amax_slots}, DType::f32);
   int64_t slot = 0;
   for (Param& p : params_.params) {
     if (!read_in_fp8_only(p)) continue;
     if (forms_amax) {
-      const int64_t groups = p.value.ndim() == 3 ? p.value.dim(0) : 1;
-      p.value_amax = elements(weights_amax_, slot, slot + groups);
-      slot += groups;
+      p.value_amax = elements(weights_amax_, slot, slot + amax_groups(p));
+      slot += amax_groups(p);
     }
     lin_.add_weight(p.compute, forms_amax ? &p : nullptr);
   }

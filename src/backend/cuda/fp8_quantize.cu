@@ -624,6 +624,18 @@ void check_quantize_args(const Tensor& x, bool transpose, const QuantizedOperand
               x.describe());
 }
 
+// Checks x and its two copies as quantize_fp8_pair needs them: each as quantize_fp8's, one format
+// and one granularity for both.
+void check_pair_args(const Tensor& x, const QuantizedOperand& straight, const QuantizedOperand& transposed,
+                     const std::string& op) {
+  check_quantize_args(x, false, straight, op);
+  check_quantize_args(x, true, transposed, op);
+  require(straight.data.dtype == transposed.data.dtype && straight.granularity == transposed.granularity, op,
+          "both copies take one format and granularity, got " + std::string(dtype_name(straight.data.dtype)) + " " +
+              fp8_granularity_name(straight.granularity) + " and " + dtype_name(transposed.data.dtype) + " " +
+              fp8_granularity_name(transposed.granularity));
+}
+
 }  // namespace
 
 void CudaBackend::quantize_fp8(const Tensor& x, bool transpose, QuantizedOperand& out) {
@@ -649,12 +661,7 @@ void CudaBackend::raise_amax_by_pass(const Tensor& out, const Tensor& amax) {
 void CudaBackend::quantize_fp8_pair(const Tensor& x, QuantizedOperand& straight, QuantizedOperand& transposed,
                                     const Tensor* amax) {
   const std::string op = "quantize_fp8_pair";
-  check_quantize_args(x, false, straight, op);
-  check_quantize_args(x, true, transposed, op);
-  require(straight.data.dtype == transposed.data.dtype && straight.granularity == transposed.granularity, op,
-          "both copies take one format and granularity, got " + std::string(dtype_name(straight.data.dtype)) + " " +
-              fp8_granularity_name(straight.granularity) + " and " + dtype_name(transposed.data.dtype) + " " +
-              fp8_granularity_name(transposed.granularity));
+  check_pair_args(x, straight, transposed, op);
   const Fp8Granularity g = straight.granularity;
   if (g == Fp8Granularity::block_128x128) return Backend::quantize_fp8_pair(x, straight, transposed);  // weights only
   const int64_t xc = x.cols(), xr = xc ? x.numel() / xc : 0;
@@ -684,10 +691,7 @@ void CudaBackend::quantize_fp8_pairs(const std::vector<Fp8PairJob>& jobs) {
     const auto [xr, xc, x_dtype, format, known] = key;
     std::vector<uint64_t> addresses;
     for (const Fp8PairJob* j : members) {
-      check_quantize_args(*j->x, false, *j->straight, "quantize_fp8_pairs");
-      check_quantize_args(*j->x, true, *j->transposed, "quantize_fp8_pairs");
-      require(j->transposed->data.dtype == j->straight->data.dtype, "quantize_fp8_pairs",
-              "both copies of " + j->x->describe() + " take one format");
+      check_pair_args(*j->x, *j->straight, *j->transposed, "quantize_fp8_pairs");
       const void* amax = known ? tensor_amax_arg(j->amax, "quantize_fp8_pairs") : nullptr;
       for (const void* p : {static_cast<const void*>(j->x->data), static_cast<const void*>(j->straight->data.data),
                             static_cast<const void*>(j->straight->scale.data),
