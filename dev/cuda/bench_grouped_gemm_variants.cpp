@@ -140,7 +140,7 @@ int main(int argc, char** argv) {
                      [&] { be.matmul(X, false, W0, true, Y); }, [] {}, Y, Yref});
     cases.push_back({std::string(d.name) + " fwd (tma persistent, 128x256)",
                      [&] {
-                       grouped_gemm::forward_sm90_tma_persistent(X.as<__nv_bfloat16>(), W.as<__nv_bfloat16>(), Y.data, Y.dtype,
+                       grouped_gemm::forward_sm90_tma_persistent(X.as<__nv_bfloat16>(), W.as<__nv_bfloat16>(), false, Y.data, Y.dtype,
                                                       offsets.as<int32_t>(), E, R, N, K, be.sm_count(), be.stream(), 256);
                      },
                      [&] { be.matmul(X, false, W0, true, Y); }, [] {}, Y, Yref});

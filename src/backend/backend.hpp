@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "core/error.hpp"
 #include "core/tensor.hpp"
 
 namespace moelab {
@@ -111,21 +112,37 @@ struct SavedExpertOperand {
   Fp8Granularity granularity = Fp8Granularity::tensor;
 };
 
-// The expert MLP's ReLU² folded into its FP8 GEMMs, so that no relu2_fwd or relu2_bwd pass runs
-// over the experts' hidden rows (h the up projection's output, a = relu²(h) the down projection's
+// The expert MLP's ReLU² folded into its GEMMs, so that no relu2_fwd or relu2_bwd pass runs over
+// the experts' hidden rows (h the up projection's output, a = relu²(h) the down projection's
 // operand). Each field gives exactly the values the unfolded ops give:
-//   forward of the up projection (C = h): relu2_amax raises each expert's amax of relu²(C), as
-//     relu2_fwd(C, a, amax) would (C's rows in expert order; zeroed by the caller);
-//   forward of the down projection: relu2_operand makes A the hidden pre-activation h and the
-//     operand relu²(h), rounded as relu2_fwd writes it (what the saved operand keeps, too);
+//   forward of the up projection (C = h): relu2_amax (FP8) raises each expert's amax of
+//     relu²(C), as relu2_fwd(C, a, amax) would (C's rows in expert order; zeroed by the caller);
+//     relu2_output (BF16) also stores relu²(C) there, as relu2_fwd(C, a) writes it;
+//   forward of the down projection (FP8): relu2_operand makes A the hidden pre-activation h and
+//     the operand relu²(h), rounded as relu2_fwd writes it (what the saved operand keeps, too);
 //   backward of the down projection: relu2_input (h) makes dX relu2_bwd(h, dX), dX rounded to
-//     its dtype first, so dX holds dh; dx_amax then raises each expert's amax of that dh.
+//     its dtype first, so dX holds dh; dx_amax (FP8) then raises each expert's amax of that dh.
 struct ExpertRelu2Fold {
   const Tensor* relu2_amax = nullptr;
+  Tensor* relu2_output = nullptr;
   bool relu2_operand = false;
   const Tensor* relu2_input = nullptr;
   const Tensor* dx_amax = nullptr;
 };
+
+// grouped_matmul_relu2's arguments: one BF16 fold field, no FP8 ones; relu2_output and relu2_input
+// shaped like C.
+inline void check_bf16_relu2_fold(const ExpertRelu2Fold& f, const Tensor& C) {
+  const char* op = "grouped_matmul_relu2";
+  if (f.relu2_amax || f.relu2_operand || f.dx_amax)
+    throw Error(std::string(op) + ": relu2_amax, relu2_operand and dx_amax fold into the FP8 expert GEMMs only");
+  if (!f.relu2_output == !f.relu2_input)
+    throw Error(std::string(op) + ": give exactly one of relu2_output (forward) and relu2_input (data gradient)");
+  const Tensor* t = f.relu2_output ? f.relu2_output : f.relu2_input;
+  if (t->shape != C.shape || t->dtype != C.dtype)
+    throw Error(std::string(op) + ": " + (f.relu2_output ? "relu2_output " : "relu2_input ") + t->describe() +
+                " must match C " + C.describe());
+}
 
 // A stack of expert weights in FP8 as a grouped GEMM reads them: one K-major B operand per
 // expert, e4m3, each with its own scales. data [E, N, K] holds expert e's [N, K] codes at
@@ -412,6 +429,16 @@ class Backend {
   virtual void grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C,
                               const Tensor& offsets, float alpha = 1.0f, float beta = 0.0f,
                               const Tensor* addend = nullptr) = 0;
+  // grouped_matmul (alpha 1, beta 0) with the expert MLP's ReLU² in its store: fold.relu2_output
+  // (the up projection's forward) or fold.relu2_input (the down projection's data gradient; C
+  // then holds dh). The FP8 fields must be unset. This default runs the unfolded ops.
+  virtual void grouped_matmul_relu2(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
+                                    const ExpertRelu2Fold& fold) {
+    check_bf16_relu2_fold(fold, C);
+    grouped_matmul(A, W, trans_w, C, offsets);
+    if (fold.relu2_output) relu2_fwd(C, *fold.relu2_output);
+    if (fold.relu2_input) relu2_bwd(*fold.relu2_input, C, C);
+  }
   // dW[e] = dY_e^T X_e + beta * addend[e] with dY [R, N], X [R, K], dW and addend [E, N, K];
   // addend defaults to dW itself (accumulation).
   virtual void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW,

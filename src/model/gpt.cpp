@@ -36,8 +36,6 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   fp8_dense_ = lin_.fp8_enabled() && cfg_.fp8.dense_layers();
   fp8_head_ = lin_.fp8_enabled() && cfg_.fp8.head;
   fp8_experts_ = lin_.fp8_enabled() && cfg_.fp8.expert_layers();
-  // FP8 experts on this rank fold ReLU² into their GEMMs (the exchange path runs them in BF16).
-  fold_relu2_ = fp8_experts_ && !(expert_group && expert_group->world() > 1);
   const ModelConfig& m = cfg_.model;
   d_model_ = m.d_model;
   head_dim_ = m.head_dim;
@@ -174,14 +172,10 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
       l.slot = alloc0({n_ * top_k_}, DType::i32);
       l.row_token = alloc0({std::max<int64_t>(rows_max_, n_ * top_k_)}, DType::i32);
       if (fp8_experts_) {
-        // The backward reads the saved FP8 copies, so the bf16 inputs live only through the forward.
-        // Folding ReLU² into the GEMMs leaves no a = relu²(h) to hold at all.
-        if (!expert_x_shared_.data) {
-          expert_x_shared_ = alloc0({rows_max_, D}, act_);
-          if (!fold_relu2_) expert_a_shared_ = alloc0({rows_max_, He}, act_);
-        }
+        // The backward reads the saved FP8 copies, so the bf16 input lives only through the forward.
+        // ReLU² folded into the GEMMs leaves no a = relu²(h) to hold at all.
+        if (!expert_x_shared_.data) expert_x_shared_ = alloc0({rows_max_, D}, act_);
         l.xp = expert_x_shared_;
-        l.ap = expert_a_shared_;
         l.xp_saved = lin_.saved_expert_operand(rows_max_, D, int(experts_));
         l.ap_saved = lin_.saved_expert_operand(rows_max_, He, int(experts_));
       } else {
@@ -282,7 +276,6 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   da_ = alloc0({n_ * Hmax}, act_);
   if (experts_) {
     dyp_ = alloc0({rows_max_, D}, act_);
-    if (!fold_relu2_) dap_ = alloc0({rows_max_, He}, act_);  // folded, the data gradient writes dh itself
     dhp_ = alloc0({rows_max_, He}, act_);
     dxp_ = alloc0({rows_max_, D}, act_);
     if (expert_group_) {
@@ -487,7 +480,13 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
     be_.relu2_fwd(h, a);
     lin_.expert_forward(false, l.ap_local, l.w_proj->compute, l.yp_local, l.offsets_local, l.ap_saved);
     ex.gather(l.yp_local, l.yp, ep_stage_);
-  } else if (fold_relu2_) {
+  } else if (!fp8_experts_) {
+    // ReLU² inside the BF16 GEMMs: the up projection stores h and a = relu²(h) from one tile.
+    ExpertRelu2Fold up;
+    up.relu2_output = &l.ap;
+    lin_.expert_forward(false, l.xp, l.w_fc->compute, l.hp, l.offsets, l.xp_saved, nullptr, up);
+    lin_.expert_forward(false, l.ap, l.w_proj->compute, l.yp, l.offsets, l.ap_saved);
+  } else {
     // ReLU² inside the FP8 GEMMs: the up projection raises relu²(h)'s amax as it writes h, and
     // the down projection quantizes relu²(h) as it reads h.
     ExpertRelu2Fold up, down;
@@ -496,12 +495,6 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
     lin_.expert_forward(true, l.xp, l.w_fc->compute, l.hp, l.offsets, l.xp_saved, amax ? &xp_amax.amax : nullptr, up);
     lin_.expert_forward(true, l.hp, l.w_proj->compute, l.yp, l.offsets, l.ap_saved, amax ? &ap_amax.amax : nullptr,
                         down);
-  } else {
-    lin_.expert_forward(fp8_experts_, l.xp, l.w_fc->compute, l.hp, l.offsets, l.xp_saved,
-                        amax ? &xp_amax.amax : nullptr);
-    be_.relu2_fwd(l.hp, l.ap, amax ? &ap_amax : nullptr);
-    lin_.expert_forward(fp8_experts_, l.ap, l.w_proj->compute, l.yp, l.offsets, l.ap_saved,
-                        amax ? &ap_amax.amax : nullptr);
   }
   be_.moe_combine(l.yp, l.slot, l.gates, out, true);
   if (l.sh_fc) dense_forward(*l.sh_fc, *l.sh_proj, xn, l.h, l.a, out, true);
@@ -605,18 +598,12 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
     lin_.expert_backward(false, dhp_local_, l.w_fc->compute, l.xp_local, l.xp_saved, dxp_local_, l.w_fc->grad,
                          l.offsets_local);
     ex.gather(dxp_local_, dxp_, ep_stage_);
-  } else if (fold_relu2_) {  // the down projection's data gradient is written as dh (ReLU²'s backward folded in)
+  } else {  // the down projection's data gradient is written as dh (ReLU²'s backward folded in)
     ExpertRelu2Fold fold;
     fold.relu2_input = &l.hp;
     fold.dx_amax = amax ? &dhp_amax.amax : nullptr;
-    lin_.expert_backward(true, dyp_, l.w_proj->compute, l.ap, l.ap_saved, dhp_, l.w_proj->grad, l.offsets,
+    lin_.expert_backward(fp8_experts_, dyp_, l.w_proj->compute, l.ap, l.ap_saved, dhp_, l.w_proj->grad, l.offsets,
                          amax ? &dyp_amax.amax : nullptr, fold);
-    lin_.expert_backward(true, dhp_, l.w_fc->compute, l.xp, l.xp_saved, dxp_, l.w_fc->grad, l.offsets,
-                         amax ? &dhp_amax.amax : nullptr);
-  } else {
-    lin_.expert_backward(fp8_experts_, dyp_, l.w_proj->compute, l.ap, l.ap_saved, dap_, l.w_proj->grad, l.offsets,
-                         amax ? &dyp_amax.amax : nullptr);
-    be_.relu2_bwd(l.hp, dap_, dhp_, amax ? &dhp_amax : nullptr);
     lin_.expert_backward(fp8_experts_, dhp_, l.w_fc->compute, l.xp, l.xp_saved, dxp_, l.w_fc->grad, l.offsets,
                          amax ? &dhp_amax.amax : nullptr);
   }

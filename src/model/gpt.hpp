@@ -140,7 +140,6 @@ class GptMoE {
   Config cfg_;
   LinearGemms lin_;                           // every linear except the router goes through it
   bool fp8_dense_ = false, fp8_head_ = false, fp8_experts_ = false;  // linears the [fp8] recipe puts in FP8
-  bool fold_relu2_ = false;  // the experts' ReLU² folded into their FP8 GEMMs (ExpertRelu2Fold)
   Tensor weights_amax_;      // the FP8 weights' Param::value_amax, all in one buffer
   int64_t rows_, seq_len_, n_;  // n_ = rows_ * seq_len_
   int64_t heads_, kv_heads_, head_dim_, d_model_, experts_, top_k_, capacity_, rows_max_;
@@ -170,13 +169,13 @@ class GptMoE {
   bool group_routing_ = false;     // inside forward_backward with a group of several ranks
   // Backward scratch, shared by all layers.
   Tensor dx_, dxn_, dxf_, dtmp_, datt_, dq_, dk_, dv_, dqraw_, dkraw_, dh_, da_;
-  Tensor dyp_, dap_, dhp_, dxp_, dgates_, dlogits_r_, dlogits_r_act_;
+  Tensor dyp_, dhp_, dxp_, dgates_, dlogits_r_, dlogits_r_act_;
   Tensor expert_amax_;  // [moe layers, 4, E] f32, each layer's Layer::expert_amax
   // [layers * 4 + head chunks] f32: each layer's Layer::dense_amax, then each head chunk's dlogits
   // amax (head_dy_amax_, FP8 head with tensor scaling), raised by the loss.
   Tensor dense_amax_;
   std::vector<Tensor> head_dy_amax_;
-  Tensor expert_x_shared_, expert_a_shared_;  // xp and ap of every layer when the experts run in FP8
+  Tensor expert_x_shared_;  // xp of every layer when the experts run in FP8
   Tensor dx0_;  // gradient reaching x0 through the lambda mixes
 };
 

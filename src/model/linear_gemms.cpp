@@ -221,11 +221,14 @@ SavedExpertOperand LinearGemms::saved_expert_operand(int64_t rows, int64_t cols,
 
 void LinearGemms::expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets,
                                  SavedExpertOperand& saved, const Tensor* x_amax, const ExpertRelu2Fold& fold) {
-  const bool folded = fold.relu2_amax || fold.relu2_operand;
   if (!(fp8 && fp8_)) {
-    MOELAB_CHECK(!folded, "expert_forward: ReLU² folds into the FP8 expert GEMMs only");
+    MOELAB_CHECK(!fold.relu2_amax && !fold.relu2_operand, "expert_forward: relu2_amax and relu2_operand fold into "
+                                                          "the FP8 expert GEMMs only (BF16 takes relu2_output)");
+    if (fold.relu2_output) return be_.grouped_matmul_relu2(x, W, true, y, offsets, fold);
     return be_.grouped_matmul(x, W, true, y, offsets);
   }
+  MOELAB_CHECK(!fold.relu2_output, "expert_forward: relu2_output folds into the BF16 expert GEMMs only (FP8 "
+                                   "takes relu2_amax and relu2_operand)");
   be_.grouped_matmul_fp8_saving(x, act_, forms_of(W).ew, y, offsets, saved,
                                 act_ == Fp8Granularity::tensor ? x_amax : nullptr, fold);
 }
@@ -234,8 +237,9 @@ void LinearGemms::expert_backward(bool fp8, const Tensor& dy, const Tensor& W, c
                                   const SavedExpertOperand& saved, Tensor& dx, Tensor& dW, const Tensor& offsets,
                                   const Tensor* dy_amax, const ExpertRelu2Fold& fold) {
   if (!(fp8 && fp8_)) {
-    MOELAB_CHECK(!fold.relu2_input, "expert_backward: ReLU² folds into the FP8 expert GEMMs only");
-    be_.grouped_matmul(dy, W, false, dx, offsets);
+    MOELAB_CHECK(!fold.dx_amax, "expert_backward: dx_amax folds into the FP8 expert GEMMs only");
+    if (fold.relu2_input) be_.grouped_matmul_relu2(dy, W, false, dx, offsets, fold);  // dx holds dh
+    else be_.grouped_matmul(dy, W, false, dx, offsets);
     be_.grouped_matmul_wgrad(dy, x, dW, offsets, 1.0f);
     return;
   }

@@ -80,7 +80,8 @@ class LinearGemms {
   SavedExpertOperand saved_expert_operand(int64_t rows, int64_t cols, int experts);
   // x_amax / dy_amax: the operand's per-expert amax from its producer (ExpertAmax), which tensor
   // scaling then uses instead of an amax pass; ignored by the other recipes.
-  // fold: the expert MLP's ReLU² folded into the FP8 GEMMs (ExpertRelu2Fold; FP8 only).
+  // fold: the expert MLP's ReLU² folded into the GEMMs (ExpertRelu2Fold: its FP8 fields in FP8,
+  // relu2_output in BF16; relu2_input in both).
   void expert_forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y, const Tensor& offsets,
                       SavedExpertOperand& saved, const Tensor* x_amax = nullptr, const ExpertRelu2Fold& fold = {});
   void expert_backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x, const SavedExpertOperand& saved,

@@ -334,9 +334,10 @@ TEST_F(CudaOps, Attention) {
 }
 
 TEST_F(CudaOps, SoftcapCrossEntropy) {
-  // 1000 and 32768 logits a row take the register-resident kernel (one and four chunks a
-  // thread); 1001 the scalar one.
-  for (const int64_t V : {1000, 1001, 32768}) {
+  // The register-resident kernel: 1000 logits a row in one block, 32768 over a cluster of 4,
+  // 50304 of 7 (the last block part-filled), 65536 of 8, 100000 of 7 at 8 chunks a thread; 1001
+  // takes the scalar kernel.
+  for (const int64_t V : {1000, 1001, 32768, 50304, 65536, 100000}) {
     SCOPED_TRACE("V = " + std::to_string(V));
     const int64_t N = 29;
     std::vector<int32_t> tg(N);
@@ -345,18 +346,21 @@ TEST_F(CudaOps, SoftcapCrossEntropy) {
     tg[11] = -1;
     tg[12] = int32_t(V - 1);
     auto targets = i32_pair({N}, tg);
+    // cap 15 shifts the log-sum-exp by cap; 0 (no cap) and 50 trade the row's maximum.
+    for (const float cap : {15.f, 0.f, 50.f})
     for (DType dt : {DType::f32, DType::bf16}) {
+      SCOPED_TRACE("cap " + std::to_string(cap));
       auto logits = rand_pair({N, V}, dt, 8.f);
       auto losses = out_pair({N}, DType::f32), dl = out_pair({N, V}, dt);
-      cpu->softcap_xent(logits.c, targets.c, 15.f, 0.25f, losses.c, dl.c);
-      gpu->softcap_xent(logits.g, targets.g, 15.f, 0.25f, losses.g, dl.g);
+      cpu->softcap_xent(logits.c, targets.c, cap, 0.25f, losses.c, dl.c);
+      gpu->softcap_xent(logits.g, targets.g, cap, 0.25f, losses.g, dl.g);
       expect_close(losses, 1e-4, std::string("softcap_xent losses ") + dtype_name(dt));
       expect_close(dl, dt == DType::f32 ? 1e-4 : kBf16Tol, std::string("softcap_xent dlogits ") + dtype_name(dt));
-      expect_producer_amax([&](const Tensor* a) { gpu->softcap_xent(logits.g, targets.g, 15.f, 0.25f, losses.g, dl.g, a); },
+      expect_producer_amax([&](const Tensor* a) { gpu->softcap_xent(logits.g, targets.g, cap, 0.25f, losses.g, dl.g, a); },
                            dl.g, gpu->read(dl.g), std::string("softcap_xent ") + dtype_name(dt));
       // In place: dlogits aliases logits.
       auto alias_losses = out_pair({N}, DType::f32);
-      gpu->softcap_xent(logits.g, targets.g, 15.f, 0.25f, alias_losses.g, logits.g);
+      gpu->softcap_xent(logits.g, targets.g, cap, 0.25f, alias_losses.g, logits.g);
       EXPECT_LT(nerr(gpu->read(logits.g), cpu->read(dl.c)), dt == DType::f32 ? 1e-4 : kBf16Tol) << "aliased";
       EXPECT_LT(nerr(gpu->read(alias_losses.g), cpu->read(losses.c)), 1e-4) << "aliased losses";
     }
@@ -647,6 +651,68 @@ TEST_F(CudaOps, NorMuonUpdate) {
   }
 }
 
+// The ReLU² epilogues of the grouped GEMM give the bits of the unfolded ops on the GPU (and the
+// CPU's values): the up projection's forward storing h and relu²(h), and the down projection's
+// data gradient storing relu2_bwd(h, dA) for W read in place (K a multiple of 64) and
+// transposed first. Uneven experts, one empty; N = 136 leaves a partial column tile.
+TEST_F(CudaOps, GroupedGemmRelu2EpiloguesAreTheUnfoldedOps) {
+  const int64_t E = 5, R = 700, K = 192, N = 136;
+  const std::vector<int32_t> off = {0, 0, 1, 250, 251, 640};
+  auto offsets = i32_pair({E + 1}, off);
+  auto bits_equal = [&](const Tensor& a, const Tensor& b, int64_t rows, const std::string& what) {
+    std::vector<float> x = gpu->read(a), y = gpu->read(b);
+    x.resize(size_t(rows * a.cols()));
+    y.resize(size_t(rows * b.cols()));
+    int64_t differ = 0;
+    for (size_t i = 0; i < x.size(); ++i) differ += std::memcmp(&x[i], &y[i], sizeof(float)) != 0;
+    EXPECT_EQ(differ, 0) << what << ": elements that differ from the unfolded ops";
+  };
+  auto close_to_cpu = [&](const Pair& p, int64_t rows, const std::string& what) {
+    std::vector<float> c = cpu->read(p.c), g = gpu->read(p.g);
+    c.resize(size_t(rows * p.c.cols()));
+    g.resize(size_t(rows * p.c.cols()));
+    EXPECT_LT(nerr(g, c), kBf16Tol) << what;
+  };
+  {  // up projection: C = A W^T with W [E, N, K], relu²(C) stored beside it
+    auto A = rand_pair({R, K}, DType::bf16), W = rand_pair({E, N, K}, DType::bf16, 0.1f);
+    auto h = out_pair({R, N}, DType::bf16), a = out_pair({R, N}, DType::bf16);
+    Tensor h_ref = gpu->alloc({R, N}, DType::bf16), a_ref = gpu->alloc({R, N}, DType::bf16);
+    ExpertRelu2Fold fold_c, fold_g;
+    fold_c.relu2_output = &a.c;
+    fold_g.relu2_output = &a.g;
+    cpu->grouped_matmul_relu2(A.c, W.c, true, h.c, offsets.c, fold_c);
+    gpu->grouped_matmul_relu2(A.g, W.g, true, h.g, offsets.g, fold_g);
+    gpu->grouped_matmul(A.g, W.g, true, h_ref, offsets.g);
+    gpu->relu2_fwd(h_ref, a_ref);
+    bits_equal(h.g, h_ref, 640, "up projection h");
+    bits_equal(a.g, a_ref, 640, "up projection relu2(h)");
+    close_to_cpu(a, 640, "up projection relu2(h) against the CPU");
+  }
+  for (int64_t Kd : {256, 264}) {  // down projection's data gradient: dA = dY W[e], W [E, Kd, N]
+    SCOPED_TRACE("K " + std::to_string(Kd));
+    auto dY = rand_pair({R, Kd}, DType::bf16), W = rand_pair({E, Kd, N}, DType::bf16, 0.1f);
+    auto h = rand_pair({R, N}, DType::bf16);
+    auto dh = out_pair({R, N}, DType::bf16);
+    Tensor da_ref = gpu->alloc({R, N}, DType::bf16), dh_ref = gpu->alloc({R, N}, DType::bf16);
+    ExpertRelu2Fold fold_c, fold_g;
+    fold_c.relu2_input = &h.c;
+    fold_g.relu2_input = &h.g;
+    cpu->grouped_matmul_relu2(dY.c, W.c, false, dh.c, offsets.c, fold_c);
+    gpu->grouped_matmul_relu2(dY.g, W.g, false, dh.g, offsets.g, fold_g);
+    gpu->grouped_matmul(dY.g, W.g, false, da_ref, offsets.g);
+    gpu->relu2_bwd(h.g, da_ref, dh_ref);
+    bits_equal(dh.g, dh_ref, 640, "down projection dh");
+    close_to_cpu(dh, 640, "down projection dh against the CPU");
+  }
+  {  // the FP8 fields are refused here
+    auto A = rand_pair({R, K}, DType::bf16), W = rand_pair({E, N, K}, DType::bf16, 0.1f);
+    auto h = out_pair({R, N}, DType::bf16);
+    ExpertRelu2Fold fp8_only;
+    fp8_only.relu2_operand = true;
+    EXPECT_THROW(gpu->grouped_matmul_relu2(A.g, W.g, true, h.g, offsets.g, fp8_only), Error);
+  }
+}
+
 TEST_F(CudaOps, GroupedGemmUnevenAndEmptyExperts) {
   const int64_t E = 5, R = 700, N = 264, K = 136;
   // offsets with an empty expert, a one-row expert and spare rows past offsets[E]
@@ -661,6 +727,20 @@ TEST_F(CudaOps, GroupedGemmUnevenAndEmptyExperts) {
   cc.resize(size_t(640) * N);
   cg.resize(size_t(640) * N);
   EXPECT_LT(nerr(cg, cc), kBf16Tol) << "grouped uneven (seed " << seed << ")";
+  // The data gradient's product A W[e] with W [E, Kd, N]: Kd a multiple of 64 reads W in place
+  // (MN-major), 264 takes the per-expert transpose. N = 136 leaves a partial column tile.
+  for (int64_t Kd : {256, 264}) {
+    auto Ad = rand_pair({R, Kd}, DType::bf16), Wd = rand_pair({E, Kd, K}, DType::bf16, 0.1f);
+    auto Cd = out_pair({R, K}, DType::f32);
+    cpu->fill(Cd.c, 0.f);
+    gpu->fill(Cd.g, 0.f);
+    cpu->grouped_matmul(Ad.c, Wd.c, false, Cd.c, offsets.c);
+    gpu->grouped_matmul(Ad.g, Wd.g, false, Cd.g, offsets.g);
+    auto dc = cpu->read(Cd.c), dg = gpu->read(Cd.g);
+    dc.resize(size_t(640) * K);
+    dg.resize(size_t(640) * K);
+    EXPECT_LT(nerr(dg, dc), 1e-4) << "grouped uneven, W not transposed, K " << Kd << " (seed " << seed << ")";
+  }
   auto dW = rand_pair({E, N, K}, DType::f32);
   auto dY = rand_pair({R, N}, DType::bf16);
   cpu->grouped_matmul_wgrad(dY.c, A.c, dW.c, offsets.c, 1.f);
@@ -670,21 +750,25 @@ TEST_F(CudaOps, GroupedGemmUnevenAndEmptyExperts) {
 
 TEST_F(CudaOps, Optimizers) {
   const Shape s{123, 77};
-  auto p = rand_pair(s, DType::f32), g = rand_pair(s, DType::f32), m = rand_pair(s, DType::f32, 0.1f);
-  std::vector<float> vv = randn(p.c.numel(), 0.1f);
-  for (auto& x : vv) x = x * x;
-  auto v = pair_from(s, DType::f32, vv);
   AdamWStep st;
   st.lr = 0.01f;
   st.beta1 = 0.8f;
   st.weight_decay = 0.1f;
   st.eps = 1e-10f;
   st.step = 3;
-  cpu->adamw_update(p.c, g.c, m.c, v.c, st);
-  gpu->adamw_update(p.g, g.g, m.g, v.g, st);
-  expect_close(p, 1e-6, "adamw param");
-  expect_close(m, 1e-6, "adamw m");
-  expect_close(v, 1e-6, "adamw v");
+  // 123 x 77 takes the one-element kernel, 64 x 136 the 8-wide one.
+  for (const Shape& as : {s, Shape{64, 136}}) {
+      SCOPED_TRACE(std::to_string(as[1]) + " columns");
+      auto p = rand_pair(as, DType::f32), g = rand_pair(as, DType::f32), m = rand_pair(as, DType::f32, 0.1f);
+      std::vector<float> vv = randn(p.c.numel(), 0.1f);
+      for (auto& x : vv) x = x * x;
+      auto v = pair_from(as, DType::f32, vv);
+      cpu->adamw_update(p.c, g.c, m.c, v.c, st);
+      gpu->adamw_update(p.g, g.g, m.g, v.g, st);
+      expect_close(p, 1e-6, "adamw param");
+      expect_close(m, 1e-6, "adamw m");
+      expect_close(v, 1e-6, "adamw v");
+    }
   // With group_amax: the same update, and each part's amax of the new weights as they are (3
   // parts, one with a large weight; and 300 parts, past the kernel's shared array).
   for (auto [parts, per] : {std::pair<int64_t, int64_t>{3, 120}, {300, 120}, {5, 77}}) {  // 77: the fallback

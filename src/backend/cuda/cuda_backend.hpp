@@ -26,6 +26,7 @@ struct GemmCache;
 namespace grouped_gemm {
 enum class Fp8ScaleMode : int;
 struct StraightCopy;
+struct Relu2Epilogue;
 }  // namespace grouped_gemm
 
 class CudaBackend : public Backend {
@@ -142,6 +143,8 @@ class CudaBackend : public Backend {
                        Tensor& dgates, const ExpertAmax* amax = nullptr) override;
   void grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
                       float alpha = 1.0f, float beta = 0.0f, const Tensor* addend = nullptr) override;
+  void grouped_matmul_relu2(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
+                            const ExpertRelu2Fold& fold) override;
   void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& offsets, float beta,
                             const Tensor* addend = nullptr) override;
 
@@ -170,6 +173,8 @@ class CudaBackend : public Backend {
   void* scratch(ScratchSlot slot, size_t bytes);
 
  private:
+  void grouped_matmul_impl(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
+                           float alpha, float beta, const Tensor* addend, const grouped_gemm::Relu2Epilogue& relu2);
   // quantize_fp8 of `batch` [xr, xc] matrices stored one after another, each with its own
   // groups: codes [batch * rows, K] into out, scales of one member after another into scale
   // (fp8_scale_shape's layout each). With segments (E + 1 expert offsets), a single straight

@@ -4,7 +4,7 @@
 //
 // The backend runs the Hopper kernels of grouped_gemm_sm90.cu (wgmma fed by TMA):
 //   forward:        C[rows of e] = A[rows of e] @ W[e]^T            (W [E, N, K], K-major)
-//   data gradient:  C[rows of e] = A[rows of e] @ W[e]              (W transposed per expert first)
+//   data gradient:  C[rows of e] = A[rows of e] @ W[e]              (W [E, K, N] read MN-major)
 //   weight grad.:   dW[e] = beta dW[e] + dY_e^T X_e                 (both operands MN-major)
 //
 // The kernel here (v1: mma.sync m16n8k16, f32 accumulation) covers the same three products with
@@ -265,6 +265,22 @@ void wgrad(const bf16* dY, const bf16* X, void* dW, DType dw_dtype, const int32_
 
 void CudaBackend::grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
                                  float alpha, float beta, const Tensor* addend) {
+  grouped_matmul_impl(A, W, trans_w, C, offsets, alpha, beta, addend, {});
+}
+
+void CudaBackend::grouped_matmul_relu2(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C,
+                                       const Tensor& offsets, const ExpertRelu2Fold& fold) {
+  check_bf16_relu2_fold(fold, C);
+  if (C.dtype != DType::bf16) return Backend::grouped_matmul_relu2(A, W, trans_w, C, offsets, fold);
+  grouped_gemm::Relu2Epilogue epi;
+  if (fold.relu2_output) epi.out = fold.relu2_output->as<bf16>();
+  if (fold.relu2_input) epi.in = fold.relu2_input->as<bf16>();
+  grouped_matmul_impl(A, W, trans_w, C, offsets, 1.0f, 0.0f, nullptr, epi);
+}
+
+void CudaBackend::grouped_matmul_impl(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
+                                      float alpha, float beta, const Tensor* addend,
+                                      const grouped_gemm::Relu2Epilogue& relu2) {
   require_dtype(A, DType::bf16, "grouped_matmul", "A (convert to bf16 with copy())");
   require_dtype(W, DType::bf16, "grouped_matmul", "W (use the bf16 compute copy)");
   require_float(C, "grouped_matmul", "C");
@@ -281,9 +297,11 @@ void CudaBackend::grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w,
     require(addend->dtype == C.dtype && addend->numel() == C.numel(), "grouped_matmul",
             "addend " + addend->describe() + " must have C's dtype and size, C is " + C.describe());
   if (A.rows() == 0) return;
-  // Hopper path: both operands K-major; an N-major W (the data gradient) is transposed first.
+  // Hopper path. An N-major W (the data gradient's [E, K, N]) is read in place, MN-major, when
+  // its K-steps stay inside one expert (K a multiple of 64); otherwise it is transposed first.
   const bf16* wk = W.as<bf16>();
-  if (!trans_w) {
+  const bool w_mn_major = !trans_w && K % 64 == 0;
+  if (!trans_w && !w_mn_major) {
     auto* wt = static_cast<bf16*>(scratch(ScratchSlot::gemm_b, W.bytes()));
     grouped_gemm::transpose_experts(W.as<bf16>(), wt, E, K, N, stream_);
     wk = wt;
@@ -291,9 +309,9 @@ void CudaBackend::grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w,
   // Persistent 128-wide tiles, two blocks per SM: one block's stores overlap the other's products
   // (0.74 / 0.82 of one cuBLASLt GEMM at the seed's expert shapes, against 0.66 / 0.79 for
   // one 256-wide tile per block; bench/cuda/bench_grouped_gemm.cpp).
-  grouped_gemm::forward_sm90_tma_persistent(A.as<bf16>(), wk, C.data, C.dtype, offsets.as<int32_t>(), E, A.rows(), N,
+  grouped_gemm::forward_sm90_tma_persistent(A.as<bf16>(), wk, w_mn_major, C.data, C.dtype, offsets.as<int32_t>(), E, A.rows(), N,
                                             K, sm_count_, stream_, 128, alpha, add ? beta : 0.0f,
-                                            add ? addend->data : nullptr);
+                                            add ? addend->data : nullptr, relu2);
 }
 
 void CudaBackend::grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& offsets,

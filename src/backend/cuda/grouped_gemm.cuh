@@ -19,13 +19,23 @@ constexpr int kDefaultTileN = 256;
 // the reference the benchmarks check the Hopper kernels against (the engine runs those).
 void forward(const __nv_bfloat16* A, const __nv_bfloat16* W, bool w_kmajor, void* C, DType c_dtype,
              const int32_t* offsets, int E, int64_t R, int N, int K, cudaStream_t stream);
-// The same product on Hopper tensor cores (wgmma fed by TMA, W K-major [E, N, K]) as a persistent kernel (one block per SM over all tiles, loading the next tile while
-// storing the current one); `sms` is the GPU's multiprocessor count. With beta != 0 the stored
-// value is alpha A W^T + beta addend (addend [R, N] of C's dtype, may be C), rounded once.
-void forward_sm90_tma_persistent(const __nv_bfloat16* A, const __nv_bfloat16* W, void* C, DType c_dtype,
+// The same product on Hopper tensor cores (wgmma fed by TMA) as a persistent kernel (blocks loop
+// over all tiles, loading the next tile while storing the current one); `sms` is the GPU's
+// multiprocessor count. W is [E, N, K] (K-major), or [E, K, N] when w_mn_major (read MN-major in
+// place; K must be a multiple of 64). With beta != 0 the stored value is alpha A op(W) + beta
+// addend (addend [R, N] of C's dtype, may be C), rounded once.
+// The expert MLP's ReLU² in the persistent kernel's store (bf16 C, alpha 1, beta 0), one at a
+// time: out [R, N] also receives relu²(C) (the up projection's forward); in [R, N] (h) makes the
+// stored C relu2_bwd(h, C) (the down projection's data gradient). Rounded as relu2_fwd / relu2_bwd.
+struct Relu2Epilogue {
+  __nv_bfloat16* out = nullptr;
+  const __nv_bfloat16* in = nullptr;
+};
+enum Relu2EpiMode : int { kRelu2None, kRelu2Output, kRelu2Backward };
+void forward_sm90_tma_persistent(const __nv_bfloat16* A, const __nv_bfloat16* W, bool w_mn_major, void* C, DType c_dtype,
                                  const int32_t* offsets, int E, int64_t R, int N, int K, int sms, cudaStream_t stream,
                                  int tile_n = kDefaultTileN, float alpha = 1.0f, float beta = 0.0f,
-                                 const void* addend = nullptr);
+                                 const void* addend = nullptr, const Relu2Epilogue& relu2 = {});
 // dW[e] = beta addend[e] + dY_e^T X_e on wgmma with TMA loads (dY [R, N], X [R, K]); addend is
 // dW itself when null.
 void wgrad_sm90_tma(const __nv_bfloat16* dY, const __nv_bfloat16* X, void* dW, DType dw_dtype,
@@ -34,7 +44,8 @@ void wgrad_sm90_tma(const __nv_bfloat16* dY, const __nv_bfloat16* X, void* dW, D
 // The weight-gradient tile width (256, 192 or 128) that wastes the least of the last wave on
 // `sms` multiprocessors for dW [E, N, K].
 int wgrad_tile_n(int E, int N, int K, int sms);
-// Wt[e] = W[e]^T: W [E, R, S] -> Wt [E, S, R] (turns an N-major expert weight K-major).
+// Wt[e] = W[e]^T: W [E, R, S] -> Wt [E, S, R] (turns an N-major expert weight K-major, for the
+// shapes the MN-major read does not take).
 void transpose_experts(const __nv_bfloat16* W, __nv_bfloat16* Wt, int E, int R, int S, cudaStream_t stream);
 // dW[e] = beta dW[e] + dY_e^T X_e; dY [R, N], X [R, K], dW [E, N, K] (f32 or bf16).
 void wgrad(const __nv_bfloat16* dY, const __nv_bfloat16* X, void* dW, DType dw_dtype, const int32_t* offsets,

@@ -87,20 +87,6 @@ __device__ __forceinline__ void store2(TC* p, float v0, float v1, bool accumulat
 // relu2_bwd(H, C).
 enum Fp8Epi : int { kEpiStore, kEpiRelu2Amax, kEpiRelu2Bwd };
 
-// relu2_bwd of 8 packed bf16 values da given the same columns' h, as relu2_bwd rounds it:
-// dh = da * 2 relu(h) in f32, stored as bf16; raises m to the largest |dh| as stored.
-__device__ __forceinline__ void relu2_bwd8(uint32_t (&da)[4], uint4 hv, float& m) {
-  const uint32_t hw[4] = {hv.x, hv.y, hv.z, hv.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 d = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&da[k]));
-    const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hw[k]));
-    const float g0 = d.x * (2.f * fmaxf(x.x, 0.f)), g1 = d.y * (2.f * fmaxf(x.y, 0.f));
-    da[k] = pack_bf16x2(g0, g1);
-    m = fmaxf(m, fmaxf(fabsf(stored<bf16>(g0)), fabsf(stored<bf16>(g1))));
-  }
-}
-
 // Forward / data gradient: C[rows of e] = deq(A) deq(W[e])^T, persistent over the output tiles
 // (the step sequence g runs over all of a block's tiles, as in the BF16 persistent kernel).
 template <int MODE, int AFMT, class TC, int EPI>
@@ -276,7 +262,9 @@ __global__ void __launch_bounds__(THREADS, MODE == int(Fp8ScaleMode::block) ? 1 
   constexpr int TST = stages<MODE>();
   constexpr bool kBlock = MODE == int(Fp8ScaleMode::block);
   extern __shared__ char smem_raw[];
-  const int e = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * TBN;
+  __shared__ int by_size[kWgradOrderedExperts];
+  const WgradTile wt = wgrad_tile_by_size<TBN>(padded, by_size);  // largest expert first
+  const int e = wt.e, m0 = wt.m0, n0 = wt.n0;
   const int p_begin = padded[e];
   const int ktiles = (padded[e + 1] - p_begin) / KB;
   if (ktiles == 0) return;  // no tokens: dW[e] stays as it is

@@ -1,6 +1,6 @@
 // Hopper (sm_90a) grouped GEMMs for the expert products, reading the expert offsets on the
 // device (no host synchronization): the forward C[rows of e] = A[rows of e] @ W[e]^T with both
-// operands K-major (W [E, N, K]; the data gradient uses it after an expert-wise transpose of W),
+// operands K-major (W [E, N, K]; for the data gradient W [E, K, N] is read MN-major in place),
 // and the weight gradient dW[e] = beta dW[e] + dY_e^T X_e. Two warpgroups issue wgmma from
 // 128-byte-swizzled shared memory that the tensor-memory accelerator fills, one mbarrier per
 // stage. The forward is persistent (blocks loop over tiles, loading the next while storing the
@@ -36,11 +36,18 @@ using namespace sm90;
 // leader keeps loading the next tile's first stages while the block stores the current one.
 // The k-steps of all of a block's tiles form one sequence g = 0, 1, ...: step g uses stage
 // g % TST with barrier parity (g / TST) & 1, whichever tile it belongs to.
-template <int TBN, int TST, class TC>
+// W_MN_MAJOR: W is [E, K, N] (the data gradient's C = A W[e]): its tiles come as 64 x 64 boxes
+// of K-rows and wgmma reads them MN-major, so no transposed copy of W is made. K must then be a
+// multiple of BK, so that no k-step reads into the next expert's rows.
+// EPI (Relu2EpiMode; bf16 C, alpha 1, beta 0): kRelu2Output also stores relu²(C) at relu2.out
+// (the up projection's forward); kRelu2Backward stores relu2_bwd(relu2.in, C) as C (the down
+// projection's data gradient), reading h from L2 (prefetched at the tile's start).
+template <int TBN, int TST, class TC, bool W_MN_MAJOR, int EPI>
 __global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2)
     grouped_fwd_tma_persistent_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                                       TC* C, const int32_t* offsets, int E, int N, int K, float alpha, float beta,
-                                      const TC* addend) {
+                                      const TC* addend, Relu2Epilogue relu2) {
+  static_assert(EPI == kRelu2None || std::is_same_v<TC, bf16>, "the ReLU² epilogues write bf16");
   extern __shared__ char smem_raw[];
   const int n_tiles_n = (N + TBN - 1) / TBN;
   FwdTile cur = fwd_tile<TBN>(blockIdx.x, offsets, E, n_tiles_n);
@@ -60,7 +67,11 @@ __global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2)
     const uint32_t sa = s0 + st * STAGE, bar = bars + st * 8;
     mbar_expect_tx(bar, STAGE);
     tma_load_2d(sa, &map_a, p_k * BK, p_tile.row0, bar);
-    tma_load_2d(sa + A_BYTES, &map_b, p_k * BK, p_tile.e * N + p_tile.n0, bar);
+    if constexpr (W_MN_MAJOR)
+      for (int j = 0; j < TBN / 64; ++j)
+        tma_load_2d(sa + A_BYTES + j * 8192, &map_b, p_tile.n0 + 64 * j, p_tile.e * K + p_k * BK, bar);
+    else
+      tma_load_2d(sa + A_BYTES, &map_b, p_k * BK, p_tile.e * N + p_tile.n0, bar);
     ++p_g;
     if (++p_k == ktiles) {
       p_k = 0;
@@ -74,6 +85,15 @@ __global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2)
   const int w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g4 = lane >> 2, t4 = lane & 3;
   int g = 0;
   for (int t = blockIdx.x; cur.valid; t += gridDim.x, cur = fwd_tile<TBN>(t, offsets, E, n_tiles_n)) {
+    if constexpr (EPI == kRelu2Backward) {
+      // The tile's h into L2 while its products run (a thread per 128-byte line of a row's
+      // TBN columns), so the epilogue's reads of it wait on L2, not DRAM.
+      for (int i = threadIdx.x; i < BM * (TBN / 64); i += THREADS) {
+        const int r = i / (TBN / 64), n = cur.n0 + 64 * (i % (TBN / 64));
+        if (r < cur.rows && n < N)
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(relu2.in + (int64_t(cur.row0) + r) * N + n));
+      }
+    }
     float acc[TBN / 2];
 #pragma unroll
     for (int i = 0; i < TBN / 2; ++i) acc[i] = 0.f;
@@ -83,20 +103,40 @@ __global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2)
       const uint32_t sa = s0 + st * STAGE + wg * 64 * 128, sb = s0 + st * STAGE + A_BYTES;
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk)
-        if constexpr (TBN == 256)
-          wgmma_m64n256k16(acc, wgmma_desc_kmajor_sw128(sa + kk * 32), wgmma_desc_kmajor_sw128(sb + kk * 32));
-        else
-          wgmma_m64n128k16(acc, wgmma_desc_kmajor_sw128(sa + kk * 32), wgmma_desc_kmajor_sw128(sb + kk * 32));
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        const uint64_t da = wgmma_desc_kmajor_sw128(sa + kk * 32);
+        const uint64_t db = W_MN_MAJOR ? wgmma_desc_mnmajor_sw128(sb + kk * 2048, 8192)
+                                       : wgmma_desc_kmajor_sw128(sb + kk * 32);
+        if constexpr (TBN == 256) wgmma_m64n256k16<W_MN_MAJOR>(acc, da, db);
+        else wgmma_m64n128k16<W_MN_MAJOR>(acc, da, db);
+      }
       wgmma_commit();
       wgmma_wait<1>();  // step g - 1 is done: its stage may be refilled
       __syncthreads();
       if (leader && g >= 1) produce();
     }
+    // The ReLU² backward's h at this thread's places of its two rows (8 columns of each 32-column
+    // group, as store_row_bf16 hands them out): row 0's loaded while the last products run,
+    // row 1's while row 0 is stored.
+    constexpr int kGroups = TBN / 32;
+    uint4 h_pre[kGroups];
+    auto load_h = [&](int h, uint4 (&dst)[kGroups]) {
+      const int m = wg * 64 + w * 16 + g4 + h * 8;
+      const bf16* h_row = relu2.in + (int64_t(cur.row0) + m) * N;
+#pragma unroll
+      for (int q = 0; q < kGroups; ++q) {
+        const int n = cur.n0 + 32 * q + 8 * t4;
+        dst[q] = m < cur.rows && n < N ? __ldg(reinterpret_cast<const uint4*>(h_row + n)) : make_uint4(0, 0, 0, 0);
+      }
+    };
+    if constexpr (EPI == kRelu2Backward) load_h(0, h_pre);
     wgmma_wait<0>();
     TC* c_base = C + int64_t(cur.row0) * N;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      uint4 h_next[kGroups];
+      if constexpr (EPI == kRelu2Backward)
+        if (h == 0) load_h(1, h_next);
       const int m = wg * 64 + w * 16 + g4 + h * 8;
       if (m >= cur.rows) continue;
       const int64_t row_off = int64_t(m) * N;
@@ -120,7 +160,23 @@ __global__ void __launch_bounds__(THREADS, TBN == 256 ? 1 : 2)
           const float2 p = pair(j);
           v[j][0] = p.x, v[j][1] = p.y;
         }
-        store_row_bf16(c_base + row_off, cur.n0, N, v, lane);  // whole sectors (wgmma_epilogue.cuh)
+        if constexpr (EPI == kRelu2Output) {
+          bf16* a_row = relu2.out + int64_t(cur.row0) * N + row_off;
+          store_row_bf16(c_base + row_off, cur.n0, N, v, lane, [&](int, int n, uint32_t (&hw)[4]) {
+            uint32_t a[4];
+            relu2_fwd8(hw, a);
+            *reinterpret_cast<uint4*>(a_row + n) = make_uint4(a[0], a[1], a[2], a[3]);
+          });
+        } else if constexpr (EPI == kRelu2Backward) {
+          float unused = 0.f;
+          store_row_bf16(c_base + row_off, cur.n0, N, v, lane,
+                         [&](int q, int, uint32_t (&w)[4]) { relu2_bwd8(w, h_pre[q], unused); });
+          if (h == 0)
+#pragma unroll
+            for (int q = 0; q < kGroups; ++q) h_pre[q] = h_next[q];
+        } else {
+          store_row_bf16(c_base + row_off, cur.n0, N, v, lane);  // whole sectors (wgmma_epilogue.cuh)
+        }
       } else {
 #pragma unroll
         for (int j = 0; j < TBN / 8; ++j) {  // f32 pairs of a quad already fill a sector
@@ -142,7 +198,9 @@ __global__ void __launch_bounds__(THREADS, TBN == 128 ? 2 : 1) grouped_wgrad_tma
                                                                       TC* dW, const int32_t* offsets, int N, int K,
                                                                       float beta, const TC* addend) {
   extern __shared__ char smem_raw[];
-  const int e = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * TBN;
+  __shared__ int by_size[kWgradOrderedExperts];
+  const WgradTile wt = wgrad_tile_by_size<TBN>(offsets, by_size);
+  const int e = wt.e, m0 = wt.m0, n0 = wt.n0;
   const int k_begin = offsets[e], k_end = offsets[e + 1];
   const int ktiles = (k_end - k_begin + BK - 1) / BK;
   const uint32_t s0 = (smem_u32(smem_raw) + 1023) & ~1023u;
@@ -302,10 +360,11 @@ __global__ void transpose_experts_kernel(const bf16* W, bf16* Wt, int R, int S) 
 }  // namespace
 
 template <int TBN, int TST>
-void forward_tma_persistent_cfg(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E,
-                                int64_t R, int N, int K, int sms, cudaStream_t stream, float alpha, float beta,
-                                const void* addend) {
-  CUtensorMap ma = make_map(A, R, K, BM), mb = make_map(W, int64_t(E) * N, K, TBN);
+void forward_tma_persistent_cfg(const bf16* A, const bf16* W, bool w_mn_major, void* C, DType c_dtype,
+                                const int32_t* offsets, int E, int64_t R, int N, int K, int sms, cudaStream_t stream,
+                                float alpha, float beta, const void* addend, const Relu2Epilogue& relu2) {
+  CUtensorMap ma = make_map(A, R, K, BM);
+  CUtensorMap mb = w_mn_major ? make_map(W, int64_t(E) * K, N, 64) : make_map(W, int64_t(E) * N, K, TBN);
   const int64_t tiles_max = int64_t((N + TBN - 1) / TBN) * ((R + BM - 1) / BM + E);
   const int per_sm = TBN == 256 ? 1 : 2;
   const unsigned grid = unsigned(std::min<int64_t>(tiles_max, int64_t(sms) * per_sm));
@@ -316,20 +375,40 @@ void forward_tma_persistent_cfg(const bf16* A, const bf16* W, void* C, DType c_d
       MOELAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     using TC = std::remove_pointer_t<decltype(c)>;
     kernel<<<grid, THREADS, smem, stream>>>(ma, mb, c, offsets, E, N, K, alpha, beta,
-                                            beta != 0.f ? static_cast<const TC*>(addend) : nullptr);
+                                            beta != 0.f ? static_cast<const TC*>(addend) : nullptr, relu2);
   };
-  if (c_dtype == DType::bf16) launch(grouped_fwd_tma_persistent_kernel<TBN, TST, bf16>, static_cast<bf16*>(C));
-  else launch(grouped_fwd_tma_persistent_kernel<TBN, TST, float>, static_cast<float*>(C));
+  auto* cb = static_cast<bf16*>(C);
+  auto* cf = static_cast<float*>(C);
+  if (relu2.out || relu2.in) {
+    if (c_dtype != DType::bf16 || alpha != 1.f || beta != 0.f)
+      throw Error("grouped GEMM: the ReLU² epilogues store bf16 C = A op(W) (alpha 1, beta 0)");
+    if (relu2.out && relu2.in) throw Error("grouped GEMM: one ReLU² epilogue at a time");
+    if (relu2.out && w_mn_major) launch(grouped_fwd_tma_persistent_kernel<TBN, TST, bf16, true, kRelu2Output>, cb);
+    else if (relu2.out) launch(grouped_fwd_tma_persistent_kernel<TBN, TST, bf16, false, kRelu2Output>, cb);
+    else if (w_mn_major) launch(grouped_fwd_tma_persistent_kernel<TBN, TST, bf16, true, kRelu2Backward>, cb);
+    else launch(grouped_fwd_tma_persistent_kernel<TBN, TST, bf16, false, kRelu2Backward>, cb);
+  } else if (w_mn_major) {
+    if (c_dtype == DType::bf16) launch(grouped_fwd_tma_persistent_kernel<TBN, TST, bf16, true, kRelu2None>, cb);
+    else launch(grouped_fwd_tma_persistent_kernel<TBN, TST, float, true, kRelu2None>, cf);
+  } else {
+    if (c_dtype == DType::bf16) launch(grouped_fwd_tma_persistent_kernel<TBN, TST, bf16, false, kRelu2None>, cb);
+    else launch(grouped_fwd_tma_persistent_kernel<TBN, TST, float, false, kRelu2None>, cf);
+  }
   MOELAB_CUDA_LAUNCH_CHECK("grouped_fwd_tma_persistent_kernel");
 }
 
-void forward_sm90_tma_persistent(const bf16* A, const bf16* W, void* C, DType c_dtype, const int32_t* offsets, int E,
-                                 int64_t R, int N, int K, int sms, cudaStream_t stream, int tile_n, float alpha,
-                                 float beta, const void* addend) {
+void forward_sm90_tma_persistent(const bf16* A, const bf16* W, bool w_mn_major, void* C, DType c_dtype,
+                                 const int32_t* offsets, int E, int64_t R, int N, int K, int sms, cudaStream_t stream,
+                                 int tile_n, float alpha, float beta, const void* addend, const Relu2Epilogue& relu2) {
+  if (w_mn_major && K % BK != 0)
+    throw Error("grouped GEMM: an [E, K, N] W needs K a multiple of " + std::to_string(BK) + ", got K " +
+                std::to_string(K) + " (transpose it per expert first)");
   if (tile_n == 128)
-    forward_tma_persistent_cfg<128, 3>(A, W, C, c_dtype, offsets, E, R, N, K, sms, stream, alpha, beta, addend);
+    forward_tma_persistent_cfg<128, 3>(A, W, w_mn_major, C, c_dtype, offsets, E, R, N, K, sms, stream, alpha, beta,
+                                       addend, relu2);
   else
-    forward_tma_persistent_cfg<256, 4>(A, W, C, c_dtype, offsets, E, R, N, K, sms, stream, alpha, beta, addend);
+    forward_tma_persistent_cfg<256, 4>(A, W, w_mn_major, C, c_dtype, offsets, E, R, N, K, sms, stream, alpha, beta,
+                                       addend, relu2);
 }
 
 

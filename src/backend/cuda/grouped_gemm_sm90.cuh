@@ -87,4 +87,36 @@ __device__ __forceinline__ FwdTile fwd_tile(int t, const int32_t* offsets, int E
   return f;
 }
 
+// The weight-gradient kernels' blocks (grid x: column tiles of TBN, y: row tiles of BM, z:
+// experts) take the experts largest first. A block's time is its expert's rows, and blocks start
+// in the order of their linear index, so the long ones go first and the short ones fill the last
+// wave (in index order, an expert with twice the mean rows finished alone, much of the GPU idle).
+// The order comes from the device offsets (ties by index), so it costs no host sync; past
+// kWgradOrderedExperts experts the index order stays. Every thread calls it (it synchronizes);
+// by_size is shared memory of kWgradOrderedExperts ints.
+constexpr int kWgradOrderedExperts = 64;
+struct WgradTile {
+  int e, m0, n0;
+};
+template <int TBN>
+__device__ __forceinline__ WgradTile wgrad_tile_by_size(const int32_t* offsets, int* by_size) {
+  const int tiles = int(gridDim.x * gridDim.y), E = int(gridDim.z);
+  const int b = int(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)), t = b % tiles;
+  int e = b / tiles;
+  if (E <= kWgradOrderedExperts) {
+    if (int(threadIdx.x) < E) {
+      const int me = int(threadIdx.x), rows = offsets[me + 1] - offsets[me];
+      int rank = 0;
+      for (int j = 0; j < E; ++j) {
+        const int rj = offsets[j + 1] - offsets[j];
+        rank += rj > rows || (rj == rows && j < me);
+      }
+      by_size[rank] = me;
+    }
+    __syncthreads();
+    e = by_size[e];
+  }
+  return {e, (t / int(gridDim.x)) * BM, (t % int(gridDim.x)) * TBN};
+}
+
 }  // namespace moelab::grouped_gemm::sm90

@@ -15,35 +15,43 @@ using namespace cuda_detail;
 
 namespace {
 
+// One AdamW step's constants (bias corrections included) and the update of one element, shared
+// by the kernels below so the formula is written once.
+struct AdamWConsts {
+  float lr, b1, b2, eps, wd, bc1, bc2;
+};
+__device__ __forceinline__ void adamw_element(float& p, float g, float& m, float& v, const AdamWConsts& k) {
+  m = k.b1 * m + (1.f - k.b1) * g;
+  v = k.b2 * v + (1.f - k.b2) * g * g;
+  const float denom = sqrtf(v / k.bc2) + k.eps;
+  p = p * (1.f - k.lr * k.wd) - k.lr * (m / k.bc1) / denom;
+}
+
+// Any size or alignment, one element at a time.
 template <class TG>
-__global__ void adamw_kernel(float* p, const TG* g, float* m, float* v, int64_t n, float lr, float b1,
-                             float b2, float eps, float wd, float bc1, float bc2) {
+__global__ void adamw_kernel(float* p, const TG* g, float* m, float* v, int64_t n, AdamWConsts k) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    float gi = to_f32(g[i]);
-    float mi = b1 * m[i] + (1.f - b1) * gi;
-    float vi = b2 * v[i] + (1.f - b2) * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    float pi = p[i] * (1.f - lr * wd);
-    float denom = sqrtf(vi / bc2) + eps;
-    p[i] = pi - lr * (mi / bc1) / denom;
+    float pi = p[i], mi = m[i], vi = v[i];
+    adamw_element(pi, to_f32(g[i]), mi, vi, k);
+    p[i] = pi, m[i] = mi, v[i] = vi;
   }
 }
 
-// The same update raising each of G equal parts' amax of the new weights (f32 bits), 8 elements
-// a thread at a time (the parts are multiples of 8): each block walks a contiguous range, so a
-// thread's chunks change part rarely; the block gathers its maxima in shared memory (up to
-// kSharedExperts parts, else global atomics) and raises each once. The pointers are restrict so
-// the loads need not wait on the maxima's atomics.
-template <class TG>
-__global__ void adamw_amax_kernel(float* __restrict__ p, const TG* __restrict__ g, float* __restrict__ m,
-                                  float* __restrict__ v, int64_t n8, float lr, float b1, float b2, float eps, float wd,
-                                  float bc1, float bc2, unsigned* __restrict__ amax, int64_t part8, int G) {
-  __shared__ unsigned s_amax[kSharedExperts];
-  const bool in_shared = G <= kSharedExperts;
-  if (in_shared)
+// 8 elements a thread at a time (16-byte aligned, n a multiple of 8), each block walking a
+// contiguous range. With kAmax it raises each of G equal parts' amax of the new weights (f32
+// bits; the parts are multiples of 8): a thread's chunks change part rarely, and the block
+// gathers its maxima in shared memory (up to kSharedExperts parts, else global atomics) and
+// raises each once. The pointers are restrict so the loads need not wait on the maxima's atomics.
+template <class TG, bool kAmax>
+__global__ void adamw_vec_kernel(float* __restrict__ p, const TG* __restrict__ g, float* __restrict__ m,
+                                 float* __restrict__ v, int64_t n8, AdamWConsts k, unsigned* __restrict__ amax,
+                                 int64_t part8, int G) {
+  __shared__ unsigned s_amax[kAmax ? kSharedExperts : 1];
+  const bool in_shared = kAmax && G <= kSharedExperts;
+  if (in_shared) {
     for (int i = threadIdx.x; i < G; i += blockDim.x) s_amax[i] = 0;
-  __syncthreads();
+    __syncthreads();
+  }
   unsigned* maxima = in_shared ? s_amax : amax;
   const ChunkRange range = block_chunks(n8);
   int cur = -1;
@@ -57,29 +65,30 @@ __global__ void adamw_amax_kernel(float* __restrict__ p, const TG* __restrict__ 
     load8(v + 8 * c, vv);
     float chunk_max = 0.f;
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      mv[k] = b1 * mv[k] + (1.f - b1) * gv[k];
-      vv[k] = b2 * vv[k] + (1.f - b2) * gv[k] * gv[k];
-      const float denom = sqrtf(vv[k] / bc2) + eps;
-      pv[k] = pv[k] * (1.f - lr * wd) - lr * (mv[k] / bc1) / denom;
-      chunk_max = fmaxf(chunk_max, fabsf(pv[k]));
+    for (int e = 0; e < 8; ++e) {
+      adamw_element(pv[e], gv[e], mv[e], vv[e], k);
+      chunk_max = fmaxf(chunk_max, fabsf(pv[e]));
     }
     store8(p + 8 * c, pv);
     store8(m + 8 * c, mv);
     store8(v + 8 * c, vv);
-    if (c >= cur_end) {  // into the next part (c only grows)
-      if (cur >= 0) raise_amax(maxima + cur, cm);
-      cur = int(c / part8);
-      cur_end = (int64_t(cur) + 1) * part8;
-      cm = 0.f;
+    if constexpr (kAmax) {
+      if (c >= cur_end) {  // into the next part (c only grows)
+        if (cur >= 0) raise_amax(maxima + cur, cm);
+        cur = int(c / part8);
+        cur_end = (int64_t(cur) + 1) * part8;
+        cm = 0.f;
+      }
+      cm = fmaxf(cm, chunk_max);
     }
-    cm = fmaxf(cm, chunk_max);
   }
-  if (cur >= 0) raise_amax(maxima + cur, cm);
-  if (!in_shared) return;
-  __syncthreads();
-  for (int i = threadIdx.x; i < G; i += blockDim.x)
-    if (s_amax[i]) atomicMax(amax + i, s_amax[i]);
+  if constexpr (kAmax) {
+    if (cur >= 0) raise_amax(maxima + cur, cm);
+    if (!in_shared) return;
+    __syncthreads();
+    for (int i = threadIdx.x; i < G; i += blockDim.x)
+      if (s_amax[i]) atomicMax(amax + i, s_amax[i]);
+  }
 }
 
 // Each part's amax of x, element by element (adamw_update's fallback for uneven parts).
@@ -153,33 +162,44 @@ void CudaBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Ten
   require(grad.numel() == n && m.numel() == n && v.numel() == n, "adamw_update",
           "param, grad, m, v must have one element count: " + param.describe() + ", " + grad.describe());
   if (n == 0) return;
-  float bc1 = float(1.0 - std::pow(double(s.beta1), double(s.step)));
-  float bc2 = float(1.0 - std::pow(double(s.beta2), double(s.step)));
-  unsigned nb = grid_for(n, 256, 132 * 16);
+  const AdamWConsts k{s.lr,
+                      s.beta1,
+                      s.beta2,
+                      s.eps,
+                      s.weight_decay,
+                      float(1.0 - std::pow(double(s.beta1), double(s.step))),
+                      float(1.0 - std::pow(double(s.beta2), double(s.step)))};
+  int64_t part = n;
   if (group_amax) {
     require_dtype(*group_amax, DType::f32, "adamw_update", "group_amax");
     const int64_t G = group_amax->numel();
     require(G > 0 && n % G == 0 && G <= INT32_MAX, "adamw_update",
             "group_amax " + group_amax->describe() + " must split " + param.describe() + " evenly");
-    const int64_t part = n / G;
-    if (part % 8 == 0 && aligned16(param.data) && aligned16(grad.data) && aligned16(m.data) && aligned16(v.data)) {
-      const unsigned blocks = grid_for(n / 8, 256, 132 * 16);
-      MOELAB_FLOAT_DISPATCH(grad.dtype, TG,
-          adamw_amax_kernel<TG><<<blocks, 256, 0, stream_>>>(param.as<float>(), grad.as<TG>(), m.as<float>(),
-                                                             v.as<float>(), n / 8, s.lr, s.beta1, s.beta2, s.eps,
-                                                             s.weight_decay, bc1, bc2, group_amax->as<unsigned>(),
-                                                             part / 8, int(G)));
-      MOELAB_CUDA_LAUNCH_CHECK("adamw");
-      return;
-    }
+    part = n / G;
   }
+  const bool vec = part % 8 == 0 && aligned16(param.data) && aligned16(grad.data) && aligned16(m.data) &&
+                   aligned16(v.data);
+  if (vec) {
+    const unsigned blocks = grid_for(n / 8, 256, 132 * 16);
+    unsigned* amax = group_amax ? group_amax->as<unsigned>() : nullptr;
+    const int G = group_amax ? int(group_amax->numel()) : 0;
+    MOELAB_FLOAT_DISPATCH(grad.dtype, TG, {
+      if (amax)
+        adamw_vec_kernel<TG, true><<<blocks, 256, 0, stream_>>>(param.as<float>(), grad.as<TG>(), m.as<float>(),
+                                                                v.as<float>(), n / 8, k, amax, part / 8, G);
+      else
+        adamw_vec_kernel<TG, false><<<blocks, 256, 0, stream_>>>(param.as<float>(), grad.as<TG>(), m.as<float>(),
+                                                                 v.as<float>(), n / 8, k, nullptr, part / 8, 0);
+    });
+    MOELAB_CUDA_LAUNCH_CHECK("adamw");
+    return;
+  }
+  const unsigned nb = grid_for(n, 256, 132 * 16);
   MOELAB_FLOAT_DISPATCH(grad.dtype, TG,
-      adamw_kernel<TG><<<nb, 256, 0, stream_>>>(param.as<float>(), grad.as<TG>(), m.as<float>(), v.as<float>(), n,
-                                                s.lr, s.beta1, s.beta2, s.eps, s.weight_decay, bc1, bc2));
+      adamw_kernel<TG><<<nb, 256, 0, stream_>>>(param.as<float>(), grad.as<TG>(), m.as<float>(), v.as<float>(), n, k));
   MOELAB_CUDA_LAUNCH_CHECK("adamw");
   if (group_amax) {  // parts that are not whole aligned 8-element chunks (no FP8 weight's): a pass
-    raise_parts_amax_kernel<<<nb, 256, 0, stream_>>>(param.as<float>(), n, n / group_amax->numel(),
-                                                     group_amax->as<unsigned>());
+    raise_parts_amax_kernel<<<nb, 256, 0, stream_>>>(param.as<float>(), n, part, group_amax->as<unsigned>());
     MOELAB_CUDA_LAUNCH_CHECK("adamw parts amax");
   }
 }

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "backend/cuda/expert_amax.cuh"
 #include "backend/cuda/mma_utils.cuh"
 
 namespace moelab::cuda_detail {
@@ -59,6 +60,31 @@ __device__ __forceinline__ void store_row_bf16(__nv_bfloat16* row, int n0, int N
 template <int NJ>
 __device__ __forceinline__ void store_row_bf16(__nv_bfloat16* row, int n0, int N, const float (&v)[NJ][2], int lane) {
   store_row_bf16(row, n0, N, v, lane, [](int, int, uint32_t (&)[4]) {});
+}
+
+// The expert MLP's ReLU² in an epilogue (store_row_bf16's finish), on a lane's 8 packed bf16
+// values, rounded exactly as relu2_fwd and relu2_bwd round them.
+// a = relu²(h) of the stored h: max(h, 0)^2 in f32, stored as bf16.
+__device__ __forceinline__ void relu2_fwd8(const uint32_t (&h)[4], uint32_t (&a)[4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&h[k]));
+    const float r0 = fmaxf(x.x, 0.f), r1 = fmaxf(x.y, 0.f);
+    a[k] = pack_bf16x2(r0 * r0, r1 * r1);
+  }
+}
+// dh = da * 2 relu(h) in f32 over the stored da, given the same columns' h, stored as bf16 in
+// place of da; raises m to the largest |dh| as stored.
+__device__ __forceinline__ void relu2_bwd8(uint32_t (&da)[4], uint4 hv, float& m) {
+  const uint32_t hw[4] = {hv.x, hv.y, hv.z, hv.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 d = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&da[k]));
+    const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hw[k]));
+    const float g0 = d.x * (2.f * fmaxf(x.x, 0.f)), g1 = d.y * (2.f * fmaxf(x.y, 0.f));
+    da[k] = pack_bf16x2(g0, g1);
+    m = fmaxf(m, fmaxf(fabsf(stored<__nv_bfloat16>(g0)), fabsf(stored<__nv_bfloat16>(g1))));
+  }
 }
 
 }  // namespace moelab::cuda_detail
