@@ -9,7 +9,7 @@
 #   seed     training speed at the seed shape: MoE with AdamW and with Muon, capacity, dense
 #   d20      training speed at d20 (MoE, AdamW)
 #   profile  per-kernel time of one BF16 step at the seed shape (AdamW; PROFILE_MUON=1 adds the
-#            Muon step, PROFILE_D20=1 d20)
+#            Muon step, PROFILE_CAPACITY=1 capacity dispatch, PROFILE_D20=1 d20)
 #   peers    torch_moe_ref.py --compile 1: MoE and dense at the seed shape, MoE at d20
 # Runs: AdamW on the matrices unless said, graph, dropless, STEPS steps, medians of steps 10+.
 # The training logs go into run_logs.tgz (a call brings back at most 8 files).
@@ -93,6 +93,8 @@ if [[ $what == *" profile "* ]]; then
   NAME=profile_seed_bf16 bash bench/gpu/profile_step.sh --set optim.matrix_optimizer=adamw | head -30
   [ -n "${PROFILE_MUON:-}" ] && NAME=profile_seed_bf16_muon bash bench/gpu/profile_step.sh \
     --set optim.matrix_optimizer=muon | head -30
+  [ -n "${PROFILE_CAPACITY:-}" ] && NAME=profile_seed_bf16_capacity bash bench/gpu/profile_step.sh \
+    --set optim.matrix_optimizer=adamw --set moe.dispatch=capacity | head -30
   [ -n "${PROFILE_D20:-}" ] && NAME=profile_d20_bf16 bash bench/gpu/profile_step.sh --set optim.matrix_optimizer=adamw \
     "${d20[@]}" | head -30
   mv "$OUT"/profile_*.csv "$OUT"/profile_*.err "$logs/" 2>/dev/null
