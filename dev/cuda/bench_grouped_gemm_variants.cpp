@@ -1,5 +1,6 @@
-// Kernel lab: grouped BF16 GEMM benchmark at the seed's MoE shape: 8 experts x 8192 rows, 768 -> 1536 (up)
-// and 1536 -> 768 (down), each as forward, data gradient and weight gradient. Each grouped GEMM
+// Kernel lab: grouped BF16 GEMM benchmark at the seed's MoE shape: 8 experts x 8192 rows (or the
+// rows BENCH_EXPERT_ROWS gives), 768 -> 1536 (up) and 1536 -> 768 (down), each as forward, data
+// gradient and weight gradient. Each grouped GEMM
 // is timed against one cuBLASLt GEMM of the same total size measured in the same run, and checked
 // against per-expert cuBLASLt GEMMs on the same random inputs. The forward is also timed with the
 // earlier kernels (v1 mma.sync, v2 wgmma fed by cp.async, v3 one TMA tile per block; the variants
@@ -8,6 +9,7 @@
 // at the seed shape for reference. Prints a table (median of many CUDA-event-timed runs).
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -46,14 +48,32 @@ int main(int argc, char** argv) {
   }
   CudaBackend be;
   Rng rng(uint64_t(std::chrono::steady_clock::now().time_since_epoch().count()));
-  const int E = 8, rows_per = 8192;
-  const int64_t R = int64_t(E) * rows_per;
+  // Rows per expert: 8192 each, or BENCH_EXPERT_ROWS="r0,r1,...,r7" (a training step's uneven
+  // routing, e.g. its expert loads at the seed shape).
+  const int E = 8;
+  std::vector<int32_t> off(E + 1, 0);
+  {
+    const char* env = std::getenv("BENCH_EXPERT_ROWS");
+    std::vector<int32_t> rows;
+    for (const char* p = env; p && *p;) {
+      char* end = nullptr;
+      const long v = std::strtol(p, &end, 10);
+      if (end == p || v < 1) break;  // not a positive count: the size check below reports it
+      rows.push_back(int32_t(v));
+      p = *end == ',' ? end + 1 : end;
+    }
+    if (env && rows.size() != size_t(E)) {
+      std::fprintf(stderr, "bench_grouped_gemm: BENCH_EXPERT_ROWS needs %d row counts, got \"%s\"\n", E, env);
+      return 1;
+    }
+    for (int e = 0; e < E; ++e) off[size_t(e) + 1] = off[size_t(e)] + (env ? rows[size_t(e)] : 8192);
+  }
+  const int64_t R = off[size_t(E)];
+  auto rows_of = [&](const Tensor& t, int e) { return t.rows_slice(off[size_t(e)], off[size_t(e) + 1]); };
   std::printf("device: %s\n", be.name().c_str());
   std::printf("%-34s %10s %10s %10s %10s %8s %10s\n", "gemm", "grp ms", "grp TF/s", "blas ms", "blas TF/s", "ratio",
               "check");
   Tensor offsets = be.alloc({E + 1}, DType::i32);
-  std::vector<int32_t> off(E + 1);
-  for (int e = 0; e <= E; ++e) off[size_t(e)] = e * rows_per;
   be.write_i32(offsets, off);
   bool ok = true;
 
@@ -84,8 +104,8 @@ int main(int argc, char** argv) {
                      [&] { be.matmul(X, false, W0, true, Y); },
                      [&] {
                        for (int e = 0; e < E; ++e) {
-                         Tensor ye = Yref.rows_slice(int64_t(e) * rows_per, int64_t(e + 1) * rows_per);
-                         be.matmul(X.rows_slice(int64_t(e) * rows_per, int64_t(e + 1) * rows_per), false, W.index(e),
+                         Tensor ye = rows_of(Yref, e);
+                         be.matmul(rows_of(X, e), false, W.index(e),
                                    true, ye);
                        }
                      },
@@ -106,8 +126,8 @@ int main(int argc, char** argv) {
                      [&] { be.matmul(dY, false, W0, false, dX); },
                      [&] {
                        for (int e = 0; e < E; ++e) {
-                         Tensor xe = dXref.rows_slice(int64_t(e) * rows_per, int64_t(e + 1) * rows_per);
-                         be.matmul(dY.rows_slice(int64_t(e) * rows_per, int64_t(e + 1) * rows_per), false,
+                         Tensor xe = rows_of(dXref, e);
+                         be.matmul(rows_of(dY, e), false,
                                    W.index(e), false, xe);
                        }
                      },
@@ -121,8 +141,8 @@ int main(int argc, char** argv) {
                      [&] {
                        for (int e = 0; e < E; ++e) {
                          Tensor we = dWref.index(e);
-                         be.matmul(dY.rows_slice(int64_t(e) * rows_per, int64_t(e + 1) * rows_per), true,
-                                   X.rows_slice(int64_t(e) * rows_per, int64_t(e + 1) * rows_per), false, we);
+                         be.matmul(rows_of(dY, e), true,
+                                   rows_of(X, e), false, we);
                        }
                      },
                      dW, dWref});
