@@ -91,9 +91,15 @@ class CudaOps : public ::testing::Test {
     return p;
   }
   double err(const Pair& p) { return nerr(gpu->read(p.g), cpu->read(p.c)); }
+  // The global normalized error within tol, and every row (the last dimension; elements of a
+  // vector) within kRowTolFactor x tol of its own norm, so a few bad rows cannot hide in a
+  // large output.
   void expect_close(const Pair& p, double tol, const std::string& what) {
-    double e = err(p);
-    EXPECT_LT(e, tol) << what << " (seed " << seed << ")";
+    const std::vector<float> out = gpu->read(p.g), ref = cpu->read(p.c);
+    EXPECT_LT(nerr(out, ref), tol) << what << " (seed " << seed << ")";
+    const size_t row_len = p.c.ndim() >= 2 ? size_t(p.c.shape.back()) : 1;
+    EXPECT_LT(worst_row_nerr(out, ref, row_len), kRowTolFactor * tol)
+        << what << ": a row is off by more than " << kRowTolFactor << " x the tolerance (seed " << seed << ")";
   }
   void expect_equal_i32(const Pair& p, const std::string& what) {
     auto a = gpu->read_i32(p.g), b = cpu->read_i32(p.c);
@@ -373,10 +379,16 @@ TEST_F(CudaOps, SoftcapCrossEntropy) {
 TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
   const int64_t E = 6, k = 2, D = 64, Hd = 96;
   // 3000 tokens: more assignments than the combine backward's amax grid has warps, so they stride.
+  // starved: no token picks expert 2, so every op below meets an expert with zero rows.
+  for (bool starved : {false, true})
   for (int64_t T : {int64_t(300), int64_t(3000)})
   for (int capacity : {0, 70}) {
-    const std::string tag = (capacity ? " (capacity 70, T " : " (dropless, T ") + std::to_string(T) + ")";
-    auto logits = rand_pair({T, E}, DType::f32, 2.f);
+    const std::string tag = (capacity ? " (capacity 70, T " : " (dropless, T ") + std::to_string(T) +
+                            (starved ? ", expert 2 starved)" : ")");
+    std::vector<float> logit_values = randn(T * E, 2.f);
+    if (starved)
+      for (int64_t t = 0; t < T; ++t) logit_values[size_t(t * E + 2)] = -30.f;
+    auto logits = pair_from({T, E}, DType::f32, logit_values);
     auto probs = out_pair({T, E}, DType::f32), gates = out_pair({T, k}, DType::f32);
     auto idx = out_pair({T, k}, DType::i32);
     cpu->router_topk(logits.c, int(k), probs.c, idx.c, gates.c);
@@ -393,6 +405,7 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
     expect_equal_i32(routed, "plan routed" + tag);
     expect_equal_i32(counts, "plan counts" + tag);
     expect_equal_i32(offsets, "plan offsets" + tag);
+    if (starved) EXPECT_EQ(cpu->read_i32(counts.c)[2], 0) << "expert 2 must receive no rows" << tag;
     expect_equal_i32(slot, "plan slot" + tag);
     const int32_t kept = cpu->read_i32(offsets.c)[size_t(E)];
     auto rt_g = gpu->read_i32(row_token.g), rt_c = cpu->read_i32(row_token.c);
@@ -450,6 +463,7 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
     hc.resize(size_t(kept) * Hd);
     hg.resize(size_t(kept) * Hd);
     EXPECT_LT(nerr(hg, hc), kBf16Tol) << "grouped_matmul trans_w" << tag;
+    EXPECT_LT(worst_row_nerr(hg, hc, size_t(Hd)), kRowTolFactor * kBf16Tol) << "grouped_matmul trans_w, worst row" << tag;
     // Continue from the CPU's values so each op is judged alone.
     auto hb = pair_from(h.c.shape, DType::bf16, cpu->read(h.c));
     auto yp = out_pair({T * k, D}, DType::f32);
@@ -461,6 +475,7 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
     ypc.resize(size_t(kept) * D);
     ypg.resize(size_t(kept) * D);
     EXPECT_LT(nerr(ypg, ypc), kBf16Tol) << "grouped_matmul no trans, f32 out" << tag;
+    EXPECT_LT(worst_row_nerr(ypg, ypc, size_t(D)), kRowTolFactor * kBf16Tol) << "grouped_matmul no trans, worst row" << tag;
 
     {  // ReLU² and its backward over the experts' rows, with their amax
       auto act = out_pair({T * k, Hd}, DType::bf16), dact = rand_pair({T * k, Hd}, DType::bf16);
@@ -488,6 +503,7 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
     dypc.resize(size_t(kept) * D);
     dypg.resize(size_t(kept) * D);
     EXPECT_LT(nerr(dypg, dypc), kBf16Tol) << "moe_combine_bwd dyp" << tag;
+    EXPECT_LT(worst_row_nerr(dypg, dypc, size_t(D)), kRowTolFactor * kBf16Tol) << "moe_combine_bwd dyp, worst row" << tag;
     gpu->fill(dyp.g, 1e30f);
     const std::vector<float> dgates_plain = gpu->read(dgates.g);
     gpu->fill(dgates.g, 1e30f);
@@ -728,6 +744,7 @@ TEST_F(CudaOps, GroupedGemmUnevenAndEmptyExperts) {
   cc.resize(size_t(640) * N);
   cg.resize(size_t(640) * N);
   EXPECT_LT(nerr(cg, cc), kBf16Tol) << "grouped uneven (seed " << seed << ")";
+  EXPECT_LT(worst_row_nerr(cg, cc, size_t(N)), kRowTolFactor * kBf16Tol) << "grouped uneven, worst row (seed " << seed << ")";
   // The data gradient's product A W[e] with W [E, Kd, N]: Kd a multiple of 64 reads W in place
   // (MN-major), 264 takes the per-expert transpose. N = 136 leaves a partial column tile.
   for (int64_t Kd : {256, 264}) {
@@ -741,6 +758,7 @@ TEST_F(CudaOps, GroupedGemmUnevenAndEmptyExperts) {
     dc.resize(size_t(640) * K);
     dg.resize(size_t(640) * K);
     EXPECT_LT(nerr(dg, dc), 1e-4) << "grouped uneven, W not transposed, K " << Kd << " (seed " << seed << ")";
+    EXPECT_LT(worst_row_nerr(dg, dc, size_t(K)), kRowTolFactor * 1e-4) << "grouped uneven, W not transposed, worst row, K " << Kd;
   }
   auto dW = rand_pair({E, N, K}, DType::f32);
   auto dY = rand_pair({R, N}, DType::bf16);
@@ -837,6 +855,33 @@ TEST_F(CudaOps, GroupedWgradEveryTileWidth) {
       expect_close(dw, 1e-4, "wgrad tile " + std::to_string(tile) + " beta " + std::to_string(beta));
     }
   EXPECT_EQ(grouped_gemm::wgrad_tile_n(8, 1536, 768, 132), 192);  // the seed's w_fc gradient
+}
+
+// A weight gradient over no rows at all (every expert empty, e.g. a rank that received no
+// tokens): the output is beta dW (or the addend), from the one kernel that path launches
+// (grouped_wgrad_kernel), in f32 and bf16, as the CPU gives it.
+TEST_F(CudaOps, GroupedWgradOverNoRowsIsBetaTimesTheOld) {
+  const int E = 3, N = 64, K = 96;
+  auto offsets = i32_pair({E + 1}, {0, 0, 0, 0});
+  auto dy = rand_pair({0, N}, DType::bf16), x = rand_pair({0, K}, DType::bf16);
+  for (DType dt : {DType::f32, DType::bf16})
+    for (float beta : {0.f, 0.5f, 1.f}) {
+      const std::string what = std::string("no rows, ") + dtype_name(dt) + ", beta " + std::to_string(beta);
+      auto dw = rand_pair({E, N, K}, dt);
+      const std::vector<float> before = cpu->read(dw.c);
+      cpu->grouped_matmul_wgrad(dy.c, x.c, dw.c, offsets.c, beta);
+      gpu->grouped_matmul_wgrad(dy.g, x.g, dw.g, offsets.g, beta);
+      const std::vector<float> got = gpu->read(dw.g);
+      ASSERT_EQ(got.size(), before.size());
+      size_t wrong = 0;
+      for (size_t i = 0; i < got.size(); ++i) wrong += got[i] != beta * before[i];  // exact: beta is a power of 2 or 0
+      EXPECT_EQ(wrong, 0u) << what;
+      expect_close(dw, 1e-7, what + " against the CPU");
+    }
+  // beta 1 with an addend elsewhere: dW = addend.
+  auto dw = rand_pair({E, N, K}, DType::f32), addend = rand_pair({E, N, K}, DType::f32);
+  gpu->grouped_matmul_wgrad(dy.g, x.g, dw.g, offsets.g, 1.f, &addend.g);
+  EXPECT_EQ(gpu->read(dw.g), gpu->read(addend.g)) << "no rows with an addend";
 }
 
 // The fused sums Newton-Schulz uses: C = alpha A W^T + beta addend (bf16, separate and in place)
