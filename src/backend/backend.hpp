@@ -14,6 +14,7 @@
 //   when the master dtype is f64).
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -362,6 +363,46 @@ class Backend {
   virtual void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                              const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
                              Tensor& dv, int window = 0) = 0;
+  // Incremental decoding: the queries q [B, Tq, Hq, hd] are the last Tq of S positions whose keys
+  // and values k, v [B, S, Hkv, hd] (a KV cache's first S rows) hold, S >= Tq; query i sits at
+  // position S - Tq + i and sees keys as attention_fwd (causal, window). With S == Tq it is
+  // attention_fwd's out. This default runs on the host (read, compute in f64, write), so any
+  // backend decodes through the same code; a backend overrides it with its own kernel.
+  virtual void attention_cached_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, int window = 0) {
+    const int64_t B = q.dim(0), Tq = q.dim(1), Hq = q.dim(2), hd = q.dim(3), S = k.dim(1), Hkv = k.dim(2);
+    if (k.ndim() != 4 || k.shape != v.shape || k.dim(0) != B || k.dim(3) != hd || S < Tq || Hkv <= 0 || Hq % Hkv ||
+        out.shape != q.shape)
+      throw Error("attention_cached_fwd: q " + q.describe() + ", k " + k.describe() + ", v " + v.describe() +
+                  ", out " + out.describe() + " do not fit");
+    const std::vector<float> qh = read(q), kh = read(k), vh = read(v);
+    std::vector<float> oh(qh.size());
+    std::vector<double> p(static_cast<size_t>(S)), acc(static_cast<size_t>(hd));
+    const double scale = 1.0 / std::sqrt(double(hd));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < Hq; ++h)
+        for (int64_t i = 0; i < Tq; ++i) {
+          const int64_t t = S - Tq + i, hk = h / (Hq / Hkv);
+          const int64_t j0 = window > 0 && t > window ? t - window : 0;
+          const float* qt = &qh[size_t(((b * Tq + i) * Hq + h) * hd)];
+          double m = -INFINITY, l = 0;
+          for (int64_t j = j0; j <= t; ++j) {
+            const float* kj = &kh[size_t(((b * S + j) * Hkv + hk) * hd)];
+            double s = 0;
+            for (int64_t c = 0; c < hd; ++c) s += double(qt[c]) * double(kj[c]);
+            p[size_t(j)] = s * scale;
+            m = std::max(m, p[size_t(j)]);
+          }
+          std::fill(acc.begin(), acc.end(), 0.0);
+          for (int64_t j = j0; j <= t; ++j) {
+            const double e = std::exp(p[size_t(j)] - m);
+            l += e;
+            const float* vj = &vh[size_t(((b * S + j) * Hkv + hk) * hd)];
+            for (int64_t c = 0; c < hd; ++c) acc[size_t(c)] += e * double(vj[c]);
+          }
+          for (int64_t c = 0; c < hd; ++c) oh[size_t(((b * Tq + i) * Hq + h) * hd + c)] = float(acc[size_t(c)] / l);
+        }
+    write(out, oh);
+  }
 
   // --- ReLU^2 ------------------------------------------------------------------------------------
   // With amax (rows of h in expert order), each expert's amax of a (of dh) is raised too.

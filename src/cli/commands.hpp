@@ -14,6 +14,7 @@ void add_tokenizer_command(CLI::App& app);  // cmd_tokenizer.cpp
 void add_data_command(CLI::App& app);       // cmd_data.cpp
 void add_sweep_command(CLI::App& app);      // cmd_sweep.cpp
 void add_report_command(CLI::App& app);     // cmd_report.cpp
+void add_sample_command(CLI::App& app);     // cmd_sample.cpp
 
 // Levenshtein distance, for "did you mean" hints.
 inline int edit_distance(const std::string& a, const std::string& b) {

@@ -11,7 +11,8 @@ int main(int argc, char** argv) {
   CLI::App app{
       "moelab: train Mixture-of-Experts GPTs in the nanochat style and compare variants.\n"
       "Quick start: moelab sweep configs/sweep-cpu.toml   (CPU ablation + report)\n"
-      "             moelab train --config configs/tiny-cpu.toml --out runs/tiny",
+      "             moelab train --config configs/tiny-cpu.toml --out runs/tiny\n"
+      "             moelab sample --run runs/tiny --prompt \"The jury said\"",
       "moelab"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moelab 0.1.0");
@@ -20,6 +21,7 @@ int main(int argc, char** argv) {
   moelab::cli::add_data_command(app);
   moelab::cli::add_sweep_command(app);
   moelab::cli::add_report_command(app);
+  moelab::cli::add_sample_command(app);
   // A mistyped command gets its own message (CLI11 would say only that one is required).
   if (argc > 1 && argv[1][0] != '-') {
     std::string word = argv[1], known, close;

@@ -88,6 +88,7 @@ const std::vector<Key>& keys() {
       {"train.threads", Kind::integer, "CPU threads; 0 = all cores", member(&Config::train, &TrainConfig::threads)},
       {"train.save_final", Kind::boolean, "write a checkpoint at the end", member(&Config::train, &TrainConfig::save_final)},
       {"train.keep_checkpoints", Kind::integer, "newest checkpoints kept in the run folder; 0 = all", member(&Config::train, &TrainConfig::keep_checkpoints)},
+      {"train.tensorboard", Kind::boolean, "also write loss, validation, lr multiplier, tok/s, MFU and drop rate as TensorBoard event files (RUN_DIR/events.out.tfevents.*)", member(&Config::train, &TrainConfig::tensorboard)},
 
       {"optim.matrix_optimizer", Kind::text, "muon | adamw: the update of all matrices (attention, router, experts)", member(&Config::optim, &OptimConfig::matrix_optimizer)},
       {"optim.matrix_lr", Kind::real, "Muon learning rate (all matrices, experts included)", member(&Config::optim, &OptimConfig::matrix_lr)},

@@ -68,6 +68,7 @@ struct TrainConfig {
   int64_t threads = 0;    // CPU threads; 0: all cores
   bool save_final = true;
   int64_t keep_checkpoints = 0;  // newest checkpoints kept in the run folder; 0: all
+  bool tensorboard = false;      // also write the scalars as TensorBoard event files in the run folder
 };
 
 struct OptimConfig {

@@ -6,6 +6,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/error.hpp"
+
 namespace moelab {
 namespace {
 
@@ -58,9 +60,16 @@ HfExport tokenizer_to_hf_json(const Tokenizer& tok) {
     vocab[s] = id;
   }
   for (const auto& [a, b] : tok.merges()) merges.push_back(spell(tok.token_text(a)) + " " + spell(tok.token_text(b)));
-  for (int32_t id = first_special; id < int32_t(tok.vocab_size()); ++id)
-    added.push_back({{"id", id}, {"content", tok.token_text(id)}, {"single_word", false}, {"lstrip", false},
-                     {"rstrip", false}, {"normalized", false}, {"special", true}});
+  // The specials go into the BPE vocabulary under their spelling, not into added_tokens: the
+  // library matches an added token's spelling anywhere in a text, while moelab (as nanochat's
+  // encode_ordinary) encodes "<|bos|>" in a text as text. In the vocabulary a special keeps its id
+  // (token_to_id, decode) and no merge produces it, so both encode the literal text alike.
+  for (int32_t id = first_special; id < int32_t(tok.vocab_size()); ++id) {
+    std::string s = spell(tok.token_text(id));
+    if (!seen.insert(s).second)
+      throw Error("tokenizer export: special token " + tok.token_text(id) + " is spelled like an ordinary token");
+    vocab[s] = id;
+  }
   json j = {
       {"version", "1.0"},
       {"truncation", nullptr},

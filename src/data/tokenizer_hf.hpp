@@ -1,7 +1,8 @@
 // The tokenizer as a Hugging Face `tokenizer.json` (the `tokenizers` library's format), so other
 // tools read moelab's token ids: a byte-level BPE whose vocabulary and merges are ours, the same
 // pre-split pattern (a Split pre-tokenizer, then ByteLevel without its own regex), and the
-// specials as added tokens with their ids. Token strings use GPT-2's byte-to-character table.
+// specials in the vocabulary with their ids (not as added tokens, which the library would match
+// in a text's "<|bos|>"). Token strings use GPT-2's byte-to-character table.
 #pragma once
 #include <string>
 

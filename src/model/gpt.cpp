@@ -728,4 +728,133 @@ double GptMoE::flops_per_token() const {
   return 6.0 * double(active_matmul_params()) + 12.0 * double(heads_ * head_dim_) * span;
 }
 
+GptMoE::KvCache GptMoE::make_kv_cache(int64_t capacity) {
+  if (rows_ != 1) throw Error("decoding needs a model planned for one row (rows = 1), not " + std::to_string(rows_));
+  if (lin_.fp8_enabled())
+    throw Error("decoding runs without FP8: build the model with precision = \"auto\" (bf16 on a GPU, f32 on the CPU)");
+  if (expert_group_) throw Error("decoding does not run expert parallel: build the model on one rank");
+  if (capacity < 1 || capacity > cfg_.model.max_seq)
+    throw Error("a KV cache of " + std::to_string(capacity) + " positions: give 1 .. model.max_seq = " +
+                std::to_string(cfg_.model.max_seq) + " (the rotary table ends there)");
+  KvCache c;
+  c.capacity = capacity;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    c.k.push_back(be_.alloc({1, capacity, kv_heads_, head_dim_}, act_));
+    c.v.push_back(be_.alloc({1, capacity, kv_heads_, head_dim_}, act_));
+  }
+  // Decoding routes every token (dropless): the expert buffers must hold all of them.
+  if (experts_ > 0 && rows_max_ < n_ * top_k_)
+    throw Error("decoding routes every token to its top-k experts: build the model with moe.dispatch = \"dropless\"");
+  if (!decode_tokens_.data) decode_tokens_ = be_.alloc({n_}, DType::i32);
+  return c;
+}
+
+void GptMoE::mlp_decode(Layer& l, const Tensor& xn, Tensor& out, int64_t T) {
+  if (!l.moe) {
+    Tensor h = l.h.rows_slice(0, T), a = l.a.rows_slice(0, T);
+    dense_forward(*l.fc, *l.proj, xn, h, a, out, true);
+    return;
+  }
+  const int64_t E = experts_, k = top_k_;
+  Tensor logits = l.router_logits.rows_slice(0, T), probs = l.probs.rows_slice(0, T);
+  Tensor topk = l.topk.rows_slice(0, T), gates = l.gates.rows_slice(0, T);
+  Tensor slot = l.slot.prefix({T * k}), row_token = l.row_token.prefix({T * k});
+  Tensor xp = l.xp.rows_slice(0, T * k), hp = l.hp.rows_slice(0, T * k), yp = l.yp.rows_slice(0, T * k);
+  Tensor ap = l.ap.rows_slice(0, T * k);
+  be_.matmul(xn, false, l.router->compute, true, logits);
+  be_.router_topk(logits, int(k), probs, topk, gates);
+  be_.moe_plan(topk, int(E), /*capacity=*/0, l.routed, l.counts, l.offsets, slot, row_token, drop_order_);
+  be_.moe_permute(xn, row_token, l.offsets, xp);
+  be_.grouped_matmul(xp, l.w_fc->compute, true, hp, l.offsets);
+  be_.relu2_fwd(hp, ap);
+  be_.grouped_matmul(ap, l.w_proj->compute, true, yp, l.offsets);
+  be_.moe_combine(yp, slot, gates, out, true);
+  if (l.sh_fc) {
+    Tensor h = l.h.rows_slice(0, T), a = l.a.rows_slice(0, T);
+    dense_forward(*l.sh_fc, *l.sh_proj, xn, h, a, out, true);
+  }
+}
+
+std::vector<double> GptMoE::forward_decode(const std::vector<int32_t>& tokens, KvCache& cache) {
+  const int64_t T = int64_t(tokens.size()), pos = cache.length, S = pos + T;
+  if (!decode_tokens_.data || cache.k.size() != layers_.size())
+    throw Error("forward_decode: make the cache with this model's make_kv_cache");
+  if (T < 1 || T > n_)
+    throw Error("forward_decode: " + std::to_string(T) + " tokens at once; give 1 .. " + std::to_string(n_) +
+                " (the seq_len the model was planned for)");
+  if (S > cache.capacity)
+    throw Error("forward_decode: position " + std::to_string(S - 1) + " is past the cache's " +
+                std::to_string(cache.capacity) + " positions (model.max_seq = " + std::to_string(cfg_.model.max_seq) + ")");
+  const bool lambdas = resid_lambdas_ != nullptr;
+  auto rows = [&](const Tensor& t) { return t.rows_slice(0, T); };   // the first T tokens' rows of a [n_, ...] buffer
+  auto heads4 = [&](const Tensor& t, int64_t h) { return t.prefix({1, T, h, head_dim_}); };
+  // This call's positions [pos, S) of a layer's cache, and its first S positions.
+  auto cache_new = [&](const Tensor& c) {
+    return c.view({cache.capacity, kv_heads_ * head_dim_}).rows_slice(pos, S).view({1, T, kv_heads_, head_dim_});
+  };
+  auto cache_upto = [&](const Tensor& c) {
+    return c.view({cache.capacity, kv_heads_ * head_dim_}).rows_slice(0, S).view({1, S, kv_heads_, head_dim_});
+  };
+  // Rotary tables from position pos on: the op's row t is then position pos + t.
+  const Tensor cos = cos_.rows_slice(pos, cfg_.model.max_seq), sin = sin_.rows_slice(pos, cfg_.model.max_seq);
+
+  Tensor tok = decode_tokens_.prefix({T});
+  be_.write_i32(tok, tokens);
+  Tensor emb = rows(emb_);
+  be_.embedding_fwd(tok, wte_->compute, emb);
+  Tensor x0 = rows(lambdas ? layers_[0].x_pre : layers_[0].x_in);
+  Tensor rstd0 = rstd0_.prefix({T});
+  be_.rmsnorm_fwd(emb, x0, rstd0);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    Layer& l = layers_[i];
+    Tensor next = rows(i + 1 < layers_.size() ? (lambdas ? layers_[i + 1].x_pre : layers_[i + 1].x_in) : x_out_);
+    Tensor x_in = rows(l.x_in), xn1 = rows(l.xn1);
+    if (lambdas)
+      be_.lambda_mix_fwd(elements(resid_lambdas_->value, int64_t(i), int64_t(i) + 1), rows(l.x_pre),
+                         elements(x0_lambdas_->value, int64_t(i), int64_t(i) + 1), x0, x_in);
+    Tensor rstd1 = l.rstd1.prefix({T}), rstd2 = l.rstd2.prefix({T});
+    Tensor rstd_q = l.rstd_q.prefix({T * heads_}), rstd_k = l.rstd_k.prefix({T * kv_heads_});
+    be_.rmsnorm_fwd(x_in, xn1, rstd1);
+    Tensor q = heads4(l.q, heads_), k = heads4(l.k, kv_heads_), v = heads4(l.v, kv_heads_);
+    Tensor q2 = tokens_by_features(q), k2 = tokens_by_features(k), v2 = tokens_by_features(v);
+    be_.matmul(xn1, false, l.wq->compute, true, q2);
+    be_.matmul(xn1, false, l.wk->compute, true, k2);
+    be_.matmul(xn1, false, l.wv->compute, true, v2);
+    if (l.ve) {
+      Tensor ve_x = rows(l.ve_x);
+      be_.embedding_fwd(tok, l.ve->compute, ve_x);
+      Tensor gate = l.gate.prefix({T, kv_heads_});
+      be_.value_gate_fwd(xn1, l.ve_gate->compute, ve_x, v2, gate);
+    }
+    Tensor qr = heads4(l.qr, heads_), k_new = cache_new(cache.k[i]), v_new = cache_new(cache.v[i]);
+    be_.rope_norm_fwd(q, cos, sin, qr, rstd_q);
+    be_.rope_norm_fwd(k, cos, sin, k_new, rstd_k);
+    be_.copy(v, v_new);
+    Tensor att = heads4(l.att, heads_);
+    be_.attention_cached_fwd(qr, cache_upto(cache.k[i]), cache_upto(cache.v[i]), att, l.window);
+    Tensor x_mid = rows(l.x_mid), xn2 = rows(l.xn2);
+    be_.copy(x_in, x_mid);
+    be_.matmul(tokens_by_features(att), false, l.wo->compute, true, x_mid, 1.0f, 1.0f);
+    be_.rmsnorm_fwd(x_mid, xn2, rstd2);
+    be_.copy(x_mid, next);
+    mlp_decode(l, xn2, next, T);
+  }
+  Tensor xf_last = xf_.rows_slice(T - 1, T);
+  Tensor rstd_f = rstd_f_.prefix({1});
+  be_.rmsnorm_fwd(x_out_.rows_slice(T - 1, T), xf_last, rstd_f);
+  Tensor logits = logits_.rows_slice(0, 1);
+  be_.matmul(xf_last, false, head_->compute, true, logits);
+  std::vector<double> z;
+  if (logits.device == Device::cpu && logits.dtype == DType::f64) {  // f64 read in full precision
+    z.assign(logits.as<double>(), logits.as<double>() + logits.numel());
+  } else {
+    const std::vector<float> f = be_.read(logits);
+    z.assign(f.begin(), f.end());
+  }
+  const double cap = cfg_.model.softcap;  // as softcap_xent: cap * tanh(logits / cap)
+  for (double& x : z) x = cap * std::tanh(x / cap);
+  cache.length = S;
+  return z;
+}
+
 }  // namespace moelab

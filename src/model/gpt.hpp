@@ -77,6 +77,24 @@ class GptMoE {
   // Read the accumulated statistics (synchronizes with the device).
   StepStats read_stats(int64_t micro_batches);
 
+  // Incremental decoding (`moelab sample`): every layer's keys (after RoPE + QK-norm) and values
+  // of the positions decoded so far, so a new token attends without re-running its prefix.
+  struct KvCache {
+    std::vector<Tensor> k, v;  // per layer [1, capacity, kv heads, head dim], act dtype
+    int64_t length = 0;        // positions held
+    int64_t capacity = 0;      // at most model.max_seq (the rotary table's length)
+  };
+  // A cache for up to `capacity` positions. Decoding needs a model planned for rows = 1, a
+  // precision without FP8 and no expert parallelism.
+  KvCache make_kv_cache(int64_t capacity);
+  // Runs `tokens` as the positions after cache.length (at most the model's seq_len of them at
+  // once; a prompt, then one token at a time): appends their keys and values to the cache and
+  // returns the softcapped logits of the last one (vocab values, on the host). Windows are the
+  // trained ones (layer_windows of train.seq_len), and MoE routing is per token: every token
+  // goes to its top-k experts (dropless), whatever moe.dispatch says, since capacity is a rule
+  // over a training batch. Statistics are not accumulated.
+  std::vector<double> forward_decode(const std::vector<int32_t>& tokens, KvCache& cache);
+
   // Matmul parameters a token passes through (inactive experts excluded), for MFU.
   int64_t active_matmul_params() const;
   // nanochat's FLOPs per token: 6 * active params + 12 * d_model * (each layer's attended span:
@@ -128,6 +146,8 @@ class GptMoE {
   void place_params();
   void forward(const Tensor& tokens);
   void mlp_forward(Layer& l, const Tensor& xn, Tensor& out);
+  // forward_decode's MLP over the first T rows of the layer's buffers (dropless routing).
+  void mlp_decode(Layer& l, const Tensor& xn, Tensor& out, int64_t T);
   void mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn);
   void dense_forward(Param& fc, Param& proj, const Tensor& xn, Tensor& h, Tensor& a, Tensor& out, bool accumulate);
   void dense_backward(Param& fc, Param& proj, const Tensor& xn, const Tensor& h, const Tensor& a,
@@ -177,6 +197,7 @@ class GptMoE {
   std::vector<Tensor> head_dy_amax_;
   Tensor expert_x_shared_;  // xp of every layer when the experts run in FP8
   Tensor dx0_;  // gradient reaching x0 through the lambda mixes
+  Tensor decode_tokens_;  // i32 [n_]: forward_decode's token ids on the device (make_kv_cache)
 };
 
 }  // namespace moelab

@@ -286,6 +286,25 @@ void load_checkpoint(const std::string& path, Backend& backend, ParamTable& para
   out = std::move(meta);
 }
 
+void load_weights(const std::string& path, Backend& backend, ParamTable& params) {
+  const SafetensorsFile file = read_safetensors(path, /*require_checksum=*/true);
+  std::vector<const SafetensorsEntry*> sources;
+  for (const Param& p : params.params) {
+    const SafetensorsEntry* e = file.find(p.name);
+    if (!e) throw Error(at(path) + "tensor '" + p.name + "' is missing: the file was made with another model configuration");
+    if (e->dtype != safe_dtype_of(p.value.dtype))
+      throw Error(at(path) + "tensor '" + p.name + "' is " + safe_dtype_name(e->dtype) + " but the model keeps it as " +
+                  safe_dtype_name(safe_dtype_of(p.value.dtype)));
+    if (e->shape != p.value.shape)
+      throw Error(at(path) + "tensor '" + p.name + "' has shape " + shape_str(e->shape) + " but the model expects " +
+                  shape_str(p.value.shape));
+    sources.push_back(e);
+  }
+  backend.synchronize();
+  for (size_t i = 0; i < sources.size(); ++i) from_host(backend, params.params[i].value, file.bytes(*sources[i]));
+  backend.synchronize();
+}
+
 std::string checkpoint_path(const std::string& run_dir, int64_t step) {
   char buf[40];
   std::snprintf(buf, sizeof buf, "step_%06lld.safetensors", static_cast<long long>(step));

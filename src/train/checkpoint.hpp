@@ -58,6 +58,11 @@ void save_model_export(const std::string& run_dir, Backend& backend, const Param
                        const std::vector<NamedTensor>& optimizer_state, const CheckpointMeta& meta,
                        const std::string& config_json);
 
+// The weights alone from a checkpoint or a model.safetensors (what `moelab sample` reads): every
+// Param must be there with its shape and dtype; other tensors (optimizer state) are skipped.
+// Throws moelab::Error naming the file and the first problem, before any Param is written.
+void load_weights(const std::string& path, Backend& backend, ParamTable& params);
+
 // RUN_DIR/checkpoints/step_NNNNNN.safetensors (six digits at least).
 std::string checkpoint_path(const std::string& run_dir, int64_t step);
 // The checkpoint of run_dir with the highest step, or "" if there is none.

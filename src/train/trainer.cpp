@@ -25,6 +25,7 @@
 #include "train/checkpoint.hpp"
 #include "train/device_select.hpp"
 #include "train/run_files.hpp"
+#include "train/tensorboard.hpp"
 #include "train/step_runner.hpp"
 
 namespace moelab {
@@ -287,12 +288,15 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
   // 3. The run: from here on every failure is recorded in status.json.
   try {
     std::optional<MetricsLog> metrics;
+    std::optional<TensorBoardLog> tensorboard;  // the same records' scalars (train.tensorboard)
     if (lead) {
       write_file_atomic(run_dir + "/config.toml", config_to_toml(cfg));
       metrics.emplace(run_dir, step);
+      if (cfg.train.tensorboard) tensorboard.emplace(run_dir);
     }
     auto log = [&](const nlohmann::json& record) {
       if (metrics) metrics->append(record);
+      if (tensorboard) tensorboard->append(record);
     };
     if (!resumed_from.empty())
       log({{"event", "resume"}, {"step", step}, {"checkpoint", resumed_from}, {"config_changes", changes}});

@@ -21,6 +21,9 @@ namespace {
 struct AttnDims {
   int64_t B, T, Hq, Hkv, hd;
   int64_t window;  // keys t - window .. t are visible to query t (window >= T: full causal)
+  // Keys per batch row and the position of query 0: S = T and 0, except when decoding over a KV
+  // cache (attention_cached_fwd: the queries are the last T of S positions).
+  int64_t S = 0, q0 = 0;
   int64_t first_key(int64_t t) const { return t > window ? t - window : 0; }
 };
 
@@ -30,7 +33,7 @@ AttnDims check_attention(const Tensor& q, const Tensor& k, const Tensor& v, int 
   require_like(q, v, op, "v");
   require(q.ndim() == 4 && k.ndim() == 4, op,
           "q " + q.describe() + " and k " + k.describe() + " must be [B, T, H, hd]");
-  AttnDims d{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3), window > 0 ? window : q.dim(1)};
+  AttnDims d{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3), window > 0 ? window : q.dim(1), q.dim(1), 0};
   require_shape(k, {d.B, d.T, d.Hkv, d.hd}, op, "k");
   require_shape(v, {d.B, d.T, d.Hkv, d.hd}, op, "v");
   require(d.Hkv > 0 && d.Hq % d.Hkv == 0, op,
@@ -55,13 +58,14 @@ MOELAB_CPU_INLINE void fwd_item(const AttnArgs<T>& a, int64_t b, int64_t h) {
   const int64_t hk = h / (d.Hq / d.Hkv);
   const T scale = T(1.0 / std::sqrt(double(d.hd)));
   T* p = a.scratch;
-  T* acc = a.scratch + d.T;
-  for (int64_t t = 0; t < d.T; ++t) {
-    const T* qt = a.q + ((b * d.T + t) * d.Hq + h) * d.hd;
+  T* acc = a.scratch + d.S;
+  for (int64_t i = 0; i < d.T; ++i) {
+    const int64_t t = d.q0 + i;  // the query's position among the keys
+    const T* qt = a.q + ((b * d.T + i) * d.Hq + h) * d.hd;
     T m = -std::numeric_limits<T>::infinity();
     const int64_t j0 = d.first_key(t);
     for (int64_t j = j0; j <= t; ++j) {
-      const T s = dot(qt, a.k + ((b * d.T + j) * d.Hkv + hk) * d.hd, d.hd) * scale;
+      const T s = dot(qt, a.k + ((b * d.S + j) * d.Hkv + hk) * d.hd, d.hd) * scale;
       p[j] = s;
       m = s > m ? s : m;
     }
@@ -70,12 +74,12 @@ MOELAB_CPU_INLINE void fwd_item(const AttnArgs<T>& a, int64_t b, int64_t h) {
       p[j] = std::exp(p[j] - m);
       l += p[j];
     }
-    for (int64_t i = 0; i < d.hd; ++i) acc[i] = T(0);
-    for (int64_t j = j0; j <= t; ++j) axpy(p[j], a.v + ((b * d.T + j) * d.Hkv + hk) * d.hd, acc, d.hd);
-    T* ot = a.o + ((b * d.T + t) * d.Hq + h) * d.hd;
+    for (int64_t c = 0; c < d.hd; ++c) acc[c] = T(0);
+    for (int64_t j = j0; j <= t; ++j) axpy(p[j], a.v + ((b * d.S + j) * d.Hkv + hk) * d.hd, acc, d.hd);
+    T* ot = a.o + ((b * d.T + i) * d.Hq + h) * d.hd;
     const T inv = T(1) / l;
-    for (int64_t i = 0; i < d.hd; ++i) ot[i] = acc[i] * inv;
-    a.l[(b * d.Hq + h) * d.T + t] = m + std::log(l);
+    for (int64_t c = 0; c < d.hd; ++c) ot[c] = acc[c] * inv;
+    if (a.l) a.l[(b * d.Hq + h) * d.T + i] = m + std::log(l);  // decoding keeps no lse
   }
 }
 
@@ -140,7 +144,40 @@ void CpuBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v
     base.l = ptr<T>(lse);
     base.d = d;
     pool_.parallel_for(d.B * d.Hq, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<T> scratch(static_cast<size_t>(d.T + d.hd));
+      std::vector<T> scratch(static_cast<size_t>(d.S + d.hd));
+      AttnArgs<T> a = base;
+      a.scratch = scratch.data();
+      for (int64_t item = i0; item < i1; ++item) run_fwd_item(a, item / d.Hq, item % d.Hq);
+    });
+  });
+}
+
+void CpuBackend::attention_cached_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, int window) {
+  const char* op = "attention_cached_fwd";
+  require_float(q, op, "q");
+  require_like(q, k, op, "k");
+  require_like(q, v, op, "v");
+  require_like(q, out, op, "out");
+  require(q.ndim() == 4 && k.ndim() == 4, op, "q " + q.describe() + " and k " + k.describe() + " must be [B, T, H, hd]");
+  require_shape(out, q.shape, op, "out");
+  const int64_t S = k.dim(1), Tq = q.dim(1);
+  AttnDims d{q.dim(0), Tq, q.dim(2), k.dim(2), q.dim(3), window > 0 ? window : S, S, S - Tq};
+  require(S >= Tq, op, "the cache's " + std::to_string(S) + " positions must include the " + std::to_string(Tq) + " queries");
+  require_shape(k, {d.B, S, d.Hkv, d.hd}, op, "k");
+  require_shape(v, {d.B, S, d.Hkv, d.hd}, op, "v");
+  require(d.Hkv > 0 && d.Hq % d.Hkv == 0, op,
+          "query heads " + std::to_string(d.Hq) + " must be a multiple of kv heads " + std::to_string(d.Hkv));
+  with_float(q.dtype, [&](auto te) {
+    using T = decltype(te);
+    AttnArgs<T> base{};
+    base.q = ptr<T>(q);
+    base.k = ptr<T>(k);
+    base.v = ptr<T>(v);
+    base.o = ptr<T>(out);
+    base.l = nullptr;
+    base.d = d;
+    pool_.parallel_for(d.B * d.Hq, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<T> scratch(static_cast<size_t>(d.S + d.hd));
       AttnArgs<T> a = base;
       a.scratch = scratch.data();
       for (int64_t item = i0; item < i1; ++item) run_fwd_item(a, item / d.Hq, item % d.Hq);

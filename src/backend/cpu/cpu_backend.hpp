@@ -68,6 +68,7 @@ class CpuBackend : public Backend {
 
   void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                      Tensor& lse, int window = 0) override;
+  void attention_cached_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, int window) override;
   void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                      const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
                      Tensor& dv, int window = 0) override;

@@ -1,0 +1,36 @@
+// Generation from a trained run (`moelab sample`): the run's model rebuilt from its folder
+// (config.toml and model.safetensors or a checkpoint), the prompt encoded with the run's
+// tokenizer, then autoregressive decoding through GptMoE::forward_decode and its KV cache, one
+// token at a time, each handed to the caller as it comes.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace moelab {
+
+struct SampleOptions {
+  std::string run_dir;
+  int64_t checkpoint = -1;          // a step of checkpoints/; -1: model.safetensors, else the newest checkpoint
+  std::string prompt;               // text, encoded with the run's tokenizer (after <|bos|> for BPE runs)
+  std::vector<int32_t> prompt_ids;  // ids as they are (no tokenizer, no <|bos|>); used when not empty
+  int64_t max_tokens = 64;
+  double temperature = 0.8;  // 0: greedy (argmax, ties to the lower id)
+  int64_t top_k = 0;         // sample among the k most likely tokens; 0: all
+  uint64_t seed = 42;
+};
+
+struct SampleInfo {
+  std::string weights;  // the file the weights came from
+  std::string device;   // the backend's name
+  int64_t prompt_tokens = 0;
+  std::string stop;  // why generation ended: "max tokens", "<|bos|>" (a new document), "model.max_seq"
+};
+
+// Calls on_token(id, bytes of its text) for each generated token as soon as it is chosen. With a
+// text prompt, generation stops at <|bos|> (the start of a new document); with prompt_ids it
+// runs max_tokens. Both stop at model.max_seq positions. Throws moelab::Error with the fix.
+SampleInfo sample_run(const SampleOptions& options, const std::function<void(int32_t, const std::string&)>& on_token);
+
+}  // namespace moelab
