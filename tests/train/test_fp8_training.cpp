@@ -48,8 +48,9 @@ double max_relative_gap(const std::vector<double>& a, const std::vector<double>&
   return worst;
 }
 
-// How far (relative) an FP8 run's loss must part from its reference's within ten steps.
-constexpr double kFp8Parted = 1e-3;
+// How far (relative) an FP8 run's loss must part from its reference's within ten steps: measured
+// 3e-4 to 1e-3 on this model (the experts alone: 3e-4 to 5e-4), while f32 rounding moves it by ~1e-7.
+constexpr double kFp8Parted = 1e-4;
 
 std::string corpus(const fs::path& dir) {
   return test::write_words(dir, {"the", "expert", "router", "sends", "each", "token", "to", "two", "of", "eight",

@@ -65,7 +65,11 @@ double normalized_error(const std::vector<float>& a, const std::vector<float>& r
   return std::sqrt(num / std::max(den, 1e-300));
 }
 
-void accumulation_matches_one_large_batch(const std::string& matrix_optimizer) {
+// weight_tolerance: the final weights' normalized difference allowed. Measured on the tree:
+// AdamW 3e-8, Muon 3e-7 (Newton-Schulz amplifies the rounding); with each micro-batch's loss
+// left unscaled by the step's token count (k times the gradient, which Adam's and Muon's
+// normalizations nearly hide): 1.4e-5 to 2.1e-5.
+void accumulation_matches_one_large_batch(const std::string& matrix_optimizer, double weight_tolerance) {
   const fs::path dir = test::fresh_dir("accum_" + matrix_optimizer);
   const std::string text = test::write_words(
       dir, {"every", "micro", "batch", "adds", "its", "share", "of", "the", "step", "gradient", "."}, 6000, 21);
@@ -87,13 +91,14 @@ void accumulation_matches_one_large_batch(const std::string& matrix_optimizer) {
     ASSERT_EQ(losses.back().size(), 6u);
     ASSERT_FALSE(weights.back().empty());
   }
-  // The weights moved: the identity below is not two untouched initializations agreeing.
-  Config untrained = accumulation_config(text, matrix_optimizer);
-  untrained.train.steps = 0;
-  untrained.train.batch_size = 8;
-  run_training(untrained, (dir / "init").string());
-  const double moved = normalized_error(final_weights(dir / "init"), weights[0]);
-  EXPECT_GT(moved, 1e-3) << "six steps did not move the weights";
+  // The steps move the weights (five more steps take them far from the first step's), so the
+  // identity below is not a few untouched weights agreeing.
+  Config one_step = accumulation_config(text, matrix_optimizer);
+  one_step.train.steps = 1;
+  one_step.train.batch_size = 8;
+  run_training(one_step, (dir / "one_step").string());
+  const double moved = normalized_error(final_weights(dir / "one_step"), weights[0]);
+  EXPECT_GT(moved, 1e-3) << "five more steps did not move the weights";
 
   for (size_t i = 1; i < splits.size(); ++i) {
     const std::string what = matrix_optimizer + ": " + std::to_string(splits[i].micro) + " micro-batches of " +
@@ -101,16 +106,16 @@ void accumulation_matches_one_large_batch(const std::string& matrix_optimizer) {
     for (size_t step = 0; step < losses[0].size(); ++step)
       EXPECT_NEAR(losses[i][step], losses[0][step], 2e-6 * std::fabs(losses[0][step])) << what << ", step " << step;
     const double e = normalized_error(weights[i], weights[0]);
-    std::printf("%s: final weights' normalized difference %.3g (the steps moved them by %.3g)\n", what.c_str(), e,
+    std::printf("%s: final weights' normalized difference %.3g (steps 2-6 moved them by %.3g)\n", what.c_str(), e,
                 moved);
-    EXPECT_LT(e, 1e-5) << what << ": final weights differ";
+    EXPECT_LT(e, weight_tolerance) << what << ": final weights differ";
   }
   fs::remove_all(dir);
 }
 
-TEST(GradAccumulation, AdamWMicroBatchesGiveTheLargeBatchStep) { accumulation_matches_one_large_batch("adamw"); }
+TEST(GradAccumulation, AdamWMicroBatchesGiveTheLargeBatchStep) { accumulation_matches_one_large_batch("adamw", 1e-6); }
 
-TEST(GradAccumulation, MuonMicroBatchesGiveTheLargeBatchStep) { accumulation_matches_one_large_batch("muon"); }
+TEST(GradAccumulation, MuonMicroBatchesGiveTheLargeBatchStep) { accumulation_matches_one_large_batch("muon", 3e-6); }
 
 }  // namespace
 }  // namespace moelab

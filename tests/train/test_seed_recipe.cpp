@@ -3,6 +3,7 @@
 // the lambdas and value embeddings restored from the checkpoint) reproduces the uninterrupted one.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -12,6 +13,7 @@
 #include "config/config.hpp"
 #include "core/rng.hpp"
 #include "train/trainer.hpp"
+#include "ngram_entropy.hpp"
 #include "run_test_support.hpp"
 
 namespace moelab {
@@ -63,13 +65,21 @@ Config seed_config(const fs::path& dir) {
 TEST(SeedRecipe, TinyModelWithEverySeedOptionLearns) {
   fs::path dir = fresh_dir("falls");
   Config c = seed_config(dir);
-  c.train.steps = 40;
+  c.train.steps = 160;
   c.train.save_final = false;
   run_training(c, (dir / "run").string());
   auto steps = read_events(dir / "run", "step");
-  ASSERT_EQ(steps.size(), 40u);
+  ASSERT_EQ(steps.size(), 160u);
   const double first = steps.front()["raw_loss"], last = steps.back()["raw_loss"];
-  EXPECT_LT(last, first - 1.5) << "loss did not fall: " << first << " -> " << last;
+  double tail = 0;
+  for (size_t i = steps.size() - 5; i < steps.size(); ++i) tail += steps[i]["raw_loss"].get<double>() / 5;
+  const std::string text = test::read_text(c.data.text);
+  const double h1 = test::ngram_entropy(text, 1), h2 = test::ngram_entropy(text, 2);
+  std::printf("loss %.4f -> %.4f (last five %.4f); the text's unigram entropy %.4f, bigram %.4f nats\n", first, last,
+              tail, h1, h2);
+  // Below the text's bigram entropy, where a model with broken attention stops (measured: 1.58
+  // with attention zeroed, 0.61 healthy, bigram 1.55).
+  EXPECT_LT(tail, h2 - 0.5) << "the model did not learn past the bigram statistics: " << first << " -> " << tail;
   double drops = 0;
   for (auto& s : steps) drops += s["drop_rate"].get<double>();
   EXPECT_GT(drops, 0.0) << "capacity factor 1.0 with a zero router drops assignments early on";
