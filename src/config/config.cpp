@@ -584,7 +584,9 @@ std::string config_to_toml(const Config& cfg) {
 std::string config_reference() {
   std::ostringstream o;
   Config defaults;
-  for (auto& k : keys()) o << "  " << k.name << " = " << value_string(defaults, k, true) << "\n      " << k.doc << "\n";
+  for (auto& k : keys())
+    o << "  " << k.name << " = " << value_string(defaults, k, true) << "\n      " << k.doc
+      << (k.kind == Kind::real ? " (in " + k.range.text() + ")" : "") << "\n";
   return o.str();
 }
 

@@ -170,6 +170,8 @@ TEST(Config, EveryRealKeyIsFiniteAndInItsRange) {
   EXPECT_NO_THROW(apply_override(edge, "train.final_lr_frac=1"));
   EXPECT_NO_THROW(apply_override(edge, "moe.capacity_factor=-1"));
   EXPECT_NO_THROW(validate_config(edge));
+  // --help-config shows each real key's range beside its doc.
+  EXPECT_NE(config_reference().find("AdamW beta1 (in [0, 1))"), std::string::npos);
 }
 
 TEST(Config, CapacityFactorAtOrBelowZeroTurnsCapacityOff) {
