@@ -18,6 +18,7 @@ void add_data_command(CLI::App& app) {
   prep->add_option("--input", opt->inputs, "text or JSONL files")->expected(1, -1);
   prep->add_flag("--default-corpus", opt->default_corpus, "also tokenize the embedded default corpus (Brown), first");
   prep->add_option("--out", opt->out, "output folder (set data.dir to it)")->required();
+  prep->add_flag("--force", opt->force, "replace the shards already in --out (they are removed first)");
   prep->add_option("--val-fraction", opt->val_fraction, "fraction of documents held out for validation")->capture_default_str();
   prep->add_option("--shard-tokens", opt->shard_tokens, "tokens per shard file before a new one starts")->capture_default_str();
   prep->callback([opt] {

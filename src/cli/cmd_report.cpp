@@ -6,6 +6,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <thread>
 
 #include "cli/commands.hpp"
@@ -33,7 +34,16 @@ void add_report_command(CLI::App& app) {
   cmd->add_option("--out-md", *out_md,
                   "markdown file (default EXP_DIR/report.md; required for a run folder or several folders); metrics/ "
                   "and figures/ go beside it");
-  cmd->add_option("--tail", opt->tail, "steps averaged for the tail means (default 50)")->check(CLI::PositiveNumber);
+  // CLI::PositiveNumber would print its range's upper end, a 309-digit double.
+  cmd->add_option("--tail", opt->tail, "steps averaged for the tail means (default 50)")
+      ->check(CLI::Validator(
+          [](std::string& v) {
+            char* end = nullptr;
+            const long long n = std::strtoll(v.c_str(), &end, 10);
+            if (end == v.c_str() || *end != '\0') return std::string();  // not a number: the type check says so
+            return n >= 1 ? std::string() : "--tail " + v + " must be at least 1 (steps averaged for the tail means)";
+          },
+          "STEPS >= 1"));
   cmd->add_option("--watch", *watch, "rewrite the report every SECONDS until Ctrl-C");
   cmd->add_option("--baseline", opt->baseline, "run to compare tokens/s against (default: the sweep's baseline)");
   cmd->add_option("--smooth", opt->smooth, "EMA weight for the loss figure, 0 (raw) to 0.99")->check(CLI::Range(0.0, 0.99));

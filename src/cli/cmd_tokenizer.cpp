@@ -60,9 +60,11 @@ void run_train(const TrainArgs& a) {
   std::vector<std::string_view> views(docs.begin(), docs.end());
   std::fprintf(stderr, "tokenizer train: %zu documents, %.2f MB from %zu input(s)\n", docs.size(), double(bytes) / 1e6,
                a.inputs.size() + (a.default_corpus ? 1 : 0));
-  ProgressBar bar("tokenizer train", double(a.vocab_size - 256 - int64_t(kSpecialTokens.size())), "merges");
+  // Each merge joins two tokens of the text into one, so the text's bytes bound the merges.
+  ProgressBar bar("tokenizer train",
+                  std::min(double(a.vocab_size - 256 - int64_t(kSpecialTokens.size())), double(bytes)), "merges");
   Tokenizer tok = train_tokenizer(views, a.vocab_size, a.threads, [&](const TrainProgress& p) { bar.update(double(p.merges_done)); });
-  bar.finish();
+  bar.finish(double(tok.merge_count()));
   tok.save(a.out);
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   size_t tokens = 0;

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <thread>
 
 #include "cli/commands.hpp"
 #include "comm/communicator.hpp"
@@ -41,6 +42,12 @@ void train_as_ranks(int nproc, int argc, char** argv, const std::string& run_dir
     if (a.rfind("--nproc=", 0) == 0) continue;
     rank_argv.push_back(a);
   }
+  // More ranks than cores is allowed (mpiexec --oversubscribe) but each rank then runs far slower
+  // than alone: say so before they start.
+  if (const unsigned cores = std::thread::hardware_concurrency(); cores > 0 && unsigned(nproc) > cores)
+    std::cerr << "moelab: warning: --nproc " << nproc << " starts " << nproc << " ranks on " << cores
+              << " cores: oversubscribed, the ranks share the cores and each step takes longer; use --nproc " << cores
+              << " or fewer for speed" << std::endl;
   const RankJobResult job = run_rank_job(nproc, rank_argv);
   if (job.exit_code == 0) return;
   if (job.interrupted) throw CLI::RuntimeError(130);  // stopped by the user: rank 0 recorded it
@@ -90,8 +97,8 @@ void add_train_command(CLI::App& app, int argc, char** argv) {
                 << config_reference();
       return;
     }
-    if (args->config.empty()) throw Error("moelab train needs --config FILE (e.g. configs/tiny-cpu.toml)");
-    if (args->out.empty()) throw Error("moelab train needs --out RUN_DIR, the folder the run writes into");
+    if (args->config.empty()) throw UsageError("moelab train needs --config FILE (e.g. configs/tiny-cpu.toml)");
+    if (args->out.empty()) throw UsageError("moelab train needs --out RUN_DIR, the folder the run writes into");
     Config cfg = load_config(args->config);
     for (auto& s : args->sets) apply_override(cfg, s);
     validate_config(cfg);  // before the run folder exists: a bad config leaves nothing behind

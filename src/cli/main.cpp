@@ -22,24 +22,32 @@ int main(int argc, char** argv) {
   moelab::cli::add_sweep_command(app);
   moelab::cli::add_report_command(app);
   moelab::cli::add_sample_command(app);
-  // A mistyped command gets its own message (CLI11 would say only that one is required).
-  if (argc > 1 && argv[1][0] != '-') {
-    std::string word = argv[1], known, close;
-    bool found = false;
-    const CLI::App& capp = app;
-    for (const CLI::App* sub : capp.get_subcommands(std::function<bool(const CLI::App*)>())) {
+  // A mistyped command, or subcommand of one that has them (`tokenizer trian`), gets its own
+  // message with the nearest name (CLI11 would say only that one is required).
+  const CLI::App* parent = &app;
+  std::string path = "moelab";
+  for (int i = 1; i < argc && argv[i][0] != '-'; ++i) {
+    const auto subs = parent->get_subcommands(std::function<bool(const CLI::App*)>());
+    if (subs.empty()) break;  // a positional argument of a command, not a command
+    std::string word = argv[i], known, close;
+    const CLI::App* found = nullptr;
+    for (const CLI::App* sub : subs) {
       known += (known.empty() ? "" : ", ") + sub->get_name();
-      found = found || sub->get_name() == word;
+      if (sub->get_name() == word) found = sub;
       if (close.empty() && moelab::cli::edit_distance(word, sub->get_name()) <= 2) close = sub->get_name();
     }
     if (!found) {
-      std::fprintf(stderr, "moelab: error: unknown command '%s'%s (commands: %s; see moelab --help)\n", word.c_str(),
-                   close.empty() ? "" : ("; did you mean '" + close + "'?").c_str(), known.c_str());
+      const std::string what = parent == &app ? "command '" + word + "'" : "subcommand '" + word + "' of '" + path + "'";
+      std::fprintf(stderr, "moelab: error: unknown %s%s (%s: %s; see %s --help)\n", what.c_str(),
+                   close.empty() ? "" : ("; did you mean '" + close + "'?").c_str(),
+                   parent == &app ? "commands" : "subcommands", known.c_str(), path.c_str());
       return 2;
     }
+    parent = found;
+    path += " " + word;
   }
-  // Exit codes: 0 success (and --help, --version), 1 a config or run error, 2 a usage error;
-  // `sweep` adds 130 for Ctrl-C.
+  // Exit codes: 0 success (and --help, --version), 1 a config or run error, 2 a usage error
+  // (CLI11's own or a moelab::UsageError), 130 Ctrl-C (moelab::Interrupted, or a sweep's).
   try {
     app.parse(argc, argv);
   } catch (const CLI::RuntimeError& e) {  // a callback's chosen exit code
@@ -47,6 +55,13 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     int code = app.exit(e);
     return code == 0 ? 0 : 2;
+  } catch (const moelab::UsageError& e) {
+    std::fprintf(stderr, "moelab: error: %s (see moelab %s --help)\n", e.what(),
+                 app.get_subcommands().empty() ? "" : app.get_subcommands().front()->get_name().c_str());
+    return 2;
+  } catch (const moelab::Interrupted& e) {
+    std::fprintf(stderr, "moelab: error: %s\n", e.what());
+    return 130;
   } catch (const moelab::Error& e) {
     std::fprintf(stderr, "moelab: error: %s\n", e.what());
     return 1;

@@ -12,6 +12,18 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
 
+// The kinds of Error that the CLI exits with their own status (the README's exit codes): a
+// command line that cannot be run as given (2), and a stop asked for by the user (130, Ctrl-C
+// or SIGTERM). Every other Error exits 1.
+class UsageError : public Error {
+ public:
+  explicit UsageError(const std::string& what) : Error(what) {}
+};
+class Interrupted : public Error {
+ public:
+  explicit Interrupted(const std::string& what) : Error(what) {}
+};
+
 // Invariant checks inside the engine (not user input): name the condition and the location.
 #define MOELAB_CHECK(cond, msg)                                                                  \
   do {                                                                                           \

@@ -13,6 +13,15 @@
 
 namespace moelab {
 
+std::optional<bool> FolderLock::is_held(const std::filesystem::path& dir) {
+  const std::string path = (dir / kFileName).string();
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::nullopt;
+  const bool held = ::flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+  ::close(fd);  // drops the shared lock if it was taken
+  return held;
+}
+
 std::optional<FolderLock> FolderLock::try_acquire(const std::filesystem::path& dir, pid_t* holder_pid) {
   const std::string path = (dir / kFileName).string();
   // O_CLOEXEC: children started by the holder (a sweep's trainers) must not inherit its lock.

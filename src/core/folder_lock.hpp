@@ -25,6 +25,10 @@ class FolderLock {
   FolderLock(const FolderLock&) = delete;
   FolderLock& operator=(const FolderLock&) = delete;
   ~FolderLock() { release(); }
+
+  // Whether a process holds dir's lock now, asked without taking it or writing anything (for
+  // readers such as the report); nullopt when dir has no lock file (nothing ever locked it).
+  static std::optional<bool> is_held(const std::filesystem::path& dir);
   void release();
 
   static constexpr const char* kFileName = ".lock";

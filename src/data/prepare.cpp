@@ -53,6 +53,26 @@ class SplitWriter {
 
 }  // namespace
 
+namespace {
+ShardFolderInfo write_shards(const PrepareOptions& opt, const Tokenizer& tok, double total_bytes);
+
+// The files of a shard folder in dir (meta.json, tokenizer.txt, train_*.bin, val_*.bin, and their
+// .tmp files), by name; empty when dir does not exist.
+std::vector<std::string> shard_folder_files(const std::string& dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) return out;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    std::string name = e.path().filename().string();
+    const std::string base = name.size() > 4 && name.substr(name.size() - 4) == ".tmp" ? name.substr(0, name.size() - 4) : name;
+    const bool shard = (base.rfind("train_", 0) == 0 || base.rfind("val_", 0) == 0) && base.size() > 4 &&
+                       base.substr(base.size() - 4) == ".bin";
+    if (shard || base == "meta.json" || base == ShardFolderInfo{}.tokenizer) out.push_back(name);
+  }
+  return out;
+}
+}  // namespace
+
 ShardFolderInfo prepare_shards(const PrepareOptions& opt) {
   if (opt.inputs.empty() && !opt.default_corpus)
     throw Error("data prepare: give at least one --input FILE (or --default-corpus)");
@@ -71,7 +91,28 @@ ShardFolderInfo prepare_shards(const PrepareOptions& opt) {
     total_bytes += double(size);
   }
 
+  // A folder that already holds shards is refused (its meta.json and first shards would be
+  // replaced and the later ones of another tokenizer left beside them), unless --force, which
+  // clears them first. From here on, a failure removes what this call wrote.
+  const std::vector<std::string> old_files = shard_folder_files(opt.out);
+  if (!old_files.empty() && !opt.force)
+    throw Error("data prepare: " + opt.out + " already holds a shard folder (" + std::to_string(old_files.size()) +
+                " file(s): meta.json, tokenizer, shards); choose another --out, or pass --force to replace them");
+  for (const auto& f : old_files) std::filesystem::remove(std::filesystem::path(opt.out) / f);
+  const bool created = !std::filesystem::exists(opt.out);
   std::filesystem::create_directories(opt.out);
+  try {
+    return write_shards(opt, tok, total_bytes);
+  } catch (...) {
+    std::error_code ec;
+    for (const auto& f : shard_folder_files(opt.out)) std::filesystem::remove(std::filesystem::path(opt.out) / f, ec);
+    if (created) std::filesystem::remove(opt.out, ec);  // only if nothing else is in it
+    throw;
+  }
+}
+
+namespace {
+ShardFolderInfo write_shards(const PrepareOptions& opt, const Tokenizer& tok, double total_bytes) {
   ShardFolderInfo info;
   info.dir = opt.out;
   info.vocab = tok.vocab_size();
@@ -141,5 +182,6 @@ ShardFolderInfo prepare_shards(const PrepareOptions& opt) {
   write_shard_folder_meta(info);
   return info;
 }
+}  // namespace
 
 }  // namespace moelab

@@ -20,9 +20,12 @@ struct PrepareOptions {
   double val_fraction = 0.05;
   int64_t shard_tokens = 100'000'000;  // a new shard starts past this many tokens
   bool progress = true;
+  bool force = false;  // replace the shard folder already in `out` (its files are removed first)
 };
 
-// Writes the folder and returns its index (also in out/meta.json).
+// Writes the folder and returns its index (also in out/meta.json). Refuses a folder that already
+// holds shards unless opt.force; a failure leaves no file of its own behind (nor the folder, if it
+// made it).
 ShardFolderInfo prepare_shards(const PrepareOptions& opt);
 
 }  // namespace moelab

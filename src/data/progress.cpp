@@ -42,6 +42,11 @@ void ProgressBar::draw(double done, bool final) {
   std::fflush(stderr);
 }
 
+void ProgressBar::finish(double done) {
+  total_ = done;
+  finish();
+}
+
 void ProgressBar::finish() {
   if (finished_) return;
   finished_ = true;

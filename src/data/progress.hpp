@@ -13,6 +13,9 @@ class ProgressBar {
   ProgressBar(std::string label, double total, std::string unit, double scale = 1.0);
   void update(double done);
   void finish();
+  // Finishes at `done` when the work ended short of the planned total (a tokenizer that ran out
+  // of pairs to merge): the last line shows what was done, and the rate over it.
+  void finish(double done);
 
  private:
   void draw(double done, bool final);

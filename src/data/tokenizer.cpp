@@ -10,6 +10,7 @@
 #include <queue>
 #include <unordered_map>
 
+#include "core/atomic_file.hpp"
 #include "core/error.hpp"
 #include "data/text_input.hpp"
 
@@ -261,15 +262,7 @@ Tokenizer Tokenizer::parse(std::string_view text, const std::string& origin) {
 }
 
 void Tokenizer::save(const std::string& path) const {
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary);
-    if (!f) throw Error(path + ": cannot be written; check that its folder exists and is writable");
-    std::string s = serialize();
-    f.write(s.data(), std::streamsize(s.size()));
-    if (!f) throw Error(path + ": write failed (disk full?)");
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error(path + ": cannot be replaced");
+  write_file_atomic(path, serialize());  // which leaves no .tmp behind when it fails
 }
 
 Tokenizer Tokenizer::load(const std::string& path) { return parse(read_input_file(path), path); }

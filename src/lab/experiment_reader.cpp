@@ -3,11 +3,13 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 #include <toml++/toml.h>
 
+#include "core/folder_lock.hpp"
 #include "lab/file_io.hpp"
 #include "lab/lenient_number.hpp"
 #include "lab/metrics_reader.hpp"
@@ -35,8 +37,10 @@ double newest_age(const std::vector<fs::path>& files) {
   return age;
 }
 
-// The running-or-gone decision shared by run folders and logs.
-void apply_liveness(RunRecord& rec, const ReadOptions& opt) {
+// The running-or-gone decision shared by run folders and logs. `writer_alive` is what the folder's
+// lock says (a run folder's trainer holds it while it runs; nullopt: no lock to ask, as for a
+// log file): a run whose writer is gone is not running, however recent its files.
+void apply_liveness(RunRecord& rec, const ReadOptions& opt, std::optional<bool> writer_alive = std::nullopt) {
   if (rec.state != RunState::running && rec.state != RunState::unknown) return;
   if (rec.state == RunState::unknown && rec.saw_end) {
     rec.state = RunState::completed;
@@ -44,12 +48,15 @@ void apply_liveness(RunRecord& rec, const ReadOptions& opt) {
   }
   bool has_data = !rec.steps.empty() || rec.state == RunState::running;
   if (!has_data) return;  // nothing written at all: stays unknown
-  if (known(rec.age_s) && rec.age_s <= opt.stale_s) {
+  if (writer_alive != std::optional<bool>(false) && known(rec.age_s) && rec.age_s <= opt.stale_s) {
     rec.state = RunState::running;
     return;
   }
   rec.state = RunState::failed;
-  if (rec.error.empty()) {
+  if (rec.error.empty() && writer_alive == std::optional<bool>(false)) {
+    std::string where = rec.steps.empty() ? "before its first step" : "after step " + std::to_string(rec.steps.back().step);
+    rec.error = "stopped " + where + " without an end record (its trainer is gone: the folder is not locked)";
+  } else if (rec.error.empty()) {
     std::string where = rec.steps.empty() ? "before its first step" : "after step " + std::to_string(rec.steps.back().step);
     rec.error = "stopped " + where + " without an end record (no update for " +
                 (known(rec.age_s) ? minutes_text(rec.age_s) : std::string("a while")) + ")";
@@ -161,7 +168,12 @@ RunRecord read_run_folder(const fs::path& dir, const ReadOptions& opt) {
   rec.state = have_status ? from_status : RunState::unknown;
   rec.error = status_error;
   rec.age_s = newest_age({dir / "status.json", dir / "metrics.jsonl", dir / "stdout.log", dir / "stderr.log"});
-  apply_liveness(rec, opt);
+  std::optional<bool> writer_alive;
+  try {
+    writer_alive = FolderLock::is_held(dir);
+  } catch (...) {
+  }
+  apply_liveness(rec, opt, writer_alive);
   if (rec.state == RunState::failed && rec.error.empty())
     rec.error = last_error_line(read_tail(dir / "stderr.log", 64 << 10));
   if (rec.state != RunState::completed && !rec.saw_end) rec.total_time_min = kUnknown;

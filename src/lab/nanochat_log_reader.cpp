@@ -1,6 +1,7 @@
 // nanochat stdout log reader (see nanochat_log_reader.hpp).
 #include "lab/nanochat_log_reader.hpp"
 
+#include <cctype>
 #include <string>
 
 #include "lab/lenient_number.hpp"
@@ -59,6 +60,24 @@ bool parse_validation_line(std::string_view line, int64_t last_step, ValRow& out
   return true;
 }
 
+}  // namespace
+
+namespace {
+// Whether a step line's "loss:" field reads nan or inf (any case, signed), as a diverged run prints it.
+bool loss_is_non_finite(std::string_view line) {
+  size_t at = line.find("| loss:");
+  if (at == std::string_view::npos) return false;
+  std::string_view v = line.substr(at + 7);
+  v = trim(v.substr(0, v.find('|')));
+  if (!v.empty() && (v.front() == '-' || v.front() == '+')) v.remove_prefix(1);
+  auto ci = [&](std::string_view word) {
+    if (v.size() < word.size()) return false;
+    for (size_t i = 0; i < word.size(); ++i)
+      if (std::tolower(static_cast<unsigned char>(v[i])) != word[i]) return false;
+    return true;
+  };
+  return ci("nan") || ci("inf");
+}
 }  // namespace
 
 bool parse_nanochat_step_line(std::string_view line, StepRow& row, int64_t* planned_steps) {
@@ -125,6 +144,7 @@ void parse_nanochat_log(std::string_view text, RunRecord& rec) {
       traceback_last.clear();
       StepRow row;
       if (parse_nanochat_step_line(line, row, &rec.planned_steps)) {
+        if (!known(row.loss) && rec.diverged_step < 0 && loss_is_non_finite(line)) rec.diverged_step = row.step;
         while (!rec.steps.empty() && rec.steps.back().step >= row.step) rec.steps.pop_back();
         rec.steps.push_back(std::move(row));
       } else {
@@ -161,6 +181,10 @@ void parse_nanochat_log(std::string_view text, RunRecord& rec) {
   if (!traceback_last.empty()) {
     rec.state = RunState::failed;
     rec.error = traceback_last;
+  } else if (rec.diverged_step >= 0) {
+    // A run whose loss became nan may still print its end lines: it failed all the same.
+    rec.state = RunState::failed;
+    rec.error = "diverged: the loss is nan/inf from step " + std::to_string(rec.diverged_step);
   } else if (rec.saw_end) {
     rec.state = RunState::completed;
   } else if (!error_line.empty()) {

@@ -117,6 +117,21 @@ ReportResult write_report(const ReportOptions& opt) {
                 (opt.more_dirs.empty() ? "" : " and the other folders") + " (no run folders and no *.log files)");
   if (!opt.name.empty()) ex.name = experiment_name_from_dir(opt.name);
   std::string baseline = opt.baseline.empty() ? ex.baseline : opt.baseline;
+  // A baseline named on the command line must be a run here: otherwise every comparison column
+  // would be unknown and the report would look as if the data were missing. (The sweep's own
+  // baseline may simply not have started yet.)
+  if (!opt.baseline.empty()) {
+    std::string names;
+    bool found = false;
+    for (const auto& r : ex.runs) {
+      found = found || r.name == opt.baseline;
+      names += (names.empty() ? "" : ", ") + r.name;
+    }
+    if (!found)
+      throw UsageError("--baseline " + opt.baseline + ": no run of that name in " + opt.exp_dir.string() +
+                       (opt.more_dirs.empty() ? "" : " and the other folders") + " (runs: " + names +
+                       "); name one of them");
+  }
 
   ReportResult result;
   result.markdown = opt.out_md.empty() ? opt.exp_dir / "report.md" : opt.out_md;

@@ -47,6 +47,9 @@ struct RunRecord {
   double peak_mem_mib = kUnknown;
   double total_time_min = kUnknown;
   bool saw_end = false;  // the run printed / recorded its end
+  // The first step whose loss the run printed as nan or inf (-1: none). Unknown values are NaN
+  // in the rows, so a diverged loss is recorded here rather than lost among missing data.
+  int64_t diverged_step = -1;
   std::string error;     // one line: why it failed
   std::vector<std::string> problems;  // what could not be read, for the report
   // From the sweep (sweep.json in the run folder): which planned run this attempt belongs to,

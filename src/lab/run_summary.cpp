@@ -68,6 +68,7 @@ RunSummary summarize_run(const RunRecord& rec, int64_t tail) {
     s.last_step = rec.steps.back().step;
     s.last_loss = rec.steps.back().loss;
   }
+  s.diverged = rec.diverged_step >= 0 && !known(s.last_loss);
   s.tail_tok_sec = tail_mean(rec.steps, tail, &StepRow::tok_sec);
   s.tail_mfu = tail_mean(rec.steps, tail, &StepRow::mfu);
   s.tail_dt_ms = tail_mean(rec.steps, tail, &StepRow::dt_ms);
@@ -205,7 +206,7 @@ std::vector<std::string> summary_cells(const RunSummary& s, bool with_baseline, 
                                     state_name(s.state),
                                     std::to_string(s.steps_observed),
                                     s.last_step >= 0 ? std::to_string(s.last_step) : "-",
-                                    num(s.last_loss, 4),
+                                    s.diverged ? std::string("nan") : num(s.last_loss, 4),
                                     num(s.tail_tok_sec, 0),
                                     num(s.tail_mfu, 2),
                                     num(s.tail_dt_ms, 1),

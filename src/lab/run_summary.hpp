@@ -16,6 +16,7 @@ struct RunSummary {
   int64_t steps_observed = 0;
   int64_t last_step = -1;
   double last_loss = kUnknown;
+  bool diverged = false;  // the loss became nan/inf (RunRecord::diverged_step): last_loss shows "nan"
   double tail_tok_sec = kUnknown;
   double tail_mfu = kUnknown;
   double tail_dt_ms = kUnknown;

@@ -170,6 +170,14 @@ class Sweep {
     write_file_atomic(outcome_.exp_dir / "experiment.json", meta.dump(2) + "\n");
   }
 
+  // Whether a run folder holds a checkpoint a retry can resume from.
+  static bool holds_checkpoint(const fs::path& run) {
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(run / "checkpoints", ec))
+      if (e.path().extension() == ".safetensors") return true;
+    return false;
+  }
+
   // Next k for which NAME.failK (or NAME_retryK) is free.
   int next_free(const std::string& base, bool fail) const {
     for (int k = 1;; ++k)
@@ -379,7 +387,13 @@ class Sweep {
       break;
     }
     if (!rule) return false;
-    if (rule->set.empty()) {
+    if (rule->set.empty() && holds_checkpoint(dir(job->folder))) {
+      // The trainer kept a checkpoint (every checkpoint_every steps, and at Ctrl-C, SIGTERM or a
+      // timeout's stop): the retry continues from it in the same folder, so a run that needs
+      // more than one attempt's time still finishes.
+      job->overrides = merge_overrides(job->overrides, {{"train.resume", "auto"}});
+      job->kind = "retry";
+    } else if (rule->set.empty()) {
       move_aside(job->folder);
       job->kind = "retry";
     } else {

@@ -1,6 +1,7 @@
 // Run folder writers.
 #include "train/run_files.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -26,10 +27,22 @@ void write_status(const std::string& run_dir, const RunStatus& s) {
   j["started_at"] = s.started_at;
   j["updated_at"] = utc_timestamp();
   j["device"] = s.device;
+  j["ranks"] = s.ranks;
   j["pid"] = int64_t(getpid());
   j["peak_mem_mib"] = s.peak_mem_mib ? nlohmann::json(*s.peak_mem_mib) : nlohmann::json(nullptr);
   j["total_time_min"] = s.total_time_min ? nlohmann::json(*s.total_time_min) : nlohmann::json(nullptr);
   write_file_atomic(run_dir + "/status.json", j.dump(1) + "\n");
+}
+
+int64_t last_logged_step(const std::string& run_dir) {
+  std::ifstream in(fs::path(run_dir) / "metrics.jsonl");
+  int64_t last = -1;
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_object() && j.value("event", "") == "step" && j.contains("step") && j["step"].is_number_integer())
+      last = std::max(last, j["step"].get<int64_t>());
+  }
+  return last;
 }
 
 bool mark_run_failed(const std::string& run_dir, const std::string& cause) {
@@ -48,6 +61,13 @@ bool mark_run_failed(const std::string& run_dir, const std::string& cause) {
   if (j.is_discarded() || !j.is_object() || j.value("status", "") == "completed") return false;
   const std::string before = j.value("error", "");
   j["status"] = "failed";
+  // status.json is rewritten only at checkpoints, so its step may be far behind: the step that
+  // failed is the one after the last that metrics.jsonl logged (the step being run).
+  if (const int64_t logged = last_logged_step(run_dir); logged >= 0) {
+    int64_t failed_at = logged + 1;
+    if (j.contains("steps") && j["steps"].is_number_integer()) failed_at = std::min(failed_at, j["steps"].get<int64_t>() - 1);
+    if (!j.contains("step") || !j["step"].is_number_integer() || j["step"].get<int64_t>() < failed_at) j["step"] = failed_at;
+  }
   j["error"] = before.empty() ? cause : cause + "; " + before;
   j["updated_at"] = utc_timestamp();
   write_file_atomic(path.string(), j.dump(1) + "\n");

@@ -17,6 +17,7 @@ namespace moelab {
 struct RunStatus {
   std::string status = "running";  // running | completed | failed
   int64_t step = 0, steps = 0;
+  int64_t ranks = 1;  // processes of the job (data / expert parallel ranks)
   std::string error;
   std::string started_at, device;
   std::optional<double> peak_mem_mib, total_time_min;
@@ -26,7 +27,10 @@ void write_status(const std::string& run_dir, const RunStatus& s);
 // run_dir failed with `cause` first in its error, keeping the rest of status.json. Leaves a
 // completed run, a folder without status.json, or one a live writer still holds after 10 s
 // alone; returns whether it wrote.
+// The step it failed at is the one after the last step metrics.jsonl logged.
 bool mark_run_failed(const std::string& run_dir, const std::string& cause);
+// The highest step of metrics.jsonl's step records; -1 when there is none.
+int64_t last_logged_step(const std::string& run_dir);
 
 class MetricsLog {
  public:

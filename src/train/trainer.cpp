@@ -24,6 +24,7 @@
 #include "optim/optimizer.hpp"
 #include "train/checkpoint.hpp"
 #include "train/device_select.hpp"
+#include "train/memory_estimate.hpp"
 #include "train/run_files.hpp"
 #include "train/tensorboard.hpp"
 #include "train/step_runner.hpp"
@@ -32,6 +33,10 @@ namespace moelab {
 namespace fs = std::filesystem;
 
 namespace {
+
+// The number of ranks of the job that wrote a checkpoint (a trainer scalar of CheckpointMeta): a
+// resume by a job of another size is refused. Checkpoints without it predate the check.
+constexpr const char* kWorldSizeScalar = "world_size";
 
 std::atomic<int> g_stop_signal{0};
 void on_stop_signal(int sig) { g_stop_signal.store(sig); }
@@ -78,6 +83,18 @@ ValResult evaluate(Backend& be, GptMoE& model, DataLoader& loader, const Config&
   r.loss = count ? nats / double(count) : 0.0;
   r.bpb = bytes > 0 ? nats / (std::log(2.0) * bytes) : 0.0;
   return r;
+}
+
+// The device as the header and status.json name it: the backend (with its master dtype), the
+// FP8 recipe where precision = fp8 (the backend's dtype alone would say f32 on the CPU), and the
+// job's ranks.
+std::string run_device_description(const Backend& be, const Config& cfg, const Communicator& comm) {
+  std::string d = be.name();
+  if (cfg.precision == "fp8")
+    d += " + fp8 " + cfg.fp8.recipe + " GEMMs (" + cfg.fp8.layers + (cfg.fp8.head ? ", head" : "") + ")" +
+         (be.device() == Device::cpu ? " emulated" : "");
+  if (comm.world() > 1) d += " x " + comm.name();
+  return d;
 }
 
 // The files a run writes into its folder; --force moves them aside together.
@@ -155,8 +172,18 @@ std::string export_config_json(const Config& cfg, const Backend& be) {
 }  // namespace
 
 bool folder_holds_run(const std::string& run_dir) {
-  for (const char* e : {"config.toml", "metrics.jsonl", "checkpoints", "model.safetensors"})
-    if (fs::exists(fs::path(run_dir) / e)) return true;
+  const fs::path dir(run_dir);
+  // What a run leaves that is worth keeping: a checkpoint, the exported model, a logged step.
+  // A folder whose only run stopped before its first step (config.toml and a failed status.json
+  // alone) holds nothing to lose, so a corrected rerun may start there without --force.
+  std::error_code ec;
+  if (fs::exists(dir / "model.safetensors")) return true;
+  if (fs::is_directory(dir / "checkpoints", ec) && !fs::is_empty(dir / "checkpoints", ec)) return true;
+  if (fs::exists(dir / "metrics.jsonl")) {
+    std::ifstream in(dir / "metrics.jsonl");
+    for (std::string line; std::getline(in, line);)
+      if (!line.empty()) return true;  // any record: a step, a resume, a validation
+  }
   return false;
 }
 
@@ -167,8 +194,10 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
   const bool lead = comm->rank() == 0;
   // 1. The folder and its lock; nothing in it changes before the checks below have passed.
   std::optional<FolderLock> lock;
+  bool created_folder = false;  // this call made run_dir: a start refused below removes it again
   if (lead) {
     std::error_code ec;
+    created_folder = !fs::exists(run_dir);
     fs::create_directories(run_dir, ec);
     if (ec) throw Error("cannot create run folder " + run_dir + ": " + ec.message());
     lock.emplace(FolderLock::acquire(run_dir, "run folder"));
@@ -181,7 +210,6 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
     }
   }
   comm->barrier();  // the other ranks read the folder only once rank 0 has settled it
-  const bool fresh = lead && !folder_holds_run(run_dir);
 
   RunStatus status;
   status.steps = cfg.train.steps;
@@ -199,8 +227,9 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
     }
   } restore{old_int, old_term};
 
-  // 2. Set-up: backend, data, model, optimizer and the checkpoint to resume from. A folder that
-  // holds an earlier run is left as it was if this fails; a fresh one records the failure.
+  // 2. Set-up: backend, data, model, optimizer and the checkpoint to resume from. If this fails,
+  // nothing has been written: the folder is left as it was (and removed, lock file and all, if
+  // this call created it), so the corrected command runs into the same --out.
   TrainResult result;
   int64_t step = 0;
   std::unique_ptr<Backend> backend;
@@ -212,10 +241,13 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
   std::vector<std::string> changes;
   try {
     backend = make_backend(cfg);
-    status.device = backend->name();
+    status.device = run_device_description(*backend, cfg, *comm);
+    status.ranks = comm->world();
     if (comm->world() > 1 && backend->device() != Device::cpu)
       throw Error("data parallel over " + std::to_string(comm->world()) + " ranks runs on CPU ranks for now (" +
                   comm->name() + "); GPU ranks need the NCCL communicator, which is not built yet: set device = \"cpu\"");
+    // CPU ranks are this host's processes: all of them must fit its memory.
+    if (backend->device() == Device::cpu) check_memory_fits(cfg, comm->world());
     loader = make_loader(cfg.data, uint64_t(cfg.train.seed), comm->rank(), comm->world());
     if (loader->vocab() > cfg.model.vocab)
       throw Error("model.vocab = " + std::to_string(cfg.model.vocab) + " is smaller than the data's vocabulary (" +
@@ -247,6 +279,15 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
           unreadable.push_back(path);
           continue;
         }
+        // The checkpoint's data position and tokens per step belong to the job size that wrote
+        // it: resumed by another, each rank would read other rows and the step would hold other
+        // tokens, with nothing said. Until checkpoints are resharded, the job must match.
+        if (auto it = meta.scalars.find(kWorldSizeScalar); it != meta.scalars.end() && int64_t(it->second) != comm->world())
+          throw Error("train.resume: " + path + " was written by a job of " + std::to_string(int64_t(it->second)) +
+                      " rank(s) and this job has " + std::to_string(comm->world()) +
+                      "; its data position and tokens per step hold only for that many ranks: resume with --nproc " +
+                      std::to_string(int64_t(it->second)) +
+                      " (resharding a checkpoint to another number of ranks is not built yet)");
         model_ptr->refresh_compute_weights();
         loader->restore(meta.data_state);
         step = meta.step;
@@ -267,15 +308,12 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
       for (const auto& c : changes)
         std::cerr << "moelab: warning: resumed with a config change against the checkpoint: " << c << "\n";
     }
-  } catch (const std::exception& e) {
-    if (fresh) {
-      status.status = "failed";
-      status.error = e.what();
-      try {
-        write_file_atomic(run_dir + "/config.toml", config_to_toml(cfg));
-        write_status(run_dir, status);
-      } catch (...) {
-      }
+  } catch (const std::exception&) {
+    if (lead && created_folder) {
+      std::error_code ec;
+      fs::remove(fs::path(run_dir) / FolderLock::kFileName, ec);
+      lock.reset();
+      fs::remove(run_dir, ec);  // only if empty: nothing else was written
     }
     throw;
   }
@@ -309,7 +347,7 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
     const auto peak = peak_flops(cfg, be);
     const double flops_per_token = model.flops_per_token();
     if (lead)
-      std::cout << "moelab train: " << be.name() << (world > 1 ? " x " + comm->name() : std::string()) << " | "
+      std::cout << "moelab train: " << status.device << " | "
                 << model.params().numel() << " params, " << model.active_matmul_params() << " active matmul | "
                 << tokens_per_step << " tokens/step | data " << loader->describe() << std::endl;
 
@@ -324,6 +362,7 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
       meta.loss_ema = ema;
       meta.train_time_s = total_time_s;
       meta.config_text = config_to_toml(cfg);
+      meta.scalars[kWorldSizeScalar] = double(comm->world());
       fs::create_directories(run_dir + "/checkpoints");
       save_checkpoint(checkpoint_path(run_dir, next_step), be, model.params(), optimizer.state(), meta);
       prune_checkpoints(run_dir, cfg.train.keep_checkpoints);
@@ -342,7 +381,7 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
           save(step);
           kept = "; checkpoint saved at step " + std::to_string(step) + ", continue with --set train.resume=auto";
         }
-        throw Error("interrupted by signal " + std::to_string(sig) + " (" + (sig == SIGINT ? "SIGINT" : "SIGTERM") +
+        throw Interrupted("interrupted by signal " + std::to_string(sig) + " (" + (sig == SIGINT ? "SIGINT" : "SIGTERM") +
                     ") before step " + std::to_string(step) + kept);
       }
       status.step = step;
@@ -480,7 +519,11 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
     } catch (...) {
     }
     // Of several ranks, the one that failed says so (mpiexec then stops the others).
-    if (comm->world() > 1) throw Error("rank " + std::to_string(comm->rank()) + " of " + std::to_string(comm->world()) + ": " + e.what());
+    if (comm->world() > 1) {
+      const std::string text = "rank " + std::to_string(comm->rank()) + " of " + std::to_string(comm->world()) + ": " + e.what();
+      if (dynamic_cast<const Interrupted*>(&e)) throw Interrupted(text);
+      throw Error(text);
+    }
     throw;
   }
   return result;

@@ -1,6 +1,9 @@
 // Config loading, overrides and validation: every bad input names its key and the fix.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstdlib>
+
 #include "core/error.hpp"
 #include "config/config.hpp"
 
@@ -101,12 +104,74 @@ TEST(Config, ValidationNamesKeyForEachInconsistency) {
   };
   for (auto& bc : cases) {
     Config c;
-    apply_override(c, bc.set);
-    auto msg = error_of([&] { validate_config(c); });
+    // A key's own range is checked as it is set; cross-key rules when the whole config is validated.
+    auto msg = error_of([&] {
+      apply_override(c, bc.set);
+      validate_config(c);
+    });
     EXPECT_NE(msg.find(bc.key), std::string::npos) << bc.set << " gave: " << msg;
   }
   Config ok;
   EXPECT_NO_THROW(validate_config(ok));
+}
+
+// Every real key is finite and within the range its line of the key table gives, checked as it
+// is loaded (TOML or --set) and again by validate_config for a Config built in code; the error
+// names the key and the range, never a later symptom ("loss is NaN ... lower optim.matrix_lr").
+TEST(Config, EveryRealKeyIsFiniteAndInItsRange) {
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"optim.adam_beta1", "2"},          {"optim.adam_eps", "-1"},      {"optim.muon_momentum", "5"},
+      {"train.final_lr_frac", "2"},       {"model.init_scale", "0"},     {"model.init_scale", "-1"},
+      {"moe.capacity_factor", "nan"},     {"model.rope_base", "nan"},    {"optim.adam_beta2", "1.5"},
+      {"optim.matrix_lr", "inf"},         {"optim.matrix_lr", "nan"},    {"optim.muon_momentum_start", "1"},
+      {"train.peak_flops", "-1"},         {"optim.scalar_lr", "-inf"},   {"data.val_fraction", "1"},
+  };
+  for (const auto& [key, value] : bad) {
+    const auto dot = key.find('.');
+    const std::string toml = "[" + key.substr(0, dot) + "]\n" + key.substr(dot + 1) + " = " + value + "\n";
+    const std::string from_toml = error_of([&] { config_from_toml_text(toml, "bad.toml"); });
+    Config c;
+    const std::string from_set = error_of([&] { apply_override(c, key + "=" + value); });
+    for (const std::string& msg : {from_toml, from_set}) {
+      EXPECT_NE(msg.find("invalid config: " + key + " = "), std::string::npos) << key << "=" << value << " gave: " << msg;
+      EXPECT_NE(msg.find("must be finite and in "), std::string::npos) << msg;
+      EXPECT_EQ(msg.find("must not be negative"), std::string::npos) << msg;
+    }
+    EXPECT_NE(from_toml.find("bad.toml"), std::string::npos) << from_toml;
+  }
+  // The range text itself, for a closed, a half-open and an open-ended key.
+  Config c;
+  EXPECT_NE(error_of([&] { apply_override(c, "optim.adam_beta1=2"); }).find("[0, 1)"), std::string::npos);
+  EXPECT_NE(error_of([&] { apply_override(c, "train.final_lr_frac=2"); }).find("[0, 1]"), std::string::npos);
+  EXPECT_NE(error_of([&] { apply_override(c, "model.init_scale=0"); }).find("(0, inf)"), std::string::npos);
+
+  // A Config built in code is held to the same ranges by validate_config.
+  Config coded;
+  coded.optim.adam_beta2 = 1.5;
+  EXPECT_NE(error_of([&] { validate_config(coded); }).find("optim.adam_beta2"), std::string::npos);
+  coded = Config{};
+  coded.model.rope_base = std::nan("");
+  EXPECT_NE(error_of([&] { validate_config(coded); }).find("model.rope_base"), std::string::npos);
+
+  // NaN is refused for every real key (a real key's resolved value is written with a '.' or an
+  // exponent), and the boundary values the ranges allow still load.
+  int real_keys = 0;
+  for (const auto& [key, value] : config_flat(Config{})) {
+    char* end = nullptr;
+    std::strtod(value.c_str(), &end);
+    if (value.empty() || *end != '\0' || value.find_first_of(".e") == std::string::npos) continue;
+    ++real_keys;
+    Config n;
+    EXPECT_NE(error_of([&] { apply_override(n, key + "=nan"); }).find(key), std::string::npos) << key;
+  }
+  EXPECT_GE(real_keys, 25);
+  Config edge;
+  EXPECT_NO_THROW(apply_override(edge, "optim.adam_beta1=0"));
+  EXPECT_NO_THROW(apply_override(edge, "train.final_lr_frac=1"));
+  EXPECT_NO_THROW(apply_override(edge, "moe.capacity_factor=-1"));
+  EXPECT_NO_THROW(validate_config(edge));
+  // --help-config shows each real key's range beside its doc.
+  EXPECT_NE(config_reference().find("AdamW beta1 (in [0, 1))"), std::string::npos);
 }
 
 TEST(Config, CapacityFactorAtOrBelowZeroTurnsCapacityOff) {

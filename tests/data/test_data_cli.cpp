@@ -80,9 +80,36 @@ TEST(DataCli, TrainEncodeDecodePrepare) {
   r = run(dir, "data prepare --tokenizer " + tok + " --input " + txt + " --out " + shards + " --val-fraction 0.2");
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_TRUE(std::filesystem::exists(shards + "/meta.json"));
-  r = run(dir, "data prepare --tokenizer " + tok + " --input " + dir.write("j.jsonl", "{\"text\": 1}\n") + " --out " + shards);
+  r = run(dir, "data prepare --tokenizer " + tok + " --input " + dir.write("j.jsonl", "{\"text\": 1}\n") + " --out " + shards + "_j");
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("j.jsonl: line 1"), std::string::npos) << r.err;
+}
+
+// A --out that is a folder is refused without leaving DIR.tmp beside it; a vocabulary far larger
+// than the text can give shows the merges really made, not the requested count; a mistyped
+// subcommand is answered with the nearest one.
+TEST(DataCli, TokenizerOutputsAndMessagesStayTrue) {
+  testing::ScratchDir dir;
+  std::string text = dir.write("one.txt", "a single line of text with a few repeated words words words\n");
+  std::filesystem::create_directories(dir.file("folder"));
+  Result r = run(dir, "tokenizer train --input " + text + " --vocab-size 300 --out " + dir.file("folder"));
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_NE(r.err.find("is a folder"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("folder.tmp")));
+
+  ASSERT_EQ(run(dir, "tokenizer train --input " + text + " --vocab-size 300 --out " + dir.file("tok.txt")).code, 0);
+  r = run(dir, "tokenizer export --tokenizer " + dir.file("tok.txt") + " --out " + dir.file("folder"));
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("folder.tmp")));
+
+  r = run(dir, "tokenizer train --input " + text + " --vocab-size 1000000000 --out " + dir.file("big.txt"));
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.err.find("999999"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("merges"), std::string::npos) << r.err;
+
+  r = run(dir, "tokenizer trian --input " + text);
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_NE(r.err.find("unknown subcommand 'trian' of 'moelab tokenizer'; did you mean 'train'?"), std::string::npos) << r.err;
 }
 
 }  // namespace moelab

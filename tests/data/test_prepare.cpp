@@ -2,6 +2,9 @@
 // binary or empty inputs refused, and shards that hold exactly the documents, each after <|bos|>.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <filesystem>
+
 #include <nlohmann/json.hpp>
 
 #include "core/error.hpp"
@@ -183,6 +186,63 @@ TEST(Prepare, RefusesBadInputsBeforeWritingShards) {
   opt.tokenizer = tok_path;
   opt.val_fraction = 0;
   EXPECT_NE(error_of([&] { prepare_shards(opt); }).find("--val-fraction"), std::string::npos);
+}
+
+// An input that fails part way (Latin-1 text is not UTF-8) leaves nothing: not the folder, not
+// the tokenizer copy written before the documents were read.
+TEST(Prepare, AFailedPrepareLeavesNothingBehind) {
+  testing::ScratchDir dir;
+  std::string tok_path = dir.file("tok.txt");
+  testing::tiny_tokenizer().save(tok_path);
+  PrepareOptions opt;
+  opt.tokenizer = tok_path;
+  opt.out = dir.file("out");
+  opt.progress = false;
+  opt.inputs = {dir.write("latin1.txt", "one doc\n\ncaf\xe9 au lait\n\nthree\n")};
+  EXPECT_NE(error_of([&] { prepare_shards(opt); }), "(accepted)");
+  EXPECT_FALSE(std::filesystem::exists(dir.file("out")));
+  // A folder that existed keeps what was there and gains nothing.
+  std::filesystem::create_directories(dir.file("mine"));
+  dir.write("mine/notes.txt", "mine\n");
+  opt.out = dir.file("mine");
+  EXPECT_NE(error_of([&] { prepare_shards(opt); }), "(accepted)");
+  std::vector<std::string> left;
+  for (const auto& e : std::filesystem::directory_iterator(dir.file("mine"))) left.push_back(e.path().filename().string());
+  EXPECT_EQ(left, std::vector<std::string>{"notes.txt"});
+}
+
+// A folder that already holds shards is refused and left as it was; --force removes the old
+// shards (those beyond the new ones too) before writing the new folder.
+TEST(Prepare, AFolderWithShardsIsRefusedUnlessForced) {
+  testing::ScratchDir dir;
+  std::string tok_path = dir.file("tok.txt");
+  testing::tiny_tokenizer().save(tok_path);
+  PrepareOptions opt;
+  opt.tokenizer = tok_path;
+  opt.out = dir.file("out");
+  opt.progress = false;
+  std::string docs;
+  for (int i = 0; i < 40; ++i) docs += "document number " + std::to_string(i) + "\n\n";
+  opt.inputs = {dir.write("docs.txt", docs)};
+  prepare_shards(opt);
+  dir.write("out/train_000031.bin", "a later shard of an earlier, larger prepare");
+  auto listing = [&] {
+    std::vector<std::string> names;
+    for (const auto& e : std::filesystem::directory_iterator(dir.file("out"))) names.push_back(e.path().filename().string());
+    std::sort(names.begin(), names.end());
+    return names;
+  };
+  const auto before = listing();
+  const std::string msg = error_of([&] { prepare_shards(opt); });
+  EXPECT_NE(msg.find("already holds a shard folder"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--force"), std::string::npos) << msg;
+  EXPECT_EQ(listing(), before);
+  opt.force = true;
+  prepare_shards(opt);
+  EXPECT_FALSE(std::filesystem::exists(dir.file("out/train_000031.bin")));
+  const auto after = listing();
+  EXPECT_EQ(std::count(after.begin(), after.end(), "meta.json"), 1);
+  EXPECT_LT(after.size(), before.size());
 }
 
 }  // namespace moelab

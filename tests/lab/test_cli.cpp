@@ -185,3 +185,30 @@ TEST(Cli, ReportComparesFoldersAndNeverWritesIntoARunFolder) {
   EXPECT_FALSE(std::filesystem::exists(dir / "nothing" / "report.md"));
   std::filesystem::remove_all(dir);
 }
+
+// `report --baseline NAME` with no run of that name is refused (exit 2, naming the run and the
+// runs there) before anything is written, rather than a report whose comparison columns are all
+// unknown; `--tail 0` is refused with a plain range, not the double's 309-digit maximum.
+TEST(Cli, ReportRefusesAnUnknownBaselineAndAZeroTail) {
+  auto dir = fresh_dir("cli_report_args");
+  write_text(dir / "base.toml", "");
+  write_text(dir / "e.toml", "name = \"e\"\nbase = \"base.toml\"\n[[run]]\nname = \"a\"\n");
+  Result r = run("sweep " + (dir / "e.toml").string() + " --out " + (dir / "e").string() +
+                 " --progress 100 --no-report --train-cmd " + kData + "/fake_train.sh");
+  ASSERT_EQ(r.code, 0) << r.output;
+
+  Result bad = run("report " + (dir / "e").string() + " --no-figures --baseline nope");
+  EXPECT_EQ(bad.code, 2) << bad.output;
+  EXPECT_NE(bad.output.find("--baseline nope: no run of that name"), std::string::npos) << bad.output;
+  EXPECT_NE(bad.output.find("(runs: a)"), std::string::npos) << bad.output;
+  EXPECT_FALSE(std::filesystem::exists(dir / "e" / "report.md"));
+  Result good = run("report " + (dir / "e").string() + " --no-figures --baseline a");
+  EXPECT_EQ(good.code, 0) << good.output;
+
+  Result tail = run("report " + (dir / "e").string() + " --no-figures --tail 0");
+  EXPECT_EQ(tail.code, 2) << tail.output;
+  EXPECT_NE(tail.output.find("--tail 0 must be at least 1"), std::string::npos) << tail.output;
+  EXPECT_EQ(tail.output.find("179769"), std::string::npos) << tail.output;
+  EXPECT_EQ(run("report " + (dir / "e").string() + " --no-figures --tail 1").code, 0);
+  std::filesystem::remove_all(dir);
+}

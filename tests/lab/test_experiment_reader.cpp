@@ -2,6 +2,7 @@
 // nanochat logs, stale files, folders with nothing in them, binary files among the logs.
 #include <gtest/gtest.h>
 
+#include "core/folder_lock.hpp"
 #include "lab/experiment_reader.hpp"
 #include "lab_test_util.hpp"
 
@@ -54,6 +55,25 @@ TEST(ExperimentReader, StatusRules) {
   EXPECT_EQ(empty.state, RunState::unknown);
   ASSERT_FALSE(empty.problems.empty());
   EXPECT_NE(empty.problems[0].find("no metrics"), std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
+// A run folder says "running" with fresh files, but its trainer is gone (a sweep killed with -9,
+// its attempt moved aside as NAME.fail1): the folder's unheld lock says so at once, rather than
+// after the 300 s staleness window. A held lock keeps it running.
+TEST(ExperimentReader, AnUnlockedRunningFolderIsNotRunning) {
+  auto dir = fresh_dir("lock_liveness");
+  for (const char* name : {"r2.fail1", "r2"}) {
+    write_text(dir / name / "status.json", R"({"status": "running", "step": 0, "steps": 2})");
+    write_text(dir / name / "metrics.jsonl", kStep);
+    write_text(dir / name / ".lock", "12345\n");
+  }
+  auto held = moelab::FolderLock::acquire(dir / "r2", "run folder");
+  Experiment ex = read_experiment(dir);
+  const RunRecord& dead = find(ex, "r2.fail1");
+  EXPECT_EQ(dead.state, RunState::failed);
+  EXPECT_NE(dead.error.find("its trainer is gone"), std::string::npos) << dead.error;
+  EXPECT_EQ(find(ex, "r2").state, RunState::running);
   std::filesystem::remove_all(dir);
 }
 

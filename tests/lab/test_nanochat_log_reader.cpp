@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "lab/nanochat_log_reader.hpp"
+#include "lab/run_summary.hpp"
 
 using namespace moelab::lab;
 
@@ -25,6 +26,27 @@ TEST(NanochatLog, ReadsTheSeedFormat) {
   EXPECT_EQ(rec.state, RunState::completed);
   EXPECT_DOUBLE_EQ(rec.peak_mem_mib, 23231.91);
   EXPECT_DOUBLE_EQ(rec.total_time_min, 1.59);
+}
+
+// A log whose loss becomes nan is a diverged run, not missing data: failed, with the step named,
+// and its last loss shown as nan, even though the run printed its end lines.
+TEST(NanochatLog, ALossThatBecomesNanFailsTheRun) {
+  std::string log =
+      "step 00000/00003 (0.00%) | loss: 10.397800 | bal: 0.0300 | dt: 40.20ms | tok/sec: 12,912 | mfu: 0.16 | total time: 0.00m\n"
+      "step 00001/00003 (33.33%) | loss: nan | bal: 0.0300 | dt: 40.20ms | tok/sec: 12,912 | mfu: 0.16 | total time: 0.00m\n"
+      "step 00002/00003 (66.67%) | loss: nan | bal: 0.0300 | dt: 40.20ms | tok/sec: 12,912 | mfu: 0.16 | total time: 0.00m\n"
+      "Peak memory usage: 231.91MiB\n"
+      "Total training time: 0.01m\n";
+  RunRecord rec;
+  rec.name = "d";
+  parse_nanochat_log(log, rec);
+  ASSERT_EQ(rec.steps.size(), 3u);
+  EXPECT_EQ(rec.diverged_step, 1);
+  EXPECT_EQ(rec.state, RunState::failed);
+  EXPECT_NE(rec.error.find("diverged: the loss is nan/inf from step 1"), std::string::npos) << rec.error;
+  const RunSummary s = summarize_run(rec, 50);
+  EXPECT_EQ(summary_cells(s, false, false)[4], "nan");
+  EXPECT_EQ(summary_cells(s, false, false)[1], "failed");
 }
 
 TEST(NanochatLog, NewerAndOlderVariants) {

@@ -131,6 +131,37 @@ set = { exec = "eager" }
   std::filesystem::remove_all(dir);
 }
 
+// A run stopped by its timeout after the trainer kept a checkpoint is retried in its own folder,
+// resuming (train.resume=auto), instead of starting again from scratch beside a NAME.fail1: a
+// run that needs more than one attempt's time can finish.
+TEST(SweepRunner, ARetryResumesFromTheCheckpointTheAttemptKept) {
+  auto dir = fresh_dir("sweep_resume");
+  SweepSpec spec = spec_in(dir, R"(
+name = "t"
+base = "base.toml"
+max_retries = 1
+timeout = 1
+[[run]]
+name = "slow"
+set = { "fake.mode" = "slow" }
+[[on_failure]]
+match = "timed out"
+)");
+  std::ostringstream log;
+  auto out = dir / "exp";
+  SweepOutcome r = run_sweep(spec, fast_options(out, log));
+  SCOPED_TRACE(log.str());
+  EXPECT_EQ(r.completed, 1);
+  EXPECT_EQ(r.failed, 1);  // the timed-out first attempt
+  EXPECT_EQ(state_of(out / "slow"), RunState::completed);
+  EXPECT_FALSE(std::filesystem::exists(out / "slow.fail1"));
+  auto sj = nlohmann::json::parse(read_text(out / "slow" / "sweep.json"));
+  EXPECT_EQ(sj["overrides"]["train.resume"], "auto");
+  EXPECT_EQ(sj["attempt_kind"], "retry");
+  EXPECT_NE(log.str().find("slow: retrying as slow"), std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
 TEST(SweepRunner, RepeatsAndInterrupt) {
   auto dir = fresh_dir("sweep_int");
   SweepSpec spec = spec_in(dir, R"(

@@ -78,6 +78,12 @@ inline std::vector<nlohmann::json> read_events(const std::filesystem::path& run,
   return out;
 }
 
+// A whole file as text ("" if it cannot be read).
+inline std::string read_text(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
 inline nlohmann::json read_status(const std::filesystem::path& run) {
   std::ifstream in(run / "status.json");
   return nlohmann::json::parse(in);

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <thread>
 #include <fstream>
 
 #include "comm/communicator.hpp"
@@ -98,6 +99,58 @@ TEST(DataParallel, ResumedTwoRankRunLogsTheUninterruptedLosses) {
   ASSERT_EQ(a.size(), 6u);
   ASSERT_EQ(b.size(), 6u);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(b[i], a[i]) << "step " << i;
+  fs::remove_all(dir);
+}
+
+// A checkpoint of a two-rank job resumed by one rank would continue with half the tokens a step
+// and another data position, silently: it is refused, naming both job sizes and --nproc, and the
+// folder is left as it was.
+TEST(DataParallel, ResumeByAnotherNumberOfRanksIsRefused) {
+  if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
+  const fs::path dir = test::fresh_dir("dpworld");
+  Config c = dp_config(dir);
+  c.train.batch_size = 4;
+  c.train.checkpoint_every = 3;
+  ASSERT_EQ(train_two_ranks(c, dir, "two"), 0) << "see " << (dir / "two.log").string();
+  ASSERT_TRUE(fs::remove(dir / "two" / "checkpoints" / "step_000006.safetensors"));
+  const std::string metrics_before = test::read_text(dir / "two" / "metrics.jsonl");
+  Config resume = c;
+  resume.train.resume = "auto";
+  std::string error;
+  try {
+    run_training(resume, (dir / "two").string());
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  EXPECT_NE(error.find("written by a job of 2 rank(s) and this job has 1"), std::string::npos) << error;
+  EXPECT_NE(error.find("resume with --nproc 2"), std::string::npos) << error;
+  // status.json says how many ranks ran it.
+  EXPECT_EQ(test::read_status(dir / "two")["ranks"], 2);
+  EXPECT_EQ(test::read_text(dir / "two" / "metrics.jsonl"), metrics_before);
+  // The matching job size resumes.
+  ASSERT_EQ(train_two_ranks(c, dir, "two", "--set train.resume=auto"), 0) << "see " << (dir / "two.log").string();
+  fs::remove_all(dir);
+}
+
+// More ranks than cores starts with a warning that says so (here the ranks' start-up then fails
+// on data that is not there, which the test needs no more than).
+TEST(DataParallel, OversubscribedRanksAreNamedBeforeTheyStart) {
+  if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
+  const unsigned cores = std::thread::hardware_concurrency();
+  if (cores == 0 || cores > 8) GTEST_SKIP() << "more ranks than " << cores << " cores would be a heavy test";
+  const fs::path dir = test::fresh_dir("dpover");
+  Config c = dp_config(dir);
+  c.data.source = "shards";
+  c.data.dir = (dir / "no_shards").string();
+  std::ofstream(dir / "c.toml") << config_to_toml(c);
+  const std::string cmd = std::string(MOELAB_BINARY) + " train --config " + (dir / "c.toml").string() + " --out " +
+                          (dir / "run").string() + " --nproc " + std::to_string(cores + 1) + " > " +
+                          (dir / "log").string() + " 2>&1";
+  EXPECT_NE(std::system(cmd.c_str()), 0);
+  const std::string log = test::read_text(dir / "log");
+  EXPECT_NE(log.find("starts " + std::to_string(cores + 1) + " ranks on " + std::to_string(cores) + " cores: oversubscribed"),
+            std::string::npos)
+      << log;
   fs::remove_all(dir);
 }
 

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -21,10 +22,12 @@
 #include <nlohmann/json.hpp>
 
 #include "config/config.hpp"
+#include "core/atomic_file.hpp"
 #include "core/error.hpp"
 #include "core/folder_lock.hpp"
 #include "core/rng.hpp"
 #include "train/checkpoint.hpp"
+#include "train/run_files.hpp"
 #include "train/trainer.hpp"
 #include "run_test_support.hpp"
 
@@ -249,13 +252,134 @@ TEST(RunFolder, InterruptSavesACheckpoint) {
   kill(child, SIGINT);
   int st = 0;
   waitpid(child, &st, 0);
-  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 1);
+  // Ctrl-C exits 130, as a --nproc job and a sweep do (the README's exit codes).
+  EXPECT_TRUE(WIFEXITED(st)) << st;
+  EXPECT_EQ(WEXITSTATUS(st), 130);
   std::string ckpt = latest_checkpoint((dir / "run").string());
   ASSERT_FALSE(ckpt.empty()) << "no checkpoint kept at the interrupt";
   std::ifstream sin(dir / "run" / "status.json");
   auto status = nlohmann::json::parse(sin);
   EXPECT_EQ(status["status"], "failed");
   EXPECT_NE(status["error"].get<std::string>().find("checkpoint saved at step"), std::string::npos) << status["error"];
+}
+
+// Start-up refusals (a precision the CPU has no kernels for, expert parallelism without the
+// ranks, shards that are not there, a resume path that is no checkpoint) write nothing: a folder
+// the command created is removed again, one that existed is left exactly as it was, and the
+// corrected command then runs into the same --out without --force.
+TEST(RunFolder, StartRefusalsLeaveNothingBehind) {
+  fs::path dir = fresh_dir("refusals");
+  const Config good = small_config(write_text(dir));
+  std::vector<std::pair<std::string, std::function<void(Config&)>>> bad = {
+      {"precision", [](Config& c) { c.precision = "bf16"; }},
+      {"parallel.expert", [](Config& c) {
+         c.parallel.expert = 2;
+         c.train.save_final = false;
+       }},
+      {"shards", [&](Config& c) {
+         c.data.source = "shards";
+         c.data.dir = (dir / "no_such_shards").string();
+       }},
+      {"resume", [](Config& c) { c.train.resume = "yes"; }},
+  };
+  for (auto& [what, spoil] : bad) {
+    Config c = good;
+    spoil(c);
+    const fs::path run = dir / ("run_" + what);
+    EXPECT_FALSE(error_of([&] { run_training(c, run.string()); }).empty()) << what;
+    EXPECT_FALSE(fs::exists(run)) << what << ": the refused start left its folder behind";
+
+    fs::create_directories(run);  // a folder made beforehand (as a sweep does) is left as it was
+    std::ofstream(run / "notes.txt") << "mine\n";
+    EXPECT_FALSE(error_of([&] { run_training(c, run.string()); }).empty()) << what;
+    EXPECT_EQ(snapshot(run), (std::map<std::string, std::string>{{"notes.txt", "mine\n"}})) << what;
+    Config fixed = good;
+    fixed.train.steps = 2;
+    EXPECT_NO_THROW(run_training(fixed, run.string())) << what;
+  }
+}
+
+// A folder whose only run stopped before its first step (an older moelab wrote config.toml and a
+// failed status.json for a start-up error; a NaN at step 0 leaves no step either) is not "a run":
+// the next start needs no --force.
+TEST(RunFolder, AFolderWhoseRunNeverTookAStepIsNotARun) {
+  fs::path dir = fresh_dir("no_step");
+  Config c = small_config(write_text(dir));
+  fs::path run = dir / "run";
+  fs::create_directories(run);
+  std::ofstream(run / "config.toml") << config_to_toml(c);
+  std::ofstream(run / "status.json") << R"({"status": "failed", "step": 0, "error": "precision = bf16 ..."})" << "\n";
+  std::ofstream(run / "metrics.jsonl") << "";
+  EXPECT_FALSE(folder_holds_run(run.string()));
+  EXPECT_NO_THROW(run_training(c, run.string()));
+  std::ifstream in(run / "status.json");
+  EXPECT_EQ(nlohmann::json::parse(in)["status"], "completed");
+  EXPECT_TRUE(folder_holds_run(run.string()));
+}
+
+// A full disk (here the file size limit, which fails writes the same way) leaves no .tmp file and
+// no partial file behind; the previous file stays whole.
+TEST(RunFolder, FailedAtomicWriteLeavesNoTmpFile) {
+  fs::path dir = fresh_dir("full_disk");
+  const std::string path = (dir / "status.json").string();
+  std::ofstream(path) << "old\n";
+  pid_t child = fork();
+  if (child == 0) {
+    signal(SIGXFSZ, SIG_IGN);  // a write past the limit then fails with EFBIG instead of killing us
+    rlimit lim{16, 16};
+    setrlimit(RLIMIT_FSIZE, &lim);
+    bool threw = false;
+    try {
+      write_file_atomic(path, std::string(4096, 'x'));
+    } catch (const Error&) {
+      threw = true;
+    }
+    _exit(threw ? 0 : 3);
+  }
+  int st = 0;
+  waitpid(child, &st, 0);
+  ASSERT_TRUE(WIFEXITED(st));
+  EXPECT_EQ(WEXITSTATUS(st), 0) << "the write past the limit did not fail";
+  EXPECT_FALSE(fs::exists(path + ".tmp"));
+  std::ifstream in(path);
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), "old\n");
+}
+
+// A rank of a --nproc job killed at step 24 of a run that checkpoints rarely: status.json was last
+// written at step 0, and the launcher's mark must still say the run failed at step 24.
+TEST(RunFolder, MarkFailedTakesTheStepFromTheMetrics) {
+  fs::path dir = fresh_dir("mark_failed");
+  RunStatus s;
+  s.status = "running";
+  s.step = 0;
+  s.steps = 100;
+  write_status(dir.string(), s);
+  {
+    MetricsLog log(dir.string(), 0);
+    for (int64_t i = 0; i < 24; ++i) log.append({{"event", "step"}, {"step", i}, {"loss", 1.0}});
+    log.append({{"event", "val"}, {"step", 23}, {"val_loss", 1.0}});
+  }
+  ASSERT_TRUE(mark_run_failed(dir.string(), "rank 1 died on signal 9 (Killed)"));
+  std::ifstream in(dir / "status.json");
+  auto status = nlohmann::json::parse(in);
+  EXPECT_EQ(status["status"], "failed");
+  EXPECT_EQ(status["step"], 24);
+  EXPECT_NE(status["error"].get<std::string>().find("rank 1 died"), std::string::npos);
+}
+
+// status.json names what ran: an FP8 run on the CPU says fp8 (emulated), not only the backend's
+// f32, and every run says how many ranks it had.
+TEST(RunFolder, StatusNamesThePrecisionAndTheRanks) {
+  fs::path dir = fresh_dir("fp8_status");
+  Config c = small_config(write_text(dir));
+  c.train.steps = 2;
+  c.precision = "fp8";
+  run_training(c, (dir / "run").string());
+  std::ifstream in(dir / "run" / "status.json");
+  auto status = nlohmann::json::parse(in);
+  const std::string device = status["device"].get<std::string>();
+  EXPECT_NE(device.find("fp8 tensorwise GEMMs (dense, head) emulated"), std::string::npos) << device;
+  EXPECT_EQ(status["ranks"], 1);
 }
 
 TEST(TrainCli, EmptyConfigAndUsageErrorsExitClearly) {
@@ -275,6 +399,14 @@ TEST(TrainCli, EmptyConfigAndUsageErrorsExitClearly) {
   EXPECT_EQ(r.code, 2) << r.output;
   r = moelab("--help");
   EXPECT_EQ(r.code, 0);
+  // A command line that lacks what train needs is a usage error (2), not a run error (1).
+  r = moelab("train --out " + (dir / "run").string());
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("needs --config FILE"), std::string::npos) << r.output;
+  r = moelab("train --config " + (dir / "empty.toml").string());
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("needs --out RUN_DIR"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir / "run"));
 
   std::ofstream(dir / "neg.toml") << "[optim]\nmatrix_lr = -0.02\n";
   r = moelab("train --config " + (dir / "neg.toml").string() + " --out " + (dir / "run").string());

@@ -2,10 +2,12 @@
 # A stand-in for `moelab train` in the lab's tests: writes a run folder as docs/RUN_FOLDER.md
 # describes, then ends the way the overrides ask, so the sweep's status, retry and naming rules
 # can be tested in milliseconds. Overrides it reads (--set key=value):
-#   fake.mode   ok | fail | segv | hang | fail_unless_eager | flaky (fails once, then ok)
+#   fake.mode   ok | fail | segv | hang | fail_unless_eager | flaky (fails once, then ok) |
+#               slow (keeps a checkpoint, then hangs until stopped; resumed, it completes)
+#   train.resume  auto: resumes (slow then completes)
 #   fake.steps  steps to write (default 5)
 #   exec        eager makes fail_unless_eager succeed
-out=""; mode="ok"; steps=5; exec_mode="graph"
+out=""; mode="ok"; steps=5; exec_mode="graph"; resume=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
@@ -15,6 +17,7 @@ while [ $# -gt 0 ]; do
         fake.mode=*) mode="${2#fake.mode=}" ;;
         fake.steps=*) steps="${2#fake.steps=}" ;;
         exec=*) exec_mode="${2#exec=}" ;;
+        train.resume=*) resume="${2#train.resume=}" ;;
         bad.key=*) echo "moelab: error: unknown config key \"bad.key\" (see moelab train --help-config)" >&2; exit 1 ;;
       esac
       shift 2 ;;
@@ -52,6 +55,12 @@ case "$mode" in
     fi ;;
   segv) kill -SEGV $$ ;;
   hang) exec sleep 1000 ;;  # exec: the sleep keeps this pid (and the parent-death signal)
+  slow)
+    if [ "$resume" != "auto" ]; then
+      mkdir -p "$out/checkpoints"
+      : > "$out/checkpoints/step_000002.safetensors"
+      exec sleep 1000
+    fi ;;
 esac
 printf '{"event": "end", "step": %d, "peak_mem_mib": 12.5, "total_time_min": 0.01}\n' $((steps - 1)) >> "$out/metrics.jsonl"
 printf '{"status": "completed", "step": %d, "steps": %s, "error": "", "peak_mem_mib": 12.5, "total_time_min": 0.01}\n' $((steps - 1)) "$steps" > "$out/status.json"
