@@ -25,7 +25,7 @@
 #include "train/checkpoint.hpp"
 #include "train/device_select.hpp"
 #include "train/run_files.hpp"
-#include "train/tensorboard.hpp"
+#include "core/tensorboard.hpp"
 #include "train/step_runner.hpp"
 
 namespace moelab {
