@@ -1,6 +1,7 @@
 // `moelab report EXP_DIR [DIR...]`: the progress report of an experiment folder (run folders
 // and/or nanochat *.log files), or of several compared: markdown, CSVs and PNG figures. It exits
-// 1 when it finds no run, and never writes into a run folder. --watch rewrites it every N seconds
+// 1 when it finds no run, and never writes into a run folder. --tensorboard DIR also writes the
+// runs' scalars as TensorBoard event files. --watch rewrites it every N seconds
 // until Ctrl-C, for following a sweep from another terminal.
 #include <atomic>
 #include <chrono>
@@ -50,6 +51,9 @@ void add_report_command(CLI::App& app) {
   cmd->add_option("--name", opt->name, "name used in artifact file names (default: from the experiment)");
   cmd->add_option("--stale", opt->read.stale_s, "seconds without file changes after which a run is no longer running (default 300)");
   cmd->add_flag("--no-figures", *no_figures, "write markdown and CSVs only");
+  cmd->add_option("--tensorboard", opt->tensorboard,
+                  "also write each run's scalars (from metrics.jsonl or a nanochat log) as TensorBoard event files under "
+                  "DIR/<run>/, for runs not trained with train.tensorboard (`tensorboard --logdir DIR`)");
   cmd->callback([=] {
     opt->exp_dir = exp_dirs->front();
     opt->more_dirs.assign(exp_dirs->begin() + 1, exp_dirs->end());
@@ -63,6 +67,7 @@ void add_report_command(CLI::App& app) {
     do {
       lab::ReportResult r = lab::write_report(*opt);
       std::printf("report: %s\n", r.markdown.string().c_str());
+      if (!opt->tensorboard.empty()) std::printf("tensorboard: %s\n", opt->tensorboard.string().c_str());
       if (!r.figures_note.empty()) std::printf("figures skipped: %s\n", r.figures_note.c_str());
       std::fflush(stdout);
       for (double waited = 0; *watch > 0 && waited < *watch && !g_stop.load(); waited += 0.2)

@@ -1,4 +1,4 @@
-// `moelab sample --run DIR [--checkpoint STEP] --prompt TEXT [--max-tokens N] [--temperature T]
+// `moelab sample --run DIR [--device D] [--checkpoint STEP] --prompt TEXT [--max-tokens N] [--temperature T]
 // [--top-k K] [--seed S]`: generate from a trained run, streaming tokens as they come.
 #include <climits>
 #include <cstdio>
@@ -43,6 +43,8 @@ void add_sample_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "sample", "Generate text from a trained run (KV-cache decoding on the run's device; tokens are printed as they come)");
   cmd->add_option("--run", args->o.run_dir, "run folder of a `moelab train` run (config.toml + weights)")->required();
+  cmd->add_option("--device", args->o.device, "cpu | cuda | auto: decode there (default: the run's device key)")
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cmd->add_option("--checkpoint", args->o.checkpoint,
                   "step of checkpoints/step_NNNNNN.safetensors to load; default: model.safetensors, else the newest checkpoint");
   cmd->add_option("--prompt", args->o.prompt, "text to continue (a BPE run's prompt starts with <|bos|>, as its documents do)");
@@ -81,9 +83,16 @@ void add_sample_command(CLI::App& app) {
       std::fflush(stdout);
     });
     std::printf("\n");
-    if (!args->quiet)
+    if (!args->quiet) {
       std::fprintf(stderr, "[%lld prompt tokens | weights %s | %s | stopped: %s]\n", (long long)info.prompt_tokens,
                    info.weights.c_str(), info.device.c_str(), info.stop.c_str());
+      // Decode speed at batch 1: one-token forwards (each to its logits on the host) per second;
+      // the prompt's forward is timed apart.
+      std::fprintf(stderr, "[%lld tokens | %lld decode steps in %.3f s: %.1f tokens/s | prompt %lld tokens in %.3f s]\n",
+                   (long long)info.generated_tokens, (long long)info.decode_steps, info.decode_seconds,
+                   info.decode_seconds > 0 ? double(info.decode_steps) / info.decode_seconds : 0.0,
+                   (long long)info.prompt_tokens, info.prompt_seconds);
+    }
   });
 }
 

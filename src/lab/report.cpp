@@ -12,6 +12,7 @@
 #include "lab/file_io.hpp"
 #include "lab/heatmap_bins.hpp"
 #include "lab/plot.hpp"
+#include "lab/tensorboard_export.hpp"
 
 namespace moelab::lab {
 namespace {
@@ -153,6 +154,9 @@ ReportResult write_report(const ReportOptions& opt) {
   artifacts.push_back(relative_to(steps_path, out_dir));
   artifacts.push_back(relative_to(summary_path, out_dir));
   artifacts.push_back(relative_to(val_path, out_dir));
+
+  if (!opt.tensorboard.empty())
+    for (const fs::path& f : write_tensorboard(ex, opt.tensorboard)) result.artifacts.push_back(f);
 
   if (!opt.figures) {
     result.figures_note = "turned off (--no-figures)";

@@ -24,6 +24,7 @@ struct ReportOptions {
   std::string name;      // artifact name; "" = from the experiment
   double smooth = 0;     // EMA weight of the past in the loss figure (0 = raw, 0.9 = strong)
   bool figures = true;
+  std::filesystem::path tensorboard;  // "" = none; else the runs' scalars as event files under it
   ReadOptions read;
 };
 

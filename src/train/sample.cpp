@@ -2,6 +2,7 @@
 #include "train/sample.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <numeric>
@@ -19,10 +20,7 @@
 namespace moelab {
 namespace fs = std::filesystem;
 
-namespace {
-
-// The weights to load: the named checkpoint, else the final export, else the newest checkpoint.
-std::string weights_path(const std::string& run_dir, int64_t checkpoint) {
+std::string sample_weights_path(const std::string& run_dir, int64_t checkpoint) {
   if (checkpoint >= 0) {
     const std::string p = checkpoint_path(run_dir, checkpoint);
     if (!fs::exists(p)) {
@@ -41,6 +39,22 @@ std::string weights_path(const std::string& run_dir, int64_t checkpoint) {
                 "train.save_final = true or train.checkpoint_every > 0");
   return latest;
 }
+
+Config decoding_config(const std::string& run_dir, const std::string& device) {
+  const std::string config_path = (fs::path(run_dir) / "config.toml").string();
+  if (!fs::exists(config_path))
+    throw Error(run_dir + " is not a run folder (no config.toml): give --run a folder `moelab train` wrote");
+  Config cfg = load_config(config_path);
+  if (!device.empty()) cfg.device = device;
+  cfg.train.batch_size = 1;
+  cfg.moe.dispatch = "dropless";
+  cfg.parallel.expert = 1;
+  cfg.train.total_batch_tokens = 0;  // a training-batch rule that batch_size = 1 need not divide
+  if (cfg.precision == "fp8") cfg.precision = "auto";
+  return cfg;
+}
+
+namespace {
 
 // The run's tokenizer, or none for a raw-bytes run (ids are the bytes).
 std::unique_ptr<Tokenizer> run_tokenizer(const Config& cfg) {
@@ -80,21 +94,10 @@ SampleInfo sample_run(const SampleOptions& o, const std::function<void(int32_t, 
   if (!(o.temperature >= 0) || !std::isfinite(o.temperature))
     throw Error("--temperature: give a finite value >= 0 (0 is greedy)");
   if (o.top_k < 0) throw Error("--top-k " + std::to_string(o.top_k) + ": give 0 (all tokens) or more");
-  const std::string config_path = (fs::path(o.run_dir) / "config.toml").string();
-  if (!fs::exists(config_path))
-    throw Error(o.run_dir + " is not a run folder (no config.toml): give --run a folder `moelab train` wrote");
-  Config cfg = load_config(config_path);
-  // Decoding runs one sequence, routes every token to its top-k experts (capacity is a rule over
-  // a training batch), on one rank, and multiplies in the backend's own precision (FP8 is a
-  // training recipe; the weights are the same).
-  cfg.train.batch_size = 1;
-  cfg.moe.dispatch = "dropless";
-  cfg.parallel.expert = 1;
-  cfg.train.total_batch_tokens = 0;  // a training-batch rule that batch_size = 1 need not divide
-  if (cfg.precision == "fp8") cfg.precision = "auto";
+  Config cfg = decoding_config(o.run_dir, o.device);
 
   SampleInfo info;
-  info.weights = weights_path(o.run_dir, o.checkpoint);
+  info.weights = sample_weights_path(o.run_dir, o.checkpoint);
   std::unique_ptr<Tokenizer> tok;
   std::vector<int32_t> prompt = o.prompt_ids;
   const bool text_prompt = prompt.empty();
@@ -128,7 +131,11 @@ SampleInfo sample_run(const SampleOptions& o, const std::function<void(int32_t, 
   GptMoE::KvCache cache = model.make_kv_cache(std::max<int64_t>(positions, 1));
 
   Rng rng(o.seed, /*stream=*/0x5a3b1e);
-  std::vector<double> z = model.forward_decode(prompt, cache);
+  using Clock = std::chrono::steady_clock;
+  const auto seconds_since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
+  const auto t0 = Clock::now();
+  std::vector<double> z = model.forward_decode(prompt, cache);  // returns host logits: the device is done
+  info.prompt_seconds = seconds_since(t0);
   info.stop = "max tokens";
   for (int64_t n = 0; n < o.max_tokens; ++n) {
     const int32_t next = choose(z, o.temperature, o.top_k, rng);
@@ -137,12 +144,16 @@ SampleInfo sample_run(const SampleOptions& o, const std::function<void(int32_t, 
       break;
     }
     on_token(next, tok ? tok->token_text(next) : std::string(1, char(next)));
+    ++info.generated_tokens;
     if (n + 1 == o.max_tokens) break;
     if (cache.length == cache.capacity) {
       info.stop = "model.max_seq";
       break;
     }
+    const auto t = Clock::now();
     z = model.forward_decode({next}, cache);
+    info.decode_seconds += seconds_since(t);
+    ++info.decode_steps;
   }
   return info;
 }

@@ -26,7 +26,7 @@
 #include "train/device_select.hpp"
 #include "train/memory_estimate.hpp"
 #include "train/run_files.hpp"
-#include "train/tensorboard.hpp"
+#include "core/tensorboard.hpp"
 #include "train/step_runner.hpp"
 
 namespace moelab {

@@ -339,6 +339,62 @@ TEST_F(CudaOps, Attention) {
   gpu->set_attention_kernels(AK::automatic);
 }
 
+TEST_F(CudaOps, AttentionOverKvCache) {
+  // Decoding's attention: Tq new queries (the last Tq of S positions) against a cache's keys and
+  // values, as the CPU computes it. Tq = 1 is a decode step, Tq > 1 a prompt; S == Tq is the
+  // whole sequence at once. Windows shorter than, equal to and past the span; grouped kv heads;
+  // head dims the model serves (64, 128) and the generic ones; S beyond one pass of the block's
+  // warps (8 x 4 keys) and not a multiple of it.
+  struct Case {
+    int64_t B, Tq, S, Hq, Hkv, hd;
+    int window;
+    DType dt;
+  };
+  const Case cases[] = {
+      {1, 1, 1, 6, 6, 128, 0, DType::bf16},     {1, 1, 37, 6, 6, 128, 0, DType::bf16},
+      {1, 1, 1000, 6, 2, 128, 0, DType::bf16},  {1, 1, 1000, 6, 2, 128, 255, DType::bf16},
+      {1, 1, 300, 4, 1, 64, 7, DType::bf16},    {1, 17, 17, 4, 2, 64, 0, DType::bf16},
+      {1, 40, 290, 4, 4, 64, 33, DType::bf16},  {2, 3, 129, 8, 2, 32, 0, DType::bf16},
+      {1, 5, 70, 2, 1, 96, 4000, DType::bf16},  {1, 2, 90, 2, 2, 256, 20, DType::bf16},
+      {1, 1, 64, 2, 1, 16, 0, DType::bf16},     {2, 4, 200, 4, 2, 64, 50, DType::f32},
+  };
+  for (const Case& cs : cases) {
+    const std::string tag = "B=" + std::to_string(cs.B) + " Tq=" + std::to_string(cs.Tq) + " S=" +
+                            std::to_string(cs.S) + " Hq=" + std::to_string(cs.Hq) + " Hkv=" + std::to_string(cs.Hkv) +
+                            " hd=" + std::to_string(cs.hd) + " window=" + std::to_string(cs.window) + " " +
+                            dtype_name(cs.dt);
+    auto q = rand_pair({cs.B, cs.Tq, cs.Hq, cs.hd}, cs.dt);
+    auto k = rand_pair({cs.B, cs.S, cs.Hkv, cs.hd}, cs.dt);
+    auto v = rand_pair({cs.B, cs.S, cs.Hkv, cs.hd}, cs.dt);
+    auto o = out_pair({cs.B, cs.Tq, cs.Hq, cs.hd}, cs.dt);
+    cpu->attention_cached_fwd(q.c, k.c, v.c, o.c, cs.window);
+    gpu->attention_cached_fwd(q.g, k.g, v.g, o.g, cs.window);
+    expect_close(o, cs.dt == DType::bf16 ? kBf16Tol : kF32Tol, "attention_cached_fwd " + tag);
+  }
+  // Sharp scores (q scaled up): one key dominates each row, which an unshifted softmax would
+  // overflow on; the online maxima must keep it finite and right.
+  {
+    auto q = rand_pair({1, 2, 4, 64}, DType::bf16, 40.f);
+    auto k = rand_pair({1, 500, 2, 64}, DType::bf16, 4.f);
+    auto v = rand_pair({1, 500, 2, 64}, DType::bf16);
+    auto o = out_pair({1, 2, 4, 64}, DType::bf16);
+    cpu->attention_cached_fwd(q.c, k.c, v.c, o.c, 0);
+    gpu->attention_cached_fwd(q.g, k.g, v.g, o.g, 0);
+    expect_close(o, kBf16Tol, "attention_cached_fwd with large scores");
+  }
+  // The model passes the first S rows of a longer cache (a view), and S == Tq equals attention_fwd.
+  {
+    const int64_t cap = 256, S = 100, Hkv = 2, hd = 128;
+    auto kc = rand_pair({1, cap, Hkv, hd}, DType::bf16), vc = rand_pair({1, cap, Hkv, hd}, DType::bf16);
+    auto upto = [&](const Tensor& t) { return t.view({cap, Hkv * hd}).rows_slice(0, S).view({1, S, Hkv, hd}); };
+    auto q = rand_pair({1, S, 4, hd}, DType::bf16);
+    auto o = out_pair({1, S, 4, hd}, DType::bf16), lse = out_pair({1, 4, S}, DType::f32);
+    cpu->attention_fwd(q.c, upto(kc.c), upto(vc.c), o.c, lse.c, 30);
+    gpu->attention_cached_fwd(q.g, upto(kc.g), upto(vc.g), o.g, 30);
+    expect_close(o, kBf16Tol, "attention_cached_fwd on a cache view against attention_fwd");
+  }
+}
+
 TEST_F(CudaOps, SoftcapCrossEntropy) {
   // The register-resident kernel: 1000 logits a row in one block, 32768 over a cluster of 4,
   // 50304 of 7 (the last block part-filled), 65536 of 8, 100000 of 7 at 8 chunks a thread; 1001

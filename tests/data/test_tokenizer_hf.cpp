@@ -1,6 +1,6 @@
 // The Hugging Face tokenizer.json export: every id present with the spelling of its bytes under
-// GPT-2's byte table, merges in id order as the pairs' spellings, specials as added tokens with
-// their ids, and the pre-split pattern carried over unchanged.
+// GPT-2's byte table, merges in id order as the pairs' spellings, specials in the vocabulary with
+// their ids (no added tokens), and the pre-split pattern carried over unchanged.
 #include <gtest/gtest.h>
 
 #include <map>
@@ -47,6 +47,9 @@ TEST(TokenizerHf, VocabMergesAndSpecialsMatchTheTokenizer) {
     }
     EXPECT_EQ(bytes, tok.token_text(it.value().get<int32_t>()));
   }
+  // The library's BPE looks a whole pre-split word up in the vocabulary only with ignore_merges;
+  // without it, it emits bytes and merge results alone.
+  EXPECT_FALSE(model.value("ignore_merges", false));
   // No merge yields a special's spelling, so the library's BPE can never emit a special id.
   std::set<std::string> specials(tok.specials().begin(), tok.specials().end());
   for (const auto& m : model["merges"]) {
@@ -79,7 +82,7 @@ TEST(TokenizerHf, SpecialSpellingInTextEncodesAsText) {
   const Tokenizer& tok = testing::tiny_tokenizer();
   auto j = nlohmann::json::parse(tokenizer_to_hf_json(tok).json);
   EXPECT_TRUE(j["added_tokens"].empty());
-  for (const std::string text : {std::string("<|bos|>"), std::string("the <|bos|> and <|user_start|>x")}) {
+  for (const std::string& text : {std::string("<|bos|>"), std::string("the <|bos|> and <|user_start|>x")}) {
     const std::vector<int32_t> ids = tok.encode(text);
     ASSERT_FALSE(ids.empty());
     for (int32_t id : ids) EXPECT_FALSE(tok.is_special(id)) << text;

@@ -119,6 +119,8 @@ class CudaBackend : public Backend {
   void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                      const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
                      Tensor& dv, int window = 0) override;
+  // One block per query row over the cache (attention_cached.cu).
+  void attention_cached_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, int window = 0) override;
 
   void relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax = nullptr) override;
   void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* amax = nullptr) override;

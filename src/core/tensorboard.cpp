@@ -1,6 +1,6 @@
 // TensorBoard event files: TFRecord framing with masked CRC-32C, Event / Summary protobufs
 // encoded by hand (see tensorboard.hpp for why).
-#include "train/tensorboard.hpp"
+#include "core/tensorboard.hpp"
 
 #include <unistd.h>
 
@@ -86,9 +86,15 @@ TensorBoardLog::TensorBoardLog(const std::string& run_dir) {
   // TensorBoard reads the files whose names contain "tfevents"; a resumed run adds a new one.
   path_ = (std::filesystem::path(run_dir) / ("events.out.tfevents." + std::to_string(int64_t(t)) + "." + host + "." +
                                              std::to_string(getpid()) + ".moelab")).string();
-  f_ = std::fopen(path_.c_str(), "ab");
-  if (!f_) throw Error("train.tensorboard: cannot create " + path_ + ": " + std::strerror(errno));
-  std::string e = event_header(t, 0);
+  open("ab");
+}
+
+TensorBoardLog::TensorBoardLog(const ExactPath& file) : path_(file.path) { open("wb"); }
+
+void TensorBoardLog::open(const char* mode) {
+  f_ = std::fopen(path_.c_str(), mode);
+  if (!f_) throw Error("tensorboard: cannot create " + path_ + ": " + std::strerror(errno));
+  std::string e = event_header(now_seconds(), 0);
   put_bytes(e, 3, "brain.Event:2");
   write_record(e);
 }
@@ -106,7 +112,7 @@ void TensorBoardLog::write_record(const std::string& data) {
   r += data;
   put_fixed(r, masked_crc32c(data.data(), data.size()));
   if (std::fwrite(r.data(), 1, r.size(), f_) != r.size() || std::fflush(f_) != 0)
-    throw Error("train.tensorboard: cannot write " + path_ + ": " + std::strerror(errno));
+    throw Error("tensorboard: cannot write " + path_ + ": " + std::strerror(errno));
 }
 
 void TensorBoardLog::scalar(const std::string& tag, int64_t step, double value) {
