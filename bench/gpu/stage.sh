@@ -12,6 +12,8 @@ all_bins="test_cuda test_train bench_attention bench_fp8_gemm bench_fp8_grouped_
 for b in ${BINS:-$all_bins}; do
   [ -x "build/$b" ] && cp "build/$b" "$dest/"
 done
+# EXTRA_BINS: binaries from elsewhere (e.g. a test binary built with a planted defect).
+for f in ${EXTRA_BINS:-}; do cp "$f" "$dest/"; done
 strip "$dest"/* 2>/dev/null || true
 ldd build/moelab | awk '/=> \// {print $3}' | while read -r lib; do
   case "$(basename "$lib")" in

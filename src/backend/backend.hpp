@@ -13,6 +13,7 @@
 //   in the CPU's gradient checks). Router logits/probs, losses, rstd and lse are always f32 (f64
 //   when the master dtype is f64).
 #pragma once
+#include <optional>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -194,6 +195,9 @@ class Backend {
   // Most device bytes held at once since start (or since reset_peak_memory()).
   virtual size_t peak_memory_bytes() const = 0;
   virtual void reset_peak_memory() = 0;
+  // Bytes the device can still allocate (a GPU's free memory), so a run too large for the card
+  // is refused before it allocates; nullopt where the device's memory is the host's (the CPU).
+  virtual std::optional<size_t> free_device_memory() const { return std::nullopt; }
   // Wait for all queued work (no-op on the CPU).
   virtual void synchronize() = 0;
   // Marks where an external profiler (ncu --profile-from-start off) records; no-op on the CPU.

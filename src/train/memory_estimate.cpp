@@ -11,7 +11,13 @@
 
 namespace moelab {
 
-MemoryEstimate estimate_training_memory(const Config& cfg) {
+namespace {
+// Element counts of the parameters and of one micro-batch's activations and scratch.
+struct MemoryElements {
+  double params = 0, activations = 0;
+};
+
+MemoryElements count_training_elements(const Config& cfg) {
   const auto& m = cfg.model;
   const double D = double(m.d_model), V = double(m.vocab), L = double(m.layers);
   const double qdim = double(m.heads() * m.head_dim), kvdim = double(m.kv_heads_resolved() * m.head_dim);
@@ -27,7 +33,6 @@ MemoryEstimate estimate_training_memory(const Config& cfg) {
   const double rows = capacity > 0 ? std::min(n * k, E * double(capacity)) : n * k;
   const auto moe_mask = cfg.moe_layer_mask();
 
-  MemoryEstimate est;
   double p = 2 * V * D;  // token embedding and lm_head
   double act = 0;
   for (int64_t i = 0; i < m.layers; ++i) {
@@ -55,6 +60,18 @@ MemoryEstimate estimate_training_memory(const Config& cfg) {
   const double widest = std::max({D, H, shared ? Hs : 0.0, cfg.moe.enabled() ? He * k : 0.0});
   act += 6 * n * widest + 2 * n * V;
 
+  return {p, act};
+}
+
+std::string limit_advice() {
+  return "make the model smaller (model.d_model, model.layers, model.vocab, moe.experts, moe.expert_hidden) or the "
+         "micro-batch (train.batch_size, train.seq_len; train.total_batch_tokens keeps the tokens per step)";
+}
+}  // namespace
+
+MemoryEstimate estimate_training_memory(const Config& cfg) {
+  const auto [p, act] = count_training_elements(cfg);
+  MemoryEstimate est;
   const double f32 = 4;
   est.params = p;
   est.param_bytes = p * f32 * 2;  // master + gradient (the CPU's compute copy is the master)
@@ -62,6 +79,16 @@ MemoryEstimate estimate_training_memory(const Config& cfg) {
   // moment): AdamW's two is the bound for every group.
   est.optimizer_bytes = p * f32 * 2;
   est.activation_bytes = act * f32;
+  return est;
+}
+
+MemoryEstimate estimate_gpu_training_memory(const Config& cfg) {
+  const auto [p, act] = count_training_elements(cfg);
+  MemoryEstimate est;
+  est.params = p;
+  est.param_bytes = p * (4 + 4 + 2);  // f32 master and gradient, bf16 compute copy
+  est.optimizer_bytes = p * 4 * 2;    // as on the CPU: AdamW's two f32 moments bound every group
+  est.activation_bytes = act * 2;     // bf16
   return est;
 }
 
@@ -122,9 +149,18 @@ void check_memory_fits(const Config& cfg, int64_t ranks) {
   o << "the run needs about " << gib(need) << " of host memory" << (ranks > 1 ? " for its " + std::to_string(ranks) + " ranks" : "")
     << " (per rank: parameters " << gib(est.param_bytes) << " for " << std::fixed << std::setprecision(0) << est.params << " values with their gradients, optimizer state "
     << gib(est.optimizer_bytes) << ", activations " << gib(est.activation_bytes) << ") and " << gib(*avail)
-    << " is available (" << source << "); make the model smaller (model.d_model, model.layers, model.vocab, moe.experts, "
-    << "moe.expert_hidden) or the micro-batch (train.batch_size, train.seq_len; train.total_batch_tokens keeps the "
-    << "tokens per step)" << (ranks > 1 ? ", or start fewer ranks (--nproc)" : "");
+    << " is available (" << source << "); " << limit_advice() << (ranks > 1 ? ", or start fewer ranks (--nproc)" : "");
+  throw Error(o.str());
+}
+
+void check_device_memory_fits(const Config& cfg, double free_bytes, const std::string& device) {
+  const MemoryEstimate est = estimate_gpu_training_memory(cfg);
+  if (est.total_bytes() <= free_bytes) return;
+  std::ostringstream o;
+  o << "the run needs at least " << gib(est.total_bytes()) << " of GPU memory (parameters " << gib(est.param_bytes)
+    << " for " << std::fixed << std::setprecision(0) << est.params << " values with their gradients and bf16 copies, optimizer state "
+    << gib(est.optimizer_bytes) << ", activations " << gib(est.activation_bytes) << ") and " << gib(free_bytes)
+    << " is free on " << device << "; " << limit_advice();
   throw Error(o.str());
 }
 

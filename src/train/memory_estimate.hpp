@@ -22,6 +22,9 @@ struct MemoryEstimate {
 // One rank's estimate on the CPU (f32 masters, gradients and activations; compute copies alias
 // the masters). GptMoE's parameter table holds exactly `params` values.
 MemoryEstimate estimate_training_memory(const Config& cfg);
+// The same on a GPU: f32 masters and gradients beside bf16 compute copies, bf16 activations.
+// A floor rather than a bound (libraries' workspaces and the allocator's slack come on top).
+MemoryEstimate estimate_gpu_training_memory(const Config& cfg);
 
 // Bytes this process may still use: the host's MemAvailable, or less under a cgroup memory limit
 // (v2 memory.max - memory.current), with `source` saying which; nullopt where neither is readable.
@@ -29,8 +32,10 @@ std::optional<double> available_host_memory(std::string* source = nullptr);
 
 // Refuses (moelab::Error naming the estimate, the limit and the keys to change) a CPU run whose
 // `ranks` processes on this host would need more than the available memory. The trainer calls
-// it for CPU backends before the model allocates; a GPU run's limit is the card's free memory,
-// which the CUDA backend does not report yet.
+// it for CPU backends before the model allocates.
 void check_memory_fits(const Config& cfg, int64_t ranks);
+// The same for a GPU run against the card's free memory (`free_bytes`, from the backend;
+// `device` names the card in the message).
+void check_device_memory_fits(const Config& cfg, double free_bytes, const std::string& device);
 
 }  // namespace moelab

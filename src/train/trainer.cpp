@@ -248,6 +248,8 @@ TrainResult run_training(const Config& cfg, const std::string& run_dir, const Tr
                   comm->name() + "); GPU ranks need the NCCL communicator, which is not built yet: set device = \"cpu\"");
     // CPU ranks are this host's processes: all of them must fit its memory.
     if (backend->device() == Device::cpu) check_memory_fits(cfg, comm->world());
+    else if (const auto free_bytes = backend->free_device_memory())
+      check_device_memory_fits(cfg, double(*free_bytes), backend->name());
     loader = make_loader(cfg.data, uint64_t(cfg.train.seed), comm->rank(), comm->world());
     if (loader->vocab() > cfg.model.vocab)
       throw Error("model.vocab = " + std::to_string(cfg.model.vocab) + " is smaller than the data's vocabulary (" +

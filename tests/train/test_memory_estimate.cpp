@@ -120,3 +120,30 @@ TEST(MemoryEstimate, TrainRefusesAModelTooLargeForTheHost) {
 
 }  // namespace
 }  // namespace moelab
+
+// A GPU run is held to the card's free memory: the check refuses what cannot fit, naming the
+// estimate's parts, the free bytes and the card, and passes what fits. (The trainer takes the
+// free bytes from the backend; on a device the CLI test in bench/gpu/tests_run.sh sees it.)
+namespace moelab {
+namespace {
+TEST(MemoryEstimate, GpuRunIsHeldToTheCardsFreeMemory) {
+  Config c = test::tiny_byte_config("");
+  validate_config(c);
+  const MemoryEstimate gpu = estimate_gpu_training_memory(c), cpu = estimate_training_memory(c);
+  EXPECT_EQ(gpu.params, cpu.params);
+  // f32 master and gradient plus a bf16 copy per value; activations in bf16.
+  EXPECT_EQ(gpu.param_bytes, gpu.params * 10);
+  EXPECT_EQ(gpu.activation_bytes * 2, cpu.activation_bytes);
+  EXPECT_NO_THROW(check_device_memory_fits(c, gpu.total_bytes() * 1.01, "Test GPU"));
+  try {
+    check_device_memory_fits(c, gpu.total_bytes() * 0.5, "Test GPU");
+    FAIL() << "a run needing twice the free memory was not refused";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    for (const char* want : {"GPU memory", "is free on Test GPU", "parameters", "activations", "model.d_model",
+                             "train.batch_size"})
+      EXPECT_NE(m.find(want), std::string::npos) << want << " missing from: " << m;
+  }
+}
+}  // namespace
+}  // namespace moelab

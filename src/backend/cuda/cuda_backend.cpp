@@ -75,6 +75,11 @@ Tensor CudaBackend::alloc(const Shape& shape, DType dtype) {
 size_t CudaBackend::current_memory_bytes() const { return memory_->current_bytes(); }
 size_t CudaBackend::peak_memory_bytes() const { return memory_->peak_bytes(); }
 void CudaBackend::reset_peak_memory() { memory_->reset_peak(); }
+std::optional<size_t> CudaBackend::free_device_memory() const {
+  size_t free_bytes = 0, total_bytes = 0;
+  MOELAB_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return free_bytes;
+}
 void CudaBackend::synchronize() { MOELAB_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
 void CudaBackend::profiler_range(bool start) {

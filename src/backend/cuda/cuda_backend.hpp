@@ -64,6 +64,7 @@ class CudaBackend : public Backend {
   Tensor alloc(const Shape& shape, DType dtype) override;
   size_t peak_memory_bytes() const override;
   void reset_peak_memory() override;
+  std::optional<size_t> free_device_memory() const override;
   void synchronize() override;
   void profiler_range(bool start) override;
 
