@@ -1,5 +1,5 @@
 // scripts/moelab_torch.py against moelab, under Debian's /usr/bin/python3 and its python3-torch
-// (1.13 on Debian 12; scripts/install-deps.sh installs it): the loader knows every model.* and
+// (1.13 on Debian 12; scripts/install-deps.sh --tests installs it): the loader knows every model.* and
 // moe.* key `moelab train --help-config` lists, rebuilds four kinds of trained model (dense,
 // MoE dropless, MoE capacity with drops, and configs/tiny-seed-cpu.toml with every seed option)
 // so that its f64 loss on the run's check batch is within 1e-6 relative of moelab's, and its
@@ -47,7 +47,7 @@ Output run(const std::string& cmd) {
 
 void require_torch() {
   const Output o = run(std::string(kPython) + " -c 'import torch; print(torch.__version__)'");
-  ASSERT_EQ(o.status, 0) << kPython << " cannot import torch (install Debian's python3-torch: scripts/install-deps.sh):\n"
+  ASSERT_EQ(o.status, 0) << kPython << " cannot import torch (install Debian's python3-torch: scripts/install-deps.sh --tests):\n"
                          << o.text;
 }
 
