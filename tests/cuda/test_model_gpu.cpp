@@ -18,12 +18,6 @@ namespace moelab {
 namespace {
 namespace fs = std::filesystem;
 
-std::vector<double> raw_losses(const fs::path& run) {
-  std::vector<double> out;
-  for (const auto& j : test::read_events(run, "step")) out.push_back(j["raw_loss"].get<double>());
-  return out;
-}
-
 // The seed's d12 model and recipe at one sequence of 256 tokens a step, so the CPU's f32
 // reference runs in a minute or two.
 Config seed_shape_small_batch() {
@@ -54,7 +48,7 @@ TEST(CudaModel, SeedShapeFirstTwentyLossesTrackTheCpu) {
   validate_config(cpu);
   run_training(cpu, (dir / "cpu").string());
 
-  const std::vector<double> g = raw_losses(dir / "gpu"), c = raw_losses(dir / "cpu");
+  const std::vector<double> g = test::raw_losses(dir / "gpu"), c = test::raw_losses(dir / "cpu");
   ASSERT_EQ(g.size(), 20u);
   ASSERT_EQ(c.size(), 20u);
   double worst = 0;
@@ -93,7 +87,7 @@ TEST(CudaModel, ResumedRunRepeatsTheUninterruptedLossesBitForBit) {
     validate_config(c);
     const fs::path full = dir / (std::string("full_") + exec), part = dir / (std::string("part_") + exec);
     run_training(c, full.string());
-    const std::vector<double> reference = raw_losses(full);
+    const std::vector<double> reference = test::raw_losses(full);
     ASSERT_EQ(reference.size(), 10u);
     fs::copy(full, part, fs::copy_options::recursive);
     fs::remove(part / "checkpoints" / "step_000010.safetensors");
@@ -101,7 +95,7 @@ TEST(CudaModel, ResumedRunRepeatsTheUninterruptedLossesBitForBit) {
     Config r = c;
     r.train.resume = (part / "checkpoints" / "step_000005.safetensors").string();
     run_training(r, part.string());
-    const std::vector<double> resumed = raw_losses(part);
+    const std::vector<double> resumed = test::raw_losses(part);
     ASSERT_EQ(resumed.size(), 5u);
     for (size_t i = 0; i < 5; ++i) EXPECT_EQ(resumed[i], reference[5 + i]) << "step " << 5 + i;
   }

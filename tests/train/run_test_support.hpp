@@ -84,6 +84,20 @@ inline std::string read_text(const std::filesystem::path& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
+// Every step's raw_loss from a run's metrics.jsonl, in order.
+inline std::vector<double> raw_losses(const std::filesystem::path& run) {
+  std::vector<double> out;
+  for (const auto& j : read_events(run, "step")) out.push_back(j["raw_loss"].get<double>());
+  return out;
+}
+
+// The mean of the last n values (one step's loss is noisy at the tests' batch sizes).
+inline double tail_mean(const std::vector<double>& v, size_t n) {
+  double s = 0;
+  for (size_t i = v.size() - n; i < v.size(); ++i) s += v[i];
+  return s / double(n);
+}
+
 inline nlohmann::json read_status(const std::filesystem::path& run) {
   std::ifstream in(run / "status.json");
   return nlohmann::json::parse(in);

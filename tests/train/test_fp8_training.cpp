@@ -29,18 +29,6 @@ namespace moelab {
 namespace {
 namespace fs = std::filesystem;
 
-std::vector<double> step_losses(const fs::path& run) {
-  std::vector<double> out;
-  for (const auto& j : test::read_events(run, "step")) out.push_back(j["raw_loss"].get<double>());
-  return out;
-}
-
-double tail_mean(const std::vector<double>& v, size_t n) {
-  double s = 0;
-  for (size_t i = v.size() - n; i < v.size(); ++i) s += v[i];
-  return s / double(n);
-}
-
 // The largest |a - b| / |b| over the first n steps.
 double max_relative_gap(const std::vector<double>& a, const std::vector<double>& b, size_t n) {
   double worst = 0;
@@ -63,9 +51,9 @@ std::string corpus(const fs::path& dir) {
 void each_recipe_tracks(const Config& base, const fs::path& dir, const std::vector<std::string>& layer_sets,
                         double tolerance, const char* ref_name) {
   run_training(base, (dir / ref_name).string());
-  const std::vector<double> ref = step_losses(dir / ref_name);
+  const std::vector<double> ref = test::raw_losses(dir / ref_name);
   ASSERT_EQ(ref.size(), 40u);
-  const double ref_tail = tail_mean(ref, 5);
+  const double ref_tail = test::tail_mean(ref, 5);
   EXPECT_LT(ref_tail, ref.front() - 1.0) << "the " << ref_name << " run did not learn";
   std::map<std::string, std::vector<double>> by_recipe;
   for (const std::string& layers : layer_sets)
@@ -77,7 +65,7 @@ void each_recipe_tracks(const Config& base, const fs::path& dir, const std::vect
       validate_config(f);
       recipe += "_" + layers;
       run_training(f, (dir / recipe).string());
-      const std::vector<double> l = step_losses(dir / recipe);
+      const std::vector<double> l = test::raw_losses(dir / recipe);
       ASSERT_EQ(l.size(), 40u) << recipe;
       for (double v : l) ASSERT_TRUE(std::isfinite(v)) << recipe;
       // FP8 ran: over the first ten steps the loss leaves the reference's by far more than
@@ -86,7 +74,7 @@ void each_recipe_tracks(const Config& base, const fs::path& dir, const std::vect
       const double parted = max_relative_gap(l, ref, 10);
       EXPECT_GT(parted, kFp8Parted) << recipe << ": within " << parted << " of " << ref_name << " over ten steps; FP8 did not run";
       by_recipe[recipe] = l;
-      const double tail = tail_mean(l, 5);
+      const double tail = test::tail_mean(l, 5);
       std::printf("%s %-16s first loss %.4f (%s %.4f), tail loss %.4f (%s %.4f)\n", base.device.c_str(), recipe.c_str(),
                   l.front(), ref_name, ref.front(), tail, ref_name, ref_tail);
       EXPECT_LT(std::fabs(tail - ref_tail) / ref_tail, tolerance)

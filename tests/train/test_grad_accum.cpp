@@ -34,12 +34,6 @@ Config accumulation_config(const std::string& text, const std::string& matrix_op
   return c;
 }
 
-std::vector<double> raw_losses(const fs::path& run) {
-  std::vector<double> out;
-  for (const auto& j : test::read_events(run, "step")) out.push_back(j["raw_loss"].get<double>());
-  return out;
-}
-
 // Every f32 weight of a run's model.safetensors, in file order.
 std::vector<float> final_weights(const fs::path& run) {
   SafetensorsFile f = read_safetensors((run / "model.safetensors").string());
@@ -86,7 +80,7 @@ void accumulation_matches_one_large_batch(const std::string& matrix_optimizer, d
     validate_config(c);
     const fs::path run = dir / ("b" + std::to_string(s.rows) + "x" + std::to_string(s.micro));
     run_training(c, run.string());
-    losses.push_back(raw_losses(run));
+    losses.push_back(test::raw_losses(run));
     weights.push_back(final_weights(run));
     ASSERT_EQ(losses.back().size(), 6u);
     ASSERT_FALSE(weights.back().empty());

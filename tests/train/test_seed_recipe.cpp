@@ -71,8 +71,7 @@ TEST(SeedRecipe, TinyModelWithEverySeedOptionLearns) {
   auto steps = read_events(dir / "run", "step");
   ASSERT_EQ(steps.size(), 160u);
   const double first = steps.front()["raw_loss"], last = steps.back()["raw_loss"];
-  double tail = 0;
-  for (size_t i = steps.size() - 5; i < steps.size(); ++i) tail += steps[i]["raw_loss"].get<double>() / 5;
+  const double tail = test::tail_mean(test::raw_losses(dir / "run"), 5);
   const std::string text = test::read_text(c.data.text);
   const double h1 = test::ngram_entropy(text, 1), h2 = test::ngram_entropy(text, 2);
   std::printf("loss %.4f -> %.4f (last five %.4f); the text's unigram entropy %.4f, bigram %.4f nats\n", first, last,

@@ -41,16 +41,9 @@ Config small_config(const std::string& text) {
   return c;
 }
 
-// The mean raw loss of the last n steps (one step's loss is noisy at these batch sizes). The
-// "loss falls" tests bound it by the text's own bigram entropy (ngram_entropy.hpp): a model
-// whose attention is broken stops near that, and the small MoE here near 1.8 nats with its
-// experts' output zeroed; the healthy model reaches about 0.8.
-double tail_loss(const std::vector<nlohmann::json>& steps, size_t n) {
-  double s = 0;
-  for (size_t i = steps.size() - n; i < steps.size(); ++i) s += steps[i]["raw_loss"].get<double>();
-  return s / double(n);
-}
-
+// The "loss falls" tests bound the mean loss of the last five steps by the text's own bigram
+// entropy (ngram_entropy.hpp): a model whose attention is broken stops near that, and the small
+// MoE here near 1.8 nats with its experts' output zeroed; the healthy model reaches about 0.8.
 TEST(Trainer, LossFallsAndRunFolderIsComplete) {
   fs::path dir = fresh_dir("falls");
   const std::string text_file = write_text(dir);
@@ -65,7 +58,7 @@ TEST(Trainer, LossFallsAndRunFolderIsComplete) {
   double first = steps.front()["raw_loss"], last = steps.back()["raw_loss"];
   const std::string text = test::read_text(text_file);
   const double h1 = test::ngram_entropy(text, 1), h2 = test::ngram_entropy(text, 2);
-  const double tail = tail_loss(steps, 5);
+  const double tail = test::tail_mean(test::raw_losses(dir / "run"), 5);
   std::printf("loss %.4f -> %.4f (last five %.4f); the text's unigram entropy %.4f, bigram %.4f nats\n", first, last,
               tail, h1, h2);
   // Attention zeroed: 1.51; the experts' output zeroed: 1.82; healthy: 0.80 (bigram 1.42).
@@ -112,7 +105,7 @@ TEST(Trainer, LossFallsWithHeadDim128WindowsAndGroupedQuery) {
   EXPECT_TRUE(std::isfinite(last));
   const std::string text = test::read_text(c.data.text);
   const double h1 = test::ngram_entropy(text, 1), h2 = test::ngram_entropy(text, 2);
-  const double tail = tail_loss(steps, 5);
+  const double tail = test::tail_mean(test::raw_losses(dir / "run"), 5);
   std::printf("loss %.4f -> %.4f (last five %.4f); the text's unigram entropy %.4f, bigram %.4f nats\n", first, last,
               tail, h1, h2);
   // Attention zeroed: 1.53; healthy: 1.07 (bigram 1.42).
