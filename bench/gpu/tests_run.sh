@@ -37,7 +37,7 @@ echo "too large rc=$? (want 1), run folder left: $([ -e /tmp/too_big ] && echo y
 tail -2 "$OUT/too_big.log"
 
 echo "== test_cuda: the seed-shape model, GPU against CPU"
-timeout ${MODEL_LIMIT:-300} "$B/test_cuda" --gtest_filter='CudaModel.SeedShape*' > "$OUT/test_cuda_model.log" 2>&1
+timeout ${MODEL_LIMIT:-420} "$B/test_cuda" --gtest_filter='CudaModel.SeedShape*' > "$OUT/test_cuda_model.log" 2>&1
 echo "test_cuda model rc=$?"
 grep -E "^\[  (PASSED|FAILED) |FAILED  \]|^worst|^step|Failure|Expected|actual" "$OUT/test_cuda_model.log" | head -40
 
