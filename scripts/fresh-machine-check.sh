@@ -9,7 +9,7 @@
 #
 # Needs root (debootstrap, chroot, mounts); installs debootstrap when it is missing.
 # Environment: MOELAB_DEBIAN_MIRROR (default: the host's first Debian source in /etc/apt),
-# MOELAB_FRESH_DIR (where the chroot goes; default a new folder under /var/tmp).
+# MOELAB_FRESH_DIR (the chroot is a new folder made inside it and removed after; default /var/tmp).
 # Exit codes: 0 both commands passed; 1 one failed (its output is above); 2 usage or setup error;
 # 75 Debian's archive could not be reached (nothing was checked: callers may treat it as a warning).
 set -euo pipefail
@@ -22,7 +22,7 @@ for arg in "$@"; do
   case "$arg" in
     --keep) keep=1 ;;
     --skip-tests) skip_tests=1 ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "fresh-machine-check: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -66,8 +66,9 @@ if ! timeout 60 /usr/lib/apt/apt-helper download-file "$mirror/dists/bookworm/Re
 fi
 rm -f "$probe"
 
-root=${MOELAB_FRESH_DIR:-$(mktemp -d /var/tmp/moelab-fresh.XXXXXX)}
-mkdir -p "$root"
+parent=${MOELAB_FRESH_DIR:-/var/tmp}
+mkdir -p "$parent"
+root=$(mktemp -d "$parent/moelab-fresh.XXXXXX")  # always a new folder: cleanup removes it whole
 mounts=()
 cleanup() {
   local i
