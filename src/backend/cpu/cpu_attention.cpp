@@ -124,6 +124,30 @@ inline void run_fwd_item(const AttnArgs<double>& a, int64_t b, int64_t h) { fwd_
 inline void run_bwd_item(const AttnArgs<float>& a, int64_t b, int64_t h) { bwd_item_f32(a, b, h); }
 inline void run_bwd_item(const AttnArgs<double>& a, int64_t b, int64_t h) { bwd_item_f64(a, b, h); }
 
+// The forward over every (batch, query head) item, in parallel: training attention and
+// attention over a KV cache differ only in their dims (key offset, cache length) and whether
+// the log-sum-exp is kept.
+template <class Pool>
+void forward_items(Pool& pool, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, Tensor* lse,
+                   const AttnDims& d) {
+  with_float(q.dtype, [&](auto te) {
+    using T = decltype(te);
+    AttnArgs<T> base{};
+    base.q = ptr<T>(q);
+    base.k = ptr<T>(k);
+    base.v = ptr<T>(v);
+    base.o = ptr<T>(out);
+    base.l = lse ? ptr<T>(*lse) : nullptr;
+    base.d = d;
+    pool.parallel_for(d.B * d.Hq, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<T> scratch(static_cast<size_t>(d.S + d.hd));
+      AttnArgs<T> a = base;
+      a.scratch = scratch.data();
+      for (int64_t item = i0; item < i1; ++item) run_fwd_item(a, item / d.Hq, item % d.Hq);
+    });
+  });
+}
+
 }  // namespace
 
 void CpuBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
@@ -134,22 +158,7 @@ void CpuBackend::attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v
   require_like(q, lse, op, "lse");
   require_shape(out, q.shape, op, "out");
   require_numel(lse, d.B * d.Hq * d.T, op, "lse");
-  with_float(q.dtype, [&](auto te) {
-    using T = decltype(te);
-    AttnArgs<T> base{};
-    base.q = ptr<T>(q);
-    base.k = ptr<T>(k);
-    base.v = ptr<T>(v);
-    base.o = ptr<T>(out);
-    base.l = ptr<T>(lse);
-    base.d = d;
-    pool_.parallel_for(d.B * d.Hq, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<T> scratch(static_cast<size_t>(d.S + d.hd));
-      AttnArgs<T> a = base;
-      a.scratch = scratch.data();
-      for (int64_t item = i0; item < i1; ++item) run_fwd_item(a, item / d.Hq, item % d.Hq);
-    });
-  });
+  forward_items(pool_, q, k, v, out, &lse, d);
 }
 
 void CpuBackend::attention_cached_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, int window) {
@@ -167,22 +176,7 @@ void CpuBackend::attention_cached_fwd(const Tensor& q, const Tensor& k, const Te
   require_shape(v, {d.B, S, d.Hkv, d.hd}, op, "v");
   require(d.Hkv > 0 && d.Hq % d.Hkv == 0, op,
           "query heads " + std::to_string(d.Hq) + " must be a multiple of kv heads " + std::to_string(d.Hkv));
-  with_float(q.dtype, [&](auto te) {
-    using T = decltype(te);
-    AttnArgs<T> base{};
-    base.q = ptr<T>(q);
-    base.k = ptr<T>(k);
-    base.v = ptr<T>(v);
-    base.o = ptr<T>(out);
-    base.l = nullptr;
-    base.d = d;
-    pool_.parallel_for(d.B * d.Hq, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<T> scratch(static_cast<size_t>(d.S + d.hd));
-      AttnArgs<T> a = base;
-      a.scratch = scratch.data();
-      for (int64_t item = i0; item < i1; ++item) run_fwd_item(a, item / d.Hq, item % d.Hq);
-    });
-  });
+  forward_items(pool_, q, k, v, out, nullptr, d);  // no log-sum-exp: nothing runs backward
 }
 
 void CpuBackend::attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v,
