@@ -22,7 +22,6 @@ std::string cell(double v, int decimals) {
   std::string t = format_number(v, decimals);
   return t == "-" ? "" : t;
 }
-}  // namespace
 
 // Largest and mean of the known values of a per-layer list (unknown when none).
 double list_max(const std::vector<double>& v) {
@@ -43,6 +42,8 @@ double list_mean(const std::vector<double>& v) {
 }
 // Exact text for the routing columns, empty for unknown.
 std::string exact_cell(double v) { return known(v) ? format_exact(v) : ""; }
+}  // namespace
+
 std::string steps_csv(const Experiment& ex) {
   std::ostringstream os;
   // The routing columns come last, so readers of the older columns by position keep working:

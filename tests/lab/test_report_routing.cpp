@@ -189,15 +189,16 @@ TEST(ReportRouting, SectionFigureAndCsvShowTheRoutingNumbers) {
   const std::string md = read_text(r.markdown);
   ASSERT_NE(md.find("## MoE Routing"), std::string::npos) << md;
   EXPECT_EQ(md.find("## Unreadable Inputs"), std::string::npos) << md;  // well-formed inputs: no complaint
+  const std::string section = md.substr(md.find("## MoE Routing"));
 
   // The table: the routing runs' numbers as computed here.
-  const std::vector<std::string> head = md_row(md, "run");
+  const std::vector<std::string> head = md_row(section, "run");
   ASSERT_GE(head.size(), 14u) << md;
   EXPECT_EQ(head[5], "max_vio_final");
   for (const auto& [name, w] : {std::pair{"softmax_aux", &aux}, std::pair{"sigmoid_auxfree", &free}}) {
     SCOPED_TRACE(name);
     const Expected e = expect(*w);
-    const auto row = md_row(md, name);
+    const auto row = md_row(section, name);
     ASSERT_EQ(row.size(), head.size()) << md;
     EXPECT_EQ(row[1], std::to_string(layers));
     EXPECT_EQ(row[2], "8");
@@ -211,9 +212,9 @@ TEST(ReportRouting, SectionFigureAndCsvShowTheRoutingNumbers) {
     EXPECT_EQ(row[12], fixed(e.drop_final * 100, 2) + "%");
     EXPECT_EQ(row[13], fixed(e.drop_mean * 100, 2) + "%");
     // Per layer: "final / mean" for each MoE layer.
-    size_t at = md.find("MaxVio per MoE layer");
+    size_t at = section.find("MaxVio per MoE layer");
     ASSERT_NE(at, std::string::npos);
-    const auto lrow = md_row(md.substr(at), name);
+    const auto lrow = md_row(section.substr(at), name);
     ASSERT_EQ(lrow.size(), size_t(layers) + 1);
     for (int l = 0; l < layers; ++l)
       EXPECT_EQ(lrow[l + 1], fixed(e.vio_layer_final[l], 3) + " / " + fixed(e.vio_layer_mean[l], 3)) << "layer " << l;
@@ -241,12 +242,12 @@ TEST(ReportRouting, SectionFigureAndCsvShowTheRoutingNumbers) {
     }
   }
   // The older MoE run and the dense run: in the table, dashes where they recorded nothing.
-  const auto old_row = md_row(md, "old_moe");
+  const auto old_row = md_row(section, "old_moe");
   ASSERT_EQ(old_row.size(), head.size()) << md;
   EXPECT_EQ(old_row[1], "2");
   EXPECT_EQ(old_row[4], "2.00");  // tail load imbalance from expert_load: 0.5 / 0.25
   for (int c = 5; c <= 11; ++c) EXPECT_EQ(old_row[c], "-") << head[c];
-  const auto dense_row = md_row(md, "dense");
+  const auto dense_row = md_row(section, "dense");
   ASSERT_EQ(dense_row.size(), head.size()) << md;
   EXPECT_EQ(dense_row[1], "-");
   EXPECT_EQ(dense_row[2], "-");
