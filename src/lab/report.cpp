@@ -257,11 +257,8 @@ ReportResult write_report(const ReportOptions& opt) {
         s.label = run.name;
         for (const auto& row : run.steps) {
           if (row.max_vio.empty()) continue;
-          double w = kUnknown;
-          for (double v : row.max_vio)
-            if (known(v)) w = known(w) ? std::max(w, v) : v;
           s.x.push_back(double(row.step));
-          s.y.push_back(w);
+          s.y.push_back(layer_max(row.max_vio));
         }
         if (!s.x.empty()) vio.series.push_back(std::move(s));
       }

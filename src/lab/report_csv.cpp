@@ -23,23 +23,6 @@ std::string cell(double v, int decimals) {
   return t == "-" ? "" : t;
 }
 
-// Largest and mean of the known values of a per-layer list (unknown when none).
-double list_max(const std::vector<double>& v) {
-  double w = kUnknown;
-  for (double x : v)
-    if (known(x)) w = known(w) ? std::max(w, x) : x;
-  return w;
-}
-double list_mean(const std::vector<double>& v) {
-  double sum = 0;
-  int n = 0;
-  for (double x : v)
-    if (known(x)) {
-      sum += x;
-      ++n;
-    }
-  return n ? sum / n : kUnknown;
-}
 // Exact text for the routing columns, empty for unknown.
 std::string exact_cell(double v) { return known(v) ? format_exact(v) : ""; }
 }  // namespace
@@ -53,8 +36,8 @@ std::string steps_csv(const Experiment& ex) {
     for (const auto& s : run.steps)
       os << csv_field(run.name) << ',' << s.step << ',' << cell(s.loss, 6) << ',' << cell(s.bal, 6) << ','
          << cell(s.dt_ms, 2) << ',' << cell(s.tok_sec, 0) << ',' << cell(s.mfu, 2) << ',' << exact_cell(s.drop_rate) << ','
-         << exact_cell(list_max(s.max_vio)) << ',' << exact_cell(list_mean(s.router_entropy)) << ','
-         << exact_cell(s.z_loss) << ',' << exact_cell(list_max(s.bias_range)) << '\n';
+         << exact_cell(layer_max(s.max_vio)) << ',' << exact_cell(layer_mean(s.router_entropy)) << ','
+         << exact_cell(s.z_loss) << ',' << exact_cell(layer_max(s.bias_range)) << '\n';
   return os.str();
 }
 

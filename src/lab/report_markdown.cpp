@@ -96,7 +96,7 @@ void dynamic_section(std::ostringstream& os, const Experiment& ex) {
 // The figure file of `suffix` among the figures ("" when it was not drawn).
 std::string figure_named(const std::vector<std::string>& figures, const std::string& suffix) {
   for (const auto& f : figures)
-    if (f.find("_experts_") == std::string::npos && f.size() >= suffix.size() && f.compare(f.size() - suffix.size(), suffix.size(), suffix) == 0) return f;
+    if (f.find("_experts_") == std::string::npos && f.ends_with(suffix)) return f;
   return "";
 }
 

@@ -58,24 +58,6 @@ double tail_imbalance(const std::vector<StepRow>& steps, int64_t tail) {
   return n ? sum / double(n) : kUnknown;
 }
 
-double worst(const std::vector<double>& v) {
-  double w = kUnknown;
-  for (double x : v)
-    if (known(x)) w = known(w) ? std::max(w, x) : x;
-  return w;
-}
-
-double average(const std::vector<double>& v) {
-  double sum = 0;
-  int64_t n = 0;
-  for (double x : v)
-    if (known(x)) {
-      sum += x;
-      ++n;
-    }
-  return n ? sum / double(n) : kUnknown;
-}
-
 // final (last step with a value) and mean over the steps with one, of f(step).
 template <class F>
 std::pair<double, double> final_and_mean(const std::vector<StepRow>& steps, F&& f) {
@@ -92,11 +74,11 @@ std::pair<double, double> final_and_mean(const std::vector<StepRow>& steps, F&& 
 }
 
 void summarize_routing(const RunRecord& rec, RunSummary& s) {
-  std::tie(s.final_max_vio, s.mean_max_vio) = final_and_mean(rec.steps, [](const StepRow& r) { return worst(r.max_vio); });
+  std::tie(s.final_max_vio, s.mean_max_vio) = final_and_mean(rec.steps, [](const StepRow& r) { return layer_max(r.max_vio); });
   std::tie(s.final_router_entropy, s.mean_router_entropy) =
-      final_and_mean(rec.steps, [](const StepRow& r) { return average(r.router_entropy); });
+      final_and_mean(rec.steps, [](const StepRow& r) { return layer_mean(r.router_entropy); });
   std::tie(s.final_z_loss, s.mean_z_loss) = final_and_mean(rec.steps, [](const StepRow& r) { return r.z_loss; });
-  s.final_bias_range = final_and_mean(rec.steps, [](const StepRow& r) { return worst(r.bias_range); }).first;
+  s.final_bias_range = final_and_mean(rec.steps, [](const StepRow& r) { return layer_max(r.bias_range); }).first;
   std::tie(s.final_drop_rate, s.mean_drop_rate) = final_and_mean(rec.steps, [](const StepRow& r) { return r.drop_rate; });
   // Per layer: each layer's last known value and its mean over the steps that recorded it.
   std::vector<double> sum;
@@ -261,6 +243,24 @@ std::string format_exact(double v) {
   char buf[64];
   auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);  // shortest text that reads back as v
   return ec == std::errc() ? std::string(buf, end) : format_number(v, 6);
+}
+
+double layer_max(const std::vector<double>& v) {
+  double w = kUnknown;
+  for (double x : v)
+    if (known(x)) w = known(w) ? std::max(w, x) : x;
+  return w;
+}
+
+double layer_mean(const std::vector<double>& v) {
+  double sum = 0;
+  int64_t n = 0;
+  for (double x : v)
+    if (known(x)) {
+      sum += x;
+      ++n;
+    }
+  return n ? sum / double(n) : kUnknown;
 }
 
 bool has_routing(const RunSummary& s) {

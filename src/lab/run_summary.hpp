@@ -77,6 +77,11 @@ std::vector<std::string> summary_columns(int64_t tail, const std::string& baseli
 // exact: numbers as the shortest text that reads back to the same double (the CSV), instead of
 // the table's fixed decimals.
 std::vector<std::string> summary_cells(const RunSummary& s, bool with_baseline, bool exact = false);
+// The largest and the mean of the known values of a per-MoE-layer list (unknown when none): the
+// worst layer's MaxVio or the widest bias range, the mean router entropy over layers.
+double layer_max(const std::vector<double>& v);
+double layer_mean(const std::vector<double>& v);
+
 // Whether the run recorded any routing statistic (MaxVio, entropy, z-loss, bias range, loads).
 bool has_routing(const RunSummary& s);
 // The routing table's header and one row's cells (markdown: fixed decimals; CSV: exact), and the
