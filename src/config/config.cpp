@@ -407,6 +407,19 @@ int64_t Config::grad_accum_steps() const {
   return micro > 0 ? train.total_batch_tokens / micro : train.grad_accum;
 }
 
+Fp8Recipe fp8_recipe(const Config& cfg) {
+  Fp8Recipe r;
+  if (cfg.fp8.recipe == "rowwise") r.scaling = Fp8Scaling::rowwise;
+  else if (cfg.fp8.recipe == "blockwise") r.scaling = Fp8Scaling::blockwise;
+  else r.scaling = Fp8Scaling::tensorwise;
+  const bool fp8 = cfg.precision == "fp8";
+  r.dense = fp8 && cfg.fp8.dense_layers();
+  r.experts = fp8 && cfg.fp8.expert_layers();
+  r.head = fp8 && cfg.fp8.head;
+  r.grad_format = cfg.fp8.grad_format == "e4m3" ? DType::e4m3 : DType::e5m2;
+  return r;
+}
+
 void validate_config(const Config& c) {
   // Each real key's own range first (finite, and the range on its line of the key table), so a
   // NaN or an out-of-range value is named by its key rather than surfacing later as a diverged loss.

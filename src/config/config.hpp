@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "core/fp8_recipe.hpp"
+
 namespace moelab {
 
 struct ModelConfig {
@@ -160,6 +162,9 @@ Config load_config(const std::string& path);
 Config config_from_toml_text(const std::string& text, const std::string& origin);
 // Apply "section.key=value" (value parsed by the key's type).
 void apply_override(Config& cfg, const std::string& assignment);
+// The FP8 recipe the run trains with (every flag off unless precision = fp8): the one place
+// that reads fp8.recipe, fp8.layers, fp8.head and fp8.grad_format.
+Fp8Recipe fp8_recipe(const Config& cfg);
 // Check cross-field consistency (shapes, ranges, choices). Throws on the first problem.
 void validate_config(const Config& cfg);
 // The resolved config as TOML, every key present.

@@ -13,8 +13,10 @@ namespace {
 // A [B, T, H, hd] activation as the [B*T, H*hd] matrix that matmuls see.
 Tensor tokens_by_features(const Tensor& t) { return t.view({t.dim(0) * t.dim(1), t.numel() / (t.dim(0) * t.dim(1))}); }
 
-// An optional per-op tensor as the backend takes it: null when empty.
-const Tensor* present(const Tensor& t) { return t.data ? &t : nullptr; }
+// An optional amax sink as producers take it, and the amax it recorded as a quantization reads
+// it: null when the run records none (no FP8 tensor scaling there).
+const AmaxSink* sink(const AmaxSink& s) { return s.amax.data ? &s : nullptr; }
+const Tensor* recorded(const AmaxSink& s) { return s.amax.data ? &s.amax : nullptr; }
 
 // Elements [begin, end) of a flat tensor.
 Tensor elements(const Tensor& t, int64_t begin, int64_t end) {
@@ -31,11 +33,14 @@ double read_scalar(Backend& be, const Tensor& t) {
 }  // namespace
 
 GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_len, Communicator* expert_group)
-    : be_(backend), cfg_(cfg), lin_(backend, cfg), rows_(rows), seq_len_(seq_len), n_(rows * seq_len) {
+    : be_(backend),
+      cfg_(cfg),
+      fp8_(fp8_recipe(cfg)),
+      lin_(backend, fp8_),
+      rows_(rows),
+      seq_len_(seq_len),
+      n_(rows * seq_len) {
   validate_config(cfg_);
-  fp8_dense_ = lin_.fp8_enabled() && cfg_.fp8.dense_layers();
-  fp8_head_ = lin_.fp8_enabled() && cfg_.fp8.head;
-  fp8_experts_ = lin_.fp8_enabled() && cfg_.fp8.expert_layers();
   const ModelConfig& m = cfg_.model;
   d_model_ = m.d_model;
   head_dim_ = m.head_dim;
@@ -44,7 +49,7 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   experts_ = cfg_.moe.enabled() ? cfg_.moe.experts : 0;
   top_k_ = experts_ ? cfg_.moe.top_k : 0;
   if (expert_group && expert_group->world() > 1 && experts_ > 0) {
-    if (be_.device() != Device::cpu)
+    if (!be_.supports(Capability::experts_across_ranks()))
       throw Error("expert parallel runs on CPU ranks for now: set device = \"cpu\" (GPU ranks need NCCL)");
     if (experts_ % expert_group->world() != 0)
       throw Error("parallel.expert: " + std::to_string(experts_) + " experts do not split over " +
@@ -69,14 +74,51 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   if (seq_len_ > m.max_seq)
     throw Error("sequence length " + std::to_string(seq_len_) + " exceeds model.max_seq = " + std::to_string(m.max_seq));
 
-  const int64_t D = d_model_, V = m.vocab, qdim = heads_ * head_dim_, kvdim = kv_heads_ * head_dim_;
-  const int64_t H = m.mlp_hidden_resolved(), He = cfg_.moe.expert_hidden;
-  const int64_t Hs = cfg_.moe.shared_hidden > 0 ? cfg_.moe.shared_hidden : He;
-  const bool shared = experts_ > 0 && cfg_.moe.shared_expert;
-  const auto moe_mask = cfg_.moe_layer_mask();
-  const int64_t gate_channels = m.ve_gate_channels;
+  const Widths w = widths();
+  declare_params(w);
+  place_params();
+  // Resolve parameter pointers only now: the table no longer grows.
+  wte_ = &params_.get("transformer.wte.weight");
+  head_ = &params_.get("lm_head.weight");
+  if (m.scalar_lambdas) {
+    resid_lambdas_ = &params_.get("resid_lambdas");
+    x0_lambdas_ = &params_.get("x0_lambdas");
+  }
+  layers_.resize(size_t(m.layers));
+  allocate_layers(w);
+  make_rotary_tables();
+  allocate_step_buffers(w);
+  allocate_backward_scratch(w);
+  plan_fp8(w);
+}
 
-  // Parameters, under nanochat's names.
+GptMoE::Widths GptMoE::widths() const {
+  const ModelConfig& m = cfg_.model;
+  Widths w;
+  w.D = d_model_;
+  w.V = m.vocab;
+  w.qdim = heads_ * head_dim_;
+  w.kvdim = kv_heads_ * head_dim_;
+  w.H = m.mlp_hidden_resolved();
+  w.He = cfg_.moe.expert_hidden;
+  w.Hs = cfg_.moe.shared_hidden > 0 ? cfg_.moe.shared_hidden : w.He;
+  w.shared = experts_ > 0 && cfg_.moe.shared_expert;
+  w.moe_mask = cfg_.moe_layer_mask();
+  return w;
+}
+
+Tensor GptMoE::zeros(const Shape& s, DType t) {
+  Tensor x = be_.alloc(s, t);
+  be_.fill(x, 0.0f);  // no stale NaN anywhere, even in rows an op never writes
+  return x;
+}
+
+void GptMoE::declare_params(const Widths& w) {
+  const ModelConfig& m = cfg_.model;
+  const int64_t D = w.D, V = w.V, qdim = w.qdim, kvdim = w.kvdim, H = w.H, He = w.He, Hs = w.Hs;
+  const int64_t gate_channels = m.ve_gate_channels;
+  const auto& moe_mask = w.moe_mask;
+  const bool shared = w.shared;
   add_param("transformer.wte.weight", ParamGroup::embedding, {V, D});
   for (int64_t i = 0; i < m.layers; ++i) {
     std::string p = "transformer.h." + std::to_string(i) + ".";
@@ -106,110 +148,114 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   }
   add_param("lm_head.weight", ParamGroup::unembedding, {V, D});
 
-  place_params();
-  // Resolve parameter pointers only now: the table no longer grows.
-  wte_ = &params_.get("transformer.wte.weight");
-  head_ = &params_.get("lm_head.weight");
-  if (m.scalar_lambdas) {
-    resid_lambdas_ = &params_.get("resid_lambdas");
-    x0_lambdas_ = &params_.get("x0_lambdas");
-  }
-  layers_.resize(size_t(m.layers));
-  auto alloc0 = [&](const Shape& s, DType t) {
-    Tensor x = be_.alloc(s, t);
-    be_.fill(x, 0.0f);  // no stale NaN anywhere, even in rows an op never writes
-    return x;
-  };
-  const int64_t B = rows_, T = seq_len_;
+}
+
+void GptMoE::allocate_layers(const Widths& w) {
+  const ModelConfig& m = cfg_.model;
   const auto windows = cfg_.layer_windows(cfg_.train.seq_len);
   for (int64_t i = 0; i < m.layers; ++i) {
     Layer& l = layers_[size_t(i)];
-    std::string p = "transformer.h." + std::to_string(i) + ".";
-    l.moe = moe_mask[size_t(i)];
+    l.moe = w.moe_mask[size_t(i)];
     l.window = int(windows[size_t(i)]);
-    l.wq = &params_.get(p + "attn.c_q.weight");
-    l.wk = &params_.get(p + "attn.c_k.weight");
-    l.wv = &params_.get(p + "attn.c_v.weight");
-    l.wo = &params_.get(p + "attn.c_proj.weight");
-    l.x_in = alloc0({n_, D}, act_);
-    l.xn1 = alloc0({n_, D}, act_);
-    l.rstd1 = alloc0({n_}, stat_);
-    l.q = alloc0({B, T, heads_, head_dim_}, act_);
-    l.k = alloc0({B, T, kv_heads_, head_dim_}, act_);
-    l.v = alloc0({B, T, kv_heads_, head_dim_}, act_);
-    l.qr = alloc0({B, T, heads_, head_dim_}, act_);
-    l.kr = alloc0({B, T, kv_heads_, head_dim_}, act_);
-    l.rstd_q = alloc0({n_ * heads_}, stat_);
-    l.rstd_k = alloc0({n_ * kv_heads_}, stat_);
-    l.att = alloc0({B, T, heads_, head_dim_}, act_);
-    l.lse = alloc0({B, heads_, T}, stat_);
-    if (fp8_dense_) {  // the q, k, v and output projections' inputs, transposed for their weight gradients
-      l.xn1_t = lin_.saved_input(n_, D);
-      l.att_t = lin_.saved_input(n_, qdim);
-    }
-    l.x_mid = alloc0({n_, D}, act_);
-    l.xn2 = alloc0({n_, D}, act_);
-    l.rstd2 = alloc0({n_}, stat_);
-    if (m.scalar_lambdas) l.x_pre = alloc0({n_, D}, act_);
-    if (has_value_embedding(i)) {
-      l.ve = &params_.get("value_embeds." + std::to_string(i) + ".weight");
-      l.ve_gate = &params_.get(p + "attn.ve_gate.weight");
-      l.ve_x = alloc0({n_, kvdim}, act_);
-      l.gate = alloc0({n_, kv_heads_}, stat_);
-    }
-    if (l.moe) {
-      l.router = &params_.get(p + "mlp.router.weight");
-      l.w_fc = &params_.get(p + "mlp.experts.w_fc");
-      l.w_proj = &params_.get(p + "mlp.experts.w_proj");
-      l.router_logits = alloc0({n_, experts_}, stat_);
-      l.probs = alloc0({n_, experts_}, stat_);
-      l.topk = alloc0({n_, top_k_}, DType::i32);
-      l.gates = alloc0({n_, top_k_}, stat_);
-      l.routed = alloc0({experts_}, DType::i32);
-      l.routed_group = alloc0({experts_}, DType::i32);
-      l.counts = alloc0({experts_}, DType::i32);
-      l.offsets = alloc0({experts_ + 1}, DType::i32);
-      l.slot = alloc0({n_ * top_k_}, DType::i32);
-      l.row_token = alloc0({std::max<int64_t>(rows_max_, n_ * top_k_)}, DType::i32);
-      if (fp8_experts_) {
-        // The backward reads the saved FP8 copies, so the bf16 input lives only through the forward.
-        // ReLU² folded into the GEMMs leaves no a = relu²(h) to hold at all.
-        if (!expert_x_shared_.data) expert_x_shared_ = alloc0({rows_max_, D}, act_);
-        l.xp = expert_x_shared_;
-        l.xp_saved = lin_.saved_expert_operand(rows_max_, D, int(experts_));
-        l.ap_saved = lin_.saved_expert_operand(rows_max_, He, int(experts_));
-      } else {
-        l.xp = alloc0({rows_max_, D}, act_);
-        l.ap = alloc0({rows_max_, He}, act_);
-      }
-      l.hp = alloc0({rows_max_, He}, act_);
-      l.yp = alloc0({rows_max_, D}, act_);
-      l.bal = alloc0({1}, stat_);
-      if (expert_group_) {
-        // Every rank's rows may come to this rank's experts.
-        const int64_t local_rows = rows_max_ * expert_group_->world();
-        l.exchange = std::make_unique<ExpertExchange>(*expert_group_, int(experts_));
-        l.offsets_local = alloc0({experts_local_ + 1}, DType::i32);
-        l.xp_local = alloc0({local_rows, D}, act_);
-        l.hp_local = alloc0({local_rows, He}, act_);
-        l.ap_local = alloc0({local_rows, He}, act_);
-        l.yp_local = alloc0({local_rows, D}, act_);
-      }
-      if (shared) {
-        l.sh_fc = &params_.get(p + "mlp.shared.c_fc.weight");
-        l.sh_proj = &params_.get(p + "mlp.shared.c_proj.weight");
-        l.h = alloc0({n_, Hs}, act_);
-        l.a = alloc0({n_, Hs}, act_);
-      }
-    } else {
-      l.fc = &params_.get(p + "mlp.c_fc.weight");
-      l.proj = &params_.get(p + "mlp.c_proj.weight");
-      l.h = alloc0({n_, H}, act_);
-      l.a = alloc0({n_, H}, act_);
-    }
+    allocate_attention(l, i, w);
+    if (l.moe) allocate_moe(l, i, w);
+    else allocate_dense_mlp(l, i, w);
   }
+}
 
-  // Rotary tables.
+void GptMoE::allocate_attention(Layer& l, int64_t i, const Widths& w) {
+  const int64_t B = rows_, T = seq_len_, D = w.D, qdim = w.qdim, kvdim = w.kvdim;
+  const std::string p = "transformer.h." + std::to_string(i) + ".";
+  l.wq = &params_.get(p + "attn.c_q.weight");
+  l.wk = &params_.get(p + "attn.c_k.weight");
+  l.wv = &params_.get(p + "attn.c_v.weight");
+  l.wo = &params_.get(p + "attn.c_proj.weight");
+  l.x_in = zeros({n_, D}, act_);
+  l.xn1 = zeros({n_, D}, act_);
+  l.rstd1 = zeros({n_}, stat_);
+  l.q = zeros({B, T, heads_, head_dim_}, act_);
+  l.k = zeros({B, T, kv_heads_, head_dim_}, act_);
+  l.v = zeros({B, T, kv_heads_, head_dim_}, act_);
+  l.qr = zeros({B, T, heads_, head_dim_}, act_);
+  l.kr = zeros({B, T, kv_heads_, head_dim_}, act_);
+  l.rstd_q = zeros({n_ * heads_}, stat_);
+  l.rstd_k = zeros({n_ * kv_heads_}, stat_);
+  l.att = zeros({B, T, heads_, head_dim_}, act_);
+  l.lse = zeros({B, heads_, T}, stat_);
+  if (fp8_.dense) {  // the q, k, v and output projections' inputs, transposed for their weight gradients
+    l.xn1_t = lin_.saved_input(n_, D);
+    l.att_t = lin_.saved_input(n_, qdim);
+  }
+  l.x_mid = zeros({n_, D}, act_);
+  l.xn2 = zeros({n_, D}, act_);
+  l.rstd2 = zeros({n_}, stat_);
+  if (cfg_.model.scalar_lambdas) l.x_pre = zeros({n_, D}, act_);
+  if (has_value_embedding(i)) {
+    l.ve = &params_.get("value_embeds." + std::to_string(i) + ".weight");
+    l.ve_gate = &params_.get(p + "attn.ve_gate.weight");
+    l.ve_x = zeros({n_, kvdim}, act_);
+    l.gate = zeros({n_, kv_heads_}, stat_);
+  }
+}
+
+void GptMoE::allocate_moe(Layer& l, int64_t i, const Widths& w) {
+  const int64_t D = w.D, He = w.He, Hs = w.Hs;
+  const std::string p = "transformer.h." + std::to_string(i) + ".";
+  l.router = &params_.get(p + "mlp.router.weight");
+  l.w_fc = &params_.get(p + "mlp.experts.w_fc");
+  l.w_proj = &params_.get(p + "mlp.experts.w_proj");
+  l.router_logits = zeros({n_, experts_}, stat_);
+  l.probs = zeros({n_, experts_}, stat_);
+  l.topk = zeros({n_, top_k_}, DType::i32);
+  l.gates = zeros({n_, top_k_}, stat_);
+  l.routed = zeros({experts_}, DType::i32);
+  l.routed_group = zeros({experts_}, DType::i32);
+  l.counts = zeros({experts_}, DType::i32);
+  l.offsets = zeros({experts_ + 1}, DType::i32);
+  l.slot = zeros({n_ * top_k_}, DType::i32);
+  l.row_token = zeros({std::max<int64_t>(rows_max_, n_ * top_k_)}, DType::i32);
+  if (fp8_.experts) {
+    // The backward reads the saved FP8 copies, so the bf16 input lives only through the forward.
+    // ReLU² folded into the GEMMs leaves no a = relu²(h) to hold at all.
+    if (!expert_x_shared_.data) expert_x_shared_ = zeros({rows_max_, D}, act_);
+    l.xp = expert_x_shared_;
+    l.xp_saved = lin_.saved_expert_operand(rows_max_, D, int(experts_));
+    l.ap_saved = lin_.saved_expert_operand(rows_max_, He, int(experts_));
+  } else {
+    l.xp = zeros({rows_max_, D}, act_);
+    l.ap = zeros({rows_max_, He}, act_);
+  }
+  l.hp = zeros({rows_max_, He}, act_);
+  l.yp = zeros({rows_max_, D}, act_);
+  l.bal = zeros({1}, stat_);
+  if (expert_group_) {
+    // Every rank's rows may come to this rank's experts.
+    const int64_t local_rows = rows_max_ * expert_group_->world();
+    l.exchange = std::make_unique<ExpertExchange>(*expert_group_, int(experts_));
+    l.offsets_local = zeros({experts_local_ + 1}, DType::i32);
+    l.xp_local = zeros({local_rows, D}, act_);
+    l.hp_local = zeros({local_rows, He}, act_);
+    l.ap_local = zeros({local_rows, He}, act_);
+    l.yp_local = zeros({local_rows, D}, act_);
+  }
+  if (w.shared) {
+    l.sh_fc = &params_.get(p + "mlp.shared.c_fc.weight");
+    l.sh_proj = &params_.get(p + "mlp.shared.c_proj.weight");
+    l.h = zeros({n_, Hs}, act_);
+    l.a = zeros({n_, Hs}, act_);
+  }
+}
+
+void GptMoE::allocate_dense_mlp(Layer& l, int64_t i, const Widths& w) {
+  const std::string p = "transformer.h." + std::to_string(i) + ".";
+  l.fc = &params_.get(p + "mlp.c_fc.weight");
+  l.proj = &params_.get(p + "mlp.c_proj.weight");
+  l.h = zeros({n_, w.H}, act_);
+  l.a = zeros({n_, w.H}, act_);
+}
+
+void GptMoE::make_rotary_tables() {
+  const ModelConfig& m = cfg_.model;
   const int64_t half = head_dim_ / 2;
   std::vector<float> c(size_t(m.max_seq * half)), s(c.size());
   for (int64_t t = 0; t < m.max_seq; ++t)
@@ -222,91 +268,104 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   sin_ = be_.alloc({m.max_seq, half}, stat_);
   be_.write(cos_, c);
   be_.write(sin_, s);
+}
 
-  emb_ = alloc0({n_, D}, act_);
-  rstd0_ = alloc0({n_}, stat_);
-  x_out_ = alloc0({n_, D}, act_);
-  xf_ = alloc0({n_, D}, act_);
-  rstd_f_ = alloc0({n_}, stat_);
+// The step's own buffers: embeddings, the final norm, the head's chunked logits, the losses, and
+// the statistics and FP8 amax slots it fills on the device.
+void GptMoE::allocate_step_buffers(const Widths& w) {
+  const int64_t D = w.D, V = w.V;
+  const auto& moe_mask = w.moe_mask;
+  emb_ = zeros({n_, D}, act_);
+  rstd0_ = zeros({n_}, stat_);
+  x_out_ = zeros({n_, D}, act_);
+  xf_ = zeros({n_, D}, act_);
+  rstd_f_ = zeros({n_}, stat_);
   // Logits are computed in row chunks of at most ~32M elements, never for the whole batch.
   chunk_rows_ = std::clamp<int64_t>((int64_t(1) << 25) / V, 1, n_);
   // FP8 GEMMs on the GPU need row counts in multiples of 16 (n_ is one, so every chunk is).
-  if (fp8_head_ && chunk_rows_ >= 16) chunk_rows_ -= chunk_rows_ % 16;
-  logits_ = alloc0({chunk_rows_, V}, act_);
-  losses_ = alloc0({n_}, stat_);
-  loss_sum_ = alloc0({1}, stat_);
-  bal_sum_ = alloc0({1}, stat_);
+  if (fp8_.head && chunk_rows_ >= 16) chunk_rows_ -= chunk_rows_ % 16;
+  logits_ = zeros({chunk_rows_, V}, act_);
+  losses_ = zeros({n_}, stat_);
+  loss_sum_ = zeros({1}, stat_);
+  bal_sum_ = zeros({1}, stat_);
   int64_t moe_layers = std::count(moe_mask.begin(), moe_mask.end(), true);
-  load_acc_ = alloc0({std::max<int64_t>(moe_layers * experts_, 1)}, stat_);
+  load_acc_ = zeros({std::max<int64_t>(moe_layers * experts_, 1)}, stat_);
   // FP8 experts with tensor scaling: the experts' operands' amax, raised by their producers.
-  if (fp8_experts_ && cfg_.fp8.recipe == "tensorwise" && !expert_group_ && moe_layers > 0) {
-    expert_amax_ = alloc0({moe_layers, 4, experts_}, DType::f32);
+  if (fp8_.experts && fp8_.producer_amax() && !expert_group_ && moe_layers > 0) {
+    expert_amax_ = zeros({moe_layers, 4, experts_}, DType::f32);
     int64_t mi = 0;
     for (Layer& l : layers_)
       if (l.moe) l.expert_amax = expert_amax_.index(mi++);
   }
   // FP8 dense layers and head with tensor scaling: their operands' amax, raised by the norms and
   // the loss that write them.
-  const bool tensorwise = cfg_.fp8.recipe == "tensorwise";
-  const int64_t dense_slots = fp8_dense_ && tensorwise ? int64_t(layers_.size()) * 4 : 0;
-  const int64_t head_slots = fp8_head_ && tensorwise ? (n_ + chunk_rows_ - 1) / chunk_rows_ : 0;
+  const bool tensorwise = fp8_.producer_amax();
+  const int64_t dense_slots = fp8_.dense && tensorwise ? int64_t(layers_.size()) * 4 : 0;
+  const int64_t head_slots = fp8_.head && tensorwise ? (n_ + chunk_rows_ - 1) / chunk_rows_ : 0;
   if (dense_slots + head_slots > 0) {
-    dense_amax_ = alloc0({dense_slots + head_slots}, DType::f32);
-    for (int64_t i = 0; i < dense_slots; ++i) layers_[size_t(i / 4)].dense_amax[size_t(i % 4)] = elements(dense_amax_, i, i + 1);
+    dense_amax_ = zeros({dense_slots + head_slots}, DType::f32);
+    for (int64_t i = 0; i < dense_slots; ++i)
+      layers_[size_t(i / 4)].dense_amax[size_t(i % 4)].amax = elements(dense_amax_, i, i + 1);
     for (int64_t c = 0; c < head_slots; ++c)
-      head_dy_amax_.push_back(elements(dense_amax_, dense_slots + c, dense_slots + c + 1));
+      head_dy_amax_.push_back(AmaxSink{elements(dense_amax_, dense_slots + c, dense_slots + c + 1), {}});
   }
-  kept_acc_ = alloc0({std::max<int64_t>(moe_layers, 1)}, stat_);
-  tmp1_ = alloc0({std::max<int64_t>(experts_, 1)}, stat_);
+  kept_acc_ = zeros({std::max<int64_t>(moe_layers, 1)}, stat_);
+  tmp1_ = zeros({std::max<int64_t>(experts_, 1)}, stat_);
+}
 
-  // Backward scratch.
+void GptMoE::allocate_backward_scratch(const Widths& w) {
+  const int64_t B = rows_, T = seq_len_, D = w.D, H = w.H, He = w.He, Hs = w.Hs;
   const int64_t Hmax = std::max({H, He, Hs});
-  dx_ = alloc0({n_, D}, act_);
-  dxn_ = alloc0({n_, D}, act_);
-  dxf_ = alloc0({n_, D}, act_);
-  dtmp_ = alloc0({n_, D}, act_);
-  datt_ = alloc0({B, T, heads_, head_dim_}, act_);
-  dq_ = alloc0({B, T, heads_, head_dim_}, act_);
-  dk_ = alloc0({B, T, kv_heads_, head_dim_}, act_);
-  dv_ = alloc0({B, T, kv_heads_, head_dim_}, act_);
-  dqraw_ = alloc0({B, T, heads_, head_dim_}, act_);
-  dkraw_ = alloc0({B, T, kv_heads_, head_dim_}, act_);
-  dh_ = alloc0({n_ * Hmax}, act_);
-  if (m.scalar_lambdas) dx0_ = alloc0({n_, D}, act_);
-  da_ = alloc0({n_ * Hmax}, act_);
+  dx_ = zeros({n_, D}, act_);
+  dxn_ = zeros({n_, D}, act_);
+  dxf_ = zeros({n_, D}, act_);
+  dtmp_ = zeros({n_, D}, act_);
+  datt_ = zeros({B, T, heads_, head_dim_}, act_);
+  dq_ = zeros({B, T, heads_, head_dim_}, act_);
+  dk_ = zeros({B, T, kv_heads_, head_dim_}, act_);
+  dv_ = zeros({B, T, kv_heads_, head_dim_}, act_);
+  dqraw_ = zeros({B, T, heads_, head_dim_}, act_);
+  dkraw_ = zeros({B, T, kv_heads_, head_dim_}, act_);
+  dh_ = zeros({n_ * Hmax}, act_);
+  if (cfg_.model.scalar_lambdas) dx0_ = zeros({n_, D}, act_);
+  da_ = zeros({n_ * Hmax}, act_);
   if (experts_) {
-    dyp_ = alloc0({rows_max_, D}, act_);
-    dhp_ = alloc0({rows_max_, He}, act_);
-    dxp_ = alloc0({rows_max_, D}, act_);
+    dyp_ = zeros({rows_max_, D}, act_);
+    dhp_ = zeros({rows_max_, He}, act_);
+    dxp_ = zeros({rows_max_, D}, act_);
     if (expert_group_) {
       const int64_t local_rows = rows_max_ * expert_group_->world();
-      ep_stage_ = alloc0({local_rows * std::max(D, He)}, act_);
-      dyp_local_ = alloc0({local_rows, D}, act_);
-      dap_local_ = alloc0({local_rows, He}, act_);
-      dhp_local_ = alloc0({local_rows, He}, act_);
-      dxp_local_ = alloc0({local_rows, D}, act_);
+      ep_stage_ = zeros({local_rows * std::max(D, He)}, act_);
+      dyp_local_ = zeros({local_rows, D}, act_);
+      dap_local_ = zeros({local_rows, He}, act_);
+      dhp_local_ = zeros({local_rows, He}, act_);
+      dxp_local_ = zeros({local_rows, D}, act_);
     }
-    dgates_ = alloc0({n_, top_k_}, stat_);
-    dlogits_r_ = alloc0({n_, experts_}, stat_);
-    if (act_ != stat_) dlogits_r_act_ = alloc0({n_, experts_}, act_);
+    dgates_ = zeros({n_, top_k_}, stat_);
+    dlogits_r_ = zeros({n_, experts_}, stat_);
+    if (act_ != stat_) dlogits_r_act_ = zeros({n_, experts_}, act_);
   }
+}
 
-  // FP8 quantization buffers, planned over every linear the recipe puts in FP8.
-  if (fp8_dense_) {
+// The FP8 forms: quantization buffers for every linear the recipe puts in FP8, and the weights
+// those linears multiply with their amax slots.
+void GptMoE::plan_fp8(const Widths& w) {
+  const int64_t D = w.D, V = w.V, qdim = w.qdim, kvdim = w.kvdim, H = w.H, Hs = w.Hs;
+  if (fp8_.dense) {
     for (int64_t out : {qdim, kvdim}) lin_.plan(n_, out, D);
     lin_.plan(n_, D, qdim);
     bool dense_mlp = false;
-    for (bool moe : moe_mask) dense_mlp = dense_mlp || !moe;
+    for (bool moe : w.moe_mask) dense_mlp = dense_mlp || !moe;
     if (dense_mlp) {
       lin_.plan(n_, H, D);
       lin_.plan(n_, D, H);
     }
-    if (shared) {
+    if (w.shared) {
       lin_.plan(n_, Hs, D);
       lin_.plan(n_, D, Hs);
     }
   }
-  if (fp8_head_) {
+  if (fp8_.head) {
     lin_.plan(chunk_rows_, V, D);
     head_xt_ = lin_.saved_input(chunk_rows_, D);  // one chunk's x^T, from its forward to its backward
   }
@@ -314,11 +373,11 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   // Under tensor scaling the optimizer raises their amax as it writes them (Param::value_amax),
   // one per expert of a stack and one per matrix, so the refresh needs no amax pass.
   int64_t amax_slots = 0;
-  const bool forms_amax = cfg_.fp8.recipe == "tensorwise";
+  const bool forms_amax = fp8_.producer_amax();
   auto amax_groups = [](const Param& p) { return p.value.ndim() == 3 ? p.value.dim(0) : int64_t(1); };
   for (const Param& p : params_.params)
     if (read_in_fp8_only(p) && forms_amax) amax_slots += amax_groups(p);
-  if (amax_slots > 0) weights_amax_ = alloc0({amax_slots}, DType::f32);
+  if (amax_slots > 0) weights_amax_ = zeros({amax_slots}, DType::f32);
   int64_t slot = 0;
   for (Param& p : params_.params) {
     if (!read_in_fp8_only(p)) continue;
@@ -333,11 +392,11 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
 
 bool GptMoE::read_in_fp8_only(const Param& p) const {
   const std::string& n = p.name;
-  if (n == "lm_head.weight") return fp8_head_;
-  if (n.ends_with("mlp.experts.w_fc") || n.ends_with("mlp.experts.w_proj")) return fp8_experts_;
+  if (n == "lm_head.weight") return fp8_.head;
+  if (n.ends_with("mlp.experts.w_fc") || n.ends_with("mlp.experts.w_proj")) return fp8_.experts;
   // Attention's q, k, v and output projections, the dense MLP's and the shared expert's.
   for (const char* dense : {".c_q.weight", ".c_k.weight", ".c_v.weight", ".c_proj.weight", ".c_fc.weight"})
-    if (n.ends_with(dense)) return fp8_dense_;
+    if (n.ends_with(dense)) return fp8_.dense;
   return false;
 }
 
@@ -444,9 +503,9 @@ void GptMoE::begin_step() {
 
 void GptMoE::dense_forward(Param& fc, Param& proj, const Tensor& xn, Tensor& h, Tensor& a, Tensor& out,
                            bool accumulate) {
-  lin_.forward(fp8_dense_, xn, fc.compute, h);
+  lin_.forward(fp8_.dense, xn, fc.compute, h);
   be_.relu2_fwd(h, a);
-  lin_.forward(fp8_dense_, a, proj.compute, out, accumulate ? 1.0f : 0.0f);
+  lin_.forward(fp8_.dense, a, proj.compute, out, accumulate ? 1.0f : 0.0f);
 }
 
 void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
@@ -466,8 +525,8 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
   // With FP8 experts under tensor scaling, each producer of an expert GEMM's operand (the
   // permute, ReLU², the combine's backward, ReLU²'s backward) raises its experts' amax.
   const bool amax = l.expert_amax.data != nullptr;
-  auto amax_of = [&](int which) { return ExpertAmax{l.expert_amax.index(which), l.offsets}; };
-  const ExpertAmax xp_amax = amax ? amax_of(0) : ExpertAmax{}, ap_amax = amax ? amax_of(1) : ExpertAmax{};
+  auto amax_of = [&](int which) { return AmaxSink{l.expert_amax.index(which), l.offsets}; };
+  const AmaxSink xp_amax = amax ? amax_of(0) : AmaxSink{}, ap_amax = amax ? amax_of(1) : AmaxSink{};
   be_.moe_permute(xn, l.row_token, l.offsets, l.xp, amax ? &xp_amax : nullptr);
   if (l.exchange) {  // this rank's experts over every rank's rows for them, then back
     ExpertExchange& ex = *l.exchange;
@@ -480,7 +539,7 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
     be_.relu2_fwd(h, a);
     lin_.expert_forward(false, l.ap_local, l.w_proj->compute, l.yp_local, l.offsets_local, l.ap_saved);
     ex.gather(l.yp_local, l.yp, ep_stage_);
-  } else if (!fp8_experts_) {
+  } else if (!fp8_.experts) {
     // ReLU² inside the BF16 GEMMs: the up projection stores h and a = relu²(h) from one tile.
     ExpertRelu2Fold up;
     up.relu2_output = &l.ap;
@@ -514,13 +573,13 @@ void GptMoE::forward(const Tensor& tokens) {
     if (lambdas)
       be_.lambda_mix_fwd(elements(resid_lambdas_->value, int64_t(i), int64_t(i) + 1), l.x_pre,
                          elements(x0_lambdas_->value, int64_t(i), int64_t(i) + 1), layers_[0].x_pre, l.x_in);
-    const Tensor* xn1_amax = present(l.dense_amax[Layer::xn1_amax]);
-    be_.rmsnorm_fwd(l.x_in, l.xn1, l.rstd1, xn1_amax);
+    const AmaxSink& xn1_amax = l.dense_amax[Layer::xn1_amax];
+    be_.rmsnorm_fwd(l.x_in, l.xn1, l.rstd1, sink(xn1_amax));
     Tensor q = tokens_by_features(l.q), k = tokens_by_features(l.k), v = tokens_by_features(l.v);
-    lin_.forward(fp8_dense_, l.xn1, l.wq->compute, q, 0.0f, LinearGemms::none, fp8_dense_ ? &l.xn1_t : nullptr,
-                 xn1_amax);
-    lin_.forward(fp8_dense_, l.xn1, l.wk->compute, k, 0.0f, LinearGemms::same_x);
-    lin_.forward(fp8_dense_, l.xn1, l.wv->compute, v, 0.0f, LinearGemms::same_x);
+    lin_.forward(fp8_.dense, l.xn1, l.wq->compute, q, 0.0f, LinearGemms::none, fp8_.dense ? &l.xn1_t : nullptr,
+                 recorded(xn1_amax));
+    lin_.forward(fp8_.dense, l.xn1, l.wk->compute, k, 0.0f, LinearGemms::same_x);
+    lin_.forward(fp8_.dense, l.xn1, l.wv->compute, v, 0.0f, LinearGemms::same_x);
     if (l.ve) {
       be_.embedding_fwd(tokens, l.ve->compute, l.ve_x);
       be_.value_gate_fwd(l.xn1, l.ve_gate->compute, l.ve_x, v, l.gate);
@@ -529,8 +588,8 @@ void GptMoE::forward(const Tensor& tokens) {
     be_.rope_norm_fwd(l.k, cos_, sin_, l.kr, l.rstd_k);
     be_.attention_fwd(l.qr, l.kr, l.v, l.att, l.lse, l.window);
     be_.copy(l.x_in, l.x_mid);
-    lin_.forward(fp8_dense_, tokens_by_features(l.att), l.wo->compute, l.x_mid, 1.0f, LinearGemms::none,
-                 fp8_dense_ ? &l.att_t : nullptr);
+    lin_.forward(fp8_.dense, tokens_by_features(l.att), l.wo->compute, l.x_mid, 1.0f, LinearGemms::none,
+                 fp8_.dense ? &l.att_t : nullptr);
     be_.rmsnorm_fwd(l.x_mid, l.xn2, l.rstd2);
     be_.copy(l.x_mid, next);
     mlp_forward(l, l.xn2, next);
@@ -555,17 +614,17 @@ void GptMoE::head_loss(const Tensor& targets, float loss_scale, bool backward) {
   const Tensor losses = losses_.view({n_, 1});
   for (int64_t r0 = 0; r0 < n_; r0 += chunk_rows_) {
     int64_t r1 = std::min(n_, r0 + chunk_rows_);
-    const Tensor* dy_amax = head_dy_amax_.empty() ? nullptr : &head_dy_amax_[size_t(r0 / chunk_rows_)];
+    const AmaxSink* dy_amax = head_dy_amax_.empty() ? nullptr : &head_dy_amax_[size_t(r0 / chunk_rows_)];
     Tensor x = xf_.rows_slice(r0, r1);
     Tensor logits = logits_.rows_slice(0, r1 - r0);
     Tensor loss_rows = losses.rows_slice(r0, r1).view({r1 - r0});
-    lin_.forward(fp8_head_, x, head_->compute, logits, 0.0f, LinearGemms::none, fp8_head_ ? &head_xt_ : nullptr);
+    lin_.forward(fp8_.head, x, head_->compute, logits, 0.0f, LinearGemms::none, fp8_.head ? &head_xt_ : nullptr);
     be_.softcap_xent(logits, tgt.rows_slice(r0, r1).view({r1 - r0}), float(cfg_.model.softcap), loss_scale,
                      loss_rows, logits, dy_amax);
     if (backward) {
       Tensor dx = dxf_.rows_slice(r0, r1);
-      lin_.backward(fp8_head_, logits, head_->compute, x, dx, head_->grad, 0.0f, LinearGemms::none,
-                    fp8_head_ ? &head_xt_ : nullptr, dy_amax);
+      lin_.backward(fp8_.head, logits, head_->compute, x, dx, head_->grad, 0.0f, LinearGemms::none,
+                    fp8_.head ? &head_xt_ : nullptr, dy_amax ? &dy_amax->amax : nullptr);
     }
   }
 }
@@ -573,9 +632,9 @@ void GptMoE::head_loss(const Tensor& targets, float loss_scale, bool backward) {
 void GptMoE::dense_backward(Param& fc, Param& proj, const Tensor& xn, const Tensor& h, const Tensor& a,
                             const Tensor& dy, Tensor& dxn, bool accumulate) {
   Tensor da = da_.prefix(h.shape), dh = dh_.prefix(h.shape);
-  lin_.backward(fp8_dense_, dy, proj.compute, a, da, proj.grad);
+  lin_.backward(fp8_.dense, dy, proj.compute, a, da, proj.grad);
   be_.relu2_bwd(h, da, dh);
-  lin_.backward(fp8_dense_, dh, fc.compute, xn, dxn, fc.grad, accumulate ? 1.0f : 0.0f);
+  lin_.backward(fp8_.dense, dh, fc.compute, xn, dxn, fc.grad, accumulate ? 1.0f : 0.0f);
 }
 
 void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
@@ -584,8 +643,8 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
     return;
   }
   const bool amax = l.expert_amax.data != nullptr;  // as in mlp_forward
-  auto amax_of = [&](int which) { return ExpertAmax{l.expert_amax.index(which), l.offsets}; };
-  const ExpertAmax dyp_amax = amax ? amax_of(2) : ExpertAmax{}, dhp_amax = amax ? amax_of(3) : ExpertAmax{};
+  auto amax_of = [&](int which) { return AmaxSink{l.expert_amax.index(which), l.offsets}; };
+  const AmaxSink dyp_amax = amax ? amax_of(2) : AmaxSink{}, dhp_amax = amax ? amax_of(3) : AmaxSink{};
   be_.moe_combine_bwd(dy, l.yp, l.slot, l.gates, dyp_, dgates_, amax ? &dyp_amax : nullptr);
   if (l.exchange) {  // the rows' gradients to the experts' ranks, the inputs' gradients back
     ExpertExchange& ex = *l.exchange;
@@ -602,9 +661,9 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
     ExpertRelu2Fold fold;
     fold.relu2_input = &l.hp;
     fold.dx_amax = amax ? &dhp_amax.amax : nullptr;
-    lin_.expert_backward(fp8_experts_, dyp_, l.w_proj->compute, l.ap, l.ap_saved, dhp_, l.w_proj->grad, l.offsets,
+    lin_.expert_backward(fp8_.experts, dyp_, l.w_proj->compute, l.ap, l.ap_saved, dhp_, l.w_proj->grad, l.offsets,
                          amax ? &dyp_amax.amax : nullptr, fold);
-    lin_.expert_backward(fp8_experts_, dhp_, l.w_fc->compute, l.xp, l.xp_saved, dxp_, l.w_fc->grad, l.offsets,
+    lin_.expert_backward(fp8_.experts, dhp_, l.w_fc->compute, l.xp, l.xp_saved, dxp_, l.w_fc->grad, l.offsets,
                          amax ? &dhp_amax.amax : nullptr);
   }
   be_.fill(dxn, 0.0f);
@@ -625,21 +684,21 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
 
 void GptMoE::attention_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
   Tensor datt = tokens_by_features(datt_);
-  const LinearGemms::SavedInput* att_t = fp8_dense_ ? &l.att_t : nullptr;
-  const LinearGemms::SavedInput* xn1_t = fp8_dense_ ? &l.xn1_t : nullptr;
+  const LinearGemms::SavedInput* att_t = fp8_.dense ? &l.att_t : nullptr;
+  const LinearGemms::SavedInput* xn1_t = fp8_.dense ? &l.xn1_t : nullptr;
   // dy's amax: raised by the RMSNorm backward that wrote it (forward_backward).
-  lin_.backward(fp8_dense_, dy, l.wo->compute, tokens_by_features(l.att), datt, l.wo->grad, 0.0f, LinearGemms::none,
-                att_t, present(l.dense_amax[Layer::proj_dy_amax]));
+  lin_.backward(fp8_.dense, dy, l.wo->compute, tokens_by_features(l.att), datt, l.wo->grad, 0.0f, LinearGemms::none,
+                att_t, recorded(l.dense_amax[Layer::proj_dy_amax]));
   be_.attention_bwd(l.qr, l.kr, l.v, l.att, l.lse, datt_, dq_, dk_, dv_, l.window);
-  const Tensor* dq_amax = present(l.dense_amax[Layer::dq_amax]);
-  const Tensor* dk_amax = present(l.dense_amax[Layer::dk_amax]);
-  be_.rope_norm_bwd(l.q, cos_, sin_, l.rstd_q, dq_, dqraw_, dq_amax);
-  be_.rope_norm_bwd(l.k, cos_, sin_, l.rstd_k, dk_, dkraw_, dk_amax);
-  lin_.backward(fp8_dense_, tokens_by_features(dqraw_), l.wq->compute, l.xn1, dxn, l.wq->grad, 0.0f, LinearGemms::none,
-                xn1_t, dq_amax);
-  lin_.backward(fp8_dense_, tokens_by_features(dkraw_), l.wk->compute, l.xn1, dxn, l.wk->grad, 1.0f, LinearGemms::none,
-                xn1_t, dk_amax);
-  lin_.backward(fp8_dense_, tokens_by_features(dv_), l.wv->compute, l.xn1, dxn, l.wv->grad, 1.0f, LinearGemms::none,
+  const AmaxSink& dq_amax = l.dense_amax[Layer::dq_amax];
+  const AmaxSink& dk_amax = l.dense_amax[Layer::dk_amax];
+  be_.rope_norm_bwd(l.q, cos_, sin_, l.rstd_q, dq_, dqraw_, sink(dq_amax));
+  be_.rope_norm_bwd(l.k, cos_, sin_, l.rstd_k, dk_, dkraw_, sink(dk_amax));
+  lin_.backward(fp8_.dense, tokens_by_features(dqraw_), l.wq->compute, l.xn1, dxn, l.wq->grad, 0.0f, LinearGemms::none,
+                xn1_t, recorded(dq_amax));
+  lin_.backward(fp8_.dense, tokens_by_features(dkraw_), l.wk->compute, l.xn1, dxn, l.wk->grad, 1.0f, LinearGemms::none,
+                xn1_t, recorded(dk_amax));
+  lin_.backward(fp8_.dense, tokens_by_features(dv_), l.wv->compute, l.xn1, dxn, l.wv->grad, 1.0f, LinearGemms::none,
                 xn1_t);
 }
 
@@ -658,7 +717,7 @@ void GptMoE::forward_backward(const Tensor& tokens, const Tensor& targets, float
   for (size_t i = layers_.size(); i-- > 0;) {
     Layer& l = layers_[i];
     mlp_backward(l, dx_, dxn_);
-    be_.rmsnorm_bwd(l.x_mid, l.rstd2, dxn_, dx_, true, present(l.dense_amax[Layer::proj_dy_amax]));
+    be_.rmsnorm_bwd(l.x_mid, l.rstd2, dxn_, dx_, true, sink(l.dense_amax[Layer::proj_dy_amax]));
     attention_backward(l, dx_, dxn_);
     if (l.ve) {
       // dv_ is the gradient w.r.t. v after the gated add; dkraw_ is free again as scratch for dve.

@@ -117,7 +117,7 @@ class GptMoE {
     // FP8 dense layers, tensor scaling: f32 [1] each, the amax of xn1, of the output projection's
     // dy and of dq and dk (before RoPE), raised by the norms that write them (else empty).
     enum DenseAmax { xn1_amax, proj_dy_amax, dq_amax, dk_amax };
-    std::array<Tensor, 4> dense_amax;
+    std::array<AmaxSink, 4> dense_amax;
     Tensor h, a;                                                   // dense or shared expert
     Tensor router_logits, probs, topk, gates, routed, counts, offsets, slot, row_token;
     Tensor routed_group;  // routed summed over the data-parallel group (with set_group)
@@ -144,6 +144,25 @@ class GptMoE {
   // bf16 copy take a few kernels, and Muon finds each same-shape stack contiguous. A kind that
   // only FP8 products read has no compute copy (compute aliases the master).
   void place_params();
+
+  // The constructor's parts, in the order it runs them.
+  struct Widths {  // the model's widths, as every part reads them
+    int64_t D = 0, V = 0, qdim = 0, kvdim = 0, H = 0, He = 0, Hs = 0;
+    bool shared = false;          // MoE layers carry a shared expert
+    std::vector<bool> moe_mask;   // per layer: MoE or dense MLP
+  };
+  Widths widths() const;
+  void declare_params(const Widths& w);  // the parameter table, under nanochat's names
+  void allocate_layers(const Widths& w);
+  void allocate_attention(Layer& l, int64_t i, const Widths& w);
+  void allocate_moe(Layer& l, int64_t i, const Widths& w);
+  void allocate_dense_mlp(Layer& l, int64_t i, const Widths& w);
+  void make_rotary_tables();
+  void allocate_step_buffers(const Widths& w);
+  void allocate_backward_scratch(const Widths& w);
+  void plan_fp8(const Widths& w);
+  // A zeroed buffer: no stale NaN anywhere, even in rows an op never writes.
+  Tensor zeros(const Shape& s, DType t);
   void forward(const Tensor& tokens);
   void mlp_forward(Layer& l, const Tensor& xn, Tensor& out);
   // forward_decode's MLP over the first T rows of the layer's buffers (dropless routing).
@@ -158,8 +177,8 @@ class GptMoE {
 
   Backend& be_;
   Config cfg_;
+  Fp8Recipe fp8_;                             // which linears run in FP8, and how
   LinearGemms lin_;                           // every linear except the router goes through it
-  bool fp8_dense_ = false, fp8_head_ = false, fp8_experts_ = false;  // linears the [fp8] recipe puts in FP8
   Tensor weights_amax_;      // the FP8 weights' Param::value_amax, all in one buffer
   int64_t rows_, seq_len_, n_;  // n_ = rows_ * seq_len_
   int64_t heads_, kv_heads_, head_dim_, d_model_, experts_, top_k_, capacity_, rows_max_;
@@ -194,7 +213,7 @@ class GptMoE {
   // [layers * 4 + head chunks] f32: each layer's Layer::dense_amax, then each head chunk's dlogits
   // amax (head_dy_amax_, FP8 head with tensor scaling), raised by the loss.
   Tensor dense_amax_;
-  std::vector<Tensor> head_dy_amax_;
+  std::vector<AmaxSink> head_dy_amax_;
   Tensor expert_x_shared_;  // xp of every layer when the experts run in FP8
   Tensor dx0_;  // gradient reaching x0 through the lambda mixes
   Tensor decode_tokens_;  // i32 [n_]: forward_decode's token ids on the device (make_kv_cache)

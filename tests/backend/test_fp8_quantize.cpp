@@ -371,7 +371,7 @@ TEST(Fp8Grouped, Relu2FoldGivesTheUnfoldedOps) {
   Tensor am1 = zeros({E}), dm1 = zeros({E}), dw1 = zeros({E, D, H});
   SavedExpertOperand sx1 = be.alloc_saved_expert_operand(R, D, int(E), g), sa1 = be.alloc_saved_expert_operand(R, H, int(E), g);
   be.grouped_matmul_fp8_saving(x, g, q1, h1, offsets, sx1);
-  const ExpertAmax am1_of{am1, offsets}, dm1_of{dm1, offsets};
+  const AmaxSink am1_of{am1, offsets}, dm1_of{dm1, offsets};
   be.relu2_fwd(h1, a1, &am1_of);
   be.grouped_matmul_fp8_saving(a1, g, q2, y1, offsets, sa1);
   be.grouped_matmul_backward_fp8(dy, DType::e5m2, g, q2t, sa1, da1, dw1, offsets);

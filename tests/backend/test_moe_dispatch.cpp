@@ -241,10 +241,10 @@ TEST(MoeDispatch, ProducersRaiseEachExpertsAmaxOfWhatTheyWrote) {
   Tensor amax = be.alloc({E}, DType::f32);
   auto fresh = [&] {
     be.fill(amax, 0.0f);
-    return ExpertAmax{amax, r.offsets};
+    return AmaxSink{amax, r.offsets};
   };
   auto host = [&] { return std::vector<float>(amax.as<float>(), amax.as<float>() + E); };
-  ExpertAmax a = fresh();
+  AmaxSink a = fresh();
   be.moe_permute(x, r.row_token, r.offsets, xp, &a);
   EXPECT_EQ(host(), segment_amax(xp, r.offsets)) << "moe_permute";
   Tensor h = random_tensor(be, {R, D}, rng), act = be.alloc({R, D}, DType::f64);

@@ -142,31 +142,32 @@ TEST(DenseProducers, RaiseTheirOutputsAmax) {
     return m;
   };
   // op(amax) writes out; its values without an amax are `plain`.
-  auto check = [&](const std::function<void(const Tensor*)>& op, const Tensor& out, const std::string& what) {
+  auto check = [&](const std::function<void(const AmaxSink*)>& op, const Tensor& out, const std::string& what) {
     op(nullptr);
     const std::vector<double> plain = values(out);
     for (const double start : {0.0, 1e9}) {  // from zero, and from above: raised, never lowered
       Tensor amax = tensor_from(be, {1}, {start});
-      op(&amax);
+      const AmaxSink sink{amax, {}};
+      op(&sink);
       EXPECT_EQ(values(out), plain) << what;
       EXPECT_EQ(values(amax)[0], std::max(start, max_abs(out))) << what << " from " << start;
     }
     EXPECT_GT(max_abs(out), 0.0) << what;
   };
   Tensor x = random_tensor(be, {6, 40}, rng, 3.0), y = be.alloc(x.shape, DType::f32), rstd = be.alloc({6}, DType::f32);
-  check([&](const Tensor* a) { be.rmsnorm_fwd(x, y, rstd, a); }, y, "rmsnorm_fwd");
+  check([&](const AmaxSink* a) { be.rmsnorm_fwd(x, y, rstd, a); }, y, "rmsnorm_fwd");
   Tensor dy = random_tensor(be, x.shape, rng), dx = be.alloc(x.shape, DType::f32);
-  check([&](const Tensor* a) { be.rmsnorm_bwd(x, rstd, dy, dx, false, a); }, dx, "rmsnorm_bwd");
+  check([&](const AmaxSink* a) { be.rmsnorm_bwd(x, rstd, dy, dx, false, a); }, dx, "rmsnorm_bwd");
   const int64_t B = 2, T = 4, H = 2, hd = 8;
   Tensor q = random_tensor(be, {B, T, H, hd}, rng), c, sn;
   make_tables(be, 8, hd, DType::f32, c, sn);
   Tensor qy = be.alloc(q.shape, DType::f32), qr = be.alloc({B, T, H}, DType::f32);
   be.rope_norm_fwd(q, c, sn, qy, qr);
   Tensor dqy = random_tensor(be, q.shape, rng), dq = be.alloc(q.shape, DType::f32);
-  check([&](const Tensor* a) { be.rope_norm_bwd(q, c, sn, qr, dqy, dq, a); }, dq, "rope_norm_bwd");
+  check([&](const AmaxSink* a) { be.rope_norm_bwd(q, c, sn, qr, dqy, dq, a); }, dq, "rope_norm_bwd");
   Tensor logits = random_tensor(be, {5, 30}, rng, 5.0), losses = be.alloc({5}, DType::f32);
   Tensor targets = i32_tensor(be, {5}, {1, -1, 29, 0, 7}), dl = be.alloc(logits.shape, DType::f32);
-  check([&](const Tensor* a) { be.softcap_xent(logits, targets, 15.f, 0.5f, losses, dl, a); }, dl, "softcap_xent");
+  check([&](const AmaxSink* a) { be.softcap_xent(logits, targets, 15.f, 0.5f, losses, dl, a); }, dl, "softcap_xent");
 }
 
 TEST(RopeNorm, RejectsSequenceLongerThanTable) {

@@ -9,7 +9,7 @@ namespace moelab::test {
 namespace {
 
 TEST(AdamW, RaisesEachPartsAmaxOfTheNewWeights) {
-  // group_amax: the largest |value| of each of G equal parts of the updated param, raised (an
+  // An AmaxSink of G parts: the largest |value| of each of G equal parts of the updated param, raised (an
   // FP8 weight form's tensor scale then needs no pass); a G that does not split it is refused.
   Rng rng(fresh_seed());
   CpuBackend be(DType::f32, 2);
@@ -22,7 +22,8 @@ TEST(AdamW, RaisesEachPartsAmaxOfTheNewWeights) {
   p.as<float>()[per + 17] = 40.0f;  // part 1's maximum stands out
   AdamWStep s;
   s.lr = 0.01f;
-  be.adamw_update(p, g, m, v, s, &amax);
+  const AmaxSink sink{amax, {}};
+  be.adamw_update(p, g, m, v, s, &sink);
   const std::vector<double> pv = values(p), av = values(amax);
   for (int64_t e = 0; e < G; ++e) {
     double want = 0;
@@ -32,7 +33,8 @@ TEST(AdamW, RaisesEachPartsAmaxOfTheNewWeights) {
   EXPECT_GT(av[1], 39.0);
   Tensor bad = be.alloc({7}, DType::f32);
   be.fill(bad, 0.0f);
-  EXPECT_THROW(be.adamw_update(p, g, m, v, s, &bad), Error);
+  const AmaxSink bad_sink{bad, {}};
+  EXPECT_THROW(be.adamw_update(p, g, m, v, s, &bad_sink), Error);
 }
 
 TEST(AdamW, MatchesNaiveOverSeveralSteps) {

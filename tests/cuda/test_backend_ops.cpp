@@ -60,11 +60,12 @@ class CudaOps : public ::testing::Test {
   }
   // A dense producer given a tensor amax (f32 [1], zeroed) must raise it to exactly the largest
   // |value| it wrote, as read back, and write what it wrote without one (`plain`).
-  void expect_producer_amax(const std::function<void(const Tensor*)>& op, const Tensor& out,
+  void expect_producer_amax(const std::function<void(const AmaxSink*)>& op, const Tensor& out,
                             const std::vector<float>& plain, const std::string& what) {
     Tensor amax = gpu->alloc({1}, DType::f32);
     gpu->fill(amax, 0.f);
-    op(&amax);
+    const AmaxSink sink{amax, {}};
+    op(&sink);
     const std::vector<float> v = gpu->read(out);
     float want = 0.f;
     for (float f : v) want = std::max(want, std::fabs(f));
@@ -245,7 +246,7 @@ TEST_F(CudaOps, RmsNormAndRopeNorm) {
     cpu->rmsnorm_fwd(x.c, y.c, r.c);
     gpu->rmsnorm_fwd(x.g, y.g, r.g);
     expect_close(y, kBf16Tol, "rmsnorm_fwd y");
-    expect_producer_amax([&](const Tensor* a) { gpu->rmsnorm_fwd(x.g, y.g, r.g, a); }, y.g, gpu->read(y.g),
+    expect_producer_amax([&](const AmaxSink* a) { gpu->rmsnorm_fwd(x.g, y.g, r.g, a); }, y.g, gpu->read(y.g),
                          "rmsnorm_fwd");
     expect_close(r, 1e-5, "rmsnorm_fwd rstd");
     auto dy = rand_pair({B, T, D}, DType::bf16);
@@ -255,7 +256,7 @@ TEST_F(CudaOps, RmsNormAndRopeNorm) {
         auto dx_again = pair_from({B, T, D}, dxt, gpu->read(dx.g));  // for the run with an amax
         cpu->rmsnorm_bwd(x.c, r.c, dy.c, dx.c, acc);
         gpu->rmsnorm_bwd(x.g, r.g, dy.g, dx.g, acc);
-        expect_producer_amax([&](const Tensor* a) { gpu->rmsnorm_bwd(x.g, r.g, dy.g, dx_again.g, acc, a); },
+        expect_producer_amax([&](const AmaxSink* a) { gpu->rmsnorm_bwd(x.g, r.g, dy.g, dx_again.g, acc, a); },
                              dx_again.g, gpu->read(dx.g), std::string("rmsnorm_bwd ") + dtype_name(dxt));
         expect_close(dx, dxt == DType::f32 ? 1e-4 : kBf16Tol,
                      std::string("rmsnorm_bwd accumulate=") + (acc ? "1 " : "0 ") + dtype_name(dxt));
@@ -283,7 +284,7 @@ TEST_F(CudaOps, RmsNormAndRopeNorm) {
     cpu->rope_norm_bwd(q.c, cosp.c, sinp.c, qr.c, dqy.c, dq.c);
     gpu->rope_norm_bwd(q.g, cosp.g, sinp.g, qr.g, dqy.g, dq.g);
     expect_close(dq, kBf16Tol, "rope_norm_bwd");
-    expect_producer_amax([&](const Tensor* a) { gpu->rope_norm_bwd(q.g, cosp.g, sinp.g, qr.g, dqy.g, dq.g, a); },
+    expect_producer_amax([&](const AmaxSink* a) { gpu->rope_norm_bwd(q.g, cosp.g, sinp.g, qr.g, dqy.g, dq.g, a); },
                          dq.g, gpu->read(dq.g), "rope_norm_bwd");
   }
 }
@@ -418,7 +419,7 @@ TEST_F(CudaOps, SoftcapCrossEntropy) {
         gpu->softcap_xent(logits.g, targets.g, cap, 0.25f, losses.g, dl.g);
         expect_close(losses, 1e-4, std::string("softcap_xent losses ") + dtype_name(dt));
         expect_close(dl, dt == DType::f32 ? 1e-4 : kBf16Tol, std::string("softcap_xent dlogits ") + dtype_name(dt));
-        expect_producer_amax([&](const Tensor* a) { gpu->softcap_xent(logits.g, targets.g, cap, 0.25f, losses.g, dl.g, a); },
+        expect_producer_amax([&](const AmaxSink* a) { gpu->softcap_xent(logits.g, targets.g, cap, 0.25f, losses.g, dl.g, a); },
                              dl.g, gpu->read(dl.g), std::string("softcap_xent ") + dtype_name(dt));
         // In place: dlogits aliases logits.
         auto alias_losses = out_pair({N}, DType::f32);
@@ -470,11 +471,11 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
       EXPECT_LT(kept, T * k) << "capacity case must drop something to test the rule";
     }
 
-    // A producer's ExpertAmax on the GPU: exactly each expert's max |value| of the bf16 rows it
+    // A producer's AmaxSink on the GPU: exactly each expert's max |value| of the bf16 rows it
     // wrote, read back (the tail rows past offsets[E] excluded), raised from zero.
     const std::vector<int32_t> off_host = cpu->read_i32(offsets.c);
-    auto check_amax = [&](const std::function<void(const ExpertAmax*)>& op, const Tensor& out, const std::string& what) {
-      ExpertAmax a{gpu->alloc({E}, DType::f32), offsets.g};
+    auto check_amax = [&](const std::function<void(const AmaxSink*)>& op, const Tensor& out, const std::string& what) {
+      AmaxSink a{gpu->alloc({E}, DType::f32), offsets.g};
       gpu->fill(a.amax, 0.0f);
       op(&a);
       const std::vector<float> v = gpu->read(out), got = gpu->read(a.amax);
@@ -505,7 +506,7 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
     xpg.resize(size_t(kept) * D);
     EXPECT_LT(nerr(xpg, xpc), 1e-7) << "moe_permute" << tag;
     gpu->fill(xp.g, 1e30f);  // the tail rows keep this
-    check_amax([&](const ExpertAmax* a) { gpu->moe_permute(x.g, row_token.g, offsets.g, xp.g, a); }, xp.g,
+    check_amax([&](const AmaxSink* a) { gpu->moe_permute(x.g, row_token.g, offsets.g, xp.g, a); }, xp.g,
                "moe_permute amax" + tag);
 
     auto w1 = rand_pair({E, Hd, D}, DType::bf16, 0.2f);  // [E, N, K]
@@ -536,10 +537,10 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
     {  // ReLU² and its backward over the experts' rows, with their amax
       auto act = out_pair({T * k, Hd}, DType::bf16), dact = rand_pair({T * k, Hd}, DType::bf16);
       auto dhh = out_pair({T * k, Hd}, DType::bf16);
-      check_amax([&](const ExpertAmax* a) { gpu->relu2_fwd(hb.g, act.g, a); }, act.g, "relu2_fwd amax" + tag);
+      check_amax([&](const AmaxSink* a) { gpu->relu2_fwd(hb.g, act.g, a); }, act.g, "relu2_fwd amax" + tag);
       cpu->relu2_fwd(hb.c, act.c);
       expect_close(act, kBf16Tol, "relu2_fwd with amax" + tag);
-      check_amax([&](const ExpertAmax* a) { gpu->relu2_bwd(hb.g, dact.g, dhh.g, a); }, dhh.g, "relu2_bwd amax" + tag);
+      check_amax([&](const AmaxSink* a) { gpu->relu2_bwd(hb.g, dact.g, dhh.g, a); }, dhh.g, "relu2_bwd amax" + tag);
       cpu->relu2_bwd(hb.c, dact.c, dhh.c);
       expect_close(dhh, kBf16Tol, "relu2_bwd with amax" + tag);
     }
@@ -563,7 +564,7 @@ TEST_F(CudaOps, MoeRoutingDispatchAndGroupedGemm) {
     gpu->fill(dyp.g, 1e30f);
     const std::vector<float> dgates_plain = gpu->read(dgates.g);
     gpu->fill(dgates.g, 1e30f);
-    check_amax([&](const ExpertAmax* a) { gpu->moe_combine_bwd(dy.g, ypb.g, slot.g, gates.g, dyp.g, dgates.g, a); },
+    check_amax([&](const AmaxSink* a) { gpu->moe_combine_bwd(dy.g, ypb.g, slot.g, gates.g, dyp.g, dgates.g, a); },
                dyp.g, "moe_combine_bwd amax" + tag);
     EXPECT_EQ(gpu->read(dgates.g), dgates_plain) << "moe_combine_bwd with amax: dgates" << tag;
     const std::vector<float> dyp_amax = gpu->read(dyp.g);
@@ -844,7 +845,7 @@ TEST_F(CudaOps, Optimizers) {
     expect_close(m, 1e-6, "adamw m");
     expect_close(v, 1e-6, "adamw v");
   }
-  // With group_amax: the same update, and each part's amax of the new weights as they are (3
+  // With an AmaxSink of parts: the same update, and each part's amax of the new weights as they are (3
   // parts, one with a large weight; and 300 parts, past the kernel's shared array).
   for (auto [parts, per] : {std::pair<int64_t, int64_t>{3, 120}, {300, 120}, {5, 77}}) {  // 77: the fallback
     const Shape gs{parts, per};
@@ -855,7 +856,8 @@ TEST_F(CudaOps, Optimizers) {
     gpu->write(gp.g, big);
     Tensor amax = gpu->alloc({parts}, DType::f32);
     gpu->fill(amax, 0.0f);
-    gpu->adamw_update(gp.g, gg.g, gm.g, gv.g, st, &amax);
+    const AmaxSink sink{amax, {}};
+    gpu->adamw_update(gp.g, gg.g, gm.g, gv.g, st, &sink);
     const std::vector<float> pw = gpu->read(gp.g), am = gpu->read(amax);
     int64_t wrong = 0;
     for (int64_t e = 0; e < parts; ++e) {

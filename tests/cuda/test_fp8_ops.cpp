@@ -717,7 +717,7 @@ TEST_F(CudaFp8Grouped, Relu2FoldedIntoTheGemmsIsTheUnfoldedOps) {
       Tensor a_amax1 = zeros({E}, DType::f32), dh_amax1 = zeros({E}, DType::f32), dw1 = zeros({E, D, H}, DType::f32);
       SavedExpertOperand sx1 = gpu->alloc_saved_expert_operand(R, D, E, r.act), sa1 = gpu->alloc_saved_expert_operand(R, H, E, r.act);
       gpu->grouped_matmul_fp8_saving(x.g, r.act, q1, h1, off.g, sx1);
-      const ExpertAmax a_amax_of1{a_amax1, off.g}, dh_amax_of1{dh_amax1, off.g};
+      const AmaxSink a_amax_of1{a_amax1, off.g}, dh_amax_of1{dh_amax1, off.g};
       gpu->relu2_fwd(h1, a1, &a_amax_of1);
       gpu->grouped_matmul_fp8_saving(a1, r.act, q2, y1, off.g, sa1, tensor ? &a_amax1 : nullptr);
       gpu->grouped_matmul_backward_fp8(dy.g, fmt, r.act, q2t, sa1, da1, dw1, off.g);

@@ -146,6 +146,7 @@ class CountingBackend : public Backend {
 
   Device device() const override { return in_.device(); }
   std::string name() const override { return in_.name(); }
+  bool supports(const Capability& c) const override { return in_.supports(c); }
   DType act_dtype() const override { return in_.act_dtype(); }
   DType master_dtype() const override { return in_.master_dtype(); }
   Tensor alloc(const Shape& s, DType t) override { return in_.alloc(s, t); }
@@ -181,16 +182,16 @@ class CountingBackend : public Backend {
   }
   void embedding_fwd(const Tensor& t, const Tensor& w, Tensor& o) override { in_.embedding_fwd(t, w, o); }
   void embedding_bwd(const Tensor& t, const Tensor& d, Tensor& w) override { in_.embedding_bwd(t, d, w); }
-  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& r, const Tensor* m) override { in_.rmsnorm_fwd(x, y, r, m); }
+  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& r, const AmaxSink* m) override { in_.rmsnorm_fwd(x, y, r, m); }
   void rmsnorm_bwd(const Tensor& x, const Tensor& r, const Tensor& dy, Tensor& dx, bool acc,
-                   const Tensor* m) override {
+                   const AmaxSink* m) override {
     in_.rmsnorm_bwd(x, r, dy, dx, acc, m);
   }
   void rope_norm_fwd(const Tensor& x, const Tensor& c, const Tensor& s, Tensor& y, Tensor& r) override {
     in_.rope_norm_fwd(x, c, s, y, r);
   }
   void rope_norm_bwd(const Tensor& x, const Tensor& c, const Tensor& s, const Tensor& r, const Tensor& dy,
-                     Tensor& dx, const Tensor* m) override {
+                     Tensor& dx, const AmaxSink* m) override {
     in_.rope_norm_bwd(x, c, s, r, dy, dx, m);
   }
   void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& o, Tensor& l, int window) override {
@@ -200,12 +201,12 @@ class CountingBackend : public Backend {
                      const Tensor& d, Tensor& dq, Tensor& dk, Tensor& dv, int window) override {
     in_.attention_bwd(q, k, v, o, l, d, dq, dk, dv, window);
   }
-  void relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* m) override { in_.relu2_fwd(h, a, m); }
-  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* m) override {
+  void relu2_fwd(const Tensor& h, Tensor& a, const AmaxSink* m) override { in_.relu2_fwd(h, a, m); }
+  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const AmaxSink* m) override {
     in_.relu2_bwd(h, da, dh, m);
   }
   void softcap_xent(const Tensor& lg, const Tensor& t, float cap, float gs, Tensor& l, Tensor& d,
-                    const Tensor* m) override {
+                    const AmaxSink* m) override {
     in_.softcap_xent(lg, t, cap, gs, l, d, m);
   }
   void router_topk(const Tensor& lg, int k, Tensor& p, Tensor& i, Tensor& g) override {
@@ -220,7 +221,7 @@ class CountingBackend : public Backend {
                   float bs, Tensor& dl) override {
     in_.router_bwd(p, ti, g, dg, r, bc, bs, dl);
   }
-  void moe_permute(const Tensor& x, const Tensor& rt, const Tensor& o, Tensor& xp, const ExpertAmax* m) override {
+  void moe_permute(const Tensor& x, const Tensor& rt, const Tensor& o, Tensor& xp, const AmaxSink* m) override {
     in_.moe_permute(x, rt, o, xp, m);
   }
   void moe_permute_bwd(const Tensor& d, const Tensor& s, Tensor& dx) override { in_.moe_permute_bwd(d, s, dx); }
@@ -228,7 +229,7 @@ class CountingBackend : public Backend {
     in_.moe_combine(yp, s, g, y, acc);
   }
   void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& s, const Tensor& g, Tensor& dyp,
-                       Tensor& dg, const ExpertAmax* m) override {
+                       Tensor& dg, const AmaxSink* m) override {
     in_.moe_combine_bwd(dy, yp, s, g, dyp, dg, m);
   }
   void grouped_matmul(const Tensor& A, const Tensor& W, bool tw, Tensor& C, const Tensor& o, float alpha = 1.0f,
@@ -240,8 +241,8 @@ class CountingBackend : public Backend {
     in_.grouped_matmul_wgrad(dY, X, dW, o, beta, addend);
   }
   void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWStep& s,
-                    const Tensor* group_amax = nullptr) override {
-    in_.adamw_update(p, g, m, v, s, group_amax);
+                    const AmaxSink* amax = nullptr) override {
+    in_.adamw_update(p, g, m, v, s, amax);
   }
   void frobenius_normalize(const Tensor& x, Tensor& y, float eps) override { in_.frobenius_normalize(x, y, eps); }
   void frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) override {

@@ -222,7 +222,7 @@ void CudaBackend::axpby(float a, const Tensor& x, float b, Tensor& y) {
 }
 
 
-void CudaBackend::relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax) {
+void CudaBackend::relu2_fwd(const Tensor& h, Tensor& a, const AmaxSink* amax) {
   require_float(h, "relu2_fwd", "h");
   require_float(a, "relu2_fwd", "a");
   require_same_numel(h, a, "relu2_fwd");
@@ -243,7 +243,7 @@ void CudaBackend::relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax) 
   MOELAB_CUDA_LAUNCH_CHECK("relu2_fwd");
 }
 
-void CudaBackend::relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* amax) {
+void CudaBackend::relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const AmaxSink* amax) {
   require_float(h, "relu2_bwd", "h");
   require_float(da, "relu2_bwd", "da");
   require_float(dh, "relu2_bwd", "dh");
