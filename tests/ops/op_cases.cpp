@@ -137,6 +137,7 @@ void gemm(std::vector<OpCase>& t) {
       g.push_back({96, 136, 200, bool(ta), bool(tb), 1.f, 0.f});                                                // bf16 out
       g.push_back({96, 136, 200, bool(ta), bool(tb), 0.5f, 1.f, Role::act, Role::act, Role::f32, {1e-5, 1e-4}});  // wgrad style
       g.push_back({101, 263, 301, bool(ta), bool(tb), 1.f, 0.f, Role::f32, Role::f32, Role::f32, {1e-5, 3e-3}});  // block edges
+      g.push_back({37, 29, 53, bool(ta), bool(tb), 1.f, 0.f, Role::f32, Role::f32, Role::f32, {1e-5, 3e-3}});
     }
   g.push_back({96, 136, 200, false, true, 1.f, 0.f, Role::f32, Role::f32, Role::f32, {1e-5, 3e-3}});  // tf32 on CUDA
   g.push_back({96, 136, 200, false, true, 1.f, 0.f, Role::f32, Role::act, Role::f32, {1e-5, 1e-2}});  // mixed
@@ -522,6 +523,31 @@ Moe route(OpCtx& c, int64_t T, int64_t E, int64_t k, int capacity, DropOrder ord
     c.expect(m.probs, "router_topk probs", c.tol_of({1e-6, 1e-5}));
     c.expect_i32(m.idx, "router_topk indices");
     c.expect(m.gates, "router_topk gates", c.tol_of({1e-6, 1e-5}));
+    if (c.oracle()) {  // softmax, top-k by descending probability (ties: lower expert), renormalized gates
+      const std::vector<double> l = c.values(m.logits);
+      const std::vector<int32_t> got = c.ints(m.idx);
+      std::vector<double> wp, wg;
+      size_t wrong = 0;
+      for (int64_t i = 0; i < T; ++i) {
+        double mx = -INFINITY, z = 0, sum = 0;
+        for (int64_t e = 0; e < E; ++e) mx = std::max(mx, l[size_t(i * E + e)]);
+        for (int64_t e = 0; e < E; ++e) z += std::exp(l[size_t(i * E + e)] - mx);
+        std::vector<std::pair<double, int64_t>> order;
+        for (int64_t e = 0; e < E; ++e) {
+          wp.push_back(std::exp(l[size_t(i * E + e)] - mx) / z);
+          order.push_back({-wp.back(), e});
+        }
+        std::sort(order.begin(), order.end());
+        for (int64_t j = 0; j < k; ++j) {
+          sum -= order[size_t(j)].first;
+          wrong += got[size_t(i * k + j)] != order[size_t(j)].second;
+        }
+        for (int64_t j = 0; j < k; ++j) wg.push_back(-order[size_t(j)].first / sum);
+      }
+      if (wrong) c.fail("router_topk: " + std::to_string(wrong) + " choices differ from the naive top-k (" + c.where(m.idx) + ")");
+      c.expect_host(m.probs, wp, "router_topk probs against the naive softmax");
+      c.expect_host(m.gates, wg, "router_topk gates against the naive renormalization");
+    }
     for (const Two* x : {&m.routed, &m.counts, &m.offsets, &m.slot}) c.expect_i32(*x, "moe_plan");
     c.expect_i32(m.row_token, "moe_plan row_token", m.kept);
   }
@@ -622,6 +648,7 @@ void moe(std::vector<OpCase>& t) {
                    c.expect_amax([&](Backend& be, int i, const Tensor* a, const Tensor* o) {
                      amax::moe_combine_bwd(be, dy[i], yp[i], m.slot[i], gates[i], dyp[i], dg[i], a, o);
                    }, dyp, "moe_combine_bwd amax", &m.offsets);
+                   c.expect(dg, "moe_combine_bwd dgates from the runs with an amax", c.tol_of({1e-6, 1e-3}));
                    if (small) {
                      c.gradcheck(fwd, {{&y, &dy}}, {{&gates, &dg}});
                      c.gradcheck(fwd, {{&y, &dy}}, {{&yp, &dyp}});
@@ -706,6 +733,23 @@ void moe(std::vector<OpCase>& t) {
 }
 
 // --- expert GEMM edge shapes -------------------------------------------------------------------------
+// Rows [off[e], off[e+1]) of A [R, K] times W[e] ([E, N, K] when trans_w, else [E, K, N]), in
+// double; the rows past off[E] zero, as the reference's output starts.
+std::vector<double> naive_grouped(const std::vector<double>& A, const std::vector<double>& W, bool trans_w,
+                                  const std::vector<int32_t>& off, int64_t R, int64_t N, int64_t K) {
+  std::vector<double> C(size_t(R * N), 0.0);
+  for (size_t e = 0; e + 1 < off.size(); ++e)
+    for (int64_t r = off[e]; r < off[e + 1]; ++r)
+      for (int64_t n = 0; n < N; ++n) {
+        double s = 0;
+        for (int64_t k = 0; k < K; ++k)
+          s += A[size_t(r * K + k)] *
+               (trans_w ? W[size_t((int64_t(e) * N + n) * K + k)] : W[size_t((int64_t(e) * K + k) * N + n)]);
+        C[size_t(r * N + n)] = s;
+      }
+  return C;
+}
+
 void grouped(std::vector<OpCase>& t) {
   // An empty expert, a one-row expert and spare rows past offsets[E]; N = 136 leaves a partial
   // tile; the data gradient's K 256 reads W in place on CUDA, 264 transposes it first.
@@ -715,6 +759,9 @@ void grouped(std::vector<OpCase>& t) {
                  auto A = c.in({700, 136}), W = c.in({5, 264, 136}, Role::act, 0.1), C = c.out({700, 264});
                  c.run([&](Backend& be, int i) { be.grouped_matmul(A[i], W[i], true, C[i], o[i]); });
                  c.expect(C, "grouped_matmul uneven", c.tol(), 640);
+                 // Empty experts skipped, rows past the last expert untouched.
+                 c.expect_host(C, naive_grouped(c.values(A), c.values(W), true, off, 700, 264, 136),
+                               "grouped_matmul against the per-expert product", 1e-12);
                  auto dW = c.in({5, 264, 136}, Role::f32), dY = c.in({700, 264});
                  c.run([&](Backend& be, int i) { be.grouped_matmul_wgrad(dY[i], A[i], dW[i], o[i], 1.f); });
                  c.expect(dW, "grouped_matmul_wgrad uneven", c.tol_of({1e-5, 1e-4}));
@@ -729,18 +776,39 @@ void grouped(std::vector<OpCase>& t) {
                      be.grouped_matmul(A[i], W[i], false, C[i], o[i]);
                    });
                    c.expect(C, "grouped_matmul no trans", c.tol(), 640);
+                   c.expect_host(C, naive_grouped(c.values(A), c.values(W), false, off, 700, 136, Kd),
+                                 "grouped_matmul no trans against the per-expert product", 1e-12);
                  }});
   // Newton-Schulz's fused sums: C = alpha A W^T + beta addend, separate and in place; dW with an addend.
   t.push_back({"grouped_matmul", "alpha beta addend E3 R150 N64 K96", {1e-5, 1e-2}, true, false, [](OpCtx& c) {
                  auto o = c.i32({4}, {0, 40, 40, 150});
                  auto a = c.in({150, 96}), w = c.in({3, 64, 96}), addend = c.in({150, 64}), C = c.out({150, 64});
+                 const std::vector<int32_t> off3 = {0, 40, 40, 150};
+                 const std::vector<double> prod = naive_grouped(c.values(a), c.values(w), true, off3, 150, 64, 96);
+                 std::vector<double> add0 = c.values(addend), want(prod.size());
                  c.run([&](Backend& be, int i) { be.grouped_matmul(a[i], w[i], true, C[i], o[i], 0.5f, -2.0f, &addend[i]); });
                  c.expect(C, "grouped_matmul alpha, beta, addend");
+                 for (size_t i = 0; i < want.size(); ++i) want[i] = 0.5f * prod[i] - 2.0 * add0[i];
+                 c.expect_host(C, want, "alpha A W^T + beta addend", 1e-12);
                  c.run([&](Backend& be, int i) { be.grouped_matmul(a[i], w[i], true, addend[i], o[i], 1.0f, 3.4445f, &addend[i]); });
                  c.expect(addend, "grouped_matmul addend in place");
+                 for (size_t i = 0; i < want.size(); ++i) want[i] = prod[i] + double(3.4445f) * add0[i];
+                 c.expect_host(addend, want, "A W^T + beta C in place", 1e-12);
                  auto dy = c.in({150, 64}), x = c.in({150, 96}), base = c.in({3, 64, 96}), dw = c.out({3, 64, 96});
                  c.run([&](Backend& be, int i) { be.grouped_matmul_wgrad(dy[i], x[i], dw[i], o[i], 3.4445f, &base[i]); });
                  c.expect(dw, "grouped_matmul_wgrad addend");
+                 // dW[e] = dY_e^T X_e + beta base[e], by the host
+                 const std::vector<double> dyv = c.values(dy), xv = c.values(x), bv = c.values(base);
+                 std::vector<double> wd(bv.size());
+                 for (int64_t e = 0; e < 3; ++e)
+                   for (int64_t n = 0; n < 64; ++n)
+                     for (int64_t k = 0; k < 96; ++k) {
+                       double sum = 0;
+                       for (int64_t r = off3[size_t(e)]; r < off3[size_t(e) + 1]; ++r) sum += dyv[size_t(r * 64 + n)] * xv[size_t(r * 96 + k)];
+                       const size_t at = size_t((e * 64 + n) * 96 + k);
+                       wd[at] = sum + double(3.4445f) * bv[at];
+                     }
+                 c.expect_host(dw, wd, "dY^T X + beta addend", 1e-12);
                }});
   // A weight gradient over no rows (a rank that received no tokens): beta dW, or the addend.
   for (Role dt : {Role::f32, Role::act})
@@ -825,22 +893,28 @@ void optim(std::vector<OpCase>& t) {
   // 123 x 77 takes CUDA's one-element kernels, 64 x 136 the 8-wide ones.
   for (const Shape& s : {Shape{123, 77}, Shape{64, 136}}) {
     const std::string sh = dims({{"rows", s[0]}, {"cols", s[1]}});
-    t.push_back({"adamw_update", sh, {1e-6, 1e-6}, true, false, [s, st](OpCtx& c) {
+    t.push_back({"adamw_update", sh + " 3 steps", {1e-6, 1e-6}, true, false, [s, st](OpCtx& c) {
                    auto p = c.in(s, Role::f32), g = c.in(s, Role::f32), m = c.in(s, Role::f32, 0.1);
                    std::vector<double> vv = c.randn(numel(s), 0.1);
                    for (auto& x : vv) x *= x;
                    auto v = c.from(s, vv, Role::f32);
-                   const std::vector<double> p0 = c.values(p), g0 = c.values(g), m0 = c.values(m), v0 = c.values(v);
-                   std::vector<double> wp, wm, wv;
-                   const double b1 = st.beta1, b2 = st.beta2, c1 = 1 - std::pow(b1, double(st.step)),
-                                c2 = 1 - std::pow(b2, double(st.step));
-                   for (size_t i = 0; i < p0.size(); ++i) {
-                     wm.push_back(b1 * m0[i] + (1 - b1) * g0[i]);
-                     wv.push_back(b2 * v0[i] + (1 - b2) * g0[i] * g0[i]);
-                     wp.push_back(p0[i] * (1 - double(st.lr) * double(st.weight_decay)) -
-                                  double(st.lr) * (wm.back() / c1) / (std::sqrt(wv.back() / c2) + double(st.eps)));
+                   std::vector<double> wp = c.values(p), wm = c.values(m), wv = c.values(v);
+                   const std::vector<double> g0 = c.values(g);
+                   const double b1 = st.beta1, b2 = st.beta2;
+                   // Three steps (counters 3, 4, 5: the bias corrections change) on the same gradient.
+                   for (int64_t step = st.step; step < st.step + 3; ++step) {
+                     const double c1 = 1 - std::pow(b1, double(step)), c2 = 1 - std::pow(b2, double(step));
+                     for (size_t i = 0; i < wp.size(); ++i) {
+                       wm[i] = b1 * wm[i] + (1 - b1) * g0[i];
+                       wv[i] = b2 * wv[i] + (1 - b2) * g0[i] * g0[i];
+                       wp[i] = wp[i] * (1 - double(st.lr) * double(st.weight_decay)) -
+                               double(st.lr) * (wm[i] / c1) / (std::sqrt(wv[i] / c2) + double(st.eps));
+                     }
                    }
-                   c.run([&](Backend& be, int i) { be.adamw_update(p[i], g[i], m[i], v[i], st); });
+                   c.run([&](Backend& be, int i) {
+                     AdamWStep s2 = st;
+                     for (int k = 0; k < 3; ++k, ++s2.step) be.adamw_update(p[i], g[i], m[i], v[i], s2);
+                   });
                    c.expect(p, "adamw param");
                    c.expect(m, "adamw m");
                    c.expect(v, "adamw v");

@@ -90,7 +90,8 @@ class OpCtx {
   void expect(const Two& x, const std::string& what, double tol, int64_t rows = -1);
   void expect(const Two& x, const std::string& what, int64_t rows = -1) { expect(x, what, tol(), rows); }
   void expect_i32(const Two& x, const std::string& what, int64_t count = -1);
-  // Oracle: the reference side against a naive f64 computation (f64 runs only).
+  // Oracle: the reference side (its first want.size() elements) against a naive f64 computation
+  // (f64 runs only).
   void expect_host(const Two& x, const std::vector<double>& want, const std::string& what, double tol = 1e-12);
 
   // Oracle: L = sum_i <outs[i].y, outs[i].w> with w the current values of the output gradient;
