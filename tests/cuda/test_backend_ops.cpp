@@ -1,8 +1,7 @@
-// Every op of the CUDA backend against the CPU reference, forward and backward, on fresh random
-// inputs (in the style of ggml's test-backend-ops). Inputs are drawn once, rounded to bf16 where
-// the GPU stores bf16, and given to both backends, so a difference measures only the GPU op's own
-// arithmetic. Outputs are compared by normalized error ||gpu - cpu|| / ||cpu||; NaN never passes.
-// Index outputs (top-k, dispatch plan) must match exactly. Skips cleanly when there is no GPU.
+// The CUDA backend's focused tests, beside the op table (test_op_table.cpp runs every op against
+// the CPU reference): a clear error without a GPU, the grouped GEMM's ReLU² epilogues giving the
+// unfolded ops' bits, each weight-gradient tile width of the wgmma kernel, Newton-Schulz through
+// the grouped GEMMs, CUDA graph capture and replay, and peak-memory tracking. Skips without a GPU.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -17,100 +16,12 @@
 #include "backend/cuda/grouped_gemm.cuh"
 #include "core/rng.hpp"
 #include "optim/newton_schulz.hpp"
-#include "normalized_error.hpp"
+#include "gpu_fixture.hpp"
 
 namespace moelab {
 namespace {
 
-constexpr double kBf16Tol = 1e-2;   // outputs stored in bf16, or computed from bf16 operands
-constexpr double kF32Tol = 1e-4;    // f32 math on identical inputs
-
-uint64_t fresh_seed() {
-  return uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-}
-
-class CudaOps : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!CudaBackend::cuda_device_available()) GTEST_SKIP() << "no CUDA GPU on this machine";
-    gpu = std::make_unique<CudaBackend>();
-    cpu = std::make_unique<CpuBackend>(DType::f32, 2);
-    seed = fresh_seed();
-    rng = std::make_unique<Rng>(seed);
-    RecordProperty("seed", std::to_string(seed));
-  }
-
-  // A tensor on both backends with the same values: f32 on the CPU, `dt` on the GPU (values
-  // rounded to bf16 first when dt is bf16).
-  struct Pair {
-    Tensor c, g;
-  };
-  std::vector<float> randn(int64_t n, float scale = 1.f) {
-    std::vector<float> v(static_cast<size_t>(n));
-    for (auto& x : v) x = float(rng->normal()) * scale;
-    return v;
-  }
-  Pair pair_from(const Shape& s, DType dt, std::vector<float> v) {
-    if (dt == DType::bf16)
-      for (auto& x : v) x = round_to_bf16(x);
-    Pair p{cpu->alloc(s, DType::f32), gpu->alloc(s, dt)};
-    cpu->write(p.c, v);
-    gpu->write(p.g, v);
-    return p;
-  }
-  // A dense producer given a tensor amax (f32 [1], zeroed) must raise it to exactly the largest
-  // |value| it wrote, as read back, and write what it wrote without one (`plain`).
-  void expect_producer_amax(const std::function<void(const Tensor*)>& op, const Tensor& out,
-                            const std::vector<float>& plain, const std::string& what) {
-    Tensor amax = gpu->alloc({1}, DType::f32);
-    gpu->fill(amax, 0.f);
-    op(&amax);
-    const std::vector<float> v = gpu->read(out);
-    float want = 0.f;
-    for (float f : v) want = std::max(want, std::fabs(f));
-    EXPECT_EQ(gpu->read(amax)[0], want) << what << ": amax";
-    EXPECT_GT(want, 0.f) << what;
-    EXPECT_EQ(v, plain) << what << ": the output with an amax differs";
-  }
-  Pair rand_pair(const Shape& s, DType dt, float scale = 1.f) {
-    int64_t n = 1;
-    for (auto d : s) n *= d;
-    return pair_from(s, dt, randn(n, scale));
-  }
-  Pair i32_pair(const Shape& s, const std::vector<int32_t>& v) {
-    Pair p{cpu->alloc(s, DType::i32), gpu->alloc(s, DType::i32)};
-    cpu->write_i32(p.c, v);
-    gpu->write_i32(p.g, v);
-    return p;
-  }
-  // Output buffers: CPU f32, GPU `dt`, the GPU one poisoned with NaN so unwritten elements fail.
-  Pair out_pair(const Shape& s, DType dt) {
-    Pair p{cpu->alloc(s, dt == DType::i32 ? DType::i32 : DType::f32), gpu->alloc(s, dt)};
-    if (dt != DType::i32) gpu->fill(p.g, NAN);
-    else gpu->fill(p.g, -7777);
-    return p;
-  }
-  double err(const Pair& p) { return nerr(gpu->read(p.g), cpu->read(p.c)); }
-  // The global normalized error within tol, and every row (the last dimension; elements of a
-  // vector) within kRowTolFactor x tol of its own norm, so a few bad rows cannot hide in a
-  // large output.
-  void expect_close(const Pair& p, double tol, const std::string& what) {
-    const std::vector<float> out = gpu->read(p.g), ref = cpu->read(p.c);
-    EXPECT_LT(nerr(out, ref), tol) << what << " (seed " << seed << ")";
-    const size_t row_len = p.c.ndim() >= 2 ? size_t(p.c.shape.back()) : 1;
-    EXPECT_LT(worst_row_nerr(out, ref, row_len), kRowTolFactor * tol)
-        << what << ": a row is off by more than " << kRowTolFactor << " x the tolerance (seed " << seed << ")";
-  }
-  void expect_equal_i32(const Pair& p, const std::string& what) {
-    auto a = gpu->read_i32(p.g), b = cpu->read_i32(p.c);
-    EXPECT_EQ(a, b) << what << " (seed " << seed << ")";
-  }
-
-  std::unique_ptr<CudaBackend> gpu;
-  std::unique_ptr<CpuBackend> cpu;
-  std::unique_ptr<Rng> rng;
-  uint64_t seed = 0;
-};
+class CudaOps : public GpuTest {};
 
 TEST(CudaDevice, NoGpuIsAClearError) {
   if (CudaBackend::cuda_device_available()) {

@@ -1,10 +1,9 @@
-// The GPU's FP8 ops against the CPU emulation (backend.hpp's scaling rule): quantize_fp8 must
-// give the same codes and scales bit for bit for every granularity, both formats and both
-// orientations, edge cases included (all zeros, one huge value, Inf, denormals), and
-// matmul_fp8 (cuBLASLt) must match the CPU's dequantize-then-f32 product for every supported
-// scaling pair, forward (bf16 out) and weight-gradient style (f32 out, beta = 1), eagerly and
-// replayed from a CUDA graph; the experts' grouped FP8 GEMMs match the CPU's expert-by-expert
-// emulation for each recipe. Fresh random inputs each run; skips without a GPU.
+// The GPU's FP8 checks beside the op table (whose rows hold quantize_fp8's codes and scales bit for
+// bit against the CPU emulation, edge cases included, matmul_fp8 for each scaling pair, the
+// backward products, the experts' FP8 GEMMs and weight forms): quantize_fp8_pair and _pairs give
+// the single calls' bits (with a producer's amax too), graph capture and replay, the segment
+// quantizer's codes, the saving forward and fused backward against the separate ops, and ReLU²
+// folded into the FP8 expert GEMMs. Fresh random inputs each run; skips without a GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -16,7 +15,7 @@
 #include "backend/cuda/cuda_backend.hpp"
 #include "backend/cuda/grouped_gemm_fp8.cuh"
 #include "core/rng.hpp"
-#include "normalized_error.hpp"
+#include "gpu_fixture.hpp"
 
 namespace moelab {
 namespace {
@@ -24,16 +23,8 @@ namespace {
 const Fp8Granularity kAll[] = {Fp8Granularity::tensor, Fp8Granularity::row, Fp8Granularity::block_1x128,
                                Fp8Granularity::block_128x128};
 
-class CudaFp8 : public ::testing::Test {
+class CudaFp8 : public GpuTest {
  protected:
-  void SetUp() override {
-    if (!CudaBackend::cuda_device_available()) GTEST_SKIP() << "no CUDA GPU on this machine";
-    gpu = std::make_unique<CudaBackend>();
-    cpu = std::make_unique<CpuBackend>(DType::f32, 2);
-    seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-    rng = std::make_unique<Rng>(seed);
-    RecordProperty("seed", std::to_string(seed));
-  }
   // bf16-representable values with row magnitudes spread over 1e-3..1e3.
   std::vector<float> spread(int64_t rows, int64_t cols) {
     std::vector<float> v(size_t(rows * cols));
@@ -90,10 +81,6 @@ class CudaFp8 : public ::testing::Test {
     }
     EXPECT_EQ(sdiff, 0) << what << ": " << sdiff << " scales differ";
   }
-  std::unique_ptr<CudaBackend> gpu;
-  std::unique_ptr<CpuBackend> cpu;
-  std::unique_ptr<Rng> rng;
-  uint64_t seed = 0;
 };
 
 TEST_F(CudaFp8, QuantizePairGivesBothCopiesFromOneCall) {
