@@ -16,6 +16,7 @@
 #include "backend/cuda/grouped_gemm_fp8.cuh"
 #include "core/rng.hpp"
 #include "gpu_fixture.hpp"
+#include "ops/fp8_recipes.hpp"
 
 namespace moelab {
 namespace {
@@ -254,14 +255,10 @@ TEST_F(CudaFp8, QuantizeAndMatmulReplayFromAGraph) {
   EXPECT_LT(nerr(replayed, tripled), 0.05);
 }
 
-// The experts' FP8 GEMMs (our wgmma kernels) against the CPU's expert-by-expert emulation, for
-// each recipe and format, with uneven experts: an empty one, one under a tile, partial tiles.
-struct GroupedRecipe {
-  Fp8Granularity act, weight;
-};
-const GroupedRecipe kGroupedRecipes[] = {{Fp8Granularity::tensor, Fp8Granularity::tensor},
-                                         {Fp8Granularity::row, Fp8Granularity::row},
-                                         {Fp8Granularity::block_1x128, Fp8Granularity::block_128x128}};
+// The experts' FP8 GEMMs (our wgmma kernels) beyond their op-table rows, with uneven experts: an
+// empty one, one under a tile, partial tiles.
+using GroupedRecipe = ops::Fp8GroupedRecipe;
+const auto& kGroupedRecipes = ops::kFp8GroupedRecipes;
 
 class CudaFp8Grouped : public CudaFp8 {
  protected:

@@ -5,9 +5,11 @@
 // take (a zero-depth GEMM, head dims below the GPU kernels'); the CUDA run skips them.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 
 #include "ops/amax_adapter.hpp"
+#include "ops/fp8_recipes.hpp"
 #include "ops/op_harness.hpp"
 
 namespace moelab::ops {
@@ -779,6 +781,48 @@ void grouped(std::vector<OpCase>& t) {
                    c.expect_host(C, naive_grouped(c.values(A), c.values(W), false, off, 700, 136, Kd),
                                  "grouped_matmul no trans against the per-expert product", 1e-12);
                  }});
+  // ReLU² folded into the grouped GEMM's store: the up projection's forward storing h and relu²(h),
+  // the down projection's data gradient storing relu2_bwd(h, dA) with W read in place (K 256) and
+  // transposed first (264). Each side's folded result must be its unfolded ops' bits; the FP8
+  // fold fields are refused.
+  for (const int64_t Kd : {0, 256, 264})
+    t.push_back({"grouped_matmul_relu2",
+                 (Kd ? "data gradient E5 R700 K" + std::to_string(Kd) : std::string("forward E5 R700 K192")) + " N136",
+                 {1e-5, 1e-2}, true, Kd != 0, [off, Kd](OpCtx& c) {
+                   const int64_t R = 700, N = 136, K = Kd ? Kd : 192;
+                   auto o = c.i32({6}, off);
+                   auto A = c.in({R, K}), W = c.in(Kd ? Shape{5, K, N} : Shape{5, N, K}, Role::act, 0.1);
+                   auto h = c.in({R, N}), out = c.out({R, N}), side = c.out({R, N}), ref = c.out({R, N}), ref2 = c.out({R, N});
+                   c.run([&](Backend& be, int i) {
+                     ExpertRelu2Fold fold;
+                     if (Kd) fold.relu2_input = &h[i];
+                     else fold.relu2_output = &side[i];
+                     be.grouped_matmul_relu2(A[i], W[i], !Kd, out[i], o[i], fold);
+                     be.grouped_matmul(A[i], W[i], !Kd, ref[i], o[i]);
+                     if (Kd) be.relu2_bwd(h[i], ref[i], ref2[i]);
+                     else be.relu2_fwd(ref[i], ref2[i]);
+                   });
+                   const Two& folded = Kd ? out : side;
+                   c.expect(folded, Kd ? "dh" : "relu2(h)", c.tol(), 640);
+                   if (!Kd) c.expect(out, "h", c.tol(), 640);
+                   for (int s = 0; s < 2; ++s) {
+                     const size_t n = size_t(640 * N);
+                     std::vector<double> a = c.values(folded, s), b = c.values(ref2, s), x = c.values(out, s), y = c.values(ref, s);
+                     a.resize(n), b.resize(n), x.resize(n), y.resize(n);
+                     if (std::memcmp(a.data(), b.data(), n * sizeof(double)) != 0 || (!Kd && x != y))
+                       c.fail("grouped_matmul_relu2 differs from the unfolded ops on side " + std::to_string(s) + " (" +
+                              c.where(out) + ")");
+                     ExpertRelu2Fold fp8_only;
+                     fp8_only.relu2_operand = true;
+                     bool threw = false;
+                     try {
+                       c.be(s).grouped_matmul_relu2(A[s], W[s], !Kd, out[s], o[s], fp8_only);
+                     } catch (const Error&) {
+                       threw = true;
+                     }
+                     if (!threw) c.fail("grouped_matmul_relu2 must refuse the FP8 fold fields (side " + std::to_string(s) + ")");
+                   }
+                 }});
   // Newton-Schulz's fused sums: C = alpha A W^T + beta addend, separate and in place; dW with an addend.
   t.push_back({"grouped_matmul", "alpha beta addend E3 R150 N64 K96", {1e-5, 1e-2}, true, false, [](OpCtx& c) {
                  auto o = c.i32({4}, {0, 40, 40, 150});
@@ -1071,19 +1115,8 @@ void fp8(std::vector<OpCase>& t) {
   // The dense FP8 GEMM for each supported scaling pair: forward style (act out) and weight-gradient
   // style (f32 out, beta 1); K of 4 and 6 blocks of 128 (the 128x128 scales' row stride is
   // padded to 4 blocks).
-  struct P {
-    Fp8Granularity ga, gb;
-    DType fa;
-  };
-  const P pairs[] = {{Fp8Granularity::tensor, Fp8Granularity::tensor, DType::e4m3},
-                     {Fp8Granularity::tensor, Fp8Granularity::tensor, DType::e5m2},
-                     {Fp8Granularity::row, Fp8Granularity::row, DType::e4m3},
-                     {Fp8Granularity::row, Fp8Granularity::row, DType::e5m2},
-                     {Fp8Granularity::block_1x128, Fp8Granularity::block_128x128, DType::e4m3},
-                     {Fp8Granularity::block_1x128, Fp8Granularity::block_128x128, DType::e5m2},
-                     {Fp8Granularity::block_1x128, Fp8Granularity::block_1x128, DType::e5m2}};
   for (int64_t K : {512, 768})
-    for (const P p : pairs)
+    for (const Fp8GemmPair p : kFp8GemmPairs)
       for (bool f32_out : {false, true})
         t.push_back({"matmul_fp8",
                      dims({{"M", 256}, {"N", 384}, {"K", K}}) + " " + fp8_granularity_name(p.ga) + " x " +
@@ -1121,14 +1154,8 @@ void fp8(std::vector<OpCase>& t) {
                  }});
   // The experts' FP8 GEMMs for each recipe and format, uneven experts (an empty one, one under a
   // tile, partial tiles) and 48 unused tail rows of huge values that must reach no expert's scales.
-  struct Recipe {
-    Fp8Granularity act, weight;
-  };
-  const Recipe recipes[] = {{Fp8Granularity::tensor, Fp8Granularity::tensor},
-                            {Fp8Granularity::row, Fp8Granularity::row},
-                            {Fp8Granularity::block_1x128, Fp8Granularity::block_128x128}};
   const std::vector<int32_t> off = {0, 200, 200, 329, 600, 640};
-  for (const Recipe r : recipes)
+  for (const Fp8GroupedRecipe r : kFp8GroupedRecipes)
     for (DType fmt : {DType::e4m3, DType::e5m2}) {
       for (bool trans_w : {true, false})
         for (bool f32_out : {false, true}) {
@@ -1164,7 +1191,7 @@ void fp8(std::vector<OpCase>& t) {
   // The expert weight forms (quantize_experts_fp8, both orientations) from f32 masters and from
   // act copies, with one large value in expert 0 and expert 2 all zero: the same bits.
   for (Role wr : {Role::f32, Role::act})
-    for (const Recipe r : recipes)
+    for (const Fp8GroupedRecipe r : kFp8GroupedRecipes)
       t.push_back({"quantize_experts_fp8", std::string("E5 N256 K384 ") + rn(wr) + " " + fp8_granularity_name(r.weight),
                    {0, 0}, true, false, [=](OpCtx& c) {
                      const int64_t E = 5, N = 256, K = 384;
