@@ -4,6 +4,8 @@
 // and the own kernels forced). Skips cleanly without a GPU.
 #include <gtest/gtest.h>
 
+#include <cuda_runtime.h>
+
 #include <memory>
 
 #include "backend/cpu/cpu_backend.hpp"
@@ -21,6 +23,13 @@ TEST_P(OpTableCuda, AgainstCpu) {
   const OpCase& row = op_cases()[GetParam()];
   if (row.tags.find("cpu") != std::string::npos) GTEST_SKIP() << "a shape only the CPU backend takes";
   static std::unique_ptr<CudaBackend> gpu = std::make_unique<CudaBackend>();  // one context for every row
+  device_bytes() = [](const Tensor& t) {  // FP8 codes: CudaBackend::read has no FP8 decode
+    std::vector<uint8_t> out(t.bytes());
+    gpu->synchronize();
+    if (cudaMemcpy(out.data(), t.data, t.bytes(), cudaMemcpyDeviceToHost) != cudaSuccess)
+      throw Error("op table: reading " + t.describe() + " back failed");
+    return out;
+  };
   CpuBackend cpu(DType::f32, 2);
   if (row.tags.find("attention") == std::string::npos) return run_case(row, *gpu, cpu);
   using AK = CudaBackend::AttentionKernels;

@@ -49,15 +49,21 @@ void elementwise(std::vector<OpCase>& t) {
                    c.run([&](Backend& be, int i) { be.axpby(0.7f, x[i], -1.3f, y[i]); });
                    c.expect(y, "axpby");
                    c.expect_host(y, want, "axpby", 1e-14);
-                   // b = 0 ignores y's old contents, NaN included.
+                 }});
+    // b = 0 ignores y's old contents, NaN included (a CPU promise).
+    t.push_back({"axpby", "b0 over NaN " + sh, {1e-6, 1e-4}, true, false,
+                 [s](OpCtx& c) {
+                   auto x = c.in(s), y = c.out(s, Role::f32);
                    c.run([&](Backend& be, int i) {
                      be.fill(y[i], NAN);
                      be.axpby(3.0f, x[i], 0.0f, y[i]);
                    });
-                   for (size_t i = 0; i < want.size(); ++i) want[i] = 3.0 * xv[i];
+                   std::vector<double> want = c.values(x);
+                   for (auto& v : want) v *= 3.0;
                    c.expect(y, "axpby with b = 0 over NaN");
                    c.expect_host(y, want, "axpby with b = 0 over NaN", 1e-14);
-                 }});
+                 },
+                 "cpu"});
     t.push_back({"fill", sh, {1e-12, 1e-12}, true, false, [s](OpCtx& c) {
                    auto y = c.out(s, Role::bf16);
                    c.run([&](Backend& be, int i) { be.fill(y[i], 2.5f); });
@@ -583,6 +589,7 @@ void moe(std::vector<OpCase>& t) {
   shapes.push_back({12, 4, 2, 5, false});
 
   for (const MoeShape& s : shapes) {
+    // small: finite-difference shapes, widths below CUDA's vector loads and GEMM tiles (CPU only)
     const bool small = s.T <= 12, big = s.E == 40;
     t.push_back({"router_topk moe_plan balance_loss", s.str(), {1e-6, 1e-5}, true, false, [s](OpCtx& c) {
                    Moe m = route(c, s.T, s.E, s.k, s.capacity, s.order, s.starved, true, true);
@@ -611,7 +618,8 @@ void moe(std::vector<OpCase>& t) {
                      });
                      if (c.ints(rank.slot) == c.ints(m.slot)) c.fail("token-major order must differ from rank order here");
                    }
-                 }});
+                 },
+                 small ? "cpu" : ""});
     if (big) continue;
     const int64_t D = small ? 3 : 64, Hd = small ? 5 : 96;
     t.push_back({"moe_permute moe_permute_bwd", s.str() + dims({{" D", D}}), {1e-7, 1e-7}, true, true, [=](OpCtx& c) {
@@ -632,7 +640,8 @@ void moe(std::vector<OpCase>& t) {
                    std::fill(w.begin() + m.kept * D, w.end(), 0.0);
                    auto wk = c.from(dxp.shape(), w);
                    if (small) c.gradcheck(fwd, {{&xp, &wk}}, {{&x, &dx, base}});
-                 }});
+                 },
+                 small ? "cpu" : ""});
     t.push_back({"moe_combine moe_combine_bwd", s.str() + dims({{" D", D}}), {1e-5, 1e-2}, true, true, [=](OpCtx& c) {
                    Moe m = route(c, s.T, s.E, s.k, s.capacity, s.order, s.starved, !small);
                    auto yp = c.in({s.T * s.k, D}), gates = c.again(m.gates, Role::f32);
@@ -656,7 +665,8 @@ void moe(std::vector<OpCase>& t) {
                      c.gradcheck(fwd, {{&y, &dy}}, {{&gates, &dg}});
                      c.gradcheck(fwd, {{&y, &dy}}, {{&yp, &dyp}});
                    }
-                 }});
+                 },
+                 small ? "cpu" : ""});
     t.push_back({"grouped_matmul grouped_matmul_wgrad relu2", s.str() + dims({{" D", D}, {"H", Hd}}), {1e-5, 1e-2}, true,
                  true, [=](OpCtx& c) {
                    Moe m = route(c, s.T, s.E, s.k, s.capacity, s.order, s.starved, !small);
@@ -708,7 +718,8 @@ void moe(std::vector<OpCase>& t) {
                      });
                      c.gradcheck(up, {{&h, &dk}}, {{&xp, &dx}, {&w1, &dw}});
                    }
-                 }});
+                 },
+                 small ? "cpu" : ""});
     t.push_back({"router_bwd", s.str(), {1e-5, 1e-4}, true, true, [=](OpCtx& c) {
                    Moe m = route(c, s.T, s.E, s.k, s.capacity, s.order, s.starved, !small);
                    auto dg = c.in({s.T, s.k}, Role::f32), dl = c.out({s.T, s.E}, Role::f32);
@@ -731,7 +742,8 @@ void moe(std::vector<OpCase>& t) {
                    });
                    c.gradcheck(fwd, {{&m.gates, &dg}, {&bal, &two}}, {{&m.logits, &dl}}, 1e-6);
                    if (c.ints(idx2) != c.ints(m.idx)) c.fail("top-k flipped under the finite-difference step");
-                 }});
+                 },
+                 small ? "cpu" : ""});
   }
 }
 
@@ -879,7 +891,7 @@ void residual(std::vector<OpCase>& t) {
     int64_t N, D, H, hd, C;
   };
   for (const S s : {S{203, 96, 3, 32, 32}, S{5, 6, 2, 3, 4}}) {
-    const bool small = s.N < 10;
+    const bool small = s.N < 10;  // finite differences; widths below CUDA's vector loads (CPU only)
     t.push_back({"lambda_mix", dims({{"N", s.N}, {"D", s.D}}), {1e-6, 1e-2}, true, true, [s, small](OpCtx& c) {
                    std::vector<double> av = c.randn(1), bv = c.randn(1);
                    // |a|, |b| >= 0.5: a scalar near zero would leave the differences' rounding a large share.
@@ -906,7 +918,8 @@ void residual(std::vector<OpCase>& t) {
                      be.lambda_mix_bwd(a[i], x[i], b[i], x0[i], dy[i], dy[i], dx0[i], da[i], db[i]);
                    });
                    c.expect(dy, "lambda_mix_bwd dx aliasing dy");
-                 }});
+                 },
+                 small ? "cpu" : ""});
     t.push_back({"value_gate", dims({{"N", s.N}, {"D", s.D}, {"H", s.H}, {"hd", s.hd}, {"C", s.C}}), {1e-6, 1e-2}, true,
                  true, [s, small](OpCtx& c) {
                    auto x = c.in({s.N, s.D}), w = c.in({s.H, s.C}, Role::act, 0.3), ve = c.in({s.N, s.H * s.hd});
@@ -927,7 +940,8 @@ void residual(std::vector<OpCase>& t) {
                    c.expect(dw, "value_gate_bwd dw", c.tol_of({1e-6, 1e-3}));
                    c.expect(dx, "value_gate_bwd dx");
                    if (small) c.gradcheck(fwd, {{&v, &dv}}, {{&ve, &dve}, {&w, &dw, bw}, {&x, &dx, bx}});
-                 }});
+                 },
+                 small ? "cpu" : ""});
   }
 }
 
@@ -938,7 +952,7 @@ void optim(std::vector<OpCase>& t) {
   // 123 x 77 takes CUDA's one-element kernels, 64 x 136 the 8-wide ones.
   for (const Shape& s : {Shape{123, 77}, Shape{64, 136}}) {
     const std::string sh = dims({{"rows", s[0]}, {"cols", s[1]}});
-    t.push_back({"adamw_update", sh + " 3 steps", {1e-6, 1e-6}, true, false, [s, st](OpCtx& c) {
+    t.push_back({"adamw_update", sh + " 3 steps", {1e-6, 2e-6}, true, false, [s, st](OpCtx& c) {
                    auto p = c.in(s, Role::f32), g = c.in(s, Role::f32), m = c.in(s, Role::f32, 0.1);
                    std::vector<double> vv = c.randn(numel(s), 0.1);
                    for (auto& x : vv) x *= x;
@@ -1078,9 +1092,10 @@ Q quantize(OpCtx& c, const Two& x, bool tr, Fp8Granularity g, DType fmt, const s
   if (!check) return q;
   Two codes, scales;
   for (int s = 0; s < 2; ++s) codes[s] = q.data[s], scales[s] = q.scale[s];
-  const std::vector<double> a = c.values(codes, 0), b = c.values(codes, 1), sa = c.values(scales, 0), sb = c.values(scales, 1);
-  size_t diff = 0, sdiff = 0, bad = 0;
-  for (size_t i = 0; i < a.size(); ++i) diff += !(a[i] == b[i] || (std::isnan(a[i]) && std::isnan(b[i])));
+  const std::vector<uint8_t> a = c.bytes(codes, 0), b = c.bytes(codes, 1);
+  const std::vector<double> sa = c.values(scales, 0), sb = c.values(scales, 1);
+  size_t diff = a.size() == b.size() ? 0 : 1, sdiff = 0, bad = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) diff += a[i] != b[i];
   for (size_t i = 0; i < sa.size(); ++i) {
     sdiff += sa[i] != sb[i];
     bad += !(std::isfinite(sa[i]) && sa[i] > 0);
@@ -1213,7 +1228,7 @@ void fp8(std::vector<OpCase>& t) {
                          be.fill(q.scale, 1.f);
                          be.quantize_experts_fp8(w[i], tr, q);
                        });
-                       const bool same = c.values(data, 0) == c.values(data, 1) && c.values(scale, 0) == c.values(scale, 1);
+                       const bool same = c.bytes(data, 0) == c.bytes(data, 1) && c.values(scale, 0) == c.values(scale, 1);
                        if (!same) c.fail(std::string("quantize_experts_fp8") + (tr ? " transposed" : "") + ": codes or scales differ (" +
                                          c.where(data) + ")");
                      }

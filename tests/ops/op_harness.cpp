@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "core/dtype.hpp"
+#include "core/error.hpp"
 
 namespace moelab::ops {
 
@@ -122,6 +123,21 @@ std::vector<double> OpCtx::values(const Two& x, int side) {
 }
 
 std::vector<int32_t> OpCtx::ints(const Two& x, int side) { return be_[side]->read_i32(x[side]); }
+
+std::function<std::vector<uint8_t>(const Tensor&)>& device_bytes() {
+  static std::function<std::vector<uint8_t>(const Tensor&)> f;
+  return f;
+}
+
+std::vector<uint8_t> OpCtx::bytes(const Two& x, int side) {
+  const Tensor& t = x[side];
+  if (t.device == Device::cpu) {
+    const auto* p = static_cast<const uint8_t*>(t.data);
+    return std::vector<uint8_t>(p, p + t.bytes());
+  }
+  if (!device_bytes()) throw Error("op table: no way to read the bytes of " + t.describe());
+  return device_bytes()(t);
+}
 
 std::string OpCtx::where(const Two& x) const {
   std::ostringstream o;

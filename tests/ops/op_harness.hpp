@@ -85,6 +85,8 @@ class OpCtx {
   // Values as double, straight from memory for f64 host tensors.
   std::vector<double> values(const Two& x, int side = 1);
   std::vector<int32_t> ints(const Two& x, int side = 1);
+  // Raw bytes (FP8 codes), from the host or through device_bytes().
+  std::vector<uint8_t> bytes(const Two& x, int side);
 
   // The test side against the reference; only the first `rows` rows (matrix view) when rows >= 0.
   void expect(const Two& x, const std::string& what, double tol, int64_t rows = -1);
@@ -125,6 +127,10 @@ class OpCtx {
   std::string row_;
   Tol tol_;
 };
+
+// How a runner whose backend keeps tensors off the host reads a tensor's raw bytes (the CUDA run
+// sets it; FP8 codes have no float read on every backend).
+std::function<std::vector<uint8_t>(const Tensor&)>& device_bytes();
 
 // One row of the table.
 struct OpCase {
