@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <sstream>
 
@@ -303,9 +304,12 @@ std::string OpCase::name() const {
 }
 
 void run_case(const OpCase& c, Backend& test, Backend& ref) {
+  // MOELAB_OP_SEED repeats a failing run's inputs.
   static uint64_t counter = 0;
+  const char* fixed = std::getenv("MOELAB_OP_SEED");
   const uint64_t seed =
-      splitmix64(uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count()) + counter++);
+      fixed ? std::strtoull(fixed, nullptr, 10)
+            : splitmix64(uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count()) + counter++);
   SCOPED_TRACE("row " + c.op + " [" + c.shape + "] seed " + std::to_string(seed));
   OpCtx ctx(test, ref, seed, c.op + " [" + c.shape + "]", c.tol);
   try {
