@@ -28,6 +28,13 @@ double read_scalar(Backend& be, const Tensor& t) {
   return be.read(t)[0];
 }
 
+// A device tensor on the host, f64 tensors (CPU gradient checks) in full precision.
+std::vector<double> read_values(Backend& be, const Tensor& t) {
+  if (t.device == Device::cpu && t.dtype == DType::f64) return {t.as<double>(), t.as<double>() + t.numel()};
+  const std::vector<float> f = be.read(t);
+  return {f.begin(), f.end()};
+}
+
 }  // namespace
 
 GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_len, Communicator* expert_group)
@@ -772,8 +779,8 @@ StepStats GptMoE::read_stats(int64_t micro_batches) {
   s.drop_rate = routed_total > 0 ? 1.0 - kept_total / routed_total : 0.0;
   // Routing statistics: MaxVio from the group's loads (end_step), the entropy and z means over
   // this rank's tokens of the step, the bias spread after the step's update.
-  auto load_step = be_.read(load_step_);
-  auto router = be_.read(router_acc_);
+  const auto load_step = read_values(be_, load_step_);
+  const auto router = read_values(be_, router_acc_);
   const double tokens = double(std::max<int64_t>(micro_batches, 1) * n_);
   double z_sum = 0;
   for (size_t li = 0; li < moe_layers; ++li) {
@@ -791,7 +798,7 @@ StepStats GptMoE::read_stats(int64_t micro_batches) {
   if (aux_free_)
     for (Layer& l : layers_) {
       if (!l.moe) continue;
-      const auto b = be_.read(l.score_bias->value);
+      const auto b = read_values(be_, l.score_bias->value);
       const auto [lo, hi] = std::minmax_element(b.begin(), b.end());
       s.bias_range.push_back(b.empty() ? 0.0 : double(*hi) - double(*lo));
     }
