@@ -48,8 +48,20 @@ struct MoEConfig {
   std::string balance_rule = "switch";  // switch: f = count / (T k), logged with coef | seed: f = count / T, logged without
   std::string drop_order = "rank";      // rank: first choices first | token: flat token-major (the seed's)
   std::string router_init = "uniform";  // uniform (as c_fc) | zero (the seed's)
+  // Routing lab (each default is the router as it always was: softmax top-k, renormalized gates).
+  std::string score = "softmax";        // softmax | sigmoid (DeepSeek-V3's affinities)
+  bool norm_topk = true;                // gates = chosen scores over their sum (else the raw scores)
+  double route_scale = 1.0;             // constant factor on the gates
+  std::string balance = "aux_loss";     // aux_loss | aux_free (per-expert score bias) | none
+  double bias_update_rate = 0.001;      // aux_free: bias_e += rate * sign(mean load - load_e) per step
+  std::string balance_scope = "micro_batch";  // micro_batch | sequence | global_batch (for the aux loss)
+  double z_loss_coef = 0.0;             // ST-MoE router z-loss weight
+  int64_t shared_experts = 0;           // N shared experts of shared_hidden each (shared_expert = true: 1)
+  int64_t groups = 1, topk_groups = 1;  // group-limited routing (DeepSeek-V3)
 
   bool enabled() const { return experts > 0; }
+  // Shared experts in effect: shared_experts, or 1 for the alias shared_expert = true.
+  int64_t shared_count() const { return shared_experts > 0 ? shared_experts : (shared_expert ? 1 : 0); }
 };
 
 struct TrainConfig {

@@ -30,6 +30,13 @@ double read_scalar(Backend& be, const Tensor& t) {
   return be.read(t)[0];
 }
 
+// A device tensor on the host, f64 tensors (CPU gradient checks) in full precision.
+std::vector<double> read_values(Backend& be, const Tensor& t) {
+  if (t.device == Device::cpu && t.dtype == DType::f64) return {t.as<double>(), t.as<double>() + t.numel()};
+  const std::vector<float> f = be.read(t);
+  return {f.begin(), f.end()};
+}
+
 }  // namespace
 
 GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_len, Communicator* expert_group)
@@ -71,6 +78,20 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   } else {
     bal_log_coef_ = bal_loss_coef_ = float(cfg_.moe.balance_coef);
   }
+  // Routing lab: the router's scores and gates, and which balance terms the loss carries.
+  router_spec_.score = cfg_.moe.score == "sigmoid" ? RouterScore::sigmoid : RouterScore::softmax;
+  router_spec_.k = int(top_k_);
+  router_spec_.norm_topk = cfg_.moe.norm_topk;
+  router_spec_.route_scale = float(cfg_.moe.route_scale);
+  router_spec_.groups = int(cfg_.moe.groups);
+  router_spec_.topk_groups = int(cfg_.moe.topk_groups);
+  balance_spec_.score = router_spec_.score;
+  balance_spec_.seq_len = cfg_.moe.balance_scope == "sequence" ? seq_len : 0;
+  balance_spec_.z_coef = float(cfg_.moe.z_loss_coef);
+  global_scope_ = cfg_.moe.balance_scope == "global_batch";
+  aux_free_ = cfg_.moe.balance == "aux_free";
+  balance_loss_on_ = cfg_.moe.balance == "aux_loss";
+  if (!balance_loss_on_) bal_log_coef_ = bal_loss_coef_ = 0;  // aux_free and none carry no aux loss
   if (seq_len_ > m.max_seq)
     throw Error("sequence length " + std::to_string(seq_len_) + " exceeds model.max_seq = " + std::to_string(m.max_seq));
 
@@ -101,8 +122,10 @@ GptMoE::Widths GptMoE::widths() const {
   w.kvdim = kv_heads_ * head_dim_;
   w.H = m.mlp_hidden_resolved();
   w.He = cfg_.moe.expert_hidden;
-  w.Hs = cfg_.moe.shared_hidden > 0 ? cfg_.moe.shared_hidden : w.He;
-  w.shared = experts_ > 0 && cfg_.moe.shared_expert;
+  // N shared experts of shared_hidden each run as one MLP of N * shared_hidden: ReLU² is
+  // elementwise, so the sum of the N experts' outputs is the wide MLP's output.
+  w.shared = experts_ > 0 && cfg_.moe.shared_count() > 0;
+  w.Hs = (cfg_.moe.shared_hidden > 0 ? cfg_.moe.shared_hidden : w.He) * (w.shared ? cfg_.moe.shared_count() : 1);
   w.moe_mask = cfg_.moe_layer_mask();
   return w;
 }
@@ -129,6 +152,7 @@ void GptMoE::declare_params(const Widths& w) {
     if (has_value_embedding(i)) add_param(p + "attn.ve_gate.weight", ParamGroup::matrix, {kv_heads_, gate_channels});
     if (moe_mask[size_t(i)]) {
       add_param(p + "mlp.router.weight", ParamGroup::matrix, {experts_, D});
+      if (cfg_.moe.balance == "aux_free") add_param(p + "mlp.router.score_bias", ParamGroup::buffer, {experts_});
       add_param(p + "mlp.experts.w_fc", ParamGroup::matrix, {experts_local_, He, D});
       add_param(p + "mlp.experts.w_proj", ParamGroup::matrix, {experts_local_, D, He});
       if (shared) {
@@ -202,6 +226,11 @@ void GptMoE::allocate_moe(Layer& l, int64_t i, const Widths& w) {
   const int64_t D = w.D, He = w.He, Hs = w.Hs;
   const std::string p = "transformer.h." + std::to_string(i) + ".";
   l.router = &params_.get(p + "mlp.router.weight");
+  if (aux_free_) l.score_bias = &params_.get(p + "mlp.router.score_bias");
+  if (global_scope_) {
+    l.routed_acc = zeros({experts_}, stat_);
+    l.routed_step = zeros({experts_}, DType::i32);
+  }
   l.w_fc = &params_.get(p + "mlp.experts.w_fc");
   l.w_proj = &params_.get(p + "mlp.experts.w_proj");
   l.router_logits = zeros({n_, experts_}, stat_);
@@ -310,6 +339,8 @@ void GptMoE::allocate_step_buffers(const Widths& w) {
       head_dy_amax_.push_back(AmaxSink{elements(dense_amax_, dense_slots + c, dense_slots + c + 1), {}});
   }
   kept_acc_ = zeros({std::max<int64_t>(moe_layers, 1)}, stat_);
+  router_acc_ = zeros({std::max<int64_t>(moe_layers, 1) * 2}, stat_);
+  load_step_ = zeros({std::max<int64_t>(moe_layers * experts_, 1)}, stat_);
   tmp1_ = zeros({std::max<int64_t>(experts_, 1)}, stat_);
 }
 
@@ -452,6 +483,10 @@ void GptMoE::init_weights(uint64_t seed, bool all_random) {
   const double s = std::sqrt(3.0) / std::sqrt(double(d_model_)) * cfg_.model.init_scale;
   uint64_t stream = 0;
   for (auto& p : params_.params) {
+    if (p.group == ParamGroup::buffer) {  // state, not a weight: zero, and no random stream taken
+      be_.fill(p.value, 0.0f);
+      continue;
+    }
     Rng rng(seed, ++stream);
     // An expert-parallel rank draws the whole stack, as one rank would, and keeps its experts.
     const bool shard = expert_group_ && p.name.find("mlp.experts.") != std::string::npos;
@@ -499,6 +534,23 @@ void GptMoE::begin_step() {
   be_.fill(bal_sum_, 0.0f);
   be_.fill(load_acc_, 0.0f);
   be_.fill(kept_acc_, 0.0f);
+  be_.fill(router_acc_, 0.0f);
+  for (Layer& l : layers_)
+    if (l.routed_acc.data) be_.fill(l.routed_acc, 0.0f);
+}
+
+void GptMoE::end_step() {
+  if (experts_ == 0) return;
+  be_.copy(load_acc_, load_step_);
+  if (group_ && group_->world() > 1) group_->all_reduce_sum(load_step_);
+  if (!aux_free_) return;
+  int64_t mi = 0;
+  for (Layer& l : layers_) {
+    if (!l.moe) continue;
+    be_.router_bias_update(elements(load_step_, mi * experts_, (mi + 1) * experts_), float(cfg_.moe.bias_update_rate),
+                           l.score_bias->value);
+    ++mi;
+  }
 }
 
 void GptMoE::dense_forward(Param& fc, Param& proj, const Tensor& xn, Tensor& h, Tensor& a, Tensor& out,
@@ -514,14 +566,26 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
     return;
   }
   be_.matmul(xn, false, l.router->compute, true, l.router_logits);
-  be_.router_topk(l.router_logits, int(top_k_), l.probs, l.topk, l.gates);
+  be_.router_topk(l.router_logits, router_spec_, l.score_bias ? &l.score_bias->value : nullptr, l.probs, l.topk,
+                  l.gates);
   be_.moe_plan(l.topk, int(experts_), int(capacity_), l.routed, l.counts, l.offsets, l.slot, l.row_token,
                drop_order_);
   if (group_routing_) {  // the group's routing: f_e over every rank's assignments
     be_.copy(l.routed, l.routed_group);
     group_->all_reduce_sum(l.routed_group);
   }
-  be_.balance_loss(l.probs, group_routing_ ? l.routed_group : l.routed, bal_log_coef_, l.bal);
+  if (global_scope_) {
+    // The step's counts so far, this micro-batch included: a micro-batch's backward runs before
+    // the later ones exist (Megatron-Core's global aux loss reads its running counts the same way).
+    be_.copy(group_routing_ ? l.routed_group : l.routed, tmp1_);
+    be_.axpby(1.0f, tmp1_, 1.0f, l.routed_acc);
+    be_.copy(l.routed_acc, l.routed_step);
+  }
+  if (balance_loss_on_) {
+    BalanceSpec bs = balance_spec_;
+    bs.coef = bal_log_coef_;
+    be_.balance_loss(l.probs, l.topk, routed_for_balance(l), bs, l.bal);
+  }
   // With FP8 experts under tensor scaling, each producer of an expert GEMM's operand (the
   // permute, ReLU², the combine's backward, ReLU²'s backward) raises its experts' amax.
   const bool amax = l.expert_amax.data != nullptr;
@@ -603,6 +667,8 @@ void GptMoE::forward(const Tensor& tokens) {
       be_.copy(elements(l.offsets, experts_, experts_ + 1), kept);
       Tensor kept_acc = elements(kept_acc_, moe_index, moe_index + 1);
       be_.axpby(1.0f, kept, 1.0f, kept_acc);
+      Tensor router_acc = elements(router_acc_, moe_index * 2, moe_index * 2 + 2);
+      be_.router_stats(l.router_logits, l.probs, router_spec_.score, router_acc);
       ++moe_index;
     }
   }
@@ -670,8 +736,11 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
   be_.moe_permute_bwd(dxp_, l.slot, dxn);
   // With the group's routing f_e is the group's; bal_scale_ already carries 1 / world (P_e is a
   // mean over the group's tokens), as it does for the mean of the ranks' own balance losses.
-  be_.router_bwd(l.probs, l.topk, l.gates, dgates_, group_routing_ ? l.routed_group : l.routed, bal_loss_coef_,
-                 bal_scale_, dlogits_r_);
+  BalanceSpec bs = balance_spec_;
+  bs.coef = bal_loss_coef_;
+  bs.grad_scale = bal_scale_;
+  be_.router_bwd(l.router_logits, l.probs, l.topk, l.gates, dgates_, routed_for_balance(l), router_spec_, bs,
+                 dlogits_r_);
   Tensor dl = dlogits_r_;
   if (act_ != stat_) {
     be_.copy(dlogits_r_, dlogits_r_act_);
@@ -766,13 +835,39 @@ StepStats GptMoE::read_stats(int64_t micro_batches) {
     kept_total += kept[li];
   }
   s.drop_rate = routed_total > 0 ? 1.0 - kept_total / routed_total : 0.0;
+  // Routing statistics: MaxVio from the group's loads (end_step), the entropy and z means over
+  // this rank's tokens of the step, the bias spread after the step's update.
+  const auto load_step = read_values(be_, load_step_);
+  const auto router = read_values(be_, router_acc_);
+  const double tokens = double(std::max<int64_t>(micro_batches, 1) * n_);
+  double z_sum = 0;
+  for (size_t li = 0; li < moe_layers; ++li) {
+    double sum = 0, top = 0;
+    for (int64_t e = 0; e < experts_; ++e) {
+      const double v = load_step[li * size_t(experts_) + size_t(e)];
+      sum += v;
+      top = std::max(top, v);
+    }
+    s.max_vio.push_back(sum > 0 ? top / (sum / double(experts_)) - 1.0 : 0.0);
+    s.router_entropy.push_back(router[2 * li] / tokens);
+    z_sum += router[2 * li + 1] / tokens;
+  }
+  s.z_loss = moe_layers > 0 ? z_sum / double(moe_layers) : 0.0;
+  if (aux_free_)
+    for (Layer& l : layers_) {
+      if (!l.moe) continue;
+      const auto b = read_values(be_, l.score_bias->value);
+      const auto [lo, hi] = std::minmax_element(b.begin(), b.end());
+      s.bias_range.push_back(b.empty() ? 0.0 : double(*hi) - double(*lo));
+    }
   return s;
 }
 
 int64_t GptMoE::active_matmul_params() const {
   int64_t n = 0;
   for (auto& p : params_.params) {
-    if (p.group == ParamGroup::embedding || p.group == ParamGroup::value_embedding || p.group == ParamGroup::scalar)
+    if (p.group == ParamGroup::embedding || p.group == ParamGroup::value_embedding || p.group == ParamGroup::scalar ||
+        p.group == ParamGroup::buffer)
       continue;  // lookups and scalars, not matmuls
     int64_t count = p.value.numel();
     if (p.value.ndim() == 3) count = count / p.value.dim(0) * top_k_;  // only k experts per token
@@ -821,7 +916,7 @@ void GptMoE::mlp_decode(Layer& l, const Tensor& xn, Tensor& out, int64_t T) {
   Tensor xp = l.xp.rows_slice(0, T * k), hp = l.hp.rows_slice(0, T * k), yp = l.yp.rows_slice(0, T * k);
   Tensor ap = l.ap.rows_slice(0, T * k);
   be_.matmul(xn, false, l.router->compute, true, logits);
-  be_.router_topk(logits, int(k), probs, topk, gates);
+  be_.router_topk(logits, router_spec_, l.score_bias ? &l.score_bias->value : nullptr, probs, topk, gates);
   be_.moe_plan(topk, int(E), /*capacity=*/0, l.routed, l.counts, l.offsets, slot, row_token, drop_order_);
   be_.moe_permute(xn, row_token, l.offsets, xp);
   be_.grouped_matmul(xp, l.w_fc->compute, true, hp, l.offsets);

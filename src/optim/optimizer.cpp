@@ -59,6 +59,7 @@ void Optimizer::build(Backend& backend, ParamTable& params, const ModelConfig& m
         if (p.name == "x0_lambdas") adamw_->add(&p, cfg.scalar_lr, AdamW::Overrides{0.96, 0.0});
         else adamw_->add(&p, cfg.scalar_lr * 0.01, AdamW::Overrides{-1, 0.0});
         break;
+      case ParamGroup::buffer: break;  // updated by its owner (GptMoE::end_step), not by a gradient
     }
   }
   if (!matrices.empty()) muon_ = std::make_unique<Muon>(backend, std::move(matrices), cfg);

@@ -4,7 +4,8 @@
 // two captured graphs:
 // - forward/backward: zeroing the gradients and statistics and the forward + backward of every
 //   micro-batch, captured once and replayed as it is;
-// - update: the optimizer and the refresh of the bf16 compute weights. Its learning rate and
+// - update: the optimizer, the router's end-of-step work (GptMoE::end_step: the step's expert
+//   loads and the aux-loss-free bias update) and the refresh of the bf16 compute weights. Its learning rate and
 //   momentum change from step to step and reach the kernels as launch arguments, so this graph
 //   is recorded again every step and updated in place (cudaGraphExecUpdate). The recording
 //   happens on the host while the device runs the forward/backward graph, so it costs no device
@@ -51,6 +52,7 @@ StepStats StepRunner::run(const std::vector<Batch>& batches, float loss_scale, f
   }
   auto update = [&] {
     optimizer_step();
+    model_.end_step();  // the step's loads and the aux-loss-free router bias, on the device
     model_.refresh_compute_weights();
   };
   bool replayed = false;

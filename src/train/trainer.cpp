@@ -5,6 +5,7 @@
 // marks it failed before it propagates.
 #include "train/trainer.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -493,12 +494,16 @@ void TrainingRun::train_step(Running& r) {
                                     optimizer_->step(step, lrm);
                                   });
   if (world > 1) {
-    std::vector<double> s2 = {stats.loss_sum, stats.bal, stats.drop_rate};
+    std::vector<double> s2 = {stats.loss_sum, stats.bal, stats.drop_rate, stats.z_loss};
+    s2.insert(s2.end(), stats.router_entropy.begin(), stats.router_entropy.end());
     Tensor t = borrow_host(s2);
     comm_->all_reduce_sum(t);
     stats.loss_sum = s2[0];
     stats.bal = s2[1] / double(world);
     stats.drop_rate = s2[2] / double(world);
+    // Entropy and z are means over each rank's tokens (equal counts): their mean is the group's.
+    stats.z_loss = s2[3] / double(world);
+    for (size_t i = 0; i < stats.router_entropy.size(); ++i) stats.router_entropy[i] = s2[4 + i] / double(world);
   }
   if (step == r.profile_step) be.profiler_range(false);
 
@@ -517,7 +522,8 @@ void TrainingRun::train_step(Running& r) {
   if (r.peak) mfu = 100.0 * r.flops_per_token * tok_sec / *r.peak;
   const double peak_mib = double(be.peak_memory_bytes()) / (1024.0 * 1024.0);
 
-  StepLine line{step, cfg_.train.steps, debiased, stats.bal, lrm, dt * 1e3, tok_sec, total_time_s_ / 60.0, mfu};
+  StepLine line{step, cfg_.train.steps, debiased, stats.bal, lrm, dt * 1e3, tok_sec, total_time_s_ / 60.0, mfu, {}};
+  if (!stats.max_vio.empty()) line.maxvio = *std::max_element(stats.max_vio.begin(), stats.max_vio.end());
   if (lead_) std::cout << format_step_line(line) << std::endl;
   nlohmann::json rec = {{"event", "step"},  {"step", step},         {"steps", cfg_.train.steps},
                         {"loss", debiased}, {"raw_loss", raw_loss}, {"bal", stats.bal},
@@ -526,6 +532,12 @@ void TrainingRun::train_step(Running& r) {
                         {"total_time_min", total_time_s_ / 60.0},   {"expert_load", stats.expert_load},
                         {"tokens", (step + 1) * r.tokens_per_step}};
   rec["mfu"] = mfu ? nlohmann::json(*mfu) : nlohmann::json(nullptr);
+  if (!stats.max_vio.empty()) {  // MoE routing statistics, per MoE layer in layer order
+    rec["max_vio"] = stats.max_vio;
+    rec["router_entropy"] = stats.router_entropy;
+    rec["z_loss"] = stats.z_loss;
+    if (cfg_.moe.balance == "aux_free") rec["bias_range"] = stats.bias_range;
+  }
   log(r, rec);
   result_.last_loss = debiased;
   result_.last_raw_loss = raw_loss;

@@ -209,17 +209,28 @@ class CountingBackend : public Backend {
                     const AmaxSink* m) override {
     in_.softcap_xent(lg, t, cap, gs, l, d, m);
   }
-  void router_topk(const Tensor& lg, int k, Tensor& p, Tensor& i, Tensor& g) override {
-    in_.router_topk(lg, k, p, i, g);
+  using Backend::router_topk;
+  using Backend::balance_loss;
+  using Backend::router_bwd;
+  void router_topk(const Tensor& lg, const RouterSpec& sp, const Tensor* b, Tensor& p, Tensor& i, Tensor& g) override {
+    in_.router_topk(lg, sp, b, p, i, g);
   }
   void moe_plan(const Tensor& ti, int e, int cap, Tensor& r, Tensor& c, Tensor& o, Tensor& s, Tensor& rt,
                 DropOrder order = DropOrder::rank) override {
     in_.moe_plan(ti, e, cap, r, c, o, s, rt, order);
   }
-  void balance_loss(const Tensor& p, const Tensor& r, float coef, Tensor& b) override { in_.balance_loss(p, r, coef, b); }
-  void router_bwd(const Tensor& p, const Tensor& ti, const Tensor& g, const Tensor& dg, const Tensor& r, float bc,
-                  float bs, Tensor& dl) override {
-    in_.router_bwd(p, ti, g, dg, r, bc, bs, dl);
+  void balance_loss(const Tensor& p, const Tensor& ti, const Tensor& r, const BalanceSpec& sp, Tensor& b) override {
+    in_.balance_loss(p, ti, r, sp, b);
+  }
+  void router_bwd(const Tensor& lg, const Tensor& p, const Tensor& ti, const Tensor& g, const Tensor& dg,
+                  const Tensor& r, const RouterSpec& sp, const BalanceSpec& bs, Tensor& dl) override {
+    in_.router_bwd(lg, p, ti, g, dg, r, sp, bs, dl);
+  }
+  void router_stats(const Tensor& lg, const Tensor& p, RouterScore sc, Tensor& acc) override {
+    in_.router_stats(lg, p, sc, acc);
+  }
+  void router_bias_update(const Tensor& load, float rate, Tensor& bias) override {
+    in_.router_bias_update(load, rate, bias);
   }
   void moe_permute(const Tensor& x, const Tensor& rt, const Tensor& o, Tensor& xp, const AmaxSink* m) override {
     in_.moe_permute(x, rt, o, xp, m);

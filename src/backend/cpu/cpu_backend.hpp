@@ -82,15 +82,21 @@ class CpuBackend : public Backend {
   void softcap_xent(const Tensor& logits, const Tensor& targets, float cap, float grad_scale,
                     Tensor& losses, Tensor& dlogits, const AmaxSink* amax = nullptr) override;
 
-  void router_topk(const Tensor& logits, int k, Tensor& probs, Tensor& topk_idx,
+  using Backend::router_topk;
+  using Backend::balance_loss;
+  using Backend::router_bwd;
+  void router_topk(const Tensor& logits, const RouterSpec& spec, const Tensor* bias, Tensor& probs, Tensor& topk_idx,
                    Tensor& gates) override;
   void moe_plan(const Tensor& topk_idx, int experts, int capacity, Tensor& routed, Tensor& counts,
                 Tensor& offsets, Tensor& slot, Tensor& row_token,
                 DropOrder order = DropOrder::rank) override;
-  void balance_loss(const Tensor& probs, const Tensor& routed, float coef, Tensor& bal) override;
-  void router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& gates,
-                  const Tensor& dgates, const Tensor& routed, float bal_coef,
-                  float bal_grad_scale, Tensor& dlogits) override;
+  void balance_loss(const Tensor& probs, const Tensor& topk_idx, const Tensor& routed, const BalanceSpec& spec,
+                    Tensor& bal) override;
+  void router_bwd(const Tensor& logits, const Tensor& probs, const Tensor& topk_idx, const Tensor& gates,
+                  const Tensor& dgates, const Tensor& routed, const RouterSpec& spec, const BalanceSpec& bal,
+                  Tensor& dlogits) override;
+  void router_stats(const Tensor& logits, const Tensor& probs, RouterScore score, Tensor& acc) override;
+  void router_bias_update(const Tensor& load, float rate, Tensor& bias) override;
   void moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets, Tensor& xp,
                    const AmaxSink* amax = nullptr) override;
   void moe_permute_bwd(const Tensor& dxp, const Tensor& slot, Tensor& dx) override;
