@@ -53,6 +53,75 @@ std::vector<std::vector<double>> expert_load_field(const json& obj, bool* malfor
   return load;
 }
 
+const char* json_kind(const json& v) {
+  switch (v.type()) {
+    case json::value_t::string: return "a string";
+    case json::value_t::object: return "an object";
+    case json::value_t::boolean: return "a boolean";
+    case json::value_t::array: return "a list";
+    default: return "a number";
+  }
+}
+
+// The MoE layer count a step's per-layer lists must agree with, and what set it (for the message).
+struct LayerCount {
+  size_t n = 0;  // 0: not known yet
+  std::string from;
+};
+
+// A per-MoE-layer list of the routing statistics (max_vio, router_entropy, bias_range). Absent
+// or null: empty (older and dense runs). Not a list, or a list whose length disagrees with the
+// run's MoE layers: empty, with a problem naming the line and the key, so one broken writer
+// cannot show a plausible-looking number for the wrong layer. A non-number element is unknown.
+std::vector<double> layer_list_field(const json& obj, const char* key, LayerCount& layers, RunRecord& rec,
+                                     size_t line_no) {
+  std::vector<double> out;
+  auto it = obj.find(key);
+  if (it == obj.end() || it->is_null()) return out;
+  const std::string where = "metrics.jsonl line " + std::to_string(line_no) + ": " + key;
+  if (!it->is_array()) {
+    note_problem(rec, where + " is " + json_kind(*it) + ", not a list of one number per MoE layer; shown as unknown");
+    return out;
+  }
+  if (it->empty() || it->size() > kMaxLayers) {
+    note_problem(rec, where + " has " + std::to_string(it->size()) + " values, not one per MoE layer; shown as unknown");
+    return out;
+  }
+  if (layers.n != 0 && it->size() != layers.n) {
+    note_problem(rec, where + " has " + std::to_string(it->size()) + " values but the run has " + std::to_string(layers.n) +
+                          " MoE layers (" + layers.from + "); shown as unknown");
+    return out;
+  }
+  if (layers.n == 0) {
+    layers.n = it->size();
+    layers.from = std::string("as ") + key + " on this line";
+  }
+  bool bad = false;
+  out.reserve(it->size());
+  for (const auto& v : *it) {
+    double x = v.is_number() ? v.get<double>() : kUnknown;
+    bad = bad || !std::isfinite(x);
+    out.push_back(std::isfinite(x) ? x : kUnknown);
+  }
+  if (bad) note_problem(rec, where + " holds a value that is not a finite number; that layer is shown as unknown");
+  return out;
+}
+
+// z_loss: one number per step. metrics.jsonl is written by moelab, so a string is a broken
+// writer rather than a log's formatting and is refused with a message.
+double strict_number_field(const json& obj, const char* key, RunRecord& rec, size_t line_no) {
+  auto it = obj.find(key);
+  if (it == obj.end() || it->is_null()) return kUnknown;
+  if (it->is_number()) {
+    double v = it->get<double>();
+    if (std::isfinite(v)) return v;
+  }
+  note_problem(rec, "metrics.jsonl line " + std::to_string(line_no) + ": " + key + " is " +
+                        (it->is_number() ? std::string("not finite") : std::string(json_kind(*it))) +
+                        ", not a number; shown as unknown");
+  return kUnknown;
+}
+
 void take_step(const json& obj, RunRecord& rec, size_t line_no) {
   double step = number_field(obj, "step");
   if (!known(step) || step < 0 || step > 1e12) {
@@ -70,6 +139,21 @@ void take_step(const json& obj, RunRecord& rec, size_t line_no) {
   row.drop_rate = number_field(obj, "drop_rate", &malformed);
   row.tokens = number_field(obj, "tokens", &malformed);
   row.expert_load = expert_load_field(obj, &malformed);
+  // The per-layer lists must agree with each other, with expert_load and with the step before.
+  LayerCount layers;
+  if (!row.expert_load.empty()) {
+    layers = {row.expert_load.size(), "as expert_load on this line"};
+  } else if (!rec.steps.empty()) {
+    const StepRow& prev = rec.steps.back();
+    size_t n = prev.expert_load.size();
+    for (const auto* list : {&prev.max_vio, &prev.router_entropy, &prev.bias_range})
+      if (n == 0) n = list->size();
+    if (n) layers = {n, "as on line(s) before"};
+  }
+  row.max_vio = layer_list_field(obj, "max_vio", layers, rec, line_no);
+  row.router_entropy = layer_list_field(obj, "router_entropy", layers, rec, line_no);
+  row.bias_range = layer_list_field(obj, "bias_range", layers, rec, line_no);
+  row.z_loss = strict_number_field(obj, "z_loss", rec, line_no);
   // A rate or a duration below zero is a broken clock or a broken writer: never average it in.
   for (double* v : {&row.dt_ms, &row.tok_sec})
     if (known(*v) && *v < 0) {

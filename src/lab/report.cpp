@@ -154,6 +154,11 @@ ReportResult write_report(const ReportOptions& opt) {
   artifacts.push_back(relative_to(steps_path, out_dir));
   artifacts.push_back(relative_to(summary_path, out_dir));
   artifacts.push_back(relative_to(val_path, out_dir));
+  if (has_layer_routing(ex)) {
+    fs::path routing_path = out_dir / "metrics" / (ex.name + "_routing.csv");
+    write_file_atomic(routing_path, routing_csv(ex));
+    artifacts.push_back(relative_to(routing_path, out_dir));
+  }
 
   if (!opt.tensorboard.empty())
     for (const fs::path& f : write_tensorboard(ex, opt.tensorboard)) result.artifacts.push_back(f);
@@ -241,6 +246,26 @@ ReportResult write_report(const ReportOptions& opt) {
       }
       drops.series = std::move(kept);
       if (!drops.series.empty()) charts.emplace_back("drop_rate", std::move(drops));
+    }
+    {  // MaxVio over steps: the worst MoE layer of each step (the number the step line prints)
+      LineChart vio;
+      vio.title = ex.title + ": MaxVio, worst MoE layer per step (0 = balanced)";
+      vio.x_label = "step";
+      vio.y_label = "MaxVio (max load / mean load - 1)";
+      for (const auto& run : ex.runs) {
+        Series s;
+        s.label = run.name;
+        for (const auto& row : run.steps) {
+          if (row.max_vio.empty()) continue;
+          double w = kUnknown;
+          for (double v : row.max_vio)
+            if (known(v)) w = known(w) ? std::max(w, v) : v;
+          s.x.push_back(double(row.step));
+          s.y.push_back(w);
+        }
+        if (!s.x.empty()) vio.series.push_back(std::move(s));
+      }
+      if (!vio.series.empty()) charts.emplace_back("maxvio", std::move(vio));
     }
     for (auto& [suffix, chart] : charts) {
       if (!has_values(chart)) continue;  // e.g. MFU on a CPU, where no peak is known

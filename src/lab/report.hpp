@@ -1,8 +1,9 @@
 // `moelab report`: the progress report of an experiment folder. Writes the markdown (title,
 // Generated at, Experiment dir, Run Summary, failures with their retries, MoE routing, config
-// differences, unreadable inputs, artifacts), metrics/<name>_steps.csv, _val.csv and _summary.csv,
-// and figures/<name>_{loss,loss_tokens,loss_delta,toksec,mfu,dt_ms,drop_rate}.png (those with data)
-// plus one expert-load heatmap per MoE run. Metrics and
+// differences, unreadable inputs, artifacts), metrics/<name>_steps.csv, _val.csv and _summary.csv
+// (and _routing.csv when runs recorded per-layer routing statistics), and
+// figures/<name>_{loss,loss_tokens,loss_delta,toksec,mfu,dt_ms,drop_rate,maxvio}.png (those with
+// data) plus one expert-load heatmap per MoE run. Metrics and
 // figures go beside the markdown file so its relative links work wherever it is written.
 #pragma once
 #include <filesystem>
@@ -41,6 +42,10 @@ ReportResult write_report(const ReportOptions& opt);
 std::string csv_field(const std::string& s);
 std::string steps_csv(const Experiment& ex);
 std::string val_csv(const Experiment& ex);
+// metrics/<name>_routing.csv: one row per (run, step, MoE layer) of the per-layer routing
+// statistics; written only when some run recorded them (has_layer_routing).
+std::string routing_csv(const Experiment& ex);
+bool has_layer_routing(const Experiment& ex);
 std::string summary_csv(const std::vector<RunSummary>& rows, int64_t tail, const std::string& baseline);
 std::string render_markdown(const Experiment& ex, const std::vector<RunSummary>& rows, const ReportOptions& opt,
                             const std::vector<std::string>& artifacts, const std::vector<std::string>& figures,

@@ -93,27 +93,71 @@ void dynamic_section(std::ostringstream& os, const Experiment& ex) {
   os << '\n';
 }
 
+// The figure file of `suffix` among the figures ("" when it was not drawn).
+std::string figure_named(const std::vector<std::string>& figures, const std::string& suffix) {
+  for (const auto& f : figures)
+    if (f.find("_experts_") == std::string::npos && f.size() >= suffix.size() && f.compare(f.size() - suffix.size(), suffix.size(), suffix) == 0) return f;
+  return "";
+}
+
 void moe_section(std::ostringstream& os, const std::vector<RunSummary>& rows, const ReportOptions& opt,
                  const std::vector<std::string>& figures) {
+  bool any = false;
+  for (const auto& r : rows) any = any || has_routing(r);
+  if (!any) return;  // no run routes (dense runs record a drop rate of 0) or none recorded it
+  // Every run of the sweep, so the rows line up with the Run Summary; a run that did not record
+  // a statistic (an older run, a dense run) shows "-".
   std::vector<std::vector<std::string>> cells;
-  std::string t = "tail" + std::to_string(opt.tail);
+  size_t layers = 0;
   for (const auto& r : rows) {
-    if (r.experts == 0) continue;  // dense runs (they record a drop rate of 0) or no routing data
     std::string heat = "-", file_name = r.name;
     std::replace(file_name.begin(), file_name.end(), '/', '_');
     for (const auto& f : figures)
       if (f.find("_experts_" + file_name + ".png") != std::string::npos) heat = "[png](" + f + ")";
-    cells.push_back({r.name, r.moe_layers ? std::to_string(r.moe_layers) : "-", r.experts ? std::to_string(r.experts) : "-",
-                     known(r.tail_drop_rate) ? format_number(r.tail_drop_rate * 100, 2) + "%" : "-",
-                     format_number(r.tail_load_imbalance, 2), heat});
+    auto row = routing_cells(r);
+    row.push_back(heat);
+    cells.push_back(std::move(row));
+    layers = std::max(layers, r.final_max_vio_layers.size());
   }
-  if (cells.empty()) return;
   os << "## MoE Routing\n\n";
   os << "Drop rate: share of (token, expert) assignments dropped by capacity dispatch (0 when dropless). "
-        "Load imbalance: busiest expert's load over the mean, worst layer (1.00 = balanced).\n\n";
-  table(os, {"run", "moe_layers", "experts", t + "_drop_rate", t + "_load_imbalance", "expert_load"},
-        {false, true, true, true, true, false}, cells);
+        "Load imbalance: busiest expert's load over the mean, worst layer (1.00 = balanced). "
+        "MaxVio: max load / mean load - 1 over the step's tokens (0 = balanced), worst MoE layer of each step. "
+        "Router entropy: mean over tokens of -sum p ln p of the router's distribution, mean over MoE layers "
+        "(ln(experts) = uniform routing, 0 = one expert per token). z-loss: mean logsumexp(router logits)^2. "
+        "Bias range: max - min of the aux_free routing bias, widest layer. "
+        "final: the last step that recorded it; mean: over every step that did; `-`: not recorded. "
+        "See docs/ROUTING.md.\n\n";
+  auto cols = routing_columns(opt.tail);
+  cols.push_back("expert_load");
+  std::vector<bool> numeric(cols.size(), true);
+  numeric.front() = numeric.back() = false;
+  table(os, cols, numeric, cells);
   os << '\n';
+  if (layers > 0) {
+    os << "MaxVio per MoE layer (final / mean; layers in model order, dense layers left out):\n\n";
+    std::vector<std::string> lcols = {"run"};
+    for (size_t l = 0; l < layers; ++l) lcols.push_back("moe layer " + std::to_string(l));
+    std::vector<std::vector<std::string>> lcells;
+    for (const auto& r : rows) {
+      if (r.final_max_vio_layers.empty()) continue;
+      std::vector<std::string> row = {r.name};
+      for (size_t l = 0; l < layers; ++l) {
+        bool have = l < r.final_max_vio_layers.size();
+        row.push_back(have ? format_number(r.final_max_vio_layers[l], 3) + " / " + format_number(r.mean_max_vio_layers[l], 3)
+                           : "-");
+      }
+      lcells.push_back(std::move(row));
+    }
+    std::vector<bool> lnum(lcols.size(), true);
+    lnum[0] = false;
+    table(os, lcols, lnum, lcells);
+    os << '\n';
+  }
+  std::string fig = figure_named(figures, "_maxvio.png");
+  if (!fig.empty())
+    os << "![MaxVio over training steps, one line per run: the worst MoE layer at each step](" << fig << ")\n\n"
+       << "*MaxVio over steps, one line per run; each point is the worst MoE layer of that step.*\n\n";
 }
 
 void config_section(std::ostringstream& os, const Experiment& ex) {
@@ -229,7 +273,8 @@ std::string render_markdown(const Experiment& ex, const std::vector<RunSummary>&
   if (!figures.empty()) {
     os << "## Figures\n\n";
     for (const auto& f : figures)
-      if (f.find("_experts_") == std::string::npos) os << "![" << f << "](" << f << ")\n\n";
+      // Heatmaps are linked from the MoE table and the MaxVio figure is shown there.
+      if (f.find("_experts_") == std::string::npos && !f.ends_with("_maxvio.png")) os << "![" << f << "](" << f << ")\n\n";
   }
   os << "## Artifacts\n\n";
   for (const auto& a : artifacts) os << "- " << md_code(a) << '\n';

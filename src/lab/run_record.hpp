@@ -24,6 +24,12 @@ struct StepRow {
   double drop_rate = kUnknown;
   double tokens = kUnknown;  // training tokens seen after this step
   std::vector<std::vector<double>> expert_load;  // [layer][expert] fraction of assignments
+  // Routing statistics of the step (docs/ROUTING.md), one value per MoE layer in layer order;
+  // empty when the run did not record them (older runs, dense runs, bias_range unless aux_free).
+  std::vector<double> max_vio;         // max_e load_e / mean_e load_e - 1
+  std::vector<double> router_entropy;  // mean over tokens of -sum_e p_e ln p_e
+  std::vector<double> bias_range;      // max_e bias_e - min_e bias_e (aux_free balancing)
+  double z_loss = kUnknown;            // mean over MoE layers of mean logsumexp(logits)^2
 };
 
 // One validation: moelab's "val" event, or a validation line of a log.

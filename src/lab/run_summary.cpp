@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <tuple>
+#include <utility>
 
 namespace moelab::lab {
 
@@ -56,6 +58,65 @@ double tail_imbalance(const std::vector<StepRow>& steps, int64_t tail) {
   return n ? sum / double(n) : kUnknown;
 }
 
+double worst(const std::vector<double>& v) {
+  double w = kUnknown;
+  for (double x : v)
+    if (known(x)) w = known(w) ? std::max(w, x) : x;
+  return w;
+}
+
+double average(const std::vector<double>& v) {
+  double sum = 0;
+  int64_t n = 0;
+  for (double x : v)
+    if (known(x)) {
+      sum += x;
+      ++n;
+    }
+  return n ? sum / double(n) : kUnknown;
+}
+
+// final (last step with a value) and mean over the steps with one, of f(step).
+template <class F>
+std::pair<double, double> final_and_mean(const std::vector<StepRow>& steps, F&& f) {
+  double last = kUnknown, sum = 0;
+  int64_t n = 0;
+  for (const auto& row : steps) {
+    double v = f(row);
+    if (!known(v)) continue;
+    last = v;
+    sum += v;
+    ++n;
+  }
+  return {last, n ? sum / double(n) : kUnknown};
+}
+
+void summarize_routing(const RunRecord& rec, RunSummary& s) {
+  std::tie(s.final_max_vio, s.mean_max_vio) = final_and_mean(rec.steps, [](const StepRow& r) { return worst(r.max_vio); });
+  std::tie(s.final_router_entropy, s.mean_router_entropy) =
+      final_and_mean(rec.steps, [](const StepRow& r) { return average(r.router_entropy); });
+  std::tie(s.final_z_loss, s.mean_z_loss) = final_and_mean(rec.steps, [](const StepRow& r) { return r.z_loss; });
+  s.final_bias_range = final_and_mean(rec.steps, [](const StepRow& r) { return worst(r.bias_range); }).first;
+  std::tie(s.final_drop_rate, s.mean_drop_rate) = final_and_mean(rec.steps, [](const StepRow& r) { return r.drop_rate; });
+  // Per layer: each layer's last known value and its mean over the steps that recorded it.
+  std::vector<double> sum;
+  std::vector<int64_t> count;
+  for (const auto& row : rec.steps) {
+    if (row.max_vio.size() > s.final_max_vio_layers.size()) {
+      s.final_max_vio_layers.resize(row.max_vio.size(), kUnknown);
+      sum.resize(row.max_vio.size(), 0);
+      count.resize(row.max_vio.size(), 0);
+    }
+    for (size_t l = 0; l < row.max_vio.size(); ++l)
+      if (known(row.max_vio[l])) {
+        s.final_max_vio_layers[l] = row.max_vio[l];
+        sum[l] += row.max_vio[l];
+        ++count[l];
+      }
+  }
+  for (size_t l = 0; l < sum.size(); ++l) s.mean_max_vio_layers.push_back(count[l] ? sum[l] / double(count[l]) : kUnknown);
+}
+
 }  // namespace
 
 RunSummary summarize_run(const RunRecord& rec, int64_t tail) {
@@ -93,6 +154,8 @@ RunSummary summarize_run(const RunRecord& rec, int64_t tail) {
     for (const auto& l : it->expert_load) s.experts = std::max<int64_t>(s.experts, int64_t(l.size()));
     break;
   }
+  summarize_routing(rec, s);
+  if (s.moe_layers == 0) s.moe_layers = int64_t(s.final_max_vio_layers.size());  // a run that logs no expert_load
   return s;
 }
 
@@ -198,6 +261,59 @@ std::string format_exact(double v) {
   char buf[64];
   auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);  // shortest text that reads back as v
   return ec == std::errc() ? std::string(buf, end) : format_number(v, 6);
+}
+
+bool has_routing(const RunSummary& s) {
+  return s.experts > 0 || !s.final_max_vio_layers.empty() || known(s.final_router_entropy) || known(s.final_z_loss) ||
+         known(s.final_bias_range);
+}
+
+std::vector<std::string> routing_columns(int64_t tail) {
+  std::string t = "tail" + std::to_string(tail);
+  return {"run",
+          "moe_layers",
+          "experts",
+          t + "_drop_rate",
+          t + "_load_imbalance",
+          "max_vio_final",
+          "max_vio_mean",
+          "router_entropy_final",
+          "router_entropy_mean",
+          "z_loss_final",
+          "z_loss_mean",
+          "bias_range_final",
+          "drop_rate_final",
+          "drop_rate_mean"};
+}
+
+std::string format_layers(const std::vector<double>& v, int decimals, bool exact) {
+  if (v.empty()) return "-";
+  std::string out;
+  for (double x : v) {
+    if (!out.empty()) out += ' ';
+    out += exact ? format_exact(x) : format_number(x, decimals);
+  }
+  return out;
+}
+
+std::vector<std::string> routing_cells(const RunSummary& s, bool exact) {
+  auto num = [&](double v, int decimals) { return exact ? format_exact(v) : format_number(v, decimals); };
+  // Drop rates read as percentages in the table; the CSV keeps the fraction metrics.jsonl has.
+  auto pct = [&](double v) { return exact ? format_exact(v) : known(v) ? format_number(v * 100, 2) + "%" : "-"; };
+  return {s.name,
+          s.moe_layers ? std::to_string(s.moe_layers) : "-",
+          s.experts ? std::to_string(s.experts) : "-",
+          pct(s.tail_drop_rate),
+          num(s.tail_load_imbalance, 2),
+          num(s.final_max_vio, 3),
+          num(s.mean_max_vio, 3),
+          num(s.final_router_entropy, 3),
+          num(s.mean_router_entropy, 3),
+          num(s.final_z_loss, 3),
+          num(s.mean_z_loss, 3),
+          num(s.final_bias_range, 4),
+          pct(s.final_drop_rate),
+          pct(s.mean_drop_rate)};
 }
 
 std::vector<std::string> summary_cells(const RunSummary& s, bool with_baseline, bool exact) {

@@ -30,6 +30,15 @@ struct RunSummary {
   double tail_load_imbalance = kUnknown;  // max expert load / mean expert load, worst layer
   int64_t moe_layers = 0;
   int64_t experts = 0;
+  // Routing statistics (docs/ROUTING.md). final: the last step that recorded the key; mean: the
+  // mean over every step that recorded it (the whole run, as the MaxVio of the auxiliary-loss-free
+  // balancing paper is averaged over training). MaxVio takes the worst layer of each step first.
+  double final_max_vio = kUnknown, mean_max_vio = kUnknown;
+  std::vector<double> final_max_vio_layers, mean_max_vio_layers;  // per MoE layer
+  double final_router_entropy = kUnknown, mean_router_entropy = kUnknown;  // mean over layers
+  double final_z_loss = kUnknown, mean_z_loss = kUnknown;
+  double final_bias_range = kUnknown;  // widest layer; aux_free runs only
+  double final_drop_rate = kUnknown, mean_drop_rate = kUnknown;
   std::string error;  // the run's error line when it failed
 };
 
@@ -68,6 +77,13 @@ std::vector<std::string> summary_columns(int64_t tail, const std::string& baseli
 // exact: numbers as the shortest text that reads back to the same double (the CSV), instead of
 // the table's fixed decimals.
 std::vector<std::string> summary_cells(const RunSummary& s, bool with_baseline, bool exact = false);
+// Whether the run recorded any routing statistic (MaxVio, entropy, z-loss, bias range, loads).
+bool has_routing(const RunSummary& s);
+// The routing table's header and one row's cells (markdown: fixed decimals; CSV: exact), and the
+// per-layer MaxVio cell ("0.120 0.305 ...", one value per MoE layer; "-" when not recorded).
+std::vector<std::string> routing_columns(int64_t tail);
+std::vector<std::string> routing_cells(const RunSummary& s, bool exact = false);
+std::string format_layers(const std::vector<double>& v, int decimals, bool exact = false);
 // The shortest round-trip text of v ("-" for unknown).
 std::string format_exact(double v);
 

@@ -1,6 +1,9 @@
 // metrics.jsonl and status.json readers: normal files, files being written, damaged files.
 #include <gtest/gtest.h>
 
+#include <string>
+#include <vector>
+
 #include "lab/metrics_reader.hpp"
 
 using namespace moelab::lab;
@@ -97,4 +100,51 @@ TEST(MetricsReader, ValidationEventsAndImpossibleRates) {
   EXPECT_FALSE(known(rec.steps[1].dt_ms));
   EXPECT_FALSE(known(rec.steps[1].tok_sec));
   EXPECT_FALSE(rec.problems.empty());
+}
+
+// The routing statistics of a step (docs/ROUTING.md): per-layer lists in layer order, z_loss a
+// number; absent keys leave them empty / unknown without a problem.
+TEST(MetricsReader, RoutingStatistics) {
+  std::string text =
+      "{\"event\": \"step\", \"step\": 0, \"loss\": 5.0, \"expert_load\": [[0.5, 0.5], [0.75, 0.25]], "
+      "\"max_vio\": [0.0, 0.5], \"router_entropy\": [0.69, 0.56], \"z_loss\": 4.25, \"bias_range\": [0.001, 0.002]}\n"
+      "{\"event\": \"step\", \"step\": 1, \"loss\": 4.0, \"max_vio\": [0.125, 0.25], \"z_loss\": null}\n" +
+      step_line(2, 3.0) + "\n";
+  RunRecord rec;
+  parse_metrics_jsonl(text, rec);
+  ASSERT_EQ(rec.steps.size(), 3u);
+  EXPECT_EQ(rec.steps[0].max_vio, (std::vector<double>{0.0, 0.5}));
+  EXPECT_EQ(rec.steps[0].router_entropy, (std::vector<double>{0.69, 0.56}));
+  EXPECT_EQ(rec.steps[0].bias_range, (std::vector<double>{0.001, 0.002}));
+  EXPECT_DOUBLE_EQ(rec.steps[0].z_loss, 4.25);
+  EXPECT_EQ(rec.steps[1].max_vio, (std::vector<double>{0.125, 0.25}));
+  EXPECT_TRUE(rec.steps[1].router_entropy.empty());
+  EXPECT_FALSE(known(rec.steps[1].z_loss));
+  EXPECT_TRUE(rec.steps[2].max_vio.empty());  // an older line: no keys, no complaint
+  EXPECT_TRUE(rec.problems.empty()) << rec.problems.front();
+}
+
+// A list of the wrong length, a string, an object: the value is dropped and the problem names
+// the file, the line and the key.
+TEST(MetricsReader, MalformedRoutingValuesNameTheLine) {
+  std::string text = step_line(0, 5.0) + "\n" +
+                     "{\"event\": \"step\", \"step\": 1, \"loss\": 4.0, \"max_vio\": [0.1, 0.2, 0.3]}\n" +
+                     "{\"event\": \"step\", \"step\": 2, \"loss\": 3.9, \"max_vio\": \"0.1,0.2\", \"z_loss\": {}}\n" +
+                     "{\"event\": \"step\", \"step\": 3, \"loss\": 3.8, \"router_entropy\": [0.5, 0.6], \"max_vio\": [1]}\n";
+  RunRecord rec;
+  parse_metrics_jsonl(text, rec);
+  ASSERT_EQ(rec.steps.size(), 4u);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(rec.steps[i].max_vio.empty()) << i;
+  // Line 4 has nothing before it to agree with: its first list sets the count, the other is dropped.
+  EXPECT_EQ(rec.steps[3].max_vio, (std::vector<double>{1}));
+  EXPECT_TRUE(rec.steps[3].router_entropy.empty());
+  EXPECT_DOUBLE_EQ(rec.steps[3].loss, 3.8);
+  const std::vector<std::string> want = {
+      // step_line's expert_load has 2 layers; line 2 is checked against the line before it
+      "metrics.jsonl line 2: max_vio has 3 values but the run has 2 MoE layers (as on line(s) before); shown as unknown",
+      "metrics.jsonl line 3: max_vio is a string, not a list of one number per MoE layer; shown as unknown",
+      "metrics.jsonl line 3: z_loss is an object, not a number; shown as unknown",
+      "metrics.jsonl line 4: router_entropy has 2 values but the run has 1 MoE layers (as max_vio on this line); shown as "
+      "unknown"};
+  EXPECT_EQ(rec.problems, want);
 }

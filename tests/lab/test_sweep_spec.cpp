@@ -1,6 +1,12 @@
 // Sweep files: runs, grids, repeats, retry rules, and errors that name the field.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <toml++/toml.h>
+
 #include "core/error.hpp"
 #include "lab/sweep_spec.hpp"
 
@@ -144,4 +150,55 @@ name = "b"
     EXPECT_NE(m.find("its runs are: a, b"), std::string::npos) << m;
   }
   EXPECT_EQ(t.runs.size(), 2u);  // a refused selection changes nothing
+}
+
+// The routing sweeps (configs/routing-d12.toml and its CPU twin): the sweep file parses, both
+// hold the same eight recipes, and every run computes the same expert hidden units per token
+// (top_k x expert_hidden + shared experts x their width) and holds the same in all, from the
+// base config's [moe] and the overrides. (Whether the engine accepts the routing keys is checked
+// where configs validate: `moelab sweep --dry-run`.)
+TEST(SweepSpec, RoutingSweepsKeepActiveParametersEqual) {
+  struct Want {
+    const char* file;
+    int64_t active, total;
+  };
+  for (const Want& w : {Want{"routing-d12.toml", 2 * 1536, 8 * 1536}, Want{"routing-cpu.toml", 2 * 128, 8 * 128}}) {
+    SCOPED_TRACE(w.file);
+    const SweepSpec spec = load_sweep(std::filesystem::path(MOELAB_SOURCE_DIR) / "configs" / w.file);
+    std::vector<std::string> names;
+    for (const auto& r : spec.runs) names.push_back(r.name);
+    EXPECT_EQ(names, (std::vector<std::string>{"softmax_aux", "sigmoid_auxfree", "sigmoid_auxfree_seqloss", "softmax_zloss",
+                                               "no_balance", "shared1_routed7", "fine16_top4", "group16_top4"}));
+    EXPECT_EQ(spec.baseline, "softmax_aux");
+    const toml::table base = toml::parse_file(spec.base_config.string());
+    for (const auto& run : spec.runs) {
+      SCOPED_TRACE(run.name);
+      auto get = [&](const std::string& key, int64_t fallback) {
+        std::string v = value(run.overrides, "moe." + key);
+        if (v != "<absent>") return int64_t(std::stoll(v));
+        return base["moe"][key].value<int64_t>().value_or(fallback);
+      };
+      const int64_t experts = get("experts", 0), top_k = get("top_k", 0), hidden = get("expert_hidden", 0);
+      const int64_t shared = get("shared_experts", 0), shared_hidden = get("shared_hidden", 0);
+      const int64_t shared_width = shared_hidden > 0 ? shared_hidden : hidden;
+      EXPECT_EQ(top_k * hidden + shared * shared_width, w.active);
+      EXPECT_EQ(experts * hidden + shared * shared_width, w.total);
+      const int64_t groups = get("groups", 1), topk_groups = get("topk_groups", 1);
+      EXPECT_EQ(experts % groups, 0);
+      EXPECT_LE(top_k, experts / groups * topk_groups);
+    }
+    // The sequence-loss run: balance_scope = sequence at the small coefficient.
+    for (const auto& run : spec.runs)
+      if (run.name == "sigmoid_auxfree_seqloss") {
+        EXPECT_EQ(value(run.overrides, "moe.balance_scope"), "sequence");
+        EXPECT_DOUBLE_EQ(std::stod(value(run.overrides, "moe.balance_coef")), 1e-4);
+      }
+  }
+  // The twin: 200 steps on two threads, on the CPU.
+  const SweepSpec cpu = load_sweep(std::filesystem::path(MOELAB_SOURCE_DIR) / "configs" / "routing-cpu.toml");
+  EXPECT_TRUE(cpu.gpus.empty());
+  for (const auto& run : cpu.runs) {
+    EXPECT_EQ(value(run.overrides, "train.steps"), "200");
+    EXPECT_EQ(value(run.overrides, "train.threads"), "2");
+  }
 }
