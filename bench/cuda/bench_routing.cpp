@@ -27,7 +27,7 @@ using namespace moelab;
 
 namespace {
 
-struct Shape {
+struct RoutingShape {
   int D, E, k, rows, seq;
 };
 
@@ -47,7 +47,7 @@ std::vector<float> randn(Rng& rng, size_t n, float scale) {
   return v;
 }
 
-int run_shape(CudaBackend& be, const Shape& s) {
+int run_shape(CudaBackend& be, const RoutingShape& s) {
   const int64_t T = int64_t(s.rows) * s.seq, E = s.E, D = s.D;
   const int k = s.k;
   Rng rng(uint64_t(s.D) * 131 + uint64_t(s.E));
@@ -171,9 +171,9 @@ int main(int argc, char** argv) {
     std::printf("no CUDA GPU on this machine\n");
     return 0;
   }
-  std::vector<Shape> shapes;
+  std::vector<RoutingShape> shapes;
   for (int i = 1; i < argc; ++i) {
-    Shape s{};
+    RoutingShape s{};
     if (std::sscanf(argv[i], "%d,%d,%d,%d,%d", &s.D, &s.E, &s.k, &s.rows, &s.seq) != 5) {
       std::fprintf(stderr, "usage: bench_routing [D,E,k,rows,seq ...]\n");
       return 2;
@@ -184,6 +184,6 @@ int main(int argc, char** argv) {
   CudaBackend be;
   std::printf("bench_routing on %s\n", be.name().c_str());
   int failures = 0;
-  for (const Shape& s : shapes) failures += run_shape(be, s);
+  for (const RoutingShape& s : shapes) failures += run_shape(be, s);
   return failures ? 1 : 0;
 }

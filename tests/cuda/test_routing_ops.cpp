@@ -15,7 +15,7 @@
 #include "backend/cpu/cpu_backend.hpp"
 #include "backend/cuda/cuda_backend.hpp"
 #include "core/rng.hpp"
-#include "normalized_error.hpp"
+#include "gpu_fixture.hpp"
 
 namespace moelab {
 namespace {
@@ -53,7 +53,7 @@ std::vector<Case> cases() {
   return out;
 }
 
-class RoutingOps : public ::testing::Test {
+class CudaRouting : public ::testing::Test {
  protected:
   void SetUp() override {
     if (!CudaBackend::cuda_device_available()) GTEST_SKIP() << "no CUDA GPU on this machine";
@@ -174,7 +174,7 @@ void compare(CudaBackend& gpu, CpuBackend& cpu, Chain& g, Chain& c, const Case& 
   (void)cs;
 }
 
-TEST_F(RoutingOps, ChainMatchesCpuEagerAndInGraph) {
+TEST_F(CudaRouting, ChainMatchesCpuEagerAndInGraph) {
   const int64_t L = 256, sequences = 4, T = L * sequences;
   for (const Case& cs : cases())
     for (int capacity_mode : {0, 1})
@@ -215,7 +215,7 @@ TEST_F(RoutingOps, ChainMatchesCpuEagerAndInGraph) {
 }
 
 // The bias update on its own, by hand: +rate below the mean load, -rate above, 0 at it.
-TEST_F(RoutingOps, BiasUpdateBySign) {
+TEST_F(CudaRouting, BiasUpdateBySign) {
   Tensor load = gpu->alloc({4}, DType::f32), bias = gpu->alloc({4}, DType::f32);
   gpu->write(load, {10.0f, 30.0f, 20.0f, 20.0f});
   gpu->write(bias, {0.5f, 0.5f, -0.25f, 0.0f});
@@ -224,7 +224,7 @@ TEST_F(RoutingOps, BiasUpdateBySign) {
 }
 
 // Float-to-i32 copy (the global-batch scope's running counts): rounds to nearest.
-TEST_F(RoutingOps, CopyFloatToI32) {
+TEST_F(CudaRouting, CopyFloatToI32) {
   Tensor f = gpu->alloc({4}, DType::f32), i = gpu->alloc({4}, DType::i32);
   gpu->write(f, {3.0f, 1024.0f, 7.4f, 65536.0f});
   gpu->copy(f, i);
