@@ -110,6 +110,7 @@ struct OptimConfig {
   double weight_decay_ref_horizon = 0;   // > 0: Muon wd *= this / (tokens per step * steps)
   double scalar_lr = 0.5;             // AdamW: x0 lambdas at scalar_lr, resid lambdas at scalar_lr * 0.01
   double value_embedding_lr = 0.2;    // AdamW: value embeddings (d_model-scaled like the embedding)
+  bool shard_state = false;  // data parallel: each rank keeps and updates only its parameters' optimizer state
 };
 
 struct DataConfig {

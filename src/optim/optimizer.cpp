@@ -1,6 +1,7 @@
 // Parameter routing and learning rates; the updates live in muon.cpp and adamw.cpp.
 #include "optim/optimizer.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.hpp"
@@ -23,6 +24,35 @@ Optimizer::Optimizer(Backend& backend, ParamTable& params, const Config& cfg)
   build(backend, params, cfg.model);
 }
 
+Optimizer::Optimizer(Backend& backend, ParamTable& params, const Config& cfg, Communicator* shard)
+    : cfg_(cfg.optim),
+      steps_(cfg.train.steps),
+      tokens_per_step_(cfg.grad_accum_steps() * cfg.train.batch_size * cfg.train.seq_len) {
+  if (shard && shard->world() > 1) {
+    shard_ = shard;
+    // State elements per parameter element: Muon keeps a momentum, AdamW two moments.
+    const bool muon = cfg_.matrix_optimizer != "adamw";
+    std::vector<std::pair<int64_t, size_t>> sizes;
+    for (size_t i = 0; i < params.params.size(); ++i) {
+      const Param& p = params.params[i];
+      if (p.group == ParamGroup::buffer) continue;
+      if (p.value_amax.data)
+        throw Error("optimizer: optim.shard_state with FP8 weight scaling ('" + p.name + "') is not built yet");
+      sizes.push_back({p.value.numel() * ((p.group == ParamGroup::matrix && muon) ? 1 : 2), i});
+    }
+    // Largest first (ties by table order), each to the least loaded rank (ties: the lowest).
+    std::stable_sort(sizes.begin(), sizes.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    owners_.assign(params.params.size(), -1);
+    std::vector<int64_t> load(size_t(shard->world()), 0);
+    for (const auto& [n, i] : sizes) {
+      const int r = int(std::min_element(load.begin(), load.end()) - load.begin());
+      owners_[i] = r;
+      load[size_t(r)] += n;
+    }
+  }
+  build(backend, params, cfg.model);
+}
+
 double Optimizer::muon_weight_decay(int64_t step) const {
   double wd = cfg_.weight_decay;
   if (cfg_.weight_decay_ref_batch > 0) wd *= std::sqrt(double(tokens_per_step_) / double(cfg_.weight_decay_ref_batch));
@@ -41,7 +71,10 @@ void Optimizer::build(Backend& backend, ParamTable& params, const ModelConfig& m
 
   std::vector<Param*> matrices;
   adamw_ = std::make_unique<AdamW>(backend, cfg);
-  for (Param& p : params.params) {
+  params_ = &params;
+  for (size_t i = 0; i < params.params.size(); ++i) {
+    Param& p = params.params[i];
+    if (shard_ && owners_[i] != shard_->rank()) continue;  // another rank keeps its state
     if (p.value.dtype != backend.master_dtype())
       throw Error("optimizer: parameter '" + p.name + "' is " + p.value.describe() + " but the backend's master dtype is " +
                   dtype_name(backend.master_dtype()));
@@ -68,6 +101,17 @@ void Optimizer::build(Backend& backend, ParamTable& params, const ModelConfig& m
 void Optimizer::step(int64_t step, double lr_multiplier) {
   if (muon_) muon_->step(matrix_lr_ * lr_multiplier, muon_momentum_at(cfg_, step), muon_weight_decay(step));
   adamw_->step(step, lr_multiplier);
+  if (shard_) {
+    // Every parameter from the rank that updated it, in table order (the same on every rank).
+    for (size_t i = 0; i < params_->params.size(); ++i)
+      if (owners_[i] >= 0) shard_->broadcast(params_->params[i].value, owners_[i]);
+  }
+}
+
+int64_t Optimizer::state_bytes() const {
+  int64_t n = 0;
+  for (const NamedTensor& t : state()) n += t.tensor.bytes();
+  return n;
 }
 
 std::vector<NamedTensor> Optimizer::state() const {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "comm/communicator.hpp"
 #include "config/config.hpp"
 #include "model/params.hpp"
 #include "optim/adamw.hpp"
@@ -25,6 +26,12 @@ class Optimizer {
   // The same, also knowing the run's length and tokens per step, which Muon's weight decay
   // schedule (optim.weight_decay_schedule) and its batch/horizon scaling need.
   Optimizer(Backend& backend, ParamTable& params, const Config& cfg);
+  // Sharded state (optim.shard_state, ZeRO-1): with a communicator of several ranks, each
+  // parameter belongs to one rank (whole parameters, assigned by state size, largest first, to the
+  // least loaded rank: the same on every rank for a given world size); a rank allocates state
+  // only for its own, updates only those from the (already summed) gradients, and step() then
+  // broadcasts every parameter from its owner, so all ranks end the step with the same weights.
+  Optimizer(Backend& backend, ParamTable& params, const Config& cfg, Communicator* shard);
 
   // Updates every parameter's value from its grad. step: 0-based training step (sets Muon's
   // momentum ramp and AdamW's bias correction); lr_multiplier: the schedule's factor.
@@ -34,6 +41,10 @@ class Optimizer {
   // in a fixed order. The tensors share storage with the optimizer's, so loading into them
   // restores the optimizer.
   std::vector<NamedTensor> state() const;
+  // Bytes of this rank's optimizer state (all of it without sharding).
+  int64_t state_bytes() const;
+  // The rank that updates params.params[i] (0 without sharding; -1 for buffers).
+  int owner(size_t i) const { return owners_.empty() ? 0 : owners_[i]; }
 
   // Base learning rates after nanochat's d_model scaling (before the schedule), for logs.
   double matrix_lr() const { return matrix_lr_; }
@@ -51,6 +62,9 @@ class Optimizer {
   double matrix_lr_, embedding_lr_, unembedding_lr_;
   std::unique_ptr<Muon> muon_;  // null when no matrix goes to Muon
   std::unique_ptr<AdamW> adamw_;
+  Communicator* shard_ = nullptr;  // set when the state is sharded over several ranks
+  std::vector<int> owners_;        // per parameter of the table, when sharded
+  ParamTable* params_ = nullptr;
 };
 
 }  // namespace moelab

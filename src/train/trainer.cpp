@@ -348,7 +348,8 @@ void TrainingRun::build() {
   model_ = std::make_unique<GptMoE>(*backend_, cfg_, cfg_.train.batch_size, cfg_.train.seq_len,
                                     cfg_.parallel.expert > 1 ? comm_.get() : nullptr);
   model_->init_weights(uint64_t(cfg_.train.seed));
-  optimizer_ = std::make_unique<Optimizer>(*backend_, model_->params(), cfg_);
+  optimizer_ = std::make_unique<Optimizer>(*backend_, model_->params(), cfg_,
+                                           cfg_.optim.shard_state ? comm_.get() : nullptr);
 }
 
 // Weights, optimizer state, step, data position and the loss EMA. With auto, the newest
