@@ -6,18 +6,12 @@
 
 #include "core/error.hpp"
 #include "config/config.hpp"
+#include "common/test_support.hpp"
 
 namespace moelab {
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 TEST(Config, ParsesSectionsAndTypes) {
   Config c = config_from_toml_text(R"(

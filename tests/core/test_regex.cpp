@@ -17,16 +17,16 @@ namespace {
 struct Case {
   std::string pattern;
   bool icase;
-  std::vector<std::string> pieces;  // a subject is a random sequence of these
+  std::vector<std::string> pieces;  // in an order whose concatenation matches; subjects mix them
 };
 
 const std::vector<Case>& cases() {
   static const std::vector<Case> all = {
-      {R"(rank (\d+) of (\d+): (.*)$)", false, {"rank ", "0", "12", " of ", ": ", "loss is NaN", "\r", "\n", "x"}},
+      {R"(rank (\d+) of (\d+): (.*)$)", false, {"rank ", "0", " of ", "12", ": ", "loss is NaN", "\r", "\n", "x"}},
       {R"(process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)(?: \(([^)]*)\))?)", false,
        {"process rank ", "1", " with PID ", "42", " on node ", "vm", " exited on signal ", "9", " (Killed)", " (", ")",
         "."}},
-      {R"(step_(\d{6,18})\.safetensors)", false, {"step_", "000012", "1", "0000000000000000000", ".safetensors", "x"}},
+      {R"(step_(\d{6,18})\.safetensors)", false, {"step_", "000012", ".safetensors", "1", "0000000000000000000", "x"}},
       {R"(relative difference ([0-9.eE+-]+))", false, {"relative difference ", "1.5e-07", "-", "x", "\n"}},
       {R"(^\s+((model|moe)\.[a-z_0-9]+) = )", false, {"  ", "\t", "model", "moe", ".", "top_k", "d_model", " = ", "2"}},
       {"out of memory|CUDA error", true, {"Out Of ", "memory", "cuda ", "ERROR", "error", "x", "\n"}},
@@ -37,8 +37,15 @@ const std::vector<Case>& cases() {
   return all;
 }
 
+// Half the subjects take the pieces in order, each kept with probability 0.8 (near matches and
+// matches); the others draw up to 11 pieces at random.
 std::string random_subject(const Case& c, std::mt19937_64& rng) {
   std::string s;
+  if (rng() % 2) {
+    for (const std::string& p : c.pieces)
+      if (rng() % 5) s += p;
+    return s;
+  }
   const int n = int(rng() % 12);
   for (int i = 0; i < n; ++i) s += c.pieces[rng() % c.pieces.size()];
   return s;
@@ -58,11 +65,14 @@ void expect_same(const Regex& ours, const std::optional<RegexMatch>& got, bool f
 }
 
 TEST(Regex, SearchAndFullMatchAgreeWithEcmaScriptOnRandomSubjects) {
-  std::mt19937_64 rng(std::random_device{}());
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  std::vector<std::string> one_sided;  // patterns whose subjects all matched, or none did
   for (const Case& c : cases()) {
     const Regex ours(c.pattern, c.icase);
     const std::regex reference(c.pattern, c.icase ? std::regex::ECMAScript | std::regex::icase : std::regex::ECMAScript);
-    int searched = 0, whole = 0;
+    int searched = 0;
     for (int trial = 0; trial < 3000; ++trial) {
       const std::string s = random_subject(c, rng);
       std::smatch m;
@@ -71,14 +81,13 @@ TEST(Regex, SearchAndFullMatchAgreeWithEcmaScriptOnRandomSubjects) {
       expect_same(ours, ours.search(s), found, m, s);
       std::smatch w;
       const bool all = std::regex_match(s, w, reference);
-      whole += all;
       expect_same(ours, ours.full_match(s), all, w, s);
       if (::testing::Test::HasFailure()) return;
     }
-    // The subjects must exercise both answers, or the agreement says little.
-    EXPECT_GT(searched, 0) << c.pattern << ": no random subject matched";
-    EXPECT_LT(searched, 3000) << c.pattern << ": every random subject matched";
+    if (searched == 0 || searched == 3000) one_sided.push_back(c.pattern);
   }
+  // The subjects must exercise both answers, or the agreement says little.
+  EXPECT_TRUE(one_sided.empty()) << one_sided.size() << " pattern(s) saw one answer only, the first: " << one_sided[0];
 }
 
 TEST(Regex, LineEndsAndSkippedGroupsAsEcmaScript) {

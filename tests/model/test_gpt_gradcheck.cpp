@@ -11,30 +11,21 @@
 #include "backend/cpu/cpu_backend.hpp"
 #include "core/rng.hpp"
 #include "model/gpt.hpp"
+#include "common/config_builder.hpp"
 
 namespace moelab {
 namespace {
 
 Config tiny_config(const std::string& dispatch, bool shared, const std::string& moe_layers) {
-  Config c;
-  c.model.d_model = 16;
-  c.model.layers = 2;
-  c.model.head_dim = 8;
-  c.model.kv_heads = 1;  // grouped-query: 2 query heads share one kv head
-  c.model.vocab = 24;
-  c.model.mlp_hidden = 20;
-  c.model.max_seq = 16;
-  c.moe.experts = 4;
-  c.moe.top_k = 2;
-  c.moe.expert_hidden = 12;
+  // kv_heads 1: grouped-query, 2 query heads share one kv head; capacity factor 0.75 forces
+  // drops in capacity mode.
+  Config c = test::with_keys(Config{}, "model.d_model=16 model.layers=2 model.head_dim=8 model.kv_heads=1 model.vocab=24 "
+                                       "model.mlp_hidden=20 model.max_seq=16 moe.experts=4 moe.top_k=2 moe.expert_hidden=12 "
+                                       "moe.shared_hidden=10 moe.capacity_factor=0.75 moe.balance_coef=0.05 "
+                                       "train.batch_size=2 train.seq_len=6");
   c.moe.layers = moe_layers;
   c.moe.shared_expert = shared;
-  c.moe.shared_hidden = 10;
   c.moe.dispatch = dispatch;
-  c.moe.capacity_factor = 0.75;  // forces drops in capacity mode
-  c.moe.balance_coef = 0.05;
-  c.train.batch_size = 2;
-  c.train.seq_len = 6;
   return c;
 }
 

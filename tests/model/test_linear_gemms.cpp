@@ -285,11 +285,11 @@ TEST(LinearGemms, Fp8ExpertsReadTheirStacksForms) {
   // An expert stack's forms give the products grouped_matmul_fp8 makes of the bf16 stack itself.
   for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
     SCOPED_TRACE(recipe);
-    Fixture f;
+    const int64_t E = 3, R = 70, N = 128, K = 160;  // experts, rows, and each expert's out x in
     const RecipeCase r = recipe_case(recipe);
     const Fp8Granularity act = r.act, wg = r.weight;
+    Fixture f;
     LinearGemms lin(f.be, fp8_recipe(r.config));
-    const int64_t E = 3, R = 70, N = 128, K = 160;
     Tensor W = f.random({E, N, K}, 0.1), x = f.random({R, K}, 1.0), dy = f.random({R, N}, 0.01);
     Tensor offsets = f.be.alloc({E + 1}, DType::i32);
     f.be.write_i32(offsets, {0, 30, 30, R});

@@ -3,6 +3,8 @@
 // values), plus a Backend decorator that counts host transfers so tests can prove a step never
 // reads device data.
 #pragma once
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <cmath>
 #include <random>
@@ -55,19 +57,23 @@ inline Mat random_mat(Rng& rng, int64_t m, int64_t n, double scale = 1.0) {
 
 inline std::vector<float> to_floats(const Mat& x) { return {x.a.begin(), x.a.end()}; }
 
-// Muon's quintic Newton-Schulz, always in the wide orientation (transposing tall inputs), which is
-// a different path from the engine's X^T X form for tall matrices.
-// The coefficients are the f32 values the Backend API carries (its scalars are floats), so an f64
-// engine can be held to f64 accuracy.
-inline Mat newton_schulz(Mat g, int64_t steps) {
-  const double a = double(3.4445f), b = double(-4.7750f), c = double(2.0315f);
+struct QuinticCoefficients {
+  double a, b, c;
+};
+
+// Newton-Schulz on the wide orientation of g (a tall g is transposed and back): g / (|g|_F + eps),
+// then `steps` iterations g <- a g + (b A + c A^2) g with A = g g^T and {a, b, c} = coef(step).
+template <class Coef>
+Mat newton_schulz_iterations(Mat g, int64_t steps, double eps, Coef coef) {
   const bool tall = g.m > g.n;
   if (tall) g = transpose(g);
   double norm = 0;
   for (double v : g.a) norm += v * v;
-  norm = std::sqrt(norm) + double(1e-7f);
+  norm = std::sqrt(norm) + eps;
   for (double& v : g.a) v /= norm;
   for (int64_t s = 0; s < steps; ++s) {
+    const QuinticCoefficients k = coef(s);
+    const double a = k.a, b = k.b, c = k.c;
     Mat A = mul(g, transpose(g));
     Mat AA = mul(A, A);
     Mat B(A.m, A.n);
@@ -76,6 +82,16 @@ inline Mat newton_schulz(Mat g, int64_t steps) {
     for (size_t i = 0; i < g.a.size(); ++i) g.a[i] = a * g.a[i] + BX.a[i];
   }
   return tall ? transpose(g) : g;
+}
+
+// Muon's quintic Newton-Schulz, always in the wide orientation (transposing tall inputs), which is
+// a different path from the engine's X^T X form for tall matrices.
+// The coefficients are the f32 values the Backend API carries (its scalars are floats), so an f64
+// engine can be held to f64 accuracy.
+inline Mat newton_schulz(Mat g, int64_t steps) {
+  return newton_schulz_iterations(g, steps, double(1e-7f), [](int64_t) {
+    return QuinticCoefficients{double(3.4445f), double(-4.7750f), double(2.0315f)};
+  });
 }
 
 // Eigenvalues of a symmetric matrix by cyclic Jacobi rotations.
@@ -284,5 +300,13 @@ class CountingBackend : public Backend {
  private:
   Backend& in_;
 };
+
+// Muon's orthogonalization leaves every singular value of x near 1: within [0.6, 1.3].
+inline void expect_near_orthogonal(const Mat& x) {
+  for (double s : singular_values(x)) {
+    EXPECT_GE(s, 0.6);
+    EXPECT_LE(s, 1.3);
+  }
+}
 
 }  // namespace moelab::testref

@@ -33,18 +33,15 @@ std::vector<double> values(const fs::path& run, const char* event, const char* k
   return out;
 }
 
-Config dp_config(const fs::path& dir) {
+// The two-rank tests' config; `changes` as with_keys takes them.
+Config dp_config(const fs::path& dir, const std::string& changes = "") {
   const std::string text =
       test::write_words(dir, {"each", "rank", "reads", "its", "own", "rows", "and", "the", "gradients", "are", "summed"},
                         6000, 3, 5);
-  Config c = test::tiny_byte_config(text);
-  c.moe.balance_coef = 0.05;  // over the group's routing, so it matches one rank's whole batch
-  c.moe.dispatch = "dropless";
-  c.train.steps = 6;
-  c.train.eval_every = 3;
-  c.train.batch_size = 8;
-  c.train.threads = 1;
-  c.train.save_final = false;
+  // The balance loss is over the group's routing, so it matches one rank's whole batch.
+  Config c = test::with_keys(test::tiny_byte_config(text),
+                             "moe.balance_coef=0.05 moe.dispatch=dropless train.steps=6 train.eval_every=3 "
+                             "train.batch_size=8 train.threads=1 train.save_final=false " + changes);
   validate_config(c);
   return c;
 }
@@ -58,6 +55,21 @@ int train_two_ranks(const Config& cfg, const fs::path& dir, const std::string& o
   return std::system(cmd.c_str());
 }
 
+// The job in `ranks` completed and logged the losses of the one-rank run `one` (six steps, the
+// raw and balance losses, and the validations) to 1e-5.
+void expect_same_losses(const fs::path& one, const fs::path& ranks) {
+  for (const char* key : {"raw_loss", "bal"}) {
+    const std::vector<double> a = values(one, "step", key), b = values(ranks, "step", key);
+    ASSERT_EQ(a.size(), 6u);
+    ASSERT_EQ(b.size(), 6u) << "each step recorded once: only rank 0 writes";
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(b[i], a[i], 1e-5 * std::fabs(a[i])) << key << " at step " << i;
+  }
+  const std::vector<double> va = values(one, "val", "val_loss"), vb = values(ranks, "val", "val_loss");
+  ASSERT_EQ(va.size(), vb.size());
+  for (size_t i = 0; i < va.size(); ++i) EXPECT_NEAR(vb[i], va[i], 1e-5 * std::fabs(va[i])) << "validation " << i;
+  EXPECT_EQ(test::read_status(ranks)["status"], "completed");
+}
+
 TEST(DataParallel, TwoRanksTrainAsOneRankWithTwiceTheBatch) {
   if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
   const fs::path dir = test::fresh_dir("dp");
@@ -68,25 +80,14 @@ TEST(DataParallel, TwoRanksTrainAsOneRankWithTwiceTheBatch) {
   half.train.batch_size = 4;
   ASSERT_EQ(train_two_ranks(half, dir, "two"), 0) << "see " << (dir / "two.log").string();
 
-  for (const char* key : {"raw_loss", "bal"}) {
-    const std::vector<double> a = values(dir / "one", "step", key), b = values(dir / "two", "step", key);
-    ASSERT_EQ(a.size(), 6u);
-    ASSERT_EQ(b.size(), 6u) << "each step recorded once: only rank 0 writes";
-    for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(b[i], a[i], 1e-5 * std::fabs(a[i])) << key << " at step " << i;
-  }
-  const std::vector<double> va = values(dir / "one", "val", "val_loss"), vb = values(dir / "two", "val", "val_loss");
-  ASSERT_EQ(va.size(), vb.size());
-  for (size_t i = 0; i < va.size(); ++i) EXPECT_NEAR(vb[i], va[i], 1e-5 * std::fabs(va[i])) << "validation " << i;
-  EXPECT_EQ(test::read_status(dir / "two")["status"], "completed");
+  expect_same_losses(dir / "one", dir / "two");
   fs::remove_all(dir);
 }
 
 TEST(DataParallel, ResumedTwoRankRunLogsTheUninterruptedLosses) {
   if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
   const fs::path dir = test::fresh_dir("dpresume");
-  Config c = dp_config(dir);
-  c.train.batch_size = 4;
-  c.train.checkpoint_every = 3;
+  Config c = dp_config(dir, "train.batch_size=4 train.checkpoint_every=3");
   ASSERT_EQ(train_two_ranks(c, dir, "full"), 0) << "see " << (dir / "full.log").string();
   ASSERT_EQ(train_two_ranks(c, dir, "part"), 0) << "see " << (dir / "part.log").string();
   // The later checkpoint is lost: the resume starts from step 3 and runs 3..5 again.
@@ -108,9 +109,7 @@ TEST(DataParallel, ResumedTwoRankRunLogsTheUninterruptedLosses) {
 TEST(DataParallel, ResumeByAnotherNumberOfRanksIsRefused) {
   if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
   const fs::path dir = test::fresh_dir("dpworld");
-  Config c = dp_config(dir);
-  c.train.batch_size = 4;
-  c.train.checkpoint_every = 3;
+  Config c = dp_config(dir, "train.batch_size=4 train.checkpoint_every=3");
   ASSERT_EQ(train_two_ranks(c, dir, "two"), 0) << "see " << (dir / "two.log").string();
   ASSERT_TRUE(fs::remove(dir / "two" / "checkpoints" / "step_000006.safetensors"));
   const std::string metrics_before = test::read_text(dir / "two" / "metrics.jsonl");
@@ -170,16 +169,7 @@ TEST(ExpertParallel, TwoRanksSplittingTheExpertsTrainAsOneRank) {
   ep.parallel.expert = 2;
   ASSERT_EQ(train_two_ranks(ep, dir, "ep"), 0) << "see " << (dir / "ep.log").string();
 
-  for (const char* key : {"raw_loss", "bal"}) {
-    const std::vector<double> a = values(dir / "one", "step", key), b = values(dir / "ep", "step", key);
-    ASSERT_EQ(a.size(), 6u);
-    ASSERT_EQ(b.size(), 6u);
-    for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(b[i], a[i], 1e-5 * std::fabs(a[i])) << key << " at step " << i;
-  }
-  const std::vector<double> va = values(dir / "one", "val", "val_loss"), vb = values(dir / "ep", "val", "val_loss");
-  ASSERT_EQ(va.size(), vb.size());
-  for (size_t i = 0; i < va.size(); ++i) EXPECT_NEAR(vb[i], va[i], 1e-5 * std::fabs(va[i])) << "validation " << i;
-  EXPECT_EQ(test::read_status(dir / "ep")["status"], "completed");
+  expect_same_losses(dir / "one", dir / "ep");
   fs::remove_all(dir);
 }
 
