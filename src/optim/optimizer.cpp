@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 
 #include "core/error.hpp"
 #include "optim/lr_schedule.hpp"
@@ -72,6 +73,7 @@ void Optimizer::build(Backend& backend, ParamTable& params, const ModelConfig& m
   std::vector<Param*> matrices;
   adamw_ = std::make_unique<AdamW>(backend, cfg);
   params_ = &params;
+  backend_ = &backend;
   for (size_t i = 0; i < params.params.size(); ++i) {
     Param& p = params.params[i];
     if (shard_ && owners_[i] != shard_->rank()) continue;  // another rank keeps its state
@@ -105,6 +107,46 @@ void Optimizer::step(int64_t step, double lr_multiplier) {
     // Every parameter from the rank that updated it, in table order (the same on every rank).
     for (size_t i = 0; i < params_->params.size(); ++i)
       if (owners_[i] >= 0) shard_->broadcast(params_->params[i].value, owners_[i]);
+  }
+}
+
+int Optimizer::owner_of_state(const std::string& name) const {
+  if (!shard_) return 0;
+  const size_t slash = name.rfind('/');
+  MOELAB_CHECK(name.rfind("optim/", 0) == 0 && slash != std::string::npos && slash > 6,
+               "optimizer: state name '" + name + "' is not optim/<param>/<slot>");
+  const std::string param = name.substr(6, slash - 6);
+  for (size_t i = 0; i < params_->params.size(); ++i)
+    if (params_->params[i].name == param) return owners_[i];
+  throw Error("optimizer: state '" + name + "' names no parameter of the model");
+}
+
+void Optimizer::gather_state(const std::vector<NamedTensor>& full) {
+  std::map<std::string, Tensor> mine;
+  for (const NamedTensor& t : state()) mine[t.name] = t.tensor;
+  for (const NamedTensor& f : full) {
+    const int owner = owner_of_state(f.name);
+    if (!shard_ || owner == shard_->rank()) {
+      auto it = mine.find(f.name);
+      MOELAB_CHECK(it != mine.end(), "optimizer: this rank lacks the state '" + f.name + "' it owns");
+      Tensor dst = f.tensor;
+      backend_->copy(it->second, dst);
+    }
+    if (shard_) {
+      Tensor t = f.tensor;
+      shard_->broadcast(t, owner);
+    }
+  }
+}
+
+void Optimizer::scatter_state(const std::vector<NamedTensor>& full) {
+  std::map<std::string, Tensor> all;
+  for (const NamedTensor& t : full) all[t.name] = t.tensor;
+  for (const NamedTensor& t : state()) {
+    auto it = all.find(t.name);
+    MOELAB_CHECK(it != all.end(), "optimizer: the full state lacks '" + t.name + "'");
+    Tensor dst = t.tensor;
+    backend_->copy(it->second, dst);
   }
 }
 

@@ -43,6 +43,13 @@ class Optimizer {
   std::vector<NamedTensor> state() const;
   // Bytes of this rank's optimizer state (all of it without sharding).
   int64_t state_bytes() const;
+  // Sharded state and checkpoints: `full` is the state() of an unsharded optimizer over the same
+  // parameters (the checkpoint's layout). gather_state fills it on every rank from the owners'
+  // shards (one broadcast per tensor, in full's order, so every rank must call it);
+  // scatter_state copies this rank's share back out of it. Without sharding both are plain copies.
+  void gather_state(const std::vector<NamedTensor>& full);
+  void scatter_state(const std::vector<NamedTensor>& full);
+  bool sharded() const { return shard_ != nullptr; }
   // The rank that updates params.params[i] (0 without sharding; -1 for buffers).
   int owner(size_t i) const { return owners_.empty() ? 0 : owners_[i]; }
 
@@ -65,6 +72,8 @@ class Optimizer {
   Communicator* shard_ = nullptr;  // set when the state is sharded over several ranks
   std::vector<int> owners_;        // per parameter of the table, when sharded
   ParamTable* params_ = nullptr;
+  Backend* backend_ = nullptr;
+  int owner_of_state(const std::string& name) const;  // from "optim/<param name>/<slot>"
 };
 
 }  // namespace moelab

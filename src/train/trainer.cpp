@@ -361,9 +361,13 @@ void TrainingRun::resume() {
   std::vector<std::string> unreadable;
   for (const auto& path : candidates) {
     CheckpointMeta meta;
-    auto state = optimizer_->state();
+    // Sharded state: every rank reads the whole state and keeps its share.
+    std::unique_ptr<Optimizer> full;
+    if (optimizer_->sharded()) full = std::make_unique<Optimizer>(*backend_, model_->params(), cfg_);
+    auto state = full ? full->state() : optimizer_->state();
     try {
       load_checkpoint(path, *backend_, model_->params(), state, meta, config_to_toml(cfg_));
+      if (full) optimizer_->scatter_state(state);
     } catch (const CheckpointUnreadable& e) {
       if (!automatic) throw;
       std::cout << "train.resume = auto: passing over " << path << ": " << e.what() << std::endl;
@@ -438,7 +442,14 @@ void TrainingRun::log(Running& r, const nlohmann::json& record) {
 
 // A checkpoint from which a resume starts at next_step.
 void TrainingRun::save(int64_t next_step) {
-  if (!lead_) return;  // every rank holds the same weights and optimizer state
+  // Every rank holds the same weights; with sharded optimizer state each sends its share, and
+  // rank 0 writes the whole state in the unsharded layout.
+  std::unique_ptr<Optimizer> full;
+  if (optimizer_->sharded()) {
+    full = std::make_unique<Optimizer>(*backend_, model_->params(), cfg_);
+    optimizer_->gather_state(full->state());
+  }
+  if (!lead_) return;
   CheckpointMeta meta;
   meta.step = next_step;
   meta.data_state = loader_->state();
@@ -447,7 +458,8 @@ void TrainingRun::save(int64_t next_step) {
   meta.config_text = config_to_toml(cfg_);
   meta.scalars[kWorldSizeScalar] = double(comm_->world());
   fs::create_directories(run_dir_ + "/checkpoints");
-  save_checkpoint(checkpoint_path(run_dir_, next_step), *backend_, model_->params(), optimizer_->state(), meta);
+  save_checkpoint(checkpoint_path(run_dir_, next_step), *backend_, model_->params(),
+                  full ? full->state() : optimizer_->state(), meta);
   prune_checkpoints(run_dir_, cfg_.train.keep_checkpoints);
 }
 
@@ -459,7 +471,9 @@ void TrainingRun::train_step(Running& r) {
   if (int sig = g_stop_signal.load()) {
     // Keep what the run has done since its last checkpoint, so a resume loses nothing.
     std::string kept;
-    if (step > start_step_) {
+    // Sharded state is gathered by a collective, which ranks stopped at different steps could
+    // not finish: that run keeps its last checkpoint.
+    if (step > start_step_ && !optimizer_->sharded()) {
       save(step);
       kept = "; checkpoint saved at step " + std::to_string(step) + ", continue with --set train.resume=auto";
     }
@@ -563,7 +577,13 @@ void TrainingRun::train_step(Running& r) {
 // The model for other tools, and one validation batch with the loss moelab computes on it, so
 // a reader (scripts/moelab_torch.py) can show it rebuilt the same model.
 void TrainingRun::export_model(Running& r) {
-  if (!lead_ || !cfg_.train.save_final || step_ <= start_step_) return;
+  if (!cfg_.train.save_final || step_ <= start_step_) return;
+  std::unique_ptr<Optimizer> full;  // sharded state: gathered whole, as save() does
+  if (optimizer_->sharded()) {
+    full = std::make_unique<Optimizer>(*backend_, model_->params(), cfg_);
+    optimizer_->gather_state(full->state());
+  }
+  if (!lead_) return;
   Backend& be = *backend_;
   CheckpointMeta meta;
   meta.step = step_;
@@ -571,7 +591,8 @@ void TrainingRun::export_model(Running& r) {
   meta.loss_ema = ema_;
   meta.train_time_s = total_time_s_;
   meta.config_text = config_to_toml(cfg_);
-  save_model_export(run_dir_, be, model_->params(), optimizer_->state(), meta, export_config_json(cfg_, be));
+  save_model_export(run_dir_, be, model_->params(), full ? full->state() : optimizer_->state(), meta,
+                    export_config_json(cfg_, be));
   loader_->reset_val();
   Batch batch = loader_->next_val(cfg_.train.batch_size, cfg_.train.seq_len);
   be.write_i32(r.val_tokens, batch.inputs);

@@ -84,6 +84,58 @@ TEST(DataParallel, TwoRanksTrainAsOneRankWithTwiceTheBatch) {
   fs::remove_all(dir);
 }
 
+// optim.shard_state (ZeRO-1): each of two ranks keeps the optimizer state of its own parameters
+// and sends them to the other after its update; the job still trains as one rank with twice the
+// batch, with Muon on the matrices and with AdamW on them.
+TEST(DataParallel, ShardedOptimizerStateTrainsAsOneRankWithTwiceTheBatch) {
+  if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
+  for (const std::string opt : {"muon", "adamw"}) {
+    SCOPED_TRACE(opt);
+    const fs::path dir = test::fresh_dir("dpshard");
+    Config c = dp_config(dir, "optim.matrix_optimizer=" + opt);
+    run_training(c, (dir / "one").string());
+    Config half = c;
+    half.train.batch_size = 4;
+    half.optim.shard_state = true;
+    ASSERT_EQ(train_two_ranks(half, dir, "two"), 0) << "see " << (dir / "two.log").string();
+    expect_same_losses(dir / "one", dir / "two");
+    fs::remove_all(dir);
+  }
+}
+
+// A sharded run's checkpoint holds the whole state (each rank sends its share, rank 0 writes):
+// the interrupted and resumed two-rank run logs the uninterrupted one's losses bit for bit, with
+// Muon and with AdamW on the matrices, and a resume by one rank is refused, naming both sizes.
+TEST(DataParallel, ShardedOptimizerStateResumesExactly) {
+  if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
+  for (const std::string opt : {"muon", "adamw"}) {
+    SCOPED_TRACE(opt);
+    const fs::path dir = test::fresh_dir("dpshardresume");
+    Config c = dp_config(dir, "train.batch_size=4 train.checkpoint_every=3 optim.shard_state=true optim.matrix_optimizer=" + opt);
+    ASSERT_EQ(train_two_ranks(c, dir, "full"), 0) << "see " << (dir / "full.log").string();
+    ASSERT_EQ(train_two_ranks(c, dir, "part"), 0) << "see " << (dir / "part.log").string();
+    ASSERT_TRUE(fs::remove(dir / "part" / "checkpoints" / "step_000006.safetensors"));
+    Config one = c;
+    one.train.resume = "auto";
+    std::string error;
+    try {
+      run_training(one, (dir / "part").string());
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    EXPECT_NE(error.find("written by a job of 2 rank(s) and this job has 1"), std::string::npos) << error;
+    ASSERT_EQ(train_two_ranks(c, dir, "part", "--set train.resume=auto"), 0) << "see " << (dir / "part.log").string();
+    const auto resumes = test::read_events(dir / "part", "resume");
+    ASSERT_EQ(resumes.size(), 1u);
+    EXPECT_EQ(resumes[0]["step"], 3);
+    const std::vector<double> a = values(dir / "full", "step", "raw_loss"), b = values(dir / "part", "step", "raw_loss");
+    ASSERT_EQ(a.size(), 6u);
+    ASSERT_EQ(b.size(), 6u);
+    for (size_t k = 0; k < a.size(); ++k) EXPECT_EQ(b[k], a[k]) << "step " << k;
+    fs::remove_all(dir);
+  }
+}
+
 TEST(DataParallel, ResumedTwoRankRunLogsTheUninterruptedLosses) {
   if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
   const fs::path dir = test::fresh_dir("dpresume");
