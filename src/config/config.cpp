@@ -135,7 +135,7 @@ const std::vector<Key>& keys() {
       {"train.tensorboard", Kind::boolean, "also write loss, validation, lr multiplier, tok/s, MFU and drop rate as TensorBoard event files (RUN_DIR/events.out.tfevents.*)", member(&Config::train, &TrainConfig::tensorboard)},
 
       {"optim.matrix_optimizer", Kind::text, "muon | adamw: the update of all matrices (attention, router, experts)", member(&Config::optim, &OptimConfig::matrix_optimizer)},
-      {"optim.shard_state", Kind::boolean, "data parallel (ZeRO-1): each rank keeps the AdamW / Muon state of its own share of the parameters (whole parameters, balanced by size), updates only those and sends them to the other ranks; the same updates as without it; checkpoints hold the whole state (gathered by rank 0)", member(&Config::optim, &OptimConfig::shard_state)},
+      {"optim.shard_state", Kind::boolean, "data parallel (ZeRO-1): each rank keeps the AdamW / Muon state of its own share of the parameters (whole parameters, one consecutive range of each gradient arena per rank), receives only their summed gradients (reduce-scatter), updates only those and sends them to the other ranks; the same updates as without it; checkpoints hold the whole state (gathered by rank 0)", member(&Config::optim, &OptimConfig::shard_state)},
       {"optim.matrix_lr", Kind::real, "Muon learning rate (all matrices, experts included)", member(&Config::optim, &OptimConfig::matrix_lr), kNonNegative},
       {"optim.matrix_adamw_lr", Kind::real, "AdamW learning rate of the matrices when optim.matrix_optimizer = adamw", member(&Config::optim, &OptimConfig::matrix_adamw_lr), kPositive},
       {"optim.embedding_lr", Kind::real, "AdamW learning rate of the token embedding", member(&Config::optim, &OptimConfig::embedding_lr), kNonNegative},

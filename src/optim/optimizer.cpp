@@ -25,7 +25,8 @@ Optimizer::Optimizer(Backend& backend, ParamTable& params, const Config& cfg)
   build(backend, params, cfg.model);
 }
 
-Optimizer::Optimizer(Backend& backend, ParamTable& params, const Config& cfg, Communicator* shard)
+Optimizer::Optimizer(Backend& backend, ParamTable& params, const Config& cfg, Communicator* shard,
+                     const std::vector<Tensor>& arenas)
     : cfg_(cfg.optim),
       steps_(cfg.train.steps),
       tokens_per_step_(cfg.grad_accum_steps() * cfg.train.batch_size * cfg.train.seq_len) {
@@ -50,6 +51,7 @@ Optimizer::Optimizer(Backend& backend, ParamTable& params, const Config& cfg, Co
       owners_[i] = r;
       load[size_t(r)] += n;
     }
+    assign_by_arenas(backend, params, arenas);
   }
   build(backend, params, cfg.model);
 }
@@ -107,6 +109,76 @@ void Optimizer::step(int64_t step, double lr_multiplier) {
     // Every parameter from the rank that updated it, in table order (the same on every rank).
     for (size_t i = 0; i < params_->params.size(); ++i)
       if (owners_[i] >= 0) shard_->broadcast(params_->params[i].value, owners_[i]);
+  }
+}
+
+void Optimizer::assign_by_arenas(Backend& backend, ParamTable& params, const std::vector<Tensor>& arenas) {
+  if (arenas.empty()) return;
+  const int world = shard_->world();
+  // Each parameter's (arena, first element); every one must lie inside an arena.
+  std::vector<std::vector<std::pair<int64_t, size_t>>> members(arenas.size());
+  for (size_t i = 0; i < params.params.size(); ++i) {
+    if (owners_[i] < 0) continue;
+    const Tensor& g = params.params[i].grad;
+    bool found = false;
+    for (size_t a = 0; a < arenas.size() && !found; ++a) {
+      const char* base = static_cast<const char*>(arenas[a].data);
+      const char* at = static_cast<const char*>(g.data);
+      if (arenas[a].dtype != g.dtype || at < base || at + g.bytes() > base + arenas[a].bytes()) continue;
+      members[a].push_back({int64_t(at - base) / int64_t(dtype_size(g.dtype)), i});
+      found = true;
+    }
+    if (!found) return;  // keep the size-balanced owners and all-reduce whole arenas
+  }
+  std::vector<int> owners = owners_;
+  std::vector<std::vector<int64_t>> cuts(arenas.size());
+  int64_t chunk = 0;
+  for (size_t a = 0; a < arenas.size(); ++a) {
+    std::sort(members[a].begin(), members[a].end());
+    const int64_t n = arenas[a].numel();
+    cuts[a].assign(size_t(world) + 1, n);
+    cuts[a][0] = 0;
+    // A parameter goes to the rank whose even share of the arena holds its middle element; the
+    // cuts fall at parameter boundaries (the first parameter of each rank's range).
+    int prev = 0;
+    for (const auto& [off, i] : members[a]) {
+      const int64_t mid = off + params.params[i].grad.numel() / 2;
+      const int r = std::max(prev, int(std::min<int64_t>(world - 1, mid * world / std::max<int64_t>(n, 1))));
+      for (int q = prev + 1; q <= r; ++q) cuts[a][size_t(q)] = off;
+      prev = r;
+      owners[i] = r;
+    }
+    for (int r = 0; r < world; ++r) chunk = std::max(chunk, cuts[a][size_t(r) + 1] - cuts[a][size_t(r)]);
+  }
+  owners_ = owners;
+  cuts_ = cuts;
+  scatter_in_ = backend.alloc({chunk * world, 1}, backend.master_dtype());
+  scatter_out_ = backend.alloc({chunk, 1}, backend.master_dtype());
+}
+
+void Optimizer::reduce_gradients(std::vector<Tensor>& arenas) {
+  if (!shard_ || cuts_.empty()) {
+    if (shard_)
+      for (Tensor& g : arenas) shard_->all_reduce_sum(g);
+    return;
+  }
+  MOELAB_CHECK(arenas.size() == cuts_.size(), "optimizer: the gradient arenas changed since the optimizer was built");
+  const int world = shard_->world(), me = shard_->rank();
+  const int64_t chunk = scatter_out_.numel();
+  for (size_t a = 0; a < arenas.size(); ++a) {
+    const std::vector<int64_t>& c = cuts_[a];
+    Tensor flat = arenas[a].view({arenas[a].numel(), 1});
+    backend_->fill(scatter_in_, 0.0f);  // the padding of the shorter ranges
+    for (int r = 0; r < world; ++r) {
+      if (c[size_t(r) + 1] == c[size_t(r)]) continue;
+      Tensor dst = scatter_in_.rows_slice(r * chunk, r * chunk + (c[size_t(r) + 1] - c[size_t(r)]));
+      backend_->copy(flat.rows_slice(c[size_t(r)], c[size_t(r) + 1]), dst);
+    }
+    shard_->reduce_scatter_sum(scatter_in_, scatter_out_);
+    if (c[size_t(me) + 1] > c[size_t(me)]) {
+      Tensor dst = flat.rows_slice(c[size_t(me)], c[size_t(me) + 1]);
+      backend_->copy(scatter_out_.rows_slice(0, c[size_t(me) + 1] - c[size_t(me)]), dst);
+    }
   }
 }
 

@@ -31,7 +31,16 @@ class Optimizer {
   // least loaded rank: the same on every rank for a given world size); a rank allocates state
   // only for its own, updates only those from the (already summed) gradients, and step() then
   // broadcasts every parameter from its owner, so all ranks end the step with the same weights.
-  Optimizer(Backend& backend, ParamTable& params, const Config& cfg, Communicator* shard);
+  // With `arenas` (the model's gradient arenas) and every parameter's gradient inside one of them,
+  // ownership follows the arenas instead: each arena is cut at parameter boundaries into one
+  // consecutive range per rank (balanced by elements), so that reduce_gradients can hand each
+  // rank the summed gradients of its own parameters by one reduce-scatter per arena.
+  Optimizer(Backend& backend, ParamTable& params, const Config& cfg, Communicator* shard,
+            const std::vector<Tensor>& arenas = {});
+  // Sums the arenas' gradients over the ranks: with arena-aligned ownership each rank gets only its
+  // own range summed (reduce-scatter of the ranges padded to one size; the rest of the arena is
+  // left as it was, and no update reads it); otherwise the whole arenas (all-reduce).
+  void reduce_gradients(std::vector<Tensor>& arenas);
 
   // Updates every parameter's value from its grad. step: 0-based training step (sets Muon's
   // momentum ramp and AdamW's bias correction); lr_multiplier: the schedule's factor.
@@ -72,8 +81,12 @@ class Optimizer {
   Communicator* shard_ = nullptr;  // set when the state is sharded over several ranks
   std::vector<int> owners_;        // per parameter of the table, when sharded
   ParamTable* params_ = nullptr;
+  // Arena-aligned ownership: per arena, rank r's element range is [cuts[r], cuts[r + 1]).
+  std::vector<std::vector<int64_t>> cuts_;
+  Tensor scatter_in_, scatter_out_;  // [world * chunk, 1] and [chunk, 1] for the largest arena
   Backend* backend_ = nullptr;
-  int owner_of_state(const std::string& name) const;  // from "optim/<param name>/<slot>"
+  int owner_of_state(const std::string& name) const;
+  void assign_by_arenas(Backend& backend, ParamTable& params, const std::vector<Tensor>& arenas);  // from "optim/<param name>/<slot>"
 };
 
 }  // namespace moelab

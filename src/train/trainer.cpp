@@ -349,7 +349,8 @@ void TrainingRun::build() {
                                     cfg_.parallel.expert > 1 ? comm_.get() : nullptr);
   model_->init_weights(uint64_t(cfg_.train.seed));
   optimizer_ = std::make_unique<Optimizer>(*backend_, model_->params(), cfg_,
-                                           cfg_.optim.shard_state ? comm_.get() : nullptr);
+                                           cfg_.optim.shard_state ? comm_.get() : nullptr,
+                                           model_->gradient_arenas());
 }
 
 // Weights, optimizer state, step, data position and the loss EMA. With auto, the newest
@@ -504,8 +505,11 @@ void TrainingRun::train_step(Running& r) {
   if (step == r.profile_step) be.profiler_range(true);
   StepStats stats = r.runner->run(batches, float(1.0 / double(std::max<int64_t>(valid, 1))),
                                   float(1.0 / double(r.micro * world)), [&] {
-                                    if (world > 1)
-                                      for (Tensor& g : model_->gradient_arenas()) comm_->all_reduce_sum(g);
+                                    if (world > 1) {
+                                      std::vector<Tensor> arenas = model_->gradient_arenas();
+                                      if (optimizer_->sharded()) optimizer_->reduce_gradients(arenas);
+                                      else for (Tensor& g : arenas) comm_->all_reduce_sum(g);
+                                    }
                                     optimizer_->step(step, lrm);
                                   });
   if (world > 1) {

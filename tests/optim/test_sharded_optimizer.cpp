@@ -55,16 +55,27 @@ const std::vector<Spec> kSpecs = {
     {"lm_head.weight", ParamGroup::unembedding, {50, 32}},
 };
 
-// The same random values and gradients for every table built from one seed.
-ParamTable make_table(Backend& b, uint64_t seed) {
+// The same random values and gradients for every table built from one seed. With `arena` (an
+// undefined tensor to fill), the gradients lie back to back in one allocation, as the model's do.
+int64_t elements(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+ParamTable make_table(Backend& b, uint64_t seed, Tensor* arena = nullptr) {
   Rng rng(seed);
   ParamTable t;
+  int64_t total = 0, off = 0;
+  for (const Spec& s : kSpecs) total += elements(s.shape);
+  if (arena) *arena = b.alloc({total, 1}, b.master_dtype());
   for (const Spec& s : kSpecs) {
     Param p;
     p.name = s.name;
     p.group = s.group;
     p.value = b.alloc(s.shape, b.master_dtype());
-    p.grad = b.alloc(s.shape, b.master_dtype());
+    p.grad = arena ? arena->rows_slice(off, off + elements(s.shape)).view(s.shape) : b.alloc(s.shape, b.master_dtype());
+    off += elements(s.shape);
     p.compute = p.value;
     std::vector<float> v(size_t(p.value.numel())), g(v.size());
     for (auto& x : v) x = float(0.05 * rng.normal());
@@ -76,16 +87,21 @@ ParamTable make_table(Backend& b, uint64_t seed) {
   return t;
 }
 
-void check_sharding(const std::string& matrix_optimizer) {
+void check_sharding(const std::string& matrix_optimizer, bool in_arena = false) {
   CpuBackend b(DType::f32, 1);
   const uint64_t seed = fresh_rng().next_u64();
   Config cfg;
   cfg.optim.matrix_optimizer = matrix_optimizer;
   cfg.optim.weight_decay = 0.01;
-  ParamTable whole = make_table(b, seed), t0 = make_table(b, seed), t1 = make_table(b, seed);
+  Tensor a0, a1;
+  ParamTable whole = make_table(b, seed), t0 = make_table(b, seed, in_arena ? &a0 : nullptr),
+             t1 = make_table(b, seed, in_arena ? &a1 : nullptr);
   ParamTable before = make_table(b, seed);
   StandInRank r0(0), r1(1);
-  Optimizer full(b, whole, cfg), o0(b, t0, cfg, &r0), o1(b, t1, cfg, &r1);
+  Optimizer full(b, whole, cfg), o0(b, t0, cfg, &r0, in_arena ? std::vector<Tensor>{a0} : std::vector<Tensor>{}),
+      o1(b, t1, cfg, &r1, in_arena ? std::vector<Tensor>{a1} : std::vector<Tensor>{});
+  if (in_arena)  // one consecutive range of the arena per rank: rank 0's parameters first
+    for (size_t i = 1; i < kSpecs.size(); ++i) EXPECT_LE(o0.owner(i - 1), o0.owner(i)) << kSpecs[i].name;
 
   // Each parameter has one owner, the same on both ranks, and both ranks own some.
   std::set<int> owners;
@@ -104,9 +120,11 @@ void check_sharding(const std::string& matrix_optimizer) {
   EXPECT_EQ(split, all);
   const double total = double(full.state_bytes());
   EXPECT_EQ(double(o0.state_bytes() + o1.state_bytes()), total);
+  // Balanced by state size, or by the arena's elements (whole parameters: coarser).
+  const double slack = in_arena ? 0.2 : 0.1;
   for (const auto* o : {&o0, &o1}) {
-    EXPECT_GT(double(o->state_bytes()), 0.4 * total);
-    EXPECT_LT(double(o->state_bytes()), 0.6 * total);
+    EXPECT_GT(double(o->state_bytes()), (0.5 - slack) * total);
+    EXPECT_LT(double(o->state_bytes()), (0.5 + slack) * total);
   }
 
   for (int64_t step = 0; step < 2; ++step) {
@@ -134,6 +152,10 @@ void check_sharding(const std::string& matrix_optimizer) {
 
 TEST(ShardedOptimizer, MuonAndAdamwStateSplitsAndOwnersUpdateAsUnsharded) { check_sharding("muon"); }
 TEST(ShardedOptimizer, AdamwMatricesStateSplitsAndOwnersUpdateAsUnsharded) { check_sharding("adamw"); }
+TEST(ShardedOptimizer, ArenaRangesSplitTheStateAndOwnersUpdateAsUnsharded) {
+  check_sharding("muon", true);
+  check_sharding("adamw", true);
+}
 
 }  // namespace
 }  // namespace moelab
