@@ -108,7 +108,7 @@ const std::vector<Key>& keys() {
       {"moe.score", Kind::text, "router scores: softmax (over the experts) | sigmoid (per expert, DeepSeek-V3's affinities); top-k is chosen on the scores (plus the aux_free bias)", member(&Config::moe, &MoEConfig::score)},
       {"moe.norm_topk", Kind::boolean, "gates = the chosen scores divided by their sum; false = the raw chosen scores", member(&Config::moe, &MoEConfig::norm_topk)},
       {"moe.route_scale", Kind::real, "constant factor on the gates (DeepSeek-V3 used 2.5)", member(&Config::moe, &MoEConfig::route_scale), kPositive},
-      {"moe.balance", Kind::text, "aux_loss (balance loss at balance_coef) | aux_free (no aux loss; a per-expert bias on the scores for the choice only, updated after each optimizer step) | none (neither)", member(&Config::moe, &MoEConfig::balance)},
+      {"moe.balance", Kind::text, "aux_loss (balance loss at balance_coef) | aux_free (a per-expert bias on the scores for the choice only, updated after each optimizer step; no aux loss unless balance_scope = sequence, which adds DeepSeek-V3's complementary sequence-wise loss at balance_coef) | none (neither)", member(&Config::moe, &MoEConfig::balance)},
       {"moe.bias_update_rate", Kind::real, "aux_free: after each optimizer step bias_e += rate * sign(mean load - load_e), loads over the step's micro-batches and ranks", member(&Config::moe, &MoEConfig::bias_update_rate), kNonNegative},
       {"moe.balance_scope", Kind::text, "what the aux loss balances: micro_batch (f and P over the micro-batch) | sequence (f and P per sequence, averaged over sequences: DeepSeek-V3's sequence-wise loss) | global_batch (f from the expert counts summed over the step's micro-batches so far, this one included, and over the ranks; P from the micro-batch)", member(&Config::moe, &MoEConfig::balance_scope)},
       {"moe.z_loss_coef", Kind::real, "ST-MoE router z-loss weight: coef * mean over tokens of logsumexp(router logits)^2 per MoE layer; 0 = off (still logged)", member(&Config::moe, &MoEConfig::z_loss_coef), kNonNegative},
@@ -495,6 +495,10 @@ void validate_config(const Config& c) {
     if (c.moe.balance_scope != "micro_batch" && c.moe.balance_scope != "sequence" && c.moe.balance_scope != "global_batch")
       invalid("moe.balance_scope", "= \"" + c.moe.balance_scope + "\" is not a balance scope",
               "use micro_batch, sequence or global_batch");
+    if (c.moe.balance == "aux_free" && c.moe.balance_scope == "global_batch")
+      invalid("moe.balance_scope", "= \"global_batch\" has no loss to scope under moe.balance = \"aux_free\" (its only "
+                                   "aux loss is the complementary sequence-wise one)",
+              "use balance_scope = sequence for that loss, micro_batch for none, or balance = aux_loss");
     positive("moe.groups", c.moe.groups);
     positive("moe.topk_groups", c.moe.topk_groups);
     if (c.moe.experts % c.moe.groups != 0)

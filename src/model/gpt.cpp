@@ -90,8 +90,10 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   balance_spec_.z_coef = float(cfg_.moe.z_loss_coef);
   global_scope_ = cfg_.moe.balance_scope == "global_batch";
   aux_free_ = cfg_.moe.balance == "aux_free";
-  balance_loss_on_ = cfg_.moe.balance == "aux_loss";
-  if (!balance_loss_on_) bal_log_coef_ = bal_loss_coef_ = 0;  // aux_free and none carry no aux loss
+  // aux_free carries an aux loss only as DeepSeek-V3's complementary sequence-wise loss
+  // (balance_scope = sequence, at balance_coef); none carries none.
+  balance_loss_on_ = cfg_.moe.balance == "aux_loss" || (aux_free_ && cfg_.moe.balance_scope == "sequence");
+  if (!balance_loss_on_) bal_log_coef_ = bal_loss_coef_ = 0;
   if (seq_len_ > m.max_seq)
     throw Error("sequence length " + std::to_string(seq_len_) + " exceeds model.max_seq = " + std::to_string(m.max_seq));
 

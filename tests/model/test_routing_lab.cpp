@@ -152,5 +152,22 @@ TEST(RoutingLab, AuxFreeBiasIsStateMovedBySignOfLoadGap) {
     for (float v : be.read(p->grad)) EXPECT_EQ(v, 0.0f);
 }
 
+TEST(RoutingLab, AuxFreeWithSequenceScopeAddsTheSequenceWiseLoss) {
+  // DeepSeek-V3's pairing: the bias balances, and the complementary sequence-wise loss (at
+  // balance_coef) keeps any one sequence from crowding an expert. Plain aux_free carries no loss.
+  Config plain = small_config();
+  plain.moe.balance = "aux_free";
+  Config seq = plain;
+  seq.moe.balance_scope = "sequence";
+  seq.moe.balance_coef = 0.5;
+  const StepOut a = run_step(plain, 31), b = run_step(seq, 31);
+  EXPECT_EQ(a.stats.bal, 0.0);
+  EXPECT_GT(b.stats.bal, 0.0);
+  EXPECT_NE(a.grads, b.grads) << "the sequence-wise loss must reach the router's gradient";
+  Config global = plain;
+  global.moe.balance_scope = "global_batch";
+  EXPECT_THROW(validate_config(global), Error);
+}
+
 }  // namespace
 }  // namespace moelab
