@@ -535,9 +535,6 @@ void validate_config(const Config& c) {
               "use a divisor of moe.experts");
     if (c.precision == "fp8" && c.fp8.expert_layers())
       invalid("parallel.expert", p + " with FP8 experts is not built yet", "set fp8.layers = \"dense\" or parallel.expert = 1");
-    if (c.train.checkpoint_every > 0 || c.train.save_final || !c.train.resume.empty())
-      invalid("parallel.expert", p + ": checkpoints of expert-parallel runs (each rank holds other experts) are not built yet",
-              "set train.checkpoint_every = 0, train.save_final = false and no train.resume, or parallel.expert = 1");
   }
   if (c.optim.shard_state) {
     if (c.parallel.expert > 1)

@@ -41,6 +41,29 @@ namespace {
 // resume by a job of another size is refused. Checkpoints without it predate the check.
 constexpr const char* kWorldSizeScalar = "world_size";
 
+// The expert-parallel layout (parallel.expert) of the job that wrote a checkpoint; absent: 1.
+constexpr const char* kExpertParallelScalar = "parallel_expert";
+
+// Expert parallel: a tensor of this rank's experts (a parameter "...mlp.experts...." or its
+// optimizer state) is rank q's dim-0 slice of the whole stack; checkpoints hold the whole stacks.
+bool expert_slice(const std::string& name) { return name.find("mlp.experts.") != std::string::npos; }
+
+// The whole stack of a rank's slice: every rank's slices gathered in rank order along dim 0.
+Tensor gather_experts(Backend& be, Communicator& comm, const Tensor& local) {
+  Shape whole = local.shape;
+  whole[0] *= comm.world();
+  Tensor out = be.alloc(whole, local.dtype);
+  comm.all_gather(local, out);
+  return out;
+}
+
+// Rank q's slice of a whole stack, copied into its local tensor.
+void take_experts(Backend& be, const Communicator& comm, const Tensor& whole, Tensor local) {
+  const int64_t n0 = local.shape[0], per = local.numel() / std::max<int64_t>(n0, 1);
+  const Tensor part = whole.view({whole.shape[0], per}).rows_slice(comm.rank() * n0, (comm.rank() + 1) * n0).view(local.shape);
+  be.copy(part, local);
+}
+
 std::atomic<int> g_stop_signal{0};
 void on_stop_signal(int sig) { g_stop_signal.store(sig); }
 
@@ -224,6 +247,11 @@ class TrainingRun {
   void open(Running& r);
   void log(Running& r, const nlohmann::json& record);
   void save(int64_t next_step);
+  struct ExpertWhole {
+    ParamTable params;
+    std::vector<NamedTensor> state;
+  };
+  ExpertWhole gather_expert_parallel(std::vector<NamedTensor> state);
   void train_step(Running& r);
   void export_model(Running& r);
   void finish(Running& r);
@@ -366,8 +394,35 @@ void TrainingRun::resume() {
     std::unique_ptr<Optimizer> full;
     if (optimizer_->sharded()) full = std::make_unique<Optimizer>(*backend_, model_->params(), cfg_);
     auto state = full ? full->state() : optimizer_->state();
+    // Expert parallel: the file holds the whole expert stacks; each rank reads them into
+    // whole-size tensors and keeps its experts.
+    const bool ep = cfg_.parallel.expert > 1;
+    ParamTable whole_params = model_->params();
+    std::vector<NamedTensor> whole_state = state;
+    if (ep) {
+      for (Param& p : whole_params.params)
+        if (expert_slice(p.name)) {
+          Shape sh = p.value.shape;
+          sh[0] *= comm_->world();
+          p.value = backend_->alloc(sh, p.value.dtype);
+        }
+      for (NamedTensor& t : whole_state)
+        if (expert_slice(t.name)) {
+          Shape sh = t.tensor.shape;
+          sh[0] *= comm_->world();
+          t.tensor = backend_->alloc(sh, t.tensor.dtype);
+        }
+    }
     try {
-      load_checkpoint(path, *backend_, model_->params(), state, meta, config_to_toml(cfg_));
+      load_checkpoint(path, *backend_, ep ? whole_params : model_->params(), ep ? whole_state : state, meta,
+                      config_to_toml(cfg_));
+      if (ep) {
+        for (size_t i = 0; i < whole_params.params.size(); ++i)
+          if (expert_slice(whole_params.params[i].name))
+            take_experts(*backend_, *comm_, whole_params.params[i].value, model_->params().params[i].value);
+        for (size_t i = 0; i < state.size(); ++i)
+          if (expert_slice(state[i].name)) take_experts(*backend_, *comm_, whole_state[i].tensor, state[i].tensor);
+      }
       if (full) optimizer_->scatter_state(state);
     } catch (const CheckpointUnreadable& e) {
       if (!automatic) throw;
@@ -384,6 +439,15 @@ void TrainingRun::resume() {
                   "; its data position and tokens per step hold only for that many ranks: resume with --nproc " +
                   std::to_string(int64_t(it->second)) +
                   " (resharding a checkpoint to another number of ranks is not built yet)");
+    {
+      auto it = meta.scalars.find(kExpertParallelScalar);
+      const int64_t written = it == meta.scalars.end() ? 1 : int64_t(it->second);
+      if (written != cfg_.parallel.expert)
+        throw Error("train.resume: " + path + " was written with parallel.expert = " + std::to_string(written) + " over " +
+                    std::to_string(comm_->world()) + " rank(s) and this job has parallel.expert = " +
+                    std::to_string(cfg_.parallel.expert) + " over " + std::to_string(comm_->world()) +
+                    ": resume with the layout that wrote it (re-splitting the experts on resume is not built yet)");
+    }
     model_->refresh_compute_weights();
     loader_->restore(meta.data_state);
     step_ = meta.step;
@@ -442,6 +506,19 @@ void TrainingRun::log(Running& r, const nlohmann::json& record) {
 }
 
 // A checkpoint from which a resume starts at next_step.
+// The weights and optimizer state as one rank holding every expert would: with expert
+// parallelism every rank sends its experts (a collective: all ranks call this) and each gets the
+// whole stacks; otherwise the tensors themselves.
+TrainingRun::ExpertWhole TrainingRun::gather_expert_parallel(std::vector<NamedTensor> state) {
+  ExpertWhole w{model_->params(), std::move(state)};
+  if (cfg_.parallel.expert <= 1) return w;
+  for (Param& p : w.params.params)
+    if (expert_slice(p.name)) p.value = gather_experts(*backend_, *comm_, p.value);
+  for (NamedTensor& t : w.state)
+    if (expert_slice(t.name)) t.tensor = gather_experts(*backend_, *comm_, t.tensor);
+  return w;
+}
+
 void TrainingRun::save(int64_t next_step) {
   // Every rank holds the same weights; with sharded optimizer state each sends its share, and
   // rank 0 writes the whole state in the unsharded layout.
@@ -450,6 +527,7 @@ void TrainingRun::save(int64_t next_step) {
     full = std::make_unique<Optimizer>(*backend_, model_->params(), cfg_);
     optimizer_->gather_state(full->state());
   }
+  ExpertWhole whole = gather_expert_parallel(full ? full->state() : optimizer_->state());
   if (!lead_) return;
   CheckpointMeta meta;
   meta.step = next_step;
@@ -458,9 +536,9 @@ void TrainingRun::save(int64_t next_step) {
   meta.train_time_s = total_time_s_;
   meta.config_text = config_to_toml(cfg_);
   meta.scalars[kWorldSizeScalar] = double(comm_->world());
+  if (cfg_.parallel.expert > 1) meta.scalars[kExpertParallelScalar] = double(cfg_.parallel.expert);
   fs::create_directories(run_dir_ + "/checkpoints");
-  save_checkpoint(checkpoint_path(run_dir_, next_step), *backend_, model_->params(),
-                  full ? full->state() : optimizer_->state(), meta);
+  save_checkpoint(checkpoint_path(run_dir_, next_step), *backend_, whole.params, whole.state, meta);
   prune_checkpoints(run_dir_, cfg_.train.keep_checkpoints);
 }
 
@@ -472,9 +550,9 @@ void TrainingRun::train_step(Running& r) {
   if (int sig = g_stop_signal.load()) {
     // Keep what the run has done since its last checkpoint, so a resume loses nothing.
     std::string kept;
-    // Sharded state is gathered by a collective, which ranks stopped at different steps could
-    // not finish: that run keeps its last checkpoint.
-    if (step > start_step_ && !optimizer_->sharded()) {
+    // Sharded state and expert-parallel weights are gathered by a collective, which ranks stopped
+    // at different steps could not finish: such a run keeps its last checkpoint.
+    if (step > start_step_ && !optimizer_->sharded() && cfg_.parallel.expert <= 1) {
       save(step);
       kept = "; checkpoint saved at step " + std::to_string(step) + ", continue with --set train.resume=auto";
     }
@@ -587,21 +665,26 @@ void TrainingRun::export_model(Running& r) {
     full = std::make_unique<Optimizer>(*backend_, model_->params(), cfg_);
     optimizer_->gather_state(full->state());
   }
-  if (!lead_) return;
+  ExpertWhole whole = gather_expert_parallel(full ? full->state() : optimizer_->state());
+  // Expert parallel: the check batch's forward needs every rank's experts, so all ranks run it.
+  if (!lead_ && cfg_.parallel.expert <= 1) return;
   Backend& be = *backend_;
-  CheckpointMeta meta;
-  meta.step = step_;
-  meta.data_state = loader_->state();
-  meta.loss_ema = ema_;
-  meta.train_time_s = total_time_s_;
-  meta.config_text = config_to_toml(cfg_);
-  save_model_export(run_dir_, be, model_->params(), full ? full->state() : optimizer_->state(), meta,
-                    export_config_json(cfg_, be));
+  if (lead_) {
+    CheckpointMeta meta;
+    meta.step = step_;
+    meta.data_state = loader_->state();
+    meta.loss_ema = ema_;
+    meta.train_time_s = total_time_s_;
+    meta.config_text = config_to_toml(cfg_);
+    if (cfg_.parallel.expert > 1) meta.scalars[kExpertParallelScalar] = double(cfg_.parallel.expert);
+    save_model_export(run_dir_, be, whole.params, whole.state, meta, export_config_json(cfg_, be));
+  }
   loader_->reset_val();
   Batch batch = loader_->next_val(cfg_.train.batch_size, cfg_.train.seq_len);
   be.write_i32(r.val_tokens, batch.inputs);
   be.write_i32(r.val_targets, batch.targets);
   model_->forward_eval(r.val_tokens, r.val_targets);
+  if (!lead_) return;
   auto losses = be.read(model_->losses());
   double sum = 0;
   int64_t n = 0;

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 #include <fstream>
@@ -21,6 +22,7 @@
 #include "comm/communicator.hpp"
 #include "config/config.hpp"
 #include "run_test_support.hpp"
+#include "train/safetensors.hpp"
 #include "train/trainer.hpp"
 
 namespace moelab {
@@ -222,6 +224,67 @@ TEST(ExpertParallel, TwoRanksSplittingTheExpertsTrainAsOneRank) {
   ASSERT_EQ(train_two_ranks(ep, dir, "ep"), 0) << "see " << (dir / "ep.log").string();
 
   expect_same_losses(dir / "one", dir / "ep");
+  fs::remove_all(dir);
+}
+
+// The float32 tensor `name` of a safetensors file, with its shape.
+std::vector<float> f32_tensor(const fs::path& file, const std::string& name, Shape& shape) {
+  const SafetensorsFile f = read_safetensors(file.string());
+  const SafetensorsEntry* e = f.find(name);
+  if (!e) return {};
+  shape = e->shape;
+  std::vector<float> out(e->bytes / sizeof(float));
+  std::memcpy(out.data(), f.bytes(*e), e->bytes);
+  return out;
+}
+
+// Checkpoints of expert-parallel runs hold the whole expert stacks (every rank sends its experts,
+// rank 0 writes): the interrupted and resumed two-rank run logs the uninterrupted one's losses bit
+// for bit; model.safetensors holds all four experts in order, as the one-rank run with twice the
+// batch trained them (to f32 reduction-order tolerance); a resume with another parallel.expert is
+// refused naming both layouts.
+TEST(ExpertParallel, CheckpointsResumeExactlyAndExportEveryExpert) {
+  if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
+  const fs::path dir = test::fresh_dir("epckpt");
+  Config c = dp_config(dir, "train.save_final=true");
+  run_training(c, (dir / "one").string());
+  Config ep = c;
+  ep.train.batch_size = 4;
+  ep.parallel.expert = 2;
+  ep.train.checkpoint_every = 3;
+  ASSERT_EQ(train_two_ranks(ep, dir, "full"), 0) << "see " << (dir / "full.log").string();
+  ASSERT_EQ(train_two_ranks(ep, dir, "part"), 0) << "see " << (dir / "part.log").string();
+  ASSERT_TRUE(fs::remove(dir / "part" / "checkpoints" / "step_000006.safetensors"));
+
+  EXPECT_NE(train_two_ranks(ep, dir, "part", "--set train.resume=auto --set parallel.expert=1"), 0);
+  const std::string log = test::read_text(dir / "part.log");
+  EXPECT_NE(log.find("written with parallel.expert = 2 over 2 rank(s) and this job has parallel.expert = 1 over 2"),
+            std::string::npos) << log;
+
+  ASSERT_EQ(train_two_ranks(ep, dir, "part", "--set train.resume=auto"), 0) << "see " << (dir / "part.log").string();
+  const auto resumes = test::read_events(dir / "part", "resume");
+  ASSERT_EQ(resumes.size(), 1u);
+  EXPECT_EQ(resumes[0]["step"], 3);
+  const std::vector<double> a = values(dir / "full", "step", "raw_loss"), b = values(dir / "part", "step", "raw_loss");
+  ASSERT_EQ(a.size(), 6u);
+  ASSERT_EQ(b.size(), 6u);
+  for (size_t k = 0; k < a.size(); ++k) EXPECT_EQ(b[k], a[k]) << "step " << k;
+
+  for (const std::string name : {"transformer.h.0.mlp.experts.w_fc", "transformer.h.0.mlp.experts.w_proj"}) {
+    Shape s1, s2;
+    const std::vector<float> w1 = f32_tensor(dir / "one" / "model.safetensors", name, s1),
+                             w2 = f32_tensor(dir / "full" / "model.safetensors", name, s2);
+    ASSERT_FALSE(w1.empty()) << name;
+    ASSERT_EQ(s2, s1) << name;
+    EXPECT_EQ(s2[0], 4) << name;
+    double err = 0, norm = 0;
+    for (size_t k = 0; k < w1.size(); ++k) {
+      ASSERT_FALSE(std::isnan(w2[k])) << name;
+      err += (double(w2[k]) - w1[k]) * (double(w2[k]) - w1[k]);
+      norm += double(w1[k]) * w1[k];
+    }
+    EXPECT_LT(std::sqrt(err / norm), 1e-4) << name;
+  }
   fs::remove_all(dir);
 }
 
