@@ -24,7 +24,8 @@ pairs (i, i + hd/2) then per-head RMSNorm of q and k; with model.value_embedding
 layers (the last included) v += 2 sigmoid(xn[:, :C] W_gate^T) * value_embeds[token] per kv head;
 causal attention with scale 1/sqrt(hd), grouped kv heads and per-layer sliding windows
 (config.json's "windows": query t sees keys t - w .. t); ReLU^2 MLPs; MoE with softmax top-k
-routing, renormalized gates, an optional shared expert and (capacity dispatch) moelab's keep order
+(or sigmoid) routing, renormalized (or raw, scaled) gates, the aux-loss-free bias on the
+choice, group-limited routing, optional shared experts and (capacity dispatch) moelab's keep order
 (moe.drop_order: rank = all first choices then second choices, each by token; token = flat
 (t, j) order); final RMSNorm, untied head, logit softcap. A config with a key this file does not
 know is refused: a newer moelab option would change the model in ways this code would not
@@ -61,6 +62,9 @@ KNOWN_KEYS = {
     "moe.shared_expert": _bool, "moe.shared_hidden": int, "moe.dispatch": str,
     "moe.capacity_factor": float, "moe.balance_coef": float, "moe.balance_rule": str,
     "moe.drop_order": str, "moe.router_init": str,
+    "moe.score": str, "moe.norm_topk": _bool, "moe.route_scale": float, "moe.balance": str,
+    "moe.bias_update_rate": float, "moe.balance_scope": str, "moe.z_loss_coef": float,
+    "moe.shared_experts": int, "moe.groups": int, "moe.topk_groups": int,
 }
 
 _DTYPES = {"F32": (torch.float32, 4), "F64": (torch.float64, 8), "BF16": (torch.bfloat16, 2),
@@ -111,7 +115,8 @@ def read_config(run_dir):
         raise ValueError("config.json lacks key(s): " + ", ".join(missing) +
                          " (written by an older moelab? retrain, or add the key with its default)")
     cfg = {k: KNOWN_KEYS[k](v) for k, v in cj["config"].items()}
-    for key, allowed in (("moe.dispatch", ("dropless", "capacity")), ("moe.drop_order", ("rank", "token"))):
+    for key, allowed in (("moe.dispatch", ("dropless", "capacity")), ("moe.drop_order", ("rank", "token")),
+                         ("moe.score", ("softmax", "sigmoid"))):
         if cfg[key] not in allowed:
             raise ValueError(f"config.json: {key} = {cfg[key]!r} is not one of {', '.join(allowed)}")
     return cfg, cj
@@ -181,11 +186,23 @@ class GptMoE(torch.nn.Module):
     def moe(self, p, xn, dropless=False):  # xn [N, D]: every token of the batch routes together
         E, k = self.cfg["moe.experts"], self.cfg["moe.top_k"]
         N = xn.shape[0]
-        probs = torch.softmax(xn @ self.w[p + "router.weight"].T, dim=-1)
-        # Descending probability, ties to the lower expert index (a stable sort keeps index order).
-        order = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :k]  # [N, k]
+        logits = xn @ self.w[p + "router.weight"].T
+        probs = torch.sigmoid(logits) if self.cfg["moe.score"] == "sigmoid" else torch.softmax(logits, dim=-1)
+        # The choice reads the scores plus the aux-loss-free bias (a buffer in model.safetensors);
+        # the gates read the scores alone.
+        choice = probs + self.w[p + "router.score_bias"] if p + "router.score_bias" in self.w else probs
+        G = self.cfg["moe.groups"]
+        if G > 1:  # group-limited: keep the topk_groups groups whose two best choice scores sum highest
+            per = E // G
+            group_score = choice.reshape(N, G, per).topk(min(2, per), dim=-1).values.sum(-1)
+            kept = torch.sort(group_score, dim=-1, descending=True, stable=True).indices[:, :self.cfg["moe.topk_groups"]]
+            mask = torch.zeros(N, G, dtype=torch.bool).scatter(1, kept, True).repeat_interleave(per, dim=1)
+            choice = choice.masked_fill(~mask, float("-inf"))
+        # Descending choice score, ties to the lower expert index (a stable sort keeps index order).
+        order = torch.sort(choice, dim=-1, descending=True, stable=True).indices[:, :k]  # [N, k]
         chosen = torch.gather(probs, 1, order)
-        gates = chosen / chosen.sum(-1, keepdim=True)
+        gates = chosen / chosen.sum(-1, keepdim=True) if self.cfg["moe.norm_topk"] else chosen
+        gates = gates * self.cfg["moe.route_scale"]
         keep = torch.ones(N, k, dtype=torch.bool)
         cap = 0 if dropless else expert_capacity(self.cfg, N)
         if cap > 0:

@@ -12,7 +12,7 @@ steps=${STEPS:-25}
 what=" ${WHAT:-ops attn steps} "
 if [[ $what == *" ops "* ]]; then
   echo "== op harness (attention) and the kernel lab's variant checks"
-  "$B/test_cuda" --gtest_brief=1 --gtest_filter='CudaOps.Attention*' 2>&1 | tail -6 | tee "$OUT/test_attention.log"
+  "$B/test_cuda" --gtest_brief=1 --gtest_filter='*OpTableCuda*/attention*' 2>&1 | tail -6 | tee "$OUT/test_attention.log"
   [ -x "$B/test_dev_cuda" ] && "$B/test_dev_cuda" --gtest_brief=1 2>&1 | tail -4
 fi
 if [[ $what == *" attn "* ]]; then

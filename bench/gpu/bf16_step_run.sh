@@ -34,7 +34,7 @@ if [[ $what == *" cmp "* ]]; then
 fi
 if [[ $what == *" ops "* ]]; then
   echo "== op harness: ${TEST_FILTER:-CudaOps.*:CudaFp8*:CudaGrouped*}"
-  timeout 300 "$B/test_cuda" --gtest_brief=1 --gtest_filter="${TEST_FILTER:-CudaOps.*:CudaFp8*:CudaGrouped*}" \
+  timeout 300 "$B/test_cuda" --gtest_brief=1 --gtest_filter="${TEST_FILTER:-CudaOps.*:CudaFp8*:CudaGrouped*:*OpTableCuda*}" \
     > "$logs/test_cuda.log" 2>&1
   echo "test_cuda rc=$?"; grep -E "^\[  (PASSED|FAILED) |FAILED  \]|tests? ran" "$logs/test_cuda.log" | head -20
   grep -B2 -A8 "Failure" "$logs/test_cuda.log" | head -60

@@ -6,7 +6,7 @@
 source bench/gpu/device_env.sh
 B=$GPU_BIN
 echo "== op harness (seed ops)"
-"$B/test_cuda" --gtest_brief=1 --gtest_filter='CudaOps.LambdaMix*:CudaOps.NorMuon*:CudaOps.MoePlanTokenMajor*:CudaOps.MoeRouting*' 2>&1 |
+"$B/test_cuda" --gtest_brief=1 --gtest_filter='*OpTableCuda*/lambda_mix*:*OpTableCuda*/normuon*:*OpTableCuda*/router_*:*OpTableCuda*/moe_*:*OpTableCuda*/grouped_matmul_grouped_matmul_wgrad_relu2*' 2>&1 |
   tail -8 | tee "$OUT/test_cuda_seed.log"
 small=(--config configs/d12-seed.toml --set train.steps=8 --set train.batch_size=1 --set train.seq_len=256
        --set train.total_batch_tokens=0 --set optim.weight_decay_ref_batch=256 --set train.eval_batches=1)

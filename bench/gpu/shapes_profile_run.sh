@@ -5,7 +5,7 @@
 #   bash bench/gpu/stage.sh && (device) bash bench/gpu/shapes_profile_run.sh
 source bench/gpu/device_env.sh
 B=$GPU_BIN
-timeout 150 "$B/test_cuda" --gtest_brief=1 --gtest_filter="${TEST_FILTER:-CudaOps.*}" > "$OUT/test_cuda.log" 2>&1
+timeout 150 "$B/test_cuda" --gtest_brief=1 --gtest_filter="${TEST_FILTER:-CudaOps.*:*OpTableCuda*}" > "$OUT/test_cuda.log" 2>&1
 echo "test_cuda rc=$?"; grep -E "^\[  (PASSED|FAILED) |FAILED  \]" "$OUT/test_cuda.log" | head -20
 grep -B2 -A8 "Failure" "$OUT/test_cuda.log" | head -40
 if [ -z "${SKIP_NCU:-}" ]; then

@@ -13,7 +13,7 @@
 #include "backend/cuda/cuda_backend.hpp"
 #include "attention_variants_hd64.cuh"
 #include "core/rng.hpp"
-#include "normalized_error.hpp"
+#include "gpu_fixture.hpp"
 
 namespace moelab {
 namespace {

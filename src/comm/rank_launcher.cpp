@@ -12,9 +12,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <regex>
 
 #include "core/error.hpp"
+#include "core/regex.hpp"
 
 namespace moelab {
 
@@ -30,18 +30,17 @@ void forward_to_job(int sig) {
 }  // namespace
 
 std::optional<RankFailure> rank_failure_in(const std::string& line) {
-  static const std::regex own(R"(rank (\d+) of (\d+): (.*)$)");
-  static const std::regex died(R"(process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)(?: \(([^)]*)\))?)");
-  std::smatch m;
+  static const Regex own(R"(rank (\d+) of (\d+): (.*)$)");
+  static const Regex died(R"(process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)(?: \(([^)]*)\))?)");
   RankFailure f;
-  if (std::regex_search(line, m, own)) {
-    f.text = "rank " + m[1].str() + " of " + m[2].str() + " failed: " + m[3].str();
-    f.interrupted = m[3].str().rfind("interrupted by signal", 0) == 0;
+  if (const auto m = own.search(line)) {
+    f.text = "rank " + m->str(1) + " of " + m->str(2) + " failed: " + m->str(3);
+    f.interrupted = m->str(3).rfind("interrupted by signal", 0) == 0;
     return f;
   }
-  if (std::regex_search(line, m, died)) {
-    f.text = "rank " + m[1].str() + " died on signal " + m[2].str();
-    if (m[3].matched) f.text += " (" + m[3].str() + ")";
+  if (const auto m = died.search(line)) {
+    f.text = "rank " + m->str(1) + " died on signal " + m->str(2);
+    if (m->matched(3)) f.text += " (" + m->str(3) + ")";
     f.died = true;
     return f;
   }

@@ -96,14 +96,24 @@ const std::vector<Key>& keys() {
       {"moe.top_k", Kind::integer, "experts per token", member(&Config::moe, &MoEConfig::top_k)},
       {"moe.expert_hidden", Kind::integer, "hidden width of each expert", member(&Config::moe, &MoEConfig::expert_hidden)},
       {"moe.layers", Kind::text, "which layers are MoE: all | none | comma list such as \"1,3\"", member(&Config::moe, &MoEConfig::layers)},
-      {"moe.shared_expert", Kind::boolean, "add an always-on shared expert", member(&Config::moe, &MoEConfig::shared_expert)},
-      {"moe.shared_hidden", Kind::integer, "shared expert width; 0 = expert_hidden", member(&Config::moe, &MoEConfig::shared_hidden)},
+      {"moe.shared_expert", Kind::boolean, "add an always-on shared expert (alias of moe.shared_experts = 1)", member(&Config::moe, &MoEConfig::shared_expert)},
+      {"moe.shared_experts", Kind::integer, "always-on shared experts of shared_hidden each, run as one MLP of shared_experts * shared_hidden (ReLU^2 is elementwise, so the sum is the same); 0 = none (or 1 with shared_expert = true)", member(&Config::moe, &MoEConfig::shared_experts)},
+      {"moe.shared_hidden", Kind::integer, "width of each shared expert; 0 = expert_hidden", member(&Config::moe, &MoEConfig::shared_hidden)},
       {"moe.dispatch", Kind::text, "dropless | capacity", member(&Config::moe, &MoEConfig::dispatch)},
       {"moe.capacity_factor", Kind::real, "capacity = max(1, ceil(tokens * top_k / experts * factor)); <= 0 = no capacity (dropless)", member(&Config::moe, &MoEConfig::capacity_factor), kAnyFinite},
       {"moe.balance_coef", Kind::real, "Switch balance-loss coefficient", member(&Config::moe, &MoEConfig::balance_coef), kNonNegative},
       {"moe.balance_rule", Kind::text, "switch (f = count / (T k), logged with the coefficient) | seed (f = count / T, summing to k; logged without it)", member(&Config::moe, &MoEConfig::balance_rule)},
       {"moe.drop_order", Kind::text, "which assignments capacity keeps: rank (first choices first) | token (flat token-major order, the seed's)", member(&Config::moe, &MoEConfig::drop_order)},
       {"moe.router_init", Kind::text, "uniform (like c_fc) | zero (the seed's)", member(&Config::moe, &MoEConfig::router_init)},
+      {"moe.score", Kind::text, "router scores: softmax (over the experts) | sigmoid (per expert, DeepSeek-V3's affinities); top-k is chosen on the scores (plus the aux_free bias)", member(&Config::moe, &MoEConfig::score)},
+      {"moe.norm_topk", Kind::boolean, "gates = the chosen scores divided by their sum; false = the raw chosen scores", member(&Config::moe, &MoEConfig::norm_topk)},
+      {"moe.route_scale", Kind::real, "constant factor on the gates (DeepSeek-V3 used 2.5)", member(&Config::moe, &MoEConfig::route_scale), kPositive},
+      {"moe.balance", Kind::text, "aux_loss (balance loss at balance_coef) | aux_free (a per-expert bias on the scores for the choice only, updated after each optimizer step; no aux loss unless balance_scope = sequence, which adds DeepSeek-V3's complementary sequence-wise loss at balance_coef) | none (neither)", member(&Config::moe, &MoEConfig::balance)},
+      {"moe.bias_update_rate", Kind::real, "aux_free: after each optimizer step bias_e += rate * sign(mean load - load_e), loads over the step's micro-batches and ranks", member(&Config::moe, &MoEConfig::bias_update_rate), kNonNegative},
+      {"moe.balance_scope", Kind::text, "what the aux loss balances: micro_batch (f and P over the micro-batch) | sequence (f and P per sequence, averaged over sequences: DeepSeek-V3's sequence-wise loss) | global_batch (f from the expert counts summed over the step's micro-batches so far, this one included, and over the ranks; P from the micro-batch)", member(&Config::moe, &MoEConfig::balance_scope)},
+      {"moe.z_loss_coef", Kind::real, "ST-MoE router z-loss weight: coef * mean over tokens of logsumexp(router logits)^2 per MoE layer; 0 = off (still logged)", member(&Config::moe, &MoEConfig::z_loss_coef), kNonNegative},
+      {"moe.groups", Kind::integer, "group-limited routing: experts split into this many equal groups; 1 = off", member(&Config::moe, &MoEConfig::groups)},
+      {"moe.topk_groups", Kind::integer, "group-limited routing: groups kept per token, ranked by the sum of their two best (biased) scores; top_k is chosen inside them", member(&Config::moe, &MoEConfig::topk_groups)},
 
       {"train.steps", Kind::integer, "optimizer steps", member(&Config::train, &TrainConfig::steps)},
       {"train.batch_size", Kind::integer, "sequences per micro-batch", member(&Config::train, &TrainConfig::batch_size)},
@@ -125,6 +135,7 @@ const std::vector<Key>& keys() {
       {"train.tensorboard", Kind::boolean, "also write loss, validation, lr multiplier, tok/s, MFU and drop rate as TensorBoard event files (RUN_DIR/events.out.tfevents.*)", member(&Config::train, &TrainConfig::tensorboard)},
 
       {"optim.matrix_optimizer", Kind::text, "muon | adamw: the update of all matrices (attention, router, experts)", member(&Config::optim, &OptimConfig::matrix_optimizer)},
+      {"optim.shard_state", Kind::boolean, "data parallel (ZeRO-1): each rank keeps the AdamW / Muon state of its own share of the parameters (whole parameters, one consecutive range of each gradient arena per rank), receives only their summed gradients (reduce-scatter), updates only those and sends them to the other ranks; the same updates as without it; checkpoints hold the whole state (gathered by rank 0)", member(&Config::optim, &OptimConfig::shard_state)},
       {"optim.matrix_lr", Kind::real, "Muon learning rate (all matrices, experts included)", member(&Config::optim, &OptimConfig::matrix_lr), kNonNegative},
       {"optim.matrix_adamw_lr", Kind::real, "AdamW learning rate of the matrices when optim.matrix_optimizer = adamw", member(&Config::optim, &OptimConfig::matrix_adamw_lr), kPositive},
       {"optim.embedding_lr", Kind::real, "AdamW learning rate of the token embedding", member(&Config::optim, &OptimConfig::embedding_lr), kNonNegative},
@@ -407,6 +418,19 @@ int64_t Config::grad_accum_steps() const {
   return micro > 0 ? train.total_batch_tokens / micro : train.grad_accum;
 }
 
+Fp8Recipe fp8_recipe(const Config& cfg) {
+  Fp8Recipe r;
+  if (cfg.fp8.recipe == "rowwise") r.scaling = Fp8Scaling::rowwise;
+  else if (cfg.fp8.recipe == "blockwise") r.scaling = Fp8Scaling::blockwise;
+  else r.scaling = Fp8Scaling::tensorwise;
+  const bool fp8 = cfg.precision == "fp8";
+  r.dense = fp8 && cfg.fp8.dense_layers();
+  r.experts = fp8 && cfg.fp8.expert_layers();
+  r.head = fp8 && cfg.fp8.head;
+  r.grad_format = cfg.fp8.grad_format == "e4m3" ? DType::e4m3 : DType::e5m2;
+  return r;
+}
+
 void validate_config(const Config& c) {
   // Each real key's own range first (finite, and the range on its line of the key table), so a
   // NaN or an out-of-range value is named by its key rather than surfacing later as a diverged loss.
@@ -459,6 +483,37 @@ void validate_config(const Config& c) {
     if (c.moe.router_init != "uniform" && c.moe.router_init != "zero")
       invalid("moe.router_init", "= \"" + c.moe.router_init + "\" is not a router init", "use uniform or zero");
     if (c.moe.shared_hidden < 0) invalid("moe.shared_hidden", "is negative", "use 0 for expert_hidden");
+    if (c.moe.shared_experts < 0) invalid("moe.shared_experts", "is negative", "use 0 for no shared expert");
+    if (c.moe.shared_expert && c.moe.shared_experts > 1)
+      invalid("moe.shared_experts", "= " + std::to_string(c.moe.shared_experts) +
+                                         " contradicts moe.shared_expert = true (its alias for shared_experts = 1)",
+              "set moe.shared_experts alone and drop moe.shared_expert");
+    if (c.moe.score != "softmax" && c.moe.score != "sigmoid")
+      invalid("moe.score", "= \"" + c.moe.score + "\" is not a router score", "use softmax or sigmoid");
+    if (c.moe.balance != "aux_loss" && c.moe.balance != "aux_free" && c.moe.balance != "none")
+      invalid("moe.balance", "= \"" + c.moe.balance + "\" is not a balance method", "use aux_loss, aux_free or none");
+    if (c.moe.balance_scope != "micro_batch" && c.moe.balance_scope != "sequence" && c.moe.balance_scope != "global_batch")
+      invalid("moe.balance_scope", "= \"" + c.moe.balance_scope + "\" is not a balance scope",
+              "use micro_batch, sequence or global_batch");
+    if (c.moe.balance == "aux_free" && c.moe.balance_scope == "global_batch")
+      invalid("moe.balance_scope", "= \"global_batch\" has no loss to scope under moe.balance = \"aux_free\" (its only "
+                                   "aux loss is the complementary sequence-wise one)",
+              "use balance_scope = sequence for that loss, micro_batch for none, or balance = aux_loss");
+    positive("moe.groups", c.moe.groups);
+    positive("moe.topk_groups", c.moe.topk_groups);
+    if (c.moe.experts % c.moe.groups != 0)
+      invalid("moe.groups", "= " + std::to_string(c.moe.groups) + " does not divide moe.experts = " +
+                                std::to_string(c.moe.experts),
+              "set moe.groups to a divisor of moe.experts (1 turns group-limited routing off)");
+    if (c.moe.topk_groups > c.moe.groups)
+      invalid("moe.topk_groups", "= " + std::to_string(c.moe.topk_groups) + " exceeds moe.groups = " +
+                                     std::to_string(c.moe.groups),
+              "set moe.topk_groups <= moe.groups");
+    if (c.moe.groups > 1 && c.moe.top_k > c.moe.topk_groups * (c.moe.experts / c.moe.groups))
+      invalid("moe.topk_groups", "= " + std::to_string(c.moe.topk_groups) + " keeps " +
+                                     std::to_string(c.moe.topk_groups * (c.moe.experts / c.moe.groups)) +
+                                     " experts, fewer than moe.top_k = " + std::to_string(c.moe.top_k),
+              "raise moe.topk_groups to at least ceil(top_k / (experts / groups)) or lower moe.top_k");
     (void)c.moe_layer_mask();  // validates moe.layers
   }
   if (c.train.warmup_ratio + c.train.warmdown_ratio > 1)
@@ -480,9 +535,13 @@ void validate_config(const Config& c) {
               "use a divisor of moe.experts");
     if (c.precision == "fp8" && c.fp8.expert_layers())
       invalid("parallel.expert", p + " with FP8 experts is not built yet", "set fp8.layers = \"dense\" or parallel.expert = 1");
-    if (c.train.checkpoint_every > 0 || c.train.save_final || !c.train.resume.empty())
-      invalid("parallel.expert", p + ": checkpoints of expert-parallel runs (each rank holds other experts) are not built yet",
-              "set train.checkpoint_every = 0, train.save_final = false and no train.resume, or parallel.expert = 1");
+  }
+  if (c.optim.shard_state) {
+    if (c.parallel.expert > 1)
+      invalid("optim.shard_state", "= true with parallel.expert > 1 is not built yet", "set optim.shard_state = false");
+    if (c.precision == "fp8")
+      invalid("optim.shard_state", "= true with precision = fp8 is not built yet (the weights' amax is raised by the update)",
+              "set optim.shard_state = false");
   }
   if (c.fp8.grad_format != "e5m2" && c.fp8.grad_format != "e4m3")
     invalid("fp8.grad_format", "= \"" + c.fp8.grad_format + "\" is not an FP8 format", "use e5m2 or e4m3");
@@ -509,7 +568,7 @@ void validate_config(const Config& c) {
     mult16("model.d_model", c.model.d_model, "a GEMM dimension");
     mult16("model.kv_heads", c.model.kv_heads_resolved() * c.model.head_dim, "a key/value width");
     mult16("model.mlp_hidden", c.model.mlp_hidden_resolved(), "a dense MLP width");
-    if (c.moe.shared_expert) mult16("moe.shared_hidden", c.moe.shared_hidden > 0 ? c.moe.shared_hidden : c.moe.expert_hidden, "a shared expert width");
+    if (c.moe.shared_count() > 0) mult16("moe.shared_hidden", c.moe.shared_hidden > 0 ? c.moe.shared_hidden : c.moe.expert_hidden, "a shared expert width");
     if (c.fp8.head) mult16("model.vocab", c.model.vocab, "an lm_head width");
     if (c.fp8.expert_layers() && c.moe.enabled()) mult16("moe.expert_hidden", c.moe.expert_hidden, "an expert width");
     mult16("train.batch_size", c.train.batch_size * c.train.seq_len, "a token count (batch_size * seq_len)");

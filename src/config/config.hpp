@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "core/fp8_recipe.hpp"
+
 namespace moelab {
 
 struct ModelConfig {
@@ -46,8 +48,20 @@ struct MoEConfig {
   std::string balance_rule = "switch";  // switch: f = count / (T k), logged with coef | seed: f = count / T, logged without
   std::string drop_order = "rank";      // rank: first choices first | token: flat token-major (the seed's)
   std::string router_init = "uniform";  // uniform (as c_fc) | zero (the seed's)
+  // Routing lab (each default is the router as it always was: softmax top-k, renormalized gates).
+  std::string score = "softmax";        // softmax | sigmoid (DeepSeek-V3's affinities)
+  bool norm_topk = true;                // gates = chosen scores over their sum (else the raw scores)
+  double route_scale = 1.0;             // constant factor on the gates
+  std::string balance = "aux_loss";     // aux_loss | aux_free (per-expert score bias) | none
+  double bias_update_rate = 0.001;      // aux_free: bias_e += rate * sign(mean load - load_e) per step
+  std::string balance_scope = "micro_batch";  // micro_batch | sequence | global_batch (for the aux loss)
+  double z_loss_coef = 0.0;             // ST-MoE router z-loss weight
+  int64_t shared_experts = 0;           // N shared experts of shared_hidden each (shared_expert = true: 1)
+  int64_t groups = 1, topk_groups = 1;  // group-limited routing (DeepSeek-V3)
 
   bool enabled() const { return experts > 0; }
+  // Shared experts in effect: shared_experts, or 1 for the alias shared_expert = true.
+  int64_t shared_count() const { return shared_experts > 0 ? shared_experts : (shared_expert ? 1 : 0); }
 };
 
 struct TrainConfig {
@@ -96,6 +110,7 @@ struct OptimConfig {
   double weight_decay_ref_horizon = 0;   // > 0: Muon wd *= this / (tokens per step * steps)
   double scalar_lr = 0.5;             // AdamW: x0 lambdas at scalar_lr, resid lambdas at scalar_lr * 0.01
   double value_embedding_lr = 0.2;    // AdamW: value embeddings (d_model-scaled like the embedding)
+  bool shard_state = false;  // data parallel: each rank keeps and updates only its parameters' optimizer state
 };
 
 struct DataConfig {
@@ -160,6 +175,9 @@ Config load_config(const std::string& path);
 Config config_from_toml_text(const std::string& text, const std::string& origin);
 // Apply "section.key=value" (value parsed by the key's type).
 void apply_override(Config& cfg, const std::string& assignment);
+// The FP8 recipe the run trains with (every flag off unless precision = fp8): the one place
+// that reads fp8.recipe, fp8.layers, fp8.head and fp8.grad_format.
+Fp8Recipe fp8_recipe(const Config& cfg);
 // Check cross-field consistency (shapes, ranges, choices). Throws on the first problem.
 void validate_config(const Config& cfg);
 // The resolved config as TOML, every key present.

@@ -10,13 +10,13 @@
 #include <iostream>
 #include <memory>
 #include <optional>
-#include <regex>
 #include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
 
 #include "core/error.hpp"
+#include "core/regex.hpp"
 #include "core/folder_lock.hpp"
 #include "lab/child_process.hpp"
 #include "lab/experiment_reader.hpp"
@@ -379,7 +379,7 @@ class Sweep {
     const RetryRule* rule = nullptr;
     Overrides next;
     for (const auto& r : spec_.on_failure) {
-      if (!std::regex_search(last_failure_, std::regex(r.match, std::regex::icase))) continue;
+      if (!Regex(r.match, true).found_in(last_failure_)) continue;
       Overrides merged = merge_overrides(job->overrides, r.set);
       if (!r.set.empty() && merged == job->overrides) continue;  // this fallback is already in place
       rule = &r;

@@ -5,13 +5,13 @@
 
 #include <functional>
 #include <map>
-#include <regex>
 #include <set>
 #include <sstream>
 
 #include <toml++/toml.h>
 
 #include "core/error.hpp"
+#include "core/regex.hpp"
 #include "lab/file_io.hpp"
 #include "lab/run_naming.hpp"
 
@@ -284,8 +284,8 @@ SweepSpec sweep_from_toml_text(const std::string& text, const std::filesystem::p
     rule.match = get_string(t, "match", file);
     if (rule.match.empty()) throw Error(where(file, t) + ": an [[on_failure]] rule needs match = \"<regex>\"");
     try {
-      std::regex check(rule.match);
-    } catch (const std::regex_error& e) {
+      Regex check(rule.match, true);  // as the runner matches it
+    } catch (const Error& e) {
       throw Error(where(file, t) + ": match \"" + rule.match + "\" is not a valid regex: " + e.what());
     }
     rule.set = read_set(t, "set", file);

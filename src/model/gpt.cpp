@@ -13,8 +13,10 @@ namespace {
 // A [B, T, H, hd] activation as the [B*T, H*hd] matrix that matmuls see.
 Tensor tokens_by_features(const Tensor& t) { return t.view({t.dim(0) * t.dim(1), t.numel() / (t.dim(0) * t.dim(1))}); }
 
-// An optional per-op tensor as the backend takes it: null when empty.
-const Tensor* present(const Tensor& t) { return t.data ? &t : nullptr; }
+// An optional amax sink as producers take it, and the amax it recorded as a quantization reads
+// it: null when the run records none (no FP8 tensor scaling there).
+const AmaxSink* sink(const AmaxSink& s) { return s.amax.data ? &s : nullptr; }
+const Tensor* recorded(const AmaxSink& s) { return s.amax.data ? &s.amax : nullptr; }
 
 // Elements [begin, end) of a flat tensor.
 Tensor elements(const Tensor& t, int64_t begin, int64_t end) {
@@ -28,14 +30,24 @@ double read_scalar(Backend& be, const Tensor& t) {
   return be.read(t)[0];
 }
 
+// A device tensor on the host, f64 tensors (CPU gradient checks) in full precision.
+std::vector<double> read_values(Backend& be, const Tensor& t) {
+  if (t.device == Device::cpu && t.dtype == DType::f64) return {t.as<double>(), t.as<double>() + t.numel()};
+  const std::vector<float> f = be.read(t);
+  return {f.begin(), f.end()};
+}
+
 }  // namespace
 
 GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_len, Communicator* expert_group)
-    : be_(backend), cfg_(cfg), lin_(backend, cfg), rows_(rows), seq_len_(seq_len), n_(rows * seq_len) {
+    : be_(backend),
+      cfg_(cfg),
+      fp8_(fp8_recipe(cfg)),
+      lin_(backend, fp8_),
+      rows_(rows),
+      seq_len_(seq_len),
+      n_(rows * seq_len) {
   validate_config(cfg_);
-  fp8_dense_ = lin_.fp8_enabled() && cfg_.fp8.dense_layers();
-  fp8_head_ = lin_.fp8_enabled() && cfg_.fp8.head;
-  fp8_experts_ = lin_.fp8_enabled() && cfg_.fp8.expert_layers();
   const ModelConfig& m = cfg_.model;
   d_model_ = m.d_model;
   head_dim_ = m.head_dim;
@@ -44,7 +56,7 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   experts_ = cfg_.moe.enabled() ? cfg_.moe.experts : 0;
   top_k_ = experts_ ? cfg_.moe.top_k : 0;
   if (expert_group && expert_group->world() > 1 && experts_ > 0) {
-    if (be_.device() != Device::cpu)
+    if (!be_.supports(Capability::experts_across_ranks()))
       throw Error("expert parallel runs on CPU ranks for now: set device = \"cpu\" (GPU ranks need NCCL)");
     if (experts_ % expert_group->world() != 0)
       throw Error("parallel.expert: " + std::to_string(experts_) + " experts do not split over " +
@@ -66,17 +78,72 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   } else {
     bal_log_coef_ = bal_loss_coef_ = float(cfg_.moe.balance_coef);
   }
+  // Routing lab: the router's scores and gates, and which balance terms the loss carries.
+  router_spec_.score = cfg_.moe.score == "sigmoid" ? RouterScore::sigmoid : RouterScore::softmax;
+  router_spec_.k = int(top_k_);
+  router_spec_.norm_topk = cfg_.moe.norm_topk;
+  router_spec_.route_scale = float(cfg_.moe.route_scale);
+  router_spec_.groups = int(cfg_.moe.groups);
+  router_spec_.topk_groups = int(cfg_.moe.topk_groups);
+  balance_spec_.score = router_spec_.score;
+  balance_spec_.seq_len = cfg_.moe.balance_scope == "sequence" ? seq_len : 0;
+  balance_spec_.z_coef = float(cfg_.moe.z_loss_coef);
+  global_scope_ = cfg_.moe.balance_scope == "global_batch";
+  aux_free_ = cfg_.moe.balance == "aux_free";
+  // aux_free carries an aux loss only as DeepSeek-V3's complementary sequence-wise loss
+  // (balance_scope = sequence, at balance_coef); none carries none.
+  balance_loss_on_ = cfg_.moe.balance == "aux_loss" || (aux_free_ && cfg_.moe.balance_scope == "sequence");
+  if (!balance_loss_on_) bal_log_coef_ = bal_loss_coef_ = 0;
   if (seq_len_ > m.max_seq)
     throw Error("sequence length " + std::to_string(seq_len_) + " exceeds model.max_seq = " + std::to_string(m.max_seq));
 
-  const int64_t D = d_model_, V = m.vocab, qdim = heads_ * head_dim_, kvdim = kv_heads_ * head_dim_;
-  const int64_t H = m.mlp_hidden_resolved(), He = cfg_.moe.expert_hidden;
-  const int64_t Hs = cfg_.moe.shared_hidden > 0 ? cfg_.moe.shared_hidden : He;
-  const bool shared = experts_ > 0 && cfg_.moe.shared_expert;
-  const auto moe_mask = cfg_.moe_layer_mask();
-  const int64_t gate_channels = m.ve_gate_channels;
+  const Widths w = widths();
+  declare_params(w);
+  place_params();
+  // Resolve parameter pointers only now: the table no longer grows.
+  wte_ = &params_.get("transformer.wte.weight");
+  head_ = &params_.get("lm_head.weight");
+  if (m.scalar_lambdas) {
+    resid_lambdas_ = &params_.get("resid_lambdas");
+    x0_lambdas_ = &params_.get("x0_lambdas");
+  }
+  layers_.resize(size_t(m.layers));
+  allocate_layers(w);
+  make_rotary_tables();
+  allocate_step_buffers(w);
+  allocate_backward_scratch(w);
+  plan_fp8(w);
+}
 
-  // Parameters, under nanochat's names.
+GptMoE::Widths GptMoE::widths() const {
+  const ModelConfig& m = cfg_.model;
+  Widths w;
+  w.D = d_model_;
+  w.V = m.vocab;
+  w.qdim = heads_ * head_dim_;
+  w.kvdim = kv_heads_ * head_dim_;
+  w.H = m.mlp_hidden_resolved();
+  w.He = cfg_.moe.expert_hidden;
+  // N shared experts of shared_hidden each run as one MLP of N * shared_hidden: ReLU² is
+  // elementwise, so the sum of the N experts' outputs is the wide MLP's output.
+  w.shared = experts_ > 0 && cfg_.moe.shared_count() > 0;
+  w.Hs = (cfg_.moe.shared_hidden > 0 ? cfg_.moe.shared_hidden : w.He) * (w.shared ? cfg_.moe.shared_count() : 1);
+  w.moe_mask = cfg_.moe_layer_mask();
+  return w;
+}
+
+Tensor GptMoE::zeros(const Shape& s, DType t) {
+  Tensor x = be_.alloc(s, t);
+  be_.fill(x, 0.0f);  // no stale NaN anywhere, even in rows an op never writes
+  return x;
+}
+
+void GptMoE::declare_params(const Widths& w) {
+  const ModelConfig& m = cfg_.model;
+  const int64_t D = w.D, V = w.V, qdim = w.qdim, kvdim = w.kvdim, H = w.H, He = w.He, Hs = w.Hs;
+  const int64_t gate_channels = m.ve_gate_channels;
+  const auto& moe_mask = w.moe_mask;
+  const bool shared = w.shared;
   add_param("transformer.wte.weight", ParamGroup::embedding, {V, D});
   for (int64_t i = 0; i < m.layers; ++i) {
     std::string p = "transformer.h." + std::to_string(i) + ".";
@@ -87,6 +154,7 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
     if (has_value_embedding(i)) add_param(p + "attn.ve_gate.weight", ParamGroup::matrix, {kv_heads_, gate_channels});
     if (moe_mask[size_t(i)]) {
       add_param(p + "mlp.router.weight", ParamGroup::matrix, {experts_, D});
+      if (cfg_.moe.balance == "aux_free") add_param(p + "mlp.router.score_bias", ParamGroup::buffer, {experts_});
       add_param(p + "mlp.experts.w_fc", ParamGroup::matrix, {experts_local_, He, D});
       add_param(p + "mlp.experts.w_proj", ParamGroup::matrix, {experts_local_, D, He});
       if (shared) {
@@ -106,110 +174,119 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   }
   add_param("lm_head.weight", ParamGroup::unembedding, {V, D});
 
-  place_params();
-  // Resolve parameter pointers only now: the table no longer grows.
-  wte_ = &params_.get("transformer.wte.weight");
-  head_ = &params_.get("lm_head.weight");
-  if (m.scalar_lambdas) {
-    resid_lambdas_ = &params_.get("resid_lambdas");
-    x0_lambdas_ = &params_.get("x0_lambdas");
-  }
-  layers_.resize(size_t(m.layers));
-  auto alloc0 = [&](const Shape& s, DType t) {
-    Tensor x = be_.alloc(s, t);
-    be_.fill(x, 0.0f);  // no stale NaN anywhere, even in rows an op never writes
-    return x;
-  };
-  const int64_t B = rows_, T = seq_len_;
+}
+
+void GptMoE::allocate_layers(const Widths& w) {
+  const ModelConfig& m = cfg_.model;
   const auto windows = cfg_.layer_windows(cfg_.train.seq_len);
   for (int64_t i = 0; i < m.layers; ++i) {
     Layer& l = layers_[size_t(i)];
-    std::string p = "transformer.h." + std::to_string(i) + ".";
-    l.moe = moe_mask[size_t(i)];
+    l.moe = w.moe_mask[size_t(i)];
     l.window = int(windows[size_t(i)]);
-    l.wq = &params_.get(p + "attn.c_q.weight");
-    l.wk = &params_.get(p + "attn.c_k.weight");
-    l.wv = &params_.get(p + "attn.c_v.weight");
-    l.wo = &params_.get(p + "attn.c_proj.weight");
-    l.x_in = alloc0({n_, D}, act_);
-    l.xn1 = alloc0({n_, D}, act_);
-    l.rstd1 = alloc0({n_}, stat_);
-    l.q = alloc0({B, T, heads_, head_dim_}, act_);
-    l.k = alloc0({B, T, kv_heads_, head_dim_}, act_);
-    l.v = alloc0({B, T, kv_heads_, head_dim_}, act_);
-    l.qr = alloc0({B, T, heads_, head_dim_}, act_);
-    l.kr = alloc0({B, T, kv_heads_, head_dim_}, act_);
-    l.rstd_q = alloc0({n_ * heads_}, stat_);
-    l.rstd_k = alloc0({n_ * kv_heads_}, stat_);
-    l.att = alloc0({B, T, heads_, head_dim_}, act_);
-    l.lse = alloc0({B, heads_, T}, stat_);
-    if (fp8_dense_) {  // the q, k, v and output projections' inputs, transposed for their weight gradients
-      l.xn1_t = lin_.saved_input(n_, D);
-      l.att_t = lin_.saved_input(n_, qdim);
-    }
-    l.x_mid = alloc0({n_, D}, act_);
-    l.xn2 = alloc0({n_, D}, act_);
-    l.rstd2 = alloc0({n_}, stat_);
-    if (m.scalar_lambdas) l.x_pre = alloc0({n_, D}, act_);
-    if (has_value_embedding(i)) {
-      l.ve = &params_.get("value_embeds." + std::to_string(i) + ".weight");
-      l.ve_gate = &params_.get(p + "attn.ve_gate.weight");
-      l.ve_x = alloc0({n_, kvdim}, act_);
-      l.gate = alloc0({n_, kv_heads_}, stat_);
-    }
-    if (l.moe) {
-      l.router = &params_.get(p + "mlp.router.weight");
-      l.w_fc = &params_.get(p + "mlp.experts.w_fc");
-      l.w_proj = &params_.get(p + "mlp.experts.w_proj");
-      l.router_logits = alloc0({n_, experts_}, stat_);
-      l.probs = alloc0({n_, experts_}, stat_);
-      l.topk = alloc0({n_, top_k_}, DType::i32);
-      l.gates = alloc0({n_, top_k_}, stat_);
-      l.routed = alloc0({experts_}, DType::i32);
-      l.routed_group = alloc0({experts_}, DType::i32);
-      l.counts = alloc0({experts_}, DType::i32);
-      l.offsets = alloc0({experts_ + 1}, DType::i32);
-      l.slot = alloc0({n_ * top_k_}, DType::i32);
-      l.row_token = alloc0({std::max<int64_t>(rows_max_, n_ * top_k_)}, DType::i32);
-      if (fp8_experts_) {
-        // The backward reads the saved FP8 copies, so the bf16 input lives only through the forward.
-        // ReLU² folded into the GEMMs leaves no a = relu²(h) to hold at all.
-        if (!expert_x_shared_.data) expert_x_shared_ = alloc0({rows_max_, D}, act_);
-        l.xp = expert_x_shared_;
-        l.xp_saved = lin_.saved_expert_operand(rows_max_, D, int(experts_));
-        l.ap_saved = lin_.saved_expert_operand(rows_max_, He, int(experts_));
-      } else {
-        l.xp = alloc0({rows_max_, D}, act_);
-        l.ap = alloc0({rows_max_, He}, act_);
-      }
-      l.hp = alloc0({rows_max_, He}, act_);
-      l.yp = alloc0({rows_max_, D}, act_);
-      l.bal = alloc0({1}, stat_);
-      if (expert_group_) {
-        // Every rank's rows may come to this rank's experts.
-        const int64_t local_rows = rows_max_ * expert_group_->world();
-        l.exchange = std::make_unique<ExpertExchange>(*expert_group_, int(experts_));
-        l.offsets_local = alloc0({experts_local_ + 1}, DType::i32);
-        l.xp_local = alloc0({local_rows, D}, act_);
-        l.hp_local = alloc0({local_rows, He}, act_);
-        l.ap_local = alloc0({local_rows, He}, act_);
-        l.yp_local = alloc0({local_rows, D}, act_);
-      }
-      if (shared) {
-        l.sh_fc = &params_.get(p + "mlp.shared.c_fc.weight");
-        l.sh_proj = &params_.get(p + "mlp.shared.c_proj.weight");
-        l.h = alloc0({n_, Hs}, act_);
-        l.a = alloc0({n_, Hs}, act_);
-      }
-    } else {
-      l.fc = &params_.get(p + "mlp.c_fc.weight");
-      l.proj = &params_.get(p + "mlp.c_proj.weight");
-      l.h = alloc0({n_, H}, act_);
-      l.a = alloc0({n_, H}, act_);
-    }
+    allocate_attention(l, i, w);
+    if (l.moe) allocate_moe(l, i, w);
+    else allocate_dense_mlp(l, i, w);
   }
+}
 
-  // Rotary tables.
+void GptMoE::allocate_attention(Layer& l, int64_t i, const Widths& w) {
+  const int64_t B = rows_, T = seq_len_, D = w.D, qdim = w.qdim, kvdim = w.kvdim;
+  const std::string p = "transformer.h." + std::to_string(i) + ".";
+  l.wq = &params_.get(p + "attn.c_q.weight");
+  l.wk = &params_.get(p + "attn.c_k.weight");
+  l.wv = &params_.get(p + "attn.c_v.weight");
+  l.wo = &params_.get(p + "attn.c_proj.weight");
+  l.x_in = zeros({n_, D}, act_);
+  l.xn1 = zeros({n_, D}, act_);
+  l.rstd1 = zeros({n_}, stat_);
+  l.q = zeros({B, T, heads_, head_dim_}, act_);
+  l.k = zeros({B, T, kv_heads_, head_dim_}, act_);
+  l.v = zeros({B, T, kv_heads_, head_dim_}, act_);
+  l.qr = zeros({B, T, heads_, head_dim_}, act_);
+  l.kr = zeros({B, T, kv_heads_, head_dim_}, act_);
+  l.rstd_q = zeros({n_ * heads_}, stat_);
+  l.rstd_k = zeros({n_ * kv_heads_}, stat_);
+  l.att = zeros({B, T, heads_, head_dim_}, act_);
+  l.lse = zeros({B, heads_, T}, stat_);
+  if (fp8_.dense) {  // the q, k, v and output projections' inputs, transposed for their weight gradients
+    l.xn1_t = lin_.saved_input(n_, D);
+    l.att_t = lin_.saved_input(n_, qdim);
+  }
+  l.x_mid = zeros({n_, D}, act_);
+  l.xn2 = zeros({n_, D}, act_);
+  l.rstd2 = zeros({n_}, stat_);
+  if (cfg_.model.scalar_lambdas) l.x_pre = zeros({n_, D}, act_);
+  if (has_value_embedding(i)) {
+    l.ve = &params_.get("value_embeds." + std::to_string(i) + ".weight");
+    l.ve_gate = &params_.get(p + "attn.ve_gate.weight");
+    l.ve_x = zeros({n_, kvdim}, act_);
+    l.gate = zeros({n_, kv_heads_}, stat_);
+  }
+}
+
+void GptMoE::allocate_moe(Layer& l, int64_t i, const Widths& w) {
+  const int64_t D = w.D, He = w.He, Hs = w.Hs;
+  const std::string p = "transformer.h." + std::to_string(i) + ".";
+  l.router = &params_.get(p + "mlp.router.weight");
+  if (aux_free_) l.score_bias = &params_.get(p + "mlp.router.score_bias");
+  if (global_scope_) {
+    l.routed_acc = zeros({experts_}, stat_);
+    l.routed_step = zeros({experts_}, DType::i32);
+  }
+  l.w_fc = &params_.get(p + "mlp.experts.w_fc");
+  l.w_proj = &params_.get(p + "mlp.experts.w_proj");
+  l.router_logits = zeros({n_, experts_}, stat_);
+  l.probs = zeros({n_, experts_}, stat_);
+  l.topk = zeros({n_, top_k_}, DType::i32);
+  l.gates = zeros({n_, top_k_}, stat_);
+  l.routed = zeros({experts_}, DType::i32);
+  l.routed_group = zeros({experts_}, DType::i32);
+  l.counts = zeros({experts_}, DType::i32);
+  l.offsets = zeros({experts_ + 1}, DType::i32);
+  l.slot = zeros({n_ * top_k_}, DType::i32);
+  l.row_token = zeros({std::max<int64_t>(rows_max_, n_ * top_k_)}, DType::i32);
+  if (fp8_.experts) {
+    // The backward reads the saved FP8 copies, so the bf16 input lives only through the forward.
+    // ReLU² folded into the GEMMs leaves no a = relu²(h) to hold at all.
+    if (!expert_x_shared_.data) expert_x_shared_ = zeros({rows_max_, D}, act_);
+    l.xp = expert_x_shared_;
+    l.xp_saved = lin_.saved_expert_operand(rows_max_, D, int(experts_));
+    l.ap_saved = lin_.saved_expert_operand(rows_max_, He, int(experts_));
+  } else {
+    l.xp = zeros({rows_max_, D}, act_);
+    l.ap = zeros({rows_max_, He}, act_);
+  }
+  l.hp = zeros({rows_max_, He}, act_);
+  l.yp = zeros({rows_max_, D}, act_);
+  l.bal = zeros({1}, stat_);
+  if (expert_group_) {
+    // Every rank's rows may come to this rank's experts.
+    const int64_t local_rows = rows_max_ * expert_group_->world();
+    l.exchange = std::make_unique<ExpertExchange>(*expert_group_, int(experts_));
+    l.offsets_local = zeros({experts_local_ + 1}, DType::i32);
+    l.xp_local = zeros({local_rows, D}, act_);
+    l.hp_local = zeros({local_rows, He}, act_);
+    l.ap_local = zeros({local_rows, He}, act_);
+    l.yp_local = zeros({local_rows, D}, act_);
+  }
+  if (w.shared) {
+    l.sh_fc = &params_.get(p + "mlp.shared.c_fc.weight");
+    l.sh_proj = &params_.get(p + "mlp.shared.c_proj.weight");
+    l.h = zeros({n_, Hs}, act_);
+    l.a = zeros({n_, Hs}, act_);
+  }
+}
+
+void GptMoE::allocate_dense_mlp(Layer& l, int64_t i, const Widths& w) {
+  const std::string p = "transformer.h." + std::to_string(i) + ".";
+  l.fc = &params_.get(p + "mlp.c_fc.weight");
+  l.proj = &params_.get(p + "mlp.c_proj.weight");
+  l.h = zeros({n_, w.H}, act_);
+  l.a = zeros({n_, w.H}, act_);
+}
+
+void GptMoE::make_rotary_tables() {
+  const ModelConfig& m = cfg_.model;
   const int64_t half = head_dim_ / 2;
   std::vector<float> c(size_t(m.max_seq * half)), s(c.size());
   for (int64_t t = 0; t < m.max_seq; ++t)
@@ -222,91 +299,106 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   sin_ = be_.alloc({m.max_seq, half}, stat_);
   be_.write(cos_, c);
   be_.write(sin_, s);
+}
 
-  emb_ = alloc0({n_, D}, act_);
-  rstd0_ = alloc0({n_}, stat_);
-  x_out_ = alloc0({n_, D}, act_);
-  xf_ = alloc0({n_, D}, act_);
-  rstd_f_ = alloc0({n_}, stat_);
+// The step's own buffers: embeddings, the final norm, the head's chunked logits, the losses, and
+// the statistics and FP8 amax slots it fills on the device.
+void GptMoE::allocate_step_buffers(const Widths& w) {
+  const int64_t D = w.D, V = w.V;
+  const auto& moe_mask = w.moe_mask;
+  emb_ = zeros({n_, D}, act_);
+  rstd0_ = zeros({n_}, stat_);
+  x_out_ = zeros({n_, D}, act_);
+  xf_ = zeros({n_, D}, act_);
+  rstd_f_ = zeros({n_}, stat_);
   // Logits are computed in row chunks of at most ~32M elements, never for the whole batch.
   chunk_rows_ = std::clamp<int64_t>((int64_t(1) << 25) / V, 1, n_);
   // FP8 GEMMs on the GPU need row counts in multiples of 16 (n_ is one, so every chunk is).
-  if (fp8_head_ && chunk_rows_ >= 16) chunk_rows_ -= chunk_rows_ % 16;
-  logits_ = alloc0({chunk_rows_, V}, act_);
-  losses_ = alloc0({n_}, stat_);
-  loss_sum_ = alloc0({1}, stat_);
-  bal_sum_ = alloc0({1}, stat_);
+  if (fp8_.head && chunk_rows_ >= 16) chunk_rows_ -= chunk_rows_ % 16;
+  logits_ = zeros({chunk_rows_, V}, act_);
+  losses_ = zeros({n_}, stat_);
+  loss_sum_ = zeros({1}, stat_);
+  bal_sum_ = zeros({1}, stat_);
   int64_t moe_layers = std::count(moe_mask.begin(), moe_mask.end(), true);
-  load_acc_ = alloc0({std::max<int64_t>(moe_layers * experts_, 1)}, stat_);
+  load_acc_ = zeros({std::max<int64_t>(moe_layers * experts_, 1)}, stat_);
   // FP8 experts with tensor scaling: the experts' operands' amax, raised by their producers.
-  if (fp8_experts_ && cfg_.fp8.recipe == "tensorwise" && !expert_group_ && moe_layers > 0) {
-    expert_amax_ = alloc0({moe_layers, 4, experts_}, DType::f32);
+  if (fp8_.experts && fp8_.producer_amax() && !expert_group_ && moe_layers > 0) {
+    expert_amax_ = zeros({moe_layers, 4, experts_}, DType::f32);
     int64_t mi = 0;
     for (Layer& l : layers_)
       if (l.moe) l.expert_amax = expert_amax_.index(mi++);
   }
   // FP8 dense layers and head with tensor scaling: their operands' amax, raised by the norms and
   // the loss that write them.
-  const bool tensorwise = cfg_.fp8.recipe == "tensorwise";
-  const int64_t dense_slots = fp8_dense_ && tensorwise ? int64_t(layers_.size()) * 4 : 0;
-  const int64_t head_slots = fp8_head_ && tensorwise ? (n_ + chunk_rows_ - 1) / chunk_rows_ : 0;
+  const bool tensorwise = fp8_.producer_amax();
+  const int64_t dense_slots = fp8_.dense && tensorwise ? int64_t(layers_.size()) * 4 : 0;
+  const int64_t head_slots = fp8_.head && tensorwise ? (n_ + chunk_rows_ - 1) / chunk_rows_ : 0;
   if (dense_slots + head_slots > 0) {
-    dense_amax_ = alloc0({dense_slots + head_slots}, DType::f32);
-    for (int64_t i = 0; i < dense_slots; ++i) layers_[size_t(i / 4)].dense_amax[size_t(i % 4)] = elements(dense_amax_, i, i + 1);
+    dense_amax_ = zeros({dense_slots + head_slots}, DType::f32);
+    for (int64_t i = 0; i < dense_slots; ++i)
+      layers_[size_t(i / 4)].dense_amax[size_t(i % 4)].amax = elements(dense_amax_, i, i + 1);
     for (int64_t c = 0; c < head_slots; ++c)
-      head_dy_amax_.push_back(elements(dense_amax_, dense_slots + c, dense_slots + c + 1));
+      head_dy_amax_.push_back(AmaxSink{elements(dense_amax_, dense_slots + c, dense_slots + c + 1), {}});
   }
-  kept_acc_ = alloc0({std::max<int64_t>(moe_layers, 1)}, stat_);
-  tmp1_ = alloc0({std::max<int64_t>(experts_, 1)}, stat_);
+  kept_acc_ = zeros({std::max<int64_t>(moe_layers, 1)}, stat_);
+  router_acc_ = zeros({std::max<int64_t>(moe_layers, 1) * 2}, stat_);
+  load_step_ = zeros({std::max<int64_t>(moe_layers * experts_, 1)}, stat_);
+  tmp1_ = zeros({std::max<int64_t>(experts_, 1)}, stat_);
+}
 
-  // Backward scratch.
+void GptMoE::allocate_backward_scratch(const Widths& w) {
+  const int64_t B = rows_, T = seq_len_, D = w.D, H = w.H, He = w.He, Hs = w.Hs;
   const int64_t Hmax = std::max({H, He, Hs});
-  dx_ = alloc0({n_, D}, act_);
-  dxn_ = alloc0({n_, D}, act_);
-  dxf_ = alloc0({n_, D}, act_);
-  dtmp_ = alloc0({n_, D}, act_);
-  datt_ = alloc0({B, T, heads_, head_dim_}, act_);
-  dq_ = alloc0({B, T, heads_, head_dim_}, act_);
-  dk_ = alloc0({B, T, kv_heads_, head_dim_}, act_);
-  dv_ = alloc0({B, T, kv_heads_, head_dim_}, act_);
-  dqraw_ = alloc0({B, T, heads_, head_dim_}, act_);
-  dkraw_ = alloc0({B, T, kv_heads_, head_dim_}, act_);
-  dh_ = alloc0({n_ * Hmax}, act_);
-  if (m.scalar_lambdas) dx0_ = alloc0({n_, D}, act_);
-  da_ = alloc0({n_ * Hmax}, act_);
+  dx_ = zeros({n_, D}, act_);
+  dxn_ = zeros({n_, D}, act_);
+  dxf_ = zeros({n_, D}, act_);
+  dtmp_ = zeros({n_, D}, act_);
+  datt_ = zeros({B, T, heads_, head_dim_}, act_);
+  dq_ = zeros({B, T, heads_, head_dim_}, act_);
+  dk_ = zeros({B, T, kv_heads_, head_dim_}, act_);
+  dv_ = zeros({B, T, kv_heads_, head_dim_}, act_);
+  dqraw_ = zeros({B, T, heads_, head_dim_}, act_);
+  dkraw_ = zeros({B, T, kv_heads_, head_dim_}, act_);
+  dh_ = zeros({n_ * Hmax}, act_);
+  if (cfg_.model.scalar_lambdas) dx0_ = zeros({n_, D}, act_);
+  da_ = zeros({n_ * Hmax}, act_);
   if (experts_) {
-    dyp_ = alloc0({rows_max_, D}, act_);
-    dhp_ = alloc0({rows_max_, He}, act_);
-    dxp_ = alloc0({rows_max_, D}, act_);
+    dyp_ = zeros({rows_max_, D}, act_);
+    dhp_ = zeros({rows_max_, He}, act_);
+    dxp_ = zeros({rows_max_, D}, act_);
     if (expert_group_) {
       const int64_t local_rows = rows_max_ * expert_group_->world();
-      ep_stage_ = alloc0({local_rows * std::max(D, He)}, act_);
-      dyp_local_ = alloc0({local_rows, D}, act_);
-      dap_local_ = alloc0({local_rows, He}, act_);
-      dhp_local_ = alloc0({local_rows, He}, act_);
-      dxp_local_ = alloc0({local_rows, D}, act_);
+      ep_stage_ = zeros({local_rows * std::max(D, He)}, act_);
+      dyp_local_ = zeros({local_rows, D}, act_);
+      dap_local_ = zeros({local_rows, He}, act_);
+      dhp_local_ = zeros({local_rows, He}, act_);
+      dxp_local_ = zeros({local_rows, D}, act_);
     }
-    dgates_ = alloc0({n_, top_k_}, stat_);
-    dlogits_r_ = alloc0({n_, experts_}, stat_);
-    if (act_ != stat_) dlogits_r_act_ = alloc0({n_, experts_}, act_);
+    dgates_ = zeros({n_, top_k_}, stat_);
+    dlogits_r_ = zeros({n_, experts_}, stat_);
+    if (act_ != stat_) dlogits_r_act_ = zeros({n_, experts_}, act_);
   }
+}
 
-  // FP8 quantization buffers, planned over every linear the recipe puts in FP8.
-  if (fp8_dense_) {
+// The FP8 forms: quantization buffers for every linear the recipe puts in FP8, and the weights
+// those linears multiply with their amax slots.
+void GptMoE::plan_fp8(const Widths& w) {
+  const int64_t D = w.D, V = w.V, qdim = w.qdim, kvdim = w.kvdim, H = w.H, Hs = w.Hs;
+  if (fp8_.dense) {
     for (int64_t out : {qdim, kvdim}) lin_.plan(n_, out, D);
     lin_.plan(n_, D, qdim);
     bool dense_mlp = false;
-    for (bool moe : moe_mask) dense_mlp = dense_mlp || !moe;
+    for (bool moe : w.moe_mask) dense_mlp = dense_mlp || !moe;
     if (dense_mlp) {
       lin_.plan(n_, H, D);
       lin_.plan(n_, D, H);
     }
-    if (shared) {
+    if (w.shared) {
       lin_.plan(n_, Hs, D);
       lin_.plan(n_, D, Hs);
     }
   }
-  if (fp8_head_) {
+  if (fp8_.head) {
     lin_.plan(chunk_rows_, V, D);
     head_xt_ = lin_.saved_input(chunk_rows_, D);  // one chunk's x^T, from its forward to its backward
   }
@@ -314,11 +406,11 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
   // Under tensor scaling the optimizer raises their amax as it writes them (Param::value_amax),
   // one per expert of a stack and one per matrix, so the refresh needs no amax pass.
   int64_t amax_slots = 0;
-  const bool forms_amax = cfg_.fp8.recipe == "tensorwise";
+  const bool forms_amax = fp8_.producer_amax();
   auto amax_groups = [](const Param& p) { return p.value.ndim() == 3 ? p.value.dim(0) : int64_t(1); };
   for (const Param& p : params_.params)
     if (read_in_fp8_only(p) && forms_amax) amax_slots += amax_groups(p);
-  if (amax_slots > 0) weights_amax_ = alloc0({amax_slots}, DType::f32);
+  if (amax_slots > 0) weights_amax_ = zeros({amax_slots}, DType::f32);
   int64_t slot = 0;
   for (Param& p : params_.params) {
     if (!read_in_fp8_only(p)) continue;
@@ -333,11 +425,11 @@ GptMoE::GptMoE(Backend& backend, const Config& cfg, int64_t rows, int64_t seq_le
 
 bool GptMoE::read_in_fp8_only(const Param& p) const {
   const std::string& n = p.name;
-  if (n == "lm_head.weight") return fp8_head_;
-  if (n.ends_with("mlp.experts.w_fc") || n.ends_with("mlp.experts.w_proj")) return fp8_experts_;
+  if (n == "lm_head.weight") return fp8_.head;
+  if (n.ends_with("mlp.experts.w_fc") || n.ends_with("mlp.experts.w_proj")) return fp8_.experts;
   // Attention's q, k, v and output projections, the dense MLP's and the shared expert's.
   for (const char* dense : {".c_q.weight", ".c_k.weight", ".c_v.weight", ".c_proj.weight", ".c_fc.weight"})
-    if (n.ends_with(dense)) return fp8_dense_;
+    if (n.ends_with(dense)) return fp8_.dense;
   return false;
 }
 
@@ -393,6 +485,10 @@ void GptMoE::init_weights(uint64_t seed, bool all_random) {
   const double s = std::sqrt(3.0) / std::sqrt(double(d_model_)) * cfg_.model.init_scale;
   uint64_t stream = 0;
   for (auto& p : params_.params) {
+    if (p.group == ParamGroup::buffer) {  // state, not a weight: zero, and no random stream taken
+      be_.fill(p.value, 0.0f);
+      continue;
+    }
     Rng rng(seed, ++stream);
     // An expert-parallel rank draws the whole stack, as one rank would, and keeps its experts.
     const bool shard = expert_group_ && p.name.find("mlp.experts.") != std::string::npos;
@@ -440,13 +536,30 @@ void GptMoE::begin_step() {
   be_.fill(bal_sum_, 0.0f);
   be_.fill(load_acc_, 0.0f);
   be_.fill(kept_acc_, 0.0f);
+  be_.fill(router_acc_, 0.0f);
+  for (Layer& l : layers_)
+    if (l.routed_acc.data) be_.fill(l.routed_acc, 0.0f);
+}
+
+void GptMoE::end_step() {
+  if (experts_ == 0) return;
+  be_.copy(load_acc_, load_step_);
+  if (group_ && group_->world() > 1) group_->all_reduce_sum(load_step_);
+  if (!aux_free_) return;
+  int64_t mi = 0;
+  for (Layer& l : layers_) {
+    if (!l.moe) continue;
+    be_.router_bias_update(elements(load_step_, mi * experts_, (mi + 1) * experts_), float(cfg_.moe.bias_update_rate),
+                           l.score_bias->value);
+    ++mi;
+  }
 }
 
 void GptMoE::dense_forward(Param& fc, Param& proj, const Tensor& xn, Tensor& h, Tensor& a, Tensor& out,
                            bool accumulate) {
-  lin_.forward(fp8_dense_, xn, fc.compute, h);
+  lin_.forward(fp8_.dense, xn, fc.compute, h);
   be_.relu2_fwd(h, a);
-  lin_.forward(fp8_dense_, a, proj.compute, out, accumulate ? 1.0f : 0.0f);
+  lin_.forward(fp8_.dense, a, proj.compute, out, accumulate ? 1.0f : 0.0f);
 }
 
 void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
@@ -455,19 +568,31 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
     return;
   }
   be_.matmul(xn, false, l.router->compute, true, l.router_logits);
-  be_.router_topk(l.router_logits, int(top_k_), l.probs, l.topk, l.gates);
+  be_.router_topk(l.router_logits, router_spec_, l.score_bias ? &l.score_bias->value : nullptr, l.probs, l.topk,
+                  l.gates);
   be_.moe_plan(l.topk, int(experts_), int(capacity_), l.routed, l.counts, l.offsets, l.slot, l.row_token,
                drop_order_);
   if (group_routing_) {  // the group's routing: f_e over every rank's assignments
     be_.copy(l.routed, l.routed_group);
     group_->all_reduce_sum(l.routed_group);
   }
-  be_.balance_loss(l.probs, group_routing_ ? l.routed_group : l.routed, bal_log_coef_, l.bal);
+  if (global_scope_) {
+    // The step's counts so far, this micro-batch included: a micro-batch's backward runs before
+    // the later ones exist (Megatron-Core's global aux loss reads its running counts the same way).
+    be_.copy(group_routing_ ? l.routed_group : l.routed, tmp1_);
+    be_.axpby(1.0f, tmp1_, 1.0f, l.routed_acc);
+    be_.copy(l.routed_acc, l.routed_step);
+  }
+  if (balance_loss_on_) {
+    BalanceSpec bs = balance_spec_;
+    bs.coef = bal_log_coef_;
+    be_.balance_loss(l.probs, l.topk, routed_for_balance(l), bs, l.bal);
+  }
   // With FP8 experts under tensor scaling, each producer of an expert GEMM's operand (the
   // permute, ReLU², the combine's backward, ReLU²'s backward) raises its experts' amax.
   const bool amax = l.expert_amax.data != nullptr;
-  auto amax_of = [&](int which) { return ExpertAmax{l.expert_amax.index(which), l.offsets}; };
-  const ExpertAmax xp_amax = amax ? amax_of(0) : ExpertAmax{}, ap_amax = amax ? amax_of(1) : ExpertAmax{};
+  auto amax_of = [&](int which) { return AmaxSink{l.expert_amax.index(which), l.offsets}; };
+  const AmaxSink xp_amax = amax ? amax_of(0) : AmaxSink{}, ap_amax = amax ? amax_of(1) : AmaxSink{};
   be_.moe_permute(xn, l.row_token, l.offsets, l.xp, amax ? &xp_amax : nullptr);
   if (l.exchange) {  // this rank's experts over every rank's rows for them, then back
     ExpertExchange& ex = *l.exchange;
@@ -480,7 +605,7 @@ void GptMoE::mlp_forward(Layer& l, const Tensor& xn, Tensor& out) {
     be_.relu2_fwd(h, a);
     lin_.expert_forward(false, l.ap_local, l.w_proj->compute, l.yp_local, l.offsets_local, l.ap_saved);
     ex.gather(l.yp_local, l.yp, ep_stage_);
-  } else if (!fp8_experts_) {
+  } else if (!fp8_.experts) {
     // ReLU² inside the BF16 GEMMs: the up projection stores h and a = relu²(h) from one tile.
     ExpertRelu2Fold up;
     up.relu2_output = &l.ap;
@@ -514,13 +639,13 @@ void GptMoE::forward(const Tensor& tokens) {
     if (lambdas)
       be_.lambda_mix_fwd(elements(resid_lambdas_->value, int64_t(i), int64_t(i) + 1), l.x_pre,
                          elements(x0_lambdas_->value, int64_t(i), int64_t(i) + 1), layers_[0].x_pre, l.x_in);
-    const Tensor* xn1_amax = present(l.dense_amax[Layer::xn1_amax]);
-    be_.rmsnorm_fwd(l.x_in, l.xn1, l.rstd1, xn1_amax);
+    const AmaxSink& xn1_amax = l.dense_amax[Layer::xn1_amax];
+    be_.rmsnorm_fwd(l.x_in, l.xn1, l.rstd1, sink(xn1_amax));
     Tensor q = tokens_by_features(l.q), k = tokens_by_features(l.k), v = tokens_by_features(l.v);
-    lin_.forward(fp8_dense_, l.xn1, l.wq->compute, q, 0.0f, LinearGemms::none, fp8_dense_ ? &l.xn1_t : nullptr,
-                 xn1_amax);
-    lin_.forward(fp8_dense_, l.xn1, l.wk->compute, k, 0.0f, LinearGemms::same_x);
-    lin_.forward(fp8_dense_, l.xn1, l.wv->compute, v, 0.0f, LinearGemms::same_x);
+    lin_.forward(fp8_.dense, l.xn1, l.wq->compute, q, 0.0f, LinearGemms::none, fp8_.dense ? &l.xn1_t : nullptr,
+                 recorded(xn1_amax));
+    lin_.forward(fp8_.dense, l.xn1, l.wk->compute, k, 0.0f, LinearGemms::same_x);
+    lin_.forward(fp8_.dense, l.xn1, l.wv->compute, v, 0.0f, LinearGemms::same_x);
     if (l.ve) {
       be_.embedding_fwd(tokens, l.ve->compute, l.ve_x);
       be_.value_gate_fwd(l.xn1, l.ve_gate->compute, l.ve_x, v, l.gate);
@@ -529,8 +654,8 @@ void GptMoE::forward(const Tensor& tokens) {
     be_.rope_norm_fwd(l.k, cos_, sin_, l.kr, l.rstd_k);
     be_.attention_fwd(l.qr, l.kr, l.v, l.att, l.lse, l.window);
     be_.copy(l.x_in, l.x_mid);
-    lin_.forward(fp8_dense_, tokens_by_features(l.att), l.wo->compute, l.x_mid, 1.0f, LinearGemms::none,
-                 fp8_dense_ ? &l.att_t : nullptr);
+    lin_.forward(fp8_.dense, tokens_by_features(l.att), l.wo->compute, l.x_mid, 1.0f, LinearGemms::none,
+                 fp8_.dense ? &l.att_t : nullptr);
     be_.rmsnorm_fwd(l.x_mid, l.xn2, l.rstd2);
     be_.copy(l.x_mid, next);
     mlp_forward(l, l.xn2, next);
@@ -544,6 +669,8 @@ void GptMoE::forward(const Tensor& tokens) {
       be_.copy(elements(l.offsets, experts_, experts_ + 1), kept);
       Tensor kept_acc = elements(kept_acc_, moe_index, moe_index + 1);
       be_.axpby(1.0f, kept, 1.0f, kept_acc);
+      Tensor router_acc = elements(router_acc_, moe_index * 2, moe_index * 2 + 2);
+      be_.router_stats(l.router_logits, l.probs, router_spec_.score, router_acc);
       ++moe_index;
     }
   }
@@ -555,17 +682,17 @@ void GptMoE::head_loss(const Tensor& targets, float loss_scale, bool backward) {
   const Tensor losses = losses_.view({n_, 1});
   for (int64_t r0 = 0; r0 < n_; r0 += chunk_rows_) {
     int64_t r1 = std::min(n_, r0 + chunk_rows_);
-    const Tensor* dy_amax = head_dy_amax_.empty() ? nullptr : &head_dy_amax_[size_t(r0 / chunk_rows_)];
+    const AmaxSink* dy_amax = head_dy_amax_.empty() ? nullptr : &head_dy_amax_[size_t(r0 / chunk_rows_)];
     Tensor x = xf_.rows_slice(r0, r1);
     Tensor logits = logits_.rows_slice(0, r1 - r0);
     Tensor loss_rows = losses.rows_slice(r0, r1).view({r1 - r0});
-    lin_.forward(fp8_head_, x, head_->compute, logits, 0.0f, LinearGemms::none, fp8_head_ ? &head_xt_ : nullptr);
+    lin_.forward(fp8_.head, x, head_->compute, logits, 0.0f, LinearGemms::none, fp8_.head ? &head_xt_ : nullptr);
     be_.softcap_xent(logits, tgt.rows_slice(r0, r1).view({r1 - r0}), float(cfg_.model.softcap), loss_scale,
                      loss_rows, logits, dy_amax);
     if (backward) {
       Tensor dx = dxf_.rows_slice(r0, r1);
-      lin_.backward(fp8_head_, logits, head_->compute, x, dx, head_->grad, 0.0f, LinearGemms::none,
-                    fp8_head_ ? &head_xt_ : nullptr, dy_amax);
+      lin_.backward(fp8_.head, logits, head_->compute, x, dx, head_->grad, 0.0f, LinearGemms::none,
+                    fp8_.head ? &head_xt_ : nullptr, dy_amax ? &dy_amax->amax : nullptr);
     }
   }
 }
@@ -573,9 +700,9 @@ void GptMoE::head_loss(const Tensor& targets, float loss_scale, bool backward) {
 void GptMoE::dense_backward(Param& fc, Param& proj, const Tensor& xn, const Tensor& h, const Tensor& a,
                             const Tensor& dy, Tensor& dxn, bool accumulate) {
   Tensor da = da_.prefix(h.shape), dh = dh_.prefix(h.shape);
-  lin_.backward(fp8_dense_, dy, proj.compute, a, da, proj.grad);
+  lin_.backward(fp8_.dense, dy, proj.compute, a, da, proj.grad);
   be_.relu2_bwd(h, da, dh);
-  lin_.backward(fp8_dense_, dh, fc.compute, xn, dxn, fc.grad, accumulate ? 1.0f : 0.0f);
+  lin_.backward(fp8_.dense, dh, fc.compute, xn, dxn, fc.grad, accumulate ? 1.0f : 0.0f);
 }
 
 void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
@@ -584,8 +711,8 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
     return;
   }
   const bool amax = l.expert_amax.data != nullptr;  // as in mlp_forward
-  auto amax_of = [&](int which) { return ExpertAmax{l.expert_amax.index(which), l.offsets}; };
-  const ExpertAmax dyp_amax = amax ? amax_of(2) : ExpertAmax{}, dhp_amax = amax ? amax_of(3) : ExpertAmax{};
+  auto amax_of = [&](int which) { return AmaxSink{l.expert_amax.index(which), l.offsets}; };
+  const AmaxSink dyp_amax = amax ? amax_of(2) : AmaxSink{}, dhp_amax = amax ? amax_of(3) : AmaxSink{};
   be_.moe_combine_bwd(dy, l.yp, l.slot, l.gates, dyp_, dgates_, amax ? &dyp_amax : nullptr);
   if (l.exchange) {  // the rows' gradients to the experts' ranks, the inputs' gradients back
     ExpertExchange& ex = *l.exchange;
@@ -602,17 +729,20 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
     ExpertRelu2Fold fold;
     fold.relu2_input = &l.hp;
     fold.dx_amax = amax ? &dhp_amax.amax : nullptr;
-    lin_.expert_backward(fp8_experts_, dyp_, l.w_proj->compute, l.ap, l.ap_saved, dhp_, l.w_proj->grad, l.offsets,
+    lin_.expert_backward(fp8_.experts, dyp_, l.w_proj->compute, l.ap, l.ap_saved, dhp_, l.w_proj->grad, l.offsets,
                          amax ? &dyp_amax.amax : nullptr, fold);
-    lin_.expert_backward(fp8_experts_, dhp_, l.w_fc->compute, l.xp, l.xp_saved, dxp_, l.w_fc->grad, l.offsets,
+    lin_.expert_backward(fp8_.experts, dhp_, l.w_fc->compute, l.xp, l.xp_saved, dxp_, l.w_fc->grad, l.offsets,
                          amax ? &dhp_amax.amax : nullptr);
   }
   be_.fill(dxn, 0.0f);
   be_.moe_permute_bwd(dxp_, l.slot, dxn);
   // With the group's routing f_e is the group's; bal_scale_ already carries 1 / world (P_e is a
   // mean over the group's tokens), as it does for the mean of the ranks' own balance losses.
-  be_.router_bwd(l.probs, l.topk, l.gates, dgates_, group_routing_ ? l.routed_group : l.routed, bal_loss_coef_,
-                 bal_scale_, dlogits_r_);
+  BalanceSpec bs = balance_spec_;
+  bs.coef = bal_loss_coef_;
+  bs.grad_scale = bal_scale_;
+  be_.router_bwd(l.router_logits, l.probs, l.topk, l.gates, dgates_, routed_for_balance(l), router_spec_, bs,
+                 dlogits_r_);
   Tensor dl = dlogits_r_;
   if (act_ != stat_) {
     be_.copy(dlogits_r_, dlogits_r_act_);
@@ -625,21 +755,21 @@ void GptMoE::mlp_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
 
 void GptMoE::attention_backward(Layer& l, const Tensor& dy, Tensor& dxn) {
   Tensor datt = tokens_by_features(datt_);
-  const LinearGemms::SavedInput* att_t = fp8_dense_ ? &l.att_t : nullptr;
-  const LinearGemms::SavedInput* xn1_t = fp8_dense_ ? &l.xn1_t : nullptr;
+  const LinearGemms::SavedInput* att_t = fp8_.dense ? &l.att_t : nullptr;
+  const LinearGemms::SavedInput* xn1_t = fp8_.dense ? &l.xn1_t : nullptr;
   // dy's amax: raised by the RMSNorm backward that wrote it (forward_backward).
-  lin_.backward(fp8_dense_, dy, l.wo->compute, tokens_by_features(l.att), datt, l.wo->grad, 0.0f, LinearGemms::none,
-                att_t, present(l.dense_amax[Layer::proj_dy_amax]));
+  lin_.backward(fp8_.dense, dy, l.wo->compute, tokens_by_features(l.att), datt, l.wo->grad, 0.0f, LinearGemms::none,
+                att_t, recorded(l.dense_amax[Layer::proj_dy_amax]));
   be_.attention_bwd(l.qr, l.kr, l.v, l.att, l.lse, datt_, dq_, dk_, dv_, l.window);
-  const Tensor* dq_amax = present(l.dense_amax[Layer::dq_amax]);
-  const Tensor* dk_amax = present(l.dense_amax[Layer::dk_amax]);
-  be_.rope_norm_bwd(l.q, cos_, sin_, l.rstd_q, dq_, dqraw_, dq_amax);
-  be_.rope_norm_bwd(l.k, cos_, sin_, l.rstd_k, dk_, dkraw_, dk_amax);
-  lin_.backward(fp8_dense_, tokens_by_features(dqraw_), l.wq->compute, l.xn1, dxn, l.wq->grad, 0.0f, LinearGemms::none,
-                xn1_t, dq_amax);
-  lin_.backward(fp8_dense_, tokens_by_features(dkraw_), l.wk->compute, l.xn1, dxn, l.wk->grad, 1.0f, LinearGemms::none,
-                xn1_t, dk_amax);
-  lin_.backward(fp8_dense_, tokens_by_features(dv_), l.wv->compute, l.xn1, dxn, l.wv->grad, 1.0f, LinearGemms::none,
+  const AmaxSink& dq_amax = l.dense_amax[Layer::dq_amax];
+  const AmaxSink& dk_amax = l.dense_amax[Layer::dk_amax];
+  be_.rope_norm_bwd(l.q, cos_, sin_, l.rstd_q, dq_, dqraw_, sink(dq_amax));
+  be_.rope_norm_bwd(l.k, cos_, sin_, l.rstd_k, dk_, dkraw_, sink(dk_amax));
+  lin_.backward(fp8_.dense, tokens_by_features(dqraw_), l.wq->compute, l.xn1, dxn, l.wq->grad, 0.0f, LinearGemms::none,
+                xn1_t, recorded(dq_amax));
+  lin_.backward(fp8_.dense, tokens_by_features(dkraw_), l.wk->compute, l.xn1, dxn, l.wk->grad, 1.0f, LinearGemms::none,
+                xn1_t, recorded(dk_amax));
+  lin_.backward(fp8_.dense, tokens_by_features(dv_), l.wv->compute, l.xn1, dxn, l.wv->grad, 1.0f, LinearGemms::none,
                 xn1_t);
 }
 
@@ -658,7 +788,7 @@ void GptMoE::forward_backward(const Tensor& tokens, const Tensor& targets, float
   for (size_t i = layers_.size(); i-- > 0;) {
     Layer& l = layers_[i];
     mlp_backward(l, dx_, dxn_);
-    be_.rmsnorm_bwd(l.x_mid, l.rstd2, dxn_, dx_, true, present(l.dense_amax[Layer::proj_dy_amax]));
+    be_.rmsnorm_bwd(l.x_mid, l.rstd2, dxn_, dx_, true, sink(l.dense_amax[Layer::proj_dy_amax]));
     attention_backward(l, dx_, dxn_);
     if (l.ve) {
       // dv_ is the gradient w.r.t. v after the gated add; dkraw_ is free again as scratch for dve.
@@ -707,13 +837,39 @@ StepStats GptMoE::read_stats(int64_t micro_batches) {
     kept_total += kept[li];
   }
   s.drop_rate = routed_total > 0 ? 1.0 - kept_total / routed_total : 0.0;
+  // Routing statistics: MaxVio from the group's loads (end_step), the entropy and z means over
+  // this rank's tokens of the step, the bias spread after the step's update.
+  const auto load_step = read_values(be_, load_step_);
+  const auto router = read_values(be_, router_acc_);
+  const double tokens = double(std::max<int64_t>(micro_batches, 1) * n_);
+  double z_sum = 0;
+  for (size_t li = 0; li < moe_layers; ++li) {
+    double sum = 0, top = 0;
+    for (int64_t e = 0; e < experts_; ++e) {
+      const double v = load_step[li * size_t(experts_) + size_t(e)];
+      sum += v;
+      top = std::max(top, v);
+    }
+    s.max_vio.push_back(sum > 0 ? top / (sum / double(experts_)) - 1.0 : 0.0);
+    s.router_entropy.push_back(router[2 * li] / tokens);
+    z_sum += router[2 * li + 1] / tokens;
+  }
+  s.z_loss = moe_layers > 0 ? z_sum / double(moe_layers) : 0.0;
+  if (aux_free_)
+    for (Layer& l : layers_) {
+      if (!l.moe) continue;
+      const auto b = read_values(be_, l.score_bias->value);
+      const auto [lo, hi] = std::minmax_element(b.begin(), b.end());
+      s.bias_range.push_back(b.empty() ? 0.0 : double(*hi) - double(*lo));
+    }
   return s;
 }
 
 int64_t GptMoE::active_matmul_params() const {
   int64_t n = 0;
   for (auto& p : params_.params) {
-    if (p.group == ParamGroup::embedding || p.group == ParamGroup::value_embedding || p.group == ParamGroup::scalar)
+    if (p.group == ParamGroup::embedding || p.group == ParamGroup::value_embedding || p.group == ParamGroup::scalar ||
+        p.group == ParamGroup::buffer)
       continue;  // lookups and scalars, not matmuls
     int64_t count = p.value.numel();
     if (p.value.ndim() == 3) count = count / p.value.dim(0) * top_k_;  // only k experts per token
@@ -762,7 +918,7 @@ void GptMoE::mlp_decode(Layer& l, const Tensor& xn, Tensor& out, int64_t T) {
   Tensor xp = l.xp.rows_slice(0, T * k), hp = l.hp.rows_slice(0, T * k), yp = l.yp.rows_slice(0, T * k);
   Tensor ap = l.ap.rows_slice(0, T * k);
   be_.matmul(xn, false, l.router->compute, true, logits);
-  be_.router_topk(logits, int(k), probs, topk, gates);
+  be_.router_topk(logits, router_spec_, l.score_bias ? &l.score_bias->value : nullptr, probs, topk, gates);
   be_.moe_plan(topk, int(E), /*capacity=*/0, l.routed, l.counts, l.offsets, slot, row_token, drop_order_);
   be_.moe_permute(xn, row_token, l.offsets, xp);
   be_.grouped_matmul(xp, l.w_fc->compute, true, hp, l.offsets);

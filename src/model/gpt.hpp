@@ -29,6 +29,11 @@ struct StepStats {
   double bal_term = 0;      // what the balance loss adds to the loss that is differentiated
   double drop_rate = 0;     // dropped / routed assignments over all MoE layers
   std::vector<std::vector<double>> expert_load;  // per MoE layer: fraction routed to each expert
+  // Routing statistics per MoE layer (layer order), over the step's tokens:
+  std::vector<double> max_vio;         // max_e load_e / mean_e load_e - 1, loads before drops, all ranks
+  std::vector<double> router_entropy;  // mean over tokens of the router distribution's entropy (this rank)
+  double z_loss = 0;                   // mean over MoE layers of the mean logsumexp(logits)^2 (this rank)
+  std::vector<double> bias_range;      // moe.balance = aux_free: max_e bias - min_e bias (else empty)
 };
 
 class GptMoE {
@@ -67,6 +72,10 @@ class GptMoE {
 
   // Step accumulators: zero the gradients and statistics before the first micro-batch.
   void begin_step();
+  // After the optimizer step, on the device: the step's expert loads summed over the group (for
+  // MaxVio), and with moe.balance = aux_free each MoE layer's router bias moved by
+  // bias_update_rate * sign(mean load - load) (DeepSeek-V3's auxiliary-loss-free balancing).
+  void end_step();
   // One micro-batch: forward, loss, backward; gradients accumulate into Param::grad.
   // tokens, targets: i32 [rows * seq_len] on the device. loss_scale weights this micro-batch's
   // mean loss in the total (1 / (valid targets * grad_accum)); bal_scale weights its balance loss.
@@ -117,10 +126,14 @@ class GptMoE {
     // FP8 dense layers, tensor scaling: f32 [1] each, the amax of xn1, of the output projection's
     // dy and of dq and dk (before RoPE), raised by the norms that write them (else empty).
     enum DenseAmax { xn1_amax, proj_dy_amax, dq_amax, dk_amax };
-    std::array<Tensor, 4> dense_amax;
+    std::array<AmaxSink, 4> dense_amax;
     Tensor h, a;                                                   // dense or shared expert
     Tensor router_logits, probs, topk, gates, routed, counts, offsets, slot, row_token;
     Tensor routed_group;  // routed summed over the data-parallel group (with set_group)
+    Param* score_bias = nullptr;  // moe.balance = aux_free: the bias [E] on the choice scores
+    // moe.balance_scope = global_batch: the (group's) routed counts of the step so far, as a
+    // float accumulator and as the i32 counts the balance loss reads.
+    Tensor routed_acc, routed_step;
     // Expert parallel: the exchange, and this rank's experts' rows (by local expert).
     std::unique_ptr<ExpertExchange> exchange;
     Tensor offsets_local, xp_local, hp_local, ap_local, yp_local;
@@ -131,6 +144,11 @@ class GptMoE {
     Tensor x_pre;      // the stream before the lambda mix (scalar_lambdas; layer 0 reads x0)
     Tensor ve_x, gate;  // value embedding rows [N, kvdim] and gate [N, Hkv] (value_embeddings)
   };
+  // The routed counts the balance terms read: the step's so far (global_batch scope), the group's
+  // (data parallel), or this micro-batch's own.
+  const Tensor& routed_for_balance(const Layer& l) const {
+    return global_scope_ ? l.routed_step : (group_routing_ ? l.routed_group : l.routed);
+  }
   // Whether layer i carries a value embedding: alternating, the last layer always included.
   bool has_value_embedding(int64_t layer) const;
 
@@ -144,6 +162,25 @@ class GptMoE {
   // bf16 copy take a few kernels, and Muon finds each same-shape stack contiguous. A kind that
   // only FP8 products read has no compute copy (compute aliases the master).
   void place_params();
+
+  // The constructor's parts, in the order it runs them.
+  struct Widths {  // the model's widths, as every part reads them
+    int64_t D = 0, V = 0, qdim = 0, kvdim = 0, H = 0, He = 0, Hs = 0;
+    bool shared = false;          // MoE layers carry shared experts (Hs: their one MLP's width)
+    std::vector<bool> moe_mask;   // per layer: MoE or dense MLP
+  };
+  Widths widths() const;
+  void declare_params(const Widths& w);  // the parameter table, under nanochat's names
+  void allocate_layers(const Widths& w);
+  void allocate_attention(Layer& l, int64_t i, const Widths& w);
+  void allocate_moe(Layer& l, int64_t i, const Widths& w);
+  void allocate_dense_mlp(Layer& l, int64_t i, const Widths& w);
+  void make_rotary_tables();
+  void allocate_step_buffers(const Widths& w);
+  void allocate_backward_scratch(const Widths& w);
+  void plan_fp8(const Widths& w);
+  // A zeroed buffer: no stale NaN anywhere, even in rows an op never writes.
+  Tensor zeros(const Shape& s, DType t);
   void forward(const Tensor& tokens);
   void mlp_forward(Layer& l, const Tensor& xn, Tensor& out);
   // forward_decode's MLP over the first T rows of the layer's buffers (dropless routing).
@@ -158,8 +195,8 @@ class GptMoE {
 
   Backend& be_;
   Config cfg_;
+  Fp8Recipe fp8_;                             // which linears run in FP8, and how
   LinearGemms lin_;                           // every linear except the router goes through it
-  bool fp8_dense_ = false, fp8_head_ = false, fp8_experts_ = false;  // linears the [fp8] recipe puts in FP8
   Tensor weights_amax_;      // the FP8 weights' Param::value_amax, all in one buffer
   int64_t rows_, seq_len_, n_;  // n_ = rows_ * seq_len_
   int64_t heads_, kv_heads_, head_dim_, d_model_, experts_, top_k_, capacity_, rows_max_;
@@ -174,11 +211,16 @@ class GptMoE {
   Param *wte_ = nullptr, *head_ = nullptr;
   Param *resid_lambdas_ = nullptr, *x0_lambdas_ = nullptr;  // [layers] each, with scalar_lambdas
   DropOrder drop_order_ = DropOrder::rank;
+  RouterSpec router_spec_;    // moe.score, top_k, norm_topk, route_scale, groups, topk_groups
+  BalanceSpec balance_spec_;  // moe.balance_scope, z_loss_coef (coef and grad_scale set per call)
+  bool balance_loss_on_ = true, aux_free_ = false, global_scope_ = false;
   float bal_log_coef_ = 0, bal_loss_coef_ = 0;  // balance loss as logged / as differentiated
   std::vector<Layer> layers_;
 
   Tensor cos_, sin_;
   Tensor emb_, rstd0_, x_out_, xf_, rstd_f_, logits_, losses_, loss_sum_, bal_sum_, load_acc_, kept_acc_, tmp1_;
+  Tensor router_acc_;  // [moe layers, 2]: each layer's summed entropy and logsumexp^2 (router_stats)
+  Tensor load_step_;   // [moe layers * E]: load_acc_ summed over the group, written by end_step
   int64_t chunk_rows_ = 0;
   LinearGemms::SavedInput head_xt_;  // FP8 head: the chunk's x^T from its forward
   float bal_scale_ = 0;  // balance-loss weight of the micro-batch being differentiated
@@ -194,7 +236,7 @@ class GptMoE {
   // [layers * 4 + head chunks] f32: each layer's Layer::dense_amax, then each head chunk's dlogits
   // amax (head_dy_amax_, FP8 head with tensor scaling), raised by the loss.
   Tensor dense_amax_;
-  std::vector<Tensor> head_dy_amax_;
+  std::vector<AmaxSink> head_dy_amax_;
   Tensor expert_x_shared_;  // xp of every layer when the experts run in FP8
   Tensor dx0_;  // gradient reaching x0 through the lambda mixes
   Tensor decode_tokens_;  // i32 [n_]: forward_decode's token ids on the device (make_kv_cache)

@@ -7,18 +7,13 @@
 
 namespace moelab {
 
-LinearGemms::LinearGemms(Backend& backend, const Config& cfg) : be_(backend) {
-  fp8_ = cfg.precision == "fp8";
-  grad_format_ = cfg.fp8.grad_format == "e4m3" ? DType::e4m3 : DType::e5m2;
-  if (cfg.fp8.recipe == "rowwise") {
-    act_ = weight_ = Fp8Granularity::row;
-  } else if (cfg.fp8.recipe == "blockwise") {
-    act_ = Fp8Granularity::block_1x128;
-    weight_ = Fp8Granularity::block_128x128;
-  } else {
-    act_ = weight_ = Fp8Granularity::tensor;
-  }
-}
+LinearGemms::LinearGemms(Backend& backend, const Fp8Recipe& recipe)
+    : be_(backend),
+      recipe_(recipe),
+      fp8_(recipe.enabled()),
+      act_(recipe.tokens()),
+      weight_(recipe.weights()),
+      grad_format_(recipe.grad_format) {}
 
 void LinearGemms::Slot::need(int64_t rows, int64_t k, Fp8Granularity g) {
   data_elems = std::max(data_elems, rows * k);
@@ -41,7 +36,7 @@ void LinearGemms::add_weight(const Tensor& W, Param* origin) {
   WeightForms f;
   f.source = W;
   // The optimizer's amax is the master's: it serves forms quantized from the master itself.
-  f.origin = weight_ == Fp8Granularity::tensor && origin && origin->value.data == W.data ? origin : nullptr;
+  f.origin = recipe_.producer_amax() && origin && origin->value.data == W.data ? origin : nullptr;
   f.experts = W.ndim() == 3;
   weights_.push_back(f);
 }
@@ -177,7 +172,7 @@ void LinearGemms::forward(bool fp8, const Tensor& x, const Tensor& W, Tensor& y,
     QuantizedOperand xt = save->xt;
     xt.data = save->xt.data.prefix({x.cols(), rows});
     xt.scale = save->xt.scale.prefix(fp8_scale_shape(act_, x.cols(), rows));
-    be_.quantize_fp8_pair(x, a, xt, act_ == Fp8Granularity::tensor ? x_amax : nullptr);
+    be_.quantize_fp8_pair(x, a, xt, recipe_.producer_amax() ? x_amax : nullptr);
     remember(a_, x, false, DType::e4m3, a);
     save->src = x.data;
     save->src_shape = x.shape;
@@ -196,7 +191,7 @@ void LinearGemms::backward(bool fp8, const Tensor& dy, const Tensor& W, const Te
   }
   QuantizedOperand g = operand(a_, dy, false, grad_format_, act_);
   QuantizedOperand gt = operand(at_, dy, true, grad_format_, act_);
-  be_.quantize_fp8_pair(dy, g, gt, act_ == Fp8Granularity::tensor ? dy_amax : nullptr);
+  be_.quantize_fp8_pair(dy, g, gt, recipe_.producer_amax() ? dy_amax : nullptr);
   remember(a_, dy, false, grad_format_, g);
   remember(at_, dy, true, grad_format_, gt);
   be_.matmul_fp8(g, forms_of(W).wt, dx, 1.0f, beta);
@@ -230,7 +225,7 @@ void LinearGemms::expert_forward(bool fp8, const Tensor& x, const Tensor& W, Ten
   MOELAB_CHECK(!fold.relu2_output, "expert_forward: relu2_output folds into the BF16 expert GEMMs only (FP8 "
                                    "takes relu2_amax and relu2_operand)");
   be_.grouped_matmul_fp8_saving(x, act_, forms_of(W).ew, y, offsets, saved,
-                                act_ == Fp8Granularity::tensor ? x_amax : nullptr, fold);
+                                recipe_.producer_amax() ? x_amax : nullptr, fold);
 }
 
 void LinearGemms::expert_backward(bool fp8, const Tensor& dy, const Tensor& W, const Tensor& x,
@@ -244,7 +239,7 @@ void LinearGemms::expert_backward(bool fp8, const Tensor& dy, const Tensor& W, c
     return;
   }
   be_.grouped_matmul_backward_fp8(dy, grad_format_, act_, forms_of(W).ewt, saved, dx, dW, offsets,
-                                  act_ == Fp8Granularity::tensor ? dy_amax : nullptr, fold);
+                                  recipe_.producer_amax() ? dy_amax : nullptr, fold);
 }
 
 }  // namespace moelab

@@ -13,22 +13,23 @@
 // its two forms, W and W^T (an expert stack: each expert's), remade by refresh_weights() when
 // the weights change, so a step quantizes each weight once however many micro-batches it runs.
 // Activation and gradient copies live in one buffer per role (see Slot), planned up front.
-// Formats: x and W in e4m3, dy in fp8.grad_format. Scaling by fp8.recipe: tensorwise and
-// rowwise everywhere alike; blockwise puts 1x128 tiles on activations and gradients and
-// 128x128 blocks on weights (both wgrad operands are 1x128 tiles along the tokens).
+// Formats and scaling are the recipe's (Fp8Recipe): x and W in its forward format, dy in its
+// gradient format; token-side operands at its token granularity, weights at its weight
+// granularity (blockwise: both wgrad operands are 1x128 tiles along the tokens). Under its amax
+// policy (producer_amax) the operands' producers' amax replaces the amax passes.
 #pragma once
 #include <cstdint>
 #include <vector>
 
 #include "backend/backend.hpp"
-#include "config/config.hpp"
+#include "core/fp8_recipe.hpp"
 #include "model/params.hpp"
 
 namespace moelab {
 
 class LinearGemms {
  public:
-  LinearGemms(Backend& backend, const Config& cfg);
+  LinearGemms(Backend& backend, const Fp8Recipe& recipe);
 
   bool fp8_enabled() const { return fp8_; }
   // Call for every linear that may run in FP8 (tokens rows through W [out, in]) before
@@ -78,7 +79,7 @@ class LinearGemms {
   // the weight gradient in `saved` (from saved_expert_operand) and the backward reads it from
   // there, so x itself need not outlive the forward; otherwise the backward reads x.
   SavedExpertOperand saved_expert_operand(int64_t rows, int64_t cols, int experts);
-  // x_amax / dy_amax: the operand's per-expert amax from its producer (ExpertAmax), which tensor
+  // x_amax / dy_amax: the operand's per-expert amax from its producer (an AmaxSink it filled), which tensor
   // scaling then uses instead of an amax pass; ignored by the other recipes.
   // fold: the expert MLP's ReLU² folded into the GEMMs (ExpertRelu2Fold: its FP8 fields in FP8,
   // relu2_output in BF16; relu2_input in both).
@@ -118,9 +119,10 @@ class LinearGemms {
   static void remember(Slot& slot, const Tensor& x, bool transpose, DType format, const QuantizedOperand& q);
 
   Backend& be_;
-  bool fp8_ = false;
-  DType grad_format_ = DType::e5m2;
-  Fp8Granularity act_, weight_;  // activation/gradient tiles and weight blocks
+  Fp8Recipe recipe_;
+  bool fp8_ = false;             // the recipe puts some linear in FP8
+  Fp8Granularity act_, weight_;  // the recipe's token-side and weight granularities
+  DType grad_format_;
   Slot a_;   // A operands: x (forward), dy (dgrad)
   Slot at_;  // wgrad A: dy^T
   Slot xt_;  // wgrad B: x^T

@@ -10,8 +10,10 @@
 namespace moelab {
 
 // Muon | AdamW (token embedding) | AdamW (lm_head) | AdamW (value embeddings) | AdamW (the
-// per-layer resid and x0 scalars)
-enum class ParamGroup { matrix, embedding, unembedding, value_embedding, scalar };
+// per-layer resid and x0 scalars) | buffer: model state that no optimizer updates and no
+// gradient reaches (the aux-loss-free router bias), kept in the table so checkpoints and
+// model.safetensors carry it
+enum class ParamGroup { matrix, embedding, unembedding, value_embedding, scalar, buffer };
 
 struct Param {
   std::string name;  // e.g. "transformer.h.0.attn.c_q.weight", "transformer.h.0.mlp.experts.w_fc"

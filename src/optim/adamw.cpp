@@ -27,7 +27,8 @@ void AdamW::step(int64_t step, double lr_multiplier) {
     a.weight_decay = float(s.overrides.weight_decay >= 0 ? s.overrides.weight_decay : wd);
     a.step = step + 1;
     Param& p = *s.param;
-    backend_.adamw_update(p.value, p.grad, s.m, s.v, a, p.value_amax.data ? &p.value_amax : nullptr);
+    const AmaxSink amax{p.value_amax, {}};  // one part per matrix of the param (FP8 tensor scaling)
+    backend_.adamw_update(p.value, p.grad, s.m, s.v, a, p.value_amax.data ? &amax : nullptr);
     p.value_amax_raised = p.value_amax.data != nullptr;
   }
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "comm/communicator.hpp"
 #include "config/config.hpp"
 #include "model/params.hpp"
 #include "optim/adamw.hpp"
@@ -25,6 +26,21 @@ class Optimizer {
   // The same, also knowing the run's length and tokens per step, which Muon's weight decay
   // schedule (optim.weight_decay_schedule) and its batch/horizon scaling need.
   Optimizer(Backend& backend, ParamTable& params, const Config& cfg);
+  // Sharded state (optim.shard_state, ZeRO-1): with a communicator of several ranks, each
+  // parameter belongs to one rank (whole parameters, assigned by state size, largest first, to the
+  // least loaded rank: the same on every rank for a given world size); a rank allocates state
+  // only for its own, updates only those from the (already summed) gradients, and step() then
+  // broadcasts every parameter from its owner, so all ranks end the step with the same weights.
+  // With `arenas` (the model's gradient arenas) and every parameter's gradient inside one of them,
+  // ownership follows the arenas instead: each arena is cut at parameter boundaries into one
+  // consecutive range per rank (balanced by elements), so that reduce_gradients can hand each
+  // rank the summed gradients of its own parameters by one reduce-scatter per arena.
+  Optimizer(Backend& backend, ParamTable& params, const Config& cfg, Communicator* shard,
+            const std::vector<Tensor>& arenas = {});
+  // Sums the arenas' gradients over the ranks: with arena-aligned ownership each rank gets only its
+  // own range summed (reduce-scatter of the ranges padded to one size; the rest of the arena is
+  // left as it was, and no update reads it); otherwise the whole arenas (all-reduce).
+  void reduce_gradients(std::vector<Tensor>& arenas);
 
   // Updates every parameter's value from its grad. step: 0-based training step (sets Muon's
   // momentum ramp and AdamW's bias correction); lr_multiplier: the schedule's factor.
@@ -34,6 +50,17 @@ class Optimizer {
   // in a fixed order. The tensors share storage with the optimizer's, so loading into them
   // restores the optimizer.
   std::vector<NamedTensor> state() const;
+  // Bytes of this rank's optimizer state (all of it without sharding).
+  int64_t state_bytes() const;
+  // Sharded state and checkpoints: `full` is the state() of an unsharded optimizer over the same
+  // parameters (the checkpoint's layout). gather_state fills it on every rank from the owners'
+  // shards (one broadcast per tensor, in full's order, so every rank must call it);
+  // scatter_state copies this rank's share back out of it. Without sharding both are plain copies.
+  void gather_state(const std::vector<NamedTensor>& full);
+  void scatter_state(const std::vector<NamedTensor>& full);
+  bool sharded() const { return shard_ != nullptr; }
+  // The rank that updates params.params[i] (0 without sharding; -1 for buffers).
+  int owner(size_t i) const { return owners_.empty() ? 0 : owners_[i]; }
 
   // Base learning rates after nanochat's d_model scaling (before the schedule), for logs.
   double matrix_lr() const { return matrix_lr_; }
@@ -51,6 +78,15 @@ class Optimizer {
   double matrix_lr_, embedding_lr_, unembedding_lr_;
   std::unique_ptr<Muon> muon_;  // null when no matrix goes to Muon
   std::unique_ptr<AdamW> adamw_;
+  Communicator* shard_ = nullptr;  // set when the state is sharded over several ranks
+  std::vector<int> owners_;        // per parameter of the table, when sharded
+  ParamTable* params_ = nullptr;
+  // Arena-aligned ownership: per arena, rank r's element range is [cuts[r], cuts[r + 1]).
+  std::vector<std::vector<int64_t>> cuts_;
+  Tensor scatter_in_, scatter_out_;  // [world * chunk, 1] and [chunk, 1] for the largest arena
+  Backend* backend_ = nullptr;
+  int owner_of_state(const std::string& name) const;
+  void assign_by_arenas(Backend& backend, ParamTable& params, const std::vector<Tensor>& arenas);  // from "optim/<param name>/<slot>"
 };
 
 }  // namespace moelab

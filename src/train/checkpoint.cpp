@@ -10,11 +10,11 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <regex>
 #include <set>
 
 #include "core/atomic_file.hpp"
 #include "core/error.hpp"
+#include "core/regex.hpp"
 #include "config/config.hpp"
 #include "train/safetensors.hpp"
 
@@ -317,13 +317,12 @@ std::vector<std::string> checkpoints_newest_first(const std::string& run_dir) {
   std::error_code ec;
   std::vector<std::pair<int64_t, std::string>> found;
   if (!fs::is_directory(dir, ec)) return {};
-  static const std::regex pattern(R"(step_(\d{6,18})\.safetensors)");
+  static const Regex pattern(R"(step_(\d{6,18})\.safetensors)");
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
-    std::smatch m;
-    const std::string fname = entry.path().filename().string();
-    if (!entry.is_regular_file(ec) || !std::regex_match(fname, m, pattern)) continue;
+    if (!entry.is_regular_file(ec)) continue;
+    const auto m = pattern.full_match(entry.path().filename().string());
     int64_t step;
-    if (parse_i64(m[1].str(), step)) found.emplace_back(step, entry.path().string());
+    if (m && parse_i64(m->str(1), step)) found.emplace_back(step, entry.path().string());
   }
   std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
   std::vector<std::string> out;

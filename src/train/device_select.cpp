@@ -1,28 +1,26 @@
 // Backend selection and the per-card peak used for MFU.
 #include "train/device_select.hpp"
 
-#include "backend/cpu/cpu_backend.hpp"
+#include "backend/devices.hpp"
 #include "core/error.hpp"
-#ifdef MOELAB_HAVE_CUDA
-#include "backend/cuda/cuda_backend.hpp"
-#endif
 
 namespace moelab {
 
 std::unique_ptr<Backend> make_backend(const Config& cfg) {
   bool want_cuda = cfg.device == "cuda";
 #ifdef MOELAB_HAVE_CUDA
-  if (cfg.device == "auto") want_cuda = CudaBackend::cuda_device_available();
+  if (cfg.device == "auto") want_cuda = cuda_device_available();
   if (want_cuda) {
-    if (!CudaBackend::cuda_device_available())
+    if (!cuda_device_available())
       throw Error("device = cuda but no CUDA GPU is visible; use device = cpu (or auto) on this machine");
     if (cfg.precision != "auto" && cfg.precision != "bf16" && cfg.precision != "fp8")
       throw Error("precision = " + cfg.precision + " is not supported on device cuda; use precision = bf16, fp8 (or auto)");
-    // Fast at every shape, or refused: the tensor-core attention kernels cover these head dims.
-    if (!CudaBackend::fast_attention_head_dim(int(cfg.model.head_dim)))
+    std::unique_ptr<Backend> backend = make_cuda_backend();
+    // Fast at every shape, or refused.
+    if (!backend->supports(Capability::attention_head_dim(cfg.model.head_dim)))
       throw Error("model.head_dim = " + std::to_string(cfg.model.head_dim) +
                   " has no fast attention kernel on the GPU; use 64 or 128 (or device = cpu)");
-    return std::make_unique<CudaBackend>();
+    return backend;
   }
 #else
   if (want_cuda)
@@ -34,7 +32,7 @@ std::unique_ptr<Backend> make_backend(const Config& cfg) {
   if (cfg.precision != "auto" && cfg.precision != "f32" && cfg.precision != "fp8")
     throw Error("precision = " + cfg.precision + " needs device = cuda; the CPU backend computes in f32 "
                 "(precision = auto, f32, or fp8 for FP8-emulated GEMMs)");
-  return std::make_unique<CpuBackend>(DType::f32, int(cfg.train.threads));
+  return make_cpu_backend(DType::f32, int(cfg.train.threads));
 }
 
 std::optional<double> peak_flops(const Config& cfg, const Backend& backend) {

@@ -23,9 +23,10 @@ MemoryElements count_training_elements(const Config& cfg) {
   const double qdim = double(m.heads() * m.head_dim), kvdim = double(m.kv_heads_resolved() * m.head_dim);
   const double H = double(m.mlp_hidden_resolved()), E = double(std::max<int64_t>(cfg.moe.experts, 0));
   const double He = double(cfg.moe.expert_hidden);
-  const double Hs = double(cfg.moe.shared_hidden > 0 ? cfg.moe.shared_hidden : cfg.moe.expert_hidden);
+  const double Hs = double(cfg.moe.shared_hidden > 0 ? cfg.moe.shared_hidden : cfg.moe.expert_hidden) *
+                    double(std::max<int64_t>(cfg.moe.shared_count(), 1));  // N shared experts: one MLP of N * Hs
   const double k = double(cfg.moe.top_k);
-  const bool shared = cfg.moe.enabled() && cfg.moe.shared_expert;
+  const bool shared = cfg.moe.enabled() && cfg.moe.shared_count() > 0;
   const double n = double(cfg.train.batch_size) * double(cfg.train.seq_len);  // tokens of a micro-batch
   const double experts_local = E / double(std::max<int64_t>(cfg.parallel.expert, 1));
   // Rows the expert GEMMs see: every (token, choice), or at most experts * capacity.

@@ -118,10 +118,16 @@ std::string format_step_line(const StepLine& s) {
     return std::string(m);
   })()
                           : std::string("-");
+  std::string maxvio;
+  if (s.maxvio) {
+    char m[48];
+    std::snprintf(m, sizeof m, " | maxvio %.3f", *s.maxvio);
+    maxvio = m;
+  }
   std::snprintf(buf, sizeof buf,
-                "step %05lld/%05lld (%.2f%%) | loss: %.6f | bal: %.4f | lrm: %.2f | dt: %.2fms | tok/sec: %s | "
+                "step %05lld/%05lld (%.2f%%) | loss: %.6f | bal: %.4f%s | lrm: %.2f | dt: %.2fms | tok/sec: %s | "
                 "mfu: %s | total time: %.2fm",
-                (long long)s.step, (long long)s.steps, pct, s.loss, s.bal, s.lrm, s.dt_ms,
+                (long long)s.step, (long long)s.steps, pct, s.loss, s.bal, maxvio.c_str(), s.lrm, s.dt_ms,
                 with_commas(s.tok_sec).c_str(), mfu.c_str(), s.total_time_min);
   return buf;
 }

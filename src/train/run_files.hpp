@@ -47,8 +47,9 @@ struct StepLine {
   int64_t step = 0, steps = 0;
   double loss = 0, bal = 0, lrm = 0, dt_ms = 0, tok_sec = 0, total_time_min = 0;
   std::optional<double> mfu;
+  std::optional<double> maxvio;  // the worst MoE layer's MaxVio (absent for a dense model)
 };
-// "step 00139/00140 (99.29%) | loss: 4.671600 | bal: 0.0102 | lrm: 0.05 | dt: 537.80ms | ..."
+// "step 00139/00140 (99.29%) | loss: 4.671600 | bal: 0.0102 | maxvio 0.123 | lrm: 0.05 | dt: 537.80ms | ..."
 std::string format_step_line(const StepLine& s);
 
 }  // namespace moelab

@@ -1,9 +1,11 @@
 // Step execution, eager or graph-replayed.
 //
-// With exec = graph the whole step runs as two CUDA graphs:
+// With exec = graph, on a backend that captures (Capability::capture), the whole step runs as
+// two captured graphs:
 // - forward/backward: zeroing the gradients and statistics and the forward + backward of every
 //   micro-batch, captured once and replayed as it is;
-// - update: the optimizer and the refresh of the bf16 compute weights. Its learning rate and
+// - update: the optimizer, the router's end-of-step work (GptMoE::end_step: the step's expert
+//   loads and the aux-loss-free bias update) and the refresh of the bf16 compute weights. Its learning rate and
 //   momentum change from step to step and reach the kernels as launch arguments, so this graph
 //   is recorded again every step and updated in place (cudaGraphExecUpdate). The recording
 //   happens on the host while the device runs the forward/backward graph, so it costs no device
@@ -13,20 +15,13 @@
 // -1) runs eagerly.
 #include "train/step_runner.hpp"
 
-#ifdef MOELAB_HAVE_CUDA
-#include "backend/cuda/cuda_backend.hpp"
-#endif
-
 namespace moelab {
 
 struct StepRunner::Graph {
-#ifdef MOELAB_HAVE_CUDA
-  explicit Graph(CudaBackend& be) : graph(be), update(be) {}
-  CudaGraph graph;   // forward/backward
-  CudaGraph update;  // optimizer + compute-weight refresh, re-recorded each step
+  std::unique_ptr<CapturedGraph> graph;   // forward/backward
+  std::unique_ptr<CapturedGraph> update;  // optimizer + compute-weight refresh, re-recorded each step
   float loss_scale = 0, bal_scale = 0;
   int64_t eager_steps = 0;
-#endif
 };
 
 StepRunner::StepRunner(Backend& backend, GptMoE& model, const Config& cfg) : be_(backend), model_(model), cfg_(cfg) {
@@ -34,10 +29,11 @@ StepRunner::StepRunner(Backend& backend, GptMoE& model, const Config& cfg) : be_
     tokens_.push_back(be_.alloc({model.tokens_per_micro_batch()}, DType::i32));
     targets_.push_back(be_.alloc({model.tokens_per_micro_batch()}, DType::i32));
   }
-#ifdef MOELAB_HAVE_CUDA
-  if (cfg.exec == "graph" && be_.device() == Device::cuda)
-    graph_ = std::make_unique<Graph>(static_cast<CudaBackend&>(be_));
-#endif
+  if (cfg.exec == "graph" && be_.supports(Capability::capture())) {
+    graph_ = std::make_unique<Graph>();
+    graph_->graph = be_.make_graph();
+    graph_->update = be_.make_graph();
+  }
 }
 
 StepRunner::~StepRunner() = default;
@@ -56,27 +52,26 @@ StepStats StepRunner::run(const std::vector<Batch>& batches, float loss_scale, f
   }
   auto update = [&] {
     optimizer_step();
+    model_.end_step();  // the step's loads and the aux-loss-free router bias, on the device
     model_.refresh_compute_weights();
   };
   bool replayed = false;
-#ifdef MOELAB_HAVE_CUDA
   if (graph_) {
     Graph& g = *graph_;
-    if (!g.graph.captured() && g.eager_steps >= 1) {
+    if (!g.graph->captured() && g.eager_steps >= 1) {
       g.loss_scale = loss_scale;
       g.bal_scale = bal_scale;
-      g.graph.capture([&] { forward_backward_all(loss_scale, bal_scale); });
+      g.graph->capture([&] { forward_backward_all(loss_scale, bal_scale); });
     }
-    if (g.graph.captured() && g.loss_scale == loss_scale && g.bal_scale == bal_scale) {
-      g.graph.replay();
-      g.update.recapture(update);  // recorded while the device runs the replay above
-      g.update.replay();
+    if (g.graph->captured() && g.loss_scale == loss_scale && g.bal_scale == bal_scale) {
+      g.graph->replay();
+      g.update->recapture(update);  // recorded while the device runs the replay above
+      g.update->replay();
       replayed = true;
     } else {
       ++g.eager_steps;
     }
   }
-#endif
   if (!replayed) {
     forward_backward_all(loss_scale, bal_scale);
     update();

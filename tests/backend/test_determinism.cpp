@@ -107,5 +107,32 @@ TEST(Determinism, SameBitsTwiceAndForAnyThreadCount) {
   }
 }
 
+// The residual mix and value gate ops on their own, with 1 and 3 threads.
+TEST(ValueGate, SameBitsForAnyThreadCount) {
+  Rng rng(fresh_seed());
+  const int64_t N = 300, D = 64, H = 4, C = 32, hd = 16;
+  std::vector<std::vector<double>> outs;
+  for (int threads : {1, 3}) {
+    CpuBackend be(DType::f32, threads);
+    Rng r = rng;  // same inputs for both
+    Tensor x = random_tensor(be, {N, D}, r), w = random_tensor(be, {H, C}, r), ve = random_tensor(be, {N, H * hd}, r);
+    Tensor v = random_tensor(be, {N, H * hd}, r), gate = be.alloc({N, H}, DType::f32);
+    be.value_gate_fwd(x, w, ve, v, gate);
+    Tensor dv = random_tensor(be, {N, H * hd}, r), dve = be.alloc({N, H * hd}, DType::f32);
+    Tensor dw = random_tensor(be, {H, C}, r), dx = random_tensor(be, {N, D}, r);
+    be.value_gate_bwd(x, w, ve, gate, dv, dve, dw, dx);
+    Tensor a = random_tensor(be, {1}, r), b = random_tensor(be, {1}, r), da = random_tensor(be, {1}, r);
+    Tensor db = random_tensor(be, {1}, r), dx0 = random_tensor(be, {N, D}, r);
+    be.lambda_mix_bwd(a, x, b, ve.view({N, D}), dx, dx, dx0, da, db);
+    std::vector<double> all;
+    for (const Tensor* t : {&v, &gate, &dve, &dw, &dx, &dx0, &da, &db}) {
+      auto vals = values(*t);
+      all.insert(all.end(), vals.begin(), vals.end());
+    }
+    outs.push_back(all);
+  }
+  EXPECT_EQ(outs[0], outs[1]);
+}
+
 }  // namespace
 }  // namespace moelab::test

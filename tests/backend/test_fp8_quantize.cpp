@@ -8,6 +8,7 @@
 
 #include "backend/cpu/convert.hpp"
 #include "gradcheck.hpp"
+#include "ops/fp8_recipes.hpp"
 
 namespace moelab::test {
 namespace {
@@ -227,18 +228,7 @@ TEST(Fp8Matmul, EachRecipeMatchesTheDequantizedProduct) {
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < N; ++j)
       for (int64_t k = 0; k < K; ++k) exact[size_t(i * N + j)] += double(a[size_t(i * K + k)]) * b[size_t(j * K + k)];
-  struct Pair {
-    Fp8Granularity ga, gb;
-    DType fa;
-  };
-  const Pair pairs[] = {{Fp8Granularity::tensor, Fp8Granularity::tensor, DType::e4m3},
-                        {Fp8Granularity::row, Fp8Granularity::row, DType::e4m3},
-                        {Fp8Granularity::block_1x128, Fp8Granularity::block_128x128, DType::e4m3},
-                        {Fp8Granularity::block_1x128, Fp8Granularity::block_128x128, DType::e5m2},
-                        {Fp8Granularity::block_128x128, Fp8Granularity::block_1x128, DType::e4m3},
-                        {Fp8Granularity::block_1x128, Fp8Granularity::block_1x128, DType::e5m2},
-                        {Fp8Granularity::tensor, Fp8Granularity::tensor, DType::e5m2}};
-  for (const Pair& p : pairs) {
+  for (const ops::Fp8GemmPair& p : ops::kFp8GemmPairs) {
     SCOPED_TRACE(std::string(fp8_granularity_name(p.ga)) + " x " + fp8_granularity_name(p.gb) + " " + dtype_name(p.fa));
     QuantizedOperand qa = make_operand(be, M, K, p.ga, p.fa), qb = make_operand(be, N, K, p.gb, DType::e4m3);
     be.quantize_fp8(ta, false, qa);
@@ -371,7 +361,7 @@ TEST(Fp8Grouped, Relu2FoldGivesTheUnfoldedOps) {
   Tensor am1 = zeros({E}), dm1 = zeros({E}), dw1 = zeros({E, D, H});
   SavedExpertOperand sx1 = be.alloc_saved_expert_operand(R, D, int(E), g), sa1 = be.alloc_saved_expert_operand(R, H, int(E), g);
   be.grouped_matmul_fp8_saving(x, g, q1, h1, offsets, sx1);
-  const ExpertAmax am1_of{am1, offsets}, dm1_of{dm1, offsets};
+  const AmaxSink am1_of{am1, offsets}, dm1_of{dm1, offsets};
   be.relu2_fwd(h1, a1, &am1_of);
   be.grouped_matmul_fp8_saving(a1, g, q2, y1, offsets, sa1);
   be.grouped_matmul_backward_fp8(dy, DType::e5m2, g, q2t, sa1, da1, dw1, offsets);

@@ -6,18 +6,12 @@
 
 #include "core/error.hpp"
 #include "config/config.hpp"
+#include "common/test_support.hpp"
 
 namespace moelab {
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 TEST(Config, ParsesSectionsAndTypes) {
   Config c = config_from_toml_text(R"(
@@ -101,6 +95,12 @@ TEST(Config, ValidationNamesKeyForEachInconsistency) {
       {"optim.matrix_adamw_lr=0", "optim.matrix_adamw_lr"},
       {"model.window_pattern=SSXL", "model.window_pattern"},
       {"model.window_pattern=", "model.window_pattern"},
+      {"moe.score=tanh", "moe.score"},
+      {"moe.balance=loss", "moe.balance"},
+      {"moe.balance_scope=epoch", "moe.balance_scope"},
+      {"moe.groups=3", "moe.groups"},                // 8 experts in 3 groups
+      {"moe.topk_groups=2", "moe.topk_groups"},      // more than groups = 1
+      {"moe.shared_experts=-1", "moe.shared_experts"},
   };
   for (auto& bc : cases) {
     Config c;
@@ -113,6 +113,29 @@ TEST(Config, ValidationNamesKeyForEachInconsistency) {
   }
   Config ok;
   EXPECT_NO_THROW(validate_config(ok));
+}
+
+// Routing-lab rules that span two keys: the message names both, and the fix.
+TEST(Config, RoutingLabCrossKeyRules) {
+  Config c;
+  c.moe.shared_expert = true;
+  c.moe.shared_experts = 2;
+  std::string msg = error_of([&] { validate_config(c); });
+  EXPECT_NE(msg.find("moe.shared_experts"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("moe.shared_expert "), std::string::npos) << msg;
+  c.moe.shared_experts = 1;  // the alias agrees
+  EXPECT_NO_THROW(validate_config(c));
+  EXPECT_EQ(c.moe.shared_count(), 1);
+  Config g;
+  g.moe.experts = 8;
+  g.moe.top_k = 4;
+  g.moe.groups = 4;
+  g.moe.topk_groups = 1;  // 2 experts left for top_k = 4
+  msg = error_of([&] { validate_config(g); });
+  EXPECT_NE(msg.find("moe.topk_groups"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("moe.top_k"), std::string::npos) << msg;
+  g.moe.topk_groups = 2;
+  EXPECT_NO_THROW(validate_config(g));
 }
 
 // Every real key is finite and within the range its line of the key table gives, checked as it

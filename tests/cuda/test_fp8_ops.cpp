@@ -1,10 +1,9 @@
-// The GPU's FP8 ops against the CPU emulation (backend.hpp's scaling rule): quantize_fp8 must
-// give the same codes and scales bit for bit for every granularity, both formats and both
-// orientations, edge cases included (all zeros, one huge value, Inf, denormals), and
-// matmul_fp8 (cuBLASLt) must match the CPU's dequantize-then-f32 product for every supported
-// scaling pair, forward (bf16 out) and weight-gradient style (f32 out, beta = 1), eagerly and
-// replayed from a CUDA graph; the experts' grouped FP8 GEMMs match the CPU's expert-by-expert
-// emulation for each recipe. Fresh random inputs each run; skips without a GPU.
+// The GPU's FP8 checks beside the op table (whose rows hold quantize_fp8's codes and scales bit for
+// bit against the CPU emulation, edge cases included, matmul_fp8 for each scaling pair, the
+// backward products, the experts' FP8 GEMMs and weight forms): quantize_fp8_pair and _pairs give
+// the single calls' bits (with a producer's amax too), graph capture and replay, the segment
+// quantizer's codes, the saving forward and fused backward against the separate ops, and ReLU²
+// folded into the FP8 expert GEMMs. Fresh random inputs each run; skips without a GPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -16,7 +15,8 @@
 #include "backend/cuda/cuda_backend.hpp"
 #include "backend/cuda/grouped_gemm_fp8.cuh"
 #include "core/rng.hpp"
-#include "normalized_error.hpp"
+#include "gpu_fixture.hpp"
+#include "ops/fp8_recipes.hpp"
 
 namespace moelab {
 namespace {
@@ -24,16 +24,8 @@ namespace {
 const Fp8Granularity kAll[] = {Fp8Granularity::tensor, Fp8Granularity::row, Fp8Granularity::block_1x128,
                                Fp8Granularity::block_128x128};
 
-class CudaFp8 : public ::testing::Test {
+class CudaFp8 : public GpuTest {
  protected:
-  void SetUp() override {
-    if (!CudaBackend::cuda_device_available()) GTEST_SKIP() << "no CUDA GPU on this machine";
-    gpu = std::make_unique<CudaBackend>();
-    cpu = std::make_unique<CpuBackend>(DType::f32, 2);
-    seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-    rng = std::make_unique<Rng>(seed);
-    RecordProperty("seed", std::to_string(seed));
-  }
   // bf16-representable values with row magnitudes spread over 1e-3..1e3.
   std::vector<float> spread(int64_t rows, int64_t cols) {
     std::vector<float> v(size_t(rows * cols));
@@ -90,43 +82,7 @@ class CudaFp8 : public ::testing::Test {
     }
     EXPECT_EQ(sdiff, 0) << what << ": " << sdiff << " scales differ";
   }
-  std::unique_ptr<CudaBackend> gpu;
-  std::unique_ptr<CpuBackend> cpu;
-  std::unique_ptr<Rng> rng;
-  uint64_t seed = 0;
 };
-
-TEST_F(CudaFp8, QuantizeMatchesCpuEmulationBitForBit) {
-  // Partial 128-tiles in both directions.
-  const int64_t xr = 272, xc = 400;
-  const std::vector<float> v = spread(xr, xc);
-  for (Fp8Granularity gr : kAll)
-    for (DType fmt : {DType::e4m3, DType::e5m2})
-      for (bool tr : {false, true})
-        expect_identical(quantize_both(v, xr, xc, tr, gr, fmt),
-                         std::string(fp8_granularity_name(gr)) + " " + dtype_name(fmt) + (tr ? " transposed" : ""));
-}
-
-TEST_F(CudaFp8, QuantizeEdgeCasesGiveFiniteScalesAsOnTheCpu) {
-  const int64_t xr = 144, xc = 160;
-  std::vector<std::pair<std::string, std::vector<float>>> cases;
-  cases.push_back({"all zero", std::vector<float>(size_t(xr * xc), 0.0f)});
-  auto huge = spread(xr, xc);
-  huge[333] = round_to_bf16(3e38f);
-  cases.push_back({"one huge value", huge});
-  auto inf = spread(xr, xc);
-  inf[4321] = -INFINITY;
-  cases.push_back({"one infinity", inf});
-  std::vector<float> denorm(size_t(xr * xc));
-  for (size_t i = 0; i < denorm.size(); ++i) denorm[i] = round_to_bf16(float((i % 5) - 2) * 1e-39f);
-  cases.push_back({"denormals", denorm});
-  for (auto& [name, v] : cases)
-    for (Fp8Granularity gr : kAll)
-      for (DType fmt : {DType::e4m3, DType::e5m2})
-        for (bool tr : {false, true})
-          expect_identical(quantize_both(v, xr, xc, tr, gr, fmt),
-                           name + " " + fp8_granularity_name(gr) + " " + dtype_name(fmt) + (tr ? " transposed" : ""));
-}
 
 TEST_F(CudaFp8, QuantizePairGivesBothCopiesFromOneCall) {
   // quantize_fp8_pair must give exactly what the two separate calls give (which the test above
@@ -266,72 +222,6 @@ struct PairCase {
   DType fa;
 };
 
-TEST_F(CudaFp8, MatmulMatchesCpuEmulationForEachRecipe) {
-  const PairCase pairs[] = {{Fp8Granularity::tensor, Fp8Granularity::tensor, DType::e4m3},
-                            {Fp8Granularity::tensor, Fp8Granularity::tensor, DType::e5m2},
-                            {Fp8Granularity::row, Fp8Granularity::row, DType::e4m3},
-                            {Fp8Granularity::row, Fp8Granularity::row, DType::e5m2},
-                            {Fp8Granularity::block_1x128, Fp8Granularity::block_128x128, DType::e4m3},
-                            {Fp8Granularity::block_1x128, Fp8Granularity::block_128x128, DType::e5m2},
-                            {Fp8Granularity::block_1x128, Fp8Granularity::block_1x128, DType::e5m2}};
-  const int64_t M = 256, N = 384;
-  // K of 4 and 6 blocks of 128 (the 128x128 scales' row stride is padded to 4 blocks).
-  for (int64_t K : {512, 768}) {
-    for (const PairCase& p : pairs)
-      for (bool f32_out : {false, true}) {
-        const std::string what = "K " + std::to_string(K) + " " + std::string(fp8_granularity_name(p.ga)) + " x " + fp8_granularity_name(p.gb) + " " +
-                                 dtype_name(p.fa) + (f32_out ? " -> f32, beta 1" : " -> bf16");
-        Both a = quantize_both(spread(M, K), M, K, false, p.ga, p.fa);
-        std::vector<float> wv(size_t(N * K));
-        for (auto& x : wv) x = round_to_bf16(float(rng->normal() * 0.03));
-        Both b = quantize_both(wv, N, K, false, p.gb, DType::e4m3);
-        std::vector<float> init(size_t(M * N));
-        for (auto& x : init) x = f32_out ? float(rng->normal()) : 0.0f;
-        Tensor cc = cpu->alloc({M, N}, DType::f32), cg = gpu->alloc({M, N}, f32_out ? DType::f32 : DType::bf16);
-        cpu->write(cc, init);
-        gpu->write(cg, init);
-        const float beta = f32_out ? 1.0f : 0.0f;
-        cpu->matmul_fp8(a.c, b.c, cc, 0.75f, beta);
-        try {
-          gpu->matmul_fp8(a.g, b.g, cg, 0.75f, beta, /*fast_accum=*/!f32_out);
-        } catch (const Error& e) {
-          ADD_FAILURE() << what << ": " << e.what();
-          continue;
-        }
-        const double e = nerr(gpu->read(cg), cpu->read(cc));
-        EXPECT_LT(e, f32_out ? 2e-3 : 1e-2) << what;
-      }
-  }
-}
-
-TEST_F(CudaFp8, TransposedOperandsGiveTheBackwardProducts) {
-  // dgrad dx = dy W and wgrad dW = dy^T x through transposed quantized copies, as LinearGemms
-  // runs them, against the CPU doing the same.
-  const int64_t T = 512, out = 256, in = 384;
-  for (Fp8Granularity act : {Fp8Granularity::tensor, Fp8Granularity::row, Fp8Granularity::block_1x128}) {
-    const Fp8Granularity w = act == Fp8Granularity::block_1x128 ? Fp8Granularity::block_128x128 : act;
-    const std::vector<float> dy = spread(T, out), x = spread(T, in);
-    std::vector<float> wv(size_t(out * in));
-    for (auto& v : wv) v = round_to_bf16(float(rng->normal() * 0.05));
-    // dgrad
-    Both qa = quantize_both(dy, T, out, false, act, DType::e5m2);
-    Both qb = quantize_both(wv, out, in, true, w, DType::e4m3);
-    Tensor cc = cpu->alloc({T, in}, DType::f32), cg = gpu->alloc({T, in}, DType::bf16);
-    cpu->matmul_fp8(qa.c, qb.c, cc);
-    gpu->matmul_fp8(qa.g, qb.g, cg);
-    EXPECT_LT(nerr(gpu->read(cg), cpu->read(cc)), 1e-2) << "dgrad " << fp8_granularity_name(act);
-    // wgrad
-    Both wa = quantize_both(dy, T, out, true, act, DType::e5m2);
-    Both wb = quantize_both(x, T, in, true, act, DType::e4m3);
-    Tensor dc = cpu->alloc({out, in}, DType::f32), dg = gpu->alloc({out, in}, DType::f32);
-    cpu->fill(dc, 0.5f);
-    gpu->fill(dg, 0.5f);
-    cpu->matmul_fp8(wa.c, wb.c, dc, 1.0f, 1.0f);
-    gpu->matmul_fp8(wa.g, wb.g, dg, 1.0f, 1.0f);
-    EXPECT_LT(nerr(gpu->read(dg), cpu->read(dc)), 2e-3) << "wgrad " << fp8_granularity_name(act);
-  }
-}
-
 TEST_F(CudaFp8, QuantizeAndMatmulReplayFromAGraph) {
   const int64_t M = 256, N = 256, K = 384;
   Tensor x = gpu->alloc({M, K}, DType::bf16), w = gpu->alloc({N, K}, DType::bf16);
@@ -365,14 +255,10 @@ TEST_F(CudaFp8, QuantizeAndMatmulReplayFromAGraph) {
   EXPECT_LT(nerr(replayed, tripled), 0.05);
 }
 
-// The experts' FP8 GEMMs (our wgmma kernels) against the CPU's expert-by-expert emulation, for
-// each recipe and format, with uneven experts: an empty one, one under a tile, partial tiles.
-struct GroupedRecipe {
-  Fp8Granularity act, weight;
-};
-const GroupedRecipe kGroupedRecipes[] = {{Fp8Granularity::tensor, Fp8Granularity::tensor},
-                                         {Fp8Granularity::row, Fp8Granularity::row},
-                                         {Fp8Granularity::block_1x128, Fp8Granularity::block_128x128}};
+// The experts' FP8 GEMMs (our wgmma kernels) beyond their op-table rows, with uneven experts: an
+// empty one, one under a tile, partial tiles.
+using GroupedRecipe = ops::Fp8GroupedRecipe;
+const auto& kGroupedRecipes = ops::kFp8GroupedRecipes;
 
 class CudaFp8Grouped : public CudaFp8 {
  protected:
@@ -416,61 +302,6 @@ class CudaFp8Grouped : public CudaFp8 {
     return p;
   }
 };
-
-TEST_F(CudaFp8Grouped, ForwardAndDataGradientMatchTheCpuEmulation) {
-  // Capacity dispatch leaves rows past the last expert's end unused, holding whatever an earlier
-  // step left: 48 such rows of huge values must not reach any expert's scales.
-  const int64_t used = R;
-  R = used + 48;
-  Pair off = offsets(offsets_of(counts));
-  for (const GroupedRecipe& r : kGroupedRecipes)
-    for (DType fmt : {DType::e4m3, DType::e5m2})
-      for (bool trans_w : {true, false})
-        for (bool f32_out : {false, true}) {
-          // trans_w: forward, W [E, N, K]; otherwise the data gradient, W [E, K, N]. Block scaling
-          // needs whole 128-column weight blocks; the others take N off the 32-column store groups.
-          const bool block = r.weight == Fp8Granularity::block_128x128;
-          const int64_t K = trans_w ? 384 : 256, N = trans_w ? (block ? 256 : 272) : (block ? 384 : 400);
-          const std::string what = std::string(fp8_granularity_name(r.act)) + " x " + fp8_granularity_name(r.weight) + " " +
-                                   dtype_name(fmt) + (trans_w ? " forward" : " dgrad") + (f32_out ? " -> f32" : " -> bf16");
-          std::vector<float> av = spread(R, K);
-          for (int64_t i = used * K; i < R * K; ++i) av[size_t(i)] = round_to_bf16(1e38f);  // would zero an expert
-          Pair a = both({R, K}, av);
-          const Shape ws = trans_w ? Shape{E, N, K} : Shape{E, K, N};
-          Pair w = both(ws, values(E * N * K, 0.05));
-          Pair c{cpu->alloc({R, N}, DType::f32), gpu->alloc({R, N}, f32_out ? DType::f32 : DType::bf16)};
-          cpu->fill(c.c, 0.0f);
-          gpu->fill(c.g, NAN);  // every row of every expert must be written
-          cpu->grouped_matmul_fp8(a.c, fmt, r.act, w.c, trans_w, r.weight, c.c, off.c);
-          try {
-            gpu->grouped_matmul_fp8(a.g, fmt, r.act, w.g, trans_w, r.weight, c.g, off.g);
-          } catch (const Error& e) {
-            ADD_FAILURE() << what << ": " << e.what();
-            continue;
-          }
-          std::vector<float> cg = gpu->read(c.g), cc = cpu->read(c.c);
-          cg.resize(size_t(used * N));  // rows past the experts are not written
-          cc.resize(size_t(used * N));
-          EXPECT_LT(nerr(cg, cc), f32_out ? 2e-3 : 1e-2) << what << " (seed " << seed << ")";
-          // Each row on its own too (kRowTolFactor): one expert's rows gone wrong barely move the whole.
-          EXPECT_LT(worst_row_nerr(cg, cc, size_t(N)), kRowTolFactor * (f32_out ? 2e-3 : 1e-2)) << what << ", worst row";
-        }
-}
-
-TEST_F(CudaFp8Grouped, WeightGradientMatchesTheCpuEmulation) {
-  Pair off = offsets(offsets_of(counts));
-  const int64_t N = 256, K = 384;
-  for (Fp8Granularity g : {Fp8Granularity::tensor, Fp8Granularity::row, Fp8Granularity::block_1x128})
-    for (DType fmt : {DType::e5m2, DType::e4m3}) {
-      const std::string what = std::string(fp8_granularity_name(g)) + " " + dtype_name(fmt);
-      Pair dy = both({R, N}, spread(R, N)), x = both({R, K}, values(R * K, 1.0));
-      Pair dw = both({E, N, K}, values(E * N * K, 1.0), DType::f32);  // accumulated into
-      cpu->grouped_matmul_wgrad_fp8(dy.c, fmt, x.c, g, dw.c, off.c);
-      gpu->grouped_matmul_wgrad_fp8(dy.g, fmt, x.g, g, dw.g, off.g);
-      EXPECT_LT(nerr(gpu->read(dw.g), cpu->read(dw.c)), 2e-3) << what << " (seed " << seed << ")";
-      EXPECT_LT(worst_row_nerr(gpu->read(dw.g), cpu->read(dw.c), size_t(K)), kRowTolFactor * 2e-3) << what << ", worst row";
-    }
-}
 
 // The segment quantizer's codes, byte for byte, against the CPU quantizing each expert's tokens
 // on its own: the transposed segments are x_e^T with tensor or row scales (a row of x_e^T is a
@@ -717,7 +548,7 @@ TEST_F(CudaFp8Grouped, Relu2FoldedIntoTheGemmsIsTheUnfoldedOps) {
       Tensor a_amax1 = zeros({E}, DType::f32), dh_amax1 = zeros({E}, DType::f32), dw1 = zeros({E, D, H}, DType::f32);
       SavedExpertOperand sx1 = gpu->alloc_saved_expert_operand(R, D, E, r.act), sa1 = gpu->alloc_saved_expert_operand(R, H, E, r.act);
       gpu->grouped_matmul_fp8_saving(x.g, r.act, q1, h1, off.g, sx1);
-      const ExpertAmax a_amax_of1{a_amax1, off.g}, dh_amax_of1{dh_amax1, off.g};
+      const AmaxSink a_amax_of1{a_amax1, off.g}, dh_amax_of1{dh_amax1, off.g};
       gpu->relu2_fwd(h1, a1, &a_amax_of1);
       gpu->grouped_matmul_fp8_saving(a1, r.act, q2, y1, off.g, sa1, tensor ? &a_amax1 : nullptr);
       gpu->grouped_matmul_backward_fp8(dy.g, fmt, r.act, q2t, sa1, da1, dw1, off.g);

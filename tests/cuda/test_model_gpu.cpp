@@ -18,17 +18,22 @@ namespace moelab {
 namespace {
 namespace fs = std::filesystem;
 
+// A run's length and batch, without a final checkpoint.
+void set_run(Config& c, int64_t steps, int64_t batch, int64_t seq_len) {
+  c.train.steps = steps;
+  c.train.batch_size = batch;
+  c.train.seq_len = seq_len;
+  c.train.save_final = false;
+}
+
 // The seed's d12 MoE at one sequence of 256 tokens a step, so the CPU's f32 reference runs in a
 // few minutes.
 Config seed_shape_small_batch() {
   Config c = load_config(std::string(MOELAB_SOURCE_DIR) + "/configs/d12-moe.toml");
-  c.train.steps = 20;
-  c.train.batch_size = 1;
-  c.train.seq_len = 256;
+  set_run(c, 20, 1, 256);
   c.train.total_batch_tokens = 0;
   c.train.grad_accum = 1;
   c.train.eval_batches = 1;
-  c.train.save_final = false;
   return c;
 }
 
@@ -75,11 +80,8 @@ TEST(CudaModel, ResumedRunRepeatsTheUninterruptedLossesBitForBit) {
   c.model.d_model = 128;
   c.model.head_dim = 64;
   c.moe.expert_hidden = 128;
-  c.train.batch_size = 4;
-  c.train.seq_len = 64;
-  c.train.steps = 10;
+  set_run(c, 10, 4, 64);
   c.train.checkpoint_every = 5;
-  c.train.save_final = false;
   for (const char* exec : {"eager", "graph"}) {
     SCOPED_TRACE(exec);
     c.exec = exec;

@@ -1,14 +1,16 @@
-// Helpers shared by the data tests: a scratch folder removed at the end of a test, and a small
-// tokenizer trained once on a slice of the default corpus.
+// Helpers shared by the data tests: a scratch folder removed at the end of a test, a small
+// tokenizer trained once on a slice of the default corpus, and prepare options that use it.
 #pragma once
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include "core/rng.hpp"
 #include "data/embedded_corpus.hpp"
+#include "data/prepare.hpp"
 #include "data/tokenizer.hpp"
 
 namespace moelab::testing {
@@ -40,6 +42,18 @@ class ScratchDir {
 inline const Tokenizer& tiny_tokenizer() {
   static const Tokenizer tok = train_tokenizer({std::string_view(default_corpus_text()).substr(0, 300'000)}, 512, 2);
   return tok;
+}
+
+// Quiet options to prepare `inputs` into `out` (a file name in dir) with the tiny tokenizer,
+// saved as dir/tok.txt.
+inline PrepareOptions tiny_prepare(const ScratchDir& dir, std::vector<std::string> inputs, const std::string& out = "out") {
+  PrepareOptions opt;
+  opt.tokenizer = dir.file("tok.txt");
+  tiny_tokenizer().save(opt.tokenizer);
+  opt.inputs = std::move(inputs);
+  opt.out = dir.file(out);
+  opt.progress = false;
+  return opt;
 }
 
 }  // namespace moelab::testing

@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "data_test_util.hpp"
+#include "common/test_support.hpp"
 
 namespace moelab {
 namespace {
@@ -26,10 +27,7 @@ Result run(const testing::ScratchDir& dir, const std::string& args) {
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, std::string(std::istreambuf_iterator<char>(f), {})};
 }
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
+using test::file_text;
 
 }  // namespace
 
@@ -71,7 +69,7 @@ TEST(DataCli, TrainEncodeDecodePrepare) {
     std::string cmd = std::string(MOELAB_BINARY) + " tokenizer encode --tokenizer " + tok + mode + " < " + in + " | " +
                       MOELAB_BINARY + " tokenizer decode --tokenizer " + tok + mode + " > " + back;
     ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
-    EXPECT_EQ(slurp(back), bytes) << "mode" << mode;
+    EXPECT_EQ(file_text(back), bytes) << "mode" << mode;
   }
   Result r = run(dir, "tokenizer decode --tokenizer " + tok + " < " + dir.write("ids.txt", "12\n99999\n"));
   EXPECT_NE(r.code, 0);

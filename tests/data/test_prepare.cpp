@@ -13,18 +13,12 @@
 #include "data/shard.hpp"
 #include "data/text_input.hpp"
 #include "data_test_util.hpp"
+#include "common/test_support.hpp"
 
 namespace moelab {
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(accepted)";
-}
+using test::error_of;
 
 std::vector<std::string> documents_of(const std::string& path) {
   std::vector<std::string> docs;
@@ -80,8 +74,6 @@ TEST(Documents, BadInputsNameTheFileAndLine) {
 TEST(Prepare, ShardsHoldEveryDocumentAfterBosWithAnEvenValidationSplit) {
   testing::ScratchDir dir;
   const Tokenizer& tok = testing::tiny_tokenizer();
-  std::string tok_path = dir.file("tok.txt");
-  tok.save(tok_path);
   // 30 short documents over two files, one text and one JSONL.
   std::vector<std::string> docs;
   std::string txt, jsonl;
@@ -97,12 +89,8 @@ TEST(Prepare, ShardsHoldEveryDocumentAfterBosWithAnEvenValidationSplit) {
     else
       jsonl += nlohmann::json({{"text", d}}).dump() + "\n";
   }
-  PrepareOptions opt;
-  opt.tokenizer = tok_path;
-  opt.inputs = {dir.write("a.txt", txt), dir.write("b.jsonl", jsonl)};
-  opt.out = dir.file("out");
+  PrepareOptions opt = testing::tiny_prepare(dir, {dir.write("a.txt", txt), dir.write("b.jsonl", jsonl)});
   opt.val_fraction = 0.1;
-  opt.progress = false;
   ShardFolderInfo info = prepare_shards(opt);
   EXPECT_EQ(info.train.documents, 27);
   EXPECT_EQ(info.val.documents, 3);  // documents 9, 19 and 29
@@ -133,18 +121,12 @@ TEST(Prepare, ShardsHoldEveryDocumentAfterBosWithAnEvenValidationSplit) {
 TEST(Prepare, OneDocumentIsSplitByPosition) {
   testing::ScratchDir dir;
   const Tokenizer& tok = testing::tiny_tokenizer();
-  std::string tok_path = dir.file("tok.txt");
-  tok.save(tok_path);
   Rng rng(Rng(71).next_u64());
   std::string text = default_corpus_text().substr(rng.below(1'000'000), 4000);
   for (auto& c : text)
     if (c == '\n') c = ' ';  // no blank line anywhere: one document
-  PrepareOptions opt;
-  opt.tokenizer = tok_path;
-  opt.inputs = {dir.write("one.txt", text)};
-  opt.out = dir.file("out");
+  PrepareOptions opt = testing::tiny_prepare(dir, {dir.write("one.txt", text)});
   opt.val_fraction = 0.1;
-  opt.progress = false;
   ShardFolderInfo info = prepare_shards(opt);
   ASSERT_EQ(info.train.documents, 1);
   ASSERT_EQ(info.val.documents, 1);
@@ -168,13 +150,8 @@ TEST(Prepare, OneDocumentIsSplitByPosition) {
 
 TEST(Prepare, RefusesBadInputsBeforeWritingShards) {
   testing::ScratchDir dir;
-  std::string tok_path = dir.file("tok.txt");
-  testing::tiny_tokenizer().save(tok_path);
-  PrepareOptions opt;
-  opt.tokenizer = tok_path;
-  opt.out = dir.file("out");
-  opt.progress = false;
-  opt.inputs = {dir.write("ok.txt", "one\n\ntwo\n"), dir.file("missing.txt")};
+  PrepareOptions opt = testing::tiny_prepare(dir, {dir.write("ok.txt", "one\n\ntwo\n"), dir.file("missing.txt")});
+  const std::string tok_path = opt.tokenizer;
   EXPECT_NE(error_of([&] { prepare_shards(opt); }).find("missing.txt"), std::string::npos);
   EXPECT_FALSE(std::filesystem::exists(dir.file("out")));
   opt.inputs = {dir.write("one.txt", "a")};  // one document of one token: nothing to split
@@ -192,20 +169,14 @@ TEST(Prepare, RefusesBadInputsBeforeWritingShards) {
 // the tokenizer copy written before the documents were read.
 TEST(Prepare, AFailedPrepareLeavesNothingBehind) {
   testing::ScratchDir dir;
-  std::string tok_path = dir.file("tok.txt");
-  testing::tiny_tokenizer().save(tok_path);
-  PrepareOptions opt;
-  opt.tokenizer = tok_path;
-  opt.out = dir.file("out");
-  opt.progress = false;
-  opt.inputs = {dir.write("latin1.txt", "one doc\n\ncaf\xe9 au lait\n\nthree\n")};
-  EXPECT_NE(error_of([&] { prepare_shards(opt); }), "(accepted)");
+  PrepareOptions opt = testing::tiny_prepare(dir, {dir.write("latin1.txt", "one doc\n\ncaf\xe9 au lait\n\nthree\n")});
+  EXPECT_NE(error_of([&] { prepare_shards(opt); }), "");
   EXPECT_FALSE(std::filesystem::exists(dir.file("out")));
   // A folder that existed keeps what was there and gains nothing.
   std::filesystem::create_directories(dir.file("mine"));
   dir.write("mine/notes.txt", "mine\n");
   opt.out = dir.file("mine");
-  EXPECT_NE(error_of([&] { prepare_shards(opt); }), "(accepted)");
+  EXPECT_NE(error_of([&] { prepare_shards(opt); }), "");
   std::vector<std::string> left;
   for (const auto& e : std::filesystem::directory_iterator(dir.file("mine"))) left.push_back(e.path().filename().string());
   EXPECT_EQ(left, std::vector<std::string>{"notes.txt"});
@@ -215,12 +186,7 @@ TEST(Prepare, AFailedPrepareLeavesNothingBehind) {
 // shards (those beyond the new ones too) before writing the new folder.
 TEST(Prepare, AFolderWithShardsIsRefusedUnlessForced) {
   testing::ScratchDir dir;
-  std::string tok_path = dir.file("tok.txt");
-  testing::tiny_tokenizer().save(tok_path);
-  PrepareOptions opt;
-  opt.tokenizer = tok_path;
-  opt.out = dir.file("out");
-  opt.progress = false;
+  PrepareOptions opt = testing::tiny_prepare(dir, {});
   std::string docs;
   for (int i = 0; i < 40; ++i) docs += "document number " + std::to_string(i) + "\n\n";
   opt.inputs = {dir.write("docs.txt", docs)};

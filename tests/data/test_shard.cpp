@@ -5,6 +5,7 @@
 #include "core/error.hpp"
 #include "data/shard.hpp"
 #include "data_test_util.hpp"
+#include "common/test_support.hpp"
 
 namespace moelab {
 namespace {
@@ -16,18 +17,10 @@ std::vector<int32_t> random_ids(size_t n, int64_t vocab, Rng& rng) {
 }
 
 std::string error_opening(const std::string& path) {
-  try {
-    Shard s(path);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(opened)";
+  return test::error_of([&] { Shard s(path); }, "(opened)");
 }
 
-std::string read_all(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
+using test::file_text;
 
 }  // namespace
 
@@ -80,7 +73,7 @@ TEST(Shard, CorruptFilesAreRejectedNamingFileAndOffset) {
     w.append(ids.data(), ids.size());
     w.finish();
   }
-  const std::string bytes = read_all(good);
+  const std::string bytes = file_text(good);
 
   std::string magic = bytes;
   magic[0] = 'X';

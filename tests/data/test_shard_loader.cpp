@@ -19,15 +19,9 @@ struct PreparedFolder {
   PreparedFolder(int64_t shard_tokens = 100'000'000) {
     const std::string& corpus = default_corpus_text();
     text = corpus.substr(0, corpus.find("\n\n", 280'000) + 1);
-    std::string tok = dir.file("tok.txt");
-    testing::tiny_tokenizer().save(tok);
-    PrepareOptions opt;
-    opt.tokenizer = tok;
-    opt.inputs = {dir.write("brown.txt", text)};
-    opt.out = dir.file("shards");
+    PrepareOptions opt = testing::tiny_prepare(dir, {dir.write("brown.txt", text)}, "shards");
     opt.val_fraction = 0.2;
     opt.shard_tokens = shard_tokens;
-    opt.progress = false;
     info = prepare_shards(opt);
   }
   DataConfig config() const {

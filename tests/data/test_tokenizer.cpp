@@ -25,6 +25,19 @@ std::string random_bytes(size_t n, Rng& rng) {
   return s;
 }
 
+// s with each non-overlapping (a, b), left to right, replaced by id: one BPE merge applied.
+std::vector<int32_t> merge_pair(const std::vector<int32_t>& s, int32_t a, int32_t b, int32_t id) {
+  std::vector<int32_t> t;
+  for (size_t i = 0; i < s.size();)
+    if (i + 1 < s.size() && s[i] == a && s[i + 1] == b) {
+      t.push_back(id);
+      i += 2;
+    } else {
+      t.push_back(s[i++]);
+    }
+  return t;
+}
+
 // Reference BPE: merge the lowest-id pair everywhere, one id at a time, over the whole chunk.
 std::vector<int32_t> reference_bpe(const Tokenizer& tok, std::string_view chunk) {
   std::vector<int32_t> s;
@@ -36,15 +49,7 @@ std::vector<int32_t> reference_bpe(const Tokenizer& tok, std::string_view chunk)
         if (tok.merges()[m] == std::make_pair(s[i], s[i + 1]) && int32_t(256 + m) < best) best = int32_t(256 + m);
     if (best == INT32_MAX) return s;
     auto [a, b] = tok.merges()[size_t(best - 256)];
-    std::vector<int32_t> t;
-    for (size_t i = 0; i < s.size();)
-      if (i + 1 < s.size() && s[i] == a && s[i + 1] == b) {
-        t.push_back(best);
-        i += 2;
-      } else {
-        t.push_back(s[i++]);
-      }
-    s = t;
+    s = merge_pair(s, a, b, best);
   }
 }
 
@@ -177,17 +182,7 @@ TEST(TokenizerTraining, IncrementalCountsMatchRecountingEveryMerge) {
     auto [a, b] = best->first;
     int32_t id = 256 + m;
     expect.push_back({a, b});
-    for (auto& [w, c] : words) {
-      std::vector<int32_t> t;
-      for (size_t i = 0; i < w.size();)
-        if (i + 1 < w.size() && w[i] == a && w[i + 1] == b) {
-          t.push_back(id);
-          i += 2;
-        } else {
-          t.push_back(w[i++]);
-        }
-      w = t;
-    }
+    for (auto& [w, c] : words) w = merge_pair(w, a, b, id);
   }
   Tokenizer tok = train_tokenizer({text}, int64_t(256 + kSpecialTokens.size() + expect.size()), 2);
   EXPECT_EQ(tok.merges(), expect);

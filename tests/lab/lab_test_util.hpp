@@ -10,6 +10,7 @@
 #include <string>
 
 #include "core/rng.hpp"
+#include "lab/run_record.hpp"
 
 namespace moelab::lab::labtest {
 
@@ -42,6 +43,15 @@ inline void age_file(const std::filesystem::path& p, double seconds) {
   auto t = std::filesystem::file_time_type::clock::now() - std::chrono::duration_cast<std::filesystem::file_time_type::duration>(
                                                               std::chrono::duration<double>(seconds));
   std::filesystem::last_write_time(p, t);
+}
+
+// The record that parse(text, record) makes of text (a reader of metrics.jsonl, status.json or a
+// nanochat log).
+template <class Parse>
+RunRecord record_of(std::string_view text, Parse parse) {
+  RunRecord rec;
+  parse(text, rec);
+  return rec;
 }
 
 }  // namespace moelab::lab::labtest

@@ -15,28 +15,15 @@
 
 #include "lab/experiment_reader.hpp"
 #include "lab_test_util.hpp"
+#include "common/test_support.hpp"
 
 using namespace moelab::lab;
 using namespace moelab::lab::labtest;
 
 namespace {
 
-struct Result {
-  int code;
-  std::string output;
-};
-
-Result run(const std::string& args) {
-  std::string cmd = std::string(MOELAB_BINARY) + " " + args + " 2>&1";
-  Result r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof buf, p)) r.output.append(buf, n);
-  int status = pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+using Result = moelab::test::CliResult;
+Result run(const std::string& args) { return moelab::test::run_moelab(args); }
 
 const std::string kData = std::string(MOELAB_SOURCE_DIR) + "/tests/lab/data";
 

@@ -5,10 +5,13 @@
 #include <vector>
 
 #include "lab/metrics_reader.hpp"
+#include "lab_test_util.hpp"
 
 using namespace moelab::lab;
 
 namespace {
+RunRecord metrics_record(std::string_view text) { return labtest::record_of(text, parse_metrics_jsonl); }
+
 std::string step_line(int step, double loss) {
   return "{\"event\": \"step\", \"step\": " + std::to_string(step) + ", \"steps\": 10, \"loss\": " + std::to_string(loss) +
          ", \"bal\": 0.01, \"dt_ms\": 100.5, \"tok_sec\": 2000, \"mfu\": null, \"drop_rate\": 0.25, "
@@ -19,8 +22,7 @@ std::string step_line(int step, double loss) {
 TEST(MetricsReader, ReadsStepsAndEnd) {
   std::string text = step_line(0, 5.0) + "\n" + step_line(1, 4.0) + "\n{\"event\": \"val\", \"step\": 1, \"val_loss\": 4.1}\n" +
                      "{\"event\": \"end\", \"step\": 1, \"peak_mem_mib\": 42.5, \"total_time_min\": 0.25}\n";
-  RunRecord rec;
-  parse_metrics_jsonl(text, rec);
+  RunRecord rec = metrics_record(text);
   ASSERT_EQ(rec.steps.size(), 2u);
   EXPECT_EQ(rec.steps[1].step, 1);
   EXPECT_DOUBLE_EQ(rec.steps[1].loss, 4.0);
@@ -37,8 +39,7 @@ TEST(MetricsReader, ReadsStepsAndEnd) {
 
 TEST(MetricsReader, PartialLastLineIsNotAProblem) {
   std::string text = step_line(0, 5.0) + "\n" + step_line(1, 4.0).substr(0, 30);
-  RunRecord rec;
-  parse_metrics_jsonl(text, rec);
+  RunRecord rec = metrics_record(text);
   EXPECT_EQ(rec.steps.size(), 1u);
   EXPECT_TRUE(rec.problems.empty());
 }
@@ -47,8 +48,7 @@ TEST(MetricsReader, DamagedLinesAreSkippedAndNoted) {
   std::string text = step_line(0, 5.0) + "\r\n" + "garbage {\n" + "{\"event\": \"step\", \"step\": \"x\"}\n" +
                      "{\"event\": \"step\", \"step\": 2, \"loss\": \"4,5\", \"tok_sec\": \"1,000\", \"dt_ms\": [1]}\r\n" +
                      std::string("\0\xff\xfe\n", 4) + step_line(3, 3.0) + "\n";
-  RunRecord rec;
-  parse_metrics_jsonl(text, rec);
+  RunRecord rec = metrics_record(text);
   ASSERT_EQ(rec.steps.size(), 3u);
   EXPECT_EQ(rec.steps[1].step, 2);
   EXPECT_FALSE(known(rec.steps[1].loss));  // "4,5" is not a number
@@ -63,8 +63,7 @@ TEST(MetricsReader, DamagedLinesAreSkippedAndNoted) {
 TEST(MetricsReader, ResumedRunReplacesRepeatedSteps) {
   std::string text = step_line(0, 5) + "\n" + step_line(1, 4) + "\n" + step_line(2, 3) + "\n" + step_line(1, 3.9) + "\n" +
                      step_line(2, 2.9) + "\n";
-  RunRecord rec;
-  parse_metrics_jsonl(text, rec);
+  RunRecord rec = metrics_record(text);
   ASSERT_EQ(rec.steps.size(), 3u);
   EXPECT_DOUBLE_EQ(rec.steps[2].loss, 2.9);
 }
@@ -90,8 +89,7 @@ TEST(MetricsReader, ValidationEventsAndImpossibleRates) {
                      "{\"event\": \"val\", \"step\": 4, \"val_loss\": 4.0, \"val_bpb\": 5.8}\n" +
                      "{\"event\": \"val\", \"step\": 4, \"val_loss\": 3.9, \"val_bpb\": 5.6}\n" +
                      "{\"event\": \"step\", \"step\": 5, \"loss\": 3.5, \"dt_ms\": -3, \"tok_sec\": \"-inf\"}\n";
-  RunRecord rec;
-  parse_metrics_jsonl(text, rec);
+  RunRecord rec = metrics_record(text);
   ASSERT_EQ(rec.vals.size(), 2u);
   EXPECT_EQ(rec.vals[1].step, 4);
   EXPECT_DOUBLE_EQ(rec.vals[1].loss, 3.9);

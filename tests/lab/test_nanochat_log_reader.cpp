@@ -3,8 +3,13 @@
 
 #include "lab/nanochat_log_reader.hpp"
 #include "lab/run_summary.hpp"
+#include "lab_test_util.hpp"
 
 using namespace moelab::lab;
+
+namespace {
+RunRecord nanochat_record(std::string_view text) { return labtest::record_of(text, parse_nanochat_log); }
+}  // namespace
 
 TEST(NanochatLog, ReadsTheSeedFormat) {
   std::string log =
@@ -13,8 +18,7 @@ TEST(NanochatLog, ReadsTheSeedFormat) {
       "step 00139/00140 (99.29%) | loss: 4.671600 | bal: 0.0102 | lrm: 0.05 | dt: 537.80ms | tok/sec: 982,070 | mfu: 11.88 | epoch: 1 | total time: 1.59m\n"
       "Peak memory usage: 23231.91MiB\n"
       "Total training time: 1.59m\n";
-  RunRecord rec;
-  parse_nanochat_log(log, rec);
+  RunRecord rec = nanochat_record(log);
   ASSERT_EQ(rec.steps.size(), 2u);
   EXPECT_EQ(rec.steps[1].step, 139);
   EXPECT_EQ(rec.planned_steps, 140);
@@ -53,8 +57,7 @@ TEST(NanochatLog, NewerAndOlderVariants) {
   std::string log =
       "step 00010/00100 (10.00%) | loss: 6.5 | lrm: 1.00 | dt: 500.00ms | tok/sec: 1,000,000 | bf16_mfu: 12.50 | epoch: 1 | total time: 0.10m | eta: 3.2m\r\n"
       "step 00011/00100 (11.00%) | loss: 6.4 | lrm: 1.00 | dt: 501.00ms | tok/sec: 999,000 | mfu: 12.40 | total time: 0.11m\r\n";
-  RunRecord rec;
-  parse_nanochat_log(log, rec);
+  RunRecord rec = nanochat_record(log);
   ASSERT_EQ(rec.steps.size(), 2u);
   EXPECT_DOUBLE_EQ(rec.steps[0].mfu, 12.5);
   EXPECT_DOUBLE_EQ(rec.steps[0].tok_sec, 1e6);
@@ -76,8 +79,7 @@ TEST(NanochatLog, TracebackGivesTheError) {
       "Traceback (most recent call last):\n"
       "  File \"/x/compile_fx.py\", line 10, in f\n"
       "InductorError: AssertionError: -168373925552093/200000000000000\n";
-  RunRecord rec;
-  parse_nanochat_log(log, rec);
+  RunRecord rec = nanochat_record(log);
   EXPECT_EQ(rec.state, RunState::failed);
   EXPECT_EQ(rec.error, "InductorError: AssertionError: -168373925552093/200000000000000");
   EXPECT_EQ(rec.steps.size(), 1u);
@@ -88,8 +90,7 @@ TEST(NanochatLog, WarningTracebackThenTrainingIsNotAFailure) {
       "Traceback (most recent call last):\n  File \"w.py\", line 1\nUserWarning: something\n"
       "step 00000/00002 (0.00%) | loss: 5.0 | dt: 1.00ms | tok/sec: 10 | mfu: 0.01\n"
       "Total training time: 0.00m\n";
-  RunRecord rec;
-  parse_nanochat_log(log, rec);
+  RunRecord rec = nanochat_record(log);
   EXPECT_EQ(rec.state, RunState::completed);
 }
 
@@ -98,8 +99,7 @@ TEST(NanochatLog, TruncatedAndMalformedLines) {
       "step 00001/00010 (10.00%) | loss: 4.0 | dt: 5.00ms | tok/sec: 1,0x0 | mfu: abc\n"
       "step 0000\n"
       "step 00002/00010 (20.00%) | loss: 3.5 | dt: 5.0";
-  RunRecord rec;
-  parse_nanochat_log(log, rec);
+  RunRecord rec = nanochat_record(log);
   ASSERT_EQ(rec.steps.size(), 2u);
   EXPECT_FALSE(known(rec.steps[0].tok_sec));
   EXPECT_FALSE(known(rec.steps[0].mfu));
@@ -119,8 +119,7 @@ TEST(NanochatLog, ValidationLinesOfMoelabAndNanochat) {
       "Step 00039 | Validation bpb: 1.2500\n"
       "Minimum validation bpb: 1.2345\n"
       "Peak memory usage: 10.00MiB\n";
-  RunRecord rec;
-  parse_nanochat_log(log, rec);
+  RunRecord rec = nanochat_record(log);
   EXPECT_TRUE(rec.problems.empty()) << rec.problems.front();
   ASSERT_EQ(rec.vals.size(), 3u);
   EXPECT_EQ(rec.vals[0].step, 19);

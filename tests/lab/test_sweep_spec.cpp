@@ -119,7 +119,7 @@ set = { "train.seed" = 100 }
 }
 
 TEST(SweepSpec, OnlyKeepsTheNamedRunsInOrder) {
-  SweepSpec s = parse(R"(
+  const char* const three_runs = R"(
 base = "b.toml"
 [[run]]
 name = "a"
@@ -128,28 +128,23 @@ name = "b"
 set = { "train.seed" = 7 }
 [[run]]
 name = "c"
-)");
+)";
+  SweepSpec s = parse(three_runs);
   select_runs(s, {"c", "b"});
   ASSERT_EQ(s.runs.size(), 2u);
   EXPECT_EQ(s.runs[0].name, "b");  // the file's order, not the list's
   EXPECT_EQ(value(s.runs[0].overrides, "train.seed"), "7");
   EXPECT_EQ(s.runs[1].name, "c");
-  SweepSpec t = parse(R"(
-base = "b.toml"
-[[run]]
-name = "a"
-[[run]]
-name = "b"
-)");
+  SweepSpec t = parse(three_runs);
   try {
     select_runs(t, {"a", "zz"});
     ADD_FAILURE() << "an unknown run name was accepted";
   } catch (const moelab::Error& e) {
     const std::string m = e.what();
     EXPECT_NE(m.find("--only names no run \"zz\""), std::string::npos) << m;
-    EXPECT_NE(m.find("its runs are: a, b"), std::string::npos) << m;
+    EXPECT_NE(m.find("its runs are: a, b, c"), std::string::npos) << m;
   }
-  EXPECT_EQ(t.runs.size(), 2u);  // a refused selection changes nothing
+  EXPECT_EQ(t.runs.size(), 3u);  // a refused selection changes nothing
 }
 
 // The routing sweeps (configs/routing-d12.toml and its CPU twin): the sweep file parses, both

@@ -11,32 +11,21 @@
 #include "backend/cpu/cpu_backend.hpp"
 #include "core/rng.hpp"
 #include "model/gpt.hpp"
+#include "common/config_builder.hpp"
 
 namespace moelab {
 namespace {
 
 Config decode_config(bool seed_options) {
-  Config c;
-  c.model.d_model = 32;
-  c.model.layers = 4;
-  c.model.head_dim = 8;
-  c.model.kv_heads = 2;  // 4 query heads read 2 kv heads
-  c.model.vocab = 40;
-  c.model.mlp_hidden = 24;
-  c.model.max_seq = 32;
-  c.model.window_pattern = "SL";  // layers 0 and 2: a window of train.seq_len / 2 = 5 keys
-  c.model.value_embeddings = seed_options;
-  c.model.ve_gate_channels = 8;
-  c.model.scalar_lambdas = seed_options;
-  c.moe.experts = 4;
-  c.moe.top_k = 2;
-  c.moe.expert_hidden = 12;
-  c.moe.layers = "1,2,3";
-  c.moe.shared_expert = seed_options;
-  c.moe.shared_hidden = 10;
-  c.moe.dispatch = "dropless";
-  c.train.batch_size = 1;
-  c.train.seq_len = 10;
+  // 4 query heads read 2 kv heads; window pattern SL: layers 0 and 2 see a window of
+  // train.seq_len / 2 = 5 keys.
+  Config c = test::with_keys(Config{}, "model.d_model=32 model.layers=4 model.head_dim=8 model.kv_heads=2 model.vocab=40 "
+                                       "model.mlp_hidden=24 model.max_seq=32 model.window_pattern=SL "
+                                       "model.ve_gate_channels=8 moe.experts=4 moe.top_k=2 moe.expert_hidden=12 "
+                                       "moe.layers=1,2,3 moe.shared_hidden=10 moe.dispatch=dropless "
+                                       "train.batch_size=1 train.seq_len=10");
+  // The seed's options: value embeddings, scalar lambdas and the shared expert (all off by default).
+  if (seed_options) c = test::with_keys(c, "model.value_embeddings=true model.scalar_lambdas=true moe.shared_expert=true");
   return c;
 }
 

@@ -11,30 +11,21 @@
 #include "backend/cpu/cpu_backend.hpp"
 #include "core/rng.hpp"
 #include "model/gpt.hpp"
+#include "common/config_builder.hpp"
 
 namespace moelab {
 namespace {
 
 Config tiny_config(const std::string& dispatch, bool shared, const std::string& moe_layers) {
-  Config c;
-  c.model.d_model = 16;
-  c.model.layers = 2;
-  c.model.head_dim = 8;
-  c.model.kv_heads = 1;  // grouped-query: 2 query heads share one kv head
-  c.model.vocab = 24;
-  c.model.mlp_hidden = 20;
-  c.model.max_seq = 16;
-  c.moe.experts = 4;
-  c.moe.top_k = 2;
-  c.moe.expert_hidden = 12;
+  // kv_heads 1: grouped-query, 2 query heads share one kv head; capacity factor 0.75 forces
+  // drops in capacity mode.
+  Config c = test::with_keys(Config{}, "model.d_model=16 model.layers=2 model.head_dim=8 model.kv_heads=1 model.vocab=24 "
+                                       "model.mlp_hidden=20 model.max_seq=16 moe.experts=4 moe.top_k=2 moe.expert_hidden=12 "
+                                       "moe.shared_hidden=10 moe.capacity_factor=0.75 moe.balance_coef=0.05 "
+                                       "train.batch_size=2 train.seq_len=6");
   c.moe.layers = moe_layers;
   c.moe.shared_expert = shared;
-  c.moe.shared_hidden = 10;
   c.moe.dispatch = dispatch;
-  c.moe.capacity_factor = 0.75;  // forces drops in capacity mode
-  c.moe.balance_coef = 0.05;
-  c.train.batch_size = 2;
-  c.train.seq_len = 6;
   return c;
 }
 
@@ -62,13 +53,21 @@ double total_loss(CpuBackend& be, GptMoE& model, const Tensor& tokens, const Ten
   double sum = 0;
   for (int64_t i = 0; i < model.losses().numel(); ++i) sum += l[i];
   StepStats s = model.read_stats(1);
-  return sum / double(valid) + s.bal_term;
+  // The z-loss as differentiated: coef * sum over MoE layers of the mean logsumexp^2.
+  const double z_term = model.config().moe.z_loss_coef * s.z_loss * double(s.router_entropy.size());
+  return sum / double(valid) + s.bal_term + z_term;
 }
 
 void check_model_gradients(const Config& cfg, uint64_t seed, bool expect_drops) {
   CpuBackend be(DType::f64, 2);
   GptMoE model(be, cfg, cfg.train.batch_size, cfg.train.seq_len);
   model.init_weights(seed, /*all_random=*/true);
+  // Buffers (the aux-loss-free router bias) start at zero; spread them so the biased choice differs
+  // from the plain one.
+  Rng bias_rng(seed + 3);
+  for (auto& param : model.params().params)
+    if (param.group == ParamGroup::buffer)
+      for (int64_t i = 0; i < param.value.numel(); ++i) param.value.as<double>()[i] = 0.2 * bias_rng.normal();
   Problem p = random_problem(cfg, seed + 1);
   int64_t valid = 0;
   for (auto t : p.targets) valid += t >= 0;
@@ -98,6 +97,7 @@ void check_model_gradients(const Config& cfg, uint64_t seed, bool expect_drops) 
   const int wanted = 6, max_draws = 200;
   for (size_t pi = 0; pi < model.params().params.size(); ++pi) {
     Param& param = model.params().params[pi];
+    if (param.group == ParamGroup::buffer) continue;  // state no gradient reaches
     const std::vector<double>& analytic = grads[pi];
     double err2 = 0, ref2 = 0;
     int nonzero = 0;
@@ -132,6 +132,46 @@ TEST(GptGradcheck, DroplessAllMoEWithSharedExpert) {
 }
 
 TEST(GptGradcheck, CapacityWithDrops) { check_model_gradients(tiny_config("capacity", true, "all"), 13, true); }
+
+// The routing lab's differentiable paths: sigmoid scores with raw or normalized gates and a
+// route scale, the aux-loss-free bias on the choice, group-limited routing, N shared experts,
+// the z-loss, and the balance loss per sequence and over the step.
+Config lab_config(const std::string& score, bool norm_topk, const std::string& scope) {
+  Config c = tiny_config("dropless", false, "all");
+  c.moe.score = score;
+  c.moe.norm_topk = norm_topk;
+  c.moe.route_scale = 2.5;
+  c.moe.balance_scope = scope;
+  c.moe.z_loss_coef = 0.03;
+  c.moe.shared_experts = 2;
+  c.moe.groups = 2;
+  c.moe.topk_groups = 1;
+  return c;
+}
+
+TEST(GptGradcheck, RoutingLabSigmoidNormalizedPerSequence) {
+  check_model_gradients(lab_config("sigmoid", true, "sequence"), 21, false);
+}
+
+TEST(GptGradcheck, RoutingLabSigmoidRawGlobalBatch) {
+  check_model_gradients(lab_config("sigmoid", false, "global_batch"), 22, false);
+}
+
+TEST(GptGradcheck, RoutingLabSoftmaxRawAuxFreeBiasCapacity) {
+  Config c = lab_config("softmax", false, "micro_batch");
+  c.moe.balance = "aux_free";  // no aux loss; the bias moves the choice
+  c.moe.dispatch = "capacity";
+  c.moe.groups = 1;
+  c.moe.topk_groups = 1;
+  check_model_gradients(c, 23, true);
+}
+
+TEST(GptGradcheck, RoutingLabSigmoidAuxFreeGroups) {
+  Config c = lab_config("sigmoid", true, "micro_batch");
+  c.moe.balance = "aux_free";
+  c.moe.z_loss_coef = 0.0;
+  check_model_gradients(c, 24, false);
+}
 
 TEST(GptGradcheck, SlidingWindowLayers) {
   Config c = tiny_config("dropless", false, "all");

@@ -8,6 +8,7 @@
 
 #include "backend/cpu/cpu_backend.hpp"
 #include "core/rng.hpp"
+#include "config/config.hpp"
 #include "model/linear_gemms.hpp"
 
 namespace moelab {
@@ -36,12 +37,12 @@ struct Fixture {
 };
 
 // precision = fp8 with a recipe, and the scaling it gives activations and weights.
-struct Fp8Recipe {
+struct RecipeCase {
   Config config;
   Fp8Granularity act, weight;
 };
-Fp8Recipe fp8_recipe(const std::string& recipe) {
-  Fp8Recipe r;
+RecipeCase recipe_case(const std::string& recipe) {
+  RecipeCase r;
   r.config.precision = "fp8";
   r.config.fp8.recipe = recipe;
   r.act = recipe == "rowwise" ? Fp8Granularity::row : recipe == "blockwise" ? Fp8Granularity::block_1x128
@@ -53,7 +54,7 @@ Fp8Recipe fp8_recipe(const std::string& recipe) {
 TEST(LinearGemms, PlainPrecisionIsExactlyMatmul) {
   Fixture f;
   Config c;  // precision = auto
-  LinearGemms lin(f.be, c);
+  LinearGemms lin(f.be, fp8_recipe(c));
   lin.plan(32, 48, 64);
   lin.allocate();
   Tensor x = f.random({32, 64}, 1.0), w = f.random({48, 64}, 0.1);
@@ -70,7 +71,7 @@ TEST(LinearGemms, Fp8ProductsAreQuantizedAndReuseIsSafe) {
     Config c;
     c.precision = "fp8";
     c.fp8.recipe = recipe;
-    LinearGemms lin(f.be, c);
+    LinearGemms lin(f.be, fp8_recipe(c));
     const int64_t T = 160, out = 48, in = 200;
     Tensor x = f.random({T, in}, 1.0), x2 = f.random({T, in}, 2.0), w = f.random({out, in}, 0.1);
     lin.plan(T, out, in);
@@ -131,7 +132,7 @@ TEST(LinearGemms, UnplannedShapesAreRefused) {
   Fixture f;
   Config c;
   c.precision = "fp8";
-  LinearGemms lin(f.be, c);
+  LinearGemms lin(f.be, fp8_recipe(c));
   Tensor x = f.random({64, 32}, 1.0), w = f.random({32, 32}, 0.1), y = f.be.alloc({64, 32}, DType::f32);
   lin.plan(16, 32, 32);
   lin.add_weight(w);
@@ -146,9 +147,9 @@ TEST(LinearGemms, Fp8WeightsAreTheirFormsAsLastRefreshed) {
   for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
     SCOPED_TRACE(recipe);
     Fixture f;
-    const Fp8Recipe r = fp8_recipe(recipe);
+    const RecipeCase r = recipe_case(recipe);
     const Fp8Granularity act = r.act, wg = r.weight;
-    LinearGemms lin(f.be, r.config);
+    LinearGemms lin(f.be, fp8_recipe(r.config));
     const int64_t T = 96, out = 144, in = 160;
     Tensor x = f.random({T, in}, 1.0), w = f.random({out, in}, 0.1), dy = f.random({T, out}, 0.01);
     Tensor other = f.random({out, in}, 0.1);
@@ -201,7 +202,7 @@ TEST(LinearGemms, TheForwardsSavedInputGivesTheBackwardsBits) {
   for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
     SCOPED_TRACE(recipe);
     Fixture f;
-    LinearGemms lin(f.be, fp8_recipe(recipe).config);
+    LinearGemms lin(f.be, fp8_recipe(recipe_case(recipe).config));
     const int64_t T = 144, out = 64, in = 160;
     Tensor x = f.random({T, in}, 1.0), x2 = f.random({T, in}, 1.0), w = f.random({out, in}, 0.1);
     Tensor dy = f.random({T, out}, 0.01);
@@ -236,7 +237,7 @@ class AmaxRecordingBackend : public CpuBackend {
     CpuBackend::quantize_experts_fp8_pair(W, s, t, amax);
   }
   void quantize_fp8_pairs(const std::vector<Fp8PairJob>& jobs) override {
-    for (const Fp8PairJob& j : jobs) matrix_amax.push_back(j.amax != nullptr);
+    for (const Fp8PairJob& j : jobs) matrix_amax.push_back(j.known_amax != nullptr);
     CpuBackend::quantize_fp8_pairs(jobs);
   }
 };
@@ -254,7 +255,7 @@ TEST(LinearGemms, RefreshTakesTheOptimizersAmaxOncePerRaise) {
       for (int64_t i = 0; i < t.numel(); ++i) t.as<float>()[i] = float(rng.normal() * 0.1);
       return t;
     };
-    LinearGemms lin(be, fp8_recipe(recipe).config);
+    LinearGemms lin(be, fp8_recipe(recipe_case(recipe).config));
     Param stack, matrix, copied;
     stack.value = random({2, 32, 48});
     matrix.value = random({32, 48});
@@ -284,11 +285,11 @@ TEST(LinearGemms, Fp8ExpertsReadTheirStacksForms) {
   // An expert stack's forms give the products grouped_matmul_fp8 makes of the bf16 stack itself.
   for (std::string recipe : {"tensorwise", "rowwise", "blockwise"}) {
     SCOPED_TRACE(recipe);
-    Fixture f;
-    const Fp8Recipe r = fp8_recipe(recipe);
+    const int64_t E = 3, R = 70, N = 128, K = 160;  // experts, rows, and each expert's out x in
+    const RecipeCase r = recipe_case(recipe);
     const Fp8Granularity act = r.act, wg = r.weight;
-    LinearGemms lin(f.be, r.config);
-    const int64_t E = 3, R = 70, N = 128, K = 160;
+    Fixture f;
+    LinearGemms lin(f.be, fp8_recipe(r.config));
     Tensor W = f.random({E, N, K}, 0.1), x = f.random({R, K}, 1.0), dy = f.random({R, N}, 0.01);
     Tensor offsets = f.be.alloc({E + 1}, DType::i32);
     f.be.write_i32(offsets, {0, 30, 30, R});

@@ -10,15 +10,13 @@
 #include "backend/cpu/cpu_backend.hpp"
 #include "config/config.hpp"
 #include "core/rng.hpp"
+#include "common/config_builder.hpp"
 
 namespace moelab {
 namespace {
 
 Config capacity_config(double cf) {
-  Config c;
-  c.moe.experts = 8;
-  c.moe.top_k = 2;
-  c.moe.dispatch = "capacity";
+  Config c = test::with_keys(Config{}, "moe.experts=8 moe.top_k=2 moe.dispatch=capacity");
   c.moe.capacity_factor = cf;
   return c;
 }

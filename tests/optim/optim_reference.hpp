@@ -3,6 +3,8 @@
 // values), plus a Backend decorator that counts host transfers so tests can prove a step never
 // reads device data.
 #pragma once
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <cmath>
 #include <random>
@@ -55,19 +57,23 @@ inline Mat random_mat(Rng& rng, int64_t m, int64_t n, double scale = 1.0) {
 
 inline std::vector<float> to_floats(const Mat& x) { return {x.a.begin(), x.a.end()}; }
 
-// Muon's quintic Newton-Schulz, always in the wide orientation (transposing tall inputs), which is
-// a different path from the engine's X^T X form for tall matrices.
-// The coefficients are the f32 values the Backend API carries (its scalars are floats), so an f64
-// engine can be held to f64 accuracy.
-inline Mat newton_schulz(Mat g, int64_t steps) {
-  const double a = double(3.4445f), b = double(-4.7750f), c = double(2.0315f);
+struct QuinticCoefficients {
+  double a, b, c;
+};
+
+// Newton-Schulz on the wide orientation of g (a tall g is transposed and back): g / (|g|_F + eps),
+// then `steps` iterations g <- a g + (b A + c A^2) g with A = g g^T and {a, b, c} = coef(step).
+template <class Coef>
+Mat newton_schulz_iterations(Mat g, int64_t steps, double eps, Coef coef) {
   const bool tall = g.m > g.n;
   if (tall) g = transpose(g);
   double norm = 0;
   for (double v : g.a) norm += v * v;
-  norm = std::sqrt(norm) + double(1e-7f);
+  norm = std::sqrt(norm) + eps;
   for (double& v : g.a) v /= norm;
   for (int64_t s = 0; s < steps; ++s) {
+    const QuinticCoefficients k = coef(s);
+    const double a = k.a, b = k.b, c = k.c;
     Mat A = mul(g, transpose(g));
     Mat AA = mul(A, A);
     Mat B(A.m, A.n);
@@ -76,6 +82,16 @@ inline Mat newton_schulz(Mat g, int64_t steps) {
     for (size_t i = 0; i < g.a.size(); ++i) g.a[i] = a * g.a[i] + BX.a[i];
   }
   return tall ? transpose(g) : g;
+}
+
+// Muon's quintic Newton-Schulz, always in the wide orientation (transposing tall inputs), which is
+// a different path from the engine's X^T X form for tall matrices.
+// The coefficients are the f32 values the Backend API carries (its scalars are floats), so an f64
+// engine can be held to f64 accuracy.
+inline Mat newton_schulz(Mat g, int64_t steps) {
+  return newton_schulz_iterations(g, steps, double(1e-7f), [](int64_t) {
+    return QuinticCoefficients{double(3.4445f), double(-4.7750f), double(2.0315f)};
+  });
 }
 
 // Eigenvalues of a symmetric matrix by cyclic Jacobi rotations.
@@ -146,6 +162,7 @@ class CountingBackend : public Backend {
 
   Device device() const override { return in_.device(); }
   std::string name() const override { return in_.name(); }
+  bool supports(const Capability& c) const override { return in_.supports(c); }
   DType act_dtype() const override { return in_.act_dtype(); }
   DType master_dtype() const override { return in_.master_dtype(); }
   Tensor alloc(const Shape& s, DType t) override { return in_.alloc(s, t); }
@@ -181,16 +198,16 @@ class CountingBackend : public Backend {
   }
   void embedding_fwd(const Tensor& t, const Tensor& w, Tensor& o) override { in_.embedding_fwd(t, w, o); }
   void embedding_bwd(const Tensor& t, const Tensor& d, Tensor& w) override { in_.embedding_bwd(t, d, w); }
-  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& r, const Tensor* m) override { in_.rmsnorm_fwd(x, y, r, m); }
+  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& r, const AmaxSink* m) override { in_.rmsnorm_fwd(x, y, r, m); }
   void rmsnorm_bwd(const Tensor& x, const Tensor& r, const Tensor& dy, Tensor& dx, bool acc,
-                   const Tensor* m) override {
+                   const AmaxSink* m) override {
     in_.rmsnorm_bwd(x, r, dy, dx, acc, m);
   }
   void rope_norm_fwd(const Tensor& x, const Tensor& c, const Tensor& s, Tensor& y, Tensor& r) override {
     in_.rope_norm_fwd(x, c, s, y, r);
   }
   void rope_norm_bwd(const Tensor& x, const Tensor& c, const Tensor& s, const Tensor& r, const Tensor& dy,
-                     Tensor& dx, const Tensor* m) override {
+                     Tensor& dx, const AmaxSink* m) override {
     in_.rope_norm_bwd(x, c, s, r, dy, dx, m);
   }
   void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& o, Tensor& l, int window) override {
@@ -200,27 +217,38 @@ class CountingBackend : public Backend {
                      const Tensor& d, Tensor& dq, Tensor& dk, Tensor& dv, int window) override {
     in_.attention_bwd(q, k, v, o, l, d, dq, dk, dv, window);
   }
-  void relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* m) override { in_.relu2_fwd(h, a, m); }
-  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* m) override {
+  void relu2_fwd(const Tensor& h, Tensor& a, const AmaxSink* m) override { in_.relu2_fwd(h, a, m); }
+  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const AmaxSink* m) override {
     in_.relu2_bwd(h, da, dh, m);
   }
   void softcap_xent(const Tensor& lg, const Tensor& t, float cap, float gs, Tensor& l, Tensor& d,
-                    const Tensor* m) override {
+                    const AmaxSink* m) override {
     in_.softcap_xent(lg, t, cap, gs, l, d, m);
   }
-  void router_topk(const Tensor& lg, int k, Tensor& p, Tensor& i, Tensor& g) override {
-    in_.router_topk(lg, k, p, i, g);
+  using Backend::router_topk;
+  using Backend::balance_loss;
+  using Backend::router_bwd;
+  void router_topk(const Tensor& lg, const RouterSpec& sp, const Tensor* b, Tensor& p, Tensor& i, Tensor& g) override {
+    in_.router_topk(lg, sp, b, p, i, g);
   }
   void moe_plan(const Tensor& ti, int e, int cap, Tensor& r, Tensor& c, Tensor& o, Tensor& s, Tensor& rt,
                 DropOrder order = DropOrder::rank) override {
     in_.moe_plan(ti, e, cap, r, c, o, s, rt, order);
   }
-  void balance_loss(const Tensor& p, const Tensor& r, float coef, Tensor& b) override { in_.balance_loss(p, r, coef, b); }
-  void router_bwd(const Tensor& p, const Tensor& ti, const Tensor& g, const Tensor& dg, const Tensor& r, float bc,
-                  float bs, Tensor& dl) override {
-    in_.router_bwd(p, ti, g, dg, r, bc, bs, dl);
+  void balance_loss(const Tensor& p, const Tensor& ti, const Tensor& r, const BalanceSpec& sp, Tensor& b) override {
+    in_.balance_loss(p, ti, r, sp, b);
   }
-  void moe_permute(const Tensor& x, const Tensor& rt, const Tensor& o, Tensor& xp, const ExpertAmax* m) override {
+  void router_bwd(const Tensor& lg, const Tensor& p, const Tensor& ti, const Tensor& g, const Tensor& dg,
+                  const Tensor& r, const RouterSpec& sp, const BalanceSpec& bs, Tensor& dl) override {
+    in_.router_bwd(lg, p, ti, g, dg, r, sp, bs, dl);
+  }
+  void router_stats(const Tensor& lg, const Tensor& p, RouterScore sc, Tensor& acc) override {
+    in_.router_stats(lg, p, sc, acc);
+  }
+  void router_bias_update(const Tensor& load, float rate, Tensor& bias) override {
+    in_.router_bias_update(load, rate, bias);
+  }
+  void moe_permute(const Tensor& x, const Tensor& rt, const Tensor& o, Tensor& xp, const AmaxSink* m) override {
     in_.moe_permute(x, rt, o, xp, m);
   }
   void moe_permute_bwd(const Tensor& d, const Tensor& s, Tensor& dx) override { in_.moe_permute_bwd(d, s, dx); }
@@ -228,7 +256,7 @@ class CountingBackend : public Backend {
     in_.moe_combine(yp, s, g, y, acc);
   }
   void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& s, const Tensor& g, Tensor& dyp,
-                       Tensor& dg, const ExpertAmax* m) override {
+                       Tensor& dg, const AmaxSink* m) override {
     in_.moe_combine_bwd(dy, yp, s, g, dyp, dg, m);
   }
   void grouped_matmul(const Tensor& A, const Tensor& W, bool tw, Tensor& C, const Tensor& o, float alpha = 1.0f,
@@ -240,8 +268,8 @@ class CountingBackend : public Backend {
     in_.grouped_matmul_wgrad(dY, X, dW, o, beta, addend);
   }
   void adamw_update(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, const AdamWStep& s,
-                    const Tensor* group_amax = nullptr) override {
-    in_.adamw_update(p, g, m, v, s, group_amax);
+                    const AmaxSink* amax = nullptr) override {
+    in_.adamw_update(p, g, m, v, s, amax);
   }
   void frobenius_normalize(const Tensor& x, Tensor& y, float eps) override { in_.frobenius_normalize(x, y, eps); }
   void frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) override {
@@ -272,5 +300,13 @@ class CountingBackend : public Backend {
  private:
   Backend& in_;
 };
+
+// Muon's orthogonalization leaves every singular value of x near 1: within [0.6, 1.3].
+inline void expect_near_orthogonal(const Mat& x) {
+  for (double s : singular_values(x)) {
+    EXPECT_GE(s, 0.6);
+    EXPECT_LE(s, 1.3);
+  }
+}
 
 }  // namespace moelab::testref

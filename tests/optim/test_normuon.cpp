@@ -22,28 +22,17 @@ using namespace testref;
 // first step's coefficients, each rounded to f32 as the engine passes them (with the exact
 // constants instead, five steps amplify those roundings to about 1e-6 on some draws).
 Mat polar_express(Mat g, int64_t steps) {
-  const bool tall = g.m > g.n;
-  if (tall) g = transpose(g);
-  double norm = 0;
-  for (double v : g.a) norm += v * v;
-  norm = std::sqrt(norm) + double(NewtonSchulz::kPolarEps / NewtonSchulz::kPolarSafety);
-  for (double& v : g.a) v /= norm;
-  for (int64_t s = 0; s < steps; ++s) {
-    double a = double(kPolarExpress[s].a), b = double(kPolarExpress[s].b), c = double(kPolarExpress[s].c);
+  const double eps = double(NewtonSchulz::kPolarEps / NewtonSchulz::kPolarSafety);
+  return newton_schulz_iterations(g, steps, eps, [](int64_t s) {
+    QuinticCoefficients k{double(kPolarExpress[s].a), double(kPolarExpress[s].b), double(kPolarExpress[s].c)};
     if (s == 0) {
       const double sc = 1.0 / double(NewtonSchulz::kPolarSafety);
-      a = double(float(a * sc));
-      b = double(float(b * sc * sc * sc));
-      c = double(float(c * sc * sc * sc * sc * sc));
+      k.a = double(float(k.a * sc));
+      k.b = double(float(k.b * sc * sc * sc));
+      k.c = double(float(k.c * sc * sc * sc * sc * sc));
     }
-    Mat A = mul(g, transpose(g));
-    Mat AA = mul(A, A);
-    Mat B(A.m, A.n);
-    for (size_t i = 0; i < B.a.size(); ++i) B.a[i] = b * A.a[i] + c * AA.a[i];
-    Mat BX = mul(B, g);
-    for (size_t i = 0; i < g.a.size(); ++i) g.a[i] = a * g.a[i] + BX.a[i];
-  }
-  return tall ? transpose(g) : g;
+    return k;
+  });
 }
 
 struct HostMatrix {

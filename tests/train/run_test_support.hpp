@@ -16,6 +16,7 @@
 
 #include "config/config.hpp"
 #include "core/rng.hpp"
+#include "common/config_builder.hpp"
 
 namespace moelab::test {
 
@@ -48,21 +49,10 @@ inline std::string write_words(const std::filesystem::path& dir, const std::vect
 // A 2-layer MoE (width 32, 4 experts top-2) on the raw bytes of `text`, sequences of 32, on the
 // CPU; each test sets its steps, batch and threads.
 inline Config tiny_byte_config(const std::string& text) {
-  Config c;
-  c.device = "cpu";
-  c.model.d_model = 32;
-  c.model.layers = 2;
-  c.model.head_dim = 16;
-  c.model.vocab = 256;
-  c.model.max_seq = 64;
-  c.moe.experts = 4;
-  c.moe.top_k = 2;
-  c.moe.expert_hidden = 32;
-  c.train.seq_len = 32;
-  c.train.eval_batches = 1;
-  c.optim.scale_lr_by_dmodel = false;
-  c.data.source = "bytes";
-  c.data.text = text;
+  Config c = with_keys(Config{}, "device=cpu model.d_model=32 model.layers=2 model.head_dim=16 model.vocab=256 "
+                                 "model.max_seq=64 moe.experts=4 moe.top_k=2 moe.expert_hidden=32 train.seq_len=32 "
+                                 "train.eval_batches=1 optim.scale_lr_by_dmodel=false data.source=bytes");
+  c.data.text = text;  // a path: set as is, whatever characters it holds
   return c;
 }
 

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 #include <fstream>
@@ -21,6 +22,7 @@
 #include "comm/communicator.hpp"
 #include "config/config.hpp"
 #include "run_test_support.hpp"
+#include "train/safetensors.hpp"
 #include "train/trainer.hpp"
 
 namespace moelab {
@@ -33,18 +35,15 @@ std::vector<double> values(const fs::path& run, const char* event, const char* k
   return out;
 }
 
-Config dp_config(const fs::path& dir) {
+// The two-rank tests' config; `changes` as with_keys takes them.
+Config dp_config(const fs::path& dir, const std::string& changes = "") {
   const std::string text =
       test::write_words(dir, {"each", "rank", "reads", "its", "own", "rows", "and", "the", "gradients", "are", "summed"},
                         6000, 3, 5);
-  Config c = test::tiny_byte_config(text);
-  c.moe.balance_coef = 0.05;  // over the group's routing, so it matches one rank's whole batch
-  c.moe.dispatch = "dropless";
-  c.train.steps = 6;
-  c.train.eval_every = 3;
-  c.train.batch_size = 8;
-  c.train.threads = 1;
-  c.train.save_final = false;
+  // The balance loss is over the group's routing, so it matches one rank's whole batch.
+  Config c = test::with_keys(test::tiny_byte_config(text),
+                             "moe.balance_coef=0.05 moe.dispatch=dropless train.steps=6 train.eval_every=3 "
+                             "train.batch_size=8 train.threads=1 train.save_final=false " + changes);
   validate_config(c);
   return c;
 }
@@ -58,6 +57,21 @@ int train_two_ranks(const Config& cfg, const fs::path& dir, const std::string& o
   return std::system(cmd.c_str());
 }
 
+// The job in `ranks` completed and logged the losses of the one-rank run `one` (six steps, the
+// raw and balance losses, and the validations) to 1e-5.
+void expect_same_losses(const fs::path& one, const fs::path& ranks) {
+  for (const char* key : {"raw_loss", "bal"}) {
+    const std::vector<double> a = values(one, "step", key), b = values(ranks, "step", key);
+    ASSERT_EQ(a.size(), 6u);
+    ASSERT_EQ(b.size(), 6u) << "each step recorded once: only rank 0 writes";
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(b[i], a[i], 1e-5 * std::fabs(a[i])) << key << " at step " << i;
+  }
+  const std::vector<double> va = values(one, "val", "val_loss"), vb = values(ranks, "val", "val_loss");
+  ASSERT_EQ(va.size(), vb.size());
+  for (size_t i = 0; i < va.size(); ++i) EXPECT_NEAR(vb[i], va[i], 1e-5 * std::fabs(va[i])) << "validation " << i;
+  EXPECT_EQ(test::read_status(ranks)["status"], "completed");
+}
+
 TEST(DataParallel, TwoRanksTrainAsOneRankWithTwiceTheBatch) {
   if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
   const fs::path dir = test::fresh_dir("dp");
@@ -68,25 +82,66 @@ TEST(DataParallel, TwoRanksTrainAsOneRankWithTwiceTheBatch) {
   half.train.batch_size = 4;
   ASSERT_EQ(train_two_ranks(half, dir, "two"), 0) << "see " << (dir / "two.log").string();
 
-  for (const char* key : {"raw_loss", "bal"}) {
-    const std::vector<double> a = values(dir / "one", "step", key), b = values(dir / "two", "step", key);
-    ASSERT_EQ(a.size(), 6u);
-    ASSERT_EQ(b.size(), 6u) << "each step recorded once: only rank 0 writes";
-    for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(b[i], a[i], 1e-5 * std::fabs(a[i])) << key << " at step " << i;
-  }
-  const std::vector<double> va = values(dir / "one", "val", "val_loss"), vb = values(dir / "two", "val", "val_loss");
-  ASSERT_EQ(va.size(), vb.size());
-  for (size_t i = 0; i < va.size(); ++i) EXPECT_NEAR(vb[i], va[i], 1e-5 * std::fabs(va[i])) << "validation " << i;
-  EXPECT_EQ(test::read_status(dir / "two")["status"], "completed");
+  expect_same_losses(dir / "one", dir / "two");
   fs::remove_all(dir);
+}
+
+// optim.shard_state (ZeRO-1): each of two ranks keeps the optimizer state of its own parameters
+// and sends them to the other after its update; the job still trains as one rank with twice the
+// batch, with Muon on the matrices and with AdamW on them.
+TEST(DataParallel, ShardedOptimizerStateTrainsAsOneRankWithTwiceTheBatch) {
+  if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
+  for (const std::string opt : {"muon", "adamw"}) {
+    SCOPED_TRACE(opt);
+    const fs::path dir = test::fresh_dir("dpshard");
+    Config c = dp_config(dir, "optim.matrix_optimizer=" + opt);
+    run_training(c, (dir / "one").string());
+    Config half = c;
+    half.train.batch_size = 4;
+    half.optim.shard_state = true;
+    ASSERT_EQ(train_two_ranks(half, dir, "two"), 0) << "see " << (dir / "two.log").string();
+    expect_same_losses(dir / "one", dir / "two");
+    fs::remove_all(dir);
+  }
+}
+
+// A sharded run's checkpoint holds the whole state (each rank sends its share, rank 0 writes):
+// the interrupted and resumed two-rank run logs the uninterrupted one's losses bit for bit, with
+// Muon and with AdamW on the matrices, and a resume by one rank is refused, naming both sizes.
+TEST(DataParallel, ShardedOptimizerStateResumesExactly) {
+  if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
+  for (const std::string opt : {"muon", "adamw"}) {
+    SCOPED_TRACE(opt);
+    const fs::path dir = test::fresh_dir("dpshardresume");
+    Config c = dp_config(dir, "train.batch_size=4 train.checkpoint_every=3 optim.shard_state=true optim.matrix_optimizer=" + opt);
+    ASSERT_EQ(train_two_ranks(c, dir, "full"), 0) << "see " << (dir / "full.log").string();
+    ASSERT_EQ(train_two_ranks(c, dir, "part"), 0) << "see " << (dir / "part.log").string();
+    ASSERT_TRUE(fs::remove(dir / "part" / "checkpoints" / "step_000006.safetensors"));
+    Config one = c;
+    one.train.resume = "auto";
+    std::string error;
+    try {
+      run_training(one, (dir / "part").string());
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    EXPECT_NE(error.find("written by a job of 2 rank(s) and this job has 1"), std::string::npos) << error;
+    ASSERT_EQ(train_two_ranks(c, dir, "part", "--set train.resume=auto"), 0) << "see " << (dir / "part.log").string();
+    const auto resumes = test::read_events(dir / "part", "resume");
+    ASSERT_EQ(resumes.size(), 1u);
+    EXPECT_EQ(resumes[0]["step"], 3);
+    const std::vector<double> a = values(dir / "full", "step", "raw_loss"), b = values(dir / "part", "step", "raw_loss");
+    ASSERT_EQ(a.size(), 6u);
+    ASSERT_EQ(b.size(), 6u);
+    for (size_t k = 0; k < a.size(); ++k) EXPECT_EQ(b[k], a[k]) << "step " << k;
+    fs::remove_all(dir);
+  }
 }
 
 TEST(DataParallel, ResumedTwoRankRunLogsTheUninterruptedLosses) {
   if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
   const fs::path dir = test::fresh_dir("dpresume");
-  Config c = dp_config(dir);
-  c.train.batch_size = 4;
-  c.train.checkpoint_every = 3;
+  Config c = dp_config(dir, "train.batch_size=4 train.checkpoint_every=3");
   ASSERT_EQ(train_two_ranks(c, dir, "full"), 0) << "see " << (dir / "full.log").string();
   ASSERT_EQ(train_two_ranks(c, dir, "part"), 0) << "see " << (dir / "part.log").string();
   // The later checkpoint is lost: the resume starts from step 3 and runs 3..5 again.
@@ -108,9 +163,7 @@ TEST(DataParallel, ResumedTwoRankRunLogsTheUninterruptedLosses) {
 TEST(DataParallel, ResumeByAnotherNumberOfRanksIsRefused) {
   if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
   const fs::path dir = test::fresh_dir("dpworld");
-  Config c = dp_config(dir);
-  c.train.batch_size = 4;
-  c.train.checkpoint_every = 3;
+  Config c = dp_config(dir, "train.batch_size=4 train.checkpoint_every=3");
   ASSERT_EQ(train_two_ranks(c, dir, "two"), 0) << "see " << (dir / "two.log").string();
   ASSERT_TRUE(fs::remove(dir / "two" / "checkpoints" / "step_000006.safetensors"));
   const std::string metrics_before = test::read_text(dir / "two" / "metrics.jsonl");
@@ -170,16 +223,68 @@ TEST(ExpertParallel, TwoRanksSplittingTheExpertsTrainAsOneRank) {
   ep.parallel.expert = 2;
   ASSERT_EQ(train_two_ranks(ep, dir, "ep"), 0) << "see " << (dir / "ep.log").string();
 
-  for (const char* key : {"raw_loss", "bal"}) {
-    const std::vector<double> a = values(dir / "one", "step", key), b = values(dir / "ep", "step", key);
-    ASSERT_EQ(a.size(), 6u);
-    ASSERT_EQ(b.size(), 6u);
-    for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(b[i], a[i], 1e-5 * std::fabs(a[i])) << key << " at step " << i;
+  expect_same_losses(dir / "one", dir / "ep");
+  fs::remove_all(dir);
+}
+
+// The float32 tensor `name` of a safetensors file, with its shape.
+std::vector<float> f32_tensor(const fs::path& file, const std::string& name, Shape& shape) {
+  const SafetensorsFile f = read_safetensors(file.string());
+  const SafetensorsEntry* e = f.find(name);
+  if (!e) return {};
+  shape = e->shape;
+  std::vector<float> out(e->bytes / sizeof(float));
+  std::memcpy(out.data(), f.bytes(*e), e->bytes);
+  return out;
+}
+
+// Checkpoints of expert-parallel runs hold the whole expert stacks (every rank sends its experts,
+// rank 0 writes): the interrupted and resumed two-rank run logs the uninterrupted one's losses bit
+// for bit; model.safetensors holds all four experts in order, as the one-rank run with twice the
+// batch trained them (to f32 reduction-order tolerance); a resume with another parallel.expert is
+// refused naming both layouts.
+TEST(ExpertParallel, CheckpointsResumeExactlyAndExportEveryExpert) {
+  if (!built_with_mpi()) GTEST_SKIP() << "moelab was built without MPI";
+  const fs::path dir = test::fresh_dir("epckpt");
+  Config c = dp_config(dir, "train.save_final=true");
+  run_training(c, (dir / "one").string());
+  Config ep = c;
+  ep.train.batch_size = 4;
+  ep.parallel.expert = 2;
+  ep.train.checkpoint_every = 3;
+  ASSERT_EQ(train_two_ranks(ep, dir, "full"), 0) << "see " << (dir / "full.log").string();
+  ASSERT_EQ(train_two_ranks(ep, dir, "part"), 0) << "see " << (dir / "part.log").string();
+  ASSERT_TRUE(fs::remove(dir / "part" / "checkpoints" / "step_000006.safetensors"));
+
+  EXPECT_NE(train_two_ranks(ep, dir, "part", "--set train.resume=auto --set parallel.expert=1"), 0);
+  const std::string log = test::read_text(dir / "part.log");
+  EXPECT_NE(log.find("written with parallel.expert = 2 over 2 rank(s) and this job has parallel.expert = 1 over 2"),
+            std::string::npos) << log;
+
+  ASSERT_EQ(train_two_ranks(ep, dir, "part", "--set train.resume=auto"), 0) << "see " << (dir / "part.log").string();
+  const auto resumes = test::read_events(dir / "part", "resume");
+  ASSERT_EQ(resumes.size(), 1u);
+  EXPECT_EQ(resumes[0]["step"], 3);
+  const std::vector<double> a = values(dir / "full", "step", "raw_loss"), b = values(dir / "part", "step", "raw_loss");
+  ASSERT_EQ(a.size(), 6u);
+  ASSERT_EQ(b.size(), 6u);
+  for (size_t k = 0; k < a.size(); ++k) EXPECT_EQ(b[k], a[k]) << "step " << k;
+
+  for (const std::string name : {"transformer.h.0.mlp.experts.w_fc", "transformer.h.0.mlp.experts.w_proj"}) {
+    Shape s1, s2;
+    const std::vector<float> w1 = f32_tensor(dir / "one" / "model.safetensors", name, s1),
+                             w2 = f32_tensor(dir / "full" / "model.safetensors", name, s2);
+    ASSERT_FALSE(w1.empty()) << name;
+    ASSERT_EQ(s2, s1) << name;
+    EXPECT_EQ(s2[0], 4) << name;
+    double err = 0, norm = 0;
+    for (size_t k = 0; k < w1.size(); ++k) {
+      ASSERT_FALSE(std::isnan(w2[k])) << name;
+      err += (double(w2[k]) - w1[k]) * (double(w2[k]) - w1[k]);
+      norm += double(w1[k]) * w1[k];
+    }
+    EXPECT_LT(std::sqrt(err / norm), 1e-4) << name;
   }
-  const std::vector<double> va = values(dir / "one", "val", "val_loss"), vb = values(dir / "ep", "val", "val_loss");
-  ASSERT_EQ(va.size(), vb.size());
-  for (size_t i = 0; i < va.size(); ++i) EXPECT_NEAR(vb[i], va[i], 1e-5 * std::fabs(va[i])) << "validation " << i;
-  EXPECT_EQ(test::read_status(dir / "ep")["status"], "completed");
   fs::remove_all(dir);
 }
 

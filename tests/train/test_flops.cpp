@@ -12,6 +12,7 @@
 #include "model/gpt.hpp"
 #include "train/trainer.hpp"
 #include "run_test_support.hpp"
+#include "common/config_builder.hpp"
 
 namespace moelab {
 namespace {
@@ -44,18 +45,10 @@ TEST(Flops, SeedShapeMatchesTheHandCount) {
 }
 
 Config windowed_gqa_config(const std::string& text) {
-  Config c = test::tiny_byte_config(text);
-  c.model.d_model = 512;
-  c.model.head_dim = 128;  // 4 query heads
-  c.model.kv_heads = 2;
-  c.model.layers = 4;
-  c.model.window_pattern = "SSSL";
-  c.moe.expert_hidden = 64;
-  c.train.batch_size = 2;
-  c.train.threads = 2;
-  c.train.eval_every = 0;
-  c.train.save_final = false;
-  return c;
+  // head_dim 128 of 512: 4 query heads over 2 kv heads.
+  return test::with_keys(test::tiny_byte_config(text),
+                         "model.d_model=512 model.head_dim=128 model.kv_heads=2 model.layers=4 model.window_pattern=SSSL "
+                         "moe.expert_hidden=64 train.batch_size=2 train.threads=2 train.eval_every=0 train.save_final=false");
 }
 
 // d_model 512, 4 query heads and 2 kv heads of 128, 4 MoE layers of 4 experts (64 wide, top 2),

@@ -91,15 +91,10 @@ void each_recipe_tracks(const Config& base, const fs::path& dir, const std::vect
 
 TEST(Fp8Training, EachRecipeTrainsWithinTwoPercentOfF32) {
   const fs::path dir = test::fresh_dir("fp8");
-  Config c = test::tiny_byte_config(corpus(dir));
-  c.model.d_model = 64;
-  c.moe.expert_hidden = 64;
-  c.moe.layers = "1";  // layer 0 keeps a dense MLP, so its FP8 path is trained too
-  c.train.steps = 40;
-  c.train.batch_size = 4;
-  c.train.seq_len = 64;
-  c.train.threads = 2;
-  c.train.save_final = false;
+  // moe.layers = 1: layer 0 keeps a dense MLP, so its FP8 path is trained too.
+  Config c = test::with_keys(test::tiny_byte_config(corpus(dir)),
+                             "model.d_model=64 moe.expert_hidden=64 moe.layers=1 train.steps=40 train.batch_size=4 "
+                             "train.seq_len=64 train.threads=2 train.save_final=false");
   validate_config(c);
   each_recipe_tracks(c, dir, {"dense", "all"}, 0.02, "f32");
   fs::remove_all(dir);
@@ -110,16 +105,10 @@ TEST(Fp8Training, OnTheGpuEachRecipeTracksBf16) {
   probe.device = "auto";
   if (make_backend(probe)->device() != Device::cuda) GTEST_SKIP() << "no CUDA GPU on this machine";
   const fs::path dir = test::fresh_dir("fp8gpu");
-  Config c = test::tiny_byte_config(corpus(dir));
-  c.device = "cuda";
-  c.model.d_model = 128;  // blockwise scaling needs d_model and expert_hidden multiples of 128
-  c.model.head_dim = 64;
-  c.moe.expert_hidden = 128;
-  c.moe.layers = "1";
-  c.train.steps = 40;
-  c.train.batch_size = 4;
-  c.train.seq_len = 64;
-  c.train.save_final = false;
+  // Blockwise scaling needs d_model and expert_hidden multiples of 128.
+  Config c = test::with_keys(test::tiny_byte_config(corpus(dir)),
+                             "device=cuda model.d_model=128 model.head_dim=64 moe.expert_hidden=128 moe.layers=1 "
+                             "train.steps=40 train.batch_size=4 train.seq_len=64 train.save_final=false");
   validate_config(c);
   each_recipe_tracks(c, dir, {"all"}, 0.04, "bf16");
   fs::remove_all(dir);

@@ -54,18 +54,10 @@ TEST(MemoryEstimate, ParameterCountIsTheModelsOwn) {
 // within a factor of 2 of the backend's tracked peak and of the growth of the resident set.
 TEST(MemoryEstimate, CloseToWhatARunHolds) {
   const fs::path dir = test::fresh_dir("mem_estimate");
-  Config c = test::tiny_byte_config(test::write_words(dir, {"a", "router", "sends", "tokens"}, 20000, 1));
-  c.model.d_model = 256;
-  c.model.layers = 4;
-  c.model.head_dim = 64;
-  c.model.max_seq = 256;
-  c.moe.experts = 8;
-  c.moe.expert_hidden = 512;
-  c.train.seq_len = 256;
-  c.train.batch_size = 8;
-  c.train.steps = 2;
-  c.train.threads = 1;
-  c.train.save_final = false;
+  Config c = test::with_keys(test::tiny_byte_config(test::write_words(dir, {"a", "router", "sends", "tokens"}, 20000, 1)),
+                             "model.d_model=256 model.layers=4 model.head_dim=64 model.max_seq=256 moe.experts=8 "
+                             "moe.expert_hidden=512 train.seq_len=256 train.batch_size=8 train.steps=2 train.threads=1 "
+                             "train.save_final=false");
   validate_config(c);
   const MemoryEstimate est = estimate_training_memory(c);
   ASSERT_GT(est.total_bytes(), 100e6) << "too small to measure against the process's own memory";

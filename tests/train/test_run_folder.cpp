@@ -30,6 +30,7 @@
 #include "train/run_files.hpp"
 #include "train/trainer.hpp"
 #include "run_test_support.hpp"
+#include "common/test_support.hpp"
 
 namespace moelab {
 namespace {
@@ -61,36 +62,42 @@ std::map<std::string, std::string> snapshot(const fs::path& dir) {
   return out;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+std::string error_of(const std::function<void()>& f) { return test::error_of<std::exception>(f); }
 
-struct CliResult {
-  int code;
-  std::string output;
+// A completed run of small_config in a fresh folder: the folder, the run and its config, and
+// its files as the run left them (snapshot).
+struct CompletedRun {
+  fs::path dir, run;
+  Config config;
+  std::map<std::string, std::string> files;
 };
-CliResult moelab(const std::string& args) {
-  std::string cmd = std::string(MOELAB_BINARY) + " " + args + " 2>&1";
-  CliResult r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof buf, p)) r.output.append(buf, n);
-  int st = pclose(p);
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+CompletedRun completed_run(const std::string& name) {
+  CompletedRun r;
+  r.dir = fresh_dir(name);
+  r.config = small_config(write_text(r.dir));
+  r.run = r.dir / "run";
+  run_training(r.config, r.run.string());
+  r.files = snapshot(r.run);
   return r;
 }
 
+// `moelab train --config cfg --out run` in a child process (its output into log); its pid.
+pid_t start_training(const fs::path& cfg, const fs::path& run, const fs::path& log) {
+  pid_t child = fork();
+  if (child == 0) {
+    freopen(log.c_str(), "w", stdout);
+    freopen(log.c_str(), "a", stderr);
+    execl(MOELAB_BINARY, MOELAB_BINARY, "train", "--config", cfg.c_str(), "--out", run.c_str(), (char*)nullptr);
+    _exit(127);
+  }
+  return child;
+}
+
+using test::CliResult;
+CliResult moelab(const std::string& args) { return test::run_moelab(args); }
+
 TEST(RunFolder, SecondWriterIsRefusedNamingFolderAndHolder) {
-  fs::path dir = fresh_dir("lock");
-  Config c = small_config(write_text(dir));
-  fs::path run = dir / "run";
-  run_training(c, run.string());
-  auto before = snapshot(run);
+  auto [dir, run, c, before] = completed_run("lock");
   {
     // Another process's lock: a second open of the lock file conflicts like another process would.
     FolderLock held = FolderLock::acquire(run, "run folder");
@@ -114,14 +121,7 @@ TEST(RunFolder, TwoTrainProcessesOneFolder) {
     return c;
   }());
   std::string args = "train --config " + cfg.string() + " --out " + (dir / "run").string();
-  pid_t first = fork();
-  if (first == 0) {
-    std::string out = (dir / "first.log").string();
-    freopen(out.c_str(), "w", stdout);
-    freopen(out.c_str(), "a", stderr);
-    execl(MOELAB_BINARY, MOELAB_BINARY, "train", "--config", cfg.c_str(), "--out", (dir / "run").c_str(), (char*)nullptr);
-    _exit(127);
-  }
+  pid_t first = start_training(cfg, dir / "run", dir / "first.log");
   // Wait until the first holds the folder (its status.json appears), then start the second.
   for (int i = 0; i < 600 && !fs::exists(dir / "run" / "status.json"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   CliResult second = moelab(args);
@@ -138,11 +138,7 @@ TEST(RunFolder, TwoTrainProcessesOneFolder) {
 }
 
 TEST(RunFolder, CompletedRunIsNotOverwrittenWithoutForce) {
-  fs::path dir = fresh_dir("overwrite");
-  Config c = small_config(write_text(dir));
-  fs::path run = dir / "run";
-  run_training(c, run.string());
-  auto before = snapshot(run);
+  const auto [dir, run, c, before] = completed_run("overwrite");
   Config other = c;
   other.train.steps = 3;
   std::string e = error_of([&] { run_training(other, run.string()); });
@@ -161,11 +157,7 @@ TEST(RunFolder, CompletedRunIsNotOverwrittenWithoutForce) {
 }
 
 TEST(RunFolder, RefusedResumeChangesNothing) {
-  fs::path dir = fresh_dir("refused");
-  Config c = small_config(write_text(dir));
-  fs::path run = dir / "run";
-  run_training(c, run.string());
-  auto before = snapshot(run);
+  const auto [dir, run, c, before] = completed_run("refused");
   Config wider = c;
   wider.model.d_model = 64;
   wider.train.resume = "auto";
@@ -234,14 +226,7 @@ TEST(RunFolder, InterruptSavesACheckpoint) {
   c.train.steps = 100000;
   c.train.save_final = false;
   std::ofstream(cfg) << config_to_toml(c);
-  pid_t child = fork();
-  if (child == 0) {
-    std::string out = (dir / "log").string();
-    freopen(out.c_str(), "w", stdout);
-    freopen(out.c_str(), "a", stderr);
-    execl(MOELAB_BINARY, MOELAB_BINARY, "train", "--config", cfg.c_str(), "--out", (dir / "run").c_str(), (char*)nullptr);
-    _exit(127);
-  }
+  pid_t child = start_training(cfg, dir / "run", dir / "log");
   auto steps_logged = [&] {
     std::ifstream in(dir / "run" / "metrics.jsonl");
     int n = 0;

@@ -96,6 +96,17 @@ class SafetensorsTest : public ::testing::Test {
     }
   }
 
+  // The bytes of a random file freshly written at `file`, for a test to damage.
+  std::vector<uint8_t> random_file_bytes(const std::string& file) {
+    write_random(file);
+    return slurp(file);
+  }
+  // `bytes` written over `file`, whose read must then fail as expect_error says.
+  void expect_bytes_refused(const std::string& file, const std::vector<uint8_t>& bytes, const std::string& fragment) {
+    spit(file, bytes);
+    expect_error(file, fragment);
+  }
+
   fs::path dir_;
   Rng rng_{0};
 };
@@ -156,63 +167,51 @@ TEST_F(SafetensorsTest, ReadsFilesWithoutChecksumOnlyWhenAllowed) {
 
 TEST_F(SafetensorsTest, TruncatedFileIsRejected) {
   const std::string file = path("t.safetensors");
-  write_random(file);
-  auto raw = slurp(file);
+  auto raw = random_file_bytes(file);
   raw.pop_back();
-  spit(file, raw);
-  expect_error(file, "truncated");
+  expect_bytes_refused(file, raw, "truncated");
   raw.resize(5);
-  spit(file, raw);
-  expect_error(file, "truncated");
+  expect_bytes_refused(file, raw, "truncated");
 }
 
 TEST_F(SafetensorsTest, TrailingBytesAreRejected) {
   const std::string file = path("g.safetensors");
-  write_random(file);
-  auto raw = slurp(file);
+  auto raw = random_file_bytes(file);
   raw.push_back(0);
-  spit(file, raw);
-  expect_error(file, "trailing");
+  expect_bytes_refused(file, raw, "trailing");
 }
 
 TEST_F(SafetensorsTest, FlippedDataByteFailsChecksum) {
   const std::string file = path("f.safetensors");
-  write_random(file);
-  auto raw = slurp(file);
+  auto raw = random_file_bytes(file);
   uint64_t header_len;
   std::memcpy(&header_len, raw.data(), 8);
   const size_t data_start = 8 + header_len;
   ASSERT_GT(raw.size(), data_start);
   const size_t at = data_start + rng_.below(raw.size() - data_start);
   raw[at] ^= uint8_t(1u << rng_.below(8));
-  spit(file, raw);
-  expect_error(file, "checksum mismatch");
+  expect_bytes_refused(file, raw, "checksum mismatch");
 }
 
 TEST_F(SafetensorsTest, FlippedMetadataByteFailsChecksum) {
   const std::string file = path("m.safetensors");
-  write_random(file);
-  auto raw = slurp(file);
+  auto raw = random_file_bytes(file);
   const std::string needle = "line one";
   auto it = std::search(raw.begin(), raw.end(), needle.begin(), needle.end());
   ASSERT_NE(it, raw.end());
   *it = 'L';  // still valid JSON: only the checksum can notice
-  spit(file, raw);
-  expect_error(file, "checksum mismatch");
+  expect_bytes_refused(file, raw, "checksum mismatch");
 }
 
 TEST_F(SafetensorsTest, BadHeaderLengthIsRejected) {
   const std::string file = path("h.safetensors");
-  write_random(file);
-  auto raw = slurp(file);
+  auto raw = random_file_bytes(file);
   uint64_t huge = uint64_t(raw.size());  // one past what the file can hold
   std::memcpy(raw.data(), &huge, 8);
-  spit(file, raw);
-  expect_error(file, "header length");
+  expect_bytes_refused(file, raw, "header length");
   uint64_t zero = 0;
   std::memcpy(raw.data(), &zero, 8);
-  spit(file, raw);
-  expect_error(file, "header length");
+  expect_bytes_refused(file, raw, "header length");
 }
 
 TEST_F(SafetensorsTest, MalformedHeadersAreRejected) {

@@ -49,17 +49,9 @@ Config seed_config(const fs::path& dir) {
   // Smaller and on raw bytes for CI's two cores.
   c.data.source = "bytes";
   c.data.text = write_text(dir);
-  c.model.layers = 3;
-  c.model.d_model = 64;
-  c.moe.expert_hidden = 128;
-  c.train.seq_len = 64;
-  c.train.batch_size = 4;
-  c.train.total_batch_tokens = 512;
-  c.optim.weight_decay_ref_batch = 512;
-  c.train.threads = 2;
-  c.train.eval_every = 0;
-  c.train.eval_batches = 1;
-  return c;
+  return test::with_keys(c, "model.layers=3 model.d_model=64 moe.expert_hidden=128 train.seq_len=64 train.batch_size=4 "
+                            "train.total_batch_tokens=512 optim.weight_decay_ref_batch=512 train.threads=2 "
+                            "train.eval_every=0 train.eval_batches=1");
 }
 
 TEST(SeedRecipe, TinyModelWithEverySeedOptionLearns) {

@@ -33,14 +33,9 @@ TEST(TensorBoard, Crc32cKnownValue) {
 TEST(TensorBoard, RunWritesScalarsThatMatchMetrics) {
   const fs::path dir = test::fresh_dir("tensorboard");
   Config c = test::tiny_byte_config(test::write_words(dir, {"a", "tensor", "board", "shows", "runs", "."}, 3000, 3));
-  c.train.steps = 6;
-  c.train.batch_size = 2;
-  c.train.eval_every = 3;
-  c.train.threads = 2;
-  c.train.save_final = false;
-  c.moe.dispatch = "capacity";
-  c.moe.capacity_factor = 0.5;  // drops, so drop_rate is not all zeros
-  c.train.tensorboard = true;
+  // Capacity factor 0.5 drops tokens, so drop_rate is not all zeros.
+  c = test::with_keys(c, "train.steps=6 train.batch_size=2 train.eval_every=3 train.threads=2 train.save_final=false "
+                         "moe.dispatch=capacity moe.capacity_factor=0.5 train.tensorboard=true");
   run_training(c, (dir / "run").string());
 
   std::vector<fs::path> files;

@@ -10,12 +10,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <regex>
 #include <set>
 #include <sstream>
 #include <string>
 
 #include "config/config.hpp"
+#include "core/regex.hpp"
 #include "train/run_test_support.hpp"
 
 namespace moelab {
@@ -71,15 +71,15 @@ fs::path train(const fs::path& dir, const std::string& name, const Config& cfg) 
 // The loader's check of the run at 1e-6: its printed relative difference (NaN if not printed).
 double loader_relative_difference(const fs::path& run_dir) {
   const Output o = run(std::string(kPython) + " " + kLoader + " " + run_dir.string() + " --tolerance 1e-6");
-  std::smatch m;
-  const std::regex re(R"(relative difference ([0-9.eE+-]+))");
+  static const Regex re(R"(relative difference ([0-9.eE+-]+))");
   EXPECT_EQ(o.status, 0) << o.text;
-  if (!std::regex_search(o.text, m, re)) {
+  const auto m = re.search(o.text);
+  if (!m) {
     ADD_FAILURE() << "no relative difference in the loader's output:\n" << o.text;
     return NAN;
   }
   std::printf("  %s: %s", run_dir.filename().c_str(), o.text.c_str());
-  return std::stod(m[1].str());
+  return std::stod(m->str(1));
 }
 
 // Greedy continuations of the same prompt ids by moelab sample and by the loader.
@@ -102,16 +102,10 @@ void expect_same_greedy(const fs::path& run_dir, int tokens) {
 }
 
 Config tiny(const std::string& text) {
-  Config c = test::tiny_byte_config(text);
-  c.model.kv_heads = 1;           // grouped-query: 2 query heads share one kv head
-  c.model.window_pattern = "SL";  // layer 0 slides a window of seq_len / 2
-  c.train.steps = 60;
-  c.train.batch_size = 4;
-  c.train.threads = 2;
-  c.optim.matrix_lr = 0.04;
-  c.optim.embedding_lr = 0.3;
-  c.optim.unembedding_lr = 0.02;
-  return c;
+  // Grouped-query (2 query heads share one kv head); layer 0 slides a window of seq_len / 2.
+  return test::with_keys(test::tiny_byte_config(text),
+                         "model.kv_heads=1 model.window_pattern=SL train.steps=60 train.batch_size=4 train.threads=2 "
+                         "optim.matrix_lr=0.04 optim.embedding_lr=0.3 optim.unembedding_lr=0.02");
 }
 
 TEST(TorchLoader, KnowsEveryModelAndMoeKeyMoelabWrites) {
@@ -120,11 +114,10 @@ TEST(TorchLoader, KnowsEveryModelAndMoeKeyMoelabWrites) {
   ASSERT_EQ(help.status, 0) << help.text;
   // Each key is listed on its own line as "  section.key = default".
   std::set<std::string> keys;
-  const std::regex key_re(R"(^\s+((model|moe)\.[a-z_0-9]+) = )");
+  const Regex key_re(R"(^\s+((model|moe)\.[a-z_0-9]+) = )");
   std::istringstream lines(help.text);
   for (std::string line; std::getline(lines, line);) {
-    std::smatch m;
-    if (std::regex_search(line, m, key_re)) keys.insert(m[1].str());
+    if (const auto m = key_re.search(line)) keys.insert(m->str(1));
   }
   ASSERT_GE(keys.size(), 20u) << "too few model/moe keys found in --help-config:\n" << help.text;
   const Output listed = run(std::string(kPython) + " " + kLoader + " --list-keys");

@@ -17,6 +17,7 @@
 #include "train/trainer.hpp"
 #include "ngram_entropy.hpp"
 #include "run_test_support.hpp"
+#include "common/config_builder.hpp"
 
 namespace moelab {
 namespace {
@@ -33,12 +34,26 @@ std::string write_text(const fs::path& dir) {
 }
 
 Config small_config(const std::string& text) {
-  Config c = test::tiny_byte_config(text);
-  c.train.steps = 12;
-  c.train.batch_size = 4;
-  c.train.grad_accum = 2;
-  c.train.threads = 2;
-  return c;
+  return test::with_keys(test::tiny_byte_config(text),
+                         "train.steps=12 train.batch_size=4 train.grad_accum=2 train.threads=2");
+}
+
+// Expects the run's last five steps' mean raw loss below the text's bigram entropy less margin
+// (printing the losses and the text's entropies); returns the step records.
+std::vector<nlohmann::json> expect_learned_past_bigrams(const fs::path& run, const std::string& text_file,
+                                                        size_t steps_expected, double margin) {
+  auto steps = read_events(run, "step");
+  EXPECT_EQ(steps.size(), steps_expected);
+  if (steps.size() < 5) return steps;
+  double first = steps.front()["raw_loss"], last = steps.back()["raw_loss"];
+  EXPECT_TRUE(std::isfinite(last));
+  const std::string text = test::read_text(text_file);
+  const double h1 = test::ngram_entropy(text, 1), h2 = test::ngram_entropy(text, 2);
+  const double tail = test::tail_mean(test::raw_losses(run), 5);
+  std::printf("loss %.4f -> %.4f (last five %.4f); the text's unigram entropy %.4f, bigram %.4f nats\n", first, last,
+              tail, h1, h2);
+  EXPECT_LT(tail, h2 - margin) << "the model did not learn past the bigram statistics: " << first << " -> " << tail;
+  return steps;
 }
 
 // The "loss falls" tests bound the mean loss of the last five steps by the text's own bigram
@@ -53,16 +68,9 @@ TEST(Trainer, LossFallsAndRunFolderIsComplete) {
   c.moe.dispatch = "capacity";
   c.moe.capacity_factor = 1.0;
   TrainResult r = run_training(c, (dir / "run").string());
-  auto steps = read_events(dir / "run", "step");
-  ASSERT_EQ(steps.size(), 150u);
-  double first = steps.front()["raw_loss"], last = steps.back()["raw_loss"];
-  const std::string text = test::read_text(text_file);
-  const double h1 = test::ngram_entropy(text, 1), h2 = test::ngram_entropy(text, 2);
-  const double tail = test::tail_mean(test::raw_losses(dir / "run"), 5);
-  std::printf("loss %.4f -> %.4f (last five %.4f); the text's unigram entropy %.4f, bigram %.4f nats\n", first, last,
-              tail, h1, h2);
   // Attention zeroed: 1.51; the experts' output zeroed: 1.82; healthy: 0.80 (bigram 1.42).
-  EXPECT_LT(tail, h2 - 0.4) << "the model did not learn past the bigram statistics: " << first << " -> " << tail;
+  auto steps = expect_learned_past_bigrams(dir / "run", text_file, 150, 0.4);
+  ASSERT_EQ(steps.size(), 150u);
   EXPECT_EQ(read_status(dir / "run")["status"], "completed");
   EXPECT_TRUE(fs::exists(dir / "run" / "config.toml"));
   EXPECT_EQ(read_events(dir / "run", "val").size(), 1u);
@@ -86,30 +94,13 @@ TEST(Trainer, LossFallsAndRunFolderIsComplete) {
 // heads), sliding windows on three of every four layers ("SSSL", last layer full).
 TEST(Trainer, LossFallsWithHeadDim128WindowsAndGroupedQuery) {
   fs::path dir = fresh_dir("windows");
-  Config c = small_config(write_text(dir));
-  c.model.d_model = 512;
-  c.model.head_dim = 128;
-  c.model.kv_heads = 2;
-  c.model.layers = 4;
-  c.model.window_pattern = "SSSL";
-  c.moe.expert_hidden = 64;
-  c.train.steps = 40;
-  c.train.grad_accum = 1;
-  c.train.batch_size = 2;
-  c.optim.matrix_lr = 0.01;
-  TrainResult r = run_training(c, (dir / "run").string());
-  (void)r;
-  auto steps = read_events(dir / "run", "step");
-  ASSERT_EQ(steps.size(), 40u);
-  double first = steps.front()["raw_loss"], last = steps.back()["raw_loss"];
-  EXPECT_TRUE(std::isfinite(last));
-  const std::string text = test::read_text(c.data.text);
-  const double h1 = test::ngram_entropy(text, 1), h2 = test::ngram_entropy(text, 2);
-  const double tail = test::tail_mean(test::raw_losses(dir / "run"), 5);
-  std::printf("loss %.4f -> %.4f (last five %.4f); the text's unigram entropy %.4f, bigram %.4f nats\n", first, last,
-              tail, h1, h2);
+  Config c = test::with_keys(small_config(write_text(dir)),
+                             "model.d_model=512 model.head_dim=128 model.kv_heads=2 model.layers=4 "
+                             "model.window_pattern=SSSL moe.expert_hidden=64 train.steps=40 train.grad_accum=1 "
+                             "train.batch_size=2 optim.matrix_lr=0.01");
+  run_training(c, (dir / "run").string());
   // Attention zeroed: 1.53; healthy: 1.07 (bigram 1.42).
-  EXPECT_LT(tail, h2 - 0.2) << "the model did not learn past the bigram statistics: " << first << " -> " << tail;
+  expect_learned_past_bigrams(dir / "run", c.data.text, 40, 0.2);
   EXPECT_EQ(read_status(dir / "run")["status"], "completed");
   // The windows reach the MFU estimate: 3 layers over seq_len / 2 keys, one over seq_len.
   EXPECT_EQ(c.layer_windows(c.train.seq_len), (std::vector<int64_t>{16, 16, 16, 0}));

@@ -2,6 +2,7 @@
 // (vector loads, cache lines) and owned by Tensor::storage, whose deleter returns the bytes to a
 // counter shared with the backend, so peak memory is exact and safe from any thread.
 #include "backend/cpu/cpu_backend.hpp"
+#include "backend/devices.hpp"
 
 #include <cstdlib>
 #include <new>
@@ -21,6 +22,21 @@ CpuBackend::CpuBackend(DType master, int threads)
 }
 
 CpuBackend::~CpuBackend() = default;
+
+std::unique_ptr<Backend> make_cpu_backend(DType master, int threads) {
+  return std::make_unique<CpuBackend>(master, threads);
+}
+
+bool CpuBackend::supports(const Capability& c) const {
+  switch (c.kind) {
+    case Capability::Kind::graph_capture: return false;
+    case Capability::Kind::compute_dtype: return c.dtype == master_;
+    case Capability::Kind::attention:
+    case Capability::Kind::fp8_scaling:
+    case Capability::Kind::expert_parallel: return true;
+  }
+  return false;
+}
 
 std::string CpuBackend::name() const {
   return "cpu (" + std::to_string(pool_.size()) + " thread" + (pool_.size() == 1 ? "" : "s") +

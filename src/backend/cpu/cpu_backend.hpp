@@ -25,6 +25,9 @@ class CpuBackend : public Backend {
 
   Device device() const override { return Device::cpu; }
   std::string name() const override;
+  // Everything but graph capture: any head dim, every FP8 scaling (emulated), expert parallel
+  // ranks; compute in its master dtype (f32, or f64 for gradient checks).
+  bool supports(const Capability& c) const override;
   DType act_dtype() const override { return master_; }
   DType master_dtype() const override { return master_; }
   Tensor alloc(const Shape& shape, DType dtype) override;
@@ -58,13 +61,13 @@ class CpuBackend : public Backend {
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
 
-  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const Tensor* amax = nullptr) override;
+  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const AmaxSink* amax = nullptr) override;
   void rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dx,
-                   bool accumulate, const Tensor* amax = nullptr) override;
+                   bool accumulate, const AmaxSink* amax = nullptr) override;
   void rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& y,
                      Tensor& rstd) override;
   void rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tensor& rstd,
-                     const Tensor& dy, Tensor& dx, const Tensor* amax = nullptr) override;
+                     const Tensor& dy, Tensor& dx, const AmaxSink* amax = nullptr) override;
 
   void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                      Tensor& lse, int window = 0) override;
@@ -73,28 +76,34 @@ class CpuBackend : public Backend {
                      const Tensor& lse, const Tensor& dout, Tensor& dq, Tensor& dk,
                      Tensor& dv, int window = 0) override;
 
-  void relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax = nullptr) override;
-  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* amax = nullptr) override;
+  void relu2_fwd(const Tensor& h, Tensor& a, const AmaxSink* amax = nullptr) override;
+  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const AmaxSink* amax = nullptr) override;
 
   void softcap_xent(const Tensor& logits, const Tensor& targets, float cap, float grad_scale,
-                    Tensor& losses, Tensor& dlogits, const Tensor* amax = nullptr) override;
+                    Tensor& losses, Tensor& dlogits, const AmaxSink* amax = nullptr) override;
 
-  void router_topk(const Tensor& logits, int k, Tensor& probs, Tensor& topk_idx,
+  using Backend::router_topk;
+  using Backend::balance_loss;
+  using Backend::router_bwd;
+  void router_topk(const Tensor& logits, const RouterSpec& spec, const Tensor* bias, Tensor& probs, Tensor& topk_idx,
                    Tensor& gates) override;
   void moe_plan(const Tensor& topk_idx, int experts, int capacity, Tensor& routed, Tensor& counts,
                 Tensor& offsets, Tensor& slot, Tensor& row_token,
                 DropOrder order = DropOrder::rank) override;
-  void balance_loss(const Tensor& probs, const Tensor& routed, float coef, Tensor& bal) override;
-  void router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& gates,
-                  const Tensor& dgates, const Tensor& routed, float bal_coef,
-                  float bal_grad_scale, Tensor& dlogits) override;
+  void balance_loss(const Tensor& probs, const Tensor& topk_idx, const Tensor& routed, const BalanceSpec& spec,
+                    Tensor& bal) override;
+  void router_bwd(const Tensor& logits, const Tensor& probs, const Tensor& topk_idx, const Tensor& gates,
+                  const Tensor& dgates, const Tensor& routed, const RouterSpec& spec, const BalanceSpec& bal,
+                  Tensor& dlogits) override;
+  void router_stats(const Tensor& logits, const Tensor& probs, RouterScore score, Tensor& acc) override;
+  void router_bias_update(const Tensor& load, float rate, Tensor& bias) override;
   void moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets, Tensor& xp,
-                   const ExpertAmax* amax = nullptr) override;
+                   const AmaxSink* amax = nullptr) override;
   void moe_permute_bwd(const Tensor& dxp, const Tensor& slot, Tensor& dx) override;
   void moe_combine(const Tensor& yp, const Tensor& slot, const Tensor& gates, Tensor& y,
                    bool accumulate) override;
   void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot, const Tensor& gates, Tensor& dyp,
-                       Tensor& dgates, const ExpertAmax* amax = nullptr) override;
+                       Tensor& dgates, const AmaxSink* amax = nullptr) override;
   void grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
                       float alpha = 1.0f, float beta = 0.0f, const Tensor* addend = nullptr) override;
   void grouped_matmul_wgrad(const Tensor& dY, const Tensor& X, Tensor& dW, const Tensor& offsets, float beta,
@@ -109,7 +118,7 @@ class CpuBackend : public Backend {
                       const Tensor& dv, Tensor& dve, Tensor& dw, Tensor& dx) override;
 
   void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
-                    const AdamWStep& s, const Tensor* group_amax = nullptr) override;
+                    const AdamWStep& s, const AmaxSink* amax = nullptr) override;
   void normuon_update(const Tensor& x, Tensor& second_moment, Tensor& param, const NorMuonStep& s) override;
   void frobenius_normalize(const Tensor& x, Tensor& y, float eps) override;
   void frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) override;
@@ -124,11 +133,11 @@ class CpuBackend : public Backend {
   };
 
  private:
-  // ExpertAmax on the CPU: each expert's max |value| of rows [offsets[e], offsets[e+1]) of out,
+  // An AmaxSink per expert on the CPU: each expert's max |value| of rows [offsets[e], offsets[e+1]) of out,
   // raised into amax.amax (read after the op wrote out).
-  void raise_expert_amax(const Tensor& out, const ExpertAmax& amax, const char* op);
-  // amax (f32 [1]) raised to out's largest |value| (a producer's tensor amax).
-  void raise_tensor_amax(const Tensor& out, const Tensor& amax, const char* op);
+  void raise_expert_amax(const Tensor& out, const AmaxSink& amax, const char* op);
+  // A whole-tensor AmaxSink (amax f32 [1]) raised to out's largest |value|.
+  void raise_tensor_amax(const Tensor& out, const AmaxSink& amax, const char* op);
   DType master_;
   cpu::ThreadPool pool_;
   std::shared_ptr<MemoryCounter> memory_;

@@ -87,7 +87,7 @@ void CpuBackend::sum(const Tensor& x, Tensor& out, bool accumulate) {
   });
 }
 
-void CpuBackend::relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax) {
+void CpuBackend::relu2_fwd(const Tensor& h, Tensor& a, const AmaxSink* amax) {
   require_float(h, "relu2_fwd", "h");
   require_like(h, a, "relu2_fwd", "a");
   require_numel(a, h.numel(), "relu2_fwd", "a");
@@ -105,7 +105,7 @@ void CpuBackend::relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax) {
   if (amax) raise_expert_amax(a, *amax, "relu2_fwd");
 }
 
-void CpuBackend::relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* amax) {
+void CpuBackend::relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const AmaxSink* amax) {
   require_float(h, "relu2_bwd", "h");
   require_like(h, da, "relu2_bwd", "da");
   require_like(h, dh, "relu2_bwd", "dh");

@@ -13,7 +13,7 @@ namespace moelab {
 using namespace cpu;
 
 void CpuBackend::softcap_xent(const Tensor& logits, const Tensor& targets, float cap,
-                              float grad_scale, Tensor& losses, Tensor& dlogits, const Tensor* amax) {
+                              float grad_scale, Tensor& losses, Tensor& dlogits, const AmaxSink* amax) {
   const char* op = "softcap_xent";
   require_float(logits, op, "logits");
   require_i32(targets, op, "targets");

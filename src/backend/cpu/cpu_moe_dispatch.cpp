@@ -84,7 +84,8 @@ void check_slots(const Tensor& slot, int64_t rows, const char* op) {
 
 }  // namespace
 
-void CpuBackend::raise_expert_amax(const Tensor& out, const ExpertAmax& amax, const char* op) {
+void CpuBackend::raise_expert_amax(const Tensor& out, const AmaxSink& amax, const char* op) {
+  require(amax.per_expert(), op, "amax must be an AmaxSink per expert (with offsets): the rows are in expert order");
   require_i32(amax.offsets, op, "amax.offsets");
   require(amax.amax.dtype == DType::f32 && amax.amax.numel() + 1 == amax.offsets.numel(), op,
           "amax.amax must be f32 [E] beside offsets [E+1], got " + amax.amax.describe() + " and " +
@@ -103,8 +104,10 @@ void CpuBackend::raise_expert_amax(const Tensor& out, const ExpertAmax& amax, co
   });
 }
 
-void CpuBackend::raise_tensor_amax(const Tensor& out, const Tensor& amax, const char* op) {
-  require(amax.dtype == DType::f32 && amax.numel() == 1, op, "amax must be f32 [1], got " + amax.describe());
+void CpuBackend::raise_tensor_amax(const Tensor& out, const AmaxSink& sink, const char* op) {
+  const Tensor& amax = sink.amax;
+  require(!sink.per_expert() && amax.dtype == DType::f32 && amax.numel() == 1, op,
+          "amax must be a whole-tensor AmaxSink (f32 [1], no offsets), got " + amax.describe());
   float* m = ptr<float>(amax);
   with_float(out.dtype, [&](auto te) {
     using T = decltype(te);
@@ -114,7 +117,7 @@ void CpuBackend::raise_tensor_amax(const Tensor& out, const Tensor& amax, const 
 }
 
 void CpuBackend::moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets, Tensor& xp,
-                             const ExpertAmax* amax) {
+                             const AmaxSink* amax) {
   const char* op = "moe_permute";
   require_float(x, op, "x");
   require_like(x, xp, op, "xp");
@@ -199,7 +202,7 @@ void CpuBackend::moe_combine(const Tensor& yp, const Tensor& slot, const Tensor&
 }
 
 void CpuBackend::moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot, const Tensor& gates,
-                                 Tensor& dyp, Tensor& dgates, const ExpertAmax* amax) {
+                                 Tensor& dyp, Tensor& dgates, const AmaxSink* amax) {
   const char* op = "moe_combine_bwd";
   require_float(dy, op, "dy");
   require_like(dy, yp, op, "yp");

@@ -10,7 +10,7 @@ namespace moelab {
 
 using namespace cpu;
 
-void CpuBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const Tensor* amax) {
+void CpuBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const AmaxSink* amax) {
   const char* op = "rmsnorm_fwd";
   require_float(x, op, "x");
   require_like(x, y, op, "y");
@@ -38,7 +38,7 @@ void CpuBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const Ten
 }
 
 void CpuBackend::rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dx,
-                             bool accumulate, const Tensor* amax) {
+                             bool accumulate, const AmaxSink* amax) {
   const char* op = "rmsnorm_bwd";
   require_float(x, op, "x");
   require_like(x, rstd, op, "rstd");
@@ -148,7 +148,7 @@ void CpuBackend::rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor&
 }
 
 void CpuBackend::rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor& sin,
-                               const Tensor& rstd, const Tensor& dy, Tensor& dx, const Tensor* amax) {
+                               const Tensor& rstd, const Tensor& dy, Tensor& dx, const AmaxSink* amax) {
   const char* op = "rope_norm_bwd";
   const RopeDims d = check_rope(x, cos, sin, op);
   require_like(x, rstd, op, "rstd");

@@ -15,7 +15,7 @@ constexpr int64_t kElemGrain = 1 << 14;
 }
 
 void CpuBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
-                              const AdamWStep& s, const Tensor* group_amax) {
+                              const AdamWStep& s, const AmaxSink* amax) {
   const char* op = "adamw_update";
   require_float(param, op, "param");
   require_like(param, grad, op, "grad");
@@ -48,10 +48,12 @@ void CpuBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tens
       }
     });
   });
-  if (!group_amax) return;
-  const int64_t G = group_amax->numel();
-  require(group_amax->dtype == DType::f32 && G > 0 && n % G == 0, op, "group_amax " + group_amax->describe() + " must split " + param.describe() + " evenly");
-  float* am = ptr<float>(*group_amax);
+  if (!amax) return;
+  const int64_t G = amax->amax.numel();
+  require(!amax->per_expert() && amax->amax.dtype == DType::f32 && G > 0 && n % G == 0, op,
+          "amax " + amax->amax.describe() + " must be an AmaxSink of parts (no offsets) splitting " + param.describe() +
+              " evenly");
+  float* am = ptr<float>(amax->amax);
   with_float(param.dtype, [&](auto te) {
     using T = decltype(te);
     const T* p = ptr<T>(param);

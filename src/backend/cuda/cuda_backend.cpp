@@ -1,6 +1,7 @@
 // CudaBackend's device, stream, memory and host-transfer parts, and the CudaGraph helper. Kernel
 // ops live in the .cu files named after their concern (elementwise, norms, attention, ...).
 #include "backend/cuda/cuda_backend.hpp"
+#include "backend/devices.hpp"
 
 #include <cuda_profiler_api.h>
 
@@ -167,6 +168,23 @@ std::vector<int32_t> CudaBackend::read_i32(const Tensor& src) {
 }
 
 // --- CudaGraph ----------------------------------------------------------------------------------
+
+bool cuda_device_available() { return CudaBackend::cuda_device_available(); }
+
+std::unique_ptr<Backend> make_cuda_backend(int device_index) { return std::make_unique<CudaBackend>(device_index); }
+
+bool CudaBackend::supports(const Capability& c) const {
+  switch (c.kind) {
+    case Capability::Kind::graph_capture: return true;
+    case Capability::Kind::compute_dtype: return c.dtype == DType::bf16;
+    case Capability::Kind::attention: return fast_attention_head_dim(int(c.size));
+    case Capability::Kind::fp8_scaling: return true;
+    case Capability::Kind::expert_parallel: return false;
+  }
+  return false;
+}
+
+std::unique_ptr<CapturedGraph> CudaBackend::make_graph() { return std::make_unique<CudaGraph>(*this); }
 
 CudaGraph::~CudaGraph() {
   if (exec_) cudaGraphExecDestroy(exec_);

@@ -59,6 +59,10 @@ class CudaBackend : public Backend {
 
   Device device() const override { return Device::cuda; }
   std::string name() const override { return name_; }
+  // Graph capture, bf16 compute, attention at the fast kernels' head dims, every FP8 scaling; no
+  // expert parallel ranks yet (the exchange runs over MPI on host memory).
+  bool supports(const Capability& c) const override;
+  std::unique_ptr<CapturedGraph> make_graph() override;
   DType act_dtype() const override { return DType::bf16; }
   DType master_dtype() const override { return DType::f32; }
   Tensor alloc(const Shape& shape, DType dtype) override;
@@ -107,13 +111,13 @@ class CudaBackend : public Backend {
   void embedding_fwd(const Tensor& tokens, const Tensor& wte, Tensor& out) override;
   void embedding_bwd(const Tensor& tokens, const Tensor& dout, Tensor& dwte) override;
 
-  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const Tensor* amax = nullptr) override;
+  void rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const AmaxSink* amax = nullptr) override;
   void rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dx,
-                   bool accumulate, const Tensor* amax = nullptr) override;
+                   bool accumulate, const AmaxSink* amax = nullptr) override;
   void rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& y,
                      Tensor& rstd) override;
   void rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tensor& rstd,
-                     const Tensor& dy, Tensor& dx, const Tensor* amax = nullptr) override;
+                     const Tensor& dy, Tensor& dx, const AmaxSink* amax = nullptr) override;
 
   void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                      Tensor& lse, int window = 0) override;
@@ -123,27 +127,33 @@ class CudaBackend : public Backend {
   // One block per query row over the cache (attention_cached.cu).
   void attention_cached_fwd(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out, int window = 0) override;
 
-  void relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax = nullptr) override;
-  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* amax = nullptr) override;
+  void relu2_fwd(const Tensor& h, Tensor& a, const AmaxSink* amax = nullptr) override;
+  void relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const AmaxSink* amax = nullptr) override;
 
   void softcap_xent(const Tensor& logits, const Tensor& targets, float cap, float grad_scale,
-                    Tensor& losses, Tensor& dlogits, const Tensor* amax = nullptr) override;
+                    Tensor& losses, Tensor& dlogits, const AmaxSink* amax = nullptr) override;
 
-  void router_topk(const Tensor& logits, int k, Tensor& probs, Tensor& topk_idx,
+  using Backend::router_topk;
+  using Backend::balance_loss;
+  using Backend::router_bwd;
+  void router_topk(const Tensor& logits, const RouterSpec& spec, const Tensor* bias, Tensor& probs, Tensor& topk_idx,
                    Tensor& gates) override;
   void moe_plan(const Tensor& topk_idx, int experts, int capacity, Tensor& routed, Tensor& counts,
                 Tensor& offsets, Tensor& slot, Tensor& row_token, DropOrder order = DropOrder::rank) override;
-  void balance_loss(const Tensor& probs, const Tensor& routed, float coef, Tensor& bal) override;
-  void router_bwd(const Tensor& probs, const Tensor& topk_idx, const Tensor& gates,
-                  const Tensor& dgates, const Tensor& routed, float bal_coef, float bal_grad_scale,
+  void balance_loss(const Tensor& probs, const Tensor& topk_idx, const Tensor& routed, const BalanceSpec& spec,
+                    Tensor& bal) override;
+  void router_bwd(const Tensor& logits, const Tensor& probs, const Tensor& topk_idx, const Tensor& gates,
+                  const Tensor& dgates, const Tensor& routed, const RouterSpec& spec, const BalanceSpec& bal,
                   Tensor& dlogits) override;
+  void router_stats(const Tensor& logits, const Tensor& probs, RouterScore score, Tensor& acc) override;
+  void router_bias_update(const Tensor& load, float rate, Tensor& bias) override;
   void moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets, Tensor& xp,
-                   const ExpertAmax* amax = nullptr) override;
+                   const AmaxSink* amax = nullptr) override;
   void moe_permute_bwd(const Tensor& dxp, const Tensor& slot, Tensor& dx) override;
   void moe_combine(const Tensor& yp, const Tensor& slot, const Tensor& gates, Tensor& y,
                    bool accumulate) override;
   void moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot, const Tensor& gates, Tensor& dyp,
-                       Tensor& dgates, const ExpertAmax* amax = nullptr) override;
+                       Tensor& dgates, const AmaxSink* amax = nullptr) override;
   void grouped_matmul(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
                       float alpha = 1.0f, float beta = 0.0f, const Tensor* addend = nullptr) override;
   void grouped_matmul_relu2(const Tensor& A, const Tensor& W, bool trans_w, Tensor& C, const Tensor& offsets,
@@ -160,7 +170,7 @@ class CudaBackend : public Backend {
                       const Tensor& dv, Tensor& dve, Tensor& dw, Tensor& dx) override;
 
   void adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
-                    const AdamWStep& s, const Tensor* group_amax = nullptr) override;
+                    const AdamWStep& s, const AmaxSink* amax = nullptr) override;
   void normuon_update(const Tensor& x, Tensor& second_moment, Tensor& param, const NorMuonStep& s) override;
   void frobenius_normalize(const Tensor& x, Tensor& y, float eps) override;
   void frobenius_normalize_batched(const Tensor& x, Tensor& y, float eps) override;
@@ -172,7 +182,7 @@ class CudaBackend : public Backend {
   enum class ScratchSlot : int { reduce, gemm_a, gemm_b, attention, embed_sort, embed_keys, embed_partial,
                                  value_gate, normuon, fp8_amax, fp8_out, fp8_grouped_a, fp8_grouped_b,
                                  fp8_grouped_scale_a, fp8_grouped_scale_b, fp8_grouped_offsets, fp8_grouped_at,
-                                 fp8_grouped_scale_at, moe_plan, count };
+                                 fp8_grouped_scale_at, moe_plan, router, count };
   void* scratch(ScratchSlot slot, size_t bytes);
 
  private:
@@ -241,20 +251,20 @@ class CudaBackend : public Backend {
 // Captures the work that `body` enqueues on the backend's stream into a CUDA graph, then replays
 // it. The body must only enqueue work (no host synchronization, no allocation); run it once
 // eagerly before capture so that scratch buffers have their final sizes.
-class CudaGraph {
+class CudaGraph : public CapturedGraph {
  public:
   explicit CudaGraph(CudaBackend& backend) : backend_(backend) {}
-  ~CudaGraph();
+  ~CudaGraph() override;
   CudaGraph(const CudaGraph&) = delete;
   CudaGraph& operator=(const CudaGraph&) = delete;
 
-  void capture(const std::function<void()>& body);
+  void capture(const std::function<void()>& body) override;
   // Records body again and updates the instantiated graph in place (same topology, new kernel
   // arguments such as a step's learning rate), without waiting for the stream: the host can
   // record while the device still runs earlier work. Captures on first use.
-  void recapture(const std::function<void()>& body);
-  void replay();
-  bool captured() const { return exec_ != nullptr; }
+  void recapture(const std::function<void()>& body) override;
+  void replay() override;
+  bool captured() const override { return exec_ != nullptr; }
 
  private:
   CudaBackend& backend_;

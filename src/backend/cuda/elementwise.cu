@@ -34,6 +34,13 @@ __global__ void i32_to_float_kernel(const int32_t* s, TD* d, int64_t n) {
     d[i] = from_f32<TD>(float(s[i]));
 }
 
+// Float to i32, rounding to nearest even (as the CPU's convert does).
+template <class TS>
+__global__ void float_to_i32_kernel(const TS* s, int32_t* d, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    d[i] = __float2int_rn(to_f32(s[i]));
+}
+
 template <class TX, class TY>
 __global__ void axpby_kernel(float a, const TX* x, float b, TY* y, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -195,6 +202,9 @@ void CudaBackend::copy(const Tensor& src, Tensor& dst) {
   if (src.dtype == DType::i32) {
     MOELAB_FLOAT_DISPATCH(dst.dtype, TD,
         i32_to_float_kernel<TD><<<blocks(n), kThreads, 0, stream_>>>(src.as<int32_t>(), dst.as<TD>(), n));
+  } else if (dst.dtype == DType::i32) {
+    MOELAB_FLOAT_DISPATCH(src.dtype, TS,
+        float_to_i32_kernel<TS><<<blocks(n), kThreads, 0, stream_>>>(src.as<TS>(), dst.as<int32_t>(), n));
   } else if (vectorizable(n, {src.data, dst.data})) {
     MOELAB_FLOAT_DISPATCH(src.dtype, TS, MOELAB_FLOAT_DISPATCH(dst.dtype, TD,
         convert_vec_kernel<TS, TD><<<blocks(n / 8), kThreads, 0, stream_>>>(src.as<TS>(), dst.as<TD>(), n / 8)));
@@ -222,7 +232,7 @@ void CudaBackend::axpby(float a, const Tensor& x, float b, Tensor& y) {
 }
 
 
-void CudaBackend::relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax) {
+void CudaBackend::relu2_fwd(const Tensor& h, Tensor& a, const AmaxSink* amax) {
   require_float(h, "relu2_fwd", "h");
   require_float(a, "relu2_fwd", "a");
   require_same_numel(h, a, "relu2_fwd");
@@ -243,7 +253,7 @@ void CudaBackend::relu2_fwd(const Tensor& h, Tensor& a, const ExpertAmax* amax) 
   MOELAB_CUDA_LAUNCH_CHECK("relu2_fwd");
 }
 
-void CudaBackend::relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const ExpertAmax* amax) {
+void CudaBackend::relu2_bwd(const Tensor& h, const Tensor& da, Tensor& dh, const AmaxSink* amax) {
   require_float(h, "relu2_bwd", "h");
   require_float(da, "relu2_bwd", "da");
   require_float(dh, "relu2_bwd", "dh");

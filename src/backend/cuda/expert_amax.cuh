@@ -1,4 +1,4 @@
-// ExpertAmax on the GPU (backend.hpp): the producers of an expert-ordered operand raise each
+// AmaxSink per expert on the GPU (backend/ops/fp8_types.hpp): the producers of an expert-ordered operand raise each
 // expert's absolute maximum as they write it, so the FP8 expert GEMM that reads it needs no amax
 // pass. A row's expert is found by binary search of the offsets; maxima are atomicMax'ed as f32
 // bits (non-negative floats order like their bit patterns), after combining within a warp or a
@@ -16,9 +16,10 @@ struct ExpertAmaxArgs {
   int E = 0;
 };
 
-// The kernels' view of an ExpertAmax for rows of `cols` elements of out (8-element chunks that
+// The kernels' view of an AmaxSink per expert for rows of `cols` elements of out (8-element chunks that
 // never cross a row, as FP8's 16-element rows guarantee).
-inline ExpertAmaxArgs expert_amax_args(const ExpertAmax& m, const Tensor& out, bool vectorized, const char* op) {
+inline ExpertAmaxArgs expert_amax_args(const AmaxSink& m, const Tensor& out, bool vectorized, const char* op) {
+  require(m.per_expert(), op, "amax must be an AmaxSink per expert (with offsets): the rows are in expert order");
   require_dtype(m.amax, DType::f32, op, "amax.amax");
   require_dtype(m.offsets, DType::i32, op, "amax.offsets");
   require(m.offsets.numel() == m.amax.numel() + 1, op,
@@ -74,12 +75,18 @@ __device__ __forceinline__ void raise_block_amax(unsigned* amax, float m) {
   }
 }
 
-// The kernels' view of a tensor amax (f32 [1] on the device), null when none is wanted.
+// The kernels' view of a tensor amax (f32 [1] on the device), null when none is wanted: a known
+// amax a quantization reads, or a whole-tensor AmaxSink a producer raises.
 inline unsigned* tensor_amax_arg(const Tensor* amax, const char* op) {
   if (!amax) return nullptr;
   require_dtype(*amax, DType::f32, op, "amax");
   require(amax->numel() == 1, op, "amax must be f32 [1], got " + amax->describe());
   return amax->as<unsigned>();
+}
+inline unsigned* tensor_amax_arg(const AmaxSink* sink, const char* op) {
+  if (!sink) return nullptr;
+  require(!sink->per_expert(), op, "amax must be a whole-tensor AmaxSink (no offsets)");
+  return tensor_amax_arg(&sink->amax, op);
 }
 
 // For kernels whose warps each write one row: every thread of the block calls this with its

@@ -682,17 +682,17 @@ void CudaBackend::quantize_fp8_pairs(const std::vector<Fp8PairJob>& jobs) {
     const int64_t xc = x.cols(), xr = xc ? x.numel() / xc : 0;
     if (j.straight->granularity != Fp8Granularity::tensor || j.transposed->granularity != Fp8Granularity::tensor ||
         xr == 0) {
-      quantize_fp8_pair(x, *j.straight, *j.transposed, j.amax);
+      quantize_fp8_pair(x, *j.straight, *j.transposed, j.known_amax);
       continue;
     }
-    groups[{xr, xc, int(x.dtype), int(j.straight->data.dtype), j.amax != nullptr}].push_back(&j);
+    groups[{xr, xc, int(x.dtype), int(j.straight->data.dtype), j.known_amax != nullptr}].push_back(&j);
   }
   for (const auto& [key, members] : groups) {
     const auto [xr, xc, x_dtype, format, known] = key;
     std::vector<uint64_t> addresses;
     for (const Fp8PairJob* j : members) {
       check_pair_args(*j->x, *j->straight, *j->transposed, "quantize_fp8_pairs");
-      const void* amax = known ? tensor_amax_arg(j->amax, "quantize_fp8_pairs") : nullptr;
+      const void* amax = known ? tensor_amax_arg(j->known_amax, "quantize_fp8_pairs") : nullptr;
       for (const void* p : {static_cast<const void*>(j->x->data), static_cast<const void*>(j->straight->data.data),
                             static_cast<const void*>(j->straight->scale.data),
                             static_cast<const void*>(j->transposed->data.data),
@@ -701,7 +701,7 @@ void CudaBackend::quantize_fp8_pairs(const std::vector<Fp8PairJob>& jobs) {
     }
     const auto* table = members.size() > 1 ? static_cast<const PairMember*>(pair_member_table(addresses)) : nullptr;
     if (!table) {
-      for (const Fp8PairJob* j : members) quantize_fp8_pair(*j->x, *j->straight, *j->transposed, j->amax);
+      for (const Fp8PairJob* j : members) quantize_fp8_pair(*j->x, *j->straight, *j->transposed, j->known_amax);
       continue;
     }
     const unsigned n = unsigned(members.size());

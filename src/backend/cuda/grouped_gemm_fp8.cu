@@ -29,6 +29,7 @@
 #include "backend/cuda/wgmma.cuh"
 #include "backend/cuda/wgmma_epilogue.cuh"
 #include "backend/cuda/wgmma_fp8.cuh"
+#include "core/fp8_recipe.hpp"
 
 namespace moelab {
 using namespace cuda_detail;
@@ -753,11 +754,16 @@ void quantize_segments_transposed(const void* x, int C, const int32_t* offsets, 
 
 namespace {
 
+// The kernels' scale mode for a granularity pair: the recipe's scaling it belongs to (Fp8Recipe).
 grouped_gemm::Fp8ScaleMode scale_mode_of(Fp8Granularity token_side, Fp8Granularity weights, const char* op) {
   using M = grouped_gemm::Fp8ScaleMode;
-  if (token_side == Fp8Granularity::tensor && weights == Fp8Granularity::tensor) return M::tensor;
-  if (token_side == Fp8Granularity::row && weights == Fp8Granularity::row) return M::row;
-  if (token_side == Fp8Granularity::block_1x128 && weights == Fp8Granularity::block_128x128) return M::block;
+  if (const std::optional<Fp8Scaling> s = fp8_scaling_of(token_side, weights)) {
+    switch (*s) {
+      case Fp8Scaling::tensorwise: return M::tensor;
+      case Fp8Scaling::rowwise: return M::row;
+      case Fp8Scaling::blockwise: return M::block;
+    }
+  }
   throw Error(std::string("cuda ") + op + ": granularity pair (" + fp8_granularity_name(token_side) + ", " +
               fp8_granularity_name(weights) + ") is not an FP8 recipe of the grouped GEMM; the recipes are "
               "tensorwise (tensor, tensor), rowwise (row, row) and blockwise (1x128, 128x128)");

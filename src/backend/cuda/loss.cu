@@ -207,7 +207,7 @@ void launch_xent_cluster(const TL* logits, const int32_t* targets, int64_t rows,
 }  // namespace
 
 void CudaBackend::softcap_xent(const Tensor& logits, const Tensor& targets, float cap, float grad_scale,
-                               Tensor& losses, Tensor& dlogits, const Tensor* amax) {
+                               Tensor& losses, Tensor& dlogits, const AmaxSink* amax) {
   unsigned* am = tensor_amax_arg(amax, "softcap_xent");
   require_float(logits, "softcap_xent", "logits");
   require_float(dlogits, "softcap_xent", "dlogits");
@@ -254,7 +254,7 @@ void CudaBackend::softcap_xent(const Tensor& logits, const Tensor& targets, floa
   }
 #undef MOELAB_XENT_CLUSTER
   MOELAB_CUDA_LAUNCH_CHECK("softcap_xent");
-  if (am) raise_amax_by_pass(dlogits, *amax);  // the scalar kernel does not raise it
+  if (am) raise_amax_by_pass(dlogits, amax->amax);  // the scalar kernel does not raise it
 }
 
 }  // namespace moelab

@@ -150,7 +150,7 @@ unsigned warps_grid(int64_t n) { return unsigned((n + kWarps - 1) / kWarps); }
 }  // namespace
 
 void CudaBackend::moe_permute(const Tensor& x, const Tensor& row_token, const Tensor& offsets, Tensor& xp,
-                              const ExpertAmax* amax) {
+                              const AmaxSink* amax) {
   require_float(x, "moe_permute", "x");
   require_float(xp, "moe_permute", "xp");
   require_dtype(row_token, DType::i32, "moe_permute", "row_token");
@@ -204,7 +204,7 @@ void CudaBackend::moe_combine(const Tensor& yp, const Tensor& slot, const Tensor
 }
 
 void CudaBackend::moe_combine_bwd(const Tensor& dy, const Tensor& yp, const Tensor& slot, const Tensor& gates,
-                                  Tensor& dyp, Tensor& dgates, const ExpertAmax* amax) {
+                                  Tensor& dyp, Tensor& dgates, const AmaxSink* amax) {
   require_float(dy, "moe_combine_bwd", "dy");
   require_float(yp, "moe_combine_bwd", "yp");
   require_float(dyp, "moe_combine_bwd", "dyp");

@@ -412,7 +412,7 @@ void check_rope(const Tensor& x, const Tensor& cos, const Tensor& sin, const cha
 
 }  // namespace
 
-void CudaBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const Tensor* amax) {
+void CudaBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const AmaxSink* amax) {
   unsigned* am = tensor_amax_arg(amax, "rmsnorm_fwd");
   require_float(x, "rmsnorm_fwd", "x");
   require_float(y, "rmsnorm_fwd", "y");
@@ -438,11 +438,11 @@ void CudaBackend::rmsnorm_fwd(const Tensor& x, Tensor& y, Tensor& rstd, const Te
                                                                     int(x.cols()), kNormEps)));
   }
   MOELAB_CUDA_LAUNCH_CHECK("rmsnorm_fwd");
-  if (am) raise_amax_by_pass(y, *amax);
+  if (am) raise_amax_by_pass(y, amax->amax);
 }
 
 void CudaBackend::rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor& dy, Tensor& dx, bool accumulate,
-                              const Tensor* amax) {
+                              const AmaxSink* amax) {
   unsigned* am = tensor_amax_arg(amax, "rmsnorm_bwd");
   require_float(x, "rmsnorm_bwd", "x");
   require_float(dy, "rmsnorm_bwd", "dy");
@@ -472,7 +472,7 @@ void CudaBackend::rmsnorm_bwd(const Tensor& x, const Tensor& rstd, const Tensor&
                                                                       dx.as<TO>(), rows, int(x.cols()), accumulate)));
   }
   MOELAB_CUDA_LAUNCH_CHECK("rmsnorm_bwd");
-  if (am) raise_amax_by_pass(dx, *amax);
+  if (am) raise_amax_by_pass(dx, amax->amax);
 }
 
 void CudaBackend::rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& y, Tensor& rstd) {
@@ -501,7 +501,7 @@ void CudaBackend::rope_norm_fwd(const Tensor& x, const Tensor& cos, const Tensor
 }
 
 void CudaBackend::rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tensor& rstd,
-                                const Tensor& dy, Tensor& dx, const Tensor* amax) {
+                                const Tensor& dy, Tensor& dx, const AmaxSink* amax) {
   unsigned* am = tensor_amax_arg(amax, "rope_norm_bwd");
   check_rope(x, cos, sin, "rope_norm_bwd");
   require_float(dy, "rope_norm_bwd", "dy");
@@ -527,7 +527,7 @@ void CudaBackend::rope_norm_bwd(const Tensor& x, const Tensor& cos, const Tensor
           x.as<T>(), cos.as<float>(), sin.as<float>(), rstd.as<float>(), dy.as<T>(), dx.as<TO>(), rows,
           int(x.dim(1)), int(x.dim(2)), int(x.dim(3)))));
   MOELAB_CUDA_LAUNCH_CHECK("rope_norm_bwd");
-  if (am) raise_amax_by_pass(dx, *amax);
+  if (am) raise_amax_by_pass(dx, amax->amax);
 }
 
 }  // namespace moelab

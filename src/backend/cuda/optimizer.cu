@@ -153,7 +153,10 @@ __global__ void slice_scale_kernel(const TX* x, TY* y, int64_t per, const float*
 }  // namespace
 
 void CudaBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWStep& s,
-                               const Tensor* group_amax) {
+                               const AmaxSink* amax_sink) {
+  require(!amax_sink || !amax_sink->per_expert(), "adamw_update",
+          "amax must be an AmaxSink of parts (no offsets): the param's elements split evenly");
+  const Tensor* parts_amax = amax_sink ? &amax_sink->amax : nullptr;
   require_dtype(param, DType::f32, "adamw_update", "param");
   require_dtype(m, DType::f32, "adamw_update", "m");
   require_dtype(v, DType::f32, "adamw_update", "v");
@@ -170,19 +173,19 @@ void CudaBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Ten
                       float(1.0 - std::pow(double(s.beta1), double(s.step))),
                       float(1.0 - std::pow(double(s.beta2), double(s.step)))};
   int64_t part = n;
-  if (group_amax) {
-    require_dtype(*group_amax, DType::f32, "adamw_update", "group_amax");
-    const int64_t G = group_amax->numel();
+  if (parts_amax) {
+    require_dtype(*parts_amax, DType::f32, "adamw_update", "amax");
+    const int64_t G = parts_amax->numel();
     require(G > 0 && n % G == 0 && G <= INT32_MAX, "adamw_update",
-            "group_amax " + group_amax->describe() + " must split " + param.describe() + " evenly");
+            "amax " + parts_amax->describe() + " must split " + param.describe() + " evenly");
     part = n / G;
   }
   const bool vec = part % 8 == 0 && aligned16(param.data) && aligned16(grad.data) && aligned16(m.data) &&
                    aligned16(v.data);
   if (vec) {
     const unsigned blocks = grid_for(n / 8, 256, 132 * 16);
-    unsigned* amax = group_amax ? group_amax->as<unsigned>() : nullptr;
-    const int G = group_amax ? int(group_amax->numel()) : 0;
+    unsigned* amax = parts_amax ? parts_amax->as<unsigned>() : nullptr;
+    const int G = parts_amax ? int(parts_amax->numel()) : 0;
     MOELAB_FLOAT_DISPATCH(grad.dtype, TG, {
       if (amax)
         adamw_vec_kernel<TG, true><<<blocks, 256, 0, stream_>>>(param.as<float>(), grad.as<TG>(), m.as<float>(),
@@ -198,8 +201,8 @@ void CudaBackend::adamw_update(Tensor& param, const Tensor& grad, Tensor& m, Ten
   MOELAB_FLOAT_DISPATCH(grad.dtype, TG,
       adamw_kernel<TG><<<nb, 256, 0, stream_>>>(param.as<float>(), grad.as<TG>(), m.as<float>(), v.as<float>(), n, k));
   MOELAB_CUDA_LAUNCH_CHECK("adamw");
-  if (group_amax) {  // parts that are not whole aligned 8-element chunks (no FP8 weight's): a pass
-    raise_parts_amax_kernel<<<nb, 256, 0, stream_>>>(param.as<float>(), n, part, group_amax->as<unsigned>());
+  if (parts_amax) {  // parts that are not whole aligned 8-element chunks (no FP8 weight's): a pass
+    raise_parts_amax_kernel<<<nb, 256, 0, stream_>>>(param.as<float>(), n, part, parts_amax->as<unsigned>());
     MOELAB_CUDA_LAUNCH_CHECK("adamw parts amax");
   }
 }

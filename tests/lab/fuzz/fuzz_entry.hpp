@@ -40,25 +40,25 @@ inline void check_record(const RunRecord& rec) {
   require(rec.error.find('\n') == std::string::npos);
 }
 
-inline int metrics_input(const uint8_t* data, size_t size) {
-  std::string_view text(reinterpret_cast<const char*>(data), size);
+// A record named "fuzz" that parse(text, record) fills, held to check_record's invariants.
+template <class Parse>
+void check_parsed(std::string_view text, Parse parse) {
   RunRecord rec;
   rec.name = "fuzz";
-  parse_metrics_jsonl(text, rec);
+  parse(text, rec);
   check_record(rec);
-  RunRecord st;
-  st.name = "fuzz";
-  parse_status_json(text, st);
-  check_record(st);
+}
+
+inline int metrics_input(const uint8_t* data, size_t size) {
+  std::string_view text(reinterpret_cast<const char*>(data), size);
+  check_parsed(text, [](std::string_view t, RunRecord& r) { parse_metrics_jsonl(t, r); });
+  check_parsed(text, [](std::string_view t, RunRecord& r) { parse_status_json(t, r); });
   return 0;
 }
 
 inline int nanochat_input(const uint8_t* data, size_t size) {
   std::string_view text(reinterpret_cast<const char*>(data), size);
-  RunRecord rec;
-  rec.name = "fuzz";
-  parse_nanochat_log(text, rec);
-  check_record(rec);
+  check_parsed(text, [](std::string_view t, RunRecord& r) { parse_nanochat_log(t, r); });
   require(last_error_line(text).find('\n') == std::string::npos);
   return 0;
 }
