@@ -17,7 +17,9 @@ TEST(ShippedSweeps, EveryRunHasAValidConfig) {
   std::vector<std::filesystem::path> sweeps;
   for (const auto& entry : std::filesystem::directory_iterator(std::string(MOELAB_SOURCE_DIR) + "/configs")) {
     const std::string name = entry.path().filename().string();
-    if (name.rfind("sweep-", 0) == 0 && entry.path().extension() == ".toml") sweeps.push_back(entry.path());
+    // sweep-*.toml and the routing lab's routing-*.toml
+    if ((name.rfind("sweep-", 0) == 0 || name.rfind("routing-", 0) == 0) && entry.path().extension() == ".toml")
+      sweeps.push_back(entry.path());
   }
   // configs/seed/ holds only sweep files: the seed's matrices.
   for (const auto& entry : std::filesystem::directory_iterator(std::string(MOELAB_SOURCE_DIR) + "/configs/seed"))
