@@ -247,6 +247,9 @@ class TrainingRun {
   void open(Running& r);
   void log(Running& r, const nlohmann::json& record);
   void save(int64_t next_step);
+  // What a checkpoint and the model export record of the run at `step`: data position, loss EMA,
+  // time, config and the expert-parallel layout.
+  CheckpointMeta run_meta(int64_t step) const;
   struct ExpertWhole {
     ParamTable params;
     std::vector<NamedTensor> state;
@@ -519,6 +522,17 @@ TrainingRun::ExpertWhole TrainingRun::gather_expert_parallel(std::vector<NamedTe
   return w;
 }
 
+CheckpointMeta TrainingRun::run_meta(int64_t step) const {
+  CheckpointMeta meta;
+  meta.step = step;
+  meta.data_state = loader_->state();
+  meta.loss_ema = ema_;
+  meta.train_time_s = total_time_s_;
+  meta.config_text = config_to_toml(cfg_);
+  if (cfg_.parallel.expert > 1) meta.scalars[kExpertParallelScalar] = double(cfg_.parallel.expert);
+  return meta;
+}
+
 void TrainingRun::save(int64_t next_step) {
   // Every rank holds the same weights; with sharded optimizer state each sends its share, and
   // rank 0 writes the whole state in the unsharded layout.
@@ -529,14 +543,8 @@ void TrainingRun::save(int64_t next_step) {
   }
   ExpertWhole whole = gather_expert_parallel(full ? full->state() : optimizer_->state());
   if (!lead_) return;
-  CheckpointMeta meta;
-  meta.step = next_step;
-  meta.data_state = loader_->state();
-  meta.loss_ema = ema_;
-  meta.train_time_s = total_time_s_;
-  meta.config_text = config_to_toml(cfg_);
+  CheckpointMeta meta = run_meta(next_step);
   meta.scalars[kWorldSizeScalar] = double(comm_->world());
-  if (cfg_.parallel.expert > 1) meta.scalars[kExpertParallelScalar] = double(cfg_.parallel.expert);
   fs::create_directories(run_dir_ + "/checkpoints");
   save_checkpoint(checkpoint_path(run_dir_, next_step), *backend_, whole.params, whole.state, meta);
   prune_checkpoints(run_dir_, cfg_.train.keep_checkpoints);
@@ -670,13 +678,7 @@ void TrainingRun::export_model(Running& r) {
   if (!lead_ && cfg_.parallel.expert <= 1) return;
   Backend& be = *backend_;
   if (lead_) {
-    CheckpointMeta meta;
-    meta.step = step_;
-    meta.data_state = loader_->state();
-    meta.loss_ema = ema_;
-    meta.train_time_s = total_time_s_;
-    meta.config_text = config_to_toml(cfg_);
-    if (cfg_.parallel.expert > 1) meta.scalars[kExpertParallelScalar] = double(cfg_.parallel.expert);
+    const CheckpointMeta meta = run_meta(step_);
     save_model_export(run_dir_, be, whole.params, whole.state, meta, export_config_json(cfg_, be));
   }
   loader_->reset_val();
